@@ -1,0 +1,28 @@
+// Causal attention with grouped KV heads (GQA/MQA), no biases; query head h reads KV head
+// h / (H/Hk). Documents of a packed row never attend to each other (seq_idx).
+//   s_ts = scale * q_t . k_s   for s <= t in the document of t
+//   o_t  = sum_s softmax_s(s_ts) v_s;   lse_t = log sum_s exp(s_ts)   (saved for backward)
+//   q, o [B,T,H,P]; k, v [B,T,Hk,P]; seq_idx [B,T] i32; lse [B,H,T].
+// Backward (=): with p_ts = exp(s_ts - lse_t), D_t = do_t . o_t, ds_ts = p_ts (do_t . v_s - D_t):
+//   dq_t = scale sum_s ds_ts k_s;  dk_s = scale sum_t ds_ts q_t;  dv_s = sum_t p_ts do_t
+// The reference works one query row at a time (flash-style, no T x T matrix) and sums dk/dv over
+// the query heads of a group in a fixed order.
+#pragma once
+
+#include "runtime/tensor.h"
+
+namespace braid {
+
+struct AttentionInputs {
+  const Tensor* q = nullptr;
+  const Tensor* k = nullptr;
+  const Tensor* v = nullptr;
+  const Tensor* seq_idx = nullptr;  // optional
+  double scale = 0;                 // softmax scale, usually 1/sqrt(P)
+};
+
+void attention_forward(const AttentionInputs& in, const Tensor& o, const Tensor& lse);
+void attention_backward(const AttentionInputs& in, const Tensor& o, const Tensor& lse,
+                        const Tensor& dout, const Tensor& dq, const Tensor& dk, const Tensor& dv);
+
+}  // namespace braid

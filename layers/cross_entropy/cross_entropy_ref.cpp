@@ -1,0 +1,69 @@
+#include <cmath>
+
+#include "layers/common/op_common.h"
+#include "layers/cross_entropy/cross_entropy.h"
+#include "runtime/parallel_for.h"
+
+namespace braid {
+
+LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor* dlogits,
+                      double grad_scale) {
+  BRAID_CHECK(logits.ndim == 2, "cross_entropy: logits must be [M,V], got ", logits.describe());
+  const int64_t m = logits.size(0), v = logits.size(1);
+  BRAID_CHECK(targets.dtype == DType::i32, "cross_entropy: targets must be i32, got ",
+              targets.describe());
+  check_shape(targets, {m});
+  if (dlogits) {
+    check_shape(*dlogits, {m, v});
+    check_same_dtype(logits, *dlogits);
+  }
+  require_host("cross_entropy", {&logits, &targets, dlogits});
+  const int32_t* tgt = targets.ptr<int32_t>();
+  for (int64_t i = 0; i < m; ++i)
+    BRAID_CHECK(tgt[i] >= -1 && tgt[i] < v, "cross_entropy: target ", tgt[i], " of row ", i,
+                " is outside [-1, ", v, ")");
+  LossSum out;
+  dispatch_float(logits.dtype, "cross_entropy", [&]<typename T>() {
+    const T* lp = logits.ptr<T>();
+    T* dp = dlogits ? dlogits->ptr<T>() : nullptr;
+    // Rows are processed in blocks of 64; block sums are added serially in block order, so the
+    // total does not depend on the thread count.
+    double total = 0;
+    int64_t count = 0;
+    constexpr int64_t kRows = 64;
+    const int64_t nblk = (m + kRows - 1) / kRows;
+    double partial[1024];
+    for (int64_t b0 = 0; b0 < nblk; b0 += 1024) {
+      const int64_t nb = std::min<int64_t>(1024, nblk - b0);
+      parallel_for(nb, [&](int64_t bi) {
+        double s = 0;
+        const int64_t r0 = (b0 + bi) * kRows, r1 = std::min(m, r0 + kRows);
+        for (int64_t i = r0; i < r1; ++i) {
+          const T* row = lp + i * v;
+          T mx = row[0];
+          for (int64_t j = 1; j < v; ++j) mx = row[j] > mx ? row[j] : mx;
+          double se = 0;
+          for (int64_t j = 0; j < v; ++j) se += std::exp(double(row[j] - mx));
+          const double lse = double(mx) + std::log(se);
+          if (tgt[i] >= 0) s += lse - double(row[tgt[i]]);
+          if (dp) {
+            T* drow = dp + i * v;
+            if (tgt[i] < 0) {
+              for (int64_t j = 0; j < v; ++j) drow[j] = T(0);
+            } else {
+              for (int64_t j = 0; j < v; ++j) drow[j] = T(grad_scale * std::exp(double(row[j]) - lse));
+              drow[tgt[i]] -= T(grad_scale);
+            }
+          }
+        }
+        partial[bi] = s;
+      });
+      for (int64_t bi = 0; bi < nb; ++bi) total += partial[bi];
+    }
+    for (int64_t i = 0; i < m; ++i) count += tgt[i] >= 0;
+    out = {total, count};
+  });
+  return out;
+}
+
+}  // namespace braid

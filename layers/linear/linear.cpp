@@ -1,0 +1,55 @@
+#include "layers/linear/linear.h"
+
+#include "layers/common/op_common.h"
+
+namespace braid {
+namespace {
+
+void check_linear(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y) {
+  BRAID_CHECK(x.ndim == 2 && w.ndim == 2 && y.ndim == 2, "linear: expects x [M,I], W [O,I], y [M,O]; got ",
+              x.describe(), ", ", w.describe(), ", ", y.describe());
+  const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
+  check_shape(w, {out, in});
+  check_shape(y, {m, out});
+  if (bias) check_shape(*bias, {out});
+  check_same_dtype(x, w);
+  check_same_dtype(x, y);
+  require_host("linear", {&x, &w, bias, &y});
+}
+
+}  // namespace
+
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y) {
+  check_linear(x, w, bias, y);
+  const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
+  dispatch_float(x.dtype, "linear", [&]<typename T>() {
+    ref::matmul_nt(x.ptr<T>(), w.ptr<T>(), y.ptr<T>(), m, out, in, false);
+    if (bias) {
+      const T* b = bias->ptr<T>();
+      T* yp = y.ptr<T>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < out; ++j) yp[i * out + j] += b[j];
+    }
+  });
+}
+
+void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
+                     const Tensor& dw, const Tensor* dbias) {
+  check_linear(x, w, dbias, dy);
+  check_shape(dw, {w.size(0), w.size(1)});
+  if (dx) check_shape(*dx, {x.size(0), x.size(1)});
+  require_host("linear", {&dw, dx});
+  const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
+  dispatch_float(x.dtype, "linear", [&]<typename T>() {
+    if (dx) ref::matmul_nn(dy.ptr<T>(), w.ptr<T>(), dx->ptr<T>(), m, in, out);
+    ref::matmul_tn_acc(dy.ptr<T>(), x.ptr<T>(), dw.ptr<T>(), out, in, m);
+    if (dbias) {
+      T* db = dbias->ptr<T>();
+      const T* g = dy.ptr<T>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < out; ++j) db[j] += g[i * out + j];
+    }
+  });
+}
+
+}  // namespace braid

@@ -1,0 +1,32 @@
+// Linear (HF nn.Linear): y = x W^T + b.
+//   x [M, I], W [O, I], b [O] (optional), y [M, O].
+// Gradient convention (all ops): activation gradients overwrite, parameter gradients accumulate.
+//   dx  = dy W          (=)      [M, I]
+//   dW += dy^T x        (+=)     [O, I]
+//   db += sum_m dy      (+=)     [O]
+// The CPU reference splits work over rows with a fixed order of summation, so results do not
+// depend on the thread count.
+#pragma once
+
+#include "runtime/tensor.h"
+
+namespace braid {
+
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y);
+// dx may be undefined (skipped) when the input needs no gradient.
+void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
+                     const Tensor& dw, const Tensor* dbias);
+
+namespace ref {
+// Row-major matrix products on raw pointers, used by several references:
+//   nt: C[m,n] (=|+=) sum_k A[m,k] B[n,k]     nn: C[m,n] = sum_k A[m,k] B[k,n]
+//   tn: C[m,n] += sum_k A[k,m] B[k,n]
+template <typename T>
+void matmul_nt(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k, bool accumulate);
+template <typename T>
+void matmul_nn(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k);
+template <typename T>
+void matmul_tn_acc(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k);
+}  // namespace ref
+
+}  // namespace braid

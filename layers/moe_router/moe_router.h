@@ -1,0 +1,53 @@
+// Mixture-of-Experts router (Mixtral / Jamba softmax top-k; DeepSeek-V3 / Nemotron-H sigmoid
+// scores with a balancing bias), with the Switch/Megatron auxiliary loss and the z-loss.
+//   scores s[m,e] = softmax_e(logits[m,:])  or  sigmoid(logits[m,e])
+//   choice: the K experts with the largest s[m,e] + bias[e] (bias only steers the choice; ties go
+//           to the lower index)
+//   weight w[m,k] = s[m,e_k], divided by sum_k s[m,e_k] when normalize_topk
+//   capacity: cap = ceil(capacity_factor * M * K / E); assignments are taken in (m, k) order and
+//             those beyond cap are dropped (slot -1); capacity_factor <= 0 is dropless (cap = M).
+//   aux  = E / (K M^2) * sum_e count_e * sum_m pn[m,e],  pn = s / sum_e s (= s for softmax),
+//          count_e = assignments choosing e before dropping (treated as constant)
+//   zloss = mean_m logsumexp_e(logits[m,:])^2
+//   logits, scores [M,E]; bias, counts [E]; expert, slot [M,K] i32; weight [M,K].
+// Backward: dlogits (=) from dweight [M,K] and the multipliers aux_grad, z_grad (the derivative
+// of the total loss with respect to aux and zloss, coefficients included).
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/tensor.h"
+
+namespace braid {
+
+enum class RouterScore { softmax, sigmoid };
+
+struct RouterConfig {
+  int64_t top_k = 2;
+  RouterScore score = RouterScore::softmax;
+  bool normalize_topk = false;
+  double capacity_factor = 0.0;  // <= 0: dropless
+};
+
+struct RouterOutputs {
+  const Tensor* scores = nullptr;  // [M,E]
+  const Tensor* expert = nullptr;  // [M,K] i32 chosen expert
+  const Tensor* slot = nullptr;    // [M,K] i32 row in that expert's buffer, -1 when dropped
+  const Tensor* weight = nullptr;  // [M,K]
+  const Tensor* counts = nullptr;  // [E] i32 assignments per expert before dropping
+};
+
+struct RouterLosses {
+  double aux = 0;
+  double z = 0;
+};
+
+// Rows per expert buffer: the capacity, or M when dropless.
+int64_t router_capacity(const RouterConfig& cfg, int64_t tokens, int64_t experts);
+
+RouterLosses router_forward(const Tensor& logits, const Tensor* bias, const RouterConfig& cfg,
+                            const RouterOutputs& out);
+void router_backward(const Tensor& logits, const RouterConfig& cfg, const RouterOutputs& saved,
+                     const Tensor& dweight, double aux_grad, double z_grad, const Tensor& dlogits);
+
+}  // namespace braid

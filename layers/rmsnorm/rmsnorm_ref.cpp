@@ -1,0 +1,67 @@
+#include <cmath>
+
+#include "layers/common/op_common.h"
+#include "layers/rmsnorm/rmsnorm.h"
+#include "runtime/parallel_for.h"
+
+namespace braid {
+namespace {
+
+void check_rmsnorm(const Tensor& x, const Tensor& w, const Tensor& y, const Tensor& rstd) {
+  BRAID_CHECK(x.ndim == 2, "rmsnorm: x must be [M,D], got ", x.describe());
+  const int64_t m = x.size(0), d = x.size(1);
+  check_shape(w, {d});
+  check_shape(y, {m, d});
+  check_shape(rstd, {m});
+  check_same_dtype(x, w);
+  check_same_dtype(x, y);
+  check_same_dtype(x, rstd);
+  require_host("rmsnorm", {&x, &w, &y, &rstd});
+}
+
+}  // namespace
+
+void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor& y,
+                     const Tensor& rstd) {
+  check_rmsnorm(x, w, y, rstd);
+  const int64_t m = x.size(0), d = x.size(1);
+  dispatch_float(x.dtype, "rmsnorm", [&]<typename T>() {
+    const T *xp = x.ptr<T>(), *wp = w.ptr<T>();
+    T *yp = y.ptr<T>(), *rp = rstd.ptr<T>();
+    parallel_for(m, [&](int64_t i) {
+      const T* xr = xp + i * d;
+      double ss = 0;
+      for (int64_t j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+      const T r = T(1.0 / std::sqrt(ss / d + eps));
+      rp[i] = r;
+      for (int64_t j = 0; j < d; ++j) yp[i * d + j] = xr[j] * r * wp[j];
+    });
+  });
+}
+
+void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
+                      const Tensor& dx, const Tensor& dw) {
+  check_rmsnorm(x, w, dy, rstd);
+  check_shape(dx, {x.size(0), x.size(1)});
+  check_shape(dw, {x.size(1)});
+  require_host("rmsnorm", {&dx, &dw});
+  const int64_t m = x.size(0), d = x.size(1);
+  dispatch_float(x.dtype, "rmsnorm", [&]<typename T>() {
+    const T *xp = x.ptr<T>(), *wp = w.ptr<T>(), *rp = rstd.ptr<T>(), *g = dy.ptr<T>();
+    T *dxp = dx.ptr<T>(), *dwp = dw.ptr<T>();
+    parallel_for(m, [&](int64_t i) {
+      const T *xr = xp + i * d, *gr = g + i * d;
+      const T r = rp[i];
+      double dot = 0;
+      for (int64_t j = 0; j < d; ++j) dot += double(gr[j]) * wp[j] * xr[j];
+      const T c = T(dot) * r * r * r / T(d);
+      for (int64_t j = 0; j < d; ++j) dxp[i * d + j] = r * wp[j] * gr[j] - c * xr[j];
+    });
+    for (int64_t i = 0; i < m; ++i) {
+      const T r = rp[i];
+      for (int64_t j = 0; j < d; ++j) dwp[j] += g[i * d + j] * xp[i * d + j] * r;
+    }
+  });
+}
+
+}  // namespace braid

@@ -1,0 +1,60 @@
+// Mamba-2 SSD (state space duality; mamba_ssm mamba_chunk_scan_combined / HF Mamba2Mixer), per
+// batch b, head h of group g = h / (H/G), head channel p, state n:
+//   dt_t    = clamp(softplus(dt_raw_t + dt_bias), dt_min, dt_max)   (softplus optional)
+//   h_t     = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T                   h [P,N], h_{-1} = initial_state
+//   y_t     = h_t C_t + D x_t
+// A document boundary (seq_idx[t] != seq_idx[t-1]) sets h_{t-1} = 0; the initial state belongs to
+// the document of token 0; final_state = h_{T-1}.
+// The forward is the chunked algorithm (chunks of Q tokens: quadratic attention-like products
+// inside a chunk, states passed between chunks); ssd_forward_quadratic computes the same function
+// in the fully quadratic form (for tests).
+//   x, y [B,T,H,P]; dt_raw [B,T,H]; A, D, dt_bias [H]; Bm, Cm [B,T,G,N]; seq_idx [B,T] i32;
+//   initial_state, final_state [B,H,P,N].
+// Backward (gradient convention): dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=);
+// dfinal_state is the optional gradient arriving at final_state. Forward and backward take a
+// workspace of ssd_forward_workspace_elems() / ssd_backward_workspace_elems() elements (the
+// backward recomputes and keeps every state there).
+#pragma once
+
+#include <limits>
+
+#include "runtime/tensor.h"
+
+namespace braid {
+
+struct SsdInputs {
+  const Tensor* x = nullptr;
+  const Tensor* dt = nullptr;
+  const Tensor* A = nullptr;
+  const Tensor* B = nullptr;
+  const Tensor* C = nullptr;
+  const Tensor* D = nullptr;              // optional
+  const Tensor* dt_bias = nullptr;        // optional
+  const Tensor* seq_idx = nullptr;        // optional
+  const Tensor* initial_state = nullptr;  // optional (zeros)
+  bool dt_softplus = true;
+  double dt_min = 0.0;
+  double dt_max = std::numeric_limits<double>::infinity();
+  int64_t chunk = 256;
+};
+
+struct SsdGrads {
+  const Tensor* dx = nullptr;
+  const Tensor* ddt = nullptr;
+  const Tensor* dA = nullptr;
+  const Tensor* dB = nullptr;
+  const Tensor* dC = nullptr;
+  const Tensor* dD = nullptr;              // needed when D is given
+  const Tensor* ddt_bias = nullptr;        // needed when dt_bias is given
+  const Tensor* dinitial_state = nullptr;  // optional
+};
+
+int64_t ssd_forward_workspace_elems(const SsdInputs& in);
+int64_t ssd_backward_workspace_elems(const SsdInputs& in);
+void ssd_forward(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
+                 const Tensor& workspace);
+void ssd_forward_quadratic(const SsdInputs& in, const Tensor& y, const Tensor* final_state);
+void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
+                  const SsdGrads& grads, const Tensor& workspace);
+
+}  // namespace braid

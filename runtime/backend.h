@@ -1,0 +1,86 @@
+// Devices behind one interface: memory, copies, fills, streams and events. The CPU backend is
+// synchronous (streams and events are no-ops); the CUDA backend wraps the runtime API, with every
+// call checked where it is made. Backends count their allocations so tests can assert that a
+// training step allocates nothing.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "runtime/tensor.h"
+
+namespace braid {
+
+struct Stream {
+  void* handle = nullptr;  // cudaStream_t on CUDA; null is the default stream / CPU
+};
+struct Event {
+  void* handle = nullptr;
+};
+
+// Value of element i of a randomly initialised tensor: a function of (seed, tensor_id, i) only.
+struct RandomSpec {
+  enum class Kind : uint8_t { uniform, normal } kind = Kind::normal;
+  uint64_t seed = 0;
+  uint32_t tensor_id = 0;
+  float a = 0.0f;  // uniform: low;  normal: mean
+  float b = 1.0f;  // uniform: high; normal: standard deviation
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void release(void* p) = 0;
+  // Copies bytes between any two devices (one side must be this backend's or the host).
+  virtual void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
+                    Stream s) = 0;
+  virtual void fill(const Tensor& t, double value, Stream s) = 0;  // t contiguous, float or int
+  virtual void fill_random(const Tensor& t, const RandomSpec& spec, Stream s) = 0;  // float t
+
+  virtual Stream create_stream() = 0;
+  virtual void destroy_stream(Stream s) = 0;
+  virtual Event create_event() = 0;
+  virtual void destroy_event(Event e) = 0;
+  virtual void record(Event e, Stream s) = 0;
+  virtual void wait(Stream s, Event e) = 0;
+  virtual void synchronize(Stream s) = 0;
+
+  int64_t allocation_count() const { return allocations_; }
+  size_t bytes_in_use() const { return bytes_in_use_; }
+
+ protected:
+  int64_t allocations_ = 0;
+  size_t bytes_in_use_ = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// Throws a braid::Error if Braid was built without CUDA or no GPU is visible.
+std::unique_ptr<Backend> make_cuda_backend(int device_index);
+// True when Braid was built with CUDA and at least one GPU is visible.
+bool cuda_device_available();
+
+// Copies src into dst (same dtype and element count, both contiguous).
+void copy_tensor(Backend& backend, const Tensor& dst, const Tensor& src, Stream s = {});
+
+// Value of element i under spec, as computed by every backend.
+inline float random_value(const RandomSpec& spec, uint64_t i);
+
+}  // namespace braid
+
+#include "runtime/philox.h"
+
+namespace braid {
+inline float random_value(const RandomSpec& spec, uint64_t i) {
+  if (spec.kind == RandomSpec::Kind::uniform) {
+    const float u = philox::uniform(spec.seed, spec.tensor_id, i);
+    return static_cast<float>(
+        philox::add(double(spec.a), philox::mul(double(spec.b) - double(spec.a), double(u))));
+  }
+  const double z = philox::normal(spec.seed, spec.tensor_id, i);
+  return static_cast<float>(philox::add(double(spec.a), philox::mul(double(spec.b), z)));
+}
+}  // namespace braid

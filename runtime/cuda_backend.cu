@@ -1,0 +1,167 @@
+// The CUDA backend: device memory, async copies and fills on caller-supplied streams.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "runtime/backend.h"
+#include "runtime/cuda_check.h"
+
+namespace braid {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_float<double>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T>
+__global__ void fill_kernel(T* p, int64_t n, T v) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = v;
+}
+
+template <typename T>
+__global__ void fill_random_kernel(T* p, int64_t n, RandomSpec spec) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = from_float<T>(random_value(spec, static_cast<uint64_t>(i)));
+}
+
+unsigned grid_for(int64_t n) {
+  const int64_t blocks = (n + 255) / 256;
+  return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+}
+
+cudaStream_t as_cuda(Stream s) { return static_cast<cudaStream_t>(s.handle); }
+
+cudaMemcpyKind copy_kind(Device dst, Device src) {
+  if (dst == Device::cuda && src == Device::cuda) return cudaMemcpyDeviceToDevice;
+  if (dst == Device::cuda) return cudaMemcpyHostToDevice;
+  if (src == Device::cuda) return cudaMemcpyDeviceToHost;
+  return cudaMemcpyHostToHost;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device_index) : device_index_(device_index) {
+    CUDA_CHECK(cudaSetDevice(device_index));
+  }
+  Device device() const override { return Device::cuda; }
+
+  void* allocate(size_t bytes) override {
+    void* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, bytes == 0 ? 256 : bytes));
+    ++allocations_;
+    return p;
+  }
+  void release(void* p) override { CUDA_CHECK(cudaFree(p)); }
+
+  void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
+            Stream s) override {
+    if (bytes == 0) return;
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, copy_kind(dst_device, src_device), as_cuda(s)));
+  }
+
+  void fill(const Tensor& t, double value, Stream s) override {
+    BRAID_CHECK(t.is_contiguous() && t.device == Device::cuda,
+                "fill needs a contiguous device tensor: ", t.describe());
+    const int64_t n = t.numel();
+    if (n == 0) return;
+    const cudaStream_t st = as_cuda(s);
+    switch (t.dtype) {
+      case DType::f32:
+        fill_kernel<<<grid_for(n), 256, 0, st>>>(t.ptr<float>(), n, float(value));
+        break;
+      case DType::f64:
+        fill_kernel<<<grid_for(n), 256, 0, st>>>(t.ptr<double>(), n, value);
+        break;
+      case DType::bf16:
+        fill_kernel<<<grid_for(n), 256, 0, st>>>(static_cast<__nv_bfloat16*>(t.data), n,
+                                                 __float2bfloat16_rn(float(value)));
+        break;
+      case DType::f16:
+        fill_kernel<<<grid_for(n), 256, 0, st>>>(static_cast<__half*>(t.data), n,
+                                                 __float2half_rn(float(value)));
+        break;
+      case DType::i32:
+        fill_kernel<<<grid_for(n), 256, 0, st>>>(t.ptr<int32_t>(), n, int32_t(value));
+        break;
+      case DType::i64:
+        fill_kernel<<<grid_for(n), 256, 0, st>>>(t.ptr<int64_t>(), n, int64_t(value));
+        break;
+      case DType::u8:
+        fill_kernel<<<grid_for(n), 256, 0, st>>>(t.ptr<uint8_t>(), n, uint8_t(value));
+        break;
+    }
+    CUDA_CHECK(cudaGetLastError());
+  }
+
+  void fill_random(const Tensor& t, const RandomSpec& spec, Stream s) override {
+    BRAID_CHECK(t.is_contiguous() && t.device == Device::cuda && dtype_is_float(t.dtype),
+                "fill_random needs a contiguous floating-point device tensor: ", t.describe());
+    const int64_t n = t.numel();
+    if (n == 0) return;
+    const cudaStream_t st = as_cuda(s);
+    switch (t.dtype) {
+      case DType::f32:
+        fill_random_kernel<<<grid_for(n), 256, 0, st>>>(t.ptr<float>(), n, spec);
+        break;
+      case DType::f64:
+        fill_random_kernel<<<grid_for(n), 256, 0, st>>>(t.ptr<double>(), n, spec);
+        break;
+      case DType::bf16:
+        fill_random_kernel<<<grid_for(n), 256, 0, st>>>(static_cast<__nv_bfloat16*>(t.data), n,
+                                                        spec);
+        break;
+      case DType::f16:
+        fill_random_kernel<<<grid_for(n), 256, 0, st>>>(static_cast<__half*>(t.data), n, spec);
+        break;
+      default: break;
+    }
+    CUDA_CHECK(cudaGetLastError());
+  }
+
+  Stream create_stream() override {
+    cudaStream_t s;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    return Stream{s};
+  }
+  void destroy_stream(Stream s) override { CUDA_CHECK(cudaStreamDestroy(as_cuda(s))); }
+  Event create_event() override {
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    return Event{e};
+  }
+  void destroy_event(Event e) override { CUDA_CHECK(cudaEventDestroy(static_cast<cudaEvent_t>(e.handle))); }
+  void record(Event e, Stream s) override {
+    CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e.handle), as_cuda(s)));
+  }
+  void wait(Stream s, Event e) override {
+    CUDA_CHECK(cudaStreamWaitEvent(as_cuda(s), static_cast<cudaEvent_t>(e.handle), 0));
+  }
+  void synchronize(Stream s) override { CUDA_CHECK(cudaStreamSynchronize(as_cuda(s))); }
+
+ private:
+  int device_index_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device_index) {
+  return std::make_unique<CudaBackend>(device_index);
+}
+
+bool cuda_device_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+}  // namespace braid
