@@ -58,6 +58,11 @@ Tensor Arena::take(std::string tensor_name, DType dtype, std::span<const int64_t
   return t;
 }
 
+Tensor Arena::bytes() const {
+  BRAID_CHECK(!measuring_, "arena '", name_, "' is a measuring arena and has no memory");
+  return Tensor::contiguous_view(base_, DType::u8, device_, {static_cast<int64_t>(capacity_)}, name_);
+}
+
 void Arena::reset(size_t mark) {
   BRAID_CHECK(mark <= offset_, "arena '", name_, "' reset to ", mark, " beyond offset ", offset_);
   offset_ = mark;

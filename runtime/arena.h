@@ -35,6 +35,9 @@ class Arena {
                 std::span<const int64_t>(shape.begin(), shape.size()));
   }
 
+  // The whole allocation as bytes (for zeroing it once after set-up).
+  Tensor bytes() const;
+
   size_t mark() const { return offset_; }
   void reset(size_t mark);
 

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstring>
 
 #include "layers/common/op_common.h"
 #include "layers/elementwise/elementwise.h"
@@ -14,6 +15,11 @@ void check_same(const char* op, const Tensor& a, const Tensor& b) {
 }
 
 }  // namespace
+
+void zero_fill(const Tensor& y) {
+  require_host("zero_fill", {&y});
+  std::memset(y.data, 0, y.nbytes());
+}
 
 void add_into(const Tensor& y, const Tensor& x) {
   check_same("add_into", y, x);

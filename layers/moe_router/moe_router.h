@@ -47,6 +47,13 @@ int64_t router_capacity(const RouterConfig& cfg, int64_t tokens, int64_t experts
 
 RouterLosses router_forward(const Tensor& logits, const Tensor* bias, const RouterConfig& cfg,
                             const RouterOutputs& out);
+// Balancing-bias rule (DeepSeek-V3 auxiliary-loss-free balancing), applied after an optimizer
+// step: bias[e] += rate * sign(mean_j counts[j] - counts[e]); counts [E] i32 are the step's
+// assignments per expert, zeroed afterwards.
+void router_update_bias(const Tensor& bias, const Tensor& counts, double rate);
+// acc[e] += counts[e] (i32).
+void router_accumulate_counts(const Tensor& acc, const Tensor& counts);
+
 void router_backward(const Tensor& logits, const RouterConfig& cfg, const RouterOutputs& saved,
                      const Tensor& dweight, double aux_grad, double z_grad, const Tensor& dlogits);
 

@@ -157,4 +157,27 @@ void router_backward(const Tensor& logits, const RouterConfig& cfg, const Router
   });
 }
 
+void router_update_bias(const Tensor& bias, const Tensor& counts, double rate) {
+  const int64_t e = counts.numel();
+  check_shape(bias, {e});
+  BRAID_CHECK(counts.dtype == DType::i32, "router_update_bias: counts must be i32");
+  require_host("router_update_bias", {&bias, &counts});
+  int32_t* c = counts.ptr<int32_t>();
+  double mean = 0;
+  for (int64_t j = 0; j < e; ++j) mean += c[j];
+  mean /= double(e);
+  dispatch_float(bias.dtype, "router_update_bias", [&]<typename T>() {
+    T* b = bias.ptr<T>();
+    for (int64_t j = 0; j < e; ++j) b[j] += T(rate * (mean > c[j] ? 1.0 : mean < c[j] ? -1.0 : 0.0));
+  });
+  for (int64_t j = 0; j < e; ++j) c[j] = 0;
+}
+
+void router_accumulate_counts(const Tensor& acc, const Tensor& counts) {
+  BRAID_CHECK(acc.dtype == DType::i32 && counts.dtype == DType::i32 && acc.numel() == counts.numel(),
+              "router_accumulate_counts: i32 tensors of one size expected");
+  require_host("router_accumulate_counts", {&acc, &counts});
+  for (int64_t j = 0; j < acc.numel(); ++j) acc.ptr<int32_t>()[j] += counts.ptr<int32_t>()[j];
+}
+
 }  // namespace braid

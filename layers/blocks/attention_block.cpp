@@ -1,0 +1,79 @@
+#include "layers/blocks/attention_block.h"
+
+#include <cmath>
+
+#include "layers/attention/attention.h"
+#include "layers/elementwise/elementwise.h"
+#include "layers/linear/linear.h"
+#include "layers/rope/rope.h"
+
+namespace braid {
+
+AttentionBlock::AttentionBlock(const AttentionConfig& cfg, ParamSet& ps, const std::string& p,
+                               double init_std, double out_std)
+    : cfg_(cfg) {
+  const int64_t d = cfg.d_model, hp = cfg.heads * cfg.head_dim, kp = cfg.kv_heads * cfg.head_dim;
+  q_ = ps.add(pname(p, "q_proj.weight"), {hp, d}, {ParamInit::Kind::normal, init_std}, true);
+  k_ = ps.add(pname(p, "k_proj.weight"), {kp, d}, {ParamInit::Kind::normal, init_std}, true);
+  v_ = ps.add(pname(p, "v_proj.weight"), {kp, d}, {ParamInit::Kind::normal, init_std}, true);
+  o_ = ps.add(pname(p, "o_proj.weight"), {d, hp}, {ParamInit::Kind::normal, out_std}, true);
+}
+
+void AttentionBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
+  b_ = batch, t_ = seq;
+  const DType t = q_->value.dtype;
+  const int64_t h = cfg_.heads, hk = cfg_.kv_heads, p = cfg_.head_dim;
+  qt_ = sv.take("attn.q", t, {batch, seq, h, p});
+  kt_ = sv.take("attn.k", t, {batch, seq, hk, p});
+  vt_ = sv.take("attn.v", t, {batch, seq, hk, p});
+  ot_ = sv.take("attn.o", t, {batch, seq, h, p});
+  lse_ = sv.take("attn.lse", t, {batch, h, seq});
+  dq_ = sc.take("attn.dq", t, {batch, seq, h, p});
+  dk_ = sc.take("attn.dk", t, {batch, seq, hk, p});
+  dv_ = sc.take("attn.dv", t, {batch, seq, hk, p});
+  do_ = sc.take("attn.do", t, {batch, seq, h, p});
+  dx_tmp_ = sc.take("attn.dx_tmp", t, {batch * seq, cfg_.d_model});
+}
+
+void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
+  const int64_t m = b_ * t_, h = cfg_.heads, hk = cfg_.kv_heads, p = cfg_.head_dim;
+  const Tensor x2 = x.reshape({m, cfg_.d_model});
+  linear_forward(x2, q_->value, nullptr, qt_.reshape({m, h * p}));
+  linear_forward(x2, k_->value, nullptr, kt_.reshape({m, hk * p}));
+  linear_forward(x2, v_->value, nullptr, vt_.reshape({m, hk * p}));
+  if (cfg_.rope) {
+    BRAID_CHECK(meta.positions, "attention with RoPE needs the batch's positions");
+    rope_forward(qt_, *meta.positions, cfg_.rope_theta, qt_);
+    rope_forward(kt_, *meta.positions, cfg_.rope_theta, kt_);
+  }
+  attention_forward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_);
+  linear_forward(ot_.reshape({m, h * p}), o_->value, nullptr, y.reshape({m, cfg_.d_model}));
+}
+
+void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) {
+  const int64_t m = b_ * t_, h = cfg_.heads, hk = cfg_.kv_heads, p = cfg_.head_dim;
+  const Tensor do2 = do_.reshape({m, h * p});
+  linear_backward(ot_.reshape({m, h * p}), o_->value, dy.reshape({m, cfg_.d_model}), &do2, o_->grad, nullptr);
+  attention_backward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_, do_, dq_, dk_, dv_);
+  if (cfg_.rope) {
+    rope_backward(dq_, *meta.positions, cfg_.rope_theta, dq_);
+    rope_backward(dk_, *meta.positions, cfg_.rope_theta, dk_);
+  }
+  const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
+  linear_backward(x2, q_->value, dq_.reshape({m, h * p}), &dx2, q_->grad, nullptr);
+  linear_backward(x2, k_->value, dk_.reshape({m, hk * p}), &dx_tmp_, k_->grad, nullptr);
+  add_into(dx2, dx_tmp_);
+  linear_backward(x2, v_->value, dv_.reshape({m, hk * p}), &dx_tmp_, v_->grad, nullptr);
+  add_into(dx2, dx_tmp_);
+}
+
+double AttentionBlock::flops_per_token(int64_t seq) const {
+  const double d = cfg_.d_model, hp = cfg_.heads * cfg_.head_dim, kp = cfg_.kv_heads * cfg_.head_dim;
+  const double proj = d * hp * 2 + d * kp * 2;  // MACs per token
+  // Causal attention per token: q.k and p.v over seq/2 keys on average, 2 FLOPs per MAC;
+  // backward 2.5x forward (as FlashAttention counts).
+  const double attn = 2.0 * 2.0 * hp * (double(seq) / 2.0);
+  return 6 * proj + 3.5 * attn;
+}
+
+}  // namespace braid

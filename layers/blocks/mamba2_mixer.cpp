@@ -1,0 +1,148 @@
+#include "layers/blocks/mamba2_mixer.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "layers/causal_conv1d/causal_conv1d.h"
+#include "layers/elementwise/elementwise.h"
+#include "layers/gated_rmsnorm/gated_rmsnorm.h"
+#include "layers/linear/linear.h"
+#include "layers/ssd/ssd.h"
+
+namespace braid {
+
+Mamba2Mixer::Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::string& p,
+                         double init_std, double out_std)
+    : cfg_(cfg) {
+  const int64_t d = cfg.d_model, c = inner(), gn = cfg.groups * cfg.d_state, h = cfg.heads;
+  const double conv_bound = 1.0 / std::sqrt(double(cfg.d_conv));
+  in_proj_ = ps.add(pname(p, "in_proj.weight"), {2 * c + 2 * gn + h, d}, {ParamInit::Kind::normal, init_std}, true);
+  conv_w_ = ps.add(pname(p, "conv1d.weight"), {c + 2 * gn, cfg.d_conv},
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true);
+  conv_b_ = ps.add(pname(p, "conv1d.bias"), {c + 2 * gn}, {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false);
+  dt_bias_ = ps.add(pname(p, "dt_bias"), {h}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max}, false);
+  a_log_ = ps.add(pname(p, "A_log"), {h}, {ParamInit::Kind::log_uniform, cfg.a_init_min, cfg.a_init_max}, false);
+  d_ = ps.add(pname(p, "D"), {h}, {ParamInit::Kind::constant, 1.0}, false);
+  norm_ = ps.add(pname(p, "norm.weight"), {c}, {ParamInit::Kind::constant, 1.0}, false);
+  out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true);
+}
+
+void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
+  b_ = batch, t_ = seq;
+  const int64_t m = batch * seq, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
+  const DType t = in_proj_->value.dtype;
+  z_ = sv.take("m2.z", t, {m, c});
+  xs_ = sv.take("m2.xs", t, {m, c});
+  bs_ = sv.take("m2.Bs", t, {m, gn});
+  cs_ = sv.take("m2.Cs", t, {m, gn});
+  dtr_ = sv.take("m2.dt", t, {m, h});
+  xc_ = sv.take("m2.xc", t, {m, c});
+  bc_ = sv.take("m2.Bc", t, {m, gn});
+  cc_ = sv.take("m2.Cc", t, {m, gn});
+  a_ = sv.take("m2.A", t, {h});
+  y_ = sv.take("m2.y", t, {m, c});
+  rstd_ = sv.take("m2.rstd", t, {m, cfg_.groups});
+  g_ = sv.take("m2.gated", t, {m, c});
+  dg_ = sc.take("m2.dg", t, {m, c});
+  dy_ = sc.take("m2.dy", t, {m, c});
+  dz_ = sc.take("m2.dz", t, {m, c});
+  dxc_ = sc.take("m2.dxc", t, {m, c});
+  dbc_ = sc.take("m2.dBc", t, {m, gn});
+  dcc_ = sc.take("m2.dCc", t, {m, gn});
+  ddt_ = sc.take("m2.ddt", t, {m, h});
+  da_ = sc.take("m2.dA", t, {h});
+  dxs_ = sc.take("m2.dxs", t, {m, c});
+  dbs_ = sc.take("m2.dBs", t, {m, gn});
+  dcs_ = sc.take("m2.dCs", t, {m, gn});
+  dx_tmp_ = sc.take("m2.dx_tmp", t, {m, cfg_.d_model});
+  const int64_t hp = cfg_.heads * cfg_.head_dim * cfg_.d_state;
+  ws_ = sc.take("m2.ssd_bwd_workspace", t, {batch * seq * hp + cfg_.groups * cfg_.head_dim * cfg_.d_state});
+  fws_ = sc.take("m2.ssd_fwd_workspace", t,
+                 {batch * cfg_.heads * (cfg_.head_dim * cfg_.d_state + 2 * std::min(cfg_.chunk, seq))});
+}
+
+// Depthwise conv (with SiLU) over channels [ch0, ch0 + ch) of the packed conv weight.
+void Mamba2Mixer::conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
+                               const BatchMeta& meta) {
+  const Tensor w = conv_w_->value.slice(0, ch0, ch), bias = conv_b_->value.slice(0, ch0, ch);
+  const Tensor in3 = in.reshape({b_, t_, ch}), out3 = out.reshape({b_, t_, ch});
+  causal_conv1d_forward({&in3, &w, &bias, meta.seq_idx, nullptr, true}, out3, nullptr);
+}
+
+void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
+  const int64_t m = b_ * t_, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
+  const Tensor x2 = x.reshape({m, cfg_.d_model});
+  const Tensor& w = in_proj_->value;
+  linear_forward(x2, w.slice(0, 0, c), nullptr, z_);
+  linear_forward(x2, w.slice(0, c, c), nullptr, xs_);
+  linear_forward(x2, w.slice(0, 2 * c, gn), nullptr, bs_);
+  linear_forward(x2, w.slice(0, 2 * c + gn, gn), nullptr, cs_);
+  linear_forward(x2, w.slice(0, 2 * c + 2 * gn, h), nullptr, dtr_);
+  conv_forward(xs_, xc_, 0, c, meta);
+  conv_forward(bs_, bc_, c, gn, meta);
+  conv_forward(cs_, cc_, c + gn, gn, meta);
+  neg_exp(a_log_->value, a_);
+  const Tensor x4 = xc_.reshape({b_, t_, h, cfg_.head_dim}), dt3 = dtr_.reshape({b_, t_, h});
+  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}), c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
+  SsdInputs in{&x4, &dt3, &a_, &b4, &c4, &d_->value, &dt_bias_->value, meta.seq_idx, nullptr, true,
+               cfg_.dt_limit_min, cfg_.dt_limit_max, cfg_.chunk};
+  ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
+  gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
+  linear_forward(g_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
+}
+
+void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) {
+  const int64_t m = b_ * t_, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
+  linear_backward(g_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dg_, out_proj_->grad, nullptr);
+  gated_rmsnorm_backward(y_, z_, norm_->value, cfg_.groups, rstd_, dg_, dy_, dz_, norm_->grad);
+  const Tensor x4 = xc_.reshape({b_, t_, h, cfg_.head_dim}), dt3 = dtr_.reshape({b_, t_, h});
+  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}), c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
+  SsdInputs in{&x4, &dt3, &a_, &b4, &c4, &d_->value, &dt_bias_->value, meta.seq_idx, nullptr, true,
+               cfg_.dt_limit_min, cfg_.dt_limit_max, cfg_.chunk};
+  const Tensor dx4 = dxc_.reshape({b_, t_, h, cfg_.head_dim}), ddt3 = ddt_.reshape({b_, t_, h});
+  const Tensor db4 = dbc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}), dc4 = dcc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
+  zero_fill(da_);
+  ssd_backward(in, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr,
+               {&dx4, &ddt3, &da_, &db4, &dc4, &d_->grad, &dt_bias_->grad, nullptr}, ws_);
+  neg_exp_backward(a_, da_, a_log_->grad);
+  // Conv backward per channel range (x, B, C), gradients into the packed conv weight and bias.
+  struct Part {
+    const Tensor *in, *dout, *din;
+    int64_t ch0, ch;
+  };
+  for (const Part& p : {Part{&xs_, &dxc_, &dxs_, 0, c}, Part{&bs_, &dbc_, &dbs_, c, gn},
+                        Part{&cs_, &dcc_, &dcs_, c + gn, gn}}) {
+    const Tensor w = conv_w_->value.slice(0, p.ch0, p.ch), bias = conv_b_->value.slice(0, p.ch0, p.ch);
+    const Tensor gw = conv_w_->grad.slice(0, p.ch0, p.ch), gb = conv_b_->grad.slice(0, p.ch0, p.ch);
+    const Tensor in3 = p.in->reshape({b_, t_, p.ch}), dout3 = p.dout->reshape({b_, t_, p.ch});
+    const Tensor din3 = p.din->reshape({b_, t_, p.ch});
+    causal_conv1d_backward({&in3, &w, &bias, meta.seq_idx, nullptr, true}, dout3, nullptr, {&din3, &gw, &gb, nullptr});
+  }
+  const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
+  const Tensor& w = in_proj_->value;
+  const Tensor& gw = in_proj_->grad;
+  struct Rows {
+    const Tensor* dout;
+    int64_t r0, n;
+  };
+  bool first = true;
+  for (const Rows& r : {Rows{&dz_, 0, c}, Rows{&dxs_, c, c}, Rows{&dbs_, 2 * c, gn}, Rows{&dcs_, 2 * c + gn, gn},
+                        Rows{&ddt_, 2 * c + 2 * gn, h}}) {
+    linear_backward(x2, w.slice(0, r.r0, r.n), *r.dout, first ? &dx2 : &dx_tmp_, gw.slice(0, r.r0, r.n), nullptr);
+    if (!first) add_into(dx2, dx_tmp_);
+    first = false;
+  }
+}
+
+double Mamba2Mixer::flops_per_token(int64_t seq) const {
+  const double d = cfg_.d_model, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
+  const double q = std::min<double>(cfg_.chunk, seq), n = cfg_.d_state, p = cfg_.head_dim;
+  const double matmul = d * (2 * c + 2 * gn + h) + d * c;  // MACs per token
+  // SSD per token and head (chunked form): C B^T within the chunk (Q N), weighting x (Q P),
+  // chunk states (P N) and their readout (P N): MACs (Q N + Q P + 2 P N) / 2 for the causal half
+  // of the intra-chunk products; 2 FLOPs per MAC forward, x3 for forward + backward.
+  const double ssd = h * (q * n / 2 + q * p / 2 + 2 * p * n);
+  return 6 * matmul + 6 * ssd + 6 * (c + 2 * gn) * cfg_.d_conv;
+}
+
+}  // namespace braid

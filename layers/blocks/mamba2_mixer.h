@@ -1,0 +1,53 @@
+// Mamba-2 mixer (HF Mamba2Mixer / NemotronHMamba2Mixer):
+//   [z | xs | Bs | Cs | dtr] = in_proj(x)            z, xs [M,C]; Bs, Cs [M,G*N]; dtr [M,H]
+//   xc, Bc, Cc = silu(conv1d([xs | Bs | Cs]))         one depthwise conv over C + 2GN channels
+//   y   = ssd(xc as [B,T,H,P], dtr, A = -exp(A_log), Bc, Cc, D, dt_bias, softplus, dt limits)
+//   g   = gated_rmsnorm(y, z, norm.weight, groups G) (gate first, then grouped RMS norm)
+//   out = out_proj(g)
+// Parameters (HF names): in_proj.weight [2C+2GN+H, D], conv1d.weight [C+2GN, W] (HF [.,1,W]),
+// conv1d.bias [C+2GN], dt_bias [H], A_log [H], D [H], norm.weight [C], out_proj.weight [D,C];
+// C = H * P.
+#pragma once
+
+#include <limits>
+
+#include "layers/blocks/block.h"
+
+namespace braid {
+
+struct Mamba2Config {
+  int64_t d_model = 0;
+  int64_t heads = 0;      // H
+  int64_t head_dim = 64;  // P
+  int64_t groups = 1;     // G
+  int64_t d_state = 128;  // N
+  int64_t d_conv = 4;     // W
+  int64_t chunk = 256;    // Q
+  double norm_eps = 1e-5;
+  double dt_min = 0.001, dt_max = 0.1;  // initialisation range of softplus(dt_bias)
+  double dt_limit_min = 0.0, dt_limit_max = std::numeric_limits<double>::infinity();
+  double a_init_min = 1.0, a_init_max = 16.0;
+};
+
+class Mamba2Mixer final : public Block {
+ public:
+  Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::string& prefix, double init_std,
+              double out_std);
+  void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
+  void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
+  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) override;
+  double flops_per_token(int64_t seq) const override;
+
+ private:
+  int64_t inner() const { return cfg_.heads * cfg_.head_dim; }
+  void conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
+                    const BatchMeta& meta);
+
+  Mamba2Config cfg_;
+  int64_t b_ = 0, t_ = 0;
+  Param *in_proj_, *conv_w_, *conv_b_, *dt_bias_, *a_log_, *d_, *norm_, *out_proj_;
+  Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;    // saved
+  Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, dx_tmp_, ws_, fws_;  // scratch
+};
+
+}  // namespace braid

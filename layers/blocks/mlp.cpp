@@ -1,0 +1,49 @@
+#include "layers/blocks/mlp.h"
+
+#include "layers/elementwise/elementwise.h"
+#include "layers/linear/linear.h"
+#include "layers/swiglu/swiglu.h"
+
+namespace braid {
+
+MlpBlock::MlpBlock(const MlpConfig& cfg, ParamSet& ps, const std::string& prefix, double init_std,
+                   double out_std)
+    : cfg_(cfg) {
+  const int64_t d = cfg.d_model, f = cfg.ffn;
+  gate_ = ps.add(pname(prefix, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true);
+  up_ = ps.add(pname(prefix, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true);
+  down_ = ps.add(pname(prefix, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true);
+}
+
+void MlpBlock::plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) {
+  const int64_t m = batch * seq, f = cfg_.ffn;
+  const DType t = gate_->value.dtype;
+  a_ = saved.take("mlp.gate_act", t, {m, f});
+  b_ = saved.take("mlp.up_act", t, {m, f});
+  h_ = saved.take("mlp.hidden", t, {m, f});
+  da_ = scratch.take("mlp.d_gate", t, {m, f});
+  db_ = scratch.take("mlp.d_up", t, {m, f});
+  dh_ = scratch.take("mlp.d_hidden", t, {m, f});
+  dx2_ = scratch.take("mlp.dx_up", t, {m, cfg_.d_model});
+}
+
+void MlpBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta&) {
+  const int64_t m = x.numel() / cfg_.d_model;
+  const Tensor x2 = x.reshape({m, cfg_.d_model}), y2 = y.reshape({m, cfg_.d_model});
+  linear_forward(x2, gate_->value, nullptr, a_);
+  linear_forward(x2, up_->value, nullptr, b_);
+  swiglu_forward(a_, b_, h_);
+  linear_forward(h_, down_->value, nullptr, y2);
+}
+
+void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta&) {
+  const int64_t m = x.numel() / cfg_.d_model;
+  const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
+  linear_backward(h_, down_->value, dy.reshape({m, cfg_.d_model}), &dh_, down_->grad, nullptr);
+  swiglu_backward(a_, b_, dh_, da_, db_);
+  linear_backward(x2, gate_->value, da_, &dx2, gate_->grad, nullptr);
+  linear_backward(x2, up_->value, db_, &dx2_, up_->grad, nullptr);
+  add_into(dx2, dx2_);
+}
+
+}  // namespace braid

@@ -1,0 +1,130 @@
+#include "layers/blocks/moe.h"
+
+#include "layers/elementwise/elementwise.h"
+#include "layers/linear/linear.h"
+#include "layers/moe_dispatch/moe_dispatch.h"
+#include "layers/swiglu/swiglu.h"
+
+namespace braid {
+
+MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, double init_std, double out_std)
+    : cfg_(cfg), router_{cfg.top_k, cfg.score, cfg.normalize_topk, cfg.capacity_factor} {
+  const int64_t d = cfg.d_model, f = cfg.ffn, e = cfg.experts;
+  router_w_ = ps.add(pname(p, "gate.weight"), {e, d}, {ParamInit::Kind::normal, init_std}, true);
+  if (cfg.balance_bias)
+    bias_ = ps.add(pname(p, "gate.e_score_correction_bias"), {e}, {ParamInit::Kind::constant, 0.0}, false, false);
+  for (int64_t i = 0; i < e; ++i) {
+    const std::string ep = pname(p, "experts." + std::to_string(i));
+    experts_.push_back({ps.add(pname(ep, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
+                        ps.add(pname(ep, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
+                        ps.add(pname(ep, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true)});
+  }
+  if (cfg.shared_ffn > 0)
+    shared_ = std::make_unique<MlpBlock>(MlpConfig{d, cfg.shared_ffn}, ps, pname(p, "shared_expert"), init_std, out_std);
+}
+
+void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
+  m_ = batch * seq;
+  const int64_t e = cfg_.experts, k = cfg_.top_k, d = cfg_.d_model, f = cfg_.ffn, rows = m_ * k;
+  cap_ = router_capacity(router_, m_, e);
+  const DType t = router_w_->value.dtype;
+  logits_ = sv.take("moe.logits", t, {m_, e});
+  scores_ = sv.take("moe.scores", t, {m_, e});
+  expert_ = sv.take("moe.expert", DType::i32, {m_, k});
+  slot_ = sv.take("moe.slot", DType::i32, {m_, k});
+  weight_ = sv.take("moe.weight", t, {m_, k});
+  counts_ = sv.take("moe.counts", DType::i32, {e});
+  step_counts_ = sv.take("moe.step_counts", DType::i32, {e});
+  offsets_ = sv.take("moe.offsets", DType::i32, {e + 1});
+  row_token_ = sv.take("moe.row_token", DType::i32, {rows});
+  xe_ = sv.take("moe.x_rows", t, {rows, d});
+  ga_ = sv.take("moe.gate_act", t, {rows, f});
+  ua_ = sv.take("moe.up_act", t, {rows, f});
+  he_ = sv.take("moe.hidden", t, {rows, f});
+  oe_ = sv.take("moe.out_rows", t, {rows, d});
+  dweight_ = sc.take("moe.dweight", t, {m_, k});
+  dlogits_ = sc.take("moe.dlogits", t, {m_, e});
+  doe_ = sc.take("moe.dout_rows", t, {rows, d});
+  dhe_ = sc.take("moe.dhidden", t, {rows, f});
+  dga_ = sc.take("moe.dgate", t, {rows, f});
+  dua_ = sc.take("moe.dup", t, {rows, f});
+  dxe_ = sc.take("moe.dx_rows", t, {rows, d});
+  dxe2_ = sc.take("moe.dx_rows2", t, {rows, d});
+  dx_tmp_ = sc.take("moe.dx_tmp", t, {m_, d});
+  if (shared_) {
+    shared_out_ = sc.take("moe.shared_out", t, {m_, d});
+    shared_->plan(sv, sc, batch, seq);
+  }
+}
+
+void MoeBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
+  const int64_t d = cfg_.d_model;
+  const Tensor x2 = x.reshape({m_, d}), y2 = y.reshape({m_, d});
+  linear_forward(x2, router_w_->value, nullptr, logits_);
+  const RouterLosses ls = router_forward(logits_, bias_ ? &bias_->value : nullptr, router_,
+                                         {&scores_, &expert_, &slot_, &weight_, &counts_});
+  aux_ = cfg_.aux_loss_coef * ls.aux + cfg_.z_loss_coef * ls.z;
+  router_accumulate_counts(step_counts_, counts_);
+  rows_ = moe_dispatch_plan(expert_, slot_, counts_, cap_, offsets_, row_token_);
+  moe_gather(x2, row_token_, rows_, xe_);
+  const int32_t* off = offsets_.ptr<int32_t>();
+  for (int64_t e = 0; e < cfg_.experts; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    const Expert& ex = experts_[e];
+    const Tensor ga = ga_.slice(0, r0, n), ua = ua_.slice(0, r0, n), he = he_.slice(0, r0, n);
+    linear_forward(xe_.slice(0, r0, n), ex.gate->value, nullptr, ga);
+    linear_forward(xe_.slice(0, r0, n), ex.up->value, nullptr, ua);
+    swiglu_forward(ga, ua, he);
+    linear_forward(he, ex.down->value, nullptr, oe_.slice(0, r0, n));
+  }
+  moe_combine(oe_, expert_, slot_, offsets_, weight_, y2);
+  if (shared_) {
+    shared_->forward(x, shared_out_, meta);
+    add_into(y2, shared_out_);
+  }
+}
+
+void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) {
+  const int64_t d = cfg_.d_model;
+  const Tensor x2 = x.reshape({m_, d}), dy2 = dy.reshape({m_, d}), dx2 = dx.reshape({m_, d});
+  moe_combine_backward(dy2, oe_, expert_, slot_, offsets_, weight_, doe_, dweight_);
+  const int32_t* off = offsets_.ptr<int32_t>();
+  for (int64_t e = 0; e < cfg_.experts; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    const Expert& ex = experts_[e];
+    const Tensor xe = xe_.slice(0, r0, n), dxe = dxe_.slice(0, r0, n), dxe2 = dxe2_.slice(0, r0, n);
+    const Tensor dga = dga_.slice(0, r0, n), dua = dua_.slice(0, r0, n), dhe = dhe_.slice(0, r0, n);
+    linear_backward(he_.slice(0, r0, n), ex.down->value, doe_.slice(0, r0, n), &dhe, ex.down->grad, nullptr);
+    swiglu_backward(ga_.slice(0, r0, n), ua_.slice(0, r0, n), dhe, dga, dua);
+    linear_backward(xe, ex.gate->value, dga, &dxe, ex.gate->grad, nullptr);
+    linear_backward(xe, ex.up->value, dua, &dxe2, ex.up->grad, nullptr);
+    add_into(dxe, dxe2);
+  }
+  zero_fill(dx2);
+  moe_gather_backward(dxe_, row_token_, rows_, dx2);
+  router_backward(logits_, router_, {&scores_, &expert_, &slot_, &weight_, &counts_}, dweight_,
+                  cfg_.aux_loss_coef * meta.aux_loss_scale, cfg_.z_loss_coef * meta.aux_loss_scale, dlogits_);
+  linear_backward(x2, router_w_->value, dlogits_, &dx_tmp_, router_w_->grad, nullptr);
+  add_into(dx2, dx_tmp_);
+  if (shared_) {
+    shared_->backward(x, dy, dx_tmp_.reshape({x.size(0), x.size(1), d}), meta);
+    add_into(dx2, dx_tmp_);
+  }
+}
+
+void MoeBlock::after_optimizer_step() {
+  if (bias_) router_update_bias(bias_->value, step_counts_, cfg_.bias_update_rate);
+  else zero_fill(step_counts_);
+}
+
+double MoeBlock::flops_per_token(int64_t seq) const {
+  const double d = cfg_.d_model;
+  // Router plus the K active experts (3 matmuls of D x F each); 6 FLOPs per MAC for fwd + bwd.
+  double f = 6 * (d * cfg_.experts + cfg_.top_k * 3.0 * d * cfg_.ffn);
+  if (shared_) f += shared_->flops_per_token(seq);
+  return f;
+}
+
+}  // namespace braid

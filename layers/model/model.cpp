@@ -1,0 +1,213 @@
+#include "layers/model/model.h"
+
+#include <cmath>
+
+#include "layers/elementwise/elementwise.h"
+#include "layers/embedding/embedding.h"
+#include "layers/linear/linear.h"
+#include "layers/rmsnorm/rmsnorm.h"
+
+namespace braid {
+
+std::string pattern_layers(const std::string& pattern) {
+  std::string out;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    BRAID_CHECK(c == 'S' || c == 'M' || c == '*' || c == '-' || c == 'E' || c == '|',
+                "model.pattern '", pattern, "': symbol '", c, "' at position ", i,
+                " is not one of S (Mamba-1), M (Mamba-2), * (attention), - (MLP), E (MoE), | (stage cut)");
+    if (c != '|') out += c;
+  }
+  return out;
+}
+
+void validate_model_config(const ModelConfig& c) {
+  const std::string layers = pattern_layers(c.pattern);
+  BRAID_CHECK(!layers.empty(), "model.pattern is empty: give at least one layer, e.g. 'M-M*'");
+  BRAID_CHECK(c.d_model > 0, "model.d_model = ", c.d_model, " must be positive");
+  BRAID_CHECK(c.vocab_size > 0, "model.vocab_size = ", c.vocab_size, " must be positive");
+  BRAID_CHECK(c.norm_eps > 0, "model.norm_eps must be positive");
+  BRAID_CHECK(c.init_std > 0, "model.init_std must be positive");
+  auto has = [&](char s) { return layers.find(s) != std::string::npos; };
+  if (has('S')) {
+    const Mamba1Config& m = c.mamba1;
+    BRAID_CHECK(m.d_inner > 0 && m.d_state >= 1 && m.d_state <= 256 && m.dt_rank > 0,
+                "mamba1: d_inner, dt_rank must be positive and d_state in [1, 256]");
+    BRAID_CHECK(m.d_conv >= 2 && m.d_conv <= 4, "mamba1.d_conv = ", m.d_conv, " must be 2, 3 or 4");
+    BRAID_CHECK(m.groups >= 1 && m.d_inner % m.groups == 0, "mamba1.groups = ", m.groups,
+                " must divide mamba1 inner width ", m.d_inner);
+    BRAID_CHECK(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba1: need 0 < dt_min <= dt_max");
+  }
+  if (has('M')) {
+    const Mamba2Config& m = c.mamba2;
+    BRAID_CHECK(m.heads > 0 && m.head_dim > 0 && m.d_state > 0, "mamba2: heads, head_dim, d_state must be positive");
+    BRAID_CHECK(m.groups >= 1 && m.heads % m.groups == 0, "mamba2.groups = ", m.groups,
+                " must divide mamba2.heads = ", m.heads);
+    BRAID_CHECK(m.d_conv >= 2 && m.d_conv <= 4, "mamba2.d_conv = ", m.d_conv, " must be 2, 3 or 4");
+    BRAID_CHECK(m.chunk >= 1, "mamba2.chunk = ", m.chunk, " must be positive");
+    BRAID_CHECK(m.dt_limit_min >= 0 && m.dt_limit_min <= m.dt_limit_max,
+                "mamba2: need 0 <= dt_limit_min <= dt_limit_max");
+    BRAID_CHECK(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba2: need 0 < dt_min <= dt_max");
+    BRAID_CHECK(m.a_init_min > 0 && m.a_init_min <= m.a_init_max, "mamba2: need 0 < a_init_min <= a_init_max");
+  }
+  if (has('*')) {
+    const AttentionConfig& a = c.attention;
+    BRAID_CHECK(a.heads > 0 && a.kv_heads > 0 && a.head_dim > 0,
+                "attention: heads, kv_heads and head_dim must be positive");
+    BRAID_CHECK(a.heads % a.kv_heads == 0, "attention.kv_heads = ", a.kv_heads,
+                " must divide attention.heads = ", a.heads);
+    BRAID_CHECK(!a.rope || a.head_dim % 2 == 0, "attention.head_dim = ", a.head_dim, " must be even for RoPE");
+    BRAID_CHECK(!a.rope || a.rope_theta > 0, "attention.rope_theta must be positive");
+  }
+  if (has('-')) BRAID_CHECK(c.mlp.ffn > 0, "mlp.ffn = ", c.mlp.ffn, " must be positive");
+  if (has('E')) {
+    const MoeConfig& m = c.moe;
+    BRAID_CHECK(m.experts >= 1 && m.ffn > 0 && m.shared_ffn >= 0, "moe: experts and ffn must be positive");
+    BRAID_CHECK(m.top_k >= 1 && m.top_k <= m.experts, "moe.top_k = ", m.top_k, " must be in [1, moe.experts = ",
+                m.experts, "]");
+    BRAID_CHECK(!m.balance_bias || m.score == RouterScore::sigmoid,
+                "moe.balance_bias needs moe.score = sigmoid (the bias steers sigmoid scores)");
+    BRAID_CHECK(m.aux_loss_coef >= 0 && m.z_loss_coef >= 0, "moe: loss coefficients must be non-negative");
+  }
+}
+
+Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq)
+    : cfg_(cfg), backend_(&backend), b_(batch), t_(seq) {
+  validate_model_config(cfg_);
+  BRAID_CHECK(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
+  layers_ = pattern_layers(cfg_.pattern);
+  const int64_t d = cfg_.d_model, l = static_cast<int64_t>(layers_.size());
+  const double std = cfg_.init_std, out_std = std / std::sqrt(double(l));
+  embed_ = params_.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
+  for (int64_t i = 0; i < l; ++i) {
+    const std::string p = "layers." + std::to_string(i);
+    norms_.push_back(params_.add(p + ".norm.weight", {d}, {ParamInit::Kind::constant, 1.0}, false));
+    const std::string mp = p + ".mixer";
+    switch (layers_[i]) {
+      case 'S': {
+        Mamba1Config m = cfg_.mamba1;
+        m.d_model = d;
+        blocks_.push_back(std::make_unique<Mamba1Mixer>(m, params_, mp, std, out_std));
+        break;
+      }
+      case 'M': {
+        Mamba2Config m = cfg_.mamba2;
+        m.d_model = d;
+        blocks_.push_back(std::make_unique<Mamba2Mixer>(m, params_, mp, std, out_std));
+        break;
+      }
+      case '*': {
+        AttentionConfig a = cfg_.attention;
+        a.d_model = d;
+        blocks_.push_back(std::make_unique<AttentionBlock>(a, params_, mp, std, out_std));
+        break;
+      }
+      case '-':
+        blocks_.push_back(std::make_unique<MlpBlock>(MlpConfig{d, cfg_.mlp.ffn}, params_, mp, std, out_std));
+        break;
+      case 'E': {
+        MoeConfig m = cfg_.moe;
+        m.d_model = d;
+        auto blk = std::make_unique<MoeBlock>(m, params_, mp, std, out_std);
+        moe_blocks_.push_back(blk.get());
+        blocks_.push_back(std::move(blk));
+        break;
+      }
+    }
+  }
+  norm_f_ = params_.add("norm_f.weight", {d}, {ParamInit::Kind::constant, 1.0}, false);
+  if (!cfg_.tie_embeddings)
+    head_ = params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
+  params_.allocate(backend, dtype);
+
+  // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
+  // block's scratch starts at the same offset (blocks run one at a time).
+  const int64_t m = batch * seq, v = cfg_.vocab_size;
+  auto setup = [&](Arena& sv, Arena& sc) {
+    resid_.clear(), normed_.clear(), rstd_.clear();
+    for (int64_t i = 0; i <= l; ++i) resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {batch, seq, d}));
+    for (int64_t i = 0; i < l; ++i) {
+      normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {batch, seq, d}));
+      rstd_.push_back(sv.take("rstd." + std::to_string(i), dtype, {m}));
+    }
+    final_normed_ = sv.take("final_normed", dtype, {m, d});
+    final_rstd_ = sv.take("final_rstd", dtype, {m});
+    logits_ = sc.take("logits", dtype, {m, v});
+    dresid_ = sc.take("dresid", dtype, {batch, seq, d});
+    dnormed_ = sc.take("dnormed", dtype, {batch, seq, d});
+    dtmp_ = sc.take("dtmp", dtype, {batch, seq, d});
+    fout_ = sc.take("block_out", dtype, {batch, seq, d});
+    const size_t base = sc.mark();
+    for (auto& blk : blocks_) {
+      sc.reset(base);
+      blk->plan(sv, sc, batch, seq);
+    }
+  };
+  Arena plan_saved = Arena::measuring("activations", backend.device());
+  Arena plan_scratch = Arena::measuring("scratch", backend.device());
+  setup(plan_saved, plan_scratch);
+  saved_ = Arena::allocate("activations", backend, plan_saved.high_water());
+  scratch_ = Arena::allocate("scratch", backend, plan_scratch.high_water());
+  setup(saved_, scratch_);
+  // Persistent counters kept among the saved tensors (MoE step counts) start at zero.
+  backend.fill(saved_.bytes(), 0.0, {});
+}
+
+void Model::forward(const Batch& batch, const BatchMeta& meta) {
+  check_shape(batch.tokens, {b_, t_});
+  const int64_t m = b_ * t_, d = cfg_.d_model;
+  embedding_forward(batch.tokens, embed_->value, resid_[0]);
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    rmsnorm_forward(resid_[i].reshape({m, d}), norms_[i]->value, cfg_.norm_eps, normed_[i].reshape({m, d}), rstd_[i]);
+    blocks_[i]->forward(normed_[i], fout_, meta);
+    copy_tensor(*backend_, resid_[i + 1], resid_[i]);
+    add_into(resid_[i + 1], fout_);
+  }
+  rmsnorm_forward(resid_.back().reshape({m, d}), norm_f_->value, cfg_.norm_eps, final_normed_, final_rstd_);
+  linear_forward(final_normed_, head_ ? head_->value : embed_->value, nullptr, logits_);
+}
+
+Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale, double aux_scale) {
+  const BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale};
+  forward(batch, meta);
+  StepResult r;
+  for (auto& blk : blocks_) r.aux += blk->aux_loss();
+  const int64_t m = b_ * t_, d = cfg_.d_model;
+  // The logits buffer receives its own gradient (cross_entropy reads each row before writing it).
+  r.loss = cross_entropy(logits_, batch.targets.reshape({m}), &logits_, grad_scale);
+  const Tensor dfinal = dtmp_.reshape({m, d});
+  Param* head = head_ ? head_ : embed_;
+  linear_backward(final_normed_, head->value, logits_, &dfinal, head->grad, nullptr);
+  rmsnorm_backward(resid_.back().reshape({m, d}), norm_f_->value, final_rstd_, dfinal, dresid_.reshape({m, d}),
+                   norm_f_->grad);
+  for (size_t i = blocks_.size(); i-- > 0;) {
+    blocks_[i]->backward(normed_[i], dresid_, dnormed_, meta);
+    rmsnorm_backward(resid_[i].reshape({m, d}), norms_[i]->value, rstd_[i], dnormed_.reshape({m, d}),
+                     dtmp_.reshape({m, d}), norms_[i]->grad);
+    add_into(dresid_, dtmp_);
+  }
+  embedding_backward(batch.tokens, dresid_, embed_->grad);
+  return r;
+}
+
+LossSum Model::evaluate(const Batch& batch) {
+  forward(batch, {&batch.seq_idx, &batch.positions, 0.0});
+  return cross_entropy(logits_, batch.targets.reshape({b_ * t_}), nullptr, 0.0);
+}
+
+void Model::after_optimizer_step() {
+  for (MoeBlock* b : moe_blocks_) b->after_optimizer_step();
+}
+
+MemoryReport Model::memory() const {
+  return {params_.value_bytes(), params_.grad_bytes(), saved_.capacity(), scratch_.capacity()};
+}
+
+double Model::flops_per_token(int64_t seq) const {
+  const double d = cfg_.d_model, v = cfg_.vocab_size;
+  double f = 6 * d * v;  // output projection, forward + backward
+  for (const auto& blk : blocks_) f += blk->flops_per_token(seq);
+  return f;
+}
+
+}  // namespace braid

@@ -1,0 +1,101 @@
+// The hybrid language model: a layer pattern of pre-norm residual sub-layers
+//   x_0 = embeddings(tokens);  x_{l+1} = x_l + f_l(rmsnorm_l(x_l));  logits = lm_head(norm_f(x_L))
+// with f_l chosen by the l-th symbol of the pattern:
+//   S Mamba-1 mixer, M Mamba-2 mixer, * attention, - SwiGLU MLP, E MoE, | pipeline stage cut.
+// Parameter names: embeddings.weight, layers.{l}.norm.weight, layers.{l}.mixer.*, norm_f.weight,
+// lm_head.weight (absent when tied to the embeddings).
+// Every divisibility constraint is validated before anything is allocated. Memory is planned once
+// for microbatches of [B,T]: a step allocates nothing.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "layers/blocks/attention_block.h"
+#include "layers/blocks/block.h"
+#include "layers/blocks/mamba1_mixer.h"
+#include "layers/blocks/mamba2_mixer.h"
+#include "layers/blocks/mlp.h"
+#include "layers/blocks/moe.h"
+#include "layers/cross_entropy/cross_entropy.h"
+#include "layers/model/params.h"
+
+namespace braid {
+
+struct ModelConfig {
+  std::string pattern;
+  int64_t d_model = 0;
+  int64_t vocab_size = 0;
+  bool tie_embeddings = true;
+  double norm_eps = 1e-5;
+  double init_std = 0.02;
+  Mamba1Config mamba1;     // d_model filled in from the model
+  Mamba2Config mamba2;
+  AttentionConfig attention;
+  MlpConfig mlp;
+  MoeConfig moe;
+};
+
+// Sub-layer symbols of the pattern with stage cuts removed; throws naming a bad symbol.
+std::string pattern_layers(const std::string& pattern);
+// Throws a braid::Error naming the first violated constraint.
+void validate_model_config(const ModelConfig& cfg);
+
+struct Batch {
+  Tensor tokens;     // [B,T] i32
+  Tensor targets;    // [B,T] i32, -1 = no loss
+  Tensor seq_idx;    // [B,T] i32
+  Tensor positions;  // [B,T] i32
+};
+
+struct MemoryReport {
+  size_t parameters = 0, gradients = 0, activations = 0, scratch = 0;
+};
+
+class Model {
+ public:
+  Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq);
+
+  void initialize(uint64_t seed) { params_.initialize(seed); }
+  // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the
+  // gradient of the summed token losses (1 / tokens of the whole step); aux_scale multiplies
+  // the gradient of the auxiliary losses (1 / microbatches of the step).
+  struct StepResult {
+    LossSum loss;
+    double aux = 0;
+  };
+  StepResult forward_backward(const Batch& batch, double grad_scale, double aux_scale);
+  LossSum evaluate(const Batch& batch);
+  // Rule-based updates after the optimizer step (MoE balancing bias).
+  void after_optimizer_step();
+
+  ParamSet& params() { return params_; }
+  const ModelConfig& config() const { return cfg_; }
+  MemoryReport memory() const;
+  // Model FLOPs (forward + backward) per token at sequence length seq.
+  double flops_per_token(int64_t seq) const;
+  int64_t batch() const { return b_; }
+  int64_t seq() const { return t_; }
+
+ private:
+  void forward(const Batch& batch, const BatchMeta& meta);
+
+  ModelConfig cfg_;
+  Backend* backend_;
+  std::string layers_;
+  int64_t b_, t_;
+  ParamSet params_;
+  Param *embed_, *head_ = nullptr, *norm_f_;
+  std::vector<Param*> norms_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  std::vector<MoeBlock*> moe_blocks_;
+  Arena saved_, scratch_;
+  // saved: residual stream inputs x_l [L+1][B,T,D], normed inputs, RMS scales, final norm
+  std::vector<Tensor> resid_, normed_, rstd_;
+  Tensor final_normed_, final_rstd_;
+  // scratch
+  Tensor logits_, dresid_, dnormed_, dtmp_, fout_;
+};
+
+}  // namespace braid

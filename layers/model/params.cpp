@@ -1,0 +1,104 @@
+#include "layers/model/params.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace braid {
+
+uint32_t tensor_id_of(const std::string& name) {
+  uint32_t h = 2166136261u;
+  for (unsigned char c : name) h = (h ^ c) * 16777619u;
+  return h;
+}
+
+Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit init,
+                     bool weight_decay, bool trainable) {
+  BRAID_CHECK(find(name) == nullptr, "parameter '", name, "' registered twice");
+  BRAID_CHECK(!backend_, "parameter '", name, "' registered after allocation");
+  params_.push_back(Param{std::move(name), std::move(shape), init, weight_decay, trainable, {}, {}});
+  return &params_.back();
+}
+
+const Param* ParamSet::find(const std::string& name) const {
+  for (const Param& p : params_)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+int64_t ParamSet::numel(bool trainable_only) const {
+  int64_t n = 0;
+  for (const Param& p : params_) {
+    if (trainable_only && !p.trainable) continue;
+    int64_t k = 1;
+    for (int64_t s : p.shape) k *= s;
+    n += k;
+  }
+  return n;
+}
+
+void ParamSet::allocate(Backend& backend, DType dtype) {
+  auto bind = [&](Arena& a, bool grads) {
+    for (Param& p : params_) {
+      if (grads && !p.trainable) continue;
+      Tensor t = a.take(p.name + (grads ? ".grad" : ""), dtype, p.shape);
+      (grads ? p.grad : p.value) = t;
+    }
+  };
+  Arena plan_v = Arena::measuring("parameters", backend.device());
+  Arena plan_g = Arena::measuring("gradients", backend.device());
+  bind(plan_v, false);
+  bind(plan_g, true);
+  values_ = Arena::allocate("parameters", backend, plan_v.high_water());
+  grads_ = Arena::allocate("gradients", backend, plan_g.high_water());
+  bind(values_, false);
+  bind(grads_, true);
+  backend_ = &backend;
+}
+
+void ParamSet::initialize(uint64_t seed) {
+  BRAID_CHECK(backend_, "ParamSet::initialize before allocate");
+  for (Param& p : params_) {
+    const int64_t n = p.value.numel(), last = p.shape.empty() ? 1 : p.shape.back();
+    RandomSpec spec{RandomSpec::Kind::uniform, seed, tensor_id_of(p.name), 0.0f, 1.0f};
+    std::vector<double> host(n);  // initial values are computed on the host, then copied
+    for (int64_t i = 0; i < n; ++i) {
+      const double u = random_value(spec, static_cast<uint64_t>(i));
+      const double a = p.init.a, b = p.init.b;
+      switch (p.init.kind) {
+        case ParamInit::Kind::normal: {
+          const RandomSpec ns{RandomSpec::Kind::normal, seed, spec.tensor_id, 0.0f, float(a)};
+          host[i] = random_value(ns, static_cast<uint64_t>(i));
+          break;
+        }
+        case ParamInit::Kind::uniform: host[i] = a + (b - a) * u; break;
+        case ParamInit::Kind::constant: host[i] = a; break;
+        case ParamInit::Kind::log_arange: host[i] = std::log(double(1 + i % last)); break;
+        case ParamInit::Kind::log_uniform: host[i] = std::log(a + (b - a) * u); break;
+        case ParamInit::Kind::dt_bias: {
+          const double dt = std::max(std::exp(std::log(a) + (std::log(b) - std::log(a)) * u), 1e-4);
+          host[i] = dt + std::log(-std::expm1(-dt));
+          break;
+        }
+      }
+    }
+    const Tensor& v = p.value;
+    std::vector<char> staged(v.nbytes());
+    for (int64_t i = 0; i < n; ++i) {
+      switch (v.dtype) {
+        case DType::f32: reinterpret_cast<float*>(staged.data())[i] = float(host[i]); break;
+        case DType::f64: reinterpret_cast<double*>(staged.data())[i] = host[i]; break;
+        case DType::bf16: reinterpret_cast<bf16*>(staged.data())[i] = to_bf16(float(host[i])); break;
+        default: BRAID_FAIL("parameter '", p.name, "' has unsupported dtype ", dtype_name(v.dtype));
+      }
+    }
+    backend_->copy(v.data, v.device, staged.data(), Device::cpu, v.nbytes(), {});
+  }
+  backend_->synchronize({});
+}
+
+void ParamSet::zero_grads() {
+  for (Param& p : params_)
+    if (p.trainable) backend_->fill(p.grad, 0.0, {});
+}
+
+}  // namespace braid

@@ -1,0 +1,63 @@
+// Parameters: every trainable (or persistent) tensor of the model, registered under its HF-style
+// name with its shape, initialisation and weight-decay flag. Values and gradients live in two
+// arenas allocated once. Initial values depend only on (seed, name, element index): the tensor id
+// is a hash of the name, so any parallel layout initialises the same logical tensor identically.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <vector>
+
+#include "runtime/arena.h"
+
+namespace braid {
+
+struct ParamInit {
+  enum class Kind : uint8_t {
+    normal,        // N(0, a^2)
+    uniform,       // U(a, b)
+    constant,      // a
+    log_arange,    // log(1 + (i mod last dim)): Mamba-1 A_log (S4D-real)
+    log_uniform,   // log(U(a, b)): Mamba-2 A_log
+    dt_bias,       // softplus^-1(exp(U(log a, log b)) floored at 1e-4): Mamba dt bias
+  } kind = Kind::normal;
+  double a = 0.02, b = 0.0;
+};
+
+struct Param {
+  std::string name;
+  std::vector<int64_t> shape;
+  ParamInit init;
+  bool weight_decay = true;
+  bool trainable = true;  // false: persistent state updated by a rule (MoE balancing bias)
+  Tensor value;
+  Tensor grad;  // undefined when not trainable
+};
+
+class ParamSet {
+ public:
+  // Registers a parameter; the returned pointer stays valid for the ParamSet's life.
+  Param* add(std::string name, std::vector<int64_t> shape, ParamInit init, bool weight_decay,
+             bool trainable = true);
+  // Allocates value and gradient arenas (dtype for both) and binds every Param's tensors.
+  void allocate(Backend& backend, DType dtype);
+  void initialize(uint64_t seed);
+  void zero_grads();
+
+  std::deque<Param>& all() { return params_; }
+  const std::deque<Param>& all() const { return params_; }
+  const Param* find(const std::string& name) const;
+  int64_t numel(bool trainable_only = false) const;
+  size_t value_bytes() const { return values_.capacity(); }
+  size_t grad_bytes() const { return grads_.capacity(); }
+
+ private:
+  std::deque<Param> params_;
+  Arena values_, grads_;
+  Backend* backend_ = nullptr;
+};
+
+uint32_t tensor_id_of(const std::string& name);  // FNV-1a of the name
+
+}  // namespace braid
