@@ -11,7 +11,7 @@ namespace {
 int parse_int(const char* name, const char* value) {
   char* end = nullptr;
   const long v = std::strtol(value, &end, 10);
-  BRAID_CHECK(end != value && *end == '\0' && v >= 0 && v < (1 << 24), "environment variable ",
+  BRAID_REQUIRE(end != value && *end == '\0' && v >= 0 && v < (1 << 24), "environment variable ",
               name, "='", value, "' is not a valid rank or size");
   return static_cast<int>(v);
 }
@@ -39,7 +39,7 @@ LaunchEnv read_launch_env(const char* (*getenv_fn)(const char*)) {
     const char* local = getenv_fn(s.local);
     env.local_rank = local ? parse_int(s.local, local) : 0;
     env.source = s.label;
-    BRAID_CHECK(env.world_size >= 1 && env.rank < env.world_size, s.rank, "=", env.rank,
+    BRAID_REQUIRE(env.world_size >= 1 && env.rank < env.world_size, s.rank, "=", env.rank,
                 " must be below ", s.size, "=", env.world_size);
     return env;
   }

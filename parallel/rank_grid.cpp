@@ -14,7 +14,7 @@ bool is_expert_dim(Dim d) { return d == Dim::etp || d == Dim::ep || d == Dim::ed
 RankGrid::RankGrid(const Layout& l, int world_size) : layout_(l), world_(world_size) {
   for (auto [name, v] : {std::pair{"tp", l.tp}, {"cp", l.cp}, {"ep", l.ep}, {"dp", l.dp},
                          {"pp", l.pp}, {"etp", l.etp}})
-    BRAID_CHECK(v >= 1, "parallel layout: ", name, " = ", v, " must be at least 1");
+    BRAID_REQUIRE(v >= 1, "parallel layout: ", name, " = ", v, " must be at least 1");
   // Parse the order: each of tp, cp, ep, dp, pp exactly once.
   std::vector<std::string> names;
   std::stringstream ss(l.order);
@@ -25,18 +25,18 @@ RankGrid::RankGrid(const Layout& l, int world_size) : layout_(l), world_(world_s
     int k = -1;
     for (int i = 0; i < 5; ++i)
       if (n == known[i]) k = i;
-    BRAID_CHECK(k >= 0, "parallel layout: order '", l.order, "' has unknown dimension '", n,
+    BRAID_REQUIRE(k >= 0, "parallel layout: order '", l.order, "' has unknown dimension '", n,
                 "' (use tp, cp, ep, dp, pp)");
     ++seen[k];
   }
   for (int i = 0; i < 5; ++i)
-    BRAID_CHECK(seen[i] == 1, "parallel layout: order '", l.order, "' must name ", known[i],
+    BRAID_REQUIRE(seen[i] == 1, "parallel layout: order '", l.order, "' must name ", known[i],
                 " exactly once");
   const int dense_size = l.tp * l.cp * l.dp * l.pp;
-  BRAID_CHECK(dense_size == world_size, "parallel layout: tp*cp*dp*pp = ", l.tp, "*", l.cp, "*",
+  BRAID_REQUIRE(dense_size == world_size, "parallel layout: tp*cp*dp*pp = ", l.tp, "*", l.cp, "*",
               l.dp, "*", l.pp, " = ", dense_size, " must equal the number of ranks ", world_size);
   const int per_stage = l.tp * l.cp * l.dp;
-  BRAID_CHECK(per_stage % (l.etp * l.ep) == 0, "parallel layout: etp*ep = ", l.etp * l.ep,
+  BRAID_REQUIRE(per_stage % (l.etp * l.ep) == 0, "parallel layout: etp*ep = ", l.etp * l.ep,
               " must divide tp*cp*dp = ", per_stage, " (ranks per pipeline stage)");
   edp_ = per_stage / (l.etp * l.ep);
   int di = 0, ei = 0;
@@ -72,7 +72,7 @@ int RankGrid::size(Dim d) const {
 }
 
 int RankGrid::coord_in(const View& v, int rank, Dim d) const {
-  BRAID_CHECK(rank >= 0 && rank < world_, "rank ", rank, " outside a world of ", world_);
+  BRAID_REQUIRE(rank >= 0 && rank < world_, "rank ", rank, " outside a world of ", world_);
   int r = rank;
   for (int i = 0; i < 4; ++i) {
     if (v.dims[i] == d) return r % v.sizes[i];

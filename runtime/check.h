@@ -1,5 +1,6 @@
-// Checked calls and errors. Every failure becomes a braid::Error whose message starts with
-// "file:line:", so a wrong config, a bad shard or a failed library call reports where it failed.
+// Checked calls and errors. Every failure becomes a braid::Error. Internal checks and library
+// calls (BRAID_CHECK, BRAID_FAIL, CUDA_CHECK, ...) start the message with Braid's "file:line:";
+// rejected user input (BRAID_REQUIRE, BRAID_REJECT) names the config key, file or offset instead.
 #pragma once
 
 #include <sstream>
@@ -21,6 +22,14 @@ template <typename... Args>
   (os << ... << args);
   throw Error(os.str());
 }
+// Errors in what a user gave (configs, data files, layouts): the message names the file, key or
+// offset at fault, without Braid's source location.
+template <typename... Args>
+[[noreturn]] void reject(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  throw Error(os.str());
+}
 }  // namespace detail
 
 }  // namespace braid
@@ -31,3 +40,10 @@ template <typename... Args>
     if (!(cond)) ::braid::detail::fail(__FILE__, __LINE__, __VA_ARGS__);              \
   } while (0)
 #define BRAID_FAIL(...) ::braid::detail::fail(__FILE__, __LINE__, __VA_ARGS__)
+
+// BRAID_REQUIRE(cond, ...) / BRAID_REJECT(...): the same for invalid user input, no location.
+#define BRAID_REQUIRE(cond, ...)                                   \
+  do {                                                             \
+    if (!(cond)) ::braid::detail::reject(__VA_ARGS__);             \
+  } while (0)
+#define BRAID_REJECT(...) ::braid::detail::reject(__VA_ARGS__)

@@ -13,7 +13,7 @@ std::string pattern_layers(const std::string& pattern) {
   std::string out;
   for (size_t i = 0; i < pattern.size(); ++i) {
     const char c = pattern[i];
-    BRAID_CHECK(c == 'S' || c == 'M' || c == '*' || c == '-' || c == 'E' || c == '|',
+    BRAID_REQUIRE(c == 'S' || c == 'M' || c == '*' || c == '-' || c == 'E' || c == '|',
                 "model.pattern '", pattern, "': symbol '", c, "' at position ", i,
                 " is not one of S (Mamba-1), M (Mamba-2), * (attention), - (MLP), E (MoE), | (stage cut)");
     if (c != '|') out += c;
@@ -23,58 +23,58 @@ std::string pattern_layers(const std::string& pattern) {
 
 void validate_model_config(const ModelConfig& c) {
   const std::string layers = pattern_layers(c.pattern);
-  BRAID_CHECK(!layers.empty(), "model.pattern is empty: give at least one layer, e.g. 'M-M*'");
-  BRAID_CHECK(c.d_model > 0, "model.d_model = ", c.d_model, " must be positive");
-  BRAID_CHECK(c.vocab_size > 0, "model.vocab_size = ", c.vocab_size, " must be positive");
-  BRAID_CHECK(c.norm_eps > 0, "model.norm_eps must be positive");
-  BRAID_CHECK(c.init_std > 0, "model.init_std must be positive");
+  BRAID_REQUIRE(!layers.empty(), "model.pattern is empty: give at least one layer, e.g. 'M-M*'");
+  BRAID_REQUIRE(c.d_model > 0, "model.d_model = ", c.d_model, " must be positive");
+  BRAID_REQUIRE(c.vocab_size > 0, "model.vocab_size = ", c.vocab_size, " must be positive");
+  BRAID_REQUIRE(c.norm_eps > 0, "model.norm_eps must be positive");
+  BRAID_REQUIRE(c.init_std > 0, "model.init_std must be positive");
   auto has = [&](char s) { return layers.find(s) != std::string::npos; };
   if (has('S')) {
     const Mamba1Config& m = c.mamba1;
-    BRAID_CHECK(m.d_inner > 0 && m.d_state >= 1 && m.d_state <= 256 && m.dt_rank > 0,
+    BRAID_REQUIRE(m.d_inner > 0 && m.d_state >= 1 && m.d_state <= 256 && m.dt_rank > 0,
                 "mamba1: d_inner, dt_rank must be positive and d_state in [1, 256]");
-    BRAID_CHECK(m.d_conv >= 2 && m.d_conv <= 4, "mamba1.d_conv = ", m.d_conv, " must be 2, 3 or 4");
-    BRAID_CHECK(m.groups >= 1 && m.d_inner % m.groups == 0, "mamba1.groups = ", m.groups,
+    BRAID_REQUIRE(m.d_conv >= 2 && m.d_conv <= 4, "mamba1.d_conv = ", m.d_conv, " must be 2, 3 or 4");
+    BRAID_REQUIRE(m.groups >= 1 && m.d_inner % m.groups == 0, "mamba1.groups = ", m.groups,
                 " must divide mamba1 inner width ", m.d_inner);
-    BRAID_CHECK(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba1: need 0 < dt_min <= dt_max");
+    BRAID_REQUIRE(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba1: need 0 < dt_min <= dt_max");
   }
   if (has('M')) {
     const Mamba2Config& m = c.mamba2;
-    BRAID_CHECK(m.heads > 0 && m.head_dim > 0 && m.d_state > 0, "mamba2: heads, head_dim, d_state must be positive");
-    BRAID_CHECK(m.groups >= 1 && m.heads % m.groups == 0, "mamba2.groups = ", m.groups,
+    BRAID_REQUIRE(m.heads > 0 && m.head_dim > 0 && m.d_state > 0, "mamba2: heads, head_dim, d_state must be positive");
+    BRAID_REQUIRE(m.groups >= 1 && m.heads % m.groups == 0, "mamba2.groups = ", m.groups,
                 " must divide mamba2.heads = ", m.heads);
-    BRAID_CHECK(m.d_conv >= 2 && m.d_conv <= 4, "mamba2.d_conv = ", m.d_conv, " must be 2, 3 or 4");
-    BRAID_CHECK(m.chunk >= 1, "mamba2.chunk = ", m.chunk, " must be positive");
-    BRAID_CHECK(m.dt_limit_min >= 0 && m.dt_limit_min <= m.dt_limit_max,
+    BRAID_REQUIRE(m.d_conv >= 2 && m.d_conv <= 4, "mamba2.d_conv = ", m.d_conv, " must be 2, 3 or 4");
+    BRAID_REQUIRE(m.chunk >= 1, "mamba2.chunk = ", m.chunk, " must be positive");
+    BRAID_REQUIRE(m.dt_limit_min >= 0 && m.dt_limit_min <= m.dt_limit_max,
                 "mamba2: need 0 <= dt_limit_min <= dt_limit_max");
-    BRAID_CHECK(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba2: need 0 < dt_min <= dt_max");
-    BRAID_CHECK(m.a_init_min > 0 && m.a_init_min <= m.a_init_max, "mamba2: need 0 < a_init_min <= a_init_max");
+    BRAID_REQUIRE(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba2: need 0 < dt_min <= dt_max");
+    BRAID_REQUIRE(m.a_init_min > 0 && m.a_init_min <= m.a_init_max, "mamba2: need 0 < a_init_min <= a_init_max");
   }
   if (has('*')) {
     const AttentionConfig& a = c.attention;
-    BRAID_CHECK(a.heads > 0 && a.kv_heads > 0 && a.head_dim > 0,
+    BRAID_REQUIRE(a.heads > 0 && a.kv_heads > 0 && a.head_dim > 0,
                 "attention: heads, kv_heads and head_dim must be positive");
-    BRAID_CHECK(a.heads % a.kv_heads == 0, "attention.kv_heads = ", a.kv_heads,
+    BRAID_REQUIRE(a.heads % a.kv_heads == 0, "attention.kv_heads = ", a.kv_heads,
                 " must divide attention.heads = ", a.heads);
-    BRAID_CHECK(!a.rope || a.head_dim % 2 == 0, "attention.head_dim = ", a.head_dim, " must be even for RoPE");
-    BRAID_CHECK(!a.rope || a.rope_theta > 0, "attention.rope_theta must be positive");
+    BRAID_REQUIRE(!a.rope || a.head_dim % 2 == 0, "attention.head_dim = ", a.head_dim, " must be even for RoPE");
+    BRAID_REQUIRE(!a.rope || a.rope_theta > 0, "attention.rope_theta must be positive");
   }
-  if (has('-')) BRAID_CHECK(c.mlp.ffn > 0, "mlp.ffn = ", c.mlp.ffn, " must be positive");
+  if (has('-')) BRAID_REQUIRE(c.mlp.ffn > 0, "mlp.ffn = ", c.mlp.ffn, " must be positive");
   if (has('E')) {
     const MoeConfig& m = c.moe;
-    BRAID_CHECK(m.experts >= 1 && m.ffn > 0 && m.shared_ffn >= 0, "moe: experts and ffn must be positive");
-    BRAID_CHECK(m.top_k >= 1 && m.top_k <= m.experts, "moe.top_k = ", m.top_k, " must be in [1, moe.experts = ",
+    BRAID_REQUIRE(m.experts >= 1 && m.ffn > 0 && m.shared_ffn >= 0, "moe: experts and ffn must be positive");
+    BRAID_REQUIRE(m.top_k >= 1 && m.top_k <= m.experts, "moe.top_k = ", m.top_k, " must be in [1, moe.experts = ",
                 m.experts, "]");
-    BRAID_CHECK(!m.balance_bias || m.score == RouterScore::sigmoid,
+    BRAID_REQUIRE(!m.balance_bias || m.score == RouterScore::sigmoid,
                 "moe.balance_bias needs moe.score = sigmoid (the bias steers sigmoid scores)");
-    BRAID_CHECK(m.aux_loss_coef >= 0 && m.z_loss_coef >= 0, "moe: loss coefficients must be non-negative");
+    BRAID_REQUIRE(m.aux_loss_coef >= 0 && m.z_loss_coef >= 0, "moe: loss coefficients must be non-negative");
   }
 }
 
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq)
     : cfg_(cfg), backend_(&backend), b_(batch), t_(seq) {
   validate_model_config(cfg_);
-  BRAID_CHECK(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
+  BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
   layers_ = pattern_layers(cfg_.pattern);
   const int64_t d = cfg_.d_model, l = static_cast<int64_t>(layers_.size());
   const double std = cfg_.init_std, out_std = std / std::sqrt(double(l));

@@ -1,0 +1,53 @@
+// The run configuration: YAML files with nested sections (model, mamba1, mamba2, attention, mlp,
+// moe, train, data, optim) and key=value overrides on the command line. Every key is declared
+// once in a registry with its type and a parser; an unknown key or a value that does not parse
+// or fails validation is an error naming the key and where it came from (file:line or the
+// command line). The resolved configuration can be written back as YAML.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "layers/model/model.h"
+#include "optim/adamw.h"
+#include "optim/lr_schedule.h"
+
+namespace braid {
+
+struct TrainSettings {
+  int64_t steps = 100;
+  int64_t micro_batch = 8;  // B
+  int64_t seq_len = 256;    // T
+  int64_t grad_accum = 1;
+  uint64_t seed = 1234;
+  int64_t log_interval = 10;
+  int64_t eval_interval = 100;
+  int64_t eval_batches = 8;
+  int64_t threads = 0;  // 0: all cores
+  std::string device = "cpu";
+  std::string out_dir = "runs/braid";
+};
+
+struct DataSettings {
+  std::vector<std::string> train;
+  std::vector<std::string> valid;
+};
+
+struct RunConfig {
+  ModelConfig model;
+  int64_t mamba1_expand = 2;
+  int64_t mamba2_expand = 2;
+  TrainSettings train;
+  DataSettings data;
+  AdamWConfig adamw;
+  LrSchedule lr;
+};
+
+// Loads `path` over the defaults, then applies overrides ("section.key=value"), resolves derived
+// sizes and validates. Errors are braid::Error with the location in the message.
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides);
+// The resolved configuration as YAML (every key, including defaults).
+std::string config_to_yaml(const RunConfig& cfg);
+
+}  // namespace braid

@@ -1,0 +1,89 @@
+// The braid binary: `braid train` and `braid prep`. Errors print one line, "braid: error: ...",
+// and exit with status 2 (bad config, data or arguments) or 1 (anything unexpected).
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "data/prep.h"
+#include "launch/config.h"
+#include "launch/trainer.h"
+#include "runtime/check.h"
+
+namespace {
+
+const char* kUsage =
+    "usage:\n"
+    "  braid train --config FILE [section.key=value ...]\n"
+    "  braid prep --input PATH [PATH ...] --out DIR [--ext .py ...]\n"
+    "             [--tokenizer byte|tokenizer.json] [--eos-token TOKEN] [--valid-fraction F]\n";
+
+int cmd_train(const std::vector<std::string>& args) {
+  std::string config;
+  std::vector<std::string> overrides;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--config") {
+      BRAID_REQUIRE(i + 1 < args.size(), "braid train: --config needs a file");
+      config = args[++i];
+    } else if (args[i].find('=') != std::string::npos && args[i][0] != '-') {
+      overrides.push_back(args[i]);
+    } else {
+      BRAID_REJECT("braid train: unexpected argument '", args[i], "' (see braid --help)");
+    }
+  }
+  BRAID_REQUIRE(!config.empty(), "braid train: --config FILE is required (see braid --help)");
+  const braid::RunConfig cfg = braid::load_config(config, overrides);
+  const braid::TrainSummary s = braid::train(cfg);
+  std::printf("done: %lld steps in %.1f s | final train loss %.4f | held-out loss %.4f | unigram entropy %.4f "
+              "nats/token | held-out loss is %.1f%% below the unigram entropy\n",
+              (long long)s.steps, s.seconds, s.final_train_loss, s.final_valid_loss, s.unigram_entropy,
+              100.0 * (1.0 - s.final_valid_loss / s.unigram_entropy));
+  return 0;
+}
+
+int cmd_prep(const std::vector<std::string>& args) {
+  braid::PrepOptions opt;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto next = [&]() -> std::string {
+      BRAID_REQUIRE(i + 1 < args.size(), "braid prep: ", args[i], " needs a value");
+      return args[++i];
+    };
+    if (args[i] == "--input") opt.inputs.push_back(next());
+    else if (args[i] == "--out") opt.out_dir = next();
+    else if (args[i] == "--ext") opt.extensions.push_back(next());
+    else if (args[i] == "--tokenizer") opt.tokenizer = next();
+    else if (args[i] == "--eos-token") opt.eos_token = next();
+    else if (args[i] == "--valid-fraction") opt.valid_fraction = std::stod(next());
+    else if (args[i].rfind("--", 0) != 0) opt.inputs.push_back(args[i]);  // more inputs (a glob)
+    else BRAID_REJECT("braid prep: unexpected argument '", args[i], "' (see braid --help)");
+  }
+  const braid::PrepReport r = braid::prep_corpus(opt);
+  std::printf("prep: %lld train documents (%lld tokens) -> %s\n", (long long)r.train_docs,
+              (long long)r.train_tokens, r.train_path.c_str());
+  std::printf("prep: %lld held-out documents (%lld tokens) -> %s\n", (long long)r.valid_docs,
+              (long long)r.valid_tokens, r.valid_path.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  try {
+    if (cmd == "train") return cmd_train(args);
+    if (cmd == "prep") return cmd_prep(args);
+    std::fprintf(stderr, "braid: error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    return 2;
+  } catch (const braid::Error& e) {
+    std::fprintf(stderr, "braid: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "braid: error: unexpected failure: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,173 @@
+#include "launch/trainer.h"
+
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "data/dataset.h"
+#include "launch/metrics.h"
+#include "layers/model/model.h"
+#include "optim/adamw.h"
+#include "parallel/launch_env.h"
+
+namespace braid {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string hms(double s) {
+  const int64_t t = static_cast<int64_t>(s + 0.5);
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld:%02lld:%02lld", (long long)(t / 3600), (long long)(t / 60 % 60),
+                (long long)(t % 60));
+  return buf;
+}
+
+std::string mib(size_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f MiB", double(bytes) / (1 << 20));
+  return buf;
+}
+
+// Host buffers for one microbatch, from an arena sized once.
+struct BatchBuffers {
+  Arena arena;
+  Batch batch;
+  BatchBuffers(Backend& be, int64_t b, int64_t t) {
+    auto take = [&](Arena& a) {
+      return Batch{a.take("tokens", DType::i32, {b, t}), a.take("targets", DType::i32, {b, t}),
+                   a.take("seq_idx", DType::i32, {b, t}), a.take("positions", DType::i32, {b, t})};
+    };
+    Arena plan = Arena::measuring("batch", Device::cpu);
+    take(plan);
+    arena = Arena::allocate("batch", be, plan.high_water());
+    batch = take(arena);
+  }
+};
+
+void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& batch) {
+  for (int64_t r = 0; r < batch.tokens.size(0); ++r)
+    data.fill_row(sampler.sample(first + r), r, batch.tokens, batch.targets, batch.seq_idx, batch.positions);
+}
+
+}  // namespace
+
+TrainSummary train(const RunConfig& cfg) {
+  const LaunchEnv env = read_launch_env();
+  BRAID_REQUIRE(env.world_size == 1, "braid train was launched as ", env.world_size, " ranks (", env.source,
+              "); this build trains on one process: multi-rank data/tensor/pipeline parallelism is not built yet");
+  BRAID_REQUIRE(cfg.train.device == "cpu", "train.device = ", cfg.train.device,
+              ": the CUDA training path is not built yet; use train.device=cpu");
+  if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
+  const TrainSettings& ts = cfg.train;
+  const int64_t b = ts.micro_batch, t = ts.seq_len;
+
+  Dataset train_data(cfg.data.train, t), valid_data(cfg.data.valid, t);
+  BRAID_REQUIRE(cfg.model.vocab_size >= int64_t(train_data.vocab_size()), "model.vocab_size = ", cfg.model.vocab_size,
+              " is smaller than the vocabulary of the training data (", train_data.vocab_size(), ", in '",
+              cfg.data.train[0], "')");
+  BRAID_REQUIRE(valid_data.vocab_size() == train_data.vocab_size(), "data.valid shards have vocabulary ",
+              valid_data.vocab_size(), ", data.train shards ", train_data.vocab_size());
+
+  std::filesystem::create_directories(ts.out_dir);
+  const std::string yaml = config_to_yaml(cfg);
+  std::ofstream(std::filesystem::path(ts.out_dir) / "config.yaml") << yaml;
+  std::printf("resolved config (also in %s/config.yaml):\n%s", ts.out_dir.c_str(), yaml.c_str());
+
+  auto backend = make_cpu_backend();
+  Model model(cfg.model, DType::f32, *backend, b, t);
+  model.initialize(ts.seed);
+  AdamW opt(model.params(), cfg.adamw, *backend);
+  BatchBuffers buf(*backend, b, t);
+  Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
+
+  const MemoryReport mem = model.memory();
+  const double flops_tok = model.flops_per_token(t);
+  std::printf("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
+              cfg.model.pattern.c_str(), (long long)model.params().numel(), (long long)model.params().numel(true),
+              flops_tok / 1e9);
+  std::printf("memory: parameters %s, gradients %s, optimizer %s, activations %s, scratch %s\n",
+              mib(mem.parameters).c_str(), mib(mem.gradients).c_str(),
+              mib(3 * sizeof(float) * size_t(model.params().numel(true))).c_str(), mib(mem.activations).c_str(),
+              mib(mem.scratch).c_str());
+  std::printf("data: %lld train tokens (%lld samples of %lld), %lld held-out tokens; %d threads\n",
+              (long long)train_data.num_tokens(), (long long)train_data.num_samples(), (long long)t,
+              (long long)valid_data.num_tokens(), omp_get_max_threads());
+  const double entropy = train_data.unigram_entropy();
+  std::printf("unigram entropy of the training tokens: %.4f nats/token\n", entropy);
+  std::fflush(stdout);
+
+  MetricsLog metrics((std::filesystem::path(ts.out_dir) / "metrics.jsonl").string());
+  const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
+  auto evaluate = [&]() {
+    double sum = 0;
+    int64_t count = 0;
+    for (int64_t first = 0; first + b <= std::max(valid_rows, b); first += b) {
+      fill(valid_data, valid_sampler, first, buf.batch);
+      const LossSum l = model.evaluate(buf.batch);
+      sum += l.sum, count += l.count;
+    }
+    return sum / double(count);
+  };
+
+  const int64_t tokens_per_step = ts.grad_accum * b * t;
+  TrainSummary s;
+  s.unigram_entropy = entropy;
+  const auto t0 = Clock::now();
+  auto last = t0;
+  double interval_loss = 0;
+  int64_t interval_steps = 0;
+  for (int64_t step = 0; step < ts.steps; ++step) {
+    model.params().zero_grads();
+    double loss_sum = 0, aux = 0;
+    for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
+      fill(train_data, sampler, (step * ts.grad_accum + micro) * b, buf.batch);
+      const Model::StepResult r =
+          model.forward_backward(buf.batch, 1.0 / double(tokens_per_step), 1.0 / double(ts.grad_accum));
+      loss_sum += r.loss.sum;
+      aux += r.aux / double(ts.grad_accum);
+    }
+    const double loss = loss_sum / double(tokens_per_step);
+    const double norm = opt.grad_norm();
+    BRAID_REQUIRE(std::isfinite(norm) && std::isfinite(loss), "step ", step + 1, ": non-finite loss (", loss,
+                ") or gradient norm (", norm, "); lower optim.lr or check the data");
+    const double lr = cfg.lr.at(step);
+    opt.step(lr, norm);
+    model.after_optimizer_step();
+    interval_loss += loss, ++interval_steps;
+    const auto now = Clock::now();
+    const double dt = std::chrono::duration<double>(now - last).count();
+    const double elapsed = std::chrono::duration<double>(now - t0).count();
+    last = now;
+    metrics.write("train", {{"step", double(step + 1)}, {"loss", loss}, {"aux_loss", aux}, {"lr", lr},
+                            {"grad_norm", norm}, {"tokens_per_s", tokens_per_step / dt},
+                            {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9}, {"elapsed_s", elapsed}});
+    if ((step + 1) % ts.log_interval == 0 || step + 1 == ts.steps) {
+      s.final_train_loss = interval_loss / double(interval_steps);
+      const double per_step = elapsed / double(step + 1);
+      std::printf("step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
+                  "%.2f GFLOP/s | elapsed %s | remaining %s\n",
+                  (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
+                  tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9, hms(elapsed).c_str(),
+                  hms(per_step * double(ts.steps - step - 1)).c_str());
+      std::fflush(stdout);
+      interval_loss = 0, interval_steps = 0;
+    }
+    if ((step + 1) % ts.eval_interval == 0 || step + 1 == ts.steps) {
+      s.final_valid_loss = evaluate();
+      metrics.write("eval", {{"step", double(step + 1)}, {"valid_loss", s.final_valid_loss}});
+      std::printf("eval  %5lld/%lld | held-out loss %.4f nats/token (%lld tokens)\n", (long long)(step + 1),
+                  (long long)ts.steps, s.final_valid_loss, (long long)(std::max(valid_rows, b) / b * b * t));
+      std::fflush(stdout);
+    }
+  }
+  s.steps = ts.steps;
+  s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return s;
+}
+
+}  // namespace braid

@@ -1,0 +1,20 @@
+// The training loop of `braid train` on one process: builds the model, optimizer and data from a
+// RunConfig, runs steps of grad_accum microbatches, logs a progress line and a JSONL record per
+// step, evaluates held-out loss every eval_interval steps and at the end.
+#pragma once
+
+#include "launch/config.h"
+
+namespace braid {
+
+struct TrainSummary {
+  double final_train_loss = 0;  // mean over the last log interval (nats per token)
+  double final_valid_loss = 0;
+  double unigram_entropy = 0;   // of the training tokens (nats per token)
+  int64_t steps = 0;
+  double seconds = 0;
+};
+
+TrainSummary train(const RunConfig& cfg);
+
+}  // namespace braid

@@ -1,0 +1,50 @@
+// AdamW (decoupled weight decay, PyTorch torch.optim.AdamW) with fp32 master weights and moments:
+//   p <- p - lr * wd * p   (only parameters flagged for decay: not norms, biases, A_log, D, dt bias)
+//   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+//   p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+// then the model's parameter tensor is written from the master. The CPU path trains f32
+// parameters; bf16 parameters (rounded from the master) come with the CUDA optimizer.
+// Gradients are first multiplied by clip_coef = min(1, max_norm / (||g|| + 1e-6)) where ||g|| is
+// the global L2 norm over all trainable parameters, summed in f64 in a fixed order.
+#pragma once
+
+#include <vector>
+
+#include "layers/model/params.h"
+#include "runtime/arena.h"
+
+namespace braid {
+
+struct AdamWConfig {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;  // <= 0: no clipping
+};
+
+class AdamW {
+ public:
+  AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend);
+
+  // Global L2 norm of the current gradients.
+  double grad_norm() const;
+  // One update with learning rate lr and the clipping coefficient implied by `norm`.
+  void step(double lr, double norm);
+  int64_t steps_taken() const { return t_; }
+
+  struct State {
+    const Param* param;
+    Tensor master, m, v;  // fp32, same shape as the parameter
+  };
+  const std::vector<State>& state() const { return state_; }
+
+ private:
+  ParamSet& params_;
+  AdamWConfig cfg_;
+  Arena arena_;
+  std::vector<State> state_;
+  int64_t t_ = 0;
+};
+
+}  // namespace braid
