@@ -161,6 +161,10 @@ const std::map<std::string, Key>& registry() {
       {"train.threads", int_key(M(train.threads), 0)},
       {"train.device", string_key(M(train.device))},
       {"train.out_dir", string_key(M(train.out_dir))},
+      {"checkpoint.dir", string_key(M(checkpoint.dir))},
+      {"checkpoint.interval", int_key(M(checkpoint.interval), 0)},
+      {"checkpoint.keep", int_key(M(checkpoint.keep), 1)},
+      {"checkpoint.resume", bool_key(M(checkpoint.resume))},
       {"data.train", list_key(M(data.train))},
       {"data.valid", list_key(M(data.valid))},
       {"optim.lr", double_key(M(lr.peak))},
@@ -275,6 +279,12 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
   BRAID_REQUIRE(!c.data.train.empty(), path, ": data.train is empty: give the training shard file(s)");
   BRAID_REQUIRE(!c.data.valid.empty(), path, ": data.valid is empty: give the held-out shard file(s)");
   return c;
+}
+
+std::map<std::string, std::string> config_entries(const RunConfig& c) {
+  std::map<std::string, std::string> out;
+  for (const auto& [key, k] : registry()) out[key] = k.get(c);
+  return out;
 }
 
 std::string config_to_yaml(const RunConfig& c) {

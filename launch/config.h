@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,13 @@ struct TrainSettings {
   std::string out_dir = "runs/braid";
 };
 
+struct CheckpointSettings {
+  std::string dir;        // "" = <train.out_dir>/checkpoints
+  int64_t interval = 0;   // save every N steps (0: only at the end)
+  int64_t keep = 3;       // newest committed checkpoints kept
+  bool resume = false;    // continue from the newest checkpoint in dir, if any
+};
+
 struct DataSettings {
   std::vector<std::string> train;
   std::vector<std::string> valid;
@@ -40,6 +48,7 @@ struct RunConfig {
   int64_t mamba2_expand = 2;
   TrainSettings train;
   DataSettings data;
+  CheckpointSettings checkpoint;
   AdamWConfig adamw;
   LrSchedule lr;
 };
@@ -49,5 +58,7 @@ struct RunConfig {
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides);
 // The resolved configuration as YAML (every key, including defaults).
 std::string config_to_yaml(const RunConfig& cfg);
+// The resolved configuration as "section.key" -> value text (as in the YAML).
+std::map<std::string, std::string> config_entries(const RunConfig& cfg);
 
 }  // namespace braid

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what Braid builds and runs with, from Debian's packages: compiler and build tools,
-# Open MPI, HDF5, yaml-cpp, nlohmann-json, GoogleTest, and the Python standard library sources
+# Open MPI, HDF5, yaml-cpp, nlohmann-json, OpenSSL (SHA-256), GoogleTest, and the Python standard library sources
 # (the corpus of the main job). Installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 pkgs=(g++ cmake ninja-build libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libyaml-cpp-dev
-      nlohmann-json3-dev libgtest-dev libpython3-stdlib)
+      nlohmann-json3-dev libssl-dev libgtest-dev libpython3-stdlib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -34,10 +34,11 @@ int cmd_train(const std::vector<std::string>& args) {
   BRAID_REQUIRE(!config.empty(), "braid train: --config FILE is required (see braid --help)");
   const braid::RunConfig cfg = braid::load_config(config, overrides);
   const braid::TrainSummary s = braid::train(cfg);
+  const double below = 100.0 * (1.0 - s.final_valid_loss / s.unigram_entropy);
   std::printf("done: %lld steps in %.1f s | final train loss %.4f | held-out loss %.4f | unigram entropy %.4f "
-              "nats/token | held-out loss is %.1f%% below the unigram entropy\n",
+              "nats/token | held-out loss is %.1f%% %s the unigram entropy\n",
               (long long)s.steps, s.seconds, s.final_train_loss, s.final_valid_loss, s.unigram_entropy,
-              100.0 * (1.0 - s.final_valid_loss / s.unigram_entropy));
+              below >= 0 ? below : -below, below >= 0 ? "below" : "above");
   return 0;
 }
 

@@ -8,7 +8,7 @@
 
 namespace braid {
 
-MetricsLog::MetricsLog(const std::string& path) : f_(std::fopen(path.c_str(), "w")) {
+MetricsLog::MetricsLog(const std::string& path, bool append) : f_(std::fopen(path.c_str(), append ? "a" : "w")) {
   BRAID_CHECK(f_, "cannot write metrics file '", path, "': ", std::strerror(errno));
 }
 

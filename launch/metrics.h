@@ -11,7 +11,8 @@ namespace braid {
 
 class MetricsLog {
  public:
-  explicit MetricsLog(const std::string& path);
+  // append: continue an existing log (a resumed run).
+  MetricsLog(const std::string& path, bool append);
   ~MetricsLog();
   MetricsLog(const MetricsLog&) = delete;
   MetricsLog& operator=(const MetricsLog&) = delete;

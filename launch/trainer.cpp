@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "checkpoint/checkpoint.h"
 #include "data/dataset.h"
 #include "launch/metrics.h"
 #include "layers/model/model.h"
@@ -101,7 +102,40 @@ TrainSummary train(const RunConfig& cfg) {
   std::printf("unigram entropy of the training tokens: %.4f nats/token\n", entropy);
   std::fflush(stdout);
 
-  MetricsLog metrics((std::filesystem::path(ts.out_dir) / "metrics.jsonl").string());
+  // Resume from the newest checkpoint when asked and one exists.
+  const std::string ckpt_dir =
+      cfg.checkpoint.dir.empty() ? (std::filesystem::path(ts.out_dir) / "checkpoints").string() : cfg.checkpoint.dir;
+  int64_t start_step = 0, consumed = 0;
+  if (cfg.checkpoint.resume) {
+    const std::string latest = latest_checkpoint(ckpt_dir);
+    if (latest.empty()) {
+      std::printf("checkpoint.resume: no checkpoint in %s, starting at step 0\n", ckpt_dir.c_str());
+    } else {
+      const CheckpointMeta meta = read_checkpoint_meta(latest);
+      // The model, and what defines the sample order, must match; batch sizes may change.
+      const std::vector<std::string> diffs =
+          config_differences(meta.config, config_entries(cfg),
+                             {"model.", "mamba1.", "mamba2.", "attention.", "mlp.", "moe.", "train.seed", "train.seq_len"});
+      std::string all;
+      for (const std::string& d : diffs) all += (all.empty() ? "" : "; ") + d;
+      BRAID_REQUIRE(diffs.empty(), "cannot resume from ", latest, ": the configuration differs: ", all);
+      BRAID_REQUIRE(meta.step < ts.steps, "checkpoint ", latest, " is at step ", meta.step,
+                    ", not before train.steps = ", ts.steps, ": nothing to train");
+      load_checkpoint(latest, model.params(), opt);
+      start_step = meta.step, consumed = meta.consumed_samples;
+      std::printf("resumed from %s at step %lld (%lld samples consumed)\n", latest.c_str(), (long long)start_step,
+                  (long long)consumed);
+    }
+  }
+  MetricsLog metrics((std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(), start_step > 0);
+  auto save = [&](int64_t steps_done) {
+    CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
+    const auto c0 = Clock::now();
+    const std::string dir = save_checkpoint(ckpt_dir, meta, model.params(), opt);
+    prune_checkpoints(ckpt_dir, cfg.checkpoint.keep);
+    std::printf("saved checkpoint %s (%.2f s)\n", dir.c_str(), std::chrono::duration<double>(Clock::now() - c0).count());
+    std::fflush(stdout);
+  };
   const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
   auto evaluate = [&]() {
     double sum = 0;
@@ -121,11 +155,12 @@ TrainSummary train(const RunConfig& cfg) {
   auto last = t0;
   double interval_loss = 0;
   int64_t interval_steps = 0;
-  for (int64_t step = 0; step < ts.steps; ++step) {
+  for (int64_t step = start_step; step < ts.steps; ++step) {
     model.params().zero_grads();
     double loss_sum = 0, aux = 0;
     for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
-      fill(train_data, sampler, (step * ts.grad_accum + micro) * b, buf.batch);
+      fill(train_data, sampler, consumed, buf.batch);
+      consumed += b;
       const Model::StepResult r =
           model.forward_backward(buf.batch, 1.0 / double(tokens_per_step), 1.0 / double(ts.grad_accum));
       loss_sum += r.loss.sum;
@@ -148,7 +183,7 @@ TrainSummary train(const RunConfig& cfg) {
                             {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9}, {"elapsed_s", elapsed}});
     if ((step + 1) % ts.log_interval == 0 || step + 1 == ts.steps) {
       s.final_train_loss = interval_loss / double(interval_steps);
-      const double per_step = elapsed / double(step + 1);
+      const double per_step = elapsed / double(step + 1 - start_step);
       std::printf("step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
                   "%.2f GFLOP/s | elapsed %s | remaining %s\n",
                   (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
@@ -164,8 +199,10 @@ TrainSummary train(const RunConfig& cfg) {
                   (long long)ts.steps, s.final_valid_loss, (long long)(std::max(valid_rows, b) / b * b * t));
       std::fflush(stdout);
     }
+    if ((cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) || step + 1 == ts.steps)
+      save(step + 1);
   }
-  s.steps = ts.steps;
+  s.steps = ts.steps - start_step;
   s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return s;
 }

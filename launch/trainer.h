@@ -1,6 +1,7 @@
 // The training loop of `braid train` on one process: builds the model, optimizer and data from a
 // RunConfig, runs steps of grad_accum microbatches, logs a progress line and a JSONL record per
-// step, evaluates held-out loss every eval_interval steps and at the end.
+// step, evaluates held-out loss every eval_interval steps and at the end, saves checkpoints every
+// checkpoint.interval steps and at the end, and resumes exactly from the newest one when asked.
 #pragma once
 
 #include "launch/config.h"
@@ -11,7 +12,7 @@ struct TrainSummary {
   double final_train_loss = 0;  // mean over the last log interval (nats per token)
   double final_valid_loss = 0;
   double unigram_entropy = 0;   // of the training tokens (nats per token)
-  int64_t steps = 0;
+  int64_t steps = 0;  // steps run by this invocation
   double seconds = 0;
 };
 

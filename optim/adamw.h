@@ -38,6 +38,8 @@ class AdamW {
     Tensor master, m, v;  // fp32, same shape as the parameter
   };
   const std::vector<State>& state() const { return state_; }
+  // For loading a checkpoint: the number of steps already taken (sets the bias correction).
+  void set_steps_taken(int64_t t) { t_ = t; }
 
  private:
   ParamSet& params_;

@@ -44,8 +44,8 @@ Arena::~Arena() {
   if (backend_ && base_) backend_->release(base_);
 }
 
-Tensor Arena::take(std::string tensor_name, DType dtype, std::span<const int64_t> shape) {
-  Tensor t = Tensor::contiguous_view(nullptr, dtype, device_, shape, std::move(tensor_name));
+Tensor Arena::take(std::string tensor_name, DType dtype, const int64_t* shape, int ndim) {
+  Tensor t = Tensor::contiguous_view(nullptr, dtype, device_, shape, ndim, std::move(tensor_name));
   const size_t bytes = (t.nbytes() + kAlign - 1) / kAlign * kAlign;
   if (!measuring_) {
     BRAID_CHECK(offset_ + bytes <= capacity_, "arena '", name_, "' exhausted: ", t.describe(),

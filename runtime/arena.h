@@ -6,7 +6,7 @@
 #pragma once
 
 #include <initializer_list>
-#include <span>
+#include <vector>
 #include <string>
 
 #include "runtime/backend.h"
@@ -29,10 +29,12 @@ class Arena {
   Arena& operator=(const Arena&) = delete;
   ~Arena();
 
-  Tensor take(std::string tensor_name, DType dtype, std::span<const int64_t> shape);
+  Tensor take(std::string tensor_name, DType dtype, const int64_t* shape, int ndim);
+  Tensor take(std::string tensor_name, DType dtype, const std::vector<int64_t>& shape) {
+    return take(std::move(tensor_name), dtype, shape.data(), static_cast<int>(shape.size()));
+  }
   Tensor take(std::string tensor_name, DType dtype, std::initializer_list<int64_t> shape) {
-    return take(std::move(tensor_name), dtype,
-                std::span<const int64_t>(shape.begin(), shape.size()));
+    return take(std::move(tensor_name), dtype, shape.begin(), static_cast<int>(shape.size()));
   }
 
   // The whole allocation as bytes (for zeroing it once after set-up).

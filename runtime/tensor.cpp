@@ -6,15 +6,15 @@ namespace braid {
 
 std::string_view device_name(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
 
-Tensor Tensor::contiguous_view(void* data, DType dtype, Device device,
-                               std::span<const int64_t> shape, std::string name) {
-  BRAID_CHECK(shape.size() <= static_cast<size_t>(kMaxDims), "tensor '", name, "' has ",
-              shape.size(), " dims, at most ", kMaxDims, " supported");
+Tensor Tensor::contiguous_view(void* data, DType dtype, Device device, const int64_t* shape, int ndim,
+                               std::string name) {
+  BRAID_CHECK(ndim >= 0 && ndim <= kMaxDims, "tensor '", name, "' has ", ndim, " dims, at most ", kMaxDims,
+              " supported");
   Tensor t;
   t.data = data;
   t.dtype = dtype;
   t.device = device;
-  t.ndim = static_cast<int>(shape.size());
+  t.ndim = ndim;
   t.name = std::move(name);
   int64_t s = 1;
   for (int d = t.ndim - 1; d >= 0; --d) {

@@ -5,7 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
-#include <span>
+#include <vector>
 #include <string>
 
 #include "runtime/check.h"
@@ -27,13 +27,16 @@ struct Tensor {
   std::array<int64_t, kMaxDims> stride{};
   std::string name;
 
-  // A contiguous (row-major) view of `data` with the given shape.
-  static Tensor contiguous_view(void* data, DType dtype, Device device, std::span<const int64_t> shape,
+  // A contiguous (row-major) view of `data` with shape[0..ndim).
+  static Tensor contiguous_view(void* data, DType dtype, Device device, const int64_t* shape, int ndim,
                                 std::string name);
+  static Tensor contiguous_view(void* data, DType dtype, Device device, const std::vector<int64_t>& shape,
+                                std::string name) {
+    return contiguous_view(data, dtype, device, shape.data(), static_cast<int>(shape.size()), std::move(name));
+  }
   static Tensor contiguous_view(void* data, DType dtype, Device device,
                                 std::initializer_list<int64_t> shape, std::string name) {
-    return contiguous_view(data, dtype, device, std::span<const int64_t>(shape.begin(), shape.size()),
-                           std::move(name));
+    return contiguous_view(data, dtype, device, shape.begin(), static_cast<int>(shape.size()), std::move(name));
   }
 
   bool defined() const { return data != nullptr || numel() == 0; }

@@ -42,7 +42,7 @@ inline Tensor time_slice(Buffers& buf, const Tensor& full, int64_t start, int64_
                          const std::string& name) {
   Tensor h = buf.like(full, name);
   h.shape[1] = len;
-  h = Tensor::contiguous_view(h.data, h.dtype, h.device, std::span<const int64_t>(h.shape.data(), h.ndim), name);
+  h = Tensor::contiguous_view(h.data, h.dtype, h.device, h.shape.data(), h.ndim, name);
   const int64_t b = full.size(0), inner = full.numel() / (b * full.size(1));
   const size_t es = dtype_size(full.dtype);
   for (int64_t i = 0; i < b; ++i)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end on a small corpus: prep, train a tiny hybrid twice with the same seed, and check
 # that the loss falls, the held-out loss is reported, metrics are written, and the two runs give
-# bit-identical losses (determinism).
+# bit-identical losses (determinism). Then resume a third run from the first run's step-6
+# checkpoint: its losses for steps 7-12 and its final checkpoint equal the uninterrupted run's.
 set -eu
 braid="$1"
 config="$2"
@@ -13,7 +14,8 @@ for f in "$python_dir"/[a-c]*.py; do cp "$f" "$work/src/"; done
 "$braid" prep --input "$work/src" --ext .py --out "$work/data" --valid-fraction 0.2
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=12 train.seq_len=64
       train.micro_batch=4 train.grad_accum=2 optim.warmup=2 train.log_interval=4 train.eval_interval=6
-      train.eval_batches=2 model.d_model=64 mlp.ffn=128 moe.ffn=64 mamba2.head_dim=16 mamba2.chunk=16)
+      train.eval_batches=2 model.d_model=64 mlp.ffn=128 moe.ffn=64 mamba2.head_dim=16 mamba2.chunk=16
+      checkpoint.interval=6)
 "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/a" >"$work/a.log"
 "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/b" >"$work/b.log"
 grep -E "^(step|eval|done)" "$work/a.log"
@@ -26,4 +28,13 @@ grep -q "held-out loss" "$work/a.log" || { echo "FAIL: no held-out loss line"; e
 # Same seed, same layout: identical losses (elapsed times and throughput differ).
 strip() { grep -o '"loss": [^,]*\|"valid_loss": [^,}]*\|"grad_norm": [^,]*' "$1"; }
 diff <(strip "$work/a/metrics.jsonl") <(strip "$work/b/metrics.jsonl") || { echo "FAIL: runs differ"; exit 1; }
-echo "end-to-end training passed: loss fell, runs bit-identical"
+mkdir -p "$work/c/checkpoints"
+cp -r "$work/a/checkpoints/step_00000006" "$work/c/checkpoints/"
+"$braid" train --config "$config" "${args[@]}" train.out_dir="$work/c" checkpoint.resume=true >"$work/c.log"
+grep -q "resumed from .*step_00000006 at step 6" "$work/c.log" || { echo "FAIL: did not resume"; cat "$work/c.log"; exit 1; }
+train_losses() { grep '"kind": "train"' "$1" | grep -o '"loss": [^,]*'; }
+diff <(train_losses "$work/a/metrics.jsonl" | tail -n 6) <(train_losses "$work/c/metrics.jsonl" | tail -n 6) ||
+  { echo "FAIL: resumed losses differ"; exit 1; }
+digests() { grep -o '"sha256": "[0-9a-f]*"' "$1/checkpoints/step_00000012/manifest.json"; }
+diff <(digests "$work/a") <(digests "$work/c") || { echo "FAIL: final checkpoints differ"; exit 1; }
+echo "end-to-end training passed: loss fell, runs bit-identical, resume from step 6 exact"

@@ -1,0 +1,52 @@
+// Checkpoints of a single-process run (the multi-rank sharded layout builds on this format).
+//   <root>/step_<N>/            a committed checkpoint (8-digit N)
+//     manifest.json             format version, step, consumed samples, seed, the resolved
+//                               configuration, and for every tensor its kind, dtype, global
+//                               shape and pieces {file, dataset, offset, extent, sha256}
+//     rank_00000.h5             datasets /<kind>/<name>, kind in param, master, exp_avg,
+//                               exp_avg_sq; tensors in logical (unsharded) coordinates
+// Saving writes <root>/step_<N>.tmp-<pid>/, fsyncs, and renames it: a reader only ever sees
+// complete checkpoints. Loading finds the newest committed step with a manifest, checks the
+// SHA-256 of every file before libhdf5 opens it, checks the model configuration, and requires
+// the exact set of tensor names (missing and unexpected names are both reported). HDF5 file
+// locking is off (set in code), so file systems without locks work.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "layers/model/params.h"
+#include "optim/adamw.h"
+
+namespace braid {
+
+struct CheckpointMeta {
+  int64_t step = 0;              // optimizer steps taken
+  int64_t consumed_samples = 0;  // global sample number of the next sample
+  uint64_t seed = 0;
+  std::map<std::string, std::string> config;  // resolved "section.key" -> value
+};
+
+constexpr int kCheckpointFormat = 1;
+
+// Writes and commits a checkpoint; returns its directory.
+std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, const ParamSet& params,
+                            const AdamW& opt);
+// The newest committed checkpoint directory under root, or "" when there is none.
+std::string latest_checkpoint(const std::string& root);
+CheckpointMeta read_checkpoint_meta(const std::string& dir);
+// Loads tensors into params and opt (same names and shapes required).
+void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt);
+// Keeps the newest `keep` committed checkpoints and removes older ones (and stale .tmp dirs).
+void prune_checkpoints(const std::string& root, int64_t keep);
+// Lines "key: checkpoint X, this run Y" for every differing key that starts with one of the
+// prefixes ("model." for a section, "train.seed" for one key); empty when compatible.
+std::vector<std::string> config_differences(const std::map<std::string, std::string>& saved,
+                                            const std::map<std::string, std::string>& current,
+                                            const std::vector<std::string>& prefixes);
+
+std::string sha256_file(const std::string& path);
+
+}  // namespace braid

@@ -1,0 +1,157 @@
+// Checkpoints: exact round trip of parameters, fp32 masters and Adam moments; a corrupt file is
+// caught by its digest before HDF5 reads it; strict keys report missing and unexpected names;
+// only committed steps are found; pruning; config differences.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoint/checkpoint.h"
+#include "layers/model/model.h"
+#include "optim/adamw.h"
+
+namespace braid {
+namespace {
+namespace fs = std::filesystem;
+
+ModelConfig small(const std::string& pattern) {
+  ModelConfig c;
+  c.pattern = pattern;
+  c.d_model = 16;
+  c.vocab_size = 32;
+  c.mamba2.heads = 4, c.mamba2.head_dim = 8, c.mamba2.d_state = 8, c.mamba2.chunk = 4;
+  c.attention = {0, 2, 1, 8, true, 10000.0};
+  c.mlp.ffn = 24;
+  c.moe.experts = 4, c.moe.ffn = 8, c.moe.score = RouterScore::sigmoid, c.moe.balance_bias = true;
+  return c;
+}
+
+struct TrainState {
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  Model model;
+  AdamW opt;
+  TrainState(const std::string& pattern, uint64_t seed)
+      : model(small(pattern), DType::f32, *backend, 1, 4), opt((model.initialize(seed), model.params()), {}, *backend) {}
+  // One optimizer step on synthetic gradients, so masters and moments are non-trivial.
+  void step() {
+    for (Param& p : model.params().all())
+      if (p.trainable)
+        for (int64_t i = 0; i < p.grad.numel(); ++i) p.grad.ptr<float>()[i] = float((i * 37 % 11) - 5) * 0.01f;
+    opt.step(1e-2, opt.grad_norm());
+  }
+};
+
+class TempRoot {
+ public:
+  TempRoot() : path_(fs::temp_directory_path() / ("braid_ckpt_" + std::to_string(::getpid()) + "_" +
+                                                  ::testing::UnitTest::GetInstance()->current_test_info()->name())) {
+    fs::remove_all(path_);
+  }
+  ~TempRoot() { fs::remove_all(path_); }
+  std::string str() const { return path_.string(); }
+
+ private:
+  fs::path path_;
+};
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Checkpoint, RoundTripIsExact) {
+  TempRoot root;
+  TrainState a("M*E", 1);
+  a.step();
+  a.step();
+  const std::string dir = save_checkpoint(root.str(), {2, 16, 1, {{"model.d_model", "16"}}}, a.model.params(), a.opt);
+  EXPECT_EQ(fs::path(dir).filename(), "step_00000002");
+  EXPECT_EQ(latest_checkpoint(root.str()), dir);
+  TrainState b("M*E", 99);  // different initial values
+  load_checkpoint(dir, b.model.params(), b.opt);
+  EXPECT_EQ(b.opt.steps_taken(), 2);
+  for (size_t i = 0; i < a.model.params().all().size(); ++i) {
+    const Tensor &x = a.model.params().all()[i].value, &y = b.model.params().all()[i].value;
+    EXPECT_EQ(std::memcmp(x.data, y.data, x.nbytes()), 0) << a.model.params().all()[i].name;
+  }
+  for (size_t i = 0; i < a.opt.state().size(); ++i) {
+    const auto &x = a.opt.state()[i], &y = b.opt.state()[i];
+    EXPECT_EQ(std::memcmp(x.master.data, y.master.data, x.master.nbytes()), 0);
+    EXPECT_EQ(std::memcmp(x.m.data, y.m.data, x.m.nbytes()), 0);
+    EXPECT_EQ(std::memcmp(x.v.data, y.v.data, x.v.nbytes()), 0);
+  }
+  // The next step is identical too (bias correction restored).
+  a.step();
+  b.step();
+  const Tensor &x = a.model.params().all()[0].value, &y = b.model.params().all()[0].value;
+  EXPECT_EQ(std::memcmp(x.data, y.data, x.nbytes()), 0);
+  const CheckpointMeta meta = read_checkpoint_meta(dir);
+  EXPECT_EQ(meta.consumed_samples, 16);
+  EXPECT_EQ(meta.config.at("model.d_model"), "16");
+}
+
+TEST(Checkpoint, CorruptFileIsRejectedByDigest) {
+  TempRoot root;
+  TrainState a("M-", 1);
+  const std::string dir = save_checkpoint(root.str(), {1, 0, 1, {}}, a.model.params(), a.opt);
+  const std::string file = dir + "/rank_00000.h5";
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(file) / 2));
+    char c;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x5a);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(file) / 2));
+    f.write(&c, 1);
+  }
+  const std::string e = error_of([&] { load_checkpoint(dir, a.model.params(), a.opt); });
+  EXPECT_NE(e.find("rank_00000.h5 is corrupt"), std::string::npos) << e;
+  fs::remove(file);
+  EXPECT_NE(error_of([&] { load_checkpoint(dir, a.model.params(), a.opt); }).find("is missing"), std::string::npos);
+}
+
+TEST(Checkpoint, StrictKeysNameMissingAndUnexpected) {
+  TempRoot root;
+  TrainState a("M-", 1);
+  const std::string dir = save_checkpoint(root.str(), {1, 0, 1, {}}, a.model.params(), a.opt);
+  TrainState b("M*", 1);
+  const std::string e = error_of([&] { load_checkpoint(dir, b.model.params(), b.opt); });
+  const size_t missing = e.find("missing "), unexpected = e.find("; unexpected ");
+  ASSERT_NE(missing, std::string::npos) << e;
+  ASSERT_NE(unexpected, std::string::npos) << e;
+  const size_t q = e.find("param/layers.1.mixer.q_proj.weight"), g = e.find("param/layers.1.mixer.gate_proj.weight");
+  EXPECT_TRUE(q > missing && q < unexpected) << e;
+  EXPECT_TRUE(g != std::string::npos && g > unexpected) << e;
+}
+
+TEST(Checkpoint, OnlyCommittedStepsAreFoundAndPruningKeepsNewest) {
+  TempRoot root;
+  TrainState a("-", 1);
+  for (int64_t s : {1, 2, 3, 4}) save_checkpoint(root.str(), {s, 0, 1, {}}, a.model.params(), a.opt);
+  fs::create_directories(fs::path(root.str()) / "step_00000009.tmp-1234");  // interrupted save
+  fs::create_directories(fs::path(root.str()) / "step_00000008");            // no manifest
+  EXPECT_EQ(fs::path(latest_checkpoint(root.str())).filename(), "step_00000004");
+  prune_checkpoints(root.str(), 2);
+  EXPECT_FALSE(fs::exists(fs::path(root.str()) / "step_00000002"));
+  EXPECT_TRUE(fs::exists(fs::path(root.str()) / "step_00000003"));
+  EXPECT_FALSE(fs::exists(fs::path(root.str()) / "step_00000009.tmp-1234"));
+  EXPECT_EQ(latest_checkpoint(root.str() + "/nothing"), "");
+}
+
+TEST(Checkpoint, ConfigDifferencesListEveryChangedKey) {
+  const std::map<std::string, std::string> a{{"model.d_model", "16"}, {"moe.experts", "4"}, {"train.steps", "10"},
+                                             {"train.seed", "1"}},
+                                           b{{"model.d_model", "32"}, {"moe.experts", "4"}, {"train.steps", "20"},
+                                             {"train.seed", "2"}};
+  const auto d = config_differences(a, b, {"model.", "moe.", "train.seed"});
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[0], "model.d_model: checkpoint 16, this run 32");
+  EXPECT_EQ(d[1], "train.seed: checkpoint 1, this run 2");
+}
+
+}  // namespace
+}  // namespace braid
