@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "runtime/philox.h"
 #include "runtime/tensor.h"
 
 namespace braid {
@@ -66,15 +67,8 @@ bool cuda_device_available();
 // Copies src into dst (same dtype and element count, both contiguous).
 void copy_tensor(Backend& backend, const Tensor& dst, const Tensor& src, Stream s = {});
 
-// Value of element i under spec, as computed by every backend.
-inline float random_value(const RandomSpec& spec, uint64_t i);
-
-}  // namespace braid
-
-#include "runtime/philox.h"
-
-namespace braid {
-inline float random_value(const RandomSpec& spec, uint64_t i) {
+// Value of element i under spec, as computed by every backend (host and device code).
+BRAID_HD float random_value(const RandomSpec& spec, uint64_t i) {
   if (spec.kind == RandomSpec::Kind::uniform) {
     const float u = philox::uniform(spec.seed, spec.tensor_id, i);
     return static_cast<float>(

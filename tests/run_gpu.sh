@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# On a GPU machine: build with CUDA, run the GPU-labelled tests, run each GPU test binary under
+# compute-sanitizer (memcheck and racecheck), and write a JSON record of the run to
+# ${OUT:-bench/results}/gpu_tests.json. BRAID_DEPS_PREFIX names an extra install prefix for
+# libraries the machine lacks; BRAID_COMMIT is recorded in the JSON.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+prefix_args=()
+if [ -n "${BRAID_DEPS_PREFIX:-}" ]; then
+  prefix_args=(-DCMAKE_PREFIX_PATH="$BRAID_DEPS_PREFIX" -DOPENSSL_ROOT_DIR="$BRAID_DEPS_PREFIX")
+  export LD_LIBRARY_PATH="$BRAID_DEPS_PREFIX/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+fi
+export PATH="/usr/local/cuda/bin:$PATH"
+start=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBRAID_CUDA=ON -DBRAID_WERROR=ON "${prefix_args[@]}" \
+  >"$out/gpu_build.log" 2>&1 && cmake --build build-gpu >>"$out/gpu_build.log" 2>&1
+build_rc=$?
+ctest --test-dir build-gpu -L gpu --output-on-failure >"$out/gpu_ctest.log" 2>&1
+gpu_rc=$?
+gpu_summary=$(grep -E "tests passed|tests failed" "$out/gpu_ctest.log" | tail -n 1)
+ctest --test-dir build-gpu -L cpu -j "$(nproc)" >"$out/cpu_ctest.log" 2>&1
+cpu_rc=$?
+cpu_summary=$(grep -E "tests passed|tests failed" "$out/cpu_ctest.log" | tail -n 1)
+san_rc=0
+san=""
+for bin in build-gpu/tests/runtime/test_cuda_backend; do
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" >"$out/sanitizer_${tool}.log" 2>&1
+    rc=$?
+    [ "$rc" -ne 0 ] && san_rc=$rc
+    san="$san{\"binary\": \"$bin\", \"tool\": \"$tool\", \"exit\": $rc, \"summary\": \"$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}.log" | tail -n 1)\"},"
+  done
+done
+device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+cat >"$out/gpu_tests.json" <<JSON
+{
+  "command": "bash tests/run_gpu.sh",
+  "commit": "${BRAID_COMMIT:-unknown}",
+  "device": "$device",
+  "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+  "build_exit": $build_rc,
+  "gpu_tests": {"exit": $gpu_rc, "summary": "$gpu_summary"},
+  "cpu_tests_on_gpu_host": {"exit": $cpu_rc, "summary": "$cpu_summary"},
+  "compute_sanitizer": [${san%,}],
+  "seconds": $(( $(date +%s) - start ))
+}
+JSON
+cat "$out/gpu_tests.json"
+tail -n 25 "$out/gpu_ctest.log"
+[ "$build_rc" -eq 0 ] && [ "$gpu_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ] && [ "$san_rc" -eq 0 ]
