@@ -45,12 +45,17 @@ void fsync_path(const std::string& p) {
 
 hid_t h5_type(DType t) {
   switch (t) {
-    case DType::f32: return H5T_IEEE_F32LE;
-    case DType::f64: return H5T_IEEE_F64LE;
-    default: BRAID_FAIL("checkpoint: tensors of dtype ", dtype_name(t), " are not stored yet");
+    case DType::f32:
+      return H5T_IEEE_F32LE;
+    case DType::f64:
+      return H5T_IEEE_F64LE;
+    default:
+      BRAID_FAIL("checkpoint: tensors of dtype ", dtype_name(t), " are not stored yet");
   }
 }
-hid_t h5_native(DType t) { return t == DType::f64 ? H5T_NATIVE_DOUBLE : H5T_NATIVE_FLOAT; }
+hid_t h5_native(DType t) {
+  return t == DType::f64 ? H5T_NATIVE_DOUBLE : H5T_NATIVE_FLOAT;
+}
 
 H5Id file_access() {
   H5Id fapl(H5_CHECK(H5Pcreate(H5P_FILE_ACCESS)));
@@ -110,8 +115,8 @@ std::string sha256_file(const std::string& path) {
   return hex(out, len);
 }
 
-std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, const ParamSet& params,
-                            const AdamW& opt) {
+std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
+                            const ParamSet& params, const AdamW& opt) {
   h5_quiet();
   const std::string name = step_name(meta.step);
   const fs::path final_dir = fs::path(root) / name;
@@ -137,13 +142,19 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
       std::vector<hsize_t> dims(t.shape.begin(), t.shape.begin() + t.ndim);
       H5Id space(H5_CHECK(H5Screate_simple(t.ndim, dims.data(), nullptr)));
       const std::string ds = "/" + e.kind + "/" + e.name;
-      H5Id d(H5_CHECK(H5Dcreate2(f, ds.c_str(), h5_type(t.dtype), space, H5P_DEFAULT, dcpl, H5P_DEFAULT)));
+      H5Id d(H5_CHECK(
+          H5Dcreate2(f, ds.c_str(), h5_type(t.dtype), space, H5P_DEFAULT, dcpl, H5P_DEFAULT)));
       H5_CHECK(H5Dwrite(d, h5_native(t.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data));
-      json piece = {{"file", kFile}, {"dataset", ds}, {"offset", std::vector<int64_t>(t.ndim, 0)},
+      json piece = {{"file", kFile},
+                    {"dataset", ds},
+                    {"offset", std::vector<int64_t>(t.ndim, 0)},
                     {"extent", std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim)},
                     {"sha256", sha256_bytes(t.data, t.nbytes())}};
-      tensors.push_back({{"kind", e.kind}, {"name", e.name}, {"dtype", std::string(dtype_name(t.dtype))},
-                         {"shape", piece["extent"]}, {"pieces", json::array({piece})}});
+      tensors.push_back({{"kind", e.kind},
+                         {"name", e.name},
+                         {"dtype", std::string(dtype_name(t.dtype))},
+                         {"shape", piece["extent"]},
+                         {"pieces", json::array({piece})}});
     }
   }
   fsync_path(file);
@@ -171,7 +182,8 @@ std::string latest_checkpoint(const std::string& root) {
   for (const auto& e : fs::directory_iterator(root)) {
     std::smatch m;
     const std::string n = e.path().filename().string();
-    if (!e.is_directory() || !std::regex_match(n, m, re) || !fs::exists(e.path() / "manifest.json")) continue;
+    if (!e.is_directory() || !std::regex_match(n, m, re) || !fs::exists(e.path() / "manifest.json"))
+      continue;
     const int64_t s = std::stoll(m[1].str());
     if (s > best_step) best_step = s, best = e.path().string();
   }
@@ -180,8 +192,9 @@ std::string latest_checkpoint(const std::string& root) {
 
 CheckpointMeta read_checkpoint_meta(const std::string& dir) {
   const json m = read_manifest(dir);
-  BRAID_REQUIRE(m.value("format_version", 0) == kCheckpointFormat, "checkpoint '", dir, "': format version ",
-                m.value("format_version", 0), ", this build reads ", kCheckpointFormat);
+  BRAID_REQUIRE(m.value("format_version", 0) == kCheckpointFormat, "checkpoint '", dir,
+                "': format version ", m.value("format_version", 0), ", this build reads ",
+                kCheckpointFormat);
   CheckpointMeta meta;
   meta.step = m.at("step").get<int64_t>();
   meta.consumed_samples = m.at("consumed_samples").get<int64_t>();
@@ -197,8 +210,8 @@ void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt) {
   // Digests before libhdf5 sees a byte.
   for (const json& f : m.at("files")) {
     const std::string name = f.at("name").get<std::string>();
-    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos, "checkpoint '",
-                  dir, "': file name '", name, "' leaves the checkpoint directory");
+    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
+                  "checkpoint '", dir, "': file name '", name, "' leaves the checkpoint directory");
     const std::string path = (fs::path(dir) / name).string();
     BRAID_REQUIRE(fs::exists(path), "checkpoint '", dir, "': file ", name, " is missing");
     const std::string got = sha256_file(path), want = f.at("sha256").get<std::string>();
@@ -217,8 +230,9 @@ void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt) {
   }
   for (const auto& [key, _] : expected)
     if (!found.count(key)) missing += (missing.empty() ? "" : ", ") + key;
-  BRAID_REQUIRE(missing.empty() && unexpected.empty(), "checkpoint '", dir, "' does not match this model: ",
-                missing.empty() ? "" : "missing " + missing, missing.empty() || unexpected.empty() ? "" : "; ",
+  BRAID_REQUIRE(missing.empty() && unexpected.empty(), "checkpoint '", dir,
+                "' does not match this model: ", missing.empty() ? "" : "missing " + missing,
+                missing.empty() || unexpected.empty() ? "" : "; ",
                 unexpected.empty() ? "" : "unexpected " + unexpected);
   H5Id fapl = file_access();
   const std::string file = (fs::path(dir) / kFile).string();
@@ -227,22 +241,25 @@ void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt) {
     const std::string key = t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>();
     const Tensor& dst = expected.at(key);
     const std::vector<int64_t> shape = t.at("shape").get<std::vector<int64_t>>();
-    BRAID_REQUIRE(shape == std::vector<int64_t>(dst.shape.begin(), dst.shape.begin() + dst.ndim), "checkpoint '",
-                  dir, "': ", key, " has shape of ", shape.size(), " dims that differs from this model's ",
-                  dst.describe());
-    BRAID_REQUIRE(t.at("dtype").get<std::string>() == dtype_name(dst.dtype), "checkpoint '", dir, "': ", key,
-                  " is ", t.at("dtype").get<std::string>(), ", this model stores ", dtype_name(dst.dtype));
+    BRAID_REQUIRE(shape == std::vector<int64_t>(dst.shape.begin(), dst.shape.begin() + dst.ndim),
+                  "checkpoint '", dir, "': ", key, " has shape of ", shape.size(),
+                  " dims that differs from this model's ", dst.describe());
+    BRAID_REQUIRE(t.at("dtype").get<std::string>() == dtype_name(dst.dtype), "checkpoint '", dir,
+                  "': ", key, " is ", t.at("dtype").get<std::string>(), ", this model stores ",
+                  dtype_name(dst.dtype));
     const json& piece = t.at("pieces").at(0);
     const std::string ds = piece.at("dataset").get<std::string>();
-    BRAID_REQUIRE(ds == "/" + key, "checkpoint '", dir, "': ", key, " points at dataset '", ds, "'");
+    BRAID_REQUIRE(ds == "/" + key, "checkpoint '", dir, "': ", key, " points at dataset '", ds,
+                  "'");
     H5Id d(H5Dopen2(f, ds.c_str(), H5P_DEFAULT));
     BRAID_REQUIRE(d >= 0, "checkpoint '", dir, "': dataset ", ds, " is missing from ", kFile);
     H5Id space(H5_CHECK(H5Dget_space(d)));
-    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == dst.numel(), "checkpoint '", dir, "': dataset ", ds,
-                  " has ", H5Sget_simple_extent_npoints(space), " elements, expected ", dst.numel());
+    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == dst.numel(), "checkpoint '", dir,
+                  "': dataset ", ds, " has ", H5Sget_simple_extent_npoints(space),
+                  " elements, expected ", dst.numel());
     H5_CHECK(H5Dread(d, h5_native(dst.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, dst.data));
-    BRAID_REQUIRE(sha256_bytes(dst.data, dst.nbytes()) == piece.at("sha256").get<std::string>(), "checkpoint '",
-                  dir, "': dataset ", ds, " does not match its digest");
+    BRAID_REQUIRE(sha256_bytes(dst.data, dst.nbytes()) == piece.at("sha256").get<std::string>(),
+                  "checkpoint '", dir, "': dataset ", ds, " does not match its digest");
   }
   opt.set_steps_taken(m.at("step").get<int64_t>());
 }
@@ -279,7 +296,8 @@ std::vector<std::string> config_differences(const std::map<std::string, std::str
   for (const std::string& k : keys) {
     if (!in_sections(k)) continue;
     const auto a = saved.find(k), b = current.find(k);
-    const std::string va = a == saved.end() ? "(absent)" : a->second, vb = b == current.end() ? "(absent)" : b->second;
+    const std::string va = a == saved.end() ? "(absent)" : a->second,
+                      vb = b == current.end() ? "(absent)" : b->second;
     if (va != vb) out.push_back(k + ": checkpoint " + va + ", this run " + vb);
   }
   return out;

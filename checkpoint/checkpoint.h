@@ -32,8 +32,8 @@ struct CheckpointMeta {
 constexpr int kCheckpointFormat = 1;
 
 // Writes and commits a checkpoint; returns its directory.
-std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, const ParamSet& params,
-                            const AdamW& opt);
+std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
+                            const ParamSet& params, const AdamW& opt);
 // The newest committed checkpoint directory under root, or "" when there is none.
 std::string latest_checkpoint(const std::string& root);
 CheckpointMeta read_checkpoint_meta(const std::string& dir);

@@ -18,7 +18,8 @@ bool wanted(const fs::path& p, const std::vector<std::string>& ext) {
   if (ext.empty()) return true;
   const std::string name = p.filename().string();
   for (const auto& e : ext)
-    if (name.size() >= e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) return true;
+    if (name.size() >= e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0)
+      return true;
   return false;
 }
 
@@ -33,8 +34,8 @@ uint64_t fnv1a64(const std::string& s) {
 PrepReport prep_corpus(const PrepOptions& opt) {
   BRAID_REQUIRE(!opt.inputs.empty(), "prep: no inputs given (--input PATH)");
   BRAID_REQUIRE(!opt.out_dir.empty(), "prep: no output directory given (--out DIR)");
-  BRAID_REQUIRE(opt.valid_fraction > 0 && opt.valid_fraction < 1, "prep: valid fraction ", opt.valid_fraction,
-              " must be in (0, 1)");
+  BRAID_REQUIRE(opt.valid_fraction > 0 && opt.valid_fraction < 1, "prep: valid fraction ",
+                opt.valid_fraction, " must be in (0, 1)");
   // (path, name used for the split): the path relative to its input directory, or the file name,
   // so the split does not depend on where the corpus lives.
   std::vector<std::pair<fs::path, std::string>> files;
@@ -42,7 +43,8 @@ PrepReport prep_corpus(const PrepOptions& opt) {
     const fs::path p(in);
     BRAID_REQUIRE(fs::exists(p), "prep: input '", in, "' does not exist");
     if (fs::is_directory(p)) {
-      for (const auto& e : fs::recursive_directory_iterator(p, fs::directory_options::skip_permission_denied))
+      for (const auto& e :
+           fs::recursive_directory_iterator(p, fs::directory_options::skip_permission_denied))
         if (e.is_regular_file() && wanted(e.path(), opt.extensions))
           files.emplace_back(e.path(), fs::relative(e.path(), p).string());
     } else {
@@ -68,8 +70,10 @@ PrepReport prep_corpus(const PrepOptions& opt) {
     (is_valid ? r.valid_docs : r.train_docs) += 1;
     (is_valid ? valid : train).push_back(std::move(ids));
   }
-  BRAID_REQUIRE(!train.empty() && !valid.empty(), "prep: ", files.size(), " file(s) gave ", train.size(),
-              " train and ", valid.size(), " held-out documents; both must be non-empty (more files or another valid fraction)");
+  BRAID_REQUIRE(
+      !train.empty() && !valid.empty(), "prep: ", files.size(), " file(s) gave ", train.size(),
+      " train and ", valid.size(),
+      " held-out documents; both must be non-empty (more files or another valid fraction)");
   fs::create_directories(opt.out_dir);
   r.train_path = (fs::path(opt.out_dir) / "train.tok").string();
   r.valid_path = (fs::path(opt.out_dir) / "valid.tok").string();

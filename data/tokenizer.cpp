@@ -38,9 +38,15 @@ std::vector<std::string> utf8_chars(const std::string& s) {
   return out;
 }
 
-bool is_letter(unsigned char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c >= 0x80; }
-bool is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
-bool is_space(unsigned char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+bool is_letter(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c >= 0x80;
+}
+bool is_digit(unsigned char c) {
+  return c >= '0' && c <= '9';
+}
+bool is_space(unsigned char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
 
 }  // namespace
 
@@ -106,10 +112,10 @@ BpeTokenizer::BpeTokenizer(const std::string& path, const std::string& eos_token
   }
   const auto& model = j["model"];
   BRAID_REQUIRE(model.is_object() && model.value("type", "") == "BPE", "tokenizer '", path,
-              "': model.type must be BPE (Braid reads byte-level BPE tokenizer.json files)");
+                "': model.type must be BPE (Braid reads byte-level BPE tokenizer.json files)");
   const std::string pre = j["pre_tokenizer"].dump();
   BRAID_REQUIRE(pre.find("ByteLevel") != std::string::npos, "tokenizer '", path,
-              "': pre_tokenizer is not ByteLevel; only byte-level BPE is supported");
+                "': pre_tokenizer is not ByteLevel; only byte-level BPE is supported");
   for (const auto& [tok, id] : model["vocab"].items()) {
     vocab_[tok] = id.get<uint32_t>();
     vocab_size_ = std::max(vocab_size_, id.get<uint32_t>() + 1);
@@ -128,7 +134,8 @@ BpeTokenizer::BpeTokenizer(const std::string& path, const std::string& eos_token
     if (m.is_string()) {
       const std::string s = m.get<std::string>();
       const size_t sp = s.find(' ');
-      BRAID_REQUIRE(sp != std::string::npos, "tokenizer '", path, "': merge '", s, "' has no space");
+      BRAID_REQUIRE(sp != std::string::npos, "tokenizer '", path, "': merge '", s,
+                    "' has no space");
       a = s.substr(0, sp), b = s.substr(sp + 1);
     } else {
       a = m[0].get<std::string>(), b = m[1].get<std::string>();
@@ -138,7 +145,8 @@ BpeTokenizer::BpeTokenizer(const std::string& path, const std::string& eos_token
   // GPT-2 bytes_to_unicode.
   int extra = 0;
   for (int b = 0; b < 256; ++b) {
-    const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+    const bool printable =
+        (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
     byte_to_unicode_[b] = utf8(printable ? uint32_t(b) : uint32_t(256 + extra++));
     unicode_to_byte_[byte_to_unicode_[b]] = static_cast<unsigned char>(b);
   }
@@ -151,9 +159,10 @@ BpeTokenizer::BpeTokenizer(const std::string& path, const std::string& eos_token
       eos_ = it->second, found = true;
       break;
     }
-  BRAID_REQUIRE(found, "tokenizer '", path, "': end-of-text token '",
-              eos_token.empty() ? std::string("<|endoftext|>, </s> or <|end_of_text|>") : eos_token,
-              "' not in the vocabulary (set data.eos_token)");
+  BRAID_REQUIRE(
+      found, "tokenizer '", path, "': end-of-text token '",
+      eos_token.empty() ? std::string("<|endoftext|>, </s> or <|end_of_text|>") : eos_token,
+      "' not in the vocabulary (set data.eos_token)");
 }
 
 void BpeTokenizer::encode_word(const std::string& word, std::vector<uint32_t>& out) const {
@@ -172,7 +181,8 @@ void BpeTokenizer::encode_word(const std::string& word, std::vector<uint32_t>& o
   }
   for (const auto& p : parts) {
     auto it = vocab_.find(p);
-    BRAID_REQUIRE(it != vocab_.end(), "tokenizer: piece '", p, "' of word '", word, "' is not in the vocabulary");
+    BRAID_REQUIRE(it != vocab_.end(), "tokenizer: piece '", p, "' of word '", word,
+                  "' is not in the vocabulary");
     out.push_back(it->second);
   }
 }

@@ -21,7 +21,8 @@ struct Value {
 };
 
 [[noreturn]] void bad(const Value& v, const std::string& key, const std::string& what) {
-  BRAID_REJECT(v.where, ": ", key, ": ", what, ", got '", v.is_list ? std::string("[...]") : v.text, "'");
+  BRAID_REJECT(v.where, ": ", key, ": ", what, ", got '", v.is_list ? std::string("[...]") : v.text,
+               "'");
 }
 
 int64_t as_int(const Value& v, const std::string& key) {
@@ -34,7 +35,8 @@ double as_double(const Value& v, const std::string& key) {
   if (v.text == "inf" || v.text == ".inf") return std::numeric_limits<double>::infinity();
   char* end = nullptr;
   const double x = std::strtod(v.text.c_str(), &end);
-  if (v.is_list || v.text.empty() || *end != '\0' || std::isnan(x)) bad(v, key, "expected a number");
+  if (v.is_list || v.text.empty() || *end != '\0' || std::isnan(x))
+    bad(v, key, "expected a number");
   return x;
 }
 bool as_bool(const Value& v, const std::string& key) {
@@ -74,7 +76,9 @@ Key double_key(F f) {
 template <typename F>
 Key bool_key(F f) {
   return {[f](RunConfig& c, const Value& v, const std::string& k) { f(c) = as_bool(v, k); },
-          [f](const RunConfig& c) { return std::string(f(const_cast<RunConfig&>(c)) ? "true" : "false"); }};
+          [f](const RunConfig& c) {
+            return std::string(f(const_cast<RunConfig&>(c)) ? "true" : "false");
+          }};
 }
 template <typename F>
 Key string_key(F f) {
@@ -91,12 +95,16 @@ Key list_key(F f) {
           },
           [f](const RunConfig& c) {
             std::string s = "[";
-            for (const auto& x : f(const_cast<RunConfig&>(c))) s += (s.size() > 1 ? ", \"" : "\"") + x + "\"";
+            for (const auto& x : f(const_cast<RunConfig&>(c)))
+              s += (s.size() > 1 ? ", \"" : "\"") + x + "\"";
             return s + "]";
           }};
 }
 
-#define M(expr) [](RunConfig& c) -> auto& { return c.expr; }
+#define M(expr)                \
+  [](RunConfig & c) -> auto& { \
+    return c.expr;             \
+  }
 
 const std::map<std::string, Key>& registry() {
   static const std::map<std::string, Key> keys = {
@@ -137,9 +145,12 @@ const std::map<std::string, Key>& registry() {
       {"moe.shared_ffn", int_key(M(model.moe.shared_ffn), 0)},
       {"moe.score",
        {[](RunConfig& c, const Value& v, const std::string& k) {
-          if (v.text == "softmax") c.model.moe.score = RouterScore::softmax;
-          else if (v.text == "sigmoid") c.model.moe.score = RouterScore::sigmoid;
-          else bad(v, k, "expected softmax or sigmoid");
+          if (v.text == "softmax")
+            c.model.moe.score = RouterScore::softmax;
+          else if (v.text == "sigmoid")
+            c.model.moe.score = RouterScore::sigmoid;
+          else
+            bad(v, k, "expected softmax or sigmoid");
         },
         [](const RunConfig& c) {
           return std::string(c.model.moe.score == RouterScore::softmax ? "softmax" : "sigmoid");
@@ -193,14 +204,17 @@ void set_key(RunConfig& c, const std::string& key, const Value& v) {
     std::string section = key.substr(0, key.find('.')), known;
     for (const auto& [k, _] : reg)
       if (k.rfind(section + ".", 0) == 0) known += (known.empty() ? "" : ", ") + k;
-    BRAID_REJECT(v.where, ": unknown key '", key, "'", known.empty() ? std::string(" (unknown section)") : " (known: " + known + ")");
+    BRAID_REJECT(v.where, ": unknown key '", key, "'",
+                 known.empty() ? std::string(" (unknown section)") : " (known: " + known + ")");
   }
   it->second.set(c, v, key);
 }
 
-void load_node(RunConfig& c, const YAML::Node& node, const std::string& prefix, const std::string& file) {
+void load_node(RunConfig& c, const YAML::Node& node, const std::string& prefix,
+               const std::string& file) {
   for (const auto& kv : node) {
-    const std::string key = prefix.empty() ? kv.first.as<std::string>() : prefix + "." + kv.first.as<std::string>();
+    const std::string key =
+        prefix.empty() ? kv.first.as<std::string>() : prefix + "." + kv.first.as<std::string>();
     const std::string where = file + ":" + std::to_string(kv.first.Mark().line + 1);
     const YAML::Node& v = kv.second;
     if (v.IsMap()) {
@@ -238,7 +252,8 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
   load_node(c, root, "", path);
   for (const std::string& o : overrides) {
     const size_t eq = o.find('=');
-    BRAID_REQUIRE(eq != std::string::npos && eq > 0, "command line: override '", o, "' is not key=value");
+    BRAID_REQUIRE(eq != std::string::npos && eq > 0, "command line: override '", o,
+                  "' is not key=value");
     Value v{o.substr(eq + 1), {}, false, "command line '" + o + "'"};
     if (v.text.size() >= 2 && v.text.front() == '[' && v.text.back() == ']') {
       v.is_list = true;
@@ -256,15 +271,17 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
   m.mamba1.d_inner = c.mamba1_expand * m.d_model;
   if (m.mamba1.dt_rank == 0) m.mamba1.dt_rank = (m.d_model + 15) / 16;
   if (m.mamba2.heads == 0 && m.mamba2.head_dim > 0) {
-    BRAID_REQUIRE((c.mamba2_expand * m.d_model) % m.mamba2.head_dim == 0, path, ": mamba2.expand * model.d_model = ",
-                c.mamba2_expand * m.d_model, " must be a multiple of mamba2.head_dim = ", m.mamba2.head_dim,
-                " (or set mamba2.heads)");
+    BRAID_REQUIRE((c.mamba2_expand * m.d_model) % m.mamba2.head_dim == 0, path,
+                  ": mamba2.expand * model.d_model = ", c.mamba2_expand * m.d_model,
+                  " must be a multiple of mamba2.head_dim = ", m.mamba2.head_dim,
+                  " (or set mamba2.heads)");
     m.mamba2.heads = c.mamba2_expand * m.d_model / m.mamba2.head_dim;
   }
   if (m.attention.kv_heads == 0) m.attention.kv_heads = m.attention.heads;
   if (m.attention.head_dim == 0 && m.attention.heads > 0) {
     BRAID_REQUIRE(m.d_model % m.attention.heads == 0, path, ": model.d_model = ", m.d_model,
-                " must be a multiple of attention.heads = ", m.attention.heads, " (or set attention.head_dim)");
+                  " must be a multiple of attention.heads = ", m.attention.heads,
+                  " (or set attention.head_dim)");
     m.attention.head_dim = m.d_model / m.attention.heads;
   }
   c.lr.total = c.train.steps;
@@ -274,10 +291,12 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
   } catch (const Error& e) {
     BRAID_REJECT(path, ": ", e.what());
   }
-  BRAID_REQUIRE(c.train.device == "cpu" || c.train.device == "cuda", path, ": train.device = '", c.train.device,
-              "' must be cpu or cuda");
-  BRAID_REQUIRE(!c.data.train.empty(), path, ": data.train is empty: give the training shard file(s)");
-  BRAID_REQUIRE(!c.data.valid.empty(), path, ": data.valid is empty: give the held-out shard file(s)");
+  BRAID_REQUIRE(c.train.device == "cpu" || c.train.device == "cuda", path, ": train.device = '",
+                c.train.device, "' must be cpu or cuda");
+  BRAID_REQUIRE(!c.data.train.empty(), path,
+                ": data.train is empty: give the training shard file(s)");
+  BRAID_REQUIRE(!c.data.valid.empty(), path,
+                ": data.valid is empty: give the held-out shard file(s)");
   return c;
 }
 

@@ -35,10 +35,12 @@ int cmd_train(const std::vector<std::string>& args) {
   const braid::RunConfig cfg = braid::load_config(config, overrides);
   const braid::TrainSummary s = braid::train(cfg);
   const double below = 100.0 * (1.0 - s.final_valid_loss / s.unigram_entropy);
-  std::printf("done: %lld steps in %.1f s | final train loss %.4f | held-out loss %.4f | unigram entropy %.4f "
-              "nats/token | held-out loss is %.1f%% %s the unigram entropy\n",
-              (long long)s.steps, s.seconds, s.final_train_loss, s.final_valid_loss, s.unigram_entropy,
-              below >= 0 ? below : -below, below >= 0 ? "below" : "above");
+  std::printf(
+      "done: %lld steps in %.1f s | final train loss %.4f | held-out loss %.4f | unigram entropy "
+      "%.4f "
+      "nats/token | held-out loss is %.1f%% %s the unigram entropy\n",
+      (long long)s.steps, s.seconds, s.final_train_loss, s.final_valid_loss, s.unigram_entropy,
+      below >= 0 ? below : -below, below >= 0 ? "below" : "above");
   return 0;
 }
 
@@ -49,14 +51,22 @@ int cmd_prep(const std::vector<std::string>& args) {
       BRAID_REQUIRE(i + 1 < args.size(), "braid prep: ", args[i], " needs a value");
       return args[++i];
     };
-    if (args[i] == "--input") opt.inputs.push_back(next());
-    else if (args[i] == "--out") opt.out_dir = next();
-    else if (args[i] == "--ext") opt.extensions.push_back(next());
-    else if (args[i] == "--tokenizer") opt.tokenizer = next();
-    else if (args[i] == "--eos-token") opt.eos_token = next();
-    else if (args[i] == "--valid-fraction") opt.valid_fraction = std::stod(next());
-    else if (args[i].rfind("--", 0) != 0) opt.inputs.push_back(args[i]);  // more inputs (a glob)
-    else BRAID_REJECT("braid prep: unexpected argument '", args[i], "' (see braid --help)");
+    if (args[i] == "--input")
+      opt.inputs.push_back(next());
+    else if (args[i] == "--out")
+      opt.out_dir = next();
+    else if (args[i] == "--ext")
+      opt.extensions.push_back(next());
+    else if (args[i] == "--tokenizer")
+      opt.tokenizer = next();
+    else if (args[i] == "--eos-token")
+      opt.eos_token = next();
+    else if (args[i] == "--valid-fraction")
+      opt.valid_fraction = std::stod(next());
+    else if (args[i].rfind("--", 0) != 0)
+      opt.inputs.push_back(args[i]);  // more inputs (a glob)
+    else
+      BRAID_REJECT("braid prep: unexpected argument '", args[i], "' (see braid --help)");
   }
   const braid::PrepReport r = braid::prep_corpus(opt);
   std::printf("prep: %lld train documents (%lld tokens) -> %s\n", (long long)r.train_docs,

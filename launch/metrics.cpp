@@ -8,7 +8,8 @@
 
 namespace braid {
 
-MetricsLog::MetricsLog(const std::string& path, bool append) : f_(std::fopen(path.c_str(), append ? "a" : "w")) {
+MetricsLog::MetricsLog(const std::string& path, bool append)
+    : f_(std::fopen(path.c_str(), append ? "a" : "w")) {
   BRAID_CHECK(f_, "cannot write metrics file '", path, "': ", std::strerror(errno));
 }
 
@@ -16,11 +17,14 @@ MetricsLog::~MetricsLog() {
   if (f_) std::fclose(f_);
 }
 
-void MetricsLog::write(const std::string& kind, std::initializer_list<std::pair<const char*, double>> fields) {
+void MetricsLog::write(const std::string& kind,
+                       std::initializer_list<std::pair<const char*, double>> fields) {
   std::fprintf(f_, "{\"kind\": \"%s\"", kind.c_str());
   for (const auto& [k, v] : fields) {
-    if (std::isfinite(v)) std::fprintf(f_, ", \"%s\": %.9g", k, v);
-    else std::fprintf(f_, ", \"%s\": null", k);
+    if (std::isfinite(v))
+      std::fprintf(f_, ", \"%s\": %.9g", k, v);
+    else
+      std::fprintf(f_, ", \"%s\": null", k);
   }
   std::fprintf(f_, "}\n");
   std::fflush(f_);

@@ -23,8 +23,8 @@ using Clock = std::chrono::steady_clock;
 std::string hms(double s) {
   const int64_t t = static_cast<int64_t>(s + 0.5);
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%lld:%02lld:%02lld", (long long)(t / 3600), (long long)(t / 60 % 60),
-                (long long)(t % 60));
+  std::snprintf(buf, sizeof(buf), "%lld:%02lld:%02lld", (long long)(t / 3600),
+                (long long)(t / 60 % 60), (long long)(t % 60));
   return buf;
 }
 
@@ -52,27 +52,32 @@ struct BatchBuffers {
 
 void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& batch) {
   for (int64_t r = 0; r < batch.tokens.size(0); ++r)
-    data.fill_row(sampler.sample(first + r), r, batch.tokens, batch.targets, batch.seq_idx, batch.positions);
+    data.fill_row(sampler.sample(first + r), r, batch.tokens, batch.targets, batch.seq_idx,
+                  batch.positions);
 }
 
 }  // namespace
 
 TrainSummary train(const RunConfig& cfg) {
   const LaunchEnv env = read_launch_env();
-  BRAID_REQUIRE(env.world_size == 1, "braid train was launched as ", env.world_size, " ranks (", env.source,
-              "); this build trains on one process: multi-rank data/tensor/pipeline parallelism is not built yet");
+  BRAID_REQUIRE(env.world_size == 1, "braid train was launched as ", env.world_size, " ranks (",
+                env.source,
+                "); this build trains on one process: multi-rank data/tensor/pipeline parallelism "
+                "is not built yet");
   BRAID_REQUIRE(cfg.train.device == "cpu", "train.device = ", cfg.train.device,
-              ": the CUDA training path is not built yet; use train.device=cpu");
+                ": the CUDA training path is not built yet; use train.device=cpu");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
   const int64_t b = ts.micro_batch, t = ts.seq_len;
 
   Dataset train_data(cfg.data.train, t), valid_data(cfg.data.valid, t);
-  BRAID_REQUIRE(cfg.model.vocab_size >= int64_t(train_data.vocab_size()), "model.vocab_size = ", cfg.model.vocab_size,
-              " is smaller than the vocabulary of the training data (", train_data.vocab_size(), ", in '",
-              cfg.data.train[0], "')");
-  BRAID_REQUIRE(valid_data.vocab_size() == train_data.vocab_size(), "data.valid shards have vocabulary ",
-              valid_data.vocab_size(), ", data.train shards ", train_data.vocab_size());
+  BRAID_REQUIRE(cfg.model.vocab_size >= int64_t(train_data.vocab_size()),
+                "model.vocab_size = ", cfg.model.vocab_size,
+                " is smaller than the vocabulary of the training data (", train_data.vocab_size(),
+                ", in '", cfg.data.train[0], "')");
+  BRAID_REQUIRE(valid_data.vocab_size() == train_data.vocab_size(),
+                "data.valid shards have vocabulary ", valid_data.vocab_size(),
+                ", data.train shards ", train_data.vocab_size());
 
   std::filesystem::create_directories(ts.out_dir);
   const std::string yaml = config_to_yaml(cfg);
@@ -88,13 +93,14 @@ TrainSummary train(const RunConfig& cfg) {
 
   const MemoryReport mem = model.memory();
   const double flops_tok = model.flops_per_token(t);
-  std::printf("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
-              cfg.model.pattern.c_str(), (long long)model.params().numel(), (long long)model.params().numel(true),
-              flops_tok / 1e9);
+  std::printf(
+      "model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
+      cfg.model.pattern.c_str(), (long long)model.params().numel(),
+      (long long)model.params().numel(true), flops_tok / 1e9);
   std::printf("memory: parameters %s, gradients %s, optimizer %s, activations %s, scratch %s\n",
               mib(mem.parameters).c_str(), mib(mem.gradients).c_str(),
-              mib(3 * sizeof(float) * size_t(model.params().numel(true))).c_str(), mib(mem.activations).c_str(),
-              mib(mem.scratch).c_str());
+              mib(3 * sizeof(float) * size_t(model.params().numel(true))).c_str(),
+              mib(mem.activations).c_str(), mib(mem.scratch).c_str());
   std::printf("data: %lld train tokens (%lld samples of %lld), %lld held-out tokens; %d threads\n",
               (long long)train_data.num_tokens(), (long long)train_data.num_samples(), (long long)t,
               (long long)valid_data.num_tokens(), omp_get_max_threads());
@@ -103,8 +109,9 @@ TrainSummary train(const RunConfig& cfg) {
   std::fflush(stdout);
 
   // Resume from the newest checkpoint when asked and one exists.
-  const std::string ckpt_dir =
-      cfg.checkpoint.dir.empty() ? (std::filesystem::path(ts.out_dir) / "checkpoints").string() : cfg.checkpoint.dir;
+  const std::string ckpt_dir = cfg.checkpoint.dir.empty()
+                                   ? (std::filesystem::path(ts.out_dir) / "checkpoints").string()
+                                   : cfg.checkpoint.dir;
   int64_t start_step = 0, consumed = 0;
   if (cfg.checkpoint.resume) {
     const std::string latest = latest_checkpoint(ckpt_dir);
@@ -115,25 +122,29 @@ TrainSummary train(const RunConfig& cfg) {
       // The model, and what defines the sample order, must match; batch sizes may change.
       const std::vector<std::string> diffs =
           config_differences(meta.config, config_entries(cfg),
-                             {"model.", "mamba1.", "mamba2.", "attention.", "mlp.", "moe.", "train.seed", "train.seq_len"});
+                             {"model.", "mamba1.", "mamba2.", "attention.", "mlp.", "moe.",
+                              "train.seed", "train.seq_len"});
       std::string all;
       for (const std::string& d : diffs) all += (all.empty() ? "" : "; ") + d;
-      BRAID_REQUIRE(diffs.empty(), "cannot resume from ", latest, ": the configuration differs: ", all);
+      BRAID_REQUIRE(diffs.empty(), "cannot resume from ", latest,
+                    ": the configuration differs: ", all);
       BRAID_REQUIRE(meta.step < ts.steps, "checkpoint ", latest, " is at step ", meta.step,
                     ", not before train.steps = ", ts.steps, ": nothing to train");
       load_checkpoint(latest, model.params(), opt);
       start_step = meta.step, consumed = meta.consumed_samples;
-      std::printf("resumed from %s at step %lld (%lld samples consumed)\n", latest.c_str(), (long long)start_step,
-                  (long long)consumed);
+      std::printf("resumed from %s at step %lld (%lld samples consumed)\n", latest.c_str(),
+                  (long long)start_step, (long long)consumed);
     }
   }
-  MetricsLog metrics((std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(), start_step > 0);
+  MetricsLog metrics((std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(),
+                     start_step > 0);
   auto save = [&](int64_t steps_done) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
     const std::string dir = save_checkpoint(ckpt_dir, meta, model.params(), opt);
     prune_checkpoints(ckpt_dir, cfg.checkpoint.keep);
-    std::printf("saved checkpoint %s (%.2f s)\n", dir.c_str(), std::chrono::duration<double>(Clock::now() - c0).count());
+    std::printf("saved checkpoint %s (%.2f s)\n", dir.c_str(),
+                std::chrono::duration<double>(Clock::now() - c0).count());
     std::fflush(stdout);
   };
   const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
@@ -161,15 +172,16 @@ TrainSummary train(const RunConfig& cfg) {
     for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
       fill(train_data, sampler, consumed, buf.batch);
       consumed += b;
-      const Model::StepResult r =
-          model.forward_backward(buf.batch, 1.0 / double(tokens_per_step), 1.0 / double(ts.grad_accum));
+      const Model::StepResult r = model.forward_backward(buf.batch, 1.0 / double(tokens_per_step),
+                                                         1.0 / double(ts.grad_accum));
       loss_sum += r.loss.sum;
       aux += r.aux / double(ts.grad_accum);
     }
     const double loss = loss_sum / double(tokens_per_step);
     const double norm = opt.grad_norm();
-    BRAID_REQUIRE(std::isfinite(norm) && std::isfinite(loss), "step ", step + 1, ": non-finite loss (", loss,
-                ") or gradient norm (", norm, "); lower optim.lr or check the data");
+    BRAID_REQUIRE(std::isfinite(norm) && std::isfinite(loss), "step ", step + 1,
+                  ": non-finite loss (", loss, ") or gradient norm (", norm,
+                  "); lower optim.lr or check the data");
     const double lr = cfg.lr.at(step);
     opt.step(lr, norm);
     model.after_optimizer_step();
@@ -178,28 +190,36 @@ TrainSummary train(const RunConfig& cfg) {
     const double dt = std::chrono::duration<double>(now - last).count();
     const double elapsed = std::chrono::duration<double>(now - t0).count();
     last = now;
-    metrics.write("train", {{"step", double(step + 1)}, {"loss", loss}, {"aux_loss", aux}, {"lr", lr},
-                            {"grad_norm", norm}, {"tokens_per_s", tokens_per_step / dt},
-                            {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9}, {"elapsed_s", elapsed}});
+    metrics.write("train", {{"step", double(step + 1)},
+                            {"loss", loss},
+                            {"aux_loss", aux},
+                            {"lr", lr},
+                            {"grad_norm", norm},
+                            {"tokens_per_s", tokens_per_step / dt},
+                            {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9},
+                            {"elapsed_s", elapsed}});
     if ((step + 1) % ts.log_interval == 0 || step + 1 == ts.steps) {
       s.final_train_loss = interval_loss / double(interval_steps);
       const double per_step = elapsed / double(step + 1 - start_step);
-      std::printf("step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
-                  "%.2f GFLOP/s | elapsed %s | remaining %s\n",
-                  (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
-                  tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9, hms(elapsed).c_str(),
-                  hms(per_step * double(ts.steps - step - 1)).c_str());
+      std::printf(
+          "step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
+          "%.2f GFLOP/s | elapsed %s | remaining %s\n",
+          (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
+          tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9,
+          hms(elapsed).c_str(), hms(per_step * double(ts.steps - step - 1)).c_str());
       std::fflush(stdout);
       interval_loss = 0, interval_steps = 0;
     }
     if ((step + 1) % ts.eval_interval == 0 || step + 1 == ts.steps) {
       s.final_valid_loss = evaluate();
       metrics.write("eval", {{"step", double(step + 1)}, {"valid_loss", s.final_valid_loss}});
-      std::printf("eval  %5lld/%lld | held-out loss %.4f nats/token (%lld tokens)\n", (long long)(step + 1),
-                  (long long)ts.steps, s.final_valid_loss, (long long)(std::max(valid_rows, b) / b * b * t));
+      std::printf("eval  %5lld/%lld | held-out loss %.4f nats/token (%lld tokens)\n",
+                  (long long)(step + 1), (long long)ts.steps, s.final_valid_loss,
+                  (long long)(std::max(valid_rows, b) / b * b * t));
       std::fflush(stdout);
     }
-    if ((cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) || step + 1 == ts.steps)
+    if ((cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) ||
+        step + 1 == ts.steps)
       save(step + 1);
   }
   s.steps = ts.steps - start_step;

@@ -11,8 +11,8 @@ namespace braid {
 struct TrainSummary {
   double final_train_loss = 0;  // mean over the last log interval (nats per token)
   double final_valid_loss = 0;
-  double unigram_entropy = 0;   // of the training tokens (nats per token)
-  int64_t steps = 0;  // steps run by this invocation
+  double unigram_entropy = 0;  // of the training tokens (nats per token)
+  int64_t steps = 0;           // steps run by this invocation
   double seconds = 0;
 };
 

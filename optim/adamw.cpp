@@ -16,7 +16,8 @@ double sum_squares(const T* g, int64_t n) {
   std::vector<double> part(nb);
   parallel_for(nb, [&](int64_t b) {
     double s = 0;
-    for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i) s += double(g[i]) * double(g[i]);
+    for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i)
+      s += double(g[i]) * double(g[i]);
     part[b] = s;
   });
   double s = 0;
@@ -26,7 +27,8 @@ double sum_squares(const T* g, int64_t n) {
 
 }  // namespace
 
-AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend) : params_(params), cfg_(cfg) {
+AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
+    : params_(params), cfg_(cfg) {
   BRAID_CHECK(cfg.beta1 >= 0 && cfg.beta1 < 1 && cfg.beta2 >= 0 && cfg.beta2 < 1,
               "optim: beta1 and beta2 must be in [0, 1)");
   BRAID_CHECK(cfg.eps > 0, "optim.eps must be positive");
@@ -48,8 +50,9 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend) : param
   for (State& s : state_) {
     BRAID_CHECK(s.param->value.device == Device::cpu, "AdamW: parameter ", s.param->name,
                 " is on the GPU and the fused CUDA AdamW is not built yet");
-    BRAID_CHECK(s.param->value.dtype == DType::f32, "AdamW: parameter ", s.param->name, " has dtype ",
-                dtype_name(s.param->value.dtype), "; the CPU optimizer trains f32 parameters");
+    BRAID_CHECK(s.param->value.dtype == DType::f32, "AdamW: parameter ", s.param->name,
+                " has dtype ", dtype_name(s.param->value.dtype),
+                "; the CPU optimizer trains f32 parameters");
     const float* v = s.param->value.ptr<float>();
     std::copy(v, v + s.master.numel(), s.master.ptr<float>());
   }
@@ -59,8 +62,8 @@ double AdamW::grad_norm() const {
   double s = 0;
   for (const State& st : state_) {
     const Tensor& g = st.param->grad;
-    BRAID_CHECK(g.dtype == DType::f32, "AdamW: gradient of ", st.param->name, " is ", dtype_name(g.dtype),
-                "; the CPU optimizer takes f32 gradients");
+    BRAID_CHECK(g.dtype == DType::f32, "AdamW: gradient of ", st.param->name, " is ",
+                dtype_name(g.dtype), "; the CPU optimizer takes f32 gradients");
     s += sum_squares(g.ptr<float>(), g.numel());
   }
   return std::sqrt(s);
@@ -69,7 +72,8 @@ double AdamW::grad_norm() const {
 void AdamW::step(double lr, double norm) {
   ++t_;
   const double clip = cfg_.grad_clip > 0 ? std::min(1.0, cfg_.grad_clip / (norm + 1e-6)) : 1.0;
-  const double bc1 = 1 - std::pow(cfg_.beta1, double(t_)), bc2 = 1 - std::pow(cfg_.beta2, double(t_));
+  const double bc1 = 1 - std::pow(cfg_.beta1, double(t_)),
+               bc2 = 1 - std::pow(cfg_.beta2, double(t_));
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
   const float step_size = float(lr / bc1), inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
   for (State& st : state_) {

@@ -1,7 +1,7 @@
 // AdamW (decoupled weight decay, PyTorch torch.optim.AdamW) with fp32 master weights and moments:
-//   p <- p - lr * wd * p   (only parameters flagged for decay: not norms, biases, A_log, D, dt bias)
-//   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
-//   p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+//   p <- p - lr * wd * p   (only parameters flagged for decay: not norms, biases, A_log, D, dt
+//   bias) m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2 p <- p - lr * (m / (1 - b1^t)) /
+//   (sqrt(v / (1 - b2^t)) + eps)
 // then the model's parameter tensor is written from the master. The CPU path trains f32
 // parameters; bf16 parameters (rounded from the master) come with the CUDA optimizer.
 // Gradients are first multiplied by clip_coef = min(1, max_norm / (||g|| + 1e-6)) where ||g|| is

@@ -12,11 +12,13 @@ int parse_int(const char* name, const char* value) {
   char* end = nullptr;
   const long v = std::strtol(value, &end, 10);
   BRAID_REQUIRE(end != value && *end == '\0' && v >= 0 && v < (1 << 24), "environment variable ",
-              name, "='", value, "' is not a valid rank or size");
+                name, "='", value, "' is not a valid rank or size");
   return static_cast<int>(v);
 }
 
-const char* std_getenv(const char* name) { return std::getenv(name); }
+const char* std_getenv(const char* name) {
+  return std::getenv(name);
+}
 
 }  // namespace
 
@@ -40,12 +42,14 @@ LaunchEnv read_launch_env(const char* (*getenv_fn)(const char*)) {
     env.local_rank = local ? parse_int(s.local, local) : 0;
     env.source = s.label;
     BRAID_REQUIRE(env.world_size >= 1 && env.rank < env.world_size, s.rank, "=", env.rank,
-                " must be below ", s.size, "=", env.world_size);
+                  " must be below ", s.size, "=", env.world_size);
     return env;
   }
   return env;
 }
 
-LaunchEnv read_launch_env() { return read_launch_env(&std_getenv); }
+LaunchEnv read_launch_env() {
+  return read_launch_env(&std_getenv);
+}
 
 }  // namespace braid

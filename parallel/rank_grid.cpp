@@ -7,13 +7,19 @@
 namespace braid {
 namespace {
 
-bool is_expert_dim(Dim d) { return d == Dim::etp || d == Dim::ep || d == Dim::edp; }
+bool is_expert_dim(Dim d) {
+  return d == Dim::etp || d == Dim::ep || d == Dim::edp;
+}
 
 }  // namespace
 
 RankGrid::RankGrid(const Layout& l, int world_size) : layout_(l), world_(world_size) {
-  for (auto [name, v] : {std::pair{"tp", l.tp}, {"cp", l.cp}, {"ep", l.ep}, {"dp", l.dp},
-                         {"pp", l.pp}, {"etp", l.etp}})
+  for (auto [name, v] : {std::pair{"tp", l.tp},
+                         {"cp", l.cp},
+                         {"ep", l.ep},
+                         {"dp", l.dp},
+                         {"pp", l.pp},
+                         {"etp", l.etp}})
     BRAID_REQUIRE(v >= 1, "parallel layout: ", name, " = ", v, " must be at least 1");
   // Parse the order: each of tp, cp, ep, dp, pp exactly once.
   std::vector<std::string> names;
@@ -26,18 +32,18 @@ RankGrid::RankGrid(const Layout& l, int world_size) : layout_(l), world_(world_s
     for (int i = 0; i < 5; ++i)
       if (n == known[i]) k = i;
     BRAID_REQUIRE(k >= 0, "parallel layout: order '", l.order, "' has unknown dimension '", n,
-                "' (use tp, cp, ep, dp, pp)");
+                  "' (use tp, cp, ep, dp, pp)");
     ++seen[k];
   }
   for (int i = 0; i < 5; ++i)
     BRAID_REQUIRE(seen[i] == 1, "parallel layout: order '", l.order, "' must name ", known[i],
-                " exactly once");
+                  " exactly once");
   const int dense_size = l.tp * l.cp * l.dp * l.pp;
   BRAID_REQUIRE(dense_size == world_size, "parallel layout: tp*cp*dp*pp = ", l.tp, "*", l.cp, "*",
-              l.dp, "*", l.pp, " = ", dense_size, " must equal the number of ranks ", world_size);
+                l.dp, "*", l.pp, " = ", dense_size, " must equal the number of ranks ", world_size);
   const int per_stage = l.tp * l.cp * l.dp;
   BRAID_REQUIRE(per_stage % (l.etp * l.ep) == 0, "parallel layout: etp*ep = ", l.etp * l.ep,
-              " must divide tp*cp*dp = ", per_stage, " (ranks per pipeline stage)");
+                " must divide tp*cp*dp = ", per_stage, " (ranks per pipeline stage)");
   edp_ = per_stage / (l.etp * l.ep);
   int di = 0, ei = 0;
   for (const auto& n : names) {
@@ -60,13 +66,20 @@ RankGrid::RankGrid(const Layout& l, int world_size) : layout_(l), world_(world_s
 
 int RankGrid::size(Dim d) const {
   switch (d) {
-    case Dim::tp: return layout_.tp;
-    case Dim::cp: return layout_.cp;
-    case Dim::dp: return layout_.dp;
-    case Dim::pp: return layout_.pp;
-    case Dim::etp: return layout_.etp;
-    case Dim::ep: return layout_.ep;
-    case Dim::edp: return edp_;
+    case Dim::tp:
+      return layout_.tp;
+    case Dim::cp:
+      return layout_.cp;
+    case Dim::dp:
+      return layout_.dp;
+    case Dim::pp:
+      return layout_.pp;
+    case Dim::etp:
+      return layout_.etp;
+    case Dim::ep:
+      return layout_.ep;
+    case Dim::edp:
+      return edp_;
   }
   return 1;
 }

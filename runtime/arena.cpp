@@ -23,7 +23,9 @@ Arena Arena::allocate(std::string name, Backend& backend, size_t bytes) {
   return a;
 }
 
-Arena::Arena(Arena&& o) noexcept { *this = std::move(o); }
+Arena::Arena(Arena&& o) noexcept {
+  *this = std::move(o);
+}
 
 Arena& Arena::operator=(Arena&& o) noexcept {
   if (this != &o) {
@@ -60,7 +62,8 @@ Tensor Arena::take(std::string tensor_name, DType dtype, const int64_t* shape, i
 
 Tensor Arena::bytes() const {
   BRAID_CHECK(!measuring_, "arena '", name_, "' is a measuring arena and has no memory");
-  return Tensor::contiguous_view(base_, DType::u8, device_, {static_cast<int64_t>(capacity_)}, name_);
+  return Tensor::contiguous_view(base_, DType::u8, device_, {static_cast<int64_t>(capacity_)},
+                                 name_);
 }
 
 void Arena::reset(size_t mark) {

@@ -6,8 +6,8 @@
 #pragma once
 
 #include <initializer_list>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "runtime/backend.h"
 

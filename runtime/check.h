@@ -35,15 +35,15 @@ template <typename... Args>
 }  // namespace braid
 
 // BRAID_CHECK(cond, "message parts", ...): throws braid::Error("file:line: message parts").
-#define BRAID_CHECK(cond, ...)                                                        \
-  do {                                                                                \
-    if (!(cond)) ::braid::detail::fail(__FILE__, __LINE__, __VA_ARGS__);              \
+#define BRAID_CHECK(cond, ...)                                           \
+  do {                                                                   \
+    if (!(cond)) ::braid::detail::fail(__FILE__, __LINE__, __VA_ARGS__); \
   } while (0)
 #define BRAID_FAIL(...) ::braid::detail::fail(__FILE__, __LINE__, __VA_ARGS__)
 
 // BRAID_REQUIRE(cond, ...) / BRAID_REJECT(...): the same for invalid user input, no location.
-#define BRAID_REQUIRE(cond, ...)                                   \
-  do {                                                             \
-    if (!(cond)) ::braid::detail::reject(__VA_ARGS__);             \
+#define BRAID_REQUIRE(cond, ...)                       \
+  do {                                                 \
+    if (!(cond)) ::braid::detail::reject(__VA_ARGS__); \
   } while (0)
 #define BRAID_REJECT(...) ::braid::detail::reject(__VA_ARGS__)

@@ -42,16 +42,23 @@ class CpuBackend final : public Backend {
   }
 
   void fill(const Tensor& t, double value, Stream) override {
-    BRAID_CHECK(t.is_contiguous() && t.device == Device::cpu, "fill needs a contiguous host tensor: ",
-                t.describe());
+    BRAID_CHECK(t.is_contiguous() && t.device == Device::cpu,
+                "fill needs a contiguous host tensor: ", t.describe());
     switch (t.dtype) {
-      case DType::f32: return fill_as<float>(t, value);
-      case DType::f64: return fill_as<double>(t, value);
-      case DType::bf16: return fill_as<bf16>(t, value);
-      case DType::f16: return fill_as<f16>(t, value);
-      case DType::i32: return fill_as<int32_t>(t, value);
-      case DType::i64: return fill_as<int64_t>(t, value);
-      case DType::u8: return fill_as<uint8_t>(t, value);
+      case DType::f32:
+        return fill_as<float>(t, value);
+      case DType::f64:
+        return fill_as<double>(t, value);
+      case DType::bf16:
+        return fill_as<bf16>(t, value);
+      case DType::f16:
+        return fill_as<f16>(t, value);
+      case DType::i32:
+        return fill_as<int32_t>(t, value);
+      case DType::i64:
+        return fill_as<int64_t>(t, value);
+      case DType::u8:
+        return fill_as<uint8_t>(t, value);
     }
   }
 
@@ -62,11 +69,20 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < n; ++i) {
       const float v = random_value(spec, static_cast<uint64_t>(i));
       switch (t.dtype) {
-        case DType::f32: static_cast<float*>(t.data)[i] = v; break;
-        case DType::f64: static_cast<double*>(t.data)[i] = v; break;
-        case DType::bf16: static_cast<bf16*>(t.data)[i] = to_bf16(v); break;
-        case DType::f16: static_cast<f16*>(t.data)[i] = to_f16(v); break;
-        default: break;
+        case DType::f32:
+          static_cast<float*>(t.data)[i] = v;
+          break;
+        case DType::f64:
+          static_cast<double*>(t.data)[i] = v;
+          break;
+        case DType::bf16:
+          static_cast<bf16*>(t.data)[i] = to_bf16(v);
+          break;
+        case DType::f16:
+          static_cast<f16*>(t.data)[i] = to_f16(v);
+          break;
+        default:
+          break;
       }
     }
   }
@@ -82,13 +98,15 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend() {
+  return std::make_unique<CpuBackend>();
+}
 
 void copy_tensor(Backend& backend, const Tensor& dst, const Tensor& src, Stream s) {
   BRAID_CHECK(dst.dtype == src.dtype && dst.numel() == src.numel() && dst.is_contiguous() &&
                   src.is_contiguous(),
-              "copy_tensor needs contiguous tensors of one dtype and size: ", dst.describe(), " <- ",
-              src.describe());
+              "copy_tensor needs contiguous tensors of one dtype and size: ", dst.describe(),
+              " <- ", src.describe());
   backend.copy(dst.data, dst.device, src.data, src.device, dst.nbytes(), s);
 }
 
@@ -96,7 +114,9 @@ void copy_tensor(Backend& backend, const Tensor& dst, const Tensor& src, Stream 
 std::unique_ptr<Backend> make_cuda_backend(int) {
   BRAID_FAIL("this build of Braid has no CUDA backend (configure with -DBRAID_CUDA=ON)");
 }
-bool cuda_device_available() { return false; }
+bool cuda_device_available() {
+  return false;
+}
 #endif
 
 }  // namespace braid

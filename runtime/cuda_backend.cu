@@ -11,15 +11,21 @@ namespace {
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ double from_float<double>(float v) { return v; }
+__device__ __forceinline__ double from_float<double>(float v) {
+  return v;
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 
 template <typename T>
 __global__ void fill_kernel(T* p, int64_t n, T v) {
@@ -40,7 +46,9 @@ unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
 }
 
-cudaStream_t as_cuda(Stream s) { return static_cast<cudaStream_t>(s.handle); }
+cudaStream_t as_cuda(Stream s) {
+  return static_cast<cudaStream_t>(s.handle);
+}
 
 cudaMemcpyKind copy_kind(Device dst, Device src) {
   if (dst == Device::cuda && src == Device::cuda) return cudaMemcpyDeviceToDevice;
@@ -124,7 +132,8 @@ class CudaBackend final : public Backend {
       case DType::f16:
         fill_random_kernel<<<grid_for(n), 256, 0, st>>>(static_cast<__half*>(t.data), n, spec);
         break;
-      default: break;
+      default:
+        break;
     }
     CUDA_CHECK(cudaGetLastError());
   }
@@ -140,7 +149,9 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     return Event{e};
   }
-  void destroy_event(Event e) override { CUDA_CHECK(cudaEventDestroy(static_cast<cudaEvent_t>(e.handle))); }
+  void destroy_event(Event e) override {
+    CUDA_CHECK(cudaEventDestroy(static_cast<cudaEvent_t>(e.handle)));
+  }
   void record(Event e, Stream s) override {
     CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e.handle), as_cuda(s)));
   }

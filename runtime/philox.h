@@ -43,12 +43,24 @@ BRAID_HD U32x4 bits(uint64_t seed, uint32_t tensor_id, uint64_t index) {
 // Correctly rounded double operations that the compiler may not fuse or reorder, so host and
 // device compute the same bits.
 #if defined(__CUDA_ARCH__)
-BRAID_HD double add(double a, double b) { return __dadd_rn(a, b); }
-BRAID_HD double mul(double a, double b) { return __dmul_rn(a, b); }
-BRAID_HD double div(double a, double b) { return __ddiv_rn(a, b); }
-BRAID_HD double sqrt_rn(double a) { return __dsqrt_rn(a); }
-BRAID_HD uint64_t double_bits(double a) { return static_cast<uint64_t>(__double_as_longlong(a)); }
-BRAID_HD double bits_double(uint64_t u) { return __longlong_as_double(static_cast<long long>(u)); }
+BRAID_HD double add(double a, double b) {
+  return __dadd_rn(a, b);
+}
+BRAID_HD double mul(double a, double b) {
+  return __dmul_rn(a, b);
+}
+BRAID_HD double div(double a, double b) {
+  return __ddiv_rn(a, b);
+}
+BRAID_HD double sqrt_rn(double a) {
+  return __dsqrt_rn(a);
+}
+BRAID_HD uint64_t double_bits(double a) {
+  return static_cast<uint64_t>(__double_as_longlong(a));
+}
+BRAID_HD double bits_double(uint64_t u) {
+  return __longlong_as_double(static_cast<long long>(u));
+}
 #else
 BRAID_HD double add(double a, double b) {
   volatile double r = a + b;
@@ -62,13 +74,21 @@ BRAID_HD double div(double a, double b) {
   volatile double r = a / b;
   return r;
 }
-BRAID_HD double sqrt_rn(double a) { return __builtin_sqrt(a); }
-BRAID_HD uint64_t double_bits(double a) { return __builtin_bit_cast(uint64_t, a); }
-BRAID_HD double bits_double(uint64_t u) { return __builtin_bit_cast(double, u); }
+BRAID_HD double sqrt_rn(double a) {
+  return __builtin_sqrt(a);
+}
+BRAID_HD uint64_t double_bits(double a) {
+  return __builtin_bit_cast(uint64_t, a);
+}
+BRAID_HD double bits_double(uint64_t u) {
+  return __builtin_bit_cast(double, u);
+}
 #endif
 
 // Uniform in [0, 1) with 24 random bits (exact conversion).
-BRAID_HD float u01(uint32_t x) { return static_cast<float>(x >> 8) * (1.0f / 16777216.0f); }
+BRAID_HD float u01(uint32_t x) {
+  return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
+}
 // Uniform in (0, 1) with 32 random bits, in double (exact conversion).
 BRAID_HD double u01_open(uint32_t x) {
   return (static_cast<double>(x) + 0.5) * (1.0 / 4294967296.0);
@@ -93,7 +113,7 @@ BRAID_HD double log_rn(double x) {
 // Standard normal from p in (0, 1): Acklam's inverse-CDF approximation (relative error 1.2e-9),
 // evaluated in double and rounded to float once.
 BRAID_HD float inverse_normal_cdf(double p) {
-  const double a[6] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+  const double a[6] = {-3.969683028665376e+01, 2.209460984245205e+02,  -2.759285104469687e+02,
                        1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
   const double b[5] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
                        6.680131188771972e+01, -1.328068155288572e+01};

@@ -4,12 +4,14 @@
 
 namespace braid {
 
-std::string_view device_name(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
+std::string_view device_name(Device d) {
+  return d == Device::cpu ? "cpu" : "cuda";
+}
 
-Tensor Tensor::contiguous_view(void* data, DType dtype, Device device, const int64_t* shape, int ndim,
-                               std::string name) {
-  BRAID_CHECK(ndim >= 0 && ndim <= kMaxDims, "tensor '", name, "' has ", ndim, " dims, at most ", kMaxDims,
-              " supported");
+Tensor Tensor::contiguous_view(void* data, DType dtype, Device device, const int64_t* shape,
+                               int ndim, std::string name) {
+  BRAID_CHECK(ndim >= 0 && ndim <= kMaxDims, "tensor '", name, "' has ", ndim, " dims, at most ",
+              kMaxDims, " supported");
   Tensor t;
   t.data = data;
   t.dtype = dtype;
@@ -57,8 +59,8 @@ Tensor Tensor::reshape(std::initializer_list<int64_t> new_shape) const {
 
 Tensor Tensor::slice(int d, int64_t start, int64_t len) const {
   if (d < 0) d += ndim;
-  BRAID_CHECK(d >= 0 && d < ndim && start >= 0 && len >= 0 && start + len <= shape[d],
-              "slice [", start, ", ", start + len, ") of dim ", d, " out of range for ", describe());
+  BRAID_CHECK(d >= 0 && d < ndim && start >= 0 && len >= 0 && start + len <= shape[d], "slice [",
+              start, ", ", start + len, ") of dim ", d, " out of range for ", describe());
   Tensor t = *this;
   t.data = static_cast<char*>(data) + static_cast<size_t>(start * stride[d]) * dtype_size(dtype);
   t.shape[d] = len;

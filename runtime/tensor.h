@@ -5,8 +5,8 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "runtime/check.h"
 #include "runtime/dtype.h"
@@ -28,15 +28,17 @@ struct Tensor {
   std::string name;
 
   // A contiguous (row-major) view of `data` with shape[0..ndim).
-  static Tensor contiguous_view(void* data, DType dtype, Device device, const int64_t* shape, int ndim,
-                                std::string name);
-  static Tensor contiguous_view(void* data, DType dtype, Device device, const std::vector<int64_t>& shape,
-                                std::string name) {
-    return contiguous_view(data, dtype, device, shape.data(), static_cast<int>(shape.size()), std::move(name));
+  static Tensor contiguous_view(void* data, DType dtype, Device device, const int64_t* shape,
+                                int ndim, std::string name);
+  static Tensor contiguous_view(void* data, DType dtype, Device device,
+                                const std::vector<int64_t>& shape, std::string name) {
+    return contiguous_view(data, dtype, device, shape.data(), static_cast<int>(shape.size()),
+                           std::move(name));
   }
   static Tensor contiguous_view(void* data, DType dtype, Device device,
                                 std::initializer_list<int64_t> shape, std::string name) {
-    return contiguous_view(data, dtype, device, shape.begin(), static_cast<int>(shape.size()), std::move(name));
+    return contiguous_view(data, dtype, device, shape.begin(), static_cast<int>(shape.size()),
+                           std::move(name));
   }
 
   bool defined() const { return data != nullptr || numel() == 0; }

@@ -47,7 +47,8 @@ inline Tensor time_slice(Buffers& buf, const Tensor& full, int64_t start, int64_
   const size_t es = dtype_size(full.dtype);
   for (int64_t i = 0; i < b; ++i)
     std::memcpy(static_cast<char*>(h.data) + i * len * inner * es,
-                static_cast<char*>(full.data) + (i * full.size(1) + start) * inner * es, len * inner * es);
+                static_cast<char*>(full.data) + (i * full.size(1) + start) * inner * es,
+                len * inner * es);
   return h;
 }
 
@@ -56,7 +57,9 @@ inline std::mt19937_64& rng() {
   static thread_local std::mt19937_64 g;
   return g;
 }
-inline void reseed(uint64_t s) { rng().seed(s); }
+inline void reseed(uint64_t s) {
+  rng().seed(s);
+}
 
 template <typename T>
 void fill_uniform(const Tensor& t, double lo, double hi) {
@@ -65,8 +68,10 @@ void fill_uniform(const Tensor& t, double lo, double hi) {
   for (int64_t i = 0; i < t.numel(); ++i) p[i] = T(u(rng()));
 }
 inline void fill_uniform(const Tensor& t, double lo, double hi) {
-  if (t.dtype == DType::f64) fill_uniform<double>(t, lo, hi);
-  else fill_uniform<float>(t, lo, hi);
+  if (t.dtype == DType::f64)
+    fill_uniform<double>(t, lo, hi);
+  else
+    fill_uniform<float>(t, lo, hi);
 }
 // Fills with NaN so an element an op should have written but did not is caught.
 inline void poison(const Tensor& t) {
@@ -82,8 +87,10 @@ inline double at(const Tensor& t, int64_t i) {
   return t.dtype == DType::f64 ? t.ptr<double>()[i] : double(t.ptr<float>()[i]);
 }
 inline void set(const Tensor& t, int64_t i, double v) {
-  if (t.dtype == DType::f64) t.ptr<double>()[i] = v;
-  else t.ptr<float>()[i] = float(v);
+  if (t.dtype == DType::f64)
+    t.ptr<double>()[i] = v;
+  else
+    t.ptr<float>()[i] = float(v);
 }
 
 // Largest |a - b| / (atol + rtol |b|) over all elements; <= 1 passes.
@@ -92,8 +99,8 @@ inline double max_violation(const Tensor& a, const Tensor& b, double atol, doubl
   double worst = 0;
   for (int64_t i = 0; i < a.numel(); ++i) {
     const double x = at(a, i), y = at(b, i);
-    const double v = std::isfinite(x) && std::isfinite(y) ? std::abs(x - y) / (atol + rtol * std::abs(y))
-                                                          : 1e30;
+    const double v =
+        std::isfinite(x) && std::isfinite(y) ? std::abs(x - y) / (atol + rtol * std::abs(y)) : 1e30;
     worst = std::max(worst, v);
   }
   return worst;
@@ -120,7 +127,8 @@ inline void expect_gradient(const std::string& what, const Tensor& input, const 
     p[i] = keep;
     const double fd = (lp - lm) / (2 * h);
     const double an = at(grad, i);
-    EXPECT_NEAR(an, fd, tol * (1 + std::abs(fd))) << what << " element " << i << " of " << input.describe();
+    EXPECT_NEAR(an, fd, tol * (1 + std::abs(fd)))
+        << what << " element " << i << " of " << input.describe();
   }
 }
 

@@ -14,10 +14,12 @@ struct Dims {
 
 Dims check_attention(const AttentionInputs& in, const Tensor& o, const Tensor& lse) {
   BRAID_CHECK(in.q && in.k && in.v, "attention: q, k, v are required");
-  BRAID_CHECK(in.q->ndim == 4 && in.k->ndim == 4, "attention: expects q [B,T,H,P], k [B,T,Hk,P]; got ",
-              in.q->describe(), ", ", in.k->describe());
+  BRAID_CHECK(in.q->ndim == 4 && in.k->ndim == 4,
+              "attention: expects q [B,T,H,P], k [B,T,Hk,P]; got ", in.q->describe(), ", ",
+              in.k->describe());
   const Dims d{in.q->size(0), in.q->size(1), in.q->size(2), in.k->size(2), in.q->size(3)};
-  BRAID_CHECK(d.hk >= 1 && d.h % d.hk == 0, "attention: KV heads ", d.hk, " must divide query heads ", d.h);
+  BRAID_CHECK(d.hk >= 1 && d.h % d.hk == 0, "attention: KV heads ", d.hk,
+              " must divide query heads ", d.h);
   BRAID_CHECK(in.scale > 0, "attention: softmax scale must be positive, got ", in.scale);
   check_shape(*in.k, {d.b, d.t, d.hk, d.p});
   check_shape(*in.v, {d.b, d.t, d.hk, d.p});
@@ -37,9 +39,15 @@ struct Rows {
   const AttentionInputs& in;
   Dims d;
   int64_t b;
-  const T* q(int64_t t, int64_t h) const { return in.q->ptr<T>() + ((b * d.t + t) * d.h + h) * d.p; }
-  const T* k(int64_t s, int64_t hk) const { return in.k->ptr<T>() + ((b * d.t + s) * d.hk + hk) * d.p; }
-  const T* v(int64_t s, int64_t hk) const { return in.v->ptr<T>() + ((b * d.t + s) * d.hk + hk) * d.p; }
+  const T* q(int64_t t, int64_t h) const {
+    return in.q->ptr<T>() + ((b * d.t + t) * d.h + h) * d.p;
+  }
+  const T* k(int64_t s, int64_t hk) const {
+    return in.k->ptr<T>() + ((b * d.t + s) * d.hk + hk) * d.p;
+  }
+  const T* v(int64_t s, int64_t hk) const {
+    return in.v->ptr<T>() + ((b * d.t + s) * d.hk + hk) * d.p;
+  }
   // First key position visible from query t (start of t's document).
   int64_t first(int64_t t) const {
     if (!in.seq_idx) return 0;

@@ -50,11 +50,14 @@ void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& 
   linear_forward(ot_.reshape({m, h * p}), o_->value, nullptr, y.reshape({m, cfg_.d_model}));
 }
 
-void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) {
+void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                              const BatchMeta& meta) {
   const int64_t m = b_ * t_, h = cfg_.heads, hk = cfg_.kv_heads, p = cfg_.head_dim;
   const Tensor do2 = do_.reshape({m, h * p});
-  linear_backward(ot_.reshape({m, h * p}), o_->value, dy.reshape({m, cfg_.d_model}), &do2, o_->grad, nullptr);
-  attention_backward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_, do_, dq_, dk_, dv_);
+  linear_backward(ot_.reshape({m, h * p}), o_->value, dy.reshape({m, cfg_.d_model}), &do2, o_->grad,
+                  nullptr);
+  attention_backward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_, do_,
+                     dq_, dk_, dv_);
   if (cfg_.rope) {
     rope_backward(dq_, *meta.positions, cfg_.rope_theta, dq_);
     rope_backward(dk_, *meta.positions, cfg_.rope_theta, dk_);
@@ -68,7 +71,8 @@ void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& d
 }
 
 double AttentionBlock::flops_per_token(int64_t seq) const {
-  const double d = cfg_.d_model, hp = cfg_.heads * cfg_.head_dim, kp = cfg_.kv_heads * cfg_.head_dim;
+  const double d = cfg_.d_model, hp = cfg_.heads * cfg_.head_dim,
+               kp = cfg_.kv_heads * cfg_.head_dim;
   const double proj = d * hp * 2 + d * kp * 2;  // MACs per token
   // Causal attention per token: q.k and p.v over seq/2 keys on average, 2 FLOPs per MAC;
   // backward 2.5x forward (as FlashAttention counts).

@@ -24,15 +24,16 @@ class AttentionBlock final : public Block {
                  double init_std, double out_std);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
-  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) override;
+  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                const BatchMeta& meta) override;
   double flops_per_token(int64_t seq) const override;
 
  private:
   AttentionConfig cfg_;
   int64_t b_ = 0, t_ = 0;
   Param *q_, *k_, *v_, *o_;
-  Tensor qt_, kt_, vt_, ot_, lse_;          // saved (q, k after RoPE)
-  Tensor dq_, dk_, dv_, do_, dx_tmp_;       // scratch
+  Tensor qt_, kt_, vt_, ot_, lse_;     // saved (q, k after RoPE)
+  Tensor dq_, dk_, dv_, do_, dx_tmp_;  // scratch
 };
 
 }  // namespace braid

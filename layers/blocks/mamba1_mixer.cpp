@@ -15,18 +15,25 @@ Mamba1Mixer::Mamba1Mixer(const Mamba1Config& cfg, ParamSet& ps, const std::strin
     : cfg_(cfg) {
   const int64_t d = cfg.d_model, c = cfg.d_inner, n = cfg.d_state, r = cfg.dt_rank, g = cfg.groups;
   const double conv_bound = 1.0 / std::sqrt(double(cfg.d_conv));  // PyTorch Conv1d default
-  in_proj_ = ps.add(pname(p, "in_proj.weight"), {2 * c, d}, {ParamInit::Kind::normal, init_std}, true);
-  conv_w_ = ps.add(pname(p, "conv1d.weight"), {c, cfg.d_conv}, {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true);
-  conv_b_ = ps.add(pname(p, "conv1d.bias"), {c}, {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false);
-  x_proj_ = ps.add(pname(p, "x_proj.weight"), {r + 2 * g * n, c}, {ParamInit::Kind::normal, init_std}, true);
+  in_proj_ =
+      ps.add(pname(p, "in_proj.weight"), {2 * c, d}, {ParamInit::Kind::normal, init_std}, true);
+  conv_w_ = ps.add(pname(p, "conv1d.weight"), {c, cfg.d_conv},
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true);
+  conv_b_ = ps.add(pname(p, "conv1d.bias"), {c},
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false);
+  x_proj_ = ps.add(pname(p, "x_proj.weight"), {r + 2 * g * n, c},
+                   {ParamInit::Kind::normal, init_std}, true);
   const double dt_std = 1.0 / std::sqrt(double(r));  // HF: dt_init_std = dt_rank^-0.5 * dt_scale
-  dt_w_ = ps.add(pname(p, "dt_proj.weight"), {c, r}, {ParamInit::Kind::uniform, -dt_std, dt_std}, true);
-  dt_b_ = ps.add(pname(p, "dt_proj.bias"), {c}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max}, false);
+  dt_w_ =
+      ps.add(pname(p, "dt_proj.weight"), {c, r}, {ParamInit::Kind::uniform, -dt_std, dt_std}, true);
+  dt_b_ = ps.add(pname(p, "dt_proj.bias"), {c}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max},
+                 false);
   a_log_ = ps.add(pname(p, "A_log"), {c, n}, {ParamInit::Kind::log_arange}, false);
   d_ = ps.add(pname(p, "D"), {c}, {ParamInit::Kind::constant, 1.0}, false);
   out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true);
   if (cfg.dt_bc_norm) {
-    dt_norm_ = ps.add(pname(p, "dt_layernorm.weight"), {r}, {ParamInit::Kind::constant, 1.0}, false);
+    dt_norm_ =
+        ps.add(pname(p, "dt_layernorm.weight"), {r}, {ParamInit::Kind::constant, 1.0}, false);
     b_norm_ = ps.add(pname(p, "b_layernorm.weight"), {n}, {ParamInit::Kind::constant, 1.0}, false);
     c_norm_ = ps.add(pname(p, "c_layernorm.weight"), {n}, {ParamInit::Kind::constant, 1.0}, false);
   }
@@ -34,7 +41,8 @@ Mamba1Mixer::Mamba1Mixer(const Mamba1Config& cfg, ParamSet& ps, const std::strin
 
 void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   b_ = batch, t_ = seq;
-  const int64_t m = batch * seq, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank, gn = cfg_.groups * n;
+  const int64_t m = batch * seq, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank,
+                gn = cfg_.groups * n;
   const DType t = in_proj_->value.dtype;
   xs_ = sv.take("m1.xs", t, {m, c});
   z_ = sv.take("m1.z", t, {m, c});
@@ -83,37 +91,48 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   linear_forward(x2, w_in.slice(0, 0, c), nullptr, xs_);
   linear_forward(x2, w_in.slice(0, c, c), nullptr, z_);
   const Tensor xs3 = xs_.reshape({b_, t_, c}), xc3 = xc_.reshape({b_, t_, c});
-  causal_conv1d_forward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true}, xc3, nullptr);
+  causal_conv1d_forward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true}, xc3,
+                        nullptr);
   const Tensor& wx = x_proj_->value;
   linear_forward(xc_, wx.slice(0, 0, r), nullptr, dtr_);
   linear_forward(xc_, wx.slice(0, r, g * n), nullptr, bp_);
   linear_forward(xc_, wx.slice(0, r + g * n, g * n), nullptr, cp_);
   if (cfg_.dt_bc_norm) {
     rmsnorm_forward(dtr_, dt_norm_->value, cfg_.norm_eps, dtn_, rs_dt_);
-    rmsnorm_forward(bp_.reshape({m * g, n}), b_norm_->value, cfg_.norm_eps, bn_.reshape({m * g, n}), rs_b_);
-    rmsnorm_forward(cp_.reshape({m * g, n}), c_norm_->value, cfg_.norm_eps, cn_.reshape({m * g, n}), rs_c_);
+    rmsnorm_forward(bp_.reshape({m * g, n}), b_norm_->value, cfg_.norm_eps, bn_.reshape({m * g, n}),
+                    rs_b_);
+    rmsnorm_forward(cp_.reshape({m * g, n}), c_norm_->value, cfg_.norm_eps, cn_.reshape({m * g, n}),
+                    rs_c_);
   }
   linear_forward(dtn_, dt_w_->value, nullptr, delta_);
   neg_exp(a_log_->value, a_);
-  const Tensor delta3 = delta_.reshape({b_, t_, c}), z3 = z_.reshape({b_, t_, c}), y3 = y_.reshape({b_, t_, c});
+  const Tensor delta3 = delta_.reshape({b_, t_, c}), z3 = z_.reshape({b_, t_, c}),
+               y3 = y_.reshape({b_, t_, c});
   const Tensor b4 = bn_.reshape({b_, t_, g, n}), c4 = cn_.reshape({b_, t_, g, n});
-  const ScanInputs in{&xc3, &delta3, &a_, &b4, &c4, &d_->value, &z3, &dt_b_->value, meta.seq_idx, nullptr, true};
+  const ScanInputs in{&xc3, &delta3,       &a_,          &b4,     &c4, &d_->value,
+                      &z3,  &dt_b_->value, meta.seq_idx, nullptr, true};
   selective_scan_forward(in, y3, nullptr);
   linear_forward(y_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
 }
 
-void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) {
+void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                           const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank, g = cfg_.groups;
-  linear_backward(y_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dy_in_, out_proj_->grad, nullptr);
-  const Tensor xc3 = xc_.reshape({b_, t_, c}), delta3 = delta_.reshape({b_, t_, c}), z3 = z_.reshape({b_, t_, c});
+  linear_backward(y_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dy_in_, out_proj_->grad,
+                  nullptr);
+  const Tensor xc3 = xc_.reshape({b_, t_, c}), delta3 = delta_.reshape({b_, t_, c}),
+               z3 = z_.reshape({b_, t_, c});
   const Tensor b4 = bn_.reshape({b_, t_, g, n}), c4 = cn_.reshape({b_, t_, g, n});
-  const ScanInputs in{&xc3, &delta3, &a_, &b4, &c4, &d_->value, &z3, &dt_b_->value, meta.seq_idx, nullptr, true};
-  const Tensor dxc3 = dxc_.reshape({b_, t_, c}), ddelta3 = ddelta_.reshape({b_, t_, c}), dz3 = dz_.reshape({b_, t_, c});
+  const ScanInputs in{&xc3, &delta3,       &a_,          &b4,     &c4, &d_->value,
+                      &z3,  &dt_b_->value, meta.seq_idx, nullptr, true};
+  const Tensor dxc3 = dxc_.reshape({b_, t_, c}), ddelta3 = ddelta_.reshape({b_, t_, c}),
+               dz3 = dz_.reshape({b_, t_, c});
   const Tensor db4 = dbn_.reshape({b_, t_, g, n}), dc4 = dcn_.reshape({b_, t_, g, n});
   // dA accumulates inside the scan: start from zero, then fold into dA_log.
   zero_fill(da_);
-  selective_scan_backward(in, dy_in_.reshape({b_, t_, c}), nullptr,
-                          {&dxc3, &ddelta3, &da_, &db4, &dc4, &d_->grad, &dz3, &dt_b_->grad, nullptr}, ws_);
+  selective_scan_backward(
+      in, dy_in_.reshape({b_, t_, c}), nullptr,
+      {&dxc3, &ddelta3, &da_, &db4, &dc4, &d_->grad, &dz3, &dt_b_->grad, nullptr}, ws_);
   neg_exp_backward(a_, da_, a_log_->grad);
   linear_backward(dtn_, dt_w_->value, ddelta_, &ddtn_, dt_w_->grad, nullptr);
   if (cfg_.dt_bc_norm) {
@@ -130,11 +149,12 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, 
   add_into(dxc_, dtmp_c_);
   linear_backward(xc_, wx.slice(0, r, g * n), dbp_, &dtmp_c_, gx.slice(0, r, g * n), nullptr);
   add_into(dxc_, dtmp_c_);
-  linear_backward(xc_, wx.slice(0, r + g * n, g * n), dcp_, &dtmp_c_, gx.slice(0, r + g * n, g * n), nullptr);
+  linear_backward(xc_, wx.slice(0, r + g * n, g * n), dcp_, &dtmp_c_, gx.slice(0, r + g * n, g * n),
+                  nullptr);
   add_into(dxc_, dtmp_c_);
   const Tensor xs3 = xs_.reshape({b_, t_, c}), dxs3 = dxs_.reshape({b_, t_, c});
-  causal_conv1d_backward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true}, dxc3, nullptr,
-                         {&dxs3, &conv_w_->grad, &conv_b_->grad, nullptr});
+  causal_conv1d_backward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true},
+                         dxc3, nullptr, {&dxs3, &conv_w_->grad, &conv_b_->grad, nullptr});
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
   const Tensor& w_in = in_proj_->value;
   const Tensor& g_in = in_proj_->grad;
@@ -144,7 +164,8 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, 
 }
 
 double Mamba1Mixer::flops_per_token(int64_t) const {
-  const double d = cfg_.d_model, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank, g = cfg_.groups;
+  const double d = cfg_.d_model, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank,
+               g = cfg_.groups;
   const double matmul = 2 * c * d + c * (r + 2 * g * n) + c * r + d * c;  // MACs per token
   // Scan: forward ~6 FLOPs per (channel, state) and token (decay, update, readout), backward 2x.
   const double scan = 18 * c * n;

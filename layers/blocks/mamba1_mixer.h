@@ -33,7 +33,8 @@ class Mamba1Mixer final : public Block {
               double out_std);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
-  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) override;
+  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                const BatchMeta& meta) override;
   double flops_per_token(int64_t seq) const override;
 
  private:
@@ -44,7 +45,8 @@ class Mamba1Mixer final : public Block {
   // saved
   Tensor xs_, z_, xc_, dtr_, bp_, cp_, dtn_, bn_, cn_, rs_dt_, rs_b_, rs_c_, delta_, a_, y_;
   // scratch
-  Tensor dy_in_, dxc_, ddelta_, dz_, dbn_, dcn_, da_, ddtn_, ddtr_, dbp_, dcp_, dxs_, dtmp_c_, dx_tmp_, ws_;
+  Tensor dy_in_, dxc_, ddelta_, dz_, dbn_, dcn_, da_, ddtn_, ddtr_, dbp_, dcp_, dxs_, dtmp_c_,
+      dx_tmp_, ws_;
 };
 
 }  // namespace braid

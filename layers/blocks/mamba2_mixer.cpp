@@ -16,12 +16,16 @@ Mamba2Mixer::Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::strin
     : cfg_(cfg) {
   const int64_t d = cfg.d_model, c = inner(), gn = cfg.groups * cfg.d_state, h = cfg.heads;
   const double conv_bound = 1.0 / std::sqrt(double(cfg.d_conv));
-  in_proj_ = ps.add(pname(p, "in_proj.weight"), {2 * c + 2 * gn + h, d}, {ParamInit::Kind::normal, init_std}, true);
+  in_proj_ = ps.add(pname(p, "in_proj.weight"), {2 * c + 2 * gn + h, d},
+                    {ParamInit::Kind::normal, init_std}, true);
   conv_w_ = ps.add(pname(p, "conv1d.weight"), {c + 2 * gn, cfg.d_conv},
                    {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true);
-  conv_b_ = ps.add(pname(p, "conv1d.bias"), {c + 2 * gn}, {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false);
-  dt_bias_ = ps.add(pname(p, "dt_bias"), {h}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max}, false);
-  a_log_ = ps.add(pname(p, "A_log"), {h}, {ParamInit::Kind::log_uniform, cfg.a_init_min, cfg.a_init_max}, false);
+  conv_b_ = ps.add(pname(p, "conv1d.bias"), {c + 2 * gn},
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false);
+  dt_bias_ =
+      ps.add(pname(p, "dt_bias"), {h}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max}, false);
+  a_log_ = ps.add(pname(p, "A_log"), {h},
+                  {ParamInit::Kind::log_uniform, cfg.a_init_min, cfg.a_init_max}, false);
   d_ = ps.add(pname(p, "D"), {h}, {ParamInit::Kind::constant, 1.0}, false);
   norm_ = ps.add(pname(p, "norm.weight"), {c}, {ParamInit::Kind::constant, 1.0}, false);
   out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true);
@@ -56,9 +60,11 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   dcs_ = sc.take("m2.dCs", t, {m, gn});
   dx_tmp_ = sc.take("m2.dx_tmp", t, {m, cfg_.d_model});
   const int64_t hp = cfg_.heads * cfg_.head_dim * cfg_.d_state;
-  ws_ = sc.take("m2.ssd_bwd_workspace", t, {batch * seq * hp + cfg_.groups * cfg_.head_dim * cfg_.d_state});
-  fws_ = sc.take("m2.ssd_fwd_workspace", t,
-                 {batch * cfg_.heads * (cfg_.head_dim * cfg_.d_state + 2 * std::min(cfg_.chunk, seq))});
+  ws_ = sc.take("m2.ssd_bwd_workspace", t,
+                {batch * seq * hp + cfg_.groups * cfg_.head_dim * cfg_.d_state});
+  fws_ = sc.take(
+      "m2.ssd_fwd_workspace", t,
+      {batch * cfg_.heads * (cfg_.head_dim * cfg_.d_state + 2 * std::min(cfg_.chunk, seq))});
 }
 
 // Depthwise conv (with SiLU) over channels [ch0, ch0 + ch) of the packed conv weight.
@@ -83,24 +89,51 @@ void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   conv_forward(cs_, cc_, c + gn, gn, meta);
   neg_exp(a_log_->value, a_);
   const Tensor x4 = xc_.reshape({b_, t_, h, cfg_.head_dim}), dt3 = dtr_.reshape({b_, t_, h});
-  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}), c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
-  SsdInputs in{&x4, &dt3, &a_, &b4, &c4, &d_->value, &dt_bias_->value, meta.seq_idx, nullptr, true,
-               cfg_.dt_limit_min, cfg_.dt_limit_max, cfg_.chunk};
+  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
+               c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
+  SsdInputs in{&x4,
+               &dt3,
+               &a_,
+               &b4,
+               &c4,
+               &d_->value,
+               &dt_bias_->value,
+               meta.seq_idx,
+               nullptr,
+               true,
+               cfg_.dt_limit_min,
+               cfg_.dt_limit_max,
+               cfg_.chunk};
   ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
   gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
   linear_forward(g_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
 }
 
-void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) {
+void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                           const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
-  linear_backward(g_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dg_, out_proj_->grad, nullptr);
+  linear_backward(g_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dg_, out_proj_->grad,
+                  nullptr);
   gated_rmsnorm_backward(y_, z_, norm_->value, cfg_.groups, rstd_, dg_, dy_, dz_, norm_->grad);
   const Tensor x4 = xc_.reshape({b_, t_, h, cfg_.head_dim}), dt3 = dtr_.reshape({b_, t_, h});
-  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}), c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
-  SsdInputs in{&x4, &dt3, &a_, &b4, &c4, &d_->value, &dt_bias_->value, meta.seq_idx, nullptr, true,
-               cfg_.dt_limit_min, cfg_.dt_limit_max, cfg_.chunk};
+  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
+               c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
+  SsdInputs in{&x4,
+               &dt3,
+               &a_,
+               &b4,
+               &c4,
+               &d_->value,
+               &dt_bias_->value,
+               meta.seq_idx,
+               nullptr,
+               true,
+               cfg_.dt_limit_min,
+               cfg_.dt_limit_max,
+               cfg_.chunk};
   const Tensor dx4 = dxc_.reshape({b_, t_, h, cfg_.head_dim}), ddt3 = ddt_.reshape({b_, t_, h});
-  const Tensor db4 = dbc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}), dc4 = dcc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
+  const Tensor db4 = dbc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
+               dc4 = dcc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
   zero_fill(da_);
   ssd_backward(in, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr,
                {&dx4, &ddt3, &da_, &db4, &dc4, &d_->grad, &dt_bias_->grad, nullptr}, ws_);
@@ -112,11 +145,13 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, 
   };
   for (const Part& p : {Part{&xs_, &dxc_, &dxs_, 0, c}, Part{&bs_, &dbc_, &dbs_, c, gn},
                         Part{&cs_, &dcc_, &dcs_, c + gn, gn}}) {
-    const Tensor w = conv_w_->value.slice(0, p.ch0, p.ch), bias = conv_b_->value.slice(0, p.ch0, p.ch);
+    const Tensor w = conv_w_->value.slice(0, p.ch0, p.ch),
+                 bias = conv_b_->value.slice(0, p.ch0, p.ch);
     const Tensor gw = conv_w_->grad.slice(0, p.ch0, p.ch), gb = conv_b_->grad.slice(0, p.ch0, p.ch);
     const Tensor in3 = p.in->reshape({b_, t_, p.ch}), dout3 = p.dout->reshape({b_, t_, p.ch});
     const Tensor din3 = p.din->reshape({b_, t_, p.ch});
-    causal_conv1d_backward({&in3, &w, &bias, meta.seq_idx, nullptr, true}, dout3, nullptr, {&din3, &gw, &gb, nullptr});
+    causal_conv1d_backward({&in3, &w, &bias, meta.seq_idx, nullptr, true}, dout3, nullptr,
+                           {&din3, &gw, &gb, nullptr});
   }
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
   const Tensor& w = in_proj_->value;
@@ -126,9 +161,10 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, 
     int64_t r0, n;
   };
   bool first = true;
-  for (const Rows& r : {Rows{&dz_, 0, c}, Rows{&dxs_, c, c}, Rows{&dbs_, 2 * c, gn}, Rows{&dcs_, 2 * c + gn, gn},
-                        Rows{&ddt_, 2 * c + 2 * gn, h}}) {
-    linear_backward(x2, w.slice(0, r.r0, r.n), *r.dout, first ? &dx2 : &dx_tmp_, gw.slice(0, r.r0, r.n), nullptr);
+  for (const Rows& r : {Rows{&dz_, 0, c}, Rows{&dxs_, c, c}, Rows{&dbs_, 2 * c, gn},
+                        Rows{&dcs_, 2 * c + gn, gn}, Rows{&ddt_, 2 * c + 2 * gn, h}}) {
+    linear_backward(x2, w.slice(0, r.r0, r.n), *r.dout, first ? &dx2 : &dx_tmp_,
+                    gw.slice(0, r.r0, r.n), nullptr);
     if (!first) add_into(dx2, dx_tmp_);
     first = false;
   }

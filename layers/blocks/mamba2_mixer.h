@@ -35,7 +35,8 @@ class Mamba2Mixer final : public Block {
               double out_std);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
-  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) override;
+  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                const BatchMeta& meta) override;
   double flops_per_token(int64_t seq) const override;
 
  private:
@@ -46,8 +47,9 @@ class Mamba2Mixer final : public Block {
   Mamba2Config cfg_;
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *dt_bias_, *a_log_, *d_, *norm_, *out_proj_;
-  Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;    // saved
-  Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, dx_tmp_, ws_, fws_;  // scratch
+  Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;  // saved
+  Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, dx_tmp_, ws_,
+      fws_;  // scratch
 };
 
 }  // namespace braid

@@ -10,9 +10,11 @@ MlpBlock::MlpBlock(const MlpConfig& cfg, ParamSet& ps, const std::string& prefix
                    double out_std)
     : cfg_(cfg) {
   const int64_t d = cfg.d_model, f = cfg.ffn;
-  gate_ = ps.add(pname(prefix, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true);
+  gate_ =
+      ps.add(pname(prefix, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true);
   up_ = ps.add(pname(prefix, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true);
-  down_ = ps.add(pname(prefix, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true);
+  down_ =
+      ps.add(pname(prefix, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true);
 }
 
 void MlpBlock::plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) {

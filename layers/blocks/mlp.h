@@ -17,13 +17,14 @@ class MlpBlock final : public Block {
            double out_std);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
-  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) override;
+  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                const BatchMeta& meta) override;
   double flops_per_token(int64_t) const override { return 6.0 * 3 * cfg_.d_model * cfg_.ffn; }
 
  private:
   MlpConfig cfg_;
   Param *gate_, *up_, *down_;
-  Tensor a_, b_, h_;          // saved [M,F]: gate and up pre-activations, hidden
+  Tensor a_, b_, h_;           // saved [M,F]: gate and up pre-activations, hidden
   Tensor da_, db_, dh_, dx2_;  // scratch
 };
 

@@ -7,20 +7,24 @@
 
 namespace braid {
 
-MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, double init_std, double out_std)
+MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, double init_std,
+                   double out_std)
     : cfg_(cfg), router_{cfg.top_k, cfg.score, cfg.normalize_topk, cfg.capacity_factor} {
   const int64_t d = cfg.d_model, f = cfg.ffn, e = cfg.experts;
   router_w_ = ps.add(pname(p, "gate.weight"), {e, d}, {ParamInit::Kind::normal, init_std}, true);
   if (cfg.balance_bias)
-    bias_ = ps.add(pname(p, "gate.e_score_correction_bias"), {e}, {ParamInit::Kind::constant, 0.0}, false, false);
+    bias_ = ps.add(pname(p, "gate.e_score_correction_bias"), {e}, {ParamInit::Kind::constant, 0.0},
+                   false, false);
   for (int64_t i = 0; i < e; ++i) {
     const std::string ep = pname(p, "experts." + std::to_string(i));
-    experts_.push_back({ps.add(pname(ep, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
-                        ps.add(pname(ep, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
-                        ps.add(pname(ep, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true)});
+    experts_.push_back(
+        {ps.add(pname(ep, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
+         ps.add(pname(ep, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
+         ps.add(pname(ep, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true)});
   }
   if (cfg.shared_ffn > 0)
-    shared_ = std::make_unique<MlpBlock>(MlpConfig{d, cfg.shared_ffn}, ps, pname(p, "shared_expert"), init_std, out_std);
+    shared_ = std::make_unique<MlpBlock>(MlpConfig{d, cfg.shared_ffn}, ps,
+                                         pname(p, "shared_expert"), init_std, out_std);
 }
 
 void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
@@ -85,7 +89,8 @@ void MoeBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) 
   }
 }
 
-void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) {
+void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                        const BatchMeta& meta) {
   const int64_t d = cfg_.d_model;
   const Tensor x2 = x.reshape({m_, d}), dy2 = dy.reshape({m_, d}), dx2 = dx.reshape({m_, d});
   moe_combine_backward(dy2, oe_, expert_, slot_, offsets_, weight_, doe_, dweight_);
@@ -96,7 +101,8 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, con
     const Expert& ex = experts_[e];
     const Tensor xe = xe_.slice(0, r0, n), dxe = dxe_.slice(0, r0, n), dxe2 = dxe2_.slice(0, r0, n);
     const Tensor dga = dga_.slice(0, r0, n), dua = dua_.slice(0, r0, n), dhe = dhe_.slice(0, r0, n);
-    linear_backward(he_.slice(0, r0, n), ex.down->value, doe_.slice(0, r0, n), &dhe, ex.down->grad, nullptr);
+    linear_backward(he_.slice(0, r0, n), ex.down->value, doe_.slice(0, r0, n), &dhe, ex.down->grad,
+                    nullptr);
     swiglu_backward(ga_.slice(0, r0, n), ua_.slice(0, r0, n), dhe, dga, dua);
     linear_backward(xe, ex.gate->value, dga, &dxe, ex.gate->grad, nullptr);
     linear_backward(xe, ex.up->value, dua, &dxe2, ex.up->grad, nullptr);
@@ -105,7 +111,8 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, con
   zero_fill(dx2);
   moe_gather_backward(dxe_, row_token_, rows_, dx2);
   router_backward(logits_, router_, {&scores_, &expert_, &slot_, &weight_, &counts_}, dweight_,
-                  cfg_.aux_loss_coef * meta.aux_loss_scale, cfg_.z_loss_coef * meta.aux_loss_scale, dlogits_);
+                  cfg_.aux_loss_coef * meta.aux_loss_scale, cfg_.z_loss_coef * meta.aux_loss_scale,
+                  dlogits_);
   linear_backward(x2, router_w_->value, dlogits_, &dx_tmp_, router_w_->grad, nullptr);
   add_into(dx2, dx_tmp_);
   if (shared_) {
@@ -115,8 +122,10 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, con
 }
 
 void MoeBlock::after_optimizer_step() {
-  if (bias_) router_update_bias(bias_->value, step_counts_, cfg_.bias_update_rate);
-  else zero_fill(step_counts_);
+  if (bias_)
+    router_update_bias(bias_->value, step_counts_, cfg_.bias_update_rate);
+  else
+    zero_fill(step_counts_);
 }
 
 double MoeBlock::flops_per_token(int64_t seq) const {

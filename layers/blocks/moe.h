@@ -36,10 +36,12 @@ struct MoeConfig {
 
 class MoeBlock final : public Block {
  public:
-  MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& prefix, double init_std, double out_std);
+  MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& prefix, double init_std,
+           double out_std);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
-  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta& meta) override;
+  void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                const BatchMeta& meta) override;
   double aux_loss() const override { return aux_; }
   double flops_per_token(int64_t seq) const override;
   // Applies the balancing-bias rule with the counts gathered since the last call.
@@ -58,7 +60,8 @@ class MoeBlock final : public Block {
   int64_t m_ = 0, rows_ = 0, cap_ = 0;
   double aux_ = 0;
   // saved
-  Tensor logits_, scores_, expert_, slot_, weight_, counts_, offsets_, row_token_, xe_, ga_, ua_, he_, oe_, step_counts_;
+  Tensor logits_, scores_, expert_, slot_, weight_, counts_, offsets_, row_token_, xe_, ga_, ua_,
+      he_, oe_, step_counts_;
   // scratch
   Tensor dweight_, dlogits_, doe_, dhe_, dga_, dua_, dxe_, dxe2_, dx_tmp_, shared_out_;
 };

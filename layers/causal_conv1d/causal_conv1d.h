@@ -27,10 +27,10 @@ struct Conv1dInputs {
 void causal_conv1d_forward(const Conv1dInputs& in, const Tensor& y, const Tensor* final_state);
 
 struct Conv1dGrads {
-  const Tensor* dx = nullptr;             // [B,T,C]   (=)
-  const Tensor* dw = nullptr;             // [C,W]     (+=)
-  const Tensor* dbias = nullptr;          // [C]       (+=), or null
-  const Tensor* dinitial_state = nullptr; // [B,C,W-1] (=), or null
+  const Tensor* dx = nullptr;              // [B,T,C]   (=)
+  const Tensor* dw = nullptr;              // [C,W]     (+=)
+  const Tensor* dbias = nullptr;           // [C]       (+=), or null
+  const Tensor* dinitial_state = nullptr;  // [B,C,W-1] (=), or null
 };
 
 void causal_conv1d_backward(const Conv1dInputs& in, const Tensor& dy, const Tensor* dfinal_state,

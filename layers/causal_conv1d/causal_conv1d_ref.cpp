@@ -11,8 +11,9 @@ struct Dims {
 
 Dims check_conv(const Conv1dInputs& in) {
   BRAID_CHECK(in.x && in.w, "causal_conv1d: x and w are required");
-  BRAID_CHECK(in.x->ndim == 3 && in.w->ndim == 2, "causal_conv1d: expects x [B,T,C] and w [C,W]; got ",
-              in.x->describe(), ", ", in.w->describe());
+  BRAID_CHECK(in.x->ndim == 3 && in.w->ndim == 2,
+              "causal_conv1d: expects x [B,T,C] and w [C,W]; got ", in.x->describe(), ", ",
+              in.w->describe());
   const Dims d{in.x->size(0), in.x->size(1), in.x->size(2), in.w->size(1)};
   BRAID_CHECK(d.t > 0, "causal_conv1d: empty sequence in ", in.x->describe());
   BRAID_CHECK(d.w >= 2 && d.w <= 4, "causal_conv1d: width ", d.w, " must be 2, 3 or 4");
@@ -134,8 +135,10 @@ void causal_conv1d_backward(const Conv1dInputs& in, const Tensor& dy, const Tens
               const int64_t s = d.t - d.w + 1 + j;
               if (!src.same_doc(b, s, d.t - 1)) continue;
               const T gv = gf[(b * d.c + c) * (d.w - 1) + j];
-              if (s >= 0) dx[(b * d.t + s) * d.c + c] += gv;
-              else if (dinit) dinit[(b * d.c + c) * (d.w - 1) + (d.w - 1 + s)] += gv;
+              if (s >= 0)
+                dx[(b * d.t + s) * d.c + c] += gv;
+              else if (dinit)
+                dinit[(b * d.c + c) * (d.w - 1) + (d.w - 1 + s)] += gv;
             }
         }
       }

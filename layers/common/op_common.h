@@ -13,8 +13,12 @@ namespace braid {
 template <typename F>
 void dispatch_float(DType dtype, const char* op, F&& body) {
   switch (dtype) {
-    case DType::f32: body.template operator()<float>(); return;
-    case DType::f64: body.template operator()<double>(); return;
+    case DType::f32:
+      body.template operator()<float>();
+      return;
+    case DType::f64:
+      body.template operator()<double>();
+      return;
     default:
       BRAID_FAIL(op, ": the CPU reference supports f32 and f64 tensors, got ", dtype_name(dtype));
   }

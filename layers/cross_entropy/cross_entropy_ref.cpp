@@ -51,7 +51,8 @@ LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor*
             if (tgt[i] < 0) {
               for (int64_t j = 0; j < v; ++j) drow[j] = T(0);
             } else {
-              for (int64_t j = 0; j < v; ++j) drow[j] = T(grad_scale * std::exp(double(row[j]) - lse));
+              for (int64_t j = 0; j < v; ++j)
+                drow[j] = T(grad_scale * std::exp(double(row[j]) - lse));
               drow[tgt[i]] -= T(grad_scale);
             }
           }

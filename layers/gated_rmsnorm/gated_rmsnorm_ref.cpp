@@ -7,8 +7,8 @@
 namespace braid {
 namespace {
 
-void check_gated(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
-                 const Tensor& y, const Tensor& rstd) {
+void check_gated(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups, const Tensor& y,
+                 const Tensor& rstd) {
   BRAID_CHECK(x.ndim == 2, "gated_rmsnorm: x must be [M,D], got ", x.describe());
   const int64_t m = x.size(0), d = x.size(1);
   BRAID_CHECK(groups >= 1 && d % groups == 0, "gated_rmsnorm: groups ", groups,

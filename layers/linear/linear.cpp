@@ -6,8 +6,9 @@ namespace braid {
 namespace {
 
 void check_linear(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y) {
-  BRAID_CHECK(x.ndim == 2 && w.ndim == 2 && y.ndim == 2, "linear: expects x [M,I], W [O,I], y [M,O]; got ",
-              x.describe(), ", ", w.describe(), ", ", y.describe());
+  BRAID_CHECK(x.ndim == 2 && w.ndim == 2 && y.ndim == 2,
+              "linear: expects x [M,I], W [O,I], y [M,O]; got ", x.describe(), ", ", w.describe(),
+              ", ", y.describe());
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   check_shape(w, {out, in});
   check_shape(y, {m, out});

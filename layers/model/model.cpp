@@ -13,9 +13,10 @@ std::string pattern_layers(const std::string& pattern) {
   std::string out;
   for (size_t i = 0; i < pattern.size(); ++i) {
     const char c = pattern[i];
-    BRAID_REQUIRE(c == 'S' || c == 'M' || c == '*' || c == '-' || c == 'E' || c == '|',
-                "model.pattern '", pattern, "': symbol '", c, "' at position ", i,
-                " is not one of S (Mamba-1), M (Mamba-2), * (attention), - (MLP), E (MoE), | (stage cut)");
+    BRAID_REQUIRE(
+        c == 'S' || c == 'M' || c == '*' || c == '-' || c == 'E' || c == '|', "model.pattern '",
+        pattern, "': symbol '", c, "' at position ", i,
+        " is not one of S (Mamba-1), M (Mamba-2), * (attention), - (MLP), E (MoE), | (stage cut)");
     if (c != '|') out += c;
   }
   return out;
@@ -32,42 +33,49 @@ void validate_model_config(const ModelConfig& c) {
   if (has('S')) {
     const Mamba1Config& m = c.mamba1;
     BRAID_REQUIRE(m.d_inner > 0 && m.d_state >= 1 && m.d_state <= 256 && m.dt_rank > 0,
-                "mamba1: d_inner, dt_rank must be positive and d_state in [1, 256]");
-    BRAID_REQUIRE(m.d_conv >= 2 && m.d_conv <= 4, "mamba1.d_conv = ", m.d_conv, " must be 2, 3 or 4");
+                  "mamba1: d_inner, dt_rank must be positive and d_state in [1, 256]");
+    BRAID_REQUIRE(m.d_conv >= 2 && m.d_conv <= 4, "mamba1.d_conv = ", m.d_conv,
+                  " must be 2, 3 or 4");
     BRAID_REQUIRE(m.groups >= 1 && m.d_inner % m.groups == 0, "mamba1.groups = ", m.groups,
-                " must divide mamba1 inner width ", m.d_inner);
+                  " must divide mamba1 inner width ", m.d_inner);
     BRAID_REQUIRE(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba1: need 0 < dt_min <= dt_max");
   }
   if (has('M')) {
     const Mamba2Config& m = c.mamba2;
-    BRAID_REQUIRE(m.heads > 0 && m.head_dim > 0 && m.d_state > 0, "mamba2: heads, head_dim, d_state must be positive");
+    BRAID_REQUIRE(m.heads > 0 && m.head_dim > 0 && m.d_state > 0,
+                  "mamba2: heads, head_dim, d_state must be positive");
     BRAID_REQUIRE(m.groups >= 1 && m.heads % m.groups == 0, "mamba2.groups = ", m.groups,
-                " must divide mamba2.heads = ", m.heads);
-    BRAID_REQUIRE(m.d_conv >= 2 && m.d_conv <= 4, "mamba2.d_conv = ", m.d_conv, " must be 2, 3 or 4");
+                  " must divide mamba2.heads = ", m.heads);
+    BRAID_REQUIRE(m.d_conv >= 2 && m.d_conv <= 4, "mamba2.d_conv = ", m.d_conv,
+                  " must be 2, 3 or 4");
     BRAID_REQUIRE(m.chunk >= 1, "mamba2.chunk = ", m.chunk, " must be positive");
     BRAID_REQUIRE(m.dt_limit_min >= 0 && m.dt_limit_min <= m.dt_limit_max,
-                "mamba2: need 0 <= dt_limit_min <= dt_limit_max");
+                  "mamba2: need 0 <= dt_limit_min <= dt_limit_max");
     BRAID_REQUIRE(m.dt_min > 0 && m.dt_min <= m.dt_max, "mamba2: need 0 < dt_min <= dt_max");
-    BRAID_REQUIRE(m.a_init_min > 0 && m.a_init_min <= m.a_init_max, "mamba2: need 0 < a_init_min <= a_init_max");
+    BRAID_REQUIRE(m.a_init_min > 0 && m.a_init_min <= m.a_init_max,
+                  "mamba2: need 0 < a_init_min <= a_init_max");
   }
   if (has('*')) {
     const AttentionConfig& a = c.attention;
     BRAID_REQUIRE(a.heads > 0 && a.kv_heads > 0 && a.head_dim > 0,
-                "attention: heads, kv_heads and head_dim must be positive");
+                  "attention: heads, kv_heads and head_dim must be positive");
     BRAID_REQUIRE(a.heads % a.kv_heads == 0, "attention.kv_heads = ", a.kv_heads,
-                " must divide attention.heads = ", a.heads);
-    BRAID_REQUIRE(!a.rope || a.head_dim % 2 == 0, "attention.head_dim = ", a.head_dim, " must be even for RoPE");
+                  " must divide attention.heads = ", a.heads);
+    BRAID_REQUIRE(!a.rope || a.head_dim % 2 == 0, "attention.head_dim = ", a.head_dim,
+                  " must be even for RoPE");
     BRAID_REQUIRE(!a.rope || a.rope_theta > 0, "attention.rope_theta must be positive");
   }
   if (has('-')) BRAID_REQUIRE(c.mlp.ffn > 0, "mlp.ffn = ", c.mlp.ffn, " must be positive");
   if (has('E')) {
     const MoeConfig& m = c.moe;
-    BRAID_REQUIRE(m.experts >= 1 && m.ffn > 0 && m.shared_ffn >= 0, "moe: experts and ffn must be positive");
-    BRAID_REQUIRE(m.top_k >= 1 && m.top_k <= m.experts, "moe.top_k = ", m.top_k, " must be in [1, moe.experts = ",
-                m.experts, "]");
+    BRAID_REQUIRE(m.experts >= 1 && m.ffn > 0 && m.shared_ffn >= 0,
+                  "moe: experts and ffn must be positive");
+    BRAID_REQUIRE(m.top_k >= 1 && m.top_k <= m.experts, "moe.top_k = ", m.top_k,
+                  " must be in [1, moe.experts = ", m.experts, "]");
     BRAID_REQUIRE(!m.balance_bias || m.score == RouterScore::sigmoid,
-                "moe.balance_bias needs moe.score = sigmoid (the bias steers sigmoid scores)");
-    BRAID_REQUIRE(m.aux_loss_coef >= 0 && m.z_loss_coef >= 0, "moe: loss coefficients must be non-negative");
+                  "moe.balance_bias needs moe.score = sigmoid (the bias steers sigmoid scores)");
+    BRAID_REQUIRE(m.aux_loss_coef >= 0 && m.z_loss_coef >= 0,
+                  "moe: loss coefficients must be non-negative");
   }
 }
 
@@ -78,7 +86,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   layers_ = pattern_layers(cfg_.pattern);
   const int64_t d = cfg_.d_model, l = static_cast<int64_t>(layers_.size());
   const double std = cfg_.init_std, out_std = std / std::sqrt(double(l));
-  embed_ = params_.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
+  embed_ =
+      params_.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
   for (int64_t i = 0; i < l; ++i) {
     const std::string p = "layers." + std::to_string(i);
     norms_.push_back(params_.add(p + ".norm.weight", {d}, {ParamInit::Kind::constant, 1.0}, false));
@@ -103,7 +112,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
         break;
       }
       case '-':
-        blocks_.push_back(std::make_unique<MlpBlock>(MlpConfig{d, cfg_.mlp.ffn}, params_, mp, std, out_std));
+        blocks_.push_back(
+            std::make_unique<MlpBlock>(MlpConfig{d, cfg_.mlp.ffn}, params_, mp, std, out_std));
         break;
       case 'E': {
         MoeConfig m = cfg_.moe;
@@ -117,7 +127,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   }
   norm_f_ = params_.add("norm_f.weight", {d}, {ParamInit::Kind::constant, 1.0}, false);
   if (!cfg_.tie_embeddings)
-    head_ = params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
+    head_ =
+        params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
   params_.allocate(backend, dtype);
 
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
@@ -125,7 +136,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   const int64_t m = batch * seq, v = cfg_.vocab_size;
   auto setup = [&](Arena& sv, Arena& sc) {
     resid_.clear(), normed_.clear(), rstd_.clear();
-    for (int64_t i = 0; i <= l; ++i) resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {batch, seq, d}));
+    for (int64_t i = 0; i <= l; ++i)
+      resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {batch, seq, d}));
     for (int64_t i = 0; i < l; ++i) {
       normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {batch, seq, d}));
       rstd_.push_back(sv.take("rstd." + std::to_string(i), dtype, {m}));
@@ -158,12 +170,14 @@ void Model::forward(const Batch& batch, const BatchMeta& meta) {
   const int64_t m = b_ * t_, d = cfg_.d_model;
   embedding_forward(batch.tokens, embed_->value, resid_[0]);
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    rmsnorm_forward(resid_[i].reshape({m, d}), norms_[i]->value, cfg_.norm_eps, normed_[i].reshape({m, d}), rstd_[i]);
+    rmsnorm_forward(resid_[i].reshape({m, d}), norms_[i]->value, cfg_.norm_eps,
+                    normed_[i].reshape({m, d}), rstd_[i]);
     blocks_[i]->forward(normed_[i], fout_, meta);
     copy_tensor(*backend_, resid_[i + 1], resid_[i]);
     add_into(resid_[i + 1], fout_);
   }
-  rmsnorm_forward(resid_.back().reshape({m, d}), norm_f_->value, cfg_.norm_eps, final_normed_, final_rstd_);
+  rmsnorm_forward(resid_.back().reshape({m, d}), norm_f_->value, cfg_.norm_eps, final_normed_,
+                  final_rstd_);
   linear_forward(final_normed_, head_ ? head_->value : embed_->value, nullptr, logits_);
 }
 
@@ -178,12 +192,12 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
   const Tensor dfinal = dtmp_.reshape({m, d});
   Param* head = head_ ? head_ : embed_;
   linear_backward(final_normed_, head->value, logits_, &dfinal, head->grad, nullptr);
-  rmsnorm_backward(resid_.back().reshape({m, d}), norm_f_->value, final_rstd_, dfinal, dresid_.reshape({m, d}),
-                   norm_f_->grad);
+  rmsnorm_backward(resid_.back().reshape({m, d}), norm_f_->value, final_rstd_, dfinal,
+                   dresid_.reshape({m, d}), norm_f_->grad);
   for (size_t i = blocks_.size(); i-- > 0;) {
     blocks_[i]->backward(normed_[i], dresid_, dnormed_, meta);
-    rmsnorm_backward(resid_[i].reshape({m, d}), norms_[i]->value, rstd_[i], dnormed_.reshape({m, d}),
-                     dtmp_.reshape({m, d}), norms_[i]->grad);
+    rmsnorm_backward(resid_[i].reshape({m, d}), norms_[i]->value, rstd_[i],
+                     dnormed_.reshape({m, d}), dtmp_.reshape({m, d}), norms_[i]->grad);
     add_into(dresid_, dtmp_);
   }
   embedding_backward(batch.tokens, dresid_, embed_->grad);

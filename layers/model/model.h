@@ -30,7 +30,7 @@ struct ModelConfig {
   bool tie_embeddings = true;
   double norm_eps = 1e-5;
   double init_std = 0.02;
-  Mamba1Config mamba1;     // d_model filled in from the model
+  Mamba1Config mamba1;  // d_model filled in from the model
   Mamba2Config mamba2;
   AttentionConfig attention;
   MlpConfig mlp;

@@ -15,7 +15,8 @@ Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit ini
                      bool weight_decay, bool trainable) {
   BRAID_CHECK(find(name) == nullptr, "parameter '", name, "' registered twice");
   BRAID_CHECK(!backend_, "parameter '", name, "' registered after allocation");
-  params_.push_back(Param{std::move(name), std::move(shape), init, weight_decay, trainable, {}, {}});
+  params_.push_back(
+      Param{std::move(name), std::move(shape), init, weight_decay, trainable, {}, {}});
   return &params_.back();
 }
 
@@ -70,10 +71,18 @@ void ParamSet::initialize(uint64_t seed) {
           host[i] = random_value(ns, static_cast<uint64_t>(i));
           break;
         }
-        case ParamInit::Kind::uniform: host[i] = a + (b - a) * u; break;
-        case ParamInit::Kind::constant: host[i] = a; break;
-        case ParamInit::Kind::log_arange: host[i] = std::log(double(1 + i % last)); break;
-        case ParamInit::Kind::log_uniform: host[i] = std::log(a + (b - a) * u); break;
+        case ParamInit::Kind::uniform:
+          host[i] = a + (b - a) * u;
+          break;
+        case ParamInit::Kind::constant:
+          host[i] = a;
+          break;
+        case ParamInit::Kind::log_arange:
+          host[i] = std::log(double(1 + i % last));
+          break;
+        case ParamInit::Kind::log_uniform:
+          host[i] = std::log(a + (b - a) * u);
+          break;
         case ParamInit::Kind::dt_bias: {
           const double dt = std::max(std::exp(std::log(a) + (std::log(b) - std::log(a)) * u), 1e-4);
           host[i] = dt + std::log(-std::expm1(-dt));
@@ -85,10 +94,17 @@ void ParamSet::initialize(uint64_t seed) {
     std::vector<char> staged(v.nbytes());
     for (int64_t i = 0; i < n; ++i) {
       switch (v.dtype) {
-        case DType::f32: reinterpret_cast<float*>(staged.data())[i] = float(host[i]); break;
-        case DType::f64: reinterpret_cast<double*>(staged.data())[i] = host[i]; break;
-        case DType::bf16: reinterpret_cast<bf16*>(staged.data())[i] = to_bf16(float(host[i])); break;
-        default: BRAID_FAIL("parameter '", p.name, "' has unsupported dtype ", dtype_name(v.dtype));
+        case DType::f32:
+          reinterpret_cast<float*>(staged.data())[i] = float(host[i]);
+          break;
+        case DType::f64:
+          reinterpret_cast<double*>(staged.data())[i] = host[i];
+          break;
+        case DType::bf16:
+          reinterpret_cast<bf16*>(staged.data())[i] = to_bf16(float(host[i]));
+          break;
+        default:
+          BRAID_FAIL("parameter '", p.name, "' has unsupported dtype ", dtype_name(v.dtype));
       }
     }
     backend_->copy(v.data, v.device, staged.data(), Device::cpu, v.nbytes(), {});

@@ -15,12 +15,12 @@ namespace braid {
 
 struct ParamInit {
   enum class Kind : uint8_t {
-    normal,        // N(0, a^2)
-    uniform,       // U(a, b)
-    constant,      // a
-    log_arange,    // log(1 + (i mod last dim)): Mamba-1 A_log (S4D-real)
-    log_uniform,   // log(U(a, b)): Mamba-2 A_log
-    dt_bias,       // softplus^-1(exp(U(log a, log b)) floored at 1e-4): Mamba dt bias
+    normal,       // N(0, a^2)
+    uniform,      // U(a, b)
+    constant,     // a
+    log_arange,   // log(1 + (i mod last dim)): Mamba-1 A_log (S4D-real)
+    log_uniform,  // log(U(a, b)): Mamba-2 A_log
+    dt_bias,      // softplus^-1(exp(U(log a, log b)) floored at 1e-4): Mamba dt bias
   } kind = Kind::normal;
   double a = 0.02, b = 0.0;
 };

@@ -5,7 +5,8 @@
 //   gather:  xe[row] = x[row_token[row]]                         x [M,D], xe [M*K,D]
 //            backward: dx[m] += sum over rows of m of dxe[row]    (+=, rows in order)
 //   combine: y[m] = sum_k w[m,k] oe[row(m,k)] (dropped assignments add nothing)   (=)
-//            backward: doe[row(m,k)] = w[m,k] dy[m] (=);  dw[m,k] = dy[m] . oe[row(m,k)] (=, 0 if dropped)
+//            backward: doe[row(m,k)] = w[m,k] dy[m] (=);  dw[m,k] = dy[m] . oe[row(m,k)] (=, 0 if
+//            dropped)
 //   expert, slot [M,K] i32 (from the router); offsets [E+1] i32; row_token [M*K] i32.
 #pragma once
 
@@ -14,14 +15,15 @@
 namespace braid {
 
 // Returns the number of rows in use (offsets[E]).
-int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor& counts, int64_t capacity,
-                          const Tensor& offsets, const Tensor& row_token);
+int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor& counts,
+                          int64_t capacity, const Tensor& offsets, const Tensor& row_token);
 void moe_gather(const Tensor& x, const Tensor& row_token, int64_t rows, const Tensor& xe);
-void moe_gather_backward(const Tensor& dxe, const Tensor& row_token, int64_t rows, const Tensor& dx);
+void moe_gather_backward(const Tensor& dxe, const Tensor& row_token, int64_t rows,
+                         const Tensor& dx);
 void moe_combine(const Tensor& oe, const Tensor& expert, const Tensor& slot, const Tensor& offsets,
                  const Tensor& weight, const Tensor& y);
-void moe_combine_backward(const Tensor& dy, const Tensor& oe, const Tensor& expert, const Tensor& slot,
-                          const Tensor& offsets, const Tensor& weight, const Tensor& doe,
-                          const Tensor& dweight);
+void moe_combine_backward(const Tensor& dy, const Tensor& oe, const Tensor& expert,
+                          const Tensor& slot, const Tensor& offsets, const Tensor& weight,
+                          const Tensor& doe, const Tensor& dweight);
 
 }  // namespace braid

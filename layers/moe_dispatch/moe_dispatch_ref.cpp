@@ -10,7 +10,8 @@ namespace {
 
 void check_routes(const Tensor& expert, const Tensor& slot) {
   BRAID_CHECK(expert.ndim == 2 && expert.dtype == DType::i32 && slot.dtype == DType::i32,
-              "moe_dispatch: expert and slot must be [M,K] i32; got ", expert.describe(), ", ", slot.describe());
+              "moe_dispatch: expert and slot must be [M,K] i32; got ", expert.describe(), ", ",
+              slot.describe());
   check_shape(slot, {expert.size(0), expert.size(1)});
   require_host("moe_dispatch", {&expert, &slot});
 }
@@ -21,20 +22,23 @@ int64_t row_of(const int32_t* ex, const int32_t* sl, const int32_t* off, int64_t
 
 }  // namespace
 
-int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor& counts, int64_t capacity,
-                          const Tensor& offsets, const Tensor& row_token) {
+int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor& counts,
+                          int64_t capacity, const Tensor& offsets, const Tensor& row_token) {
   check_routes(expert, slot);
   const int64_t m = expert.size(0), k = expert.size(1), e = counts.numel();
   check_shape(offsets, {e + 1});
   check_shape(row_token, {m * k});
   require_host("moe_dispatch", {&counts, &offsets, &row_token});
-  const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(), *cnt = counts.ptr<int32_t>();
+  const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(),
+                *cnt = counts.ptr<int32_t>();
   int32_t *off = offsets.ptr<int32_t>(), *tok = row_token.ptr<int32_t>();
   off[0] = 0;
-  for (int64_t j = 0; j < e; ++j) off[j + 1] = off[j] + std::min<int32_t>(cnt[j], int32_t(capacity));
+  for (int64_t j = 0; j < e; ++j)
+    off[j + 1] = off[j] + std::min<int32_t>(cnt[j], int32_t(capacity));
   for (int64_t i = 0; i < m * k; ++i) tok[i] = -1;
   for (int64_t i = 0; i < m * k; ++i) {
-    BRAID_CHECK(ex[i] >= 0 && ex[i] < e, "moe_dispatch: expert id ", ex[i], " outside [0, ", e, ")");
+    BRAID_CHECK(ex[i] >= 0 && ex[i] < e, "moe_dispatch: expert id ", ex[i], " outside [0, ", e,
+                ")");
     BRAID_CHECK(sl[i] < capacity, "moe_dispatch: slot ", sl[i], " beyond capacity ", capacity);
     const int64_t r = row_of(ex, sl, off, i);
     if (r >= 0) tok[r] = int32_t(i / k);
@@ -44,20 +48,23 @@ int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor
 
 void moe_gather(const Tensor& x, const Tensor& row_token, int64_t rows, const Tensor& xe) {
   BRAID_CHECK(x.ndim == 2 && xe.ndim == 2 && xe.size(1) == x.size(1) && rows <= xe.size(0),
-              "moe_gather: x [M,D], xe [R,D] with rows <= R; got ", x.describe(), ", ", xe.describe());
+              "moe_gather: x [M,D], xe [R,D] with rows <= R; got ", x.describe(), ", ",
+              xe.describe());
   check_same_dtype(x, xe);
   require_host("moe_gather", {&x, &row_token, &xe});
   const int64_t d = x.size(1);
   const size_t es = dtype_size(x.dtype);
   const int32_t* tok = row_token.ptr<int32_t>();
   parallel_for(rows, [&](int64_t r) {
-    std::memcpy(static_cast<char*>(xe.data) + r * d * es, static_cast<const char*>(x.data) + tok[r] * d * es, d * es);
+    std::memcpy(static_cast<char*>(xe.data) + r * d * es,
+                static_cast<const char*>(x.data) + tok[r] * d * es, d * es);
   });
 }
 
-void moe_gather_backward(const Tensor& dxe, const Tensor& row_token, int64_t rows, const Tensor& dx) {
-  BRAID_CHECK(dx.ndim == 2 && dxe.ndim == 2 && dxe.size(1) == dx.size(1), "moe_gather_backward: shapes ",
-              dxe.describe(), ", ", dx.describe());
+void moe_gather_backward(const Tensor& dxe, const Tensor& row_token, int64_t rows,
+                         const Tensor& dx) {
+  BRAID_CHECK(dx.ndim == 2 && dxe.ndim == 2 && dxe.size(1) == dx.size(1),
+              "moe_gather_backward: shapes ", dxe.describe(), ", ", dx.describe());
   check_same_dtype(dx, dxe);
   require_host("moe_gather_backward", {&dxe, &row_token, &dx});
   const int64_t d = dx.size(1);
@@ -83,7 +90,8 @@ void moe_combine(const Tensor& oe, const Tensor& expert, const Tensor& slot, con
   check_same_dtype(oe, y);
   check_same_dtype(weight, y);
   require_host("moe_combine", {&oe, &offsets, &weight, &y});
-  const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(), *off = offsets.ptr<int32_t>();
+  const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(),
+                *off = offsets.ptr<int32_t>();
   dispatch_float(y.dtype, "moe_combine", [&]<typename T>() {
     const T *o = oe.ptr<T>(), *w = weight.ptr<T>();
     T* out = y.ptr<T>();
@@ -99,15 +107,16 @@ void moe_combine(const Tensor& oe, const Tensor& expert, const Tensor& slot, con
   });
 }
 
-void moe_combine_backward(const Tensor& dy, const Tensor& oe, const Tensor& expert, const Tensor& slot,
-                          const Tensor& offsets, const Tensor& weight, const Tensor& doe,
-                          const Tensor& dweight) {
+void moe_combine_backward(const Tensor& dy, const Tensor& oe, const Tensor& expert,
+                          const Tensor& slot, const Tensor& offsets, const Tensor& weight,
+                          const Tensor& doe, const Tensor& dweight) {
   check_routes(expert, slot);
   const int64_t m = expert.size(0), k = expert.size(1), d = dy.size(1);
   check_shape(dweight, {m, k});
   check_same_dtype(dy, doe);
   require_host("moe_combine_backward", {&dy, &oe, &offsets, &weight, &doe, &dweight});
-  const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(), *off = offsets.ptr<int32_t>();
+  const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(),
+                *off = offsets.ptr<int32_t>();
   dispatch_float(dy.dtype, "moe_combine_backward", [&]<typename T>() {
     const T *g = dy.ptr<T>(), *o = oe.ptr<T>(), *w = weight.ptr<T>();
     T *go = doe.ptr<T>(), *gw = dweight.ptr<T>();

@@ -19,9 +19,9 @@ void check_router(const Tensor& logits, const RouterConfig& cfg, const RouterOut
   check_shape(*o.slot, {m, cfg.top_k});
   check_shape(*o.weight, {m, cfg.top_k});
   check_shape(*o.counts, {e});
-  BRAID_CHECK(o.expert->dtype == DType::i32 && o.slot->dtype == DType::i32 &&
-                  o.counts->dtype == DType::i32,
-              "moe_router: expert, slot and counts must be i32");
+  BRAID_CHECK(
+      o.expert->dtype == DType::i32 && o.slot->dtype == DType::i32 && o.counts->dtype == DType::i32,
+      "moe_router: expert, slot and counts must be i32");
   check_same_dtype(logits, *o.scores);
   check_same_dtype(logits, *o.weight);
   require_host("moe_router", {&logits, o.scores, o.expert, o.slot, o.weight, o.counts});
@@ -40,7 +40,8 @@ T logsumexp(const T* row, int64_t n) {
 
 int64_t router_capacity(const RouterConfig& cfg, int64_t tokens, int64_t experts) {
   if (cfg.capacity_factor <= 0) return tokens;
-  const double cap = std::ceil(cfg.capacity_factor * double(tokens) * double(cfg.top_k) / double(experts));
+  const double cap =
+      std::ceil(cfg.capacity_factor * double(tokens) * double(cfg.top_k) / double(experts));
   return std::min<int64_t>(tokens, static_cast<int64_t>(cap));
 }
 
@@ -48,12 +49,14 @@ RouterLosses router_forward(const Tensor& logits, const Tensor* bias, const Rout
                             const RouterOutputs& o) {
   check_router(logits, cfg, o);
   const int64_t m = logits.size(0), e = logits.size(1), k = cfg.top_k;
-  if (bias) check_shape(*bias, {e}), check_same_dtype(logits, *bias), require_host("moe_router", {bias});
+  if (bias)
+    check_shape(*bias, {e}), check_same_dtype(logits, *bias), require_host("moe_router", {bias});
   RouterLosses losses;
   dispatch_float(logits.dtype, "moe_router", [&]<typename T>() {
     const T* lg = logits.ptr<T>();
     T *sc = o.scores->ptr<T>(), *wt = o.weight->ptr<T>();
-    int32_t *ex = o.expert->ptr<int32_t>(), *sl = o.slot->ptr<int32_t>(), *cnt = o.counts->ptr<int32_t>();
+    int32_t *ex = o.expert->ptr<int32_t>(), *sl = o.slot->ptr<int32_t>(),
+            *cnt = o.counts->ptr<int32_t>();
     const T* bs = bias ? bias->ptr<T>() : nullptr;
     parallel_for(m, [&](int64_t i) {
       const T* row = lg + i * e;
@@ -134,7 +137,8 @@ void router_backward(const Tensor& logits, const RouterConfig& cfg, const Router
       }
       for (int64_t kk = 0; kk < k; ++kk) {
         const int32_t j = ex[i * k + kk];
-        g[j] += cfg.normalize_topk ? gw[i * k + kk] / total - wdot / (total * total) : gw[i * k + kk];
+        g[j] +=
+            cfg.normalize_topk ? gw[i * k + kk] / total - wdot / (total * total) : gw[i * k + kk];
       }
       // Auxiliary loss through pn = s / sum(s) (identity for softmax, where sum(s) = 1).
       if (cfg.score == RouterScore::sigmoid) {
@@ -168,14 +172,16 @@ void router_update_bias(const Tensor& bias, const Tensor& counts, double rate) {
   mean /= double(e);
   dispatch_float(bias.dtype, "router_update_bias", [&]<typename T>() {
     T* b = bias.ptr<T>();
-    for (int64_t j = 0; j < e; ++j) b[j] += T(rate * (mean > c[j] ? 1.0 : mean < c[j] ? -1.0 : 0.0));
+    for (int64_t j = 0; j < e; ++j)
+      b[j] += T(rate * (mean > c[j] ? 1.0 : mean < c[j] ? -1.0 : 0.0));
   });
   for (int64_t j = 0; j < e; ++j) c[j] = 0;
 }
 
 void router_accumulate_counts(const Tensor& acc, const Tensor& counts) {
-  BRAID_CHECK(acc.dtype == DType::i32 && counts.dtype == DType::i32 && acc.numel() == counts.numel(),
-              "router_accumulate_counts: i32 tensors of one size expected");
+  BRAID_CHECK(
+      acc.dtype == DType::i32 && counts.dtype == DType::i32 && acc.numel() == counts.numel(),
+      "router_accumulate_counts: i32 tensors of one size expected");
   require_host("router_accumulate_counts", {&acc, &counts});
   for (int64_t j = 0; j < acc.numel(); ++j) acc.ptr<int32_t>()[j] += counts.ptr<int32_t>()[j];
 }

@@ -37,10 +37,10 @@ struct ScanGrads {
   const Tensor* dA = nullptr;
   const Tensor* dB = nullptr;
   const Tensor* dC = nullptr;
-  const Tensor* dD = nullptr;               // needed when D is given
-  const Tensor* dz = nullptr;               // needed when z is given
-  const Tensor* ddelta_bias = nullptr;      // needed when delta_bias is given
-  const Tensor* dinitial_state = nullptr;   // optional
+  const Tensor* dD = nullptr;              // needed when D is given
+  const Tensor* dz = nullptr;              // needed when z is given
+  const Tensor* ddelta_bias = nullptr;     // needed when delta_bias is given
+  const Tensor* dinitial_state = nullptr;  // optional
 };
 
 void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state);

@@ -12,12 +12,14 @@ struct Dims {
 };
 
 Dims check_scan(const ScanInputs& in) {
-  BRAID_CHECK(in.u && in.delta && in.A && in.B && in.C, "selective_scan: u, delta, A, B, C are required");
+  BRAID_CHECK(in.u && in.delta && in.A && in.B && in.C,
+              "selective_scan: u, delta, A, B, C are required");
   BRAID_CHECK(in.u->ndim == 3 && in.A->ndim == 2 && in.B->ndim == 4,
-              "selective_scan: expects u [B,T,C], A [C,N], B [B,T,G,N]; got ", in.u->describe(), ", ",
-              in.A->describe(), ", ", in.B->describe());
+              "selective_scan: expects u [B,T,C], A [C,N], B [B,T,G,N]; got ", in.u->describe(),
+              ", ", in.A->describe(), ", ", in.B->describe());
   const Dims d{in.u->size(0), in.u->size(1), in.u->size(2), in.A->size(1), in.B->size(2)};
-  BRAID_CHECK(d.g >= 1 && d.c % d.g == 0, "selective_scan: groups ", d.g, " must divide channels ", d.c);
+  BRAID_CHECK(d.g >= 1 && d.c % d.g == 0, "selective_scan: groups ", d.g, " must divide channels ",
+              d.c);
   check_shape(*in.delta, {d.b, d.t, d.c});
   check_shape(*in.A, {d.c, d.n});
   check_shape(*in.B, {d.b, d.t, d.g, d.n});
@@ -45,7 +47,8 @@ struct Lane {
   int64_t b, c, g;
 
   T dt_raw(int64_t t) const {
-    return in.delta->ptr<T>()[(b * d.t + t) * d.c + c] + (in.delta_bias ? in.delta_bias->ptr<T>()[c] : T(0));
+    return in.delta->ptr<T>()[(b * d.t + t) * d.c + c] +
+           (in.delta_bias ? in.delta_bias->ptr<T>()[c] : T(0));
   }
   T dt(int64_t t) const { return in.delta_softplus ? softplus(dt_raw(t)) : dt_raw(t); }
   T u(int64_t t) const { return in.u->ptr<T>()[(b * d.t + t) * d.c + c]; }
@@ -57,7 +60,9 @@ struct Lane {
     const int32_t* s = in.seq_idx->ptr<int32_t>() + b * d.t;
     return s[t] != s[t - 1];
   }
-  const T* h0() const { return in.initial_state ? in.initial_state->ptr<T>() + (b * d.c + c) * d.n : nullptr; }
+  const T* h0() const {
+    return in.initial_state ? in.initial_state->ptr<T>() + (b * d.c + c) * d.n : nullptr;
+  }
   T Dv() const { return in.D ? in.D->ptr<T>()[c] : T(0); }
   T z(int64_t t) const { return in.z->ptr<T>()[(b * d.t + t) * d.c + c]; }
 };
@@ -72,7 +77,8 @@ void scan_lane(const Lane<T>& L, T* h, Emit&& emit) {
     const T dt = L.dt(t), u = L.u(t);
     const T* Bt = L.Bt(t);
     const bool rs = L.reset(t);
-    for (int64_t n = 0; n < L.d.n; ++n) h[n] = (rs ? T(0) : std::exp(dt * A[n]) * h[n]) + dt * Bt[n] * u;
+    for (int64_t n = 0; n < L.d.n; ++n)
+      h[n] = (rs ? T(0) : std::exp(dt * A[n]) * h[n]) + dt * Bt[n] * u;
     emit(t, h);
   }
 }

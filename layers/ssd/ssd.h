@@ -1,8 +1,8 @@
 // Mamba-2 SSD (state space duality; mamba_ssm mamba_chunk_scan_combined / HF Mamba2Mixer), per
 // batch b, head h of group g = h / (H/G), head channel p, state n:
 //   dt_t    = clamp(softplus(dt_raw_t + dt_bias), dt_min, dt_max)   (softplus optional)
-//   h_t     = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T                   h [P,N], h_{-1} = initial_state
-//   y_t     = h_t C_t + D x_t
+//   h_t     = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T                   h [P,N], h_{-1} =
+//   initial_state y_t     = h_t C_t + D x_t
 // A document boundary (seq_idx[t] != seq_idx[t-1]) sets h_{t-1} = 0; the initial state belongs to
 // the document of token 0; final_state = h_{T-1}.
 // The forward is the chunked algorithm (chunks of Q tokens: quadratic attention-like products

@@ -16,7 +16,8 @@ Dims check_ssd(const SsdInputs& in) {
   BRAID_CHECK(in.x && in.dt && in.A && in.B && in.C, "ssd: x, dt, A, B, C are required");
   BRAID_CHECK(in.x->ndim == 4 && in.B->ndim == 4, "ssd: expects x [B,T,H,P] and B [B,T,G,N]; got ",
               in.x->describe(), ", ", in.B->describe());
-  const Dims d{in.x->size(0), in.x->size(1), in.x->size(2), in.x->size(3), in.B->size(2), in.B->size(3)};
+  const Dims d{in.x->size(0), in.x->size(1), in.x->size(2),
+               in.x->size(3), in.B->size(2), in.B->size(3)};
   BRAID_CHECK(d.t > 0, "ssd: empty sequence in ", in.x->describe());
   BRAID_CHECK(d.g >= 1 && d.h % d.g == 0, "ssd: groups ", d.g, " must divide heads ", d.h);
   BRAID_CHECK(in.chunk >= 1, "ssd: chunk size ", in.chunk, " must be positive");
@@ -33,8 +34,10 @@ Dims check_ssd(const SsdInputs& in) {
     check_shape(*in.seq_idx, {d.b, d.t});
   }
   if (in.initial_state)
-    check_shape(*in.initial_state, {d.b, d.h, d.p, d.n}), check_same_dtype(*in.x, *in.initial_state);
-  require_host("ssd", {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx, in.initial_state});
+    check_shape(*in.initial_state, {d.b, d.h, d.p, d.n}),
+        check_same_dtype(*in.x, *in.initial_state);
+  require_host("ssd",
+               {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx, in.initial_state});
   return d;
 }
 
@@ -196,7 +199,8 @@ void ssd_forward_quadratic(const SsdInputs& in, const Tensor& y, const Tensor* f
             acc += std::exp(cum[t]) * hc;
           }
           for (int64_t s = 0; s <= t; ++s)
-            if (L.doc(s) == L.doc(t)) acc += L.dotBC(t, s) * std::exp(cum[t] - cum[s]) * dts[s] * L.x(s)[p];
+            if (L.doc(s) == L.doc(t))
+              acc += L.dotBC(t, s) * std::exp(cum[t] - cum[s]) * dts[s] * L.x(s)[p];
           yt[p] = acc;
         }
       }
@@ -219,9 +223,11 @@ void ssd_forward_quadratic(const SsdInputs& in, const Tensor& y, const Tensor* f
 void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                   const SsdGrads& gr, const Tensor& workspace) {
   const Dims d = check_ssd(in);
-  BRAID_CHECK(gr.dx && gr.ddt && gr.dA && gr.dB && gr.dC, "ssd_backward: dx, ddt, dA, dB, dC are required");
+  BRAID_CHECK(gr.dx && gr.ddt && gr.dA && gr.dB && gr.dC,
+              "ssd_backward: dx, ddt, dA, dB, dC are required");
   BRAID_CHECK(!in.D || gr.dD, "ssd_backward: dD is required when D is given");
-  BRAID_CHECK(!in.dt_bias || gr.ddt_bias, "ssd_backward: ddt_bias is required when dt_bias is given");
+  BRAID_CHECK(!in.dt_bias || gr.ddt_bias,
+              "ssd_backward: ddt_bias is required when dt_bias is given");
   check_shape(dy, {d.b, d.t, d.h, d.p});
   check_shape(*gr.dx, {d.b, d.t, d.h, d.p});
   check_shape(*gr.ddt, {d.b, d.t, d.h});
@@ -231,9 +237,10 @@ void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_st
   if (gr.dinitial_state) check_shape(*gr.dinitial_state, {d.b, d.h, d.p, d.n});
   if (dfinal_state) check_shape(*dfinal_state, {d.b, d.h, d.p, d.n});
   const int64_t lane = d.t * d.p * d.n;
-  BRAID_CHECK(workspace.numel() >= d.b * d.h * lane + d.g * d.p * d.n && workspace.dtype == in.x->dtype,
-              "ssd_backward: workspace ", workspace.describe(), " needs ",
-              d.b * d.h * lane + d.g * d.p * d.n, " elements of ", dtype_name(in.x->dtype));
+  BRAID_CHECK(
+      workspace.numel() >= d.b * d.h * lane + d.g * d.p * d.n && workspace.dtype == in.x->dtype,
+      "ssd_backward: workspace ", workspace.describe(), " needs ",
+      d.b * d.h * lane + d.g * d.p * d.n, " elements of ", dtype_name(in.x->dtype));
   require_host("ssd", {&dy, gr.dx, gr.ddt, gr.dA, gr.dB, gr.dC, gr.dD, gr.ddt_bias,
                        gr.dinitial_state, dfinal_state, &workspace});
   dispatch_float(in.x->dtype, "ssd", [&]<typename T>() {
@@ -257,7 +264,8 @@ void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_st
             const T *xt = L.x(t), *Bt = L.Bt(t);
             for (int64_t p = 0; p < d.p; ++p)
               for (int64_t n = 0; n < d.n; ++n)
-                hs[t * pn + p * d.n + n] = (keep && prev ? a * prev[p * d.n + n] : T(0)) + dt * xt[p] * Bt[n];
+                hs[t * pn + p * d.n + n] =
+                    (keep && prev ? a * prev[p * d.n + n] : T(0)) + dt * xt[p] * Bt[n];
           }
           const T* gf = dfinal_state ? dfinal_state->ptr<T>() + (b * d.h + h) * pn : nullptr;
           for (int64_t i = 0; i < pn; ++i) gh[i] = gf ? gf[i] : T(0);

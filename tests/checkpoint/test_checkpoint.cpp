@@ -31,20 +31,24 @@ struct TrainState {
   Model model;
   AdamW opt;
   TrainState(const std::string& pattern, uint64_t seed)
-      : model(small(pattern), DType::f32, *backend, 1, 4), opt((model.initialize(seed), model.params()), {}, *backend) {}
+      : model(small(pattern), DType::f32, *backend, 1, 4),
+        opt((model.initialize(seed), model.params()), {}, *backend) {}
   // One optimizer step on synthetic gradients, so masters and moments are non-trivial.
   void step() {
     for (Param& p : model.params().all())
       if (p.trainable)
-        for (int64_t i = 0; i < p.grad.numel(); ++i) p.grad.ptr<float>()[i] = float((i * 37 % 11) - 5) * 0.01f;
+        for (int64_t i = 0; i < p.grad.numel(); ++i)
+          p.grad.ptr<float>()[i] = float((i * 37 % 11) - 5) * 0.01f;
     opt.step(1e-2, opt.grad_norm());
   }
 };
 
 class TempRoot {
  public:
-  TempRoot() : path_(fs::temp_directory_path() / ("braid_ckpt_" + std::to_string(::getpid()) + "_" +
-                                                  ::testing::UnitTest::GetInstance()->current_test_info()->name())) {
+  TempRoot()
+      : path_(fs::temp_directory_path() /
+              ("braid_ckpt_" + std::to_string(::getpid()) + "_" +
+               ::testing::UnitTest::GetInstance()->current_test_info()->name())) {
     fs::remove_all(path_);
   }
   ~TempRoot() { fs::remove_all(path_); }
@@ -68,7 +72,8 @@ TEST(Checkpoint, RoundTripIsExact) {
   TrainState a("M*E", 1);
   a.step();
   a.step();
-  const std::string dir = save_checkpoint(root.str(), {2, 16, 1, {{"model.d_model", "16"}}}, a.model.params(), a.opt);
+  const std::string dir =
+      save_checkpoint(root.str(), {2, 16, 1, {{"model.d_model", "16"}}}, a.model.params(), a.opt);
   EXPECT_EQ(fs::path(dir).filename(), "step_00000002");
   EXPECT_EQ(latest_checkpoint(root.str()), dir);
   TrainState b("M*E", 99);  // different initial values
@@ -111,7 +116,8 @@ TEST(Checkpoint, CorruptFileIsRejectedByDigest) {
   const std::string e = error_of([&] { load_checkpoint(dir, a.model.params(), a.opt); });
   EXPECT_NE(e.find("rank_00000.h5 is corrupt"), std::string::npos) << e;
   fs::remove(file);
-  EXPECT_NE(error_of([&] { load_checkpoint(dir, a.model.params(), a.opt); }).find("is missing"), std::string::npos);
+  EXPECT_NE(error_of([&] { load_checkpoint(dir, a.model.params(), a.opt); }).find("is missing"),
+            std::string::npos);
 }
 
 TEST(Checkpoint, StrictKeysNameMissingAndUnexpected) {
@@ -123,7 +129,8 @@ TEST(Checkpoint, StrictKeysNameMissingAndUnexpected) {
   const size_t missing = e.find("missing "), unexpected = e.find("; unexpected ");
   ASSERT_NE(missing, std::string::npos) << e;
   ASSERT_NE(unexpected, std::string::npos) << e;
-  const size_t q = e.find("param/layers.1.mixer.q_proj.weight"), g = e.find("param/layers.1.mixer.gate_proj.weight");
+  const size_t q = e.find("param/layers.1.mixer.q_proj.weight"),
+               g = e.find("param/layers.1.mixer.gate_proj.weight");
   EXPECT_TRUE(q > missing && q < unexpected) << e;
   EXPECT_TRUE(g != std::string::npos && g > unexpected) << e;
 }
@@ -131,9 +138,10 @@ TEST(Checkpoint, StrictKeysNameMissingAndUnexpected) {
 TEST(Checkpoint, OnlyCommittedStepsAreFoundAndPruningKeepsNewest) {
   TempRoot root;
   TrainState a("-", 1);
-  for (int64_t s : {1, 2, 3, 4}) save_checkpoint(root.str(), {s, 0, 1, {}}, a.model.params(), a.opt);
+  for (int64_t s : {1, 2, 3, 4})
+    save_checkpoint(root.str(), {s, 0, 1, {}}, a.model.params(), a.opt);
   fs::create_directories(fs::path(root.str()) / "step_00000009.tmp-1234");  // interrupted save
-  fs::create_directories(fs::path(root.str()) / "step_00000008");            // no manifest
+  fs::create_directories(fs::path(root.str()) / "step_00000008");           // no manifest
   EXPECT_EQ(fs::path(latest_checkpoint(root.str())).filename(), "step_00000004");
   prune_checkpoints(root.str(), 2);
   EXPECT_FALSE(fs::exists(fs::path(root.str()) / "step_00000002"));
@@ -143,10 +151,9 @@ TEST(Checkpoint, OnlyCommittedStepsAreFoundAndPruningKeepsNewest) {
 }
 
 TEST(Checkpoint, ConfigDifferencesListEveryChangedKey) {
-  const std::map<std::string, std::string> a{{"model.d_model", "16"}, {"moe.experts", "4"}, {"train.steps", "10"},
-                                             {"train.seed", "1"}},
-                                           b{{"model.d_model", "32"}, {"moe.experts", "4"}, {"train.steps", "20"},
-                                             {"train.seed", "2"}};
+  const std::map<std::string, std::string> a{
+      {"model.d_model", "16"}, {"moe.experts", "4"}, {"train.steps", "10"}, {"train.seed", "1"}},
+      b{{"model.d_model", "32"}, {"moe.experts", "4"}, {"train.steps", "20"}, {"train.seed", "2"}};
   const auto d = config_differences(a, b, {"model.", "moe.", "train.seed"});
   ASSERT_EQ(d.size(), 2u);
   EXPECT_EQ(d[0], "model.d_model: checkpoint 16, this run 32");

@@ -4,9 +4,9 @@
 
 #include <cmath>
 #include <cstdio>
-#include <functional>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <string>
 
@@ -23,8 +23,9 @@ namespace fs = std::filesystem;
 class TempDir {
  public:
   TempDir() {
-    path_ = fs::temp_directory_path() / ("braid_test_" + std::to_string(::getpid()) + "_" +
-                                         ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    path_ = fs::temp_directory_path() /
+            ("braid_test_" + std::to_string(::getpid()) + "_" +
+             ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(path_);
     fs::create_directories(path_);
   }
@@ -121,7 +122,9 @@ TEST(Dataset, RowsCarryDocumentsAndPositions) {
   Dataset ds({p}, 4);
   EXPECT_EQ(ds.num_samples(), 2);  // (9 - 1) / 4
   std::vector<int32_t> tk(4), tg(4), sq(4), ps(4);
-  auto t = [](std::vector<int32_t>& v) { return Tensor::contiguous_view(v.data(), DType::i32, Device::cpu, {1, 4}, "t"); };
+  auto t = [](std::vector<int32_t>& v) {
+    return Tensor::contiguous_view(v.data(), DType::i32, Device::cpu, {1, 4}, "t");
+  };
   ds.fill_row(0, 0, t(tk), t(tg), t(sq), t(ps));
   EXPECT_EQ(tk, (std::vector<int32_t>{10, 11, 9, 12}));
   EXPECT_EQ(tg, (std::vector<int32_t>{11, 9, 12, 9}));
@@ -207,17 +210,21 @@ TEST(Tokenizer, BpeFromTokenizerJson) {
   // giving Ġ lo w e, then "lo w" (rank 1): Ġ low e, and no merge applies to (Ġ, low).
   EXPECT_EQ(ids, (std::vector<uint32_t>{5, 3, 5, 7, 8}));
   EXPECT_EQ(t.decode(ids), "low lowe!");
-  EXPECT_NE(error_of([&] { BpeTokenizer bad(p, "</s>"); }).find("'</s>' not in the vocabulary"), std::string::npos);
-  std::ofstream(dir.file("wp.json")) << R"({"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": null})";
-  EXPECT_NE(error_of([&] { BpeTokenizer bad(dir.file("wp.json"), ""); }).find("model.type must be BPE"),
+  EXPECT_NE(error_of([&] { BpeTokenizer bad(p, "</s>"); }).find("'</s>' not in the vocabulary"),
             std::string::npos);
+  std::ofstream(dir.file("wp.json"))
+      << R"({"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": null})";
+  EXPECT_NE(
+      error_of([&] { BpeTokenizer bad(dir.file("wp.json"), ""); }).find("model.type must be BPE"),
+      std::string::npos);
 }
 
 TEST(Prep, SplitsDocumentsIntoTrainAndHeldOut) {
   TempDir dir;
   fs::create_directories(dir.file("src/sub"));
   for (int i = 0; i < 40; ++i)
-    std::ofstream(dir.file("src/" + std::string(i % 2 ? "sub/" : "") + "f" + std::to_string(i) + ".py"))
+    std::ofstream(
+        dir.file("src/" + std::string(i % 2 ? "sub/" : "") + "f" + std::to_string(i) + ".py"))
         << "def f" << i << "():\n    return " << i << "\n";
   std::ofstream(dir.file("src/notes.txt")) << "ignored";
   PrepOptions opt;

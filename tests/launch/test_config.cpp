@@ -56,10 +56,11 @@ std::string error_of(const std::string& path, const std::vector<std::string>& ov
 
 TEST(Config, LoadsDerivesAndOverrides) {
   ConfigFile f(kBase);
-  const RunConfig c = load_config(f.path(), {"train.micro_batch=3", "optim.lr=2e-3", "data.valid=[x.tok, y.tok]"});
-  EXPECT_EQ(c.model.mamba2.heads, 8);          // expand 2 * 64 / 16
-  EXPECT_EQ(c.model.attention.head_dim, 16);   // 64 / 4
-  EXPECT_EQ(c.model.attention.kv_heads, 4);    // defaults to heads
+  const RunConfig c =
+      load_config(f.path(), {"train.micro_batch=3", "optim.lr=2e-3", "data.valid=[x.tok, y.tok]"});
+  EXPECT_EQ(c.model.mamba2.heads, 8);         // expand 2 * 64 / 16
+  EXPECT_EQ(c.model.attention.head_dim, 16);  // 64 / 4
+  EXPECT_EQ(c.model.attention.kv_heads, 4);   // defaults to heads
   EXPECT_EQ(c.model.mamba1.d_inner, 128);
   EXPECT_EQ(c.train.micro_batch, 3);
   EXPECT_DOUBLE_EQ(c.lr.peak, 2e-3);
@@ -83,22 +84,29 @@ TEST(Config, UnknownKeyNamesKeyFileAndLine) {
   EXPECT_NE(error_of(f.path(), {}).find("unknown key"), std::string::npos);
   ConfigFile g(kBase);
   const std::string o = error_of(g.path(), {"train.stepz=3"});
-  EXPECT_NE(o.find("command line 'train.stepz=3': unknown key 'train.stepz'"), std::string::npos) << o;
+  EXPECT_NE(o.find("command line 'train.stepz=3': unknown key 'train.stepz'"), std::string::npos)
+      << o;
 }
 
 TEST(Config, BadValuesNameTheKey) {
   ConfigFile f(kBase);
-  EXPECT_NE(error_of(f.path(), {"model.d_model=abc"}).find("model.d_model: expected an integer, got 'abc'"),
+  EXPECT_NE(error_of(f.path(), {"model.d_model=abc"})
+                .find("model.d_model: expected an integer, got 'abc'"),
             std::string::npos);
-  EXPECT_NE(error_of(f.path(), {"train.steps=0"}).find("train.steps: must be at least 1"), std::string::npos);
-  EXPECT_NE(error_of(f.path(), {"attention.kv_heads=3"}).find("attention.kv_heads = 3 must divide attention.heads = 4"),
+  EXPECT_NE(error_of(f.path(), {"train.steps=0"}).find("train.steps: must be at least 1"),
             std::string::npos);
-  EXPECT_NE(error_of(f.path(), {"moe.score=relu"}).find("expected softmax or sigmoid"), std::string::npos);
-  EXPECT_NE(error_of(f.path(), {"model.tie_embeddings=yes"}).find("expected true or false"), std::string::npos);
+  EXPECT_NE(error_of(f.path(), {"attention.kv_heads=3"})
+                .find("attention.kv_heads = 3 must divide attention.heads = 4"),
+            std::string::npos);
+  EXPECT_NE(error_of(f.path(), {"moe.score=relu"}).find("expected softmax or sigmoid"),
+            std::string::npos);
+  EXPECT_NE(error_of(f.path(), {"model.tie_embeddings=yes"}).find("expected true or false"),
+            std::string::npos);
   EXPECT_NE(error_of(f.path(), {"optim.warmup=80"}).find("optim.warmup = 80"), std::string::npos);
   EXPECT_NE(error_of(f.path(), {"model.pattern=M?"}).find("symbol '?'"), std::string::npos);
   EXPECT_NE(error_of(f.path(), {"novalue"}).find("is not key=value"), std::string::npos);
-  EXPECT_NE(error_of("/nonexistent/braid.yaml").find("cannot open the config file"), std::string::npos);
+  EXPECT_NE(error_of("/nonexistent/braid.yaml").find("cannot open the config file"),
+            std::string::npos);
   ConfigFile broken("model: [unclosed\n");
   EXPECT_NE(error_of(broken.path()).find("not valid YAML"), std::string::npos);
 }

@@ -24,7 +24,8 @@ ModelConfig tiny_config(const std::string& pattern) {
   c.mamba2.d_conv = 4, c.mamba2.chunk = 3;
   c.attention = {0, 4, 2, 2, true, 10000.0};
   c.mlp.ffn = 10;
-  c.moe.experts = 4, c.moe.top_k = 2, c.moe.ffn = 6, c.moe.aux_loss_coef = 0.1, c.moe.z_loss_coef = 0.05;
+  c.moe.experts = 4, c.moe.top_k = 2, c.moe.ffn = 6, c.moe.aux_loss_coef = 0.1,
+  c.moe.z_loss_coef = 0.05;
   return c;
 }
 
@@ -88,26 +89,27 @@ TEST_P(ModelGrad, AllParametersMatchFiniteDifferences) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Patterns, ModelGrad,
-    ::testing::Values(
-        ModelCase{"hybrid", "S-M*E", nullptr},
-        ModelCase{"jamba_dt_bc_norm_no_rope_untied", "S*E",
-                  [](ModelConfig& c) {
-                    c.mamba1.dt_bc_norm = true;
-                    c.attention.rope = false;
-                    c.tie_embeddings = false;
-                  }},
-        ModelCase{"moe_sigmoid_shared_capacity", "E-E",
-                  [](ModelConfig& c) {
-                    c.moe.score = RouterScore::sigmoid;
-                    c.moe.normalize_topk = true;
-                    c.moe.shared_ffn = 5;
-                    c.moe.capacity_factor = 1.0;
-                    c.moe.balance_bias = true;
-                  }},
-        ModelCase{"mamba2_dt_limits_stage_cut", "MM|M", [](ModelConfig& c) { c.mamba2.dt_limit_max = 0.4; }}),
-    [](const ::testing::TestParamInfo<ModelCase>& p) { return p.param.name; });
+INSTANTIATE_TEST_SUITE_P(Patterns, ModelGrad,
+                         ::testing::Values(ModelCase{"hybrid", "S-M*E", nullptr},
+                                           ModelCase{"jamba_dt_bc_norm_no_rope_untied", "S*E",
+                                                     [](ModelConfig& c) {
+                                                       c.mamba1.dt_bc_norm = true;
+                                                       c.attention.rope = false;
+                                                       c.tie_embeddings = false;
+                                                     }},
+                                           ModelCase{"moe_sigmoid_shared_capacity", "E-E",
+                                                     [](ModelConfig& c) {
+                                                       c.moe.score = RouterScore::sigmoid;
+                                                       c.moe.normalize_topk = true;
+                                                       c.moe.shared_ffn = 5;
+                                                       c.moe.capacity_factor = 1.0;
+                                                       c.moe.balance_bias = true;
+                                                     }},
+                                           ModelCase{"mamba2_dt_limits_stage_cut", "MM|M",
+                                                     [](ModelConfig& c) {
+                                                       c.mamba2.dt_limit_max = 0.4;
+                                                     }}),
+                         [](const ::testing::TestParamInfo<ModelCase>& p) { return p.param.name; });
 
 TEST(Model, ValidationNamesTheConstraint) {
   auto expect_error = [](ModelConfig c, const std::string& needle) {
@@ -153,7 +155,8 @@ TEST(Model, StepIsDeterministicAcrossThreadCountsAndAllocatesNothing) {
     *allocations = backend->allocation_count() - before;
     std::vector<float> out{float(r.loss.sum), float(r.aux)};
     for (const Param& p : model.params().all())
-      if (p.trainable) out.insert(out.end(), p.grad.ptr<float>(), p.grad.ptr<float>() + p.grad.numel());
+      if (p.trainable)
+        out.insert(out.end(), p.grad.ptr<float>(), p.grad.ptr<float>() + p.grad.numel());
     return out;
   };
   int64_t a1 = -1, a2 = -1;
@@ -169,11 +172,12 @@ TEST(Model, StepIsDeterministicAcrossThreadCountsAndAllocatesNothing) {
 TEST(Model, HfStyleParameterNames) {
   auto backend = make_cpu_backend();
   Model model(tiny_config("S-M*E"), DType::f32, *backend, 1, 4);
-  for (const char* n : {"embeddings.weight", "layers.0.norm.weight", "layers.0.mixer.in_proj.weight",
-                        "layers.0.mixer.x_proj.weight", "layers.0.mixer.dt_proj.bias", "layers.0.mixer.A_log",
-                        "layers.1.mixer.gate_proj.weight", "layers.2.mixer.dt_bias", "layers.2.mixer.norm.weight",
-                        "layers.3.mixer.q_proj.weight", "layers.3.mixer.o_proj.weight", "layers.4.mixer.gate.weight",
-                        "layers.4.mixer.experts.3.down_proj.weight", "norm_f.weight"})
+  for (const char* n :
+       {"embeddings.weight", "layers.0.norm.weight", "layers.0.mixer.in_proj.weight",
+        "layers.0.mixer.x_proj.weight", "layers.0.mixer.dt_proj.bias", "layers.0.mixer.A_log",
+        "layers.1.mixer.gate_proj.weight", "layers.2.mixer.dt_bias", "layers.2.mixer.norm.weight",
+        "layers.3.mixer.q_proj.weight", "layers.3.mixer.o_proj.weight",
+        "layers.4.mixer.gate.weight", "layers.4.mixer.experts.3.down_proj.weight", "norm_f.weight"})
     EXPECT_NE(model.params().find(n), nullptr) << n;
   EXPECT_EQ(model.params().find("lm_head.weight"), nullptr);  // tied
   EXPECT_EQ(model.params().find("layers.2.mixer.in_proj.weight")->shape,

@@ -25,7 +25,8 @@ TEST_P(RouterGrad, MatchesFiniteDifferences) {
   Buffers buf;
   Tensor logits = buf.make(DType::f64, {c.m, c.e}, "logits"), scores = buf.like(logits, "scores");
   Tensor ex = buf.make(DType::i32, {c.m, c.k}, "expert"), slot = buf.like(ex, "slot");
-  Tensor w = buf.make(DType::f64, {c.m, c.k}, "weight"), cnt = buf.make(DType::i32, {c.e}, "counts");
+  Tensor w = buf.make(DType::f64, {c.m, c.k}, "weight"),
+         cnt = buf.make(DType::i32, {c.e}, "counts");
   Tensor pw = buf.like(w, "pw"), dl = buf.like(logits, "dlogits");
   test::fill_uniform(logits, -2, 2);
   test::fill_uniform(pw, -1, 1);
@@ -56,7 +57,8 @@ TEST(Router, CapacityDropsLaterAssignmentsInOrder) {
   Tensor logits = buf.make(DType::f64, {m, e}, "logits"), scores = buf.like(logits, "scores");
   Tensor ex = buf.make(DType::i32, {m, 1}, "expert"), slot = buf.like(ex, "slot");
   Tensor w = buf.make(DType::f64, {m, 1}, "w"), cnt = buf.make(DType::i32, {e}, "counts");
-  for (int64_t i = 0; i < m; ++i) logits.ptr<double>()[i * e] = 1, logits.ptr<double>()[i * e + 1] = 0;
+  for (int64_t i = 0; i < m; ++i)
+    logits.ptr<double>()[i * e] = 1, logits.ptr<double>()[i * e + 1] = 0;
   const RouterConfig cfg{1, RouterScore::softmax, false, 1.0};  // cap = ceil(4 * 1 / 2) = 2
   EXPECT_EQ(router_capacity(cfg, m, e), 2);
   router_forward(logits, nullptr, cfg, {&scores, &ex, &slot, &w, &cnt});
@@ -67,7 +69,8 @@ TEST(Router, CapacityDropsLaterAssignmentsInOrder) {
   EXPECT_EQ(s[3], -1);
   EXPECT_EQ(cnt.ptr<int32_t>()[0], 4);
   // Dropless keeps all.
-  router_forward(logits, nullptr, {1, RouterScore::softmax, false, 0.0}, {&scores, &ex, &slot, &w, &cnt});
+  router_forward(logits, nullptr, {1, RouterScore::softmax, false, 0.0},
+                 {&scores, &ex, &slot, &w, &cnt});
   EXPECT_EQ(slot.ptr<int32_t>()[3], 3);
 }
 
@@ -80,7 +83,8 @@ TEST(Router, BiasSteersChoiceButNotWeights) {
   const double l[3] = {2.0, 1.0, 0.0}, b[3] = {0.0, 0.5, 0.0};
   std::memcpy(logits.data, l, sizeof(l));
   std::memcpy(bias.data, b, sizeof(b));
-  router_forward(logits, &bias, {1, RouterScore::sigmoid, false, 0.0}, {&scores, &ex, &slot, &w, &cnt});
+  router_forward(logits, &bias, {1, RouterScore::sigmoid, false, 0.0},
+                 {&scores, &ex, &slot, &w, &cnt});
   EXPECT_EQ(ex.ptr<int32_t>()[0], 1);  // sigmoid(1) + 0.5 > sigmoid(2)
   EXPECT_NEAR(test::at(w, 0), 1 / (1 + std::exp(-1.0)), 1e-15);
 }
@@ -93,7 +97,8 @@ TEST(Router, BalancedRoutingGivesUnitAuxLoss) {
   Tensor w = buf.make(DType::f64, {m, k}, "w"), cnt = buf.make(DType::i32, {e}, "counts");
   test::zero(logits);
   for (int64_t i = 0; i < m; ++i) logits.ptr<double>()[i * e + i] = 1e-9;  // token i -> expert i
-  const RouterLosses ls = router_forward(logits, nullptr, {k, RouterScore::softmax, false, 0}, {&scores, &ex, &slot, &w, &cnt});
+  const RouterLosses ls = router_forward(logits, nullptr, {k, RouterScore::softmax, false, 0},
+                                         {&scores, &ex, &slot, &w, &cnt});
   EXPECT_NEAR(ls.aux, 1.0, 1e-8);
   EXPECT_NEAR(ls.z, std::log(4.0) * std::log(4.0), 1e-8);
 }

@@ -31,7 +31,8 @@ TEST_P(LinearGrad, MatchesFiniteDifferences) {
   Buffers buf;
   Tensor x = buf.make(DType::f64, {c.m, c.in}, "x"), w = buf.make(DType::f64, {c.out, c.in}, "w");
   Tensor b = buf.make(DType::f64, {c.out}, "b"), y = buf.make(DType::f64, {c.m, c.out}, "y");
-  Tensor probe = buf.like(y, "probe"), dx = buf.like(x, "dx"), dw = buf.like(w, "dw"), db = buf.like(b, "db");
+  Tensor probe = buf.like(y, "probe"), dx = buf.like(x, "dx"), dw = buf.like(w, "dw"),
+         db = buf.like(b, "db");
   for (const Tensor* t : {&x, &w, &b, &probe}) fill_uniform(*t, -1, 1);
   const Tensor* bias = c.bias ? &b : nullptr;
   auto loss = [&] {
@@ -54,7 +55,8 @@ TEST_P(LinearGrad, MatchesFiniteDifferences) {
 }
 INSTANTIATE_TEST_SUITE_P(Shapes, LinearGrad,
                          ::testing::Values(LinearCase{1, 1, 1, true}, LinearCase{3, 5, 7, true},
-                                           LinearCase{17, 33, 9, false}, LinearCase{8, 64, 12, true}));
+                                           LinearCase{17, 33, 9, false},
+                                           LinearCase{8, 64, 12, true}));
 
 TEST(Linear, Float32MatchesFloat64) {
   test::reseed(5);
@@ -80,7 +82,8 @@ TEST(Embedding, GradientAndBadTokens) {
   test::reseed(11);
   Buffers buf;
   Tensor tok = buf.make(DType::i32, {2, 5}, "tok"), w = buf.make(DType::f64, {7, 4}, "w");
-  Tensor y = buf.make(DType::f64, {2, 5, 4}, "y"), probe = buf.like(y, "probe"), dw = buf.like(w, "dw");
+  Tensor y = buf.make(DType::f64, {2, 5, 4}, "y"), probe = buf.like(y, "probe"),
+         dw = buf.like(w, "dw");
   const int32_t ids[10] = {0, 3, 3, 6, 1, 2, 3, 0, 5, 5};
   std::memcpy(tok.data, ids, sizeof(ids));
   fill_uniform(w, -1, 1);
@@ -118,7 +121,8 @@ TEST_P(RmsNormGrad, MatchesFiniteDifferences) {
   expect_gradient("dw", w, dw, loss);
 }
 INSTANTIATE_TEST_SUITE_P(Shapes, RmsNormGrad,
-                         ::testing::Values(std::pair<int64_t, int64_t>{1, 1}, std::pair<int64_t, int64_t>{3, 8},
+                         ::testing::Values(std::pair<int64_t, int64_t>{1, 1},
+                                           std::pair<int64_t, int64_t>{3, 8},
                                            std::pair<int64_t, int64_t>{5, 33}));
 
 TEST(RmsNorm, MatchesDefinition) {
@@ -140,8 +144,10 @@ TEST_P(GatedRmsNormGrad, MatchesFiniteDifferences) {
   const auto c = GetParam();
   test::reseed(c.m * 17 + c.d + c.g);
   Buffers buf;
-  Tensor x = buf.make(DType::f64, {c.m, c.d}, "x"), z = buf.like(x, "z"), w = buf.make(DType::f64, {c.d}, "w");
-  Tensor y = buf.like(x, "y"), r = buf.make(DType::f64, {c.m, c.g}, "rstd"), probe = buf.like(x, "probe");
+  Tensor x = buf.make(DType::f64, {c.m, c.d}, "x"), z = buf.like(x, "z"),
+         w = buf.make(DType::f64, {c.d}, "w");
+  Tensor y = buf.like(x, "y"), r = buf.make(DType::f64, {c.m, c.g}, "rstd"),
+         probe = buf.like(x, "probe");
   Tensor dx = buf.like(x, "dx"), dz = buf.like(x, "dz"), dw = buf.like(w, "dw");
   for (const Tensor* t : {&x, &z, &probe}) fill_uniform(*t, -2, 2);
   fill_uniform(w, 0.5, 1.5);
@@ -158,7 +164,8 @@ TEST_P(GatedRmsNormGrad, MatchesFiniteDifferences) {
   expect_gradient("dw", w, dw, loss);
 }
 INSTANTIATE_TEST_SUITE_P(Shapes, GatedRmsNormGrad,
-                         ::testing::Values(GatedCase{1, 4, 1}, GatedCase{3, 12, 3}, GatedCase{4, 16, 2}));
+                         ::testing::Values(GatedCase{1, 4, 1}, GatedCase{3, 12, 3},
+                                           GatedCase{4, 16, 2}));
 
 TEST(GatedRmsNorm, RejectsGroupsThatDoNotDivide) {
   Buffers buf;
@@ -208,8 +215,10 @@ TEST(CrossEntropy, GradientIgnoredRowsAndBadTargets) {
 TEST(Rope, GradientAndInverse) {
   test::reseed(8);
   Buffers buf;
-  Tensor x = buf.make(DType::f64, {2, 5, 3, 8}, "x"), y = buf.like(x, "y"), probe = buf.like(x, "probe");
-  Tensor dx = buf.like(x, "dx"), back = buf.like(x, "back"), pos = buf.make(DType::i32, {2, 5}, "pos");
+  Tensor x = buf.make(DType::f64, {2, 5, 3, 8}, "x"), y = buf.like(x, "y"),
+         probe = buf.like(x, "probe");
+  Tensor dx = buf.like(x, "dx"), back = buf.like(x, "back"),
+         pos = buf.make(DType::i32, {2, 5}, "pos");
   for (int64_t i = 0; i < 10; ++i) pos.ptr<int32_t>()[i] = int32_t((i * 7) % 5);
   fill_uniform(x, -1, 1);
   fill_uniform(probe, -1, 1);
@@ -231,7 +240,8 @@ TEST(Rope, GradientAndInverse) {
 
 TEST(Elementwise, NegExpAndAdd) {
   Buffers buf;
-  Tensor l = buf.make(DType::f64, {3}, "A_log"), a = buf.like(l, "A"), da = buf.like(l, "dA"), dl = buf.like(l, "dA_log");
+  Tensor l = buf.make(DType::f64, {3}, "A_log"), a = buf.like(l, "A"), da = buf.like(l, "dA"),
+         dl = buf.like(l, "dA_log");
   test::reseed(2);
   fill_uniform(l, -1, 1);
   fill_uniform(da, -1, 1);

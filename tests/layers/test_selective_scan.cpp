@@ -47,8 +47,17 @@ ScanData make_scan(Buffers& buf, const ScanCase& c) {
 }
 
 ScanInputs inputs(const ScanData& d, const ScanCase& c) {
-  ScanInputs in{&d.u, &d.delta, &d.A, &d.Bm, &d.Cm, &d.D, c.z ? &d.z : nullptr, &d.bias,
-                c.docs ? &d.seq : nullptr, c.init ? &d.h0 : nullptr, c.softplus};
+  ScanInputs in{&d.u,
+                &d.delta,
+                &d.A,
+                &d.Bm,
+                &d.Cm,
+                &d.D,
+                c.z ? &d.z : nullptr,
+                &d.bias,
+                c.docs ? &d.seq : nullptr,
+                c.init ? &d.h0 : nullptr,
+                c.softplus};
   return in;
 }
 
@@ -60,7 +69,8 @@ TEST_P(ScanGrad, MatchesFiniteDifferences) {
   Buffers buf;
   ScanData d = make_scan(buf, c);
   const ScanInputs in = inputs(d, c);
-  Tensor y = buf.like(d.u, "y"), py = buf.like(d.u, "py"), hT = buf.like(d.h0, "hT"), ph = buf.like(d.h0, "ph");
+  Tensor y = buf.like(d.u, "y"), py = buf.like(d.u, "py"), hT = buf.like(d.h0, "hT"),
+         ph = buf.like(d.h0, "ph");
   test::fill_uniform(py, -1, 1);
   test::fill_uniform(ph, -1, 1);
   auto loss = [&] {
@@ -108,14 +118,19 @@ TEST(SelectiveScan, SplitRunEqualsFullRun) {
   Tensor dA = buf.like(d.A, "dA"), dB = buf.like(d.Bm, "dB"), dC = buf.like(d.Cm, "dC");
   Tensor dD = buf.like(d.D, "dD"), dbias = buf.like(d.bias, "dbias"), dh0 = buf.like(d.h0, "dh0");
   for (const Tensor* t : {&dA, &dD, &dbias}) test::zero(*t);
-  selective_scan_backward(in, dy, nullptr, {&du, &ddelta, &dA, &dB, &dC, &dD, &dz, &dbias, &dh0}, ws);
+  selective_scan_backward(in, dy, nullptr, {&du, &ddelta, &dA, &dB, &dC, &dD, &dz, &dbias, &dh0},
+                          ws);
 
   const int64_t t1 = 7, t2 = c.t - t1;
-  auto part = [&](const Tensor& full, int64_t s, int64_t l, const char* n) { return test::time_slice(buf, full, s, l, n); };
+  auto part = [&](const Tensor& full, int64_t s, int64_t l, const char* n) {
+    return test::time_slice(buf, full, s, l, n);
+  };
   ScanData h1 = d, h2 = d;
   for (auto [dst, s, l] : {std::tuple{&h1, int64_t(0), t1}, std::tuple{&h2, t1, t2}}) {
-    dst->u = part(d.u, s, l, "u"), dst->delta = part(d.delta, s, l, "delta"), dst->z = part(d.z, s, l, "z");
-    dst->Bm = part(d.Bm, s, l, "B"), dst->Cm = part(d.Cm, s, l, "C"), dst->seq = part(d.seq, s, l, "seq");
+    dst->u = part(d.u, s, l, "u"), dst->delta = part(d.delta, s, l, "delta"),
+    dst->z = part(d.z, s, l, "z");
+    dst->Bm = part(d.Bm, s, l, "B"), dst->Cm = part(d.Cm, s, l, "C"),
+    dst->seq = part(d.seq, s, l, "seq");
   }
   Tensor mid = buf.like(d.h0, "mid"), dmid = buf.like(d.h0, "dmid");
   ScanInputs in1 = inputs(h1, {c.b, t1, c.c, c.n, c.g, true, true, true, true});
@@ -134,15 +149,19 @@ TEST(SelectiveScan, SplitRunEqualsFullRun) {
 
   Tensor du1 = buf.like(h1.u, "du1"), ddelta1 = buf.like(h1.u, "dd1"), dz1 = buf.like(h1.u, "dz1");
   Tensor du2 = buf.like(h2.u, "du2"), ddelta2 = buf.like(h2.u, "dd2"), dz2 = buf.like(h2.u, "dz2");
-  Tensor dB1 = buf.like(h1.Bm, "dB1"), dC1 = buf.like(h1.Cm, "dC1"), dB2 = buf.like(h2.Bm, "dB2"), dC2 = buf.like(h2.Cm, "dC2");
-  Tensor dA2 = buf.like(d.A, "dA2"), dD2 = buf.like(d.D, "dD2"), dbias2 = buf.like(d.bias, "dbias2"), dh0b = buf.like(d.h0, "dh0b");
+  Tensor dB1 = buf.like(h1.Bm, "dB1"), dC1 = buf.like(h1.Cm, "dC1"), dB2 = buf.like(h2.Bm, "dB2"),
+         dC2 = buf.like(h2.Cm, "dC2");
+  Tensor dA2 = buf.like(d.A, "dA2"), dD2 = buf.like(d.D, "dD2"),
+         dbias2 = buf.like(d.bias, "dbias2"), dh0b = buf.like(d.h0, "dh0b");
   for (const Tensor* t : {&dA2, &dD2, &dbias2}) test::zero(*t);
   Tensor ws2 = buf.make(DType::f64, {selective_scan_workspace_elems(in)}, "ws2");
-  selective_scan_backward(in2, part(dy, t1, t2, "dy2"), nullptr, {&du2, &ddelta2, &dA2, &dB2, &dC2, &dD2, &dz2, &dbias2, &dmid}, ws2);
+  selective_scan_backward(in2, part(dy, t1, t2, "dy2"), nullptr,
+                          {&du2, &ddelta2, &dA2, &dB2, &dC2, &dD2, &dz2, &dbias2, &dmid}, ws2);
   for (int64_t b = 0; b < c.b; ++b)
     if (d.seq.ptr<int32_t>()[b * c.t + t1] != d.seq.ptr<int32_t>()[b * c.t + t1 - 1])
       for (int64_t i = 0; i < c.c * c.n; ++i) dmid.ptr<double>()[b * c.c * c.n + i] = 0;
-  selective_scan_backward(in1, part(dy, 0, t1, "dy1"), &dmid, {&du1, &ddelta1, &dA2, &dB1, &dC1, &dD2, &dz1, &dbias2, &dh0b}, ws2);
+  selective_scan_backward(in1, part(dy, 0, t1, "dy1"), &dmid,
+                          {&du1, &ddelta1, &dA2, &dB1, &dC1, &dD2, &dz1, &dbias2, &dh0b}, ws2);
   EXPECT_LE(test::max_violation(du1, part(du, 0, t1, "a"), 1e-12, 1e-10), 1.0);
   EXPECT_LE(test::max_violation(du2, part(du, t1, t2, "b"), 1e-12, 1e-10), 1.0);
   EXPECT_LE(test::max_violation(ddelta1, part(ddelta, 0, t1, "c"), 1e-12, 1e-10), 1.0);

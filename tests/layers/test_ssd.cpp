@@ -47,7 +47,8 @@ SsdData make_ssd(Buffers& buf, const SsdCase& c) {
 
 SsdInputs inputs(const SsdData& d, const SsdCase& c) {
   SsdInputs in;
-  in.x = &d.x, in.dt = &d.dt, in.A = &d.A, in.B = &d.Bm, in.C = &d.Cm, in.D = &d.D, in.dt_bias = &d.bias;
+  in.x = &d.x, in.dt = &d.dt, in.A = &d.A, in.B = &d.Bm, in.C = &d.Cm, in.D = &d.D,
+  in.dt_bias = &d.bias;
   in.seq_idx = c.docs ? &d.seq : nullptr;
   in.initial_state = c.init ? &d.h0 : nullptr;
   in.chunk = c.chunk;
@@ -66,7 +67,8 @@ TEST_P(SsdChunkedVsQuadratic, Equal) {
   Buffers buf;
   SsdData d = make_ssd(buf, c);
   const SsdInputs in = inputs(d, c);
-  Tensor y = buf.like(d.x, "y"), yq = buf.like(d.x, "yq"), s = buf.like(d.h0, "s"), sq = buf.like(d.h0, "sq");
+  Tensor y = buf.like(d.x, "y"), yq = buf.like(d.x, "yq"), s = buf.like(d.h0, "s"),
+         sq = buf.like(d.h0, "sq");
   for (const Tensor* t : {&y, &yq, &s, &sq}) test::poison(*t);
   ssd_forward(in, y, &s, forward_ws(buf, in));
   ssd_forward_quadratic(in, yq, &sq);
@@ -91,7 +93,8 @@ TEST_P(SsdGrad, MatchesFiniteDifferences) {
   Buffers buf;
   SsdData d = make_ssd(buf, c);
   const SsdInputs in = inputs(d, c);
-  Tensor y = buf.like(d.x, "y"), py = buf.like(d.x, "py"), hT = buf.like(d.h0, "hT"), ph = buf.like(d.h0, "ph");
+  Tensor y = buf.like(d.x, "y"), py = buf.like(d.x, "py"), hT = buf.like(d.h0, "hT"),
+         ph = buf.like(d.h0, "ph");
   test::fill_uniform(py, -1, 1);
   test::fill_uniform(ph, -1, 1);
   Tensor fws = forward_ws(buf, in);
@@ -101,8 +104,10 @@ TEST_P(SsdGrad, MatchesFiniteDifferences) {
     return test::weighted_sum(y, py) + test::weighted_sum(hT, ph);
   };
   loss();
-  Tensor dx = buf.like(d.x, "dx"), ddt = buf.like(d.dt, "ddt"), dA = buf.like(d.A, "dA"), dB = buf.like(d.Bm, "dB");
-  Tensor dC = buf.like(d.Cm, "dC"), dD = buf.like(d.D, "dD"), dbias = buf.like(d.bias, "dbias"), dh0 = buf.like(d.h0, "dh0");
+  Tensor dx = buf.like(d.x, "dx"), ddt = buf.like(d.dt, "ddt"), dA = buf.like(d.A, "dA"),
+         dB = buf.like(d.Bm, "dB");
+  Tensor dC = buf.like(d.Cm, "dC"), dD = buf.like(d.D, "dD"), dbias = buf.like(d.bias, "dbias"),
+         dh0 = buf.like(d.h0, "dh0");
   for (const Tensor* t : {&dx, &ddt, &dB, &dC, &dh0}) test::poison(*t);
   Tensor ws = buf.make(DType::f64, {ssd_backward_workspace_elems(in)}, "ws");
   ssd_backward(in, py, &ph, {&dx, &ddt, &dA, &dB, &dC, &dD, &dbias, &dh0}, ws);
@@ -140,7 +145,8 @@ TEST(Ssd, DtLimitsClampAndStopGradient) {
     ssd_forward(in, y, nullptr, fws);
     return test::weighted_sum(y, py);
   };
-  Tensor dx = buf.like(d.x, "dx"), ddt = buf.like(d.dt, "ddt"), dA = buf.like(d.A, "dA"), dB = buf.like(d.Bm, "dB");
+  Tensor dx = buf.like(d.x, "dx"), ddt = buf.like(d.dt, "ddt"), dA = buf.like(d.A, "dA"),
+         dB = buf.like(d.Bm, "dB");
   Tensor dC = buf.like(d.Cm, "dC"), dD = buf.like(d.D, "dD"), dbias = buf.like(d.bias, "dbias");
   Tensor ws = buf.make(DType::f64, {ssd_backward_workspace_elems(in)}, "ws");
   ssd_backward(in, py, nullptr, {&dx, &ddt, &dA, &dB, &dC, &dD, &dbias, nullptr}, ws);
@@ -159,17 +165,22 @@ TEST(Ssd, SplitRunEqualsFullRun) {
   Tensor y = buf.like(d.x, "y"), dy = buf.like(d.x, "dy");
   test::fill_uniform(dy, -1, 1);
   ssd_forward(in, y, nullptr, forward_ws(buf, in));
-  Tensor dx = buf.like(d.x, "dx"), ddt = buf.like(d.dt, "ddt"), dA = buf.like(d.A, "dA"), dB = buf.like(d.Bm, "dB");
-  Tensor dC = buf.like(d.Cm, "dC"), dD = buf.like(d.D, "dD"), dbias = buf.like(d.bias, "dbias"), dh0 = buf.like(d.h0, "dh0");
+  Tensor dx = buf.like(d.x, "dx"), ddt = buf.like(d.dt, "ddt"), dA = buf.like(d.A, "dA"),
+         dB = buf.like(d.Bm, "dB");
+  Tensor dC = buf.like(d.Cm, "dC"), dD = buf.like(d.D, "dD"), dbias = buf.like(d.bias, "dbias"),
+         dh0 = buf.like(d.h0, "dh0");
   for (const Tensor* t : {&dA, &dD, &dbias}) test::zero(*t);
   Tensor ws = buf.make(DType::f64, {ssd_backward_workspace_elems(in)}, "ws");
   ssd_backward(in, dy, nullptr, {&dx, &ddt, &dA, &dB, &dC, &dD, &dbias, &dh0}, ws);
 
   const int64_t t1 = 6, t2 = c.t - t1;
-  auto part = [&](const Tensor& f, int64_t s, int64_t l, const char* n) { return test::time_slice(buf, f, s, l, n); };
+  auto part = [&](const Tensor& f, int64_t s, int64_t l, const char* n) {
+    return test::time_slice(buf, f, s, l, n);
+  };
   SsdData h1 = d, h2 = d;
   for (auto [dst, s, l] : {std::tuple{&h1, int64_t(0), t1}, std::tuple{&h2, t1, t2}}) {
-    dst->x = part(d.x, s, l, "x"), dst->dt = part(d.dt, s, l, "dt"), dst->Bm = part(d.Bm, s, l, "B");
+    dst->x = part(d.x, s, l, "x"), dst->dt = part(d.dt, s, l, "dt"),
+    dst->Bm = part(d.Bm, s, l, "B");
     dst->Cm = part(d.Cm, s, l, "C"), dst->seq = part(d.seq, s, l, "seq");
   }
   SsdCase c1 = c, c2 = c;
@@ -190,13 +201,18 @@ TEST(Ssd, SplitRunEqualsFullRun) {
   ssd_forward(in2, y2, nullptr, forward_ws(buf, in2));
   EXPECT_LE(test::max_violation(y1, part(y, 0, t1, "ya"), 1e-13, 1e-11), 1.0);
   EXPECT_LE(test::max_violation(y2, part(y, t1, t2, "yb"), 1e-13, 1e-11), 1.0);
-  Tensor dx1 = buf.like(h1.x, "dx1"), ddt1 = buf.like(h1.dt, "ddt1"), dB1 = buf.like(h1.Bm, "dB1"), dC1 = buf.like(h1.Cm, "dC1");
-  Tensor dx2 = buf.like(h2.x, "dx2"), ddt2 = buf.like(h2.dt, "ddt2"), dB2 = buf.like(h2.Bm, "dB2"), dC2 = buf.like(h2.Cm, "dC2");
-  Tensor dA2 = buf.like(d.A, "dA2"), dD2 = buf.like(d.D, "dD2"), dbias2 = buf.like(d.bias, "dbias2"), dh0b = buf.like(d.h0, "dh0b");
+  Tensor dx1 = buf.like(h1.x, "dx1"), ddt1 = buf.like(h1.dt, "ddt1"), dB1 = buf.like(h1.Bm, "dB1"),
+         dC1 = buf.like(h1.Cm, "dC1");
+  Tensor dx2 = buf.like(h2.x, "dx2"), ddt2 = buf.like(h2.dt, "ddt2"), dB2 = buf.like(h2.Bm, "dB2"),
+         dC2 = buf.like(h2.Cm, "dC2");
+  Tensor dA2 = buf.like(d.A, "dA2"), dD2 = buf.like(d.D, "dD2"),
+         dbias2 = buf.like(d.bias, "dbias2"), dh0b = buf.like(d.h0, "dh0b");
   for (const Tensor* t : {&dA2, &dD2, &dbias2}) test::zero(*t);
-  ssd_backward(in2, part(dy, t1, t2, "dy2"), nullptr, {&dx2, &ddt2, &dA2, &dB2, &dC2, &dD2, &dbias2, &dmid}, ws);
+  ssd_backward(in2, part(dy, t1, t2, "dy2"), nullptr,
+               {&dx2, &ddt2, &dA2, &dB2, &dC2, &dD2, &dbias2, &dmid}, ws);
   zero_if_new_doc(dmid);
-  ssd_backward(in1, part(dy, 0, t1, "dy1"), &dmid, {&dx1, &ddt1, &dA2, &dB1, &dC1, &dD2, &dbias2, &dh0b}, ws);
+  ssd_backward(in1, part(dy, 0, t1, "dy1"), &dmid,
+               {&dx1, &ddt1, &dA2, &dB1, &dC1, &dD2, &dbias2, &dh0b}, ws);
   EXPECT_LE(test::max_violation(dx1, part(dx, 0, t1, "a"), 1e-12, 1e-10), 1.0);
   EXPECT_LE(test::max_violation(dx2, part(dx, t1, t2, "b"), 1e-12, 1e-10), 1.0);
   EXPECT_LE(test::max_violation(ddt1, part(ddt, 0, t1, "c"), 1e-12, 1e-10), 1.0);

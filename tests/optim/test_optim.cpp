@@ -41,8 +41,10 @@ TEST(AdamW, MatchesReferenceWithDecayExclusionAndClipping) {
     };
     ref(pw, mw, vw, gw, 3, true);
     ref(pn, mn, vn, gn, 2, false);
-    for (int i = 0; i < 3; ++i) EXPECT_NEAR(ps.all()[0].value.ptr<float>()[i], pw[i], 2e-6) << "step " << step;
-    for (int i = 0; i < 2; ++i) EXPECT_NEAR(ps.all()[1].value.ptr<float>()[i], pn[i], 2e-6) << "step " << step;
+    for (int i = 0; i < 3; ++i)
+      EXPECT_NEAR(ps.all()[0].value.ptr<float>()[i], pw[i], 2e-6) << "step " << step;
+    for (int i = 0; i < 2; ++i)
+      EXPECT_NEAR(ps.all()[1].value.ptr<float>()[i], pn[i], 2e-6) << "step " << step;
   }
   // The zero-gradient, decayed element shrinks only by weight decay.
   EXPECT_LT(ps.all()[0].value.ptr<float>()[2], 0.5f);

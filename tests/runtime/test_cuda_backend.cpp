@@ -21,7 +21,8 @@ class CudaBackend : public ::testing::Test {
 };
 
 TEST_F(CudaBackend, FillAndCopyEveryDtype) {
-  for (DType t : {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64, DType::u8}) {
+  for (DType t :
+       {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64, DType::u8}) {
     const int64_t n = 100003;
     void* d = gpu_->allocate(n * dtype_size(t));
     Tensor dt = Tensor::contiguous_view(d, t, Device::cuda, {n}, "d");
@@ -39,7 +40,8 @@ TEST_F(CudaBackend, RandomFillsEqualCpuBitForBit) {
   const int64_t n = 1 << 20;
   for (RandomSpec::Kind k : {RandomSpec::Kind::uniform, RandomSpec::Kind::normal}) {
     for (DType t : {DType::f32, DType::bf16}) {
-      const RandomSpec spec{k, 0x1234abcdull, 77u, k == RandomSpec::Kind::uniform ? -0.5f : 0.0f, 0.02f};
+      const RandomSpec spec{k, 0x1234abcdull, 77u, k == RandomSpec::Kind::uniform ? -0.5f : 0.0f,
+                            0.02f};
       void* d = gpu_->allocate(n * dtype_size(t));
       gpu_->fill_random(Tensor::contiguous_view(d, t, Device::cuda, {n}, "g"), spec, {});
       std::vector<char> host(n * dtype_size(t)), want(n * dtype_size(t));
@@ -48,8 +50,10 @@ TEST_F(CudaBackend, RandomFillsEqualCpuBitForBit) {
       cpu_->fill_random(Tensor::contiguous_view(want.data(), t, Device::cpu, {n}, "c"), spec, {});
       int64_t differ = 0;
       const size_t es = dtype_size(t);
-      for (int64_t i = 0; i < n; ++i) differ += std::memcmp(host.data() + i * es, want.data() + i * es, es) != 0;
-      EXPECT_EQ(differ, 0) << (k == RandomSpec::Kind::uniform ? "uniform " : "normal ") << dtype_name(t);
+      for (int64_t i = 0; i < n; ++i)
+        differ += std::memcmp(host.data() + i * es, want.data() + i * es, es) != 0;
+      EXPECT_EQ(differ, 0) << (k == RandomSpec::Kind::uniform ? "uniform " : "normal ")
+                           << dtype_name(t);
       gpu_->release(d);
     }
   }

@@ -50,7 +50,8 @@ TEST(DType, F16MatchesCompilerConversionEverywhere) {
 }
 
 TEST(DType, NamesRoundTrip) {
-  for (DType t : {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64, DType::u8}) {
+  for (DType t :
+       {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64, DType::u8}) {
     DType back;
     ASSERT_TRUE(dtype_from_name(dtype_name(t), &back));
     EXPECT_EQ(back, t);
@@ -127,14 +128,14 @@ TEST(Philox, KnownAnswerVectors) {
   EXPECT_EQ(z.v[1], 0xe169c58du);
   EXPECT_EQ(z.v[2], 0xbc57ac4cu);
   EXPECT_EQ(z.v[3], 0x9b00dbd8u);
-  const philox::U32x4 f = philox::philox4x32_10({{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}},
-                                                0xffffffffu, 0xffffffffu);
+  const philox::U32x4 f = philox::philox4x32_10(
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}}, 0xffffffffu, 0xffffffffu);
   EXPECT_EQ(f.v[0], 0x408f276du);
   EXPECT_EQ(f.v[1], 0x41c83b0eu);
   EXPECT_EQ(f.v[2], 0xa20bc7c6u);
   EXPECT_EQ(f.v[3], 0x6d5451fdu);
-  const philox::U32x4 p = philox::philox4x32_10({{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}},
-                                                0xa4093822u, 0x299f31d0u);
+  const philox::U32x4 p = philox::philox4x32_10(
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u);
   EXPECT_EQ(p.v[0], 0xd16cfe09u);
   EXPECT_EQ(p.v[1], 0x94fdccebu);
   EXPECT_EQ(p.v[2], 0x5001e420u);
