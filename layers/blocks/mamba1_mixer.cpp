@@ -82,6 +82,17 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   dtmp_c_ = sc.take("m1.dtmp", t, {m, c});
   dx_tmp_ = sc.take("m1.dx_tmp", t, {m, cfg_.d_model});
   ws_ = sc.take("m1.scan_workspace", t, {batch * seq * c * n});
+  // The scan's [B,T,...] views of the saved tensors.
+  xc3_ = xc_.reshape({batch, seq, c});
+  delta3_ = delta_.reshape({batch, seq, c});
+  z3_ = z_.reshape({batch, seq, c});
+  b4_ = bn_.reshape({batch, seq, cfg_.groups, n});
+  c4_ = cn_.reshape({batch, seq, cfg_.groups, n});
+}
+
+ScanInputs Mamba1Mixer::scan_inputs(const BatchMeta& meta) const {
+  return ScanInputs{&xc3_, &delta3_,      &a_,          &b4_,    &c4_, &d_->value,
+                    &z3_,  &dt_b_->value, meta.seq_idx, nullptr, true};
 }
 
 void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
@@ -90,8 +101,8 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   const Tensor& w_in = in_proj_->value;
   linear_forward(x2, w_in.slice(0, 0, c), nullptr, xs_);
   linear_forward(x2, w_in.slice(0, c, c), nullptr, z_);
-  const Tensor xs3 = xs_.reshape({b_, t_, c}), xc3 = xc_.reshape({b_, t_, c});
-  causal_conv1d_forward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true}, xc3,
+  const Tensor xs3 = xs_.reshape({b_, t_, c});
+  causal_conv1d_forward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true}, xc3_,
                         nullptr);
   const Tensor& wx = x_proj_->value;
   linear_forward(xc_, wx.slice(0, 0, r), nullptr, dtr_);
@@ -106,12 +117,7 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   }
   linear_forward(dtn_, dt_w_->value, nullptr, delta_);
   neg_exp(a_log_->value, a_);
-  const Tensor delta3 = delta_.reshape({b_, t_, c}), z3 = z_.reshape({b_, t_, c}),
-               y3 = y_.reshape({b_, t_, c});
-  const Tensor b4 = bn_.reshape({b_, t_, g, n}), c4 = cn_.reshape({b_, t_, g, n});
-  const ScanInputs in{&xc3, &delta3,       &a_,          &b4,     &c4, &d_->value,
-                      &z3,  &dt_b_->value, meta.seq_idx, nullptr, true};
-  selective_scan_forward(in, y3, nullptr);
+  selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr);
   linear_forward(y_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
 }
 
@@ -120,11 +126,7 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   const int64_t m = b_ * t_, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank, g = cfg_.groups;
   linear_backward(y_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dy_in_, out_proj_->grad,
                   nullptr);
-  const Tensor xc3 = xc_.reshape({b_, t_, c}), delta3 = delta_.reshape({b_, t_, c}),
-               z3 = z_.reshape({b_, t_, c});
-  const Tensor b4 = bn_.reshape({b_, t_, g, n}), c4 = cn_.reshape({b_, t_, g, n});
-  const ScanInputs in{&xc3, &delta3,       &a_,          &b4,     &c4, &d_->value,
-                      &z3,  &dt_b_->value, meta.seq_idx, nullptr, true};
+  const ScanInputs in = scan_inputs(meta);
   const Tensor dxc3 = dxc_.reshape({b_, t_, c}), ddelta3 = ddelta_.reshape({b_, t_, c}),
                dz3 = dz_.reshape({b_, t_, c});
   const Tensor db4 = dbn_.reshape({b_, t_, g, n}), dc4 = dcn_.reshape({b_, t_, g, n});

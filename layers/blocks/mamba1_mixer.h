@@ -12,6 +12,7 @@
 #pragma once
 
 #include "layers/blocks/block.h"
+#include "layers/selective_scan/selective_scan.h"
 
 namespace braid {
 
@@ -38,12 +39,15 @@ class Mamba1Mixer final : public Block {
   double flops_per_token(int64_t seq) const override;
 
  private:
+  ScanInputs scan_inputs(const BatchMeta& meta) const;
+
   Mamba1Config cfg_;
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *x_proj_, *dt_w_, *dt_b_, *a_log_, *d_, *out_proj_;
   Param *dt_norm_ = nullptr, *b_norm_ = nullptr, *c_norm_ = nullptr;
   // saved
   Tensor xs_, z_, xc_, dtr_, bp_, cp_, dtn_, bn_, cn_, rs_dt_, rs_b_, rs_c_, delta_, a_, y_;
+  Tensor xc3_, delta3_, z3_, b4_, c4_;  // [B,T,C] and [B,T,G,N] views for the scan
   // scratch
   Tensor dy_in_, dxc_, ddelta_, dz_, dbn_, dcn_, da_, ddtn_, ddtr_, dbp_, dcp_, dxs_, dtmp_c_,
       dx_tmp_, ws_;

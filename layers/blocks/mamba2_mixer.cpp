@@ -65,9 +65,22 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   fws_ = sc.take(
       "m2.ssd_fwd_workspace", t,
       {batch * cfg_.heads * (cfg_.head_dim * cfg_.d_state + 2 * std::min(cfg_.chunk, seq))});
+  // The SSD's [B,T,...] views of the saved tensors.
+  x4_ = xc_.reshape({batch, seq, h, cfg_.head_dim});
+  dt3_ = dtr_.reshape({batch, seq, h});
+  b4_ = bc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
+  c4_ = cc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
 }
 
 // Depthwise conv (with SiLU) over channels [ch0, ch0 + ch) of the packed conv weight.
+SsdInputs Mamba2Mixer::ssd_inputs(const BatchMeta& meta) const {
+  SsdInputs in;
+  in.x = &x4_, in.dt = &dt3_, in.A = &a_, in.B = &b4_, in.C = &c4_, in.D = &d_->value;
+  in.dt_bias = &dt_bias_->value, in.seq_idx = meta.seq_idx, in.dt_softplus = true;
+  in.dt_min = cfg_.dt_limit_min, in.dt_max = cfg_.dt_limit_max, in.chunk = cfg_.chunk;
+  return in;
+}
+
 void Mamba2Mixer::conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
                                const BatchMeta& meta) {
   const Tensor w = conv_w_->value.slice(0, ch0, ch), bias = conv_b_->value.slice(0, ch0, ch);
@@ -88,22 +101,7 @@ void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   conv_forward(bs_, bc_, c, gn, meta);
   conv_forward(cs_, cc_, c + gn, gn, meta);
   neg_exp(a_log_->value, a_);
-  const Tensor x4 = xc_.reshape({b_, t_, h, cfg_.head_dim}), dt3 = dtr_.reshape({b_, t_, h});
-  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
-               c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
-  SsdInputs in{&x4,
-               &dt3,
-               &a_,
-               &b4,
-               &c4,
-               &d_->value,
-               &dt_bias_->value,
-               meta.seq_idx,
-               nullptr,
-               true,
-               cfg_.dt_limit_min,
-               cfg_.dt_limit_max,
-               cfg_.chunk};
+  const SsdInputs in = ssd_inputs(meta);
   ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
   gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
   linear_forward(g_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
@@ -115,22 +113,7 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   linear_backward(g_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dg_, out_proj_->grad,
                   nullptr);
   gated_rmsnorm_backward(y_, z_, norm_->value, cfg_.groups, rstd_, dg_, dy_, dz_, norm_->grad);
-  const Tensor x4 = xc_.reshape({b_, t_, h, cfg_.head_dim}), dt3 = dtr_.reshape({b_, t_, h});
-  const Tensor b4 = bc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
-               c4 = cc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
-  SsdInputs in{&x4,
-               &dt3,
-               &a_,
-               &b4,
-               &c4,
-               &d_->value,
-               &dt_bias_->value,
-               meta.seq_idx,
-               nullptr,
-               true,
-               cfg_.dt_limit_min,
-               cfg_.dt_limit_max,
-               cfg_.chunk};
+  const SsdInputs in = ssd_inputs(meta);
   const Tensor dx4 = dxc_.reshape({b_, t_, h, cfg_.head_dim}), ddt3 = ddt_.reshape({b_, t_, h});
   const Tensor db4 = dbc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
                dc4 = dcc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});

@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "layers/blocks/block.h"
+#include "layers/ssd/ssd.h"
 
 namespace braid {
 
@@ -41,6 +42,7 @@ class Mamba2Mixer final : public Block {
 
  private:
   int64_t inner() const { return cfg_.heads * cfg_.head_dim; }
+  SsdInputs ssd_inputs(const BatchMeta& meta) const;
   void conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
                     const BatchMeta& meta);
 
@@ -48,6 +50,7 @@ class Mamba2Mixer final : public Block {
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *dt_bias_, *a_log_, *d_, *norm_, *out_proj_;
   Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;  // saved
+  Tensor x4_, dt3_, b4_, c4_;  // [B,T,H,P], [B,T,H], [B,T,G,N] views of xc_, dtr_, bc_, cc_
   Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, dx_tmp_, ws_,
       fws_;  // scratch
 };

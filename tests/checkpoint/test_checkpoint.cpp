@@ -9,6 +9,7 @@
 #include "checkpoint/checkpoint.h"
 #include "layers/model/model.h"
 #include "optim/adamw.h"
+#include "tests/test_util.h"
 
 namespace braid {
 namespace {
@@ -43,20 +44,7 @@ struct TrainState {
   }
 };
 
-class TempRoot {
- public:
-  TempRoot()
-      : path_(fs::temp_directory_path() /
-              ("braid_ckpt_" + std::to_string(::getpid()) + "_" +
-               ::testing::UnitTest::GetInstance()->current_test_info()->name())) {
-    fs::remove_all(path_);
-  }
-  ~TempRoot() { fs::remove_all(path_); }
-  std::string str() const { return path_.string(); }
-
- private:
-  fs::path path_;
-};
+using test::TempDir;
 
 std::string error_of(const std::function<void()>& f) {
   try {
@@ -68,7 +56,7 @@ std::string error_of(const std::function<void()>& f) {
 }
 
 TEST(Checkpoint, RoundTripIsExact) {
-  TempRoot root;
+  TempDir root;
   TrainState a("M*E", 1);
   a.step();
   a.step();
@@ -100,7 +88,7 @@ TEST(Checkpoint, RoundTripIsExact) {
 }
 
 TEST(Checkpoint, CorruptFileIsRejectedByDigest) {
-  TempRoot root;
+  TempDir root;
   TrainState a("M-", 1);
   const std::string dir = save_checkpoint(root.str(), {1, 0, 1, {}}, a.model.params(), a.opt);
   const std::string file = dir + "/rank_00000.h5";
@@ -121,7 +109,7 @@ TEST(Checkpoint, CorruptFileIsRejectedByDigest) {
 }
 
 TEST(Checkpoint, StrictKeysNameMissingAndUnexpected) {
-  TempRoot root;
+  TempDir root;
   TrainState a("M-", 1);
   const std::string dir = save_checkpoint(root.str(), {1, 0, 1, {}}, a.model.params(), a.opt);
   TrainState b("M*", 1);
@@ -136,7 +124,7 @@ TEST(Checkpoint, StrictKeysNameMissingAndUnexpected) {
 }
 
 TEST(Checkpoint, OnlyCommittedStepsAreFoundAndPruningKeepsNewest) {
-  TempRoot root;
+  TempDir root;
   TrainState a("-", 1);
   for (int64_t s : {1, 2, 3, 4})
     save_checkpoint(root.str(), {s, 0, 1, {}}, a.model.params(), a.opt);

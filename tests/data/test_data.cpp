@@ -15,26 +15,13 @@
 #include "data/token_shard.h"
 #include "data/tokenizer.h"
 #include "runtime/check.h"
+#include "tests/test_util.h"
 
 namespace braid {
 namespace {
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  TempDir() {
-    path_ = fs::temp_directory_path() /
-            ("braid_test_" + std::to_string(::getpid()) + "_" +
-             ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
+using test::TempDir;
 
 std::string error_of(const std::function<void()>& f) {
   try {
