@@ -9,11 +9,10 @@ namespace {
 
 constexpr int64_t kBlock = 4096;
 
-template <typename T>
-double sum_squares(const T* g, int64_t n) {
-  // Fixed blocks summed in order: the same result for any thread count.
+// Sum of squares in fixed blocks added in order: the same result for any thread count. `part`
+// holds one partial sum per block.
+double sum_squares(const float* g, int64_t n, double* part) {
   const int64_t nb = (n + kBlock - 1) / kBlock;
-  std::vector<double> part(nb);
   parallel_for(nb, [&](int64_t b) {
     double s = 0;
     for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i)
@@ -21,7 +20,7 @@ double sum_squares(const T* g, int64_t n) {
     part[b] = s;
   });
   double s = 0;
-  for (double p : part) s += p;
+  for (int64_t b = 0; b < nb; ++b) s += part[b];
   return s;
 }
 
@@ -47,6 +46,9 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
   arena_ = Arena::allocate("optimizer", backend, plan.high_water());
   take_all(arena_);
   backend.fill(arena_.bytes(), 0.0, {});
+  int64_t most = 0;
+  for (const State& st : state_) most = std::max(most, (st.master.numel() + kBlock - 1) / kBlock);
+  partials_.resize(static_cast<size_t>(most));
   for (State& s : state_) {
     BRAID_CHECK(s.param->value.device == Device::cpu, "AdamW: parameter ", s.param->name,
                 " is on the GPU and the fused CUDA AdamW is not built yet");
@@ -64,7 +66,7 @@ double AdamW::grad_norm() const {
     const Tensor& g = st.param->grad;
     BRAID_CHECK(g.dtype == DType::f32, "AdamW: gradient of ", st.param->name, " is ",
                 dtype_name(g.dtype), "; the CPU optimizer takes f32 gradients");
-    s += sum_squares(g.ptr<float>(), g.numel());
+    s += sum_squares(g.ptr<float>(), g.numel(), partials_.data());
   }
   return std::sqrt(s);
 }

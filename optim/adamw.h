@@ -46,6 +46,7 @@ class AdamW {
   AdamWConfig cfg_;
   Arena arena_;
   std::vector<State> state_;
+  mutable std::vector<double> partials_;  // per-block sums of grad_norm, sized once
   int64_t t_ = 0;
 };
 
