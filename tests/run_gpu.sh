@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU machine: build the GPU test binaries with CUDA, run the GPU-labelled tests, run each
-# GPU test binary under compute-sanitizer (memcheck and racecheck), and write a JSON record to
+# On a GPU machine: build the GPU test and benchmark binaries with CUDA, run the GPU-labelled
+# tests, run each GPU test binary under compute-sanitizer (memcheck and racecheck), run the
+# kernel benchmarks, and write JSON records (gpu_tests.json, bench_*.json) to
 # ${OUT:-bench/results}/gpu_tests.json. BRAID_DEPS_PREFIX names an extra install prefix for
 # libraries the machine lacks; BRAID_COMMIT is recorded in the JSON.
 set -uo pipefail
@@ -14,7 +15,7 @@ if [ -n "${BRAID_DEPS_PREFIX:-}" ]; then
 fi
 export PATH="/usr/local/cuda/bin:$PATH"
 start=$(date +%s)
-gpu_targets="test_cuda_backend"  # every test binary labelled gpu
+gpu_targets="test_cuda_backend test_selective_scan_gpu bench_selective_scan"  # gpu tests + benchmarks
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBRAID_CUDA=ON -DBRAID_WERROR=ON "${prefix_args[@]}" \
   >"$out/gpu_build.log" 2>&1 && cmake --build build-gpu --target $gpu_targets >>"$out/gpu_build.log" 2>&1
 build_rc=$?
@@ -23,7 +24,7 @@ gpu_rc=$?
 gpu_summary=$(grep -E "tests passed|tests failed" "$out/gpu_ctest.log" | tail -n 1)
 san_rc=0
 san=""
-for bin in build-gpu/tests/runtime/test_cuda_backend; do  # the binaries of $gpu_targets
+for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test_selective_scan_gpu; do
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" >"$out/sanitizer_${tool}.log" 2>&1
     rc=$?
@@ -31,6 +32,11 @@ for bin in build-gpu/tests/runtime/test_cuda_backend; do  # the binaries of $gpu
     san="$san{\"binary\": \"$bin\", \"tool\": \"$tool\", \"exit\": $rc, \"summary\": \"$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}.log" | tail -n 1)\"},"
   done
 done
+bench_rc=0
+if [ "$build_rc" -eq 0 ]; then
+  build-gpu/bench/bench_selective_scan --out "$out/bench_selective_scan.raw.json" | tee "$out/bench_selective_scan.txt"
+  bench_rc=$?
+fi
 device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
 cat >"$out/gpu_tests.json" <<JSON
 {
@@ -44,6 +50,12 @@ cat >"$out/gpu_tests.json" <<JSON
   "seconds": $(( $(date +%s) - start ))
 }
 JSON
+if [ -f "$out/bench_selective_scan.raw.json" ]; then
+  printf '{"command": "build-gpu/bench/bench_selective_scan (via bash tests/run_gpu.sh)", "commit": "%s", "device": "%s", "date": "%s", "results": %s}\n' \
+    "${BRAID_COMMIT:-unknown}" "$device" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(cat "$out/bench_selective_scan.raw.json")" \
+    >"$out/bench_selective_scan.json"
+  rm -f "$out/bench_selective_scan.raw.json"
+fi
 cat "$out/gpu_tests.json"
 tail -n 25 "$out/gpu_ctest.log"
-[ "$build_rc" -eq 0 ] && [ "$gpu_rc" -eq 0 ] && [ "$san_rc" -eq 0 ]
+[ "$build_rc" -eq 0 ] && [ "$gpu_rc" -eq 0 ] && [ "$san_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -10,7 +10,8 @@
 //   D, delta_bias [C]; seq_idx [B,T] i32; initial_state, final_state [B,C,N].
 // Backward (gradient convention): du, ddelta, dz, dB, dC, dinitial_state (=); dA, dD,
 // ddelta_bias (+=). dfinal_state is the optional gradient arriving at final_state. The reference
-// keeps the states of every step in a workspace of workspace_elems() elements.
+// keeps the states of every step in a workspace of workspace_elems() elements. (The CUDA
+// backward is not built yet: backward runs on CPU tensors.)
 #pragma once
 
 #include "runtime/tensor.h"
@@ -29,6 +30,7 @@ struct ScanInputs {
   const Tensor* seq_idx = nullptr;        // optional
   const Tensor* initial_state = nullptr;  // optional (zeros)
   bool delta_softplus = true;
+  void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 
 struct ScanGrads {
@@ -43,6 +45,14 @@ struct ScanGrads {
   const Tensor* dinitial_state = nullptr;  // optional
 };
 
+// Sizes of a scan, after checking every shape (not dtypes or devices).
+struct ScanDims {
+  int64_t b, t, c, n, g;
+};
+ScanDims selective_scan_dims(const ScanInputs& in);
+
+// CPU tensors (f32, f64) run the reference; GPU tensors run the CUDA kernel, with u, delta, z,
+// B, C, y in bf16 or f32 and A, D, delta_bias, states in f32.
 void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state);
 int64_t selective_scan_workspace_elems(const ScanInputs& in);
 void selective_scan_backward(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,

@@ -2,38 +2,47 @@
 
 #include "layers/common/op_common.h"
 #include "layers/selective_scan/selective_scan.h"
+#include "layers/selective_scan/selective_scan_cuda.h"
 #include "runtime/parallel_for.h"
 
 namespace braid {
-namespace {
 
-struct Dims {
-  int64_t b, t, c, n, g;
-};
-
-Dims check_scan(const ScanInputs& in) {
+ScanDims selective_scan_dims(const ScanInputs& in) {
   BRAID_CHECK(in.u && in.delta && in.A && in.B && in.C,
               "selective_scan: u, delta, A, B, C are required");
   BRAID_CHECK(in.u->ndim == 3 && in.A->ndim == 2 && in.B->ndim == 4,
               "selective_scan: expects u [B,T,C], A [C,N], B [B,T,G,N]; got ", in.u->describe(),
               ", ", in.A->describe(), ", ", in.B->describe());
-  const Dims d{in.u->size(0), in.u->size(1), in.u->size(2), in.A->size(1), in.B->size(2)};
+  const ScanDims d{in.u->size(0), in.u->size(1), in.u->size(2), in.A->size(1), in.B->size(2)};
   BRAID_CHECK(d.g >= 1 && d.c % d.g == 0, "selective_scan: groups ", d.g, " must divide channels ",
               d.c);
+  BRAID_CHECK(d.n >= 1 && d.n <= 256, "selective_scan: d_state ", d.n, " must be in [1, 256]");
   check_shape(*in.delta, {d.b, d.t, d.c});
   check_shape(*in.A, {d.c, d.n});
   check_shape(*in.B, {d.b, d.t, d.g, d.n});
   check_shape(*in.C, {d.b, d.t, d.g, d.n});
-  for (const Tensor* t : {in.delta, in.A, in.B, in.C}) check_same_dtype(*in.u, *t);
-  if (in.D) check_shape(*in.D, {d.c}), check_same_dtype(*in.u, *in.D);
-  if (in.z) check_shape(*in.z, {d.b, d.t, d.c}), check_same_dtype(*in.u, *in.z);
-  if (in.delta_bias) check_shape(*in.delta_bias, {d.c}), check_same_dtype(*in.u, *in.delta_bias);
+  if (in.D) check_shape(*in.D, {d.c});
+  if (in.z) check_shape(*in.z, {d.b, d.t, d.c});
+  if (in.delta_bias) check_shape(*in.delta_bias, {d.c});
   if (in.seq_idx) {
     BRAID_CHECK(in.seq_idx->dtype == DType::i32, "selective_scan: seq_idx must be i32");
     check_shape(*in.seq_idx, {d.b, d.t});
   }
-  if (in.initial_state)
-    check_shape(*in.initial_state, {d.b, d.c, d.n}), check_same_dtype(*in.u, *in.initial_state);
+  if (in.initial_state) check_shape(*in.initial_state, {d.b, d.c, d.n});
+  return d;
+}
+
+namespace {
+
+using Dims = ScanDims;
+
+Dims check_scan(const ScanInputs& in) {
+  const Dims d = selective_scan_dims(in);
+  for (const Tensor* t : {in.delta, in.A, in.B, in.C}) check_same_dtype(*in.u, *t);
+  if (in.D) check_same_dtype(*in.u, *in.D);
+  if (in.z) check_same_dtype(*in.u, *in.z);
+  if (in.delta_bias) check_same_dtype(*in.u, *in.delta_bias);
+  if (in.initial_state) check_same_dtype(*in.u, *in.initial_state);
   require_host("selective_scan", {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias,
                                   in.seq_idx, in.initial_state});
   return d;
@@ -86,12 +95,12 @@ void scan_lane(const Lane<T>& L, T* h, Emit&& emit) {
 }  // namespace
 
 void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state) {
+  if (in.u && in.u->device == Device::cuda) return selective_scan_forward_gpu(in, y, final_state);
   const Dims d = check_scan(in);
   check_shape(y, {d.b, d.t, d.c});
   check_same_dtype(*in.u, y);
   if (final_state) check_shape(*final_state, {d.b, d.c, d.n});
   require_host("selective_scan", {&y, final_state});
-  BRAID_CHECK(d.n <= 256, "selective_scan: d_state ", d.n, " above 256");
   dispatch_float(in.u->dtype, "selective_scan", [&]<typename T>() {
     T* yp = y.ptr<T>();
     parallel_for(d.b * d.c, [&](int64_t bc) {
