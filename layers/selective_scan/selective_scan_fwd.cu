@@ -225,9 +225,6 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(const ScanPar
     const T *sb = bc(buf, 0) + gl * kN, *sc = bc(buf, 1) + gl * kN;
     const int32_t* sq = seqs(buf);
     const int steps = min(kChunk, p.seqlen - k * kChunk);
-    // Unrolled so the per-step work that does not depend on h (loads, softplus, gate) of
-    // neighbouring steps overlaps; only the h recurrence is carried from step to step.
-#pragma unroll 4
     for (int r = 0; r < steps; ++r) {
       const int t = k * kChunk + r;
       float dt = to_float(sd[r * kThreads + threadIdx.x]) + bias;
@@ -240,13 +237,13 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(const ScanPar
       }
       const T* br = sb + r * row_elems;
       const T* cr = sc + r * row_elems;
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};  // four partial sums: a short dependency chain
+      float acc = 0.f;
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
         h[n] = (reset ? 0.f : ex2(dt * a2[n]) * h[n]) + dtu * to_float(br[n]);
-        acc[n % 4] += to_float(cr[n]) * h[n];
+        acc += to_float(cr[n]) * h[n];
       }
-      float out = (acc[0] + acc[1]) + (acc[2] + acc[3]) + d_skip * uv;
+      float out = acc + d_skip * uv;
       if (p.z) {
         const float zv = to_float(sz[r * kThreads + threadIdx.x]);
         out *= zv / (1.f + __expf(-zv));
