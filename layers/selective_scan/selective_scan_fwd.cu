@@ -1,10 +1,9 @@
 // Selective scan forward on the GPU. One thread owns one (batch, channel) lane and walks the
 // sequence, its N states in registers (fp32); exp(dt A) is one ex2.approx per state. Cost per
 // token and channel: N exps and ~4N FP32 ops, so the MUFU (ex2) throughput bounds it.
-// Staged kernel (rows 16-byte aligned): a block of 128 channels copies chunks of kChunk steps of
-// u, delta, z, the B/C rows of the groups it spans, and seq_idx into shared memory with cp.async,
-// double-buffered, so the DRAM latency of chunk k+1 hides behind the compute of chunk k.
-// Simple kernel (any alignment): the same recurrence reading global memory step by step.
+// Simple kernel (any shape): one thread per (batch, channel) lane walks the whole sequence,
+// reading global memory step by step. It is latency-bound (one warp per scheduler at typical
+// sizes) and serves the shapes the chunked kernel below does not take.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -111,169 +110,197 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams p) 
   }
 }
 
-constexpr int kChunk = 32;
+// Chunked kernel: a block owns kC = 16 channels of one batch row and walks the sequence in chunks
+// of kL = 128 steps. In a chunk, the 16 threads of a channel each hold kItems = 8 consecutive
+// steps. For each state n: every thread scans its items locally (pairs (a, b) with a = exp(dt A)
+// and b = dt u B, combined as (a2, b2) o (a1, b1) = (a2 a1, a2 b1 + b2)), a 16-lane shuffle scan
+// gives each thread the state entering its first item (the state carried from the previous chunk
+// enters at lane 0), and the items are replayed to read out y. Still one exp per (step, state);
+// the time dimension is now parallel, so the SMs are full. Inputs and outputs pass through
+// shared memory as [channel][step] tiles (padded rows), so global reads and writes stay
+// coalesced along the channel dimension.
+constexpr int kC = 16, kTpc = 16, kItems = 8, kL = kTpc * kItems, kBlock = kC * kTpc;
+constexpr int kRow = kL + 2;  // padded tile row (elements)
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;  // 0 source bytes: zero-fill
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 4 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// Shared memory of one stage: act [3][kChunk][kThreads] (u, delta, z), bc [2][kChunk][span*N]
-// (B, C rows of the `span` groups the block covers), seq [kChunk] (i32).
-template <typename T>
-struct Stage {
-  __host__ __device__ static size_t bytes(int span, int n) {
-    const size_t a = (3 * kChunk * kThreads + 2 * kChunk * span * n) * sizeof(T);
-    return (a + 15) / 16 * 16 + kChunk * sizeof(int32_t);
-  }
+template <typename T, int kN>
+struct ChunkSmem {
+  T act[3][kC][kRow];   // u, delta, z; act[0] is reused for y
+  float bc[2][kL][kN];  // B and C rows of the block's group, as f32
+  float carry[kC][kN];  // state entering the chunk
+  int32_t seq[kL];
 };
 
-template <typename T, int kN>
-__global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(const ScanParams p, int span) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int c0 = blockIdx.x * kThreads, c = c0 + threadIdx.x, b = blockIdx.y;
-  const int cpg = p.channels / p.groups, g_lo = c0 / cpg;
-  const int row_elems = span * kN;  // B/C elements per step staged for this block
-  const size_t stage_bytes = Stage<T>::bytes(span, kN);
-  auto act = [&](int buf, int k) {
-    return reinterpret_cast<T*>(smem + buf * stage_bytes) + k * kChunk * kThreads;
-  };
-  auto bc = [&](int buf, int k) {
-    return reinterpret_cast<T*>(smem + buf * stage_bytes) + 3 * kChunk * kThreads +
-           k * kChunk * row_elems;
-  };
-  auto seqs = [&](int buf) {
-    return reinterpret_cast<int32_t*>(smem + buf * stage_bytes + stage_bytes -
-                                      kChunk * sizeof(int32_t));
-  };
-  const int64_t act_base = static_cast<int64_t>(b) * p.u_batch_stride + c0;
-  const int64_t bc_base =
-      static_cast<int64_t>(b) * p.bc_batch_stride + static_cast<int64_t>(g_lo) * kN;
-  const int bc_valid = min(span, p.groups - g_lo) * kN;  // staged elements that exist
-  const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
-                      static_cast<const T*>(p.z ? p.z : p.u)};
-  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
-  auto load_chunk = [&](int buf, int t0) {
-    // Activations: kChunk rows of kThreads channels each, in 16-byte pieces.
-    constexpr int kPieces = kChunk * kThreads / kVec;
-    for (int i = threadIdx.x; i < 3 * kPieces; i += kThreads) {
-      const int k = i / kPieces, r = (i % kPieces) / (kThreads / kVec),
-                col = (i % (kThreads / kVec)) * kVec;
-      const int t = t0 + r;
-      const bool ok = t < p.seqlen && c0 + col < p.channels && (k < 2 || p.z);
-      const T* src = srcs[k] + (ok ? act_base + t * p.u_time_stride + col : 0);
-      cp_async16(act(buf, k) + r * kThreads + col, src, ok);
-    }
-    const int bc_pieces = row_elems / kVec;
-    for (int i = threadIdx.x; i < 2 * kChunk * bc_pieces; i += kThreads) {
-      const int k = i / (kChunk * bc_pieces), r = (i / bc_pieces) % kChunk,
-                col = (i % bc_pieces) * kVec;
-      const int t = t0 + r;
-      const bool ok = t < p.seqlen && col < bc_valid;
-      const T* src = static_cast<const T*>(k == 0 ? p.B : p.C) +
-                     (ok ? bc_base + t * p.bc_time_stride + col : 0);
-      cp_async16(bc(buf, k) + r * row_elems + col, src, ok);
-    }
-    if (p.seq_idx && threadIdx.x < kChunk) {
-      const int t = t0 + threadIdx.x;
-      const bool ok = t < p.seqlen;
-      cp_async4(seqs(buf) + threadIdx.x,
-                p.seq_idx + static_cast<int64_t>(b) * p.seqlen + (ok ? t : 0), ok);
-    }
-    cp_async_commit();
-  };
-
-  const bool active = c < p.channels;
-  const int cc = active ? c : c0;  // inactive lanes compute on a valid channel and store nothing
-  float h[kN], a2[kN];
+template <typename T>
+__device__ __forceinline__ void load8(const T* src, bool ok, float (&v)[8]);
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* src, bool ok,
+                                                     float (&v)[8]) {
+  uint4 raw = ok ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0, 0, 0, 0);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    a2[n] = p.A[cc * kN + n] * kLog2e;
-    h[n] = p.initial_state && active
-               ? p.initial_state[(static_cast<int64_t>(b) * p.channels + cc) * kN + n]
-               : 0.f;
-  }
-  const int gl = cc / cpg - g_lo;  // this lane's group among the staged ones
-  const float d_skip = p.D ? p.D[cc] : 0.f, bias = p.delta_bias ? p.delta_bias[cc] : 0.f;
-  T* y = static_cast<T*>(p.y) + static_cast<int64_t>(b) * p.u_batch_stride + c;
-  int prev_doc = 0;
-  const int n_chunks = (p.seqlen + kChunk - 1) / kChunk;
-  load_chunk(0, 0);
-  for (int k = 0; k < n_chunks; ++k) {
-    const int buf = k & 1;
-    if (k + 1 < n_chunks) {
-      load_chunk(buf ^ 1, (k + 1) * kChunk);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const T *su = act(buf, 0), *sd = act(buf, 1), *sz = act(buf, 2);
-    const T *sb = bc(buf, 0) + gl * kN, *sc = bc(buf, 1) + gl * kN;
-    const int32_t* sq = seqs(buf);
-    const int steps = min(kChunk, p.seqlen - k * kChunk);
-    for (int r = 0; r < steps; ++r) {
-      const int t = k * kChunk + r;
-      float dt = to_float(sd[r * kThreads + threadIdx.x]) + bias;
-      if (p.delta_softplus) dt = dt <= 20.f ? log1pf(__expf(dt)) : dt;
-      const float uv = to_float(su[r * kThreads + threadIdx.x]), dtu = dt * uv;
-      bool reset = false;
-      if (p.seq_idx) {
-        reset = t > 0 && sq[r] != prev_doc;
-        prev_doc = sq[r];
-      }
-      const T* br = sb + r * row_elems;
-      const T* cr = sc + r * row_elems;
-      float acc = 0.f;
-#pragma unroll
-      for (int n = 0; n < kN; ++n) {
-        h[n] = (reset ? 0.f : ex2(dt * a2[n]) * h[n]) + dtu * to_float(br[n]);
-        acc += to_float(cr[n]) * h[n];
-      }
-      float out = acc + d_skip * uv;
-      if (p.z) {
-        const float zv = to_float(sz[r * kThreads + threadIdx.x]);
-        out *= zv / (1.f + __expf(-zv));
-      }
-      if (active) store(y + t * p.u_time_stride, out);
-    }
-    __syncthreads();  // the buffer is refilled by the next iteration's prefetch
-  }
-  if (p.final_state && active) {
-#pragma unroll
-    for (int n = 0; n < kN; ++n)
-      p.final_state[(static_cast<int64_t>(b) * p.channels + c) * kN + n] = h[n];
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x, v[2 * i + 1] = f.y;
   }
 }
+template <>
+__device__ __forceinline__ void load8<float>(const float* src, bool ok, float (&v)[8]) {
+  const float4 z = make_float4(0, 0, 0, 0);
+  const float4 a = ok ? __ldg(reinterpret_cast<const float4*>(src)) : z;
+  const float4 b = ok ? __ldg(reinterpret_cast<const float4*>(src) + 1) : z;
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
-// Launches the staged kernel when rows are 16-byte aligned and the stage fits; returns false
-// otherwise (the caller uses the simple kernel).
 template <typename T, int kN>
-bool launch_staged(const ScanParams& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int cpg = p.channels / p.groups;
-  if (p.channels % kVec != 0 || kN % kVec != 0) return false;
-  const int span = std::min(p.groups, (kThreads + cpg - 1) / cpg + 1);
-  const size_t smem = 2 * Stage<T>::bytes(span, kN);
-  if (smem > 160 * 1024) return false;
-  CUDA_CHECK(cudaFuncSetAttribute(scan_fwd_staged_kernel<T, kN>,
+__global__ void __launch_bounds__(kBlock) scan_fwd_chunked_kernel(const ScanParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<ChunkSmem<T, kN>*>(smem_raw);
+  const int tid = threadIdx.x, ch = tid / kTpc, seg = tid % kTpc;
+  const int c0 = blockIdx.x * kC, b = blockIdx.y, c = c0 + ch;
+  const int g = c0 / (p.channels / p.groups);
+  const int64_t act_base = static_cast<int64_t>(b) * p.u_batch_stride + c0;
+  const int64_t bc_base =
+      static_cast<int64_t>(b) * p.bc_batch_stride + static_cast<int64_t>(g) * kN;
+  const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
+                      static_cast<const T*>(p.z)};
+  float a2[kN];
+#pragma unroll
+  for (int n = 0; n < kN; ++n) a2[n] = p.A[c * kN + n] * kLog2e;
+  for (int i = tid; i < kC * kN; i += kBlock)
+    sm.carry[i / kN][i % kN] =
+        p.initial_state
+            ? p.initial_state[(static_cast<int64_t>(b) * p.channels + c0 + i / kN) * kN + i % kN]
+            : 0.f;
+  const float d_skip = p.D ? p.D[c] : 0.f, bias = p.delta_bias ? p.delta_bias[c] : 0.f;
+  const int32_t* seq_g = p.seq_idx ? p.seq_idx + static_cast<int64_t>(b) * p.seqlen : nullptr;
+  const int n_ops = p.z ? 3 : 2;
+  for (int t0 = 0; t0 < p.seqlen; t0 += kL) {
+    // Stage the chunk: thread (row r, half) reads 8 channels of step t0 + r and transposes them.
+    {
+      const int r = tid / 2, half = tid % 2, t = t0 + r;
+      for (int k = 0; k < n_ops; ++k) {
+        float v[8];
+        load8<T>(srcs[k] + act_base + static_cast<int64_t>(t) * p.u_time_stride + half * 8,
+                 t < p.seqlen, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sm.act[k][half * 8 + j][r] = from_float<T>(v[j]);
+      }
+      for (int i = tid; i < 2 * kL * kN; i += kBlock) {
+        const int k = i / (kL * kN), rr = (i / kN) % kL, n = i % kN, tt = t0 + rr;
+        const T* src = static_cast<const T*>(k == 0 ? p.B : p.C);
+        sm.bc[k][rr][n] =
+            tt < p.seqlen ? load(src + bc_base + static_cast<int64_t>(tt) * p.bc_time_stride + n)
+                          : 0.f;
+      }
+      if (seq_g && tid < kL) sm.seq[tid] = t0 + tid < p.seqlen ? seq_g[t0 + tid] : 0;
+    }
+    __syncthreads();
+    // This thread's items.
+    float dt[kItems], dtu[kItems], out[kItems];
+    bool reset[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int r = seg * kItems + i, t = t0 + r;
+      const bool valid = t < p.seqlen;
+      float d = to_float(sm.act[1][ch][r]) + bias;
+      if (p.delta_softplus) d = d <= 20.f ? log1pf(__expf(d)) : d;
+      const float uv = to_float(sm.act[0][ch][r]);
+      dt[i] = valid ? d : 0.f;  // dt = 0, u = 0 past the end: the identity (a = 1, b = 0)
+      dtu[i] = valid ? d * uv : 0.f;
+      out[i] = d_skip * uv;
+      bool rs = false;
+      if (seq_g && valid && t > 0) {
+        const int32_t prev = r > 0 ? sm.seq[r - 1] : seq_g[t - 1];
+        rs = sm.seq[r] != prev;
+      }
+      reset[i] = rs;
+    }
+    const unsigned mask = 0xffffffffu;
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      // Read once, before the shuffles: lane kTpc-1 overwrites it below.
+      const float carry_in = sm.carry[ch][n];
+      float a[kItems], bb[kItems];
+      float A = 1.f, H = 0.f;  // this thread's aggregate over its items
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int r = seg * kItems + i;
+        a[i] = reset[i] ? 0.f : ex2(dt[i] * a2[n]);
+        bb[i] = dtu[i] * sm.bc[0][r][n];
+        H = a[i] * H + bb[i];
+        A = a[i] * A;
+      }
+      if (seg == 0) H = A * carry_in + H, A = 0.f;  // the carried state enters at lane 0
+        // Inclusive scan over the 16 lanes of this channel.
+#pragma unroll
+      for (int off = 1; off < kTpc; off *= 2) {
+        const float Ap = __shfl_up_sync(mask, A, off, kTpc),
+                    Hp = __shfl_up_sync(mask, H, off, kTpc);
+        if (seg >= off) H = A * Hp + H, A = A * Ap;
+      }
+      float h = __shfl_up_sync(mask, H, 1, kTpc);  // state entering this thread's first item
+      if (seg == 0) h = carry_in;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        h = a[i] * h + bb[i];
+        out[i] += sm.bc[1][seg * kItems + i][n] * h;
+      }
+      if (seg == kTpc - 1) sm.carry[ch][n] = h;
+    }
+    __syncthreads();  // all reads of act[0] done before it is overwritten with y
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int r = seg * kItems + i;
+      float y = out[i];
+      if (p.z) {
+        const float zv = to_float(sm.act[2][ch][r]);
+        y *= zv / (1.f + __expf(-zv));
+      }
+      sm.act[0][ch][r] = from_float<T>(y);
+    }
+    __syncthreads();
+    {
+      const int r = tid / 2, half = tid % 2, t = t0 + r;
+      if (t < p.seqlen) {
+        alignas(16) T v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = sm.act[0][half * 8 + j][r];
+        T* dst =
+            static_cast<T*>(p.y) + act_base + static_cast<int64_t>(t) * p.u_time_stride + half * 8;
+        constexpr int kWords = 8 * sizeof(T) / 16;  // 16-byte stores: 1 (bf16) or 2 (f32)
+#pragma unroll
+        for (int w = 0; w < kWords; ++w)
+          reinterpret_cast<uint4*>(dst)[w] = reinterpret_cast<const uint4*>(v)[w];
+      }
+    }
+    __syncthreads();  // the tiles are refilled by the next chunk
+  }
+  if (p.final_state)
+    for (int i = tid; i < kC * kN; i += kBlock)
+      p.final_state[(static_cast<int64_t>(b) * p.channels + c0 + i / kN) * kN + i % kN] =
+          sm.carry[i / kN][i % kN];
+}
+
+// The chunked kernel needs whole blocks of channels inside one group and 16-byte rows.
+template <typename T, int kN>
+bool launch_chunked(const ScanParams& p, cudaStream_t stream) {
+  if (p.channels % kC != 0 || (p.channels / p.groups) % kC != 0) return false;
+  const size_t smem = sizeof(ChunkSmem<T, kN>);
+  CUDA_CHECK(cudaFuncSetAttribute(scan_fwd_chunked_kernel<T, kN>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));
-  const dim3 grid((p.channels + kThreads - 1) / kThreads, p.batch);
-  scan_fwd_staged_kernel<T, kN><<<grid, kThreads, smem, stream>>>(p, span);
+  const dim3 grid(p.channels / kC, p.batch);
+  scan_fwd_chunked_kernel<T, kN><<<grid, kBlock, smem, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
   return true;
 }
@@ -283,13 +310,13 @@ void launch(const ScanParams& p, cudaStream_t stream) {
   bool done = false;
   switch (p.d_state) {
     case 16:
-      done = launch_staged<T, 16>(p, stream);
+      done = launch_chunked<T, 16>(p, stream);
       break;
     case 32:
-      done = launch_staged<T, 32>(p, stream);
+      done = launch_chunked<T, 32>(p, stream);
       break;
     case 64:
-      done = launch_staged<T, 64>(p, stream);
+      done = launch_chunked<T, 64>(p, stream);
       break;
     default:
       break;

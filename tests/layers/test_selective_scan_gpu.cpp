@@ -197,7 +197,10 @@ INSTANTIATE_TEST_SUITE_P(
                       GpuScanCase{1, 200, 64, 32, 1, false, true, false, false, false},
                       GpuScanCase{2, 77, 48, 5, 3, true, true, true, true, true},
                       GpuScanCase{1, 50, 32, 256, 1, true, false, true, true, false},
-                      GpuScanCase{4, 1024, 512, 16, 1, true, true, false, true, true}));
+                      GpuScanCase{4, 1024, 512, 16, 1, true, true, false, true, true},
+                      GpuScanCase{2, 300, 64, 16, 2, true, true, true, true, false},
+                      GpuScanCase{1, 129, 32, 64, 1, true, false, true, true, true},
+                      GpuScanCase{3, 257, 48, 32, 3, false, true, true, true, true}));
 
 }  // namespace
 }  // namespace braid
