@@ -121,12 +121,18 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const ScanParams p) 
 // coalesced along the channel dimension.
 constexpr int kC = 16, kTpc = 16, kItems = 8, kL = kTpc * kItems, kBlock = kC * kTpc;
 constexpr int kRow = kL + 2;  // padded tile row (elements)
+// B/C tiles are stored [n][r + r / kItems]: the 16 lanes of a channel read steps kItems apart, and
+// the extra slot every kItems steps spreads them over 16 banks instead of one.
+constexpr int kBcRow = kL + kL / kItems;
+__device__ __forceinline__ int bc_col(int r) {
+  return r + r / kItems;
+}
 
 template <typename T, int kN>
 struct ChunkSmem {
-  T act[3][kC][kRow];   // u, delta, z; act[0] is reused for y
-  float bc[2][kL][kN];  // B and C rows of the block's group, as f32
-  float carry[kC][kN];  // state entering the chunk
+  T act[3][kC][kRow];       // u, delta, z; act[0] is reused for y
+  float bc[2][kN][kBcRow];  // B and C rows of the block's group, as f32
+  float carry[kC][kN];      // state entering the chunk
   int32_t seq[kL];
 };
 
@@ -198,7 +204,7 @@ __global__ void __launch_bounds__(kBlock) scan_fwd_chunked_kernel(const ScanPara
       for (int i = tid; i < 2 * kL * kN; i += kBlock) {
         const int k = i / (kL * kN), rr = (i / kN) % kL, n = i % kN, tt = t0 + rr;
         const T* src = static_cast<const T*>(k == 0 ? p.B : p.C);
-        sm.bc[k][rr][n] =
+        sm.bc[k][n][bc_col(rr)] =
             tt < p.seqlen ? load(src + bc_base + static_cast<int64_t>(tt) * p.bc_time_stride + n)
                           : 0.f;
       }
@@ -236,24 +242,26 @@ __global__ void __launch_bounds__(kBlock) scan_fwd_chunked_kernel(const ScanPara
       for (int i = 0; i < kItems; ++i) {
         const int r = seg * kItems + i;
         a[i] = reset[i] ? 0.f : ex2(dt[i] * a2[n]);
-        bb[i] = dtu[i] * sm.bc[0][r][n];
-        H = a[i] * H + bb[i];
-        A = a[i] * A;
+        bb[i] = dtu[i] * sm.bc[0][n][bc_col(r)];
+        // Selects, not 0 * x: with dt < 0 (no softplus) a state can overflow, and a reset must
+        // still drop it.
+        H = (reset[i] ? 0.f : a[i] * H) + bb[i];
+        A = reset[i] ? 0.f : a[i] * A;
       }
-      if (seg == 0) H = A * carry_in + H, A = 0.f;  // the carried state enters at lane 0
+      if (seg == 0) H = (A != 0.f ? A * carry_in : 0.f) + H, A = 0.f;  // carry enters at lane 0
         // Inclusive scan over the 16 lanes of this channel.
 #pragma unroll
       for (int off = 1; off < kTpc; off *= 2) {
         const float Ap = __shfl_up_sync(mask, A, off, kTpc),
                     Hp = __shfl_up_sync(mask, H, off, kTpc);
-        if (seg >= off) H = A * Hp + H, A = A * Ap;
+        if (seg >= off) H = (A != 0.f ? A * Hp : 0.f) + H, A = A != 0.f ? A * Ap : 0.f;
       }
       float h = __shfl_up_sync(mask, H, 1, kTpc);  // state entering this thread's first item
       if (seg == 0) h = carry_in;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        h = a[i] * h + bb[i];
-        out[i] += sm.bc[1][seg * kItems + i][n] * h;
+        h = (reset[i] ? 0.f : a[i] * h) + bb[i];
+        out[i] += sm.bc[1][n][bc_col(seg * kItems + i)] * h;
       }
       if (seg == kTpc - 1) sm.carry[ch][n] = h;
     }
