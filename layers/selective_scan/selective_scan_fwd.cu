@@ -133,6 +133,7 @@ struct ChunkSmem {
   T act[3][kC][kRow];       // u, delta, z; act[0] is reused for y
   float bc[2][kN][kBcRow];  // B and C rows of the block's group, as f32
   float carry[kC][kN];      // state entering the chunk
+  float a2[kC][kN];         // A * log2(e) of the block's channels
   int32_t seq[kL];
 };
 
@@ -168,7 +169,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 }
 
 template <typename T, int kN>
-__global__ void __launch_bounds__(kBlock) scan_fwd_chunked_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(kBlock, 4) scan_fwd_chunked_kernel(const ScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<ChunkSmem<T, kN>*>(smem_raw);
   const int tid = threadIdx.x, ch = tid / kTpc, seg = tid % kTpc;
@@ -179,9 +180,7 @@ __global__ void __launch_bounds__(kBlock) scan_fwd_chunked_kernel(const ScanPara
       static_cast<int64_t>(b) * p.bc_batch_stride + static_cast<int64_t>(g) * kN;
   const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
                       static_cast<const T*>(p.z)};
-  float a2[kN];
-#pragma unroll
-  for (int n = 0; n < kN; ++n) a2[n] = p.A[c * kN + n] * kLog2e;
+  for (int i = tid; i < kC * kN; i += kBlock) sm.a2[i / kN][i % kN] = p.A[c0 * kN + i] * kLog2e;
   for (int i = tid; i < kC * kN; i += kBlock)
     sm.carry[i / kN][i % kN] =
         p.initial_state
@@ -232,8 +231,11 @@ __global__ void __launch_bounds__(kBlock) scan_fwd_chunked_kernel(const ScanPara
       reset[i] = rs;
     }
     const unsigned mask = 0xffffffffu;
-#pragma unroll
+    // Not unrolled: per-state values come from shared memory, which keeps registers (and so
+    // the number of resident blocks) in check.
+#pragma unroll 1
     for (int n = 0; n < kN; ++n) {
+      const float a2n = sm.a2[ch][n];
       // Read once, before the shuffles: lane kTpc-1 overwrites it below.
       const float carry_in = sm.carry[ch][n];
       float a[kItems], bb[kItems];
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(kBlock) scan_fwd_chunked_kernel(const ScanPara
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const int r = seg * kItems + i;
-        a[i] = reset[i] ? 0.f : ex2(dt[i] * a2[n]);
+        a[i] = reset[i] ? 0.f : ex2(dt[i] * a2n);
         bb[i] = dtu[i] * sm.bc[0][n][bc_col(r)];
         // Selects, not 0 * x: with dt < 0 (no softplus) a state can overflow, and a reset must
         // still drop it.
@@ -307,6 +309,9 @@ bool launch_chunked(const ScanParams& p, cudaStream_t stream) {
   CUDA_CHECK(cudaFuncSetAttribute(scan_fwd_chunked_kernel<T, kN>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));
+  CUDA_CHECK(cudaFuncSetAttribute(scan_fwd_chunked_kernel<T, kN>,
+                                  cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  cudaSharedmemCarveoutMaxShared));
   const dim3 grid(p.channels / kC, p.batch);
   scan_fwd_chunked_kernel<T, kN><<<grid, kBlock, smem, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
