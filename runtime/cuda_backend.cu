@@ -4,28 +4,10 @@
 
 #include "runtime/backend.h"
 #include "runtime/cuda_check.h"
+#include "runtime/cuda_convert.cuh"
 
 namespace braid {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ double from_float<double>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 template <typename T>
 __global__ void fill_kernel(T* p, int64_t n, T v) {

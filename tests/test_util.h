@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/check.h"
 #include "runtime/tensor.h"
 
 namespace braid::test {
@@ -38,6 +39,16 @@ class Buffers {
  private:
   std::vector<std::vector<double>> store_;
 };
+
+// The message of the braid::Error that f throws, or "" when it throws none.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
 
 // A fresh directory named after the process and the running test, removed afterwards.
 class TempDir {

@@ -10,6 +10,7 @@
 
 #include "layers/selective_scan/selective_scan_cuda.h"
 #include "runtime/cuda_check.h"
+#include "runtime/cuda_convert.cuh"
 
 namespace braid {
 namespace {
@@ -33,13 +34,6 @@ template <>
 __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) {
   return __bfloat162float(__ldg(p));
 }
-__device__ __forceinline__ float to_float(float v) {
-  return v;
-}
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
 template <typename T>
 __device__ __forceinline__ void store(T* p, float v);
 template <>
@@ -157,17 +151,6 @@ __device__ __forceinline__ void load8<float>(const float* src, bool ok, float (&
   const float4 b = ok ? __ldg(reinterpret_cast<const float4*>(src) + 1) : z;
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 template <typename T, int kN>
 __global__ void __launch_bounds__(kBlock, 4) scan_fwd_chunked_kernel(const ScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];

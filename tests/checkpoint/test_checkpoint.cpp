@@ -46,14 +46,7 @@ struct TrainState {
 
 using test::TempDir;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST(Checkpoint, RoundTripIsExact) {
   TempDir root;

@@ -23,14 +23,7 @@ namespace fs = std::filesystem;
 
 using test::TempDir;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 std::vector<char> read_all(const std::string& p) {
   std::ifstream f(p, std::ios::binary);
