@@ -1,0 +1,64 @@
+// Communicator: collectives and point-to-point transfers among the ranks of one process group,
+// behind one interface with two backends: MPI (CPU tensors; every parallel path runs in CI as
+// MPI ranks on one host) and NCCL (GPU tensors, with the distributed issues). Tensors must be
+// contiguous; counts are in elements. Every call is checked where it is made, and a watchdog ends
+// the job with a message naming the rank, the group and the operation when a call does not finish
+// within the timeout, instead of hanging.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "parallel/rank_grid.h"
+#include "runtime/tensor.h"
+
+namespace braid {
+
+enum class ReduceOp { sum, max };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;
+
+  // t = reduce over ranks of t (in place).
+  virtual void all_reduce(const Tensor& t, ReduceOp op) = 0;
+  // in [size * n] -> out [n]: out on rank r = reduce over ranks of in[r*n, (r+1)*n).
+  virtual void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) = 0;
+  // in [n] -> out [size * n]: out[r*n, (r+1)*n) = in of rank r.
+  virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
+  // Sends send_counts[p] elements (consecutive in `in`, peers in order) to each peer p and
+  // receives recv_counts[p] from each into `out`, in peer order.
+  virtual void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_counts,
+                            const Tensor& out, const std::vector<int64_t>& recv_counts) = 0;
+  virtual void send(const Tensor& t, int peer) = 0;
+  virtual void recv(const Tensor& t, int peer) = 0;
+  virtual void barrier() = 0;
+  // A communicator over the ranks of this one with the same color, ordered by key (collective:
+  // every rank of this communicator calls it).
+  virtual std::unique_ptr<Communicator> split(int color, int key, const std::string& name) = 0;
+};
+
+// Initialises MPI (thread level FUNNELED) for the life of the object, and finalises it.
+class MpiSession {
+ public:
+  MpiSession(int* argc, char*** argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+};
+
+// MPI_COMM_WORLD as a Communicator; timeout_s bounds every call (watchdog).
+std::unique_ptr<Communicator> make_mpi_world(double timeout_s);
+
+// The group of this rank along dimension d of the grid (collective over `world`), named after d.
+std::unique_ptr<Communicator> make_group(Communicator& world, const RankGrid& grid, Dim d);
+
+// Seconds from BRAID_COMM_TIMEOUT_S, else `fallback`; a malformed value is an error.
+double comm_timeout_from_env(double fallback);
+
+}  // namespace braid
