@@ -79,7 +79,8 @@ void validate_model_config(const ModelConfig& c) {
   }
 }
 
-Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq)
+Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
+             int64_t pad_elems)
     : cfg_(cfg), backend_(&backend), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
@@ -129,7 +130,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   if (!cfg_.tie_embeddings)
     head_ =
         params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
-  params_.allocate(backend, dtype);
+  params_.allocate(backend, dtype, pad_elems);
 
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
   // block's scratch starts at the same offset (blocks run one at a time).

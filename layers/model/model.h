@@ -55,7 +55,10 @@ struct MemoryReport {
 
 class Model {
  public:
-  Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq);
+  // pad_elems: the parameter and gradient arenas hold a multiple of this many elements (the
+  // data-parallel size, for ZeRO-1 shards).
+  Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
+        int64_t pad_elems = 1);
 
   void initialize(uint64_t seed) { params_.initialize(seed); }
   // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the

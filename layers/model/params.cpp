@@ -37,23 +37,50 @@ int64_t ParamSet::numel(bool trainable_only) const {
   return n;
 }
 
-void ParamSet::allocate(Backend& backend, DType dtype) {
+void ParamSet::allocate(Backend& backend, DType dtype, int64_t pad_elems) {
+  BRAID_CHECK(pad_elems >= 1, "ParamSet::allocate: padding multiple ", pad_elems,
+              " must be positive");
+  // Values and gradients share one layout (a non-trainable parameter's gradient slot is reserved
+  // but unused), so the two arenas can be treated as flat vectors element by element.
   auto bind = [&](Arena& a, bool grads) {
     for (Param& p : params_) {
-      if (grads && !p.trainable) continue;
       Tensor t = a.take(p.name + (grads ? ".grad" : ""), dtype, p.shape);
-      (grads ? p.grad : p.value) = t;
+      if (!grads)
+        p.value = t;
+      else if (p.trainable)
+        p.grad = t;
     }
   };
-  Arena plan_v = Arena::measuring("parameters", backend.device());
-  Arena plan_g = Arena::measuring("gradients", backend.device());
-  bind(plan_v, false);
-  bind(plan_g, true);
-  values_ = Arena::allocate("parameters", backend, plan_v.high_water());
-  grads_ = Arena::allocate("gradients", backend, plan_g.high_water());
+  Arena plan = Arena::measuring("parameters", backend.device());
+  bind(plan, false);
+  const size_t quantum = static_cast<size_t>(pad_elems) * dtype_size(dtype);
+  const size_t bytes = (plan.high_water() + quantum - 1) / quantum * quantum;
+  values_ = Arena::allocate("parameters", backend, bytes);
+  grads_ = Arena::allocate("gradients", backend, bytes);
+  // Alignment gaps and padding are zero and stay zero (nothing writes them).
+  backend.fill(values_.bytes(), 0.0, {});
+  backend.fill(grads_.bytes(), 0.0, {});
   bind(values_, false);
   bind(grads_, true);
+  dtype_ = dtype;
   backend_ = &backend;
+}
+
+Tensor ParamSet::flat_values() const {
+  return Tensor::contiguous_view(values_.bytes().data, dtype_, values_.device(),
+                                 {static_cast<int64_t>(values_.capacity() / dtype_size(dtype_))},
+                                 "parameters");
+}
+
+Tensor ParamSet::flat_grads() const {
+  return Tensor::contiguous_view(grads_.bytes().data, dtype_, grads_.device(),
+                                 {static_cast<int64_t>(grads_.capacity() / dtype_size(dtype_))},
+                                 "gradients");
+}
+
+int64_t ParamSet::flat_offset(const Param& p) const {
+  return (static_cast<const char*>(p.value.data) - static_cast<const char*>(values_.bytes().data)) /
+         static_cast<int64_t>(dtype_size(dtype_));
 }
 
 void ParamSet::initialize(uint64_t seed) {

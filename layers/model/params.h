@@ -40,8 +40,10 @@ class ParamSet {
   // Registers a parameter; the returned pointer stays valid for the ParamSet's life.
   Param* add(std::string name, std::vector<int64_t> shape, ParamInit init, bool weight_decay,
              bool trainable = true);
-  // Allocates value and gradient arenas (dtype for both) and binds every Param's tensors.
-  void allocate(Backend& backend, DType dtype);
+  // Allocates value and gradient arenas (dtype for both, one layout) and binds every Param's
+  // tensors; each arena's element count is a multiple of pad_elems (the data-parallel size, so
+  // the flat vectors split into equal shards).
+  void allocate(Backend& backend, DType dtype, int64_t pad_elems = 1);
   void initialize(uint64_t seed);
   void zero_grads();
 
@@ -49,12 +51,18 @@ class ParamSet {
   const std::deque<Param>& all() const { return params_; }
   const Param* find(const std::string& name) const;
   int64_t numel(bool trainable_only = false) const;
+  // The whole value / gradient arena as one flat vector (gaps and padding are zeros), and where a
+  // parameter starts in it.
+  Tensor flat_values() const;
+  Tensor flat_grads() const;
+  int64_t flat_offset(const Param& p) const;
   size_t value_bytes() const { return values_.capacity(); }
   size_t grad_bytes() const { return grads_.capacity(); }
 
  private:
   std::deque<Param> params_;
   Arena values_, grads_;
+  DType dtype_ = DType::f32;
   Backend* backend_ = nullptr;
 };
 

@@ -1,0 +1,75 @@
+#include "optim/zero1_adamw.h"
+
+#include <cmath>
+
+namespace braid {
+
+Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp)
+    : params_(params), cfg_(cfg), dp_(dp) {
+  (void)backend;
+  const Tensor flat = params.flat_values();
+  BRAID_CHECK(flat.dtype == DType::f32 && flat.device == Device::cpu,
+              "ZeRO-1 AdamW (CPU): parameters must be f32 host tensors, got ", flat.describe());
+  BRAID_CHECK(flat.numel() % dp.size() == 0, "ZeRO-1 AdamW: ", flat.numel(),
+              " parameter elements do not split over ", dp.size(),
+              " ranks (allocate with pad_elems = dp size)");
+  shard_ = flat.numel() / dp.size();
+  begin_ = shard_ * dp.rank();
+  mask_.assign(shard_, frozen);
+  for (const Param& p : params.all()) {
+    if (!p.trainable) continue;
+    const int64_t off = params.flat_offset(p), n = p.value.numel();
+    const int64_t lo = std::max(off, begin_), hi = std::min(off + n, begin_ + shard_);
+    for (int64_t i = lo; i < hi; ++i) mask_[i - begin_] = p.weight_decay ? decay : no_decay;
+  }
+  const float* v = flat.ptr<float>() + begin_;
+  master_.assign(v, v + shard_);
+  m_.assign(shard_, 0.f);
+  v_.assign(shard_, 0.f);
+  grad_.assign(shard_, 0.f);
+  send_.assign(shard_, 0.f);
+}
+
+void Zero1AdamW::reduce_gradients() {
+  dp_.reduce_scatter(
+      params_.flat_grads(),
+      Tensor::contiguous_view(grad_.data(), DType::f32, Device::cpu, {shard_}, "grad_shard"),
+      ReduceOp::sum);
+}
+
+double Zero1AdamW::grad_norm() {
+  double s = 0;
+  for (int64_t i = 0; i < shard_; ++i) s += double(grad_[i]) * double(grad_[i]);
+  std::vector<double> total{s};
+  dp_.all_reduce(Tensor::contiguous_view(total.data(), DType::f64, Device::cpu, {1}, "grad_norm"),
+                 ReduceOp::sum);
+  return std::sqrt(total[0]);
+}
+
+void Zero1AdamW::step(double lr, double norm) {
+  ++t_;
+  const double clip = cfg_.grad_clip > 0 ? std::min(1.0, cfg_.grad_clip / (norm + 1e-6)) : 1.0;
+  const double bc1 = 1 - std::pow(cfg_.beta1, double(t_)),
+               bc2 = 1 - std::pow(cfg_.beta2, double(t_));
+  const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps),
+              c = float(clip);
+  const float step_size = float(lr / bc1), inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
+  const float decay_factor = float(1.0 - lr * cfg_.weight_decay);
+  for (int64_t i = 0; i < shard_; ++i) {
+    if (mask_[i] != frozen) {  // the same arithmetic as AdamW::step
+      const float gi = grad_[i] * c;
+      m_[i] = b1 * m_[i] + (1.0f - b1) * gi;
+      v_[i] = b2 * v_[i] + (1.0f - b2) * gi * gi;
+      master_[i] = master_[i] * (mask_[i] == decay ? decay_factor : 1.0f) -
+                   step_size * m_[i] / (std::sqrt(v_[i]) * inv_sqrt_bc2 + eps);
+      send_[i] = master_[i];
+    } else {
+      send_[i] = params_.flat_values().ptr<float>()[begin_ + i];  // frozen: unchanged
+    }
+  }
+  dp_.all_gather(
+      Tensor::contiguous_view(send_.data(), DType::f32, Device::cpu, {shard_}, "param_shard"),
+      params_.flat_values());
+}
+
+}  // namespace braid

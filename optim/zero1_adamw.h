@@ -1,0 +1,44 @@
+// ZeRO-1 AdamW over a data-parallel group of P ranks. The parameters' flat gradient vector (n
+// elements, n a multiple of P: ParamSet pads it) is reduce-scattered (summed), so rank r holds
+// the gradient of elements [r n/P, (r+1) n/P); r keeps fp32 master weights and Adam moments for
+// that shard only (1/P of the optimizer memory), updates it with the same rule as AdamW
+// (decoupled decay for flagged parameters, bias correction, global-norm clipping), and the
+// updated shards are all-gathered back into every rank's parameters. Elements of non-trainable
+// parameters and alignment gaps are never updated.
+#pragma once
+
+#include <vector>
+
+#include "layers/model/params.h"
+#include "optim/adamw.h"
+#include "parallel/communicator.h"
+
+namespace braid {
+
+class Zero1AdamW {
+ public:
+  Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp);
+
+  // Sums the gradients over the group into this rank's shard.
+  void reduce_gradients();
+  // Global L2 norm of the reduced gradient (f64, fixed order within a rank, then summed).
+  double grad_norm();
+  // Updates this rank's shard with learning rate lr and all-gathers the parameters.
+  void step(double lr, double norm);
+
+  int64_t shard_begin() const { return begin_; }
+  int64_t shard_size() const { return shard_; }
+  const std::vector<float>& shard_grad() const { return grad_; }
+  int64_t steps_taken() const { return t_; }
+
+ private:
+  enum Mask : uint8_t { frozen = 0, no_decay = 1, decay = 2 };  // per element of the shard
+  ParamSet& params_;
+  AdamWConfig cfg_;
+  Communicator& dp_;
+  int64_t begin_ = 0, shard_ = 0, t_ = 0;
+  std::vector<float> master_, m_, v_, grad_, send_;
+  std::vector<uint8_t> mask_;
+};
+
+}  // namespace braid
