@@ -63,14 +63,10 @@ H5Id file_access() {
   return H5Id(H5Pcopy(fapl));
 }
 
-struct Entry {
-  std::string kind, name;
-  Tensor tensor;
-};
+}  // namespace
 
-// Every tensor a checkpoint of (params, opt) holds.
-std::vector<Entry> entries(const ParamSet& params, const AdamW& opt) {
-  std::vector<Entry> out;
+std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt) {
+  std::vector<CheckpointTensor> out;
   for (const Param& p : params.all()) out.push_back({"param", p.name, p.value});
   for (const AdamW::State& s : opt.state()) {
     out.push_back({"master", s.param->name, s.master});
@@ -79,6 +75,8 @@ std::vector<Entry> entries(const ParamSet& params, const AdamW& opt) {
   }
   return out;
 }
+
+namespace {
 
 std::string step_name(int64_t step) {
   char buf[32];
@@ -117,6 +115,11 @@ std::string sha256_file(const std::string& path) {
 
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                             const ParamSet& params, const AdamW& opt) {
+  return save_checkpoint(root, meta, training_state(params, opt));
+}
+
+std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
+                            const std::vector<CheckpointTensor>& entries) {
   h5_quiet();
   const std::string name = step_name(meta.step);
   const fs::path final_dir = fs::path(root) / name;
@@ -133,7 +136,7 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
     H5_CHECK(H5Pset_obj_track_times(gcpl, false));
     H5_CHECK(H5Pset_obj_track_times(dcpl, false));
     std::set<std::string> groups;
-    for (const Entry& e : entries(params, opt)) {
+    for (const CheckpointTensor& e : entries) {
       if (groups.insert(e.kind).second)
         H5Id(H5_CHECK(H5Gcreate2(f, ("/" + e.kind).c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT)));
       const Tensor& t = e.tensor;
@@ -204,6 +207,11 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir) {
 }
 
 void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt) {
+  load_checkpoint(dir, training_state(params, opt));
+  opt.set_steps_taken(read_checkpoint_meta(dir).step);
+}
+
+void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>& entries) {
   h5_quiet();
   const json m = read_manifest(dir);
   read_checkpoint_meta(dir);  // format version
@@ -220,7 +228,7 @@ void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt) {
   }
   // Strict keys.
   std::map<std::string, Tensor> expected;
-  for (const Entry& e : entries(params, opt)) expected[e.kind + "/" + e.name] = e.tensor;
+  for (const CheckpointTensor& e : entries) expected[e.kind + "/" + e.name] = e.tensor;
   std::set<std::string> found;
   std::string unexpected, missing;
   for (const json& t : m.at("tensors")) {
@@ -261,7 +269,6 @@ void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt) {
     BRAID_REQUIRE(sha256_bytes(dst.data, dst.nbytes()) == piece.at("sha256").get<std::string>(),
                   "checkpoint '", dir, "': dataset ", ds, " does not match its digest");
   }
-  opt.set_steps_taken(m.at("step").get<int64_t>());
 }
 
 void prune_checkpoints(const std::string& root, int64_t keep) {

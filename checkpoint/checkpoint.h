@@ -31,13 +31,28 @@ struct CheckpointMeta {
 
 constexpr int kCheckpointFormat = 1;
 
-// Writes and commits a checkpoint; returns its directory.
+// One logical tensor of a checkpoint: kind (param, master, exp_avg, exp_avg_sq), HF-style name,
+// and the host tensor holding (or receiving) its full, unsharded value.
+struct CheckpointTensor {
+  std::string kind, name;
+  Tensor tensor;
+};
+
+// The training state of a single-process run: every parameter, and the fp32 master weights and
+// Adam moments of every trainable one.
+std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt);
+
+// Writes and commits a checkpoint of `tensors`; returns its directory.
+std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
+                            const std::vector<CheckpointTensor>& tensors);
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                             const ParamSet& params, const AdamW& opt);
 // The newest committed checkpoint directory under root, or "" when there is none.
 std::string latest_checkpoint(const std::string& root);
 CheckpointMeta read_checkpoint_meta(const std::string& dir);
-// Loads tensors into params and opt (same names and shapes required).
+// Reads a checkpoint into `tensors` (exactly the same set of kind/name pairs and shapes).
+void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>& tensors);
+// Loads params and opt, and sets the optimizer's step count from the checkpoint.
 void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt);
 // Keeps the newest `keep` committed checkpoints and removes older ones (and stale .tmp dirs).
 void prune_checkpoints(const std::string& root, int64_t keep);
