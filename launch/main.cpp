@@ -8,6 +8,7 @@
 #include "data/prep.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
+#include "parallel/launch_env.h"
 #include "runtime/check.h"
 
 namespace {
@@ -33,7 +34,22 @@ int cmd_train(const std::vector<std::string>& args) {
   }
   BRAID_REQUIRE(!config.empty(), "braid train: --config FILE is required (see braid --help)");
   const braid::RunConfig cfg = braid::load_config(config, overrides);
-  const braid::TrainSummary s = braid::train(cfg);
+  // Launched as several ranks (mpirun, srun): data parallel over all of them, through MPI.
+  std::unique_ptr<braid::MpiSession> mpi;
+  std::unique_ptr<braid::Communicator> world;
+  if (braid::read_launch_env().world_size > 1) {
+    mpi = std::make_unique<braid::MpiSession>(nullptr, nullptr);
+    world = braid::make_mpi_world(braid::comm_timeout_from_env(600));
+  }
+  braid::TrainSummary s;
+  try {
+    s = braid::train(cfg, world.get());
+  } catch (const braid::Error& e) {
+    if (!world) throw;
+    std::fprintf(stderr, "braid: error: rank %d: %s\n", world->rank(), e.what());
+    braid::mpi_abort(2);
+  }
+  if (world && world->rank() != 0) return 0;
   const double below = 100.0 * (1.0 - s.final_valid_loss / s.unigram_entropy);
   std::printf(
       "done: %lld steps in %.1f s | final train loss %.4f | held-out loss %.4f | unigram entropy "

@@ -13,6 +13,7 @@
 #include "launch/metrics.h"
 #include "layers/model/model.h"
 #include "optim/adamw.h"
+#include "optim/zero1_adamw.h"
 #include "parallel/launch_env.h"
 
 namespace braid {
@@ -56,14 +57,68 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
                   batch.positions);
 }
 
+// The optimizer of a run: AdamW on one process, ZeRO-1 AdamW over the data-parallel group.
+// Checkpoints hold the full (unsharded) state either way, so either layout resumes from them.
+class RunOptimizer {
+ public:
+  RunOptimizer(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator* dp)
+      : params_(params) {
+    if (dp && dp->size() > 1)
+      zero_ = std::make_unique<Zero1AdamW>(params, cfg, backend, *dp);
+    else
+      adam_ = std::make_unique<AdamW>(params, cfg, backend);
+  }
+  // Reduces the gradients over the group (ZeRO-1) and returns the global norm.
+  double reduce_and_norm() {
+    if (!zero_) return adam_->grad_norm();
+    zero_->reduce_gradients();
+    return zero_->grad_norm();
+  }
+  void step(double lr, double norm) { zero_ ? zero_->step(lr, norm) : adam_->step(lr, norm); }
+  // The state to save (collective under ZeRO-1: the shards are gathered).
+  std::vector<CheckpointTensor> checkpoint_state() {
+    if (!zero_) return training_state(params_, *adam_);
+    zero_->gather_state(master_, m_, v_);
+    return full_state_views();
+  }
+  void load(const std::string& dir, int64_t steps) {
+    if (!zero_) return load_checkpoint(dir, params_, *adam_);
+    const size_t n = static_cast<size_t>(params_.flat_values().numel());
+    master_.assign(n, 0.f), m_.assign(n, 0.f), v_.assign(n, 0.f);
+    load_checkpoint(dir, full_state_views());
+    zero_->load_state(master_, m_, v_, steps);
+  }
+
+ private:
+  // Parameters, and views of the full flat master/moment vectors laid out like the parameters.
+  std::vector<CheckpointTensor> full_state_views() {
+    std::vector<CheckpointTensor> out;
+    for (const Param& p : params_.all()) out.push_back({"param", p.name, p.value});
+    for (const Param& p : params_.all()) {
+      if (!p.trainable) continue;
+      const int64_t off = params_.flat_offset(p);
+      for (auto [kind, vec] :
+           {std::pair{"master", &master_}, std::pair{"exp_avg", &m_}, std::pair{"exp_avg_sq", &v_}})
+        out.push_back(
+            {kind, p.name,
+             Tensor::contiguous_view(vec->data() + off, DType::f32, Device::cpu, p.shape, p.name)});
+    }
+    return out;
+  }
+  ParamSet& params_;
+  std::unique_ptr<AdamW> adam_;
+  std::unique_ptr<Zero1AdamW> zero_;
+  std::vector<float> master_, m_, v_;
+};
+
 }  // namespace
 
-TrainSummary train(const RunConfig& cfg) {
-  const LaunchEnv env = read_launch_env();
-  BRAID_REQUIRE(env.world_size == 1, "braid train was launched as ", env.world_size, " ranks (",
-                env.source,
-                "); this build trains on one process: multi-rank data/tensor/pipeline parallelism "
-                "is not built yet");
+TrainSummary train(const RunConfig& cfg, Communicator* world) {
+  const int dp = world ? world->size() : 1, rank = world ? world->rank() : 0;
+  const bool lead = rank == 0;  // rank 0 prints and writes files
+  auto say = [&](const char* fmt, auto... args) {
+    if (lead) std::printf(fmt, args...);
+  };
   BRAID_REQUIRE(cfg.train.device == "cpu", "train.device = ", cfg.train.device,
                 ": the CUDA training path is not built yet; use train.device=cpu");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
@@ -79,34 +134,36 @@ TrainSummary train(const RunConfig& cfg) {
                 "data.valid shards have vocabulary ", valid_data.vocab_size(),
                 ", data.train shards ", train_data.vocab_size());
 
-  std::filesystem::create_directories(ts.out_dir);
   const std::string yaml = config_to_yaml(cfg);
-  std::ofstream(std::filesystem::path(ts.out_dir) / "config.yaml") << yaml;
-  std::printf("resolved config (also in %s/config.yaml):\n%s", ts.out_dir.c_str(), yaml.c_str());
+  if (lead) {
+    std::filesystem::create_directories(ts.out_dir);
+    std::ofstream(std::filesystem::path(ts.out_dir) / "config.yaml") << yaml;
+  }
+  say("resolved config (also in %s/config.yaml):\n%s", ts.out_dir.c_str(), yaml.c_str());
 
   auto backend = make_cpu_backend();
-  Model model(cfg.model, DType::f32, *backend, b, t);
+  // Parameters padded to a multiple of dp elements: ZeRO-1 shards are equal.
+  Model model(cfg.model, DType::f32, *backend, b, t, dp);
   model.initialize(ts.seed);
-  AdamW opt(model.params(), cfg.adamw, *backend);
+  RunOptimizer opt(model.params(), cfg.adamw, *backend, world);
   BatchBuffers buf(*backend, b, t);
   Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
 
   const MemoryReport mem = model.memory();
   const double flops_tok = model.flops_per_token(t);
-  std::printf(
-      "model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
+  say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
       cfg.model.pattern.c_str(), (long long)model.params().numel(),
       (long long)model.params().numel(true), flops_tok / 1e9);
-  std::printf("memory: parameters %s, gradients %s, optimizer %s, activations %s, scratch %s\n",
-              mib(mem.parameters).c_str(), mib(mem.gradients).c_str(),
-              mib(3 * sizeof(float) * size_t(model.params().numel(true))).c_str(),
-              mib(mem.activations).c_str(), mib(mem.scratch).c_str());
-  std::printf("data: %lld train tokens (%lld samples of %lld), %lld held-out tokens; %d threads\n",
-              (long long)train_data.num_tokens(), (long long)train_data.num_samples(), (long long)t,
-              (long long)valid_data.num_tokens(), omp_get_max_threads());
+  say("memory: parameters %s, gradients %s, optimizer %s, activations %s, scratch %s\n",
+      mib(mem.parameters).c_str(), mib(mem.gradients).c_str(),
+      mib(3 * sizeof(float) * size_t(model.params().numel(true))).c_str(),
+      mib(mem.activations).c_str(), mib(mem.scratch).c_str());
+  say("data: %lld train tokens (%lld samples of %lld), %lld held-out tokens; %d threads\n",
+      (long long)train_data.num_tokens(), (long long)train_data.num_samples(), (long long)t,
+      (long long)valid_data.num_tokens(), omp_get_max_threads());
   const double entropy = train_data.unigram_entropy();
-  std::printf("unigram entropy of the training tokens: %.4f nats/token\n", entropy);
-  std::fflush(stdout);
+  say("unigram entropy of the training tokens: %.4f nats/token\n", entropy);
+  if (lead) std::fflush(stdout);
 
   // Resume from the newest checkpoint when asked and one exists.
   const std::string ckpt_dir = cfg.checkpoint.dir.empty()
@@ -116,7 +173,7 @@ TrainSummary train(const RunConfig& cfg) {
   if (cfg.checkpoint.resume) {
     const std::string latest = latest_checkpoint(ckpt_dir);
     if (latest.empty()) {
-      std::printf("checkpoint.resume: no checkpoint in %s, starting at step 0\n", ckpt_dir.c_str());
+      say("checkpoint.resume: no checkpoint in %s, starting at step 0\n", ckpt_dir.c_str());
     } else {
       const CheckpointMeta meta = read_checkpoint_meta(latest);
       // The model, and what defines the sample order, must match; batch sizes may change.
@@ -130,22 +187,26 @@ TrainSummary train(const RunConfig& cfg) {
                     ": the configuration differs: ", all);
       BRAID_REQUIRE(meta.step < ts.steps, "checkpoint ", latest, " is at step ", meta.step,
                     ", not before train.steps = ", ts.steps, ": nothing to train");
-      load_checkpoint(latest, model.params(), opt);
+      opt.load(latest, meta.step);
       start_step = meta.step, consumed = meta.consumed_samples;
-      std::printf("resumed from %s at step %lld (%lld samples consumed)\n", latest.c_str(),
-                  (long long)start_step, (long long)consumed);
+      say("resumed from %s at step %lld (%lld samples consumed)\n", latest.c_str(),
+          (long long)start_step, (long long)consumed);
     }
   }
-  MetricsLog metrics((std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(),
-                     start_step > 0);
+  std::unique_ptr<MetricsLog> metrics;  // written by rank 0
+  if (lead)
+    metrics = std::make_unique<MetricsLog>(
+        (std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(), start_step > 0);
   auto save = [&](int64_t steps_done) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
-    const std::string dir = save_checkpoint(ckpt_dir, meta, model.params(), opt);
+    const std::vector<CheckpointTensor> state = opt.checkpoint_state();  // collective
+    if (!lead) return;
+    const std::string dir = save_checkpoint(ckpt_dir, meta, state);
     prune_checkpoints(ckpt_dir, cfg.checkpoint.keep);
-    std::printf("saved checkpoint %s (%.2f s)\n", dir.c_str(),
-                std::chrono::duration<double>(Clock::now() - c0).count());
-    std::fflush(stdout);
+    say("saved checkpoint %s (%.2f s)\n", dir.c_str(),
+        std::chrono::duration<double>(Clock::now() - c0).count());
+    if (lead) std::fflush(stdout);
   };
   const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
   auto evaluate = [&]() {
@@ -159,7 +220,9 @@ TrainSummary train(const RunConfig& cfg) {
     return sum / double(count);
   };
 
-  const int64_t tokens_per_step = ts.grad_accum * b * t;
+  // The global batch: dp ranks x grad_accum microbatches x B samples. Microbatch m of a step takes
+  // the next dp * B samples of the global order; rank r takes B of them, from offset r * B.
+  const int64_t tokens_per_step = ts.grad_accum * dp * b * t;
   TrainSummary s;
   s.unigram_entropy = entropy;
   const auto t0 = Clock::now();
@@ -170,15 +233,21 @@ TrainSummary train(const RunConfig& cfg) {
     model.params().zero_grads();
     double loss_sum = 0, aux = 0;
     for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
-      fill(train_data, sampler, consumed, buf.batch);
-      consumed += b;
+      fill(train_data, sampler, consumed + rank * b, buf.batch);
+      consumed += dp * b;
       const Model::StepResult r = model.forward_backward(buf.batch, 1.0 / double(tokens_per_step),
                                                          1.0 / double(ts.grad_accum));
       loss_sum += r.loss.sum;
       aux += r.aux / double(ts.grad_accum);
     }
+    if (world && dp > 1) {  // the global batch's loss: sum over ranks
+      std::vector<double> sums{loss_sum, aux};
+      world->all_reduce(Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "loss"),
+                        ReduceOp::sum);
+      loss_sum = sums[0], aux = sums[1] / dp;
+    }
     const double loss = loss_sum / double(tokens_per_step);
-    const double norm = opt.grad_norm();
+    const double norm = opt.reduce_and_norm();
     BRAID_REQUIRE(std::isfinite(norm) && std::isfinite(loss), "step ", step + 1,
                   ": non-finite loss (", loss, ") or gradient norm (", norm,
                   "); lower optim.lr or check the data");
@@ -190,33 +259,34 @@ TrainSummary train(const RunConfig& cfg) {
     const double dt = std::chrono::duration<double>(now - last).count();
     const double elapsed = std::chrono::duration<double>(now - t0).count();
     last = now;
-    metrics.write("train", {{"step", double(step + 1)},
-                            {"loss", loss},
-                            {"aux_loss", aux},
-                            {"lr", lr},
-                            {"grad_norm", norm},
-                            {"tokens_per_s", tokens_per_step / dt},
-                            {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9},
-                            {"elapsed_s", elapsed}});
+    if (metrics)
+      metrics->write("train", {{"step", double(step + 1)},
+                               {"loss", loss},
+                               {"aux_loss", aux},
+                               {"lr", lr},
+                               {"grad_norm", norm},
+                               {"tokens_per_s", tokens_per_step / dt},
+                               {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9},
+                               {"elapsed_s", elapsed}});
     if ((step + 1) % ts.log_interval == 0 || step + 1 == ts.steps) {
       s.final_train_loss = interval_loss / double(interval_steps);
       const double per_step = elapsed / double(step + 1 - start_step);
-      std::printf(
-          "step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
+      say("step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
           "%.2f GFLOP/s | elapsed %s | remaining %s\n",
           (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
           tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9,
           hms(elapsed).c_str(), hms(per_step * double(ts.steps - step - 1)).c_str());
-      std::fflush(stdout);
+      if (lead) std::fflush(stdout);
       interval_loss = 0, interval_steps = 0;
     }
     if ((step + 1) % ts.eval_interval == 0 || step + 1 == ts.steps) {
       s.final_valid_loss = evaluate();
-      metrics.write("eval", {{"step", double(step + 1)}, {"valid_loss", s.final_valid_loss}});
-      std::printf("eval  %5lld/%lld | held-out loss %.4f nats/token (%lld tokens)\n",
-                  (long long)(step + 1), (long long)ts.steps, s.final_valid_loss,
-                  (long long)(std::max(valid_rows, b) / b * b * t));
-      std::fflush(stdout);
+      if (metrics)
+        metrics->write("eval", {{"step", double(step + 1)}, {"valid_loss", s.final_valid_loss}});
+      say("eval  %5lld/%lld | held-out loss %.4f nats/token (%lld tokens)\n", (long long)(step + 1),
+          (long long)ts.steps, s.final_valid_loss,
+          (long long)(std::max(valid_rows, b) / b * b * t));
+      if (lead) std::fflush(stdout);
     }
     if ((cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) ||
         step + 1 == ts.steps)

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "launch/config.h"
+#include "parallel/communicator.h"
 
 namespace braid {
 
@@ -16,6 +17,8 @@ struct TrainSummary {
   double seconds = 0;
 };
 
-TrainSummary train(const RunConfig& cfg);
+// world: the ranks of a data-parallel run (null or one rank: a single process). Every rank of a
+// data-parallel run reads the same config; rank 0 prints, logs and writes checkpoints.
+TrainSummary train(const RunConfig& cfg, Communicator* world);
 
 }  // namespace braid

@@ -26,6 +26,12 @@ class Zero1AdamW {
   // Updates this rank's shard with learning rate lr and all-gathers the parameters.
   void step(double lr, double norm);
 
+  // The full (unsharded) flat master weights and moments on every rank (collective), and the
+  // reverse: this rank keeps its shard of full flat vectors (e.g. read from a checkpoint).
+  void gather_state(std::vector<float>& master, std::vector<float>& m, std::vector<float>& v);
+  void load_state(const std::vector<float>& master, const std::vector<float>& m,
+                  const std::vector<float>& v, int64_t steps_taken);
+
   int64_t shard_begin() const { return begin_; }
   int64_t shard_size() const { return shard_; }
   const std::vector<float>& shard_grad() const { return grad_; }

@@ -52,6 +52,9 @@ class MpiSession {
   MpiSession& operator=(const MpiSession&) = delete;
 };
 
+// Ends every rank of the job with `code` (after an error on one rank, so the others do not wait).
+[[noreturn]] void mpi_abort(int code);
+
 // MPI_COMM_WORLD as a Communicator; timeout_s bounds every call (watchdog).
 std::unique_ptr<Communicator> make_mpi_world(double timeout_s);
 

@@ -217,6 +217,13 @@ MpiSession::~MpiSession() {
   MPI_Finalize();
 }
 
+void mpi_abort(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::exit(code);  // MPI_Abort does not return; this keeps the [[noreturn]] promise regardless
+}
+
 std::unique_ptr<Communicator> make_mpi_world(double timeout_s) {
   return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world", timeout_s, false);
 }
