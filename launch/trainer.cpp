@@ -253,6 +253,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                   "); lower optim.lr or check the data");
     const double lr = cfg.lr.at(step);
     opt.step(lr, norm);
+    if (world && dp > 1)  // the balancing rule sees the whole global batch on every rank
+      for (const Tensor& counts : model.moe_step_counts()) world->all_reduce(counts, ReduceOp::sum);
     model.after_optimizer_step();
     interval_loss += loss, ++interval_steps;
     const auto now = Clock::now();

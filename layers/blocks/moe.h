@@ -46,6 +46,9 @@ class MoeBlock final : public Block {
   double flops_per_token(int64_t seq) const override;
   // Applies the balancing-bias rule with the counts gathered since the last call.
   void after_optimizer_step();
+  // Assignments per expert since the last step ([E] i32); data-parallel runs sum them over the
+  // group before after_optimizer_step, so every rank updates the bias identically.
+  const Tensor& step_counts() const { return step_counts_; }
 
  private:
   struct Expert {

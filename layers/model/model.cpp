@@ -214,6 +214,12 @@ void Model::after_optimizer_step() {
   for (MoeBlock* b : moe_blocks_) b->after_optimizer_step();
 }
 
+std::vector<Tensor> Model::moe_step_counts() const {
+  std::vector<Tensor> out;
+  for (const MoeBlock* b : moe_blocks_) out.push_back(b->step_counts());
+  return out;
+}
+
 MemoryReport Model::memory() const {
   return {params_.value_bytes(), params_.grad_bytes(), saved_.capacity(), scratch_.capacity()};
 }

@@ -72,6 +72,9 @@ class Model {
   LossSum evaluate(const Batch& batch);
   // Rule-based updates after the optimizer step (MoE balancing bias).
   void after_optimizer_step();
+  // The MoE per-expert assignment counts of this step, one [E] i32 tensor per MoE layer (to be
+  // summed over data-parallel ranks before after_optimizer_step).
+  std::vector<Tensor> moe_step_counts() const;
 
   ParamSet& params() { return params_; }
   const ModelConfig& config() const { return cfg_; }

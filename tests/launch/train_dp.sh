@@ -38,4 +38,20 @@ cp -r "$work/a/checkpoints/step_00000004" "$work/c/checkpoints/"
 grep -q "resumed from .*step_00000004 at step 4" "$work/c.log" || { echo "FAIL: no resume"; cat "$work/c.log"; exit 1; }
 compare "dp=2 resumed from a 1-process checkpoint" "$(losses "$work/a/metrics.jsonl" | tail -n 4)" \
   "$(losses "$work/c/metrics.jsonl" | tail -n 4)"
+# MoE balancing bias: the per-expert counts are summed over the ranks, so the bias (and the
+# routing it steers) stays the same as on one process.
+bias=(moe.score=sigmoid moe.normalize_topk=true moe.balance_bias=true moe.bias_update_rate=0.01)
+"$braid" train --config "$config" "${args[@]}" "${bias[@]}" train.micro_batch=4 train.out_dir="$work/d" >/dev/null
+"${mpirun_cmd[@]}" -np 2 "$braid" train --config "$config" "${args[@]}" "${bias[@]}" train.micro_batch=2 \
+  train.out_dir="$work/e" >/dev/null
+compare "dp=2 vs one process, MoE balancing bias" "$(losses "$work/d/metrics.jsonl")" "$(losses "$work/e/metrics.jsonl")"
+# The bias moves by +-rate steps from integer counts: with the counts summed it is bit-identical.
+bias_digest() {
+  python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))
+print(" ".join(t["pieces"][0]["sha256"] for t in m["tensors"] if t["kind"]=="param" and "e_score_correction_bias" in t["name"]))' \
+    "$1/checkpoints/step_00000008/manifest.json"
+}
+[ -n "$(bias_digest "$work/d")" ] && [ "$(bias_digest "$work/d")" = "$(bias_digest "$work/e")" ] ||
+  { echo "FAIL: the MoE balancing bias differs between dp=2 and one process"; exit 1; }
+echo "MoE balancing bias: identical to the single-process run"
 echo "data-parallel training passed"
