@@ -161,6 +161,13 @@ const std::map<std::string, Key>& registry() {
       {"moe.z_loss_coef", double_key(M(model.moe.z_loss_coef))},
       {"moe.balance_bias", bool_key(M(model.moe.balance_bias))},
       {"moe.bias_update_rate", double_key(M(model.moe.bias_update_rate))},
+      {"parallel.tp", int_key(M(parallel.tp), 1)},
+      {"parallel.cp", int_key(M(parallel.cp), 1)},
+      {"parallel.dp", int_key(M(parallel.dp), 0)},
+      {"parallel.pp", int_key(M(parallel.pp), 1)},
+      {"parallel.ep", int_key(M(parallel.ep), 1)},
+      {"parallel.etp", int_key(M(parallel.etp), 1)},
+      {"parallel.order", string_key(M(parallel.order))},
       {"train.steps", int_key(M(train.steps), 1)},
       {"train.micro_batch", int_key(M(train.micro_batch), 1)},
       {"train.seq_len", int_key(M(train.seq_len), 1)},
@@ -240,6 +247,7 @@ void load_node(RunConfig& c, const YAML::Node& node, const std::string& prefix,
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
   RunConfig c;
   c.model.pattern = "";
+  c.parallel.dp = 0;  // by default, the ranks left over after tp, cp and pp
   YAML::Node root;
   try {
     root = YAML::LoadFile(path);
@@ -288,6 +296,10 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
   try {
     validate_model_config(m);
     c.lr.validate();
+    // The layout's model constraints hold for any rank count; the product is checked at launch.
+    Layout probe = c.parallel;
+    if (probe.dp == 0) probe.dp = 1;
+    validate_layout_for_model(m, probe);
   } catch (const Error& e) {
     BRAID_REJECT(path, ": ", e.what());
   }
@@ -298,6 +310,21 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
   BRAID_REQUIRE(!c.data.valid.empty(), path,
                 ": data.valid is empty: give the held-out shard file(s)");
   return c;
+}
+
+Layout resolve_layout(const RunConfig& cfg, int world_size) {
+  Layout l = cfg.parallel;
+  const int fixed = l.tp * l.cp * l.pp;
+  if (l.dp == 0) {
+    BRAID_REQUIRE(world_size % fixed == 0, "parallel: tp*cp*pp = ", fixed, " does not divide the ",
+                  world_size,
+                  " ranks, so dp cannot be derived (set parallel.tp/cp/pp so their product divides "
+                  "the ranks)");
+    l.dp = world_size / fixed;
+  }
+  RankGrid grid(l, world_size);  // checks the product and the order
+  validate_layout_for_model(cfg.model, l);
+  return l;
 }
 
 std::map<std::string, std::string> config_entries(const RunConfig& c) {

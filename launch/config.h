@@ -13,6 +13,7 @@
 #include "layers/model/model.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
+#include "parallel/rank_grid.h"
 
 namespace braid {
 
@@ -44,6 +45,7 @@ struct DataSettings {
 
 struct RunConfig {
   ModelConfig model;
+  Layout parallel;  // dp = 0 in a config means "the ranks left over": resolved at launch
   int64_t mamba1_expand = 2;
   int64_t mamba2_expand = 2;
   TrainSettings train;
@@ -58,6 +60,10 @@ struct RunConfig {
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides);
 // The resolved configuration as YAML (every key, including defaults).
 std::string config_to_yaml(const RunConfig& cfg);
+// The layout for `world_size` ranks: dp = 0 becomes world / (tp * cp * pp); then the grid and the
+// model's divisibility constraints are checked (errors name the constraint and what would work).
+Layout resolve_layout(const RunConfig& cfg, int world_size);
+
 // The resolved configuration as "section.key" -> value text (as in the YAML).
 std::map<std::string, std::string> config_entries(const RunConfig& cfg);
 

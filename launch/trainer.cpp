@@ -114,7 +114,17 @@ class RunOptimizer {
 }  // namespace
 
 TrainSummary train(const RunConfig& cfg, Communicator* world) {
-  const int dp = world ? world->size() : 1, rank = world ? world->rank() : 0;
+  const Layout layout = resolve_layout(cfg, world ? world->size() : 1);
+  for (auto [name, v] : {std::pair{"tp", layout.tp},
+                         {"cp", layout.cp},
+                         {"pp", layout.pp},
+                         {"ep", layout.ep},
+                         {"etp", layout.etp}})
+    BRAID_REQUIRE(v == 1, "parallel.", name, " = ", v,
+                  ": this build parallelises over data only (tensor, context, pipeline and expert "
+                  "parallelism are not built yet); set parallel.",
+                  name, "=1");
+  const int dp = layout.dp, rank = world ? world->rank() : 0;
   const bool lead = rank == 0;  // rank 0 prints and writes files
   auto say = [&](const char* fmt, auto... args) {
     if (lead) std::printf(fmt, args...);

@@ -1,5 +1,6 @@
 #include "layers/model/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "layers/elementwise/elementwise.h"
@@ -77,6 +78,51 @@ void validate_model_config(const ModelConfig& c) {
     BRAID_REQUIRE(m.aux_loss_coef >= 0 && m.z_loss_coef >= 0,
                   "moe: loss coefficients must be non-negative");
   }
+}
+
+void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
+  const std::string layers = pattern_layers(c.pattern);
+  auto has = [&](char sym) { return layers.find(sym) != std::string::npos; };
+  // Every (name, size) a tp degree must divide, for the pattern's layer types.
+  std::vector<std::pair<std::string, int64_t>> tp_dims = {{"model.vocab_size", c.vocab_size}};
+  if (has('*'))
+    tp_dims.insert(tp_dims.end(), {{"attention.heads", c.attention.heads},
+                                   {"attention.kv_heads", c.attention.kv_heads}});
+  if (has('M'))
+    tp_dims.insert(tp_dims.end(),
+                   {{"mamba2.heads", c.mamba2.heads}, {"mamba2.groups", c.mamba2.groups}});
+  if (has('S'))
+    tp_dims.push_back({"mamba1 inner width (mamba1.expand * model.d_model)", c.mamba1.d_inner});
+  if (has('-')) tp_dims.push_back({"mlp.ffn", c.mlp.ffn});
+  if (has('E') && c.moe.shared_ffn > 0) tp_dims.push_back({"moe.shared_ffn", c.moe.shared_ffn});
+  auto divisors_of_all = [](const std::vector<std::pair<std::string, int64_t>>& dims) {
+    std::string out;
+    for (int64_t d = 1; d <= 64; ++d) {
+      bool ok = true;
+      for (const auto& [_, v] : dims) ok = ok && v % d == 0;
+      if (ok) out += (out.empty() ? "" : ", ") + std::to_string(d);
+    }
+    return out;
+  };
+  for (const auto& [name, v] : tp_dims)
+    BRAID_REQUIRE(v % l.tp == 0, name, " = ", v, " is not divisible by parallel.tp = ", l.tp,
+                  " (tensor parallelism shards it); tp values that divide every sharded size: ",
+                  divisors_of_all(tp_dims));
+  if (has('E')) {
+    BRAID_REQUIRE(c.moe.experts % l.ep == 0, "moe.experts = ", c.moe.experts,
+                  " is not divisible by parallel.ep = ", l.ep,
+                  "; ep values that work: ", divisors_of_all({{"moe.experts", c.moe.experts}}));
+    BRAID_REQUIRE(c.moe.ffn % l.etp == 0, "moe.ffn = ", c.moe.ffn,
+                  " is not divisible by parallel.etp = ", l.etp,
+                  "; etp values that work: ", divisors_of_all({{"moe.ffn", c.moe.ffn}}));
+  }
+  const int64_t n_layers = static_cast<int64_t>(layers.size());
+  const int64_t cuts = static_cast<int64_t>(std::count(c.pattern.begin(), c.pattern.end(), '|'));
+  BRAID_REQUIRE(l.pp <= n_layers, "parallel.pp = ", l.pp, " exceeds the ", n_layers,
+                " layers of model.pattern");
+  BRAID_REQUIRE(cuts == 0 || l.pp == cuts + 1, "model.pattern cuts ", cuts + 1,
+                " pipeline stages with '|', but parallel.pp = ", l.pp,
+                " (set parallel.pp = ", cuts + 1, " or remove the cuts)");
 }
 
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,

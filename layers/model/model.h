@@ -20,6 +20,7 @@
 #include "layers/blocks/moe.h"
 #include "layers/cross_entropy/cross_entropy.h"
 #include "layers/model/params.h"
+#include "parallel/rank_grid.h"
 
 namespace braid {
 
@@ -41,6 +42,12 @@ struct ModelConfig {
 std::string pattern_layers(const std::string& pattern);
 // Throws a braid::Error naming the first violated constraint.
 void validate_model_config(const ModelConfig& cfg);
+// Checks a parallel layout against the model: tp must divide every dimension it shards
+// (attention heads and KV heads, Mamba-2 heads and groups, Mamba-1 channels, MLP and shared-expert
+// widths, the vocabulary), ep the experts, etp the expert width; pp at most the layers, and equal
+// to the number of stages when the pattern cuts them with '|'. The error names the constraint and
+// the values that would work.
+void validate_layout_for_model(const ModelConfig& cfg, const Layout& layout);
 
 struct Batch {
   Tensor tokens;     // [B,T] i32

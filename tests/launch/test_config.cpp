@@ -111,6 +111,48 @@ TEST(Config, BadValuesNameTheKey) {
   EXPECT_NE(error_of(broken.path()).find("not valid YAML"), std::string::npos);
 }
 
+TEST(Config, ParallelLayoutResolvesAndNamesBrokenConstraints) {
+  ConfigFile f(kBase);
+  RunConfig c = load_config(f.path(), {"mamba2.groups=4", "moe.experts=8"});
+  EXPECT_EQ(c.parallel.dp, 0);  // derived at launch
+  EXPECT_EQ(resolve_layout(c, 8).dp, 8);
+  c.parallel.tp = 2;
+  EXPECT_EQ(resolve_layout(c, 8).dp, 4);
+  auto err = [&](RunConfig cc, int world) {
+    try {
+      resolve_layout(cc, world);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  RunConfig bad = c;
+  bad.parallel.tp = 3;
+  EXPECT_NE(err(bad, 3).find("is not divisible by parallel.tp = 3"), std::string::npos)
+      << err(bad, 3);
+  EXPECT_NE(err(bad, 3).find("tp values that divide every sharded size: 1, 2, 4"),
+            std::string::npos)
+      << err(bad, 3);
+  bad = c;
+  bad.parallel.ep = 3;
+  EXPECT_NE(err(bad, 6).find("moe.experts = 8 is not divisible by parallel.ep = 3"),
+            std::string::npos)
+      << err(bad, 6);
+  bad = c;
+  bad.parallel.tp = 4;
+  EXPECT_NE(err(bad, 6).find("does not divide the 6 ranks"), std::string::npos) << err(bad, 6);
+  bad = c;
+  bad.parallel.tp = 1, bad.parallel.pp = 9;
+  EXPECT_NE(err(bad, 9).find("parallel.pp = 9 exceeds the 4 layers"), std::string::npos)
+      << err(bad, 9);
+  bad = c;
+  bad.parallel.order = "tp-dp";
+  EXPECT_NE(err(bad, 8).find("must name cp exactly once"), std::string::npos) << err(bad, 8);
+  // A bad layout in the config file is caught when it is loaded (before anything is allocated).
+  ConfigFile g(kBase);
+  EXPECT_NE(error_of(g.path(), {"parallel.tp=3"}).find("parallel.tp = 3"), std::string::npos);
+}
+
 TEST(Config, EveryShippedConfigLoads) {
   int n = 0;
   for (const auto& e : std::filesystem::directory_iterator(BRAID_SOURCE_DIR "/configs")) {
