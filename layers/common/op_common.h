@@ -2,8 +2,11 @@
 // checks), argument validation, and the scalar activation functions with their derivatives.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
+#include "runtime/parallel_for.h"
 #include "runtime/tensor.h"
 
 namespace braid {
@@ -52,6 +55,19 @@ T silu_grad(T x) {
 template <typename T>
 T softplus(T x) {
   return x > T(20) ? x : std::log1p(std::exp(x));
+}
+
+// dst[index[r], :] += src[r, :] for r in [0, rows), rows of width d. Split over column blocks;
+// each block adds the rows in order, so the result does not depend on the thread count (the
+// backward of every row gather: embedding lookup, MoE token permutation).
+template <typename T>
+void scatter_add_rows(const T* src, const int32_t* index, int64_t rows, int64_t d, T* dst) {
+  constexpr int64_t kCols = 64;
+  parallel_for((d + kCols - 1) / kCols, [&](int64_t blk) {
+    const int64_t c0 = blk * kCols, c1 = std::min(d, c0 + kCols);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = c0; c < c1; ++c) dst[index[r] * d + c] += src[r * d + c];
+  });
 }
 
 }  // namespace braid

@@ -38,16 +38,7 @@ void embedding_backward(const Tensor& tokens, const Tensor& dy, const Tensor& dw
   check_embedding(tokens, dweight, dy);
   const int64_t n = tokens.numel(), d = dweight.size(1);
   dispatch_float(dweight.dtype, "embedding", [&]<typename T>() {
-    const int32_t* tok = tokens.ptr<int32_t>();
-    const T* g = dy.ptr<T>();
-    T* dw = dweight.ptr<T>();
-    // Parallel over feature columns; each column sums tokens in order.
-    constexpr int64_t kCols = 64;
-    parallel_for((d + kCols - 1) / kCols, [&](int64_t blk) {
-      const int64_t c0 = blk * kCols, c1 = std::min(d, c0 + kCols);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = c0; c < c1; ++c) dw[tok[i] * d + c] += g[i * d + c];
-    });
+    scatter_add_rows(dy.ptr<T>(), tokens.ptr<int32_t>(), n, d, dweight.ptr<T>());
   });
 }
 

@@ -68,16 +68,8 @@ void moe_gather_backward(const Tensor& dxe, const Tensor& row_token, int64_t row
   check_same_dtype(dx, dxe);
   require_host("moe_gather_backward", {&dxe, &row_token, &dx});
   const int64_t d = dx.size(1);
-  const int32_t* tok = row_token.ptr<int32_t>();
   dispatch_float(dx.dtype, "moe_gather_backward", [&]<typename T>() {
-    const T* g = dxe.ptr<T>();
-    T* out = dx.ptr<T>();
-    constexpr int64_t kCols = 64;
-    parallel_for((d + kCols - 1) / kCols, [&](int64_t blk) {
-      const int64_t c0 = blk * kCols, c1 = std::min(d, c0 + kCols);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = c0; c < c1; ++c) out[tok[r] * d + c] += g[r * d + c];
-    });
+    scatter_add_rows(dxe.ptr<T>(), row_token.ptr<int32_t>(), rows, d, dx.ptr<T>());
   });
 }
 
