@@ -26,10 +26,11 @@ san_rc=0
 san=""
 for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test_selective_scan_gpu; do
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" >"$out/sanitizer_${tool}.log" 2>&1
+    log="$out/sanitizer_$(basename "$bin")_${tool}.log"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" >"$log" 2>&1
     rc=$?
     [ "$rc" -ne 0 ] && san_rc=$rc
-    san="$san{\"binary\": \"$bin\", \"tool\": \"$tool\", \"exit\": $rc, \"summary\": \"$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}.log" | tail -n 1)\"},"
+    san="$san{\"binary\": \"$bin\", \"tool\": \"$tool\", \"exit\": $rc, \"summary\": \"$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1)\"},"
   done
 done
 bench_rc=0

@@ -1,8 +1,9 @@
 // Selective scan benchmark: per shape (batch, channels, length, d_state), bf16 activations, real
 // A, z gate, delta bias + softplus, B/C per token in one group (the shapes of the Mamba-1 issue),
-// the forward time (median of 20 runs after 3 warm-ups, CUDA events), the bytes each input is
-// read and each output written once, the achieved GB/s and the % of the memory floor at the
-// measured device-to-device copy ceiling (2.97 TB/s on H100, ../shared/DEVICE.md).
+// the forward (saving chunk states, as in training) and backward times (median of 20 runs after
+// 3 warm-ups, CUDA events), the bytes each input is read and each output written once, the
+// achieved GB/s, the % of the memory floor at the measured device-to-device copy ceiling
+// (2.97 TB/s on H100, ../shared/DEVICE.md) and the ratio to mamba_ssm's times from the issue.
 // Usage: bench_selective_scan [--out results.json]
 #include <cuda_runtime.h>
 
@@ -55,11 +56,15 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double ceiling = 2.97e12;  // bytes/s, measured copy ceiling on H100 (DEVICE.md)
+  // mamba_ssm's times from the issue (H100, 2026-11-22); 0 where not given.
   const std::vector<Shape> shapes = {
       {4, 4096, 2048, 16}, {2, 4096, 8192, 16}, {4, 5120, 2048, 16}, {4, 4096, 2048, 64}};
+  const double peer[][2] = {{0.593, 2.43}, {1.46, 4.93}, {0.733, 3.05}, {0, 0}};
   std::string json = "[";
-  std::printf("%-26s %10s %10s %10s\n", "shape (B, C, T, N)", "fwd ms", "GB/s", "% floor");
-  for (const Shape& s : shapes) {
+  std::printf("%-20s %8s %8s %7s %8s %8s %7s %9s %9s\n", "B, C, T, N", "fwd ms", "GB/s", "%floor",
+              "bwd ms", "GB/s", "%floor", "fwd/peer", "bwd/peer");
+  for (size_t si = 0; si < shapes.size(); ++si) {
+    const Shape& s = shapes[si];
     std::vector<void*> mem;
     auto alloc = [&](std::vector<int64_t> shape, DType t, const char* name, RandomSpec spec) {
       int64_t n = 1;
@@ -80,30 +85,53 @@ int main(int argc, char** argv) {
     const Tensor D = alloc({s.c}, DType::f32, "D", {K::normal, 1, 7, 0, 1});
     const Tensor bias = alloc({s.c}, DType::f32, "bias", {K::uniform, 1, 8, -4, -2});
     const Tensor y = alloc({s.b, s.t, s.c}, DType::bf16, "y", {K::normal, 1, 9, 0, 1});
+    const Tensor dy = alloc({s.b, s.t, s.c}, DType::bf16, "dy", {K::normal, 1, 10, 0, 1});
+    const Tensor du = alloc({s.b, s.t, s.c}, DType::bf16, "du", {K::normal, 1, 11, 0, 1});
+    const Tensor ddelta = alloc({s.b, s.t, s.c}, DType::bf16, "ddelta", {K::normal, 1, 12, 0, 1});
+    const Tensor dz = alloc({s.b, s.t, s.c}, DType::bf16, "dz", {K::normal, 1, 13, 0, 1});
+    const Tensor dB = alloc({s.b, s.t, 1, s.n}, DType::bf16, "dB", {K::normal, 1, 14, 0, 1});
+    const Tensor dC = alloc({s.b, s.t, 1, s.n}, DType::bf16, "dC", {K::normal, 1, 15, 0, 1});
+    const Tensor dA = alloc({s.c, s.n}, DType::f32, "dA", {K::normal, 1, 16, 0, 1});
+    const Tensor dD = alloc({s.c}, DType::f32, "dD", {K::normal, 1, 17, 0, 1});
+    const Tensor dbias = alloc({s.c}, DType::f32, "dbias", {K::normal, 1, 18, 0, 1});
     const ScanInputs in{&u, &delta, &A, &Bm, &Cm, &D, &z, &bias, nullptr, nullptr, true};
-    const double ms = median_ms([&] { selective_scan_forward(in, y, nullptr); });
-    const double bytes =
-        2.0 * (4 * s.b * s.t * s.c + 2 * s.b * s.t * s.n) + 4.0 * (s.c * s.n + 2 * s.c);
-    const double gbs = bytes / (ms * 1e-3) / 1e9, floor_ms = bytes / ceiling * 1e3;
+    const Tensor ws = alloc({selective_scan_workspace_elems(in)}, DType::f32, "workspace",
+                            {K::normal, 1, 19, 0, 1});
+    const double fwd = median_ms([&] { selective_scan_forward(in, y, nullptr, &ws); });
+    const double bwd = median_ms([&] {
+      selective_scan_backward(in, dy, nullptr,
+                              {&du, &ddelta, &dA, &dB, &dC, &dD, &dz, &bias, nullptr}, ws);
+    });
+    // Memory floor: each input read once, each output written once (bf16 activations).
+    const double act = double(s.b * s.t * s.c), bc = double(s.b * s.t * s.n);
+    const double fwd_bytes = 2.0 * (4 * act + 2 * bc) + 4.0 * (s.c * s.n + 2 * s.c);
+    const double bwd_bytes = 2.0 * (7 * act + 4 * bc) + 4.0 * 2 * (s.c * s.n + 2 * s.c);
+    auto gbs = [](double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; };
+    auto pct = [&](double bytes, double ms) { return 100.0 * bytes / ceiling * 1e3 / ms; };
     char label[64];
     std::snprintf(label, sizeof(label), "%lld, %lld, %lld, %lld", (long long)s.b, (long long)s.c,
                   (long long)s.t, (long long)s.n);
-    std::printf("%-26s %10.4f %10.1f %9.1f%%\n", label, ms, gbs, 100.0 * floor_ms / ms);
-    char row[512];
-    std::snprintf(
-        row, sizeof(row),
-        "%s{\"batch\": %lld, \"channels\": %lld, \"length\": %lld, \"d_state\": %lld, \"fwd_ms\": "
-        "%.5f, "
-        "\"bytes\": %.0f, \"gb_per_s\": %.1f, \"floor_ms\": %.5f, \"pct_of_floor\": %.1f}",
-        json.size() > 1 ? ", " : "", (long long)s.b, (long long)s.c, (long long)s.t, (long long)s.n,
-        ms, bytes, gbs, floor_ms, 100.0 * floor_ms / ms);
+    std::printf("%-20s %8.4f %8.1f %6.1f%% %8.4f %8.1f %6.1f%% %9.3f %9.3f\n", label, fwd,
+                gbs(fwd_bytes, fwd), pct(fwd_bytes, fwd), bwd, gbs(bwd_bytes, bwd),
+                pct(bwd_bytes, bwd), peer[si][0] > 0 ? fwd / peer[si][0] : 0.0,
+                peer[si][1] > 0 ? bwd / peer[si][1] : 0.0);
+    char row[768];
+    std::snprintf(row, sizeof(row),
+                  "%s{\"batch\": %lld, \"channels\": %lld, \"length\": %lld, \"d_state\": %lld, "
+                  "\"fwd_ms\": %.5f, \"fwd_bytes\": %.0f, \"fwd_gb_per_s\": %.1f, "
+                  "\"fwd_pct_of_floor\": %.1f, \"bwd_ms\": %.5f, \"bwd_bytes\": %.0f, "
+                  "\"bwd_gb_per_s\": %.1f, \"bwd_pct_of_floor\": %.1f, \"mamba_ssm_fwd_ms\": %.3f, "
+                  "\"mamba_ssm_bwd_ms\": %.3f}",
+                  json.size() > 1 ? ", " : "", (long long)s.b, (long long)s.c, (long long)s.t,
+                  (long long)s.n, fwd, fwd_bytes, gbs(fwd_bytes, fwd), pct(fwd_bytes, fwd), bwd,
+                  bwd_bytes, gbs(bwd_bytes, bwd), pct(bwd_bytes, bwd), peer[si][0], peer[si][1]);
     json += row;
     for (void* d : mem) gpu->release(d);
   }
   json += "]";
   if (!out.empty()) {
     FILE* f = std::fopen(out.c_str(), "w");
-    std::fprintf(f, "{\"device\": \"%s\", \"forward\": %s}\n", prop.name, json.c_str());
+    std::fprintf(f, "{\"device\": \"%s\", \"shapes\": %s}\n", prop.name, json.c_str());
     std::fclose(f);
   }
   return 0;

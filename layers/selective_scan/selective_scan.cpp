@@ -4,46 +4,126 @@
 
 namespace braid {
 
-void selective_scan_forward_gpu(const ScanInputs& in, const Tensor& y, const Tensor* final_state) {
-#if !defined(BRAID_WITH_CUDA)
-  (void)in, (void)y, (void)final_state;
-  BRAID_FAIL("selective_scan: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
-#else
-  const ScanDims d = selective_scan_dims(in);
+#if defined(BRAID_WITH_CUDA)
+namespace {
+
+void require_gpu(const char* what, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t)
+      BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(), "selective_scan (CUDA): ", what,
+                  " ", t->describe(), " must be a contiguous GPU tensor");
+}
+void require_f32(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t)
+      BRAID_CHECK(t->dtype == DType::f32, "selective_scan (CUDA): ", t->describe(), " must be f32");
+}
+
+// Checks the inputs and fills the forward part of the Params.
+ScanParams forward_params(const ScanInputs& in, const ScanDims& d) {
   const DType act = in.u->dtype;
   BRAID_CHECK(act == DType::bf16 || act == DType::f32,
               "selective_scan (CUDA): activations must be bf16 or f32, got ", in.u->describe());
-  check_shape(y, {d.b, d.t, d.c});
-  for (const Tensor* t : {in.delta, in.B, in.C, in.z, &y})
+  for (const Tensor* t : {in.delta, in.B, in.C, in.z})
     if (t) check_same_dtype(*in.u, *t);
-  for (const Tensor* t : {in.A, in.D, in.delta_bias, in.initial_state, final_state})
-    if (t)
-      BRAID_CHECK(t->dtype == DType::f32, "selective_scan (CUDA): ", t->describe(), " must be f32");
-  if (final_state) check_shape(*final_state, {d.b, d.c, d.n});
-  for (const Tensor* t : {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias, in.seq_idx,
-                          in.initial_state, &y, final_state}) {
-    if (!t) continue;
-    BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(),
-                "selective_scan (CUDA): ", t->describe(), " must be a contiguous GPU tensor");
-  }
-  BRAID_CHECK(d.b * d.t * d.c < (int64_t(1) << 40) && d.t < (int64_t(1) << 31),
-              "selective_scan (CUDA): sizes too large");
+  require_f32({in.A, in.D, in.delta_bias, in.initial_state});
+  require_gpu("input", {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias, in.seq_idx,
+                        in.initial_state});
+  BRAID_CHECK(d.b < 65536 && d.t < (int64_t(1) << 30) && d.b * d.t * d.c < (int64_t(1) << 40),
+              "selective_scan (CUDA): sizes too large (batch < 65536, length < 2^30)");
   ScanParams p;
   p.batch = int(d.b), p.seqlen = int(d.t), p.channels = int(d.c), p.d_state = int(d.n),
   p.groups = int(d.g);
   p.bf16 = act == DType::bf16;
   p.delta_softplus = in.delta_softplus;
   p.u = in.u->data, p.delta = in.delta->data, p.z = in.z ? in.z->data : nullptr;
-  p.B = in.B->data, p.C = in.C->data, p.y = y.data;
-  p.u_batch_stride = d.t * d.c, p.u_time_stride = d.c;
-  p.bc_batch_stride = d.t * d.g * d.n, p.bc_time_stride = d.g * d.n;
+  p.B = in.B->data, p.C = in.C->data;
   p.A = in.A->ptr<float>();
   p.D = in.D ? in.D->ptr<float>() : nullptr;
   p.delta_bias = in.delta_bias ? in.delta_bias->ptr<float>() : nullptr;
   p.seq_idx = in.seq_idx ? in.seq_idx->ptr<int32_t>() : nullptr;
   p.initial_state = in.initial_state ? in.initial_state->ptr<float>() : nullptr;
+  return p;
+}
+
+void check_workspace(const Tensor& ws, const ScanGeometry& geo) {
+  require_f32({&ws});
+  require_gpu("workspace", {&ws});
+  BRAID_CHECK(ws.numel() >= geo.workspace_elems(), "selective_scan (CUDA): workspace ",
+              ws.describe(), " smaller than ", geo.workspace_elems(), " elements");
+}
+
+}  // namespace
+#endif
+
+void selective_scan_forward_gpu(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
+                                const Tensor* workspace) {
+#if !defined(BRAID_WITH_CUDA)
+  (void)in, (void)y, (void)final_state, (void)workspace;
+  BRAID_FAIL("selective_scan: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#else
+  const ScanDims d = selective_scan_dims(in);
+  ScanParams p = forward_params(in, d);
+  check_shape(y, {d.b, d.t, d.c});
+  check_same_dtype(*in.u, y);
+  require_f32({final_state});
+  if (final_state) check_shape(*final_state, {d.b, d.c, d.n});
+  require_gpu("output", {&y, final_state});
+  if (workspace) check_workspace(*workspace, scan_geometry(d.b, d.t, d.c, d.n, d.g));
+  p.y = y.data;
   p.final_state = final_state ? final_state->ptr<float>() : nullptr;
+  p.chunk_states = workspace ? workspace->ptr<float>() : nullptr;
   selective_scan_fwd_cuda(p, in.stream);
+#endif
+}
+
+void selective_scan_backward_gpu(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,
+                                 const ScanGrads& gr, const Tensor& workspace) {
+#if !defined(BRAID_WITH_CUDA)
+  (void)in, (void)dy, (void)dfinal_state, (void)gr, (void)workspace;
+  BRAID_FAIL("selective_scan: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#else
+  const ScanDims d = selective_scan_dims(in);
+  ScanParams p = forward_params(in, d);
+  BRAID_CHECK(gr.du && gr.ddelta && gr.dA && gr.dB && gr.dC,
+              "selective_scan_backward: du, ddelta, dA, dB, dC are required");
+  BRAID_CHECK(!in.D || gr.dD, "selective_scan_backward: dD is required when D is given");
+  BRAID_CHECK(!in.z || gr.dz, "selective_scan_backward: dz is required when z is given");
+  BRAID_CHECK(!in.delta_bias || gr.ddelta_bias,
+              "selective_scan_backward: ddelta_bias is required when delta_bias is given");
+  for (const Tensor* t : {&dy, gr.du, gr.ddelta, gr.dz}) {
+    if (!t) continue;
+    check_shape(*t, {d.b, d.t, d.c});
+    check_same_dtype(*in.u, *t);
+  }
+  for (const Tensor* t : {gr.dB, gr.dC}) {
+    check_shape(*t, {d.b, d.t, d.g, d.n});
+    check_same_dtype(*in.u, *t);
+  }
+  check_shape(*gr.dA, {d.c, d.n});
+  if (gr.dD) check_shape(*gr.dD, {d.c});
+  if (gr.ddelta_bias) check_shape(*gr.ddelta_bias, {d.c});
+  for (const Tensor* t : {gr.dinitial_state, dfinal_state})
+    if (t) check_shape(*t, {d.b, d.c, d.n});
+  require_f32({gr.dA, gr.dD, gr.ddelta_bias, gr.dinitial_state, dfinal_state});
+  require_gpu("gradient", {&dy, gr.du, gr.ddelta, gr.dA, gr.dB, gr.dC, gr.dD, gr.dz, gr.ddelta_bias,
+                           gr.dinitial_state, dfinal_state});
+  const ScanGeometry geo = scan_geometry(d.b, d.t, d.c, d.n, d.g);
+  check_workspace(workspace, geo);
+  float* ws = workspace.ptr<float>();
+  p.chunk_states = ws;
+  p.partial_bc = ws + geo.states_elems;
+  p.partial_a = p.partial_bc + geo.partial_bc_elems;
+  p.partial_d = p.partial_a + geo.partial_a_elems;
+  p.dy = dy.data;
+  p.du = gr.du->data, p.ddelta = gr.ddelta->data, p.dz = gr.dz ? gr.dz->data : nullptr;
+  p.dB = gr.dB->data, p.dC = gr.dC->data;
+  p.dA = gr.dA->ptr<float>();
+  p.dD = gr.dD ? gr.dD->ptr<float>() : nullptr;
+  p.ddelta_bias = gr.ddelta_bias ? gr.ddelta_bias->ptr<float>() : nullptr;
+  p.dinitial_state = gr.dinitial_state ? gr.dinitial_state->ptr<float>() : nullptr;
+  p.dfinal_state = dfinal_state ? dfinal_state->ptr<float>() : nullptr;
+  selective_scan_bwd_cuda(p, in.stream);
 #endif
 }
 

@@ -9,9 +9,11 @@
 //   u, delta, z, y [B,T,C]; A [C,N] (real, negative: A = -exp(A_log)); Bm, Cm [B,T,G,N];
 //   D, delta_bias [C]; seq_idx [B,T] i32; initial_state, final_state [B,C,N].
 // Backward (gradient convention): du, ddelta, dz, dB, dC, dinitial_state (=); dA, dD,
-// ddelta_bias (+=). dfinal_state is the optional gradient arriving at final_state. The reference
-// keeps the states of every step in a workspace of workspace_elems() elements. (The CUDA
-// backward is not built yet: backward runs on CPU tensors.)
+// ddelta_bias (+=). dfinal_state is the optional gradient arriving at final_state.
+// Workspace (selective_scan_workspace_elems elements): on the CPU, scratch of the activation
+// dtype for the backward (the states of every step); on the GPU, f32, and the forward must be
+// given it: it saves the state entering every 128-step chunk there, which the backward reads
+// (the rest is the backward's scratch for its deterministic partial sums).
 #pragma once
 
 #include "runtime/tensor.h"
@@ -51,9 +53,11 @@ struct ScanDims {
 };
 ScanDims selective_scan_dims(const ScanInputs& in);
 
-// CPU tensors (f32, f64) run the reference; GPU tensors run the CUDA kernel, with u, delta, z,
-// B, C, y in bf16 or f32 and A, D, delta_bias, states in f32.
-void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state);
+// CPU tensors (f32, f64) run the reference; GPU tensors run the CUDA kernels, with u, delta, z,
+// B, C, y and their gradients in bf16 or f32 and A, D, delta_bias, the states, dA, dD and
+// ddelta_bias in f32.
+void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
+                            const Tensor* workspace = nullptr);
 int64_t selective_scan_workspace_elems(const ScanInputs& in);
 void selective_scan_backward(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                              const ScanGrads& grads, const Tensor& workspace);

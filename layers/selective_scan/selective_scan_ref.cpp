@@ -94,8 +94,10 @@ void scan_lane(const Lane<T>& L, T* h, Emit&& emit) {
 
 }  // namespace
 
-void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state) {
-  if (in.u && in.u->device == Device::cuda) return selective_scan_forward_gpu(in, y, final_state);
+void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
+                            const Tensor* workspace) {
+  if (in.u && in.u->device == Device::cuda)
+    return selective_scan_forward_gpu(in, y, final_state, workspace);
   const Dims d = check_scan(in);
   check_shape(y, {d.b, d.t, d.c});
   check_same_dtype(*in.u, y);
@@ -122,12 +124,18 @@ void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor*
 }
 
 int64_t selective_scan_workspace_elems(const ScanInputs& in) {
+  if (in.u && in.u->device == Device::cuda) {
+    const Dims d = selective_scan_dims(in);
+    return scan_geometry(d.b, d.t, d.c, d.n, d.g).workspace_elems();
+  }
   const Dims d = check_scan(in);
   return d.b * d.t * d.c * d.n;
 }
 
 void selective_scan_backward(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                              const ScanGrads& gr, const Tensor& workspace) {
+  if (in.u && in.u->device == Device::cuda)
+    return selective_scan_backward_gpu(in, dy, dfinal_state, gr, workspace);
   const Dims d = check_scan(in);
   BRAID_CHECK(gr.du && gr.ddelta && gr.dA && gr.dB && gr.dC,
               "selective_scan_backward: du, ddelta, dA, dB, dC are required");

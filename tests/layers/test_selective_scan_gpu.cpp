@@ -1,10 +1,13 @@
-// Selective scan forward on the GPU against the CPU reference (skipped where no GPU is visible).
+// Selective scan forward and backward on the GPU against the CPU reference (skipped where no GPU
+// is visible), plus bit-identical repeat runs.
 // Tolerance (DESIGN: accept kernel error <= 2x the error of a naive same-precision
 // implementation, against fp64): for each case the CPU reference runs in f64 (the truth) and in
 // f32 on the same inputs (bf16 cases: inputs rounded to bf16 first, the f32 output rounded to
 // bf16 as a bf16 kernel must). The GPU's largest error against f64 must be at most twice that
 // naive error, plus 1e-6 of the output scale for cases where the naive error happens to be ~0.
-// ex2.approx (relative error 2^-22) and a different summation order stay well inside this.
+// ex2.approx (relative error 2^-22) and a different summation order stay well inside this. The
+// same bound holds for every gradient: the GPU sums in fp32 like the naive path (in a different,
+// mostly tree-shaped order, whose error is no larger than the naive sequential sums').
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -85,14 +88,18 @@ class GpuScan : public ::testing::TestWithParam<GpuScanCase> {
     h.v.assign(n, 0.0);
     return make(h, t, dev, name);
   }
-  std::vector<double> download(const Tensor& t) {
+  std::vector<char> download_bytes(const Tensor& t) {
     std::vector<char> bytes(t.nbytes());
     gpu_->copy(bytes.data(), Device::cpu, t.data, Device::cuda, bytes.size(), {});
     gpu_->synchronize({});
+    return bytes;
+  }
+  std::vector<double> download(const Tensor& t) {
+    const std::vector<char> bytes = download_bytes(t);
     std::vector<double> out(t.numel());
     for (int64_t i = 0; i < t.numel(); ++i)
-      out[i] = t.dtype == DType::bf16 ? from_bf16(reinterpret_cast<bf16*>(bytes.data())[i])
-                                      : reinterpret_cast<float*>(bytes.data())[i];
+      out[i] = t.dtype == DType::bf16 ? from_bf16(reinterpret_cast<const bf16*>(bytes.data())[i])
+                                      : reinterpret_cast<const float*>(bytes.data())[i];
     return out;
   }
   void TearDown() override {
@@ -125,67 +132,111 @@ double max_abs(const std::vector<double>& a) {
   return m;
 }
 
-TEST_P(GpuScan, ForwardMatchesReference) {
+// Every forward and backward output of one case against the f64 reference.
+TEST_P(GpuScan, ForwardAndBackwardMatchReference) {
   const GpuScanCase k = GetParam();
-  std::mt19937_64 g(k.b * 1000003 + k.t * 1009 + k.c * 31 + k.n);
+  const uint64_t seed = std::random_device{}();  // fresh inputs every run; printed on failure
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 g(seed);
   const bool r = k.bf16;
+  // Without softplus, dt = delta + bias is kept positive (a negative dt grows the state
+  // exponentially, where no precision comparison means anything).
+  const double lo = k.softplus ? -1 : 0;
   const HostTensor u = random_tensor({k.b, k.t, k.c}, -1, 1, r, g),
-                   delta = random_tensor({k.b, k.t, k.c}, -1, 0.5, r, g);
+                   delta = random_tensor({k.b, k.t, k.c}, lo, 0.5, r, g);
   const HostTensor z = random_tensor({k.b, k.t, k.c}, -2, 2, r, g);
   const HostTensor Bm = random_tensor({k.b, k.t, k.g, k.n}, -1, 1, r, g),
                    Cm = random_tensor({k.b, k.t, k.g, k.n}, -1, 1, r, g);
   const HostTensor A = random_tensor({k.c, k.n}, -2, -0.2, false, g),
                    D = random_tensor({k.c}, -1, 1, false, g);
-  const HostTensor bias = random_tensor({k.c}, -1, 0.5, false, g),
+  const HostTensor bias = random_tensor({k.c}, lo, 0.5, false, g),
                    h0 = random_tensor({k.b, k.c, k.n}, -1, 1, false, g);
+  const HostTensor dy = random_tensor({k.b, k.t, k.c}, -1, 1, r, g),
+                   dfinal = random_tensor({k.b, k.c, k.n}, -1, 1, false, g);
+  // Accumulated (+=) gradients start from these values on every path.
+  const HostTensor dA0 = random_tensor({k.c, k.n}, -1, 1, false, g),
+                   dD0 = random_tensor({k.c}, -1, 1, false, g),
+                   dbias0 = random_tensor({k.c}, -1, 1, false, g);
   HostTensor seq{{k.b, k.t}, std::vector<double>(k.b * k.t)};
+  std::uniform_int_distribution<int> doc_break(0, 96);
   for (int64_t i = 0; i < k.b; ++i)
     for (int64_t j = 0, doc = 0; j < k.t; ++j) {
-      if (j > 0 && (j * 7 + i * 13) % 97 < 3) ++doc;
+      if (j > 0 && doc_break(g) < 3) ++doc;
       seq.v[i * k.t + j] = double(doc);
     }
-  auto inputs = [&](DType act, DType par, Device dev, std::vector<Tensor>& keep) {
-    keep = {
+  struct Run {
+    std::vector<Tensor> keep;
+    ScanInputs in;
+    Tensor y, state, du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
+  };
+  auto run = [&](DType act, DType par, Device dev, Run& x) {
+    x.keep = {
         make(u, act, dev, "u"),  make(delta, act, dev, "delta"), make(A, par, dev, "A"),
         make(Bm, act, dev, "B"), make(Cm, act, dev, "C"),        make(D, par, dev, "D"),
         make(z, act, dev, "z"),  make(bias, par, dev, "bias"),   make(seq, DType::i32, dev, "seq"),
         make(h0, par, dev, "h0")};
-    return ScanInputs{&keep[0],
-                      &keep[1],
-                      &keep[2],
-                      &keep[3],
-                      &keep[4],
-                      &keep[5],
-                      k.z ? &keep[6] : nullptr,
-                      &keep[7],
-                      k.docs ? &keep[8] : nullptr,
-                      k.init ? &keep[9] : nullptr,
+    x.in = ScanInputs{&x.keep[0],
+                      &x.keep[1],
+                      &x.keep[2],
+                      &x.keep[3],
+                      &x.keep[4],
+                      &x.keep[5],
+                      k.z ? &x.keep[6] : nullptr,
+                      &x.keep[7],
+                      k.docs ? &x.keep[8] : nullptr,
+                      k.init ? &x.keep[9] : nullptr,
                       k.softplus};
+    const std::vector<int64_t> btc{k.b, k.t, k.c}, btgn{k.b, k.t, k.g, k.n}, bcn{k.b, k.c, k.n};
+    x.y = empty(btc, act, dev, "y"), x.state = empty(bcn, par, dev, "state");
+    x.du = empty(btc, act, dev, "du"), x.ddelta = empty(btc, act, dev, "ddelta");
+    x.dz = empty(btc, act, dev, "dz"), x.dB = empty(btgn, act, dev, "dB");
+    x.dC = empty(btgn, act, dev, "dC"), x.dinit = empty(bcn, par, dev, "dinit");
+    x.dA = make(dA0, par, dev, "dA"), x.dD = make(dD0, par, dev, "dD");
+    x.dbias = make(dbias0, par, dev, "dbias");
+    x.dy = make(dy, act, dev, "dy"), x.dfinal = make(dfinal, par, dev, "dfinal");
+    const int64_t wn = selective_scan_workspace_elems(x.in);
+    x.ws = empty({wn}, dev == Device::cuda ? DType::f32 : act, dev, "workspace");
+    if (dev == Device::cuda)  // poison: an unwritten (=) output fails
+      for (const Tensor* t :
+           {&x.y, &x.state, &x.du, &x.ddelta, &x.dz, &x.dB, &x.dC, &x.dinit, &x.ws})
+        gpu_->fill(*t, std::nan(""), {});
+    selective_scan_forward(x.in, x.y, &x.state, &x.ws);
+    selective_scan_backward(
+        x.in, x.dy, &x.dfinal,
+        {&x.du, &x.ddelta, &x.dA, &x.dB, &x.dC, &x.dD, k.z ? &x.dz : nullptr, &x.dbias, &x.dinit},
+        x.ws);
   };
-  std::vector<Tensor> k64, k32, kgpu;
-  const ScanInputs in64 = inputs(DType::f64, DType::f64, Device::cpu, k64);
-  const ScanInputs in32 = inputs(DType::f32, DType::f32, Device::cpu, k32);
-  const DType act = k.bf16 ? DType::bf16 : DType::f32;
-  const ScanInputs ing = inputs(act, DType::f32, Device::cuda, kgpu);
-  Tensor y64 = empty({k.b, k.t, k.c}, DType::f64, Device::cpu, "y64"),
-         y32 = empty({k.b, k.t, k.c}, DType::f32, Device::cpu, "y32");
-  Tensor s64 = empty({k.b, k.c, k.n}, DType::f64, Device::cpu, "s64"),
-         s32 = empty({k.b, k.c, k.n}, DType::f32, Device::cpu, "s32");
-  Tensor yg = empty({k.b, k.t, k.c}, act, Device::cuda, "y_gpu"),
-         sg = empty({k.b, k.c, k.n}, DType::f32, Device::cuda, "s_gpu");
-  gpu_->fill(yg, std::nan(""), {});  // poison: an unwritten element fails
-  gpu_->fill(sg, std::nan(""), {});
-  selective_scan_forward(in64, y64, &s64);
-  selective_scan_forward(in32, y32, &s32);
-  selective_scan_forward(ing, yg, &sg);
-  const std::vector<double> ref = host_values(y64, false), naive = host_values(y32, k.bf16),
-                            got = download(yg);
-  const std::vector<double> sref = host_values(s64, false), snaive = host_values(s32, false),
-                            sgot = download(sg);
-  const double tol = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
-  const double stol = 2 * max_err(snaive, sref) + 1e-6 * max_abs(sref);
-  EXPECT_LE(max_err(got, ref), tol) << "naive error " << max_err(naive, ref);
-  EXPECT_LE(max_err(sgot, sref), stol) << "naive state error " << max_err(snaive, sref);
+  Run r64, r32, rg;
+  run(DType::f64, DType::f64, Device::cpu, r64);
+  run(DType::f32, DType::f32, Device::cpu, r32);
+  run(k.bf16 ? DType::bf16 : DType::f32, DType::f32, Device::cuda, rg);
+  auto check = [&](const char* what, Tensor Run::*field, bool activation) {
+    const std::vector<double> ref = host_values(r64.*field, false),
+                              naive = host_values(r32.*field, activation && k.bf16),
+                              got = download(rg.*field);
+    const double tol = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
+    EXPECT_LE(max_err(got, ref), tol) << what << ": naive error " << max_err(naive, ref);
+  };
+  check("y", &Run::y, true);
+  check("final_state", &Run::state, false);
+  check("du", &Run::du, true);
+  check("ddelta", &Run::ddelta, true);
+  if (k.z) check("dz", &Run::dz, true);
+  check("dB", &Run::dB, true);
+  check("dC", &Run::dC, true);
+  check("dA", &Run::dA, false);
+  check("dD", &Run::dD, false);
+  check("ddelta_bias", &Run::dbias, false);
+  check("dinitial_state", &Run::dinit, false);
+  // A second run on the same inputs is bit-identical (no order-dependent sums).
+  Run again;
+  run(k.bf16 ? DType::bf16 : DType::f32, DType::f32, Device::cuda, again);
+  for (Tensor Run::*f : {&Run::y, &Run::du, &Run::ddelta, &Run::dz, &Run::dA, &Run::dB, &Run::dC,
+                         &Run::dD, &Run::dbias, &Run::dinit})
+    if (k.z || f != &Run::dz) {
+      EXPECT_TRUE(download_bytes(rg.*f) == download_bytes(again.*f))
+          << (rg.*f).name << " differs between runs";
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(
