@@ -17,6 +17,8 @@ namespace braid {
 namespace {
 
 using namespace scan;
+using Tl = Tiles<kScanChunk>;
+constexpr int kL = kScanChunk, kItems = Tl::kItems, kRow = Tl::kRow;
 
 constexpr int kNg = 2;  // states per barrier of the dB/dC reduction
 constexpr int kWarps = kBlock / 32;
@@ -63,12 +65,12 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
   int parity = 0;
   for (int k = chunks - 1; k >= 0; --k) {
     const int t0 = k * kL;
-    load_tile(p, q, static_cast<const T*>(p.u), t0, t_u);
-    load_tile(p, q, static_cast<const T*>(p.delta), t0, t_delta);
-    if (p.z) load_tile(p, q, static_cast<const T*>(p.z), t0, t_z);
-    load_tile(p, q, static_cast<const T*>(p.dy), t0, t_dy);
-    if (kReset) load_seq(p, q, t0, seq);
-    if (N <= kNs) load_bc<T>(p, q, t0, 0, bc);
+    Tl::load(p, q, static_cast<const T*>(p.u), t0, t_u);
+    Tl::load(p, q, static_cast<const T*>(p.delta), t0, t_delta);
+    if (p.z) Tl::load(p, q, static_cast<const T*>(p.z), t0, t_z);
+    Tl::load(p, q, static_cast<const T*>(p.dy), t0, t_dy);
+    if (kReset) Tl::load_seq(p, q, t0, seq);
+    if (N <= kNs) Tl::load_bc<T>(p, q, t0, 0, bc);
     {
       const float* src =
           p.chunk_states + ((static_cast<int64_t>(q.b) * chunks + k) * p.channels + q.c0) * N;
@@ -78,40 +80,51 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
     float dt[kItems], dtu[kItems], dout[kItems], out[kItems], s1[kItems], ddtA[kItems];
     bool reset[kItems];
     float dtsum = 0.f;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int r = q.seg * kItems + i;
-      const bool valid = t0 + r < p.seqlen;
-      float d = to_float(t_delta[q.ch * kRow + r]) + bias;
-      if (p.delta_softplus) d = softplus(d);
-      dt[i] = valid ? d : 0.f;
-      dtu[i] = dt[i] * to_float(t_u[q.ch * kRow + r]);
-      dout[i] = to_float(t_dy[q.ch * kRow + r]);  // 0 past the end (zero-filled tile)
+    {
+      float uv[kItems];
+      Tl::read_items(t_delta, q, dt);
+      Tl::read_items(t_u, q, uv);
+      Tl::read_items(t_dy, q, dout);  // 0 past the end (zero-filled tile)
       if (p.z) {
-        const float zv = to_float(t_z[q.ch * kRow + r]);
-        dout[i] *= zv * sigmoid(zv);
+        float zv[kItems];
+        Tl::read_items(t_z, q, zv);
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) dout[i] *= zv[i] * sigmoid(zv[i]);
       }
-      out[i] = s1[i] = ddtA[i] = 0.f;
-      dtsum += dt[i];
-      reset[i] = kReset && is_reset(p, seq, t0, r);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int r = q.seg * kItems + i;
+        const bool valid = t0 + r < p.seqlen;
+        float d = dt[i] + bias;
+        if (p.delta_softplus) d = softplus(d);
+        dt[i] = valid ? d : 0.f;
+        dtu[i] = dt[i] * uv[i];
+        out[i] = s1[i] = ddtA[i] = 0.f;
+        dtsum += dt[i];
+        reset[i] = kReset && Tl::is_reset(p, seq, t0, r);
+      }
     }
     for (int s0 = 0; s0 < N; s0 += kNs) {
       if (N > kNs) {
         __syncthreads();
-        load_bc<T>(p, q, t0, s0, bc);
+        Tl::load_bc<T>(p, q, t0, s0, bc);
         __syncthreads();
       }
       const int ns = min(kNs, N - s0);
+      const float* a2_row = a2 + q.ch * N + s0;
+      const float* hf_row = hf + q.ch * N + s0;
+      float* qb_row = qb + q.ch * N + s0;
+      float* dA_row = dA_s + q.ch * N + s0;
+      const float* A_row = p.A + static_cast<int64_t>(q.active ? q.c : 0) * N + s0;
 #pragma unroll 1
       for (int nn = 0; nn < ns; ++nn) {
-        const int n = s0 + nn;
-        const float a2n = a2[q.ch * N + n];
-        const float an = q.active ? __ldg(p.A + static_cast<int64_t>(q.c) * N + n) : 0.f;
+        const float a2n = a2_row[nn];
+        const float an = q.active ? __ldg(A_row + nn) : 0.f;
         // Read before the shuffles: lanes 0 and 15 overwrite them below.
-        const float h_carry = hf[q.ch * N + n], q_carry = qb[q.ch * N + n];
+        const float h_carry = hf_row[nn], q_carry = qb_row[nn];
         float bv[kItems], cv[kItems], a[kItems];
-        read8(bc + nn * kL, q.seg, bv);
-        read8(bc + (kNs + nn) * kL, q.seg, cv);
+        Tl::read_bc(bc + nn * kL, q.seg, bv);
+        Tl::read_bc(bc + (kNs + nn) * kL, q.seg, cv);
         float A = 1.f, H = 0.f, Q = 0.f;
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
@@ -192,11 +205,11 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
           const float keep = lo ? db : dc, send = lo ? dc : db;
           slot[red_pos(lane, i)] = keep + __shfl_xor_sync(mask, send, 16);
         }
-        if (q.seg == 0) qb[q.ch * N + n] = qq;
+        if (q.seg == 0) qb_row[nn] = qq;
 #pragma unroll
         for (int off = kTpc / 2; off >= 1; off /= 2)
           dA_acc += __shfl_xor_sync(mask, dA_acc, off, kTpc);
-        if (q.seg == 0) dA_s[q.ch * N + n] += dA_acc;
+        if (q.seg == 0) dA_row[nn] += dA_acc;
         if (nn % kNg == kNg - 1 || nn == ns - 1) {
           // Sum the warps' slots of the last kNg states in warp order; thread (quantity, step).
           __syncthreads();
@@ -219,29 +232,37 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
     }
     // Per step: dz, du, ddelta into the u/delta/z tiles (each thread rewrites only its own steps,
     // which only it read); dD and ddelta_bias accumulate.
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int r = q.seg * kItems + i;
-      const bool valid = t0 + r < p.seqlen;
-      const float uv = to_float(t_u[q.ch * kRow + r]);
-      const float raw = to_float(t_delta[q.ch * kRow + r]) + bias;
+    {
+      float uv[kItems], raw[kItems], dyv[kItems], du[kItems];
+      Tl::read_items(t_u, q, uv);
+      Tl::read_items(t_delta, q, raw);
+      Tl::read_items(t_dy, q, dyv);
       if (p.z) {
-        const float zv = to_float(t_z[q.ch * kRow + r]), sz = sigmoid(zv);
-        const float dyv = to_float(t_dy[q.ch * kRow + r]);
-        t_z[q.ch * kRow + r] =
-            from_float<T>(dyv * (out[i] + d_skip * uv) * sz * (1.f + zv * (1.f - sz)));
+        float zv[kItems];
+        Tl::read_items(t_z, q, zv);
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          const float sz = sigmoid(zv[i]);
+          zv[i] = dyv[i] * (out[i] + d_skip * uv[i]) * sz * (1.f + zv[i] * (1.f - sz));
+        }
+        Tl::write_items(t_z, q, zv);
       }
-      const float ddt = ddtA[i] + uv * s1[i];
-      const float ddelta = valid ? (p.delta_softplus ? ddt * sigmoid(raw) : ddt) : 0.f;
-      t_u[q.ch * kRow + r] = from_float<T>(dt[i] * s1[i] + d_skip * dout[i]);
-      t_delta[q.ch * kRow + r] = from_float<T>(ddelta);
-      dD_acc += dout[i] * uv;
-      ddb_acc += ddelta;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const bool valid = t0 + q.seg * kItems + i < p.seqlen;
+        const float ddt = ddtA[i] + uv[i] * s1[i];
+        raw[i] = valid ? (p.delta_softplus ? ddt * sigmoid(raw[i] + bias) : ddt) : 0.f;
+        du[i] = dt[i] * s1[i] + d_skip * dout[i];
+        dD_acc += dout[i] * uv[i];
+        ddb_acc += raw[i];
+      }
+      Tl::write_items(t_u, q, du);
+      Tl::write_items(t_delta, q, raw);
     }
     __syncthreads();
-    store_tile(p, q, t_u, t0, static_cast<T*>(p.du));
-    store_tile(p, q, t_delta, t0, static_cast<T*>(p.ddelta));
-    if (p.z) store_tile(p, q, t_z, t0, static_cast<T*>(p.dz));
+    Tl::store(p, q, t_u, t0, static_cast<T*>(p.du));
+    Tl::store(p, q, t_delta, t0, static_cast<T*>(p.ddelta));
+    if (p.z) Tl::store(p, q, t_z, t0, static_cast<T*>(p.dz));
     __syncthreads();  // the tiles are refilled by the next chunk
   }
 #pragma unroll

@@ -1,12 +1,12 @@
 // Selective scan forward on the GPU (layout in selective_scan_tiles.cuh). For each state n of a
-// chunk, every thread combines its 8 steps into one affine map h -> A h + H (A = prod a_t with
+// chunk, every thread combines its 16 steps into one affine map h -> A h + H (A = prod a_t with
 // a_t = exp(dt_t A_n), H the state reached from 0), a 16-lane shuffle scan composes the maps of
 // the channel's lanes with the state carried in from the previous chunk, and the steps are
 // replayed from the state entering the thread to read out y_t += C_t,n h_t,n. Per (step, state):
 // one ex2 (the MUFU pipe) and about 6 FP32 instructions, plus the scan's share; the time
 // dimension is parallel inside a chunk, so the GPU is full at any batch size.
 // Without document resets A is exp2(A_n log2(e) sum dt), one ex2 per thread and state instead
-// of 8 multiplies. With resets, selects (not multiplies by 0: with dt < 0 a state can overflow
+// of 16 multiplies. With resets, selects (not multiplies by 0: with dt < 0 a state can overflow
 // and a reset must still drop it) cut the chain.
 #include "layers/selective_scan/selective_scan_tiles.cuh"
 #include "runtime/cuda_check.h"
@@ -16,8 +16,12 @@ namespace {
 
 using namespace scan;
 
+// Chunks of 256 steps, 16 per thread: the shuffle scan is paid once per 16 steps.
+using Tl = Tiles<2 * kScanChunk>;
+constexpr int kL = 2 * kScanChunk, kItems = Tl::kItems, kRow = Tl::kRow;
+
 template <typename T, bool kReset>
-__global__ void __launch_bounds__(kBlock, 3) scan_fwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int N = p.d_state;
   SmemCarver carve{smem_raw};
@@ -39,56 +43,73 @@ __global__ void __launch_bounds__(kBlock, 3) scan_fwd_kernel(const ScanParams p)
   const float d_skip = q.active && p.D ? p.D[q.c] : 0.f;
   const float bias = q.active && p.delta_bias ? p.delta_bias[q.c] : 0.f;
   const int chunks = (p.seqlen + kL - 1) / kL;
+  // The backward's chunks are half as long: states are saved at both halves of ours.
+  const int saved_chunks = (p.seqlen + kScanChunk - 1) / kScanChunk;
   const unsigned mask = 0xffffffffu;
   for (int k = 0; k < chunks; ++k) {
     const int t0 = k * kL;
-    load_tile(p, q, static_cast<const T*>(p.u), t0, act);
-    load_tile(p, q, static_cast<const T*>(p.delta), t0, act + kC * kRow);
-    if (p.z) load_tile(p, q, static_cast<const T*>(p.z), t0, act + 2 * kC * kRow);
-    if (kReset) load_seq(p, q, t0, seq);
-    if (N <= kNs) load_bc<T>(p, q, t0, 0, bc);
+    Tl::load(p, q, static_cast<const T*>(p.u), t0, act);
+    Tl::load(p, q, static_cast<const T*>(p.delta), t0, act + kC * kRow);
+    if (p.z) Tl::load(p, q, static_cast<const T*>(p.z), t0, act + 2 * kC * kRow);
+    if (kReset) Tl::load_seq(p, q, t0, seq);
+    if (N <= kNs) Tl::load_bc<T>(p, q, t0, 0, bc);
     __syncthreads();
+    float* saved_first = nullptr;  // this thread's channel's saved state at step t0 + kL / 2
     if (p.chunk_states) {
-      float* dst =
-          p.chunk_states + ((static_cast<int64_t>(q.b) * chunks + k) * p.channels + q.c0) * N;
+      float* dst = p.chunk_states +
+                   ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k) * p.channels + q.c0) * N;
       for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = carry[i];
+      if (2 * k + 1 < saved_chunks && q.active && q.seg == kTpc / 2)
+        saved_first =
+            p.chunk_states +
+            ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k + 1) * p.channels + q.c) * N;
     }
     float dt[kItems], dtu[kItems], out[kItems];
     bool reset[kItems];
     float dtsum = 0.f;
+    {
+      float uv[kItems];
+      Tl::read_items(act + kC * kRow, q, dt);
+      Tl::read_items(act, q, uv);
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int r = q.seg * kItems + i;
-      const bool valid = t0 + r < p.seqlen;
-      float d = to_float(act[kC * kRow + q.ch * kRow + r]) + bias;
-      if (p.delta_softplus) d = softplus(d);
-      const float uv = to_float(act[q.ch * kRow + r]);
-      dt[i] = valid ? d : 0.f;  // dt = 0 past the end: the identity map (a = 1, b = 0)
-      dtu[i] = dt[i] * uv;
-      out[i] = d_skip * uv;
-      dtsum += dt[i];
-      reset[i] = kReset && is_reset(p, seq, t0, r);
+      for (int i = 0; i < kItems; ++i) {
+        const int r = q.seg * kItems + i;
+        float d = dt[i] + bias;
+        if (p.delta_softplus) d = softplus(d);
+        dt[i] = t0 + r < p.seqlen ? d : 0.f;  // dt = 0 past the end: the identity map
+        dtu[i] = dt[i] * uv[i];
+        out[i] = d_skip * uv[i];
+        dtsum += dt[i];
+        reset[i] = kReset && Tl::is_reset(p, seq, t0, r);
+      }
     }
     for (int s0 = 0; s0 < N; s0 += kNs) {
       if (N > kNs) {
         __syncthreads();
-        load_bc<T>(p, q, t0, s0, bc);
+        Tl::load_bc<T>(p, q, t0, s0, bc);
         __syncthreads();
       }
       const int ns = min(kNs, N - s0);
+      const float* a2_row = a2 + q.ch * N + s0;
+      float* carry_row = carry + q.ch * N + s0;
+      const float* b_row = bc;
+      const float* c_row = bc + kNs * kL;
 #pragma unroll 1
-      for (int nn = 0; nn < ns; ++nn) {
-        const int n = s0 + nn;
-        const float a2n = a2[q.ch * N + n];
+      for (int nn = 0; nn < ns; ++nn, b_row += kL, c_row += kL) {
+        const float a2n = a2_row[nn];
         // Read before the shuffles: lane 15 overwrites it below.
-        const float carry_in = carry[q.ch * N + n];
-        float bv[kItems], a[kItems], bb[kItems];
-        read8(bc + nn * kL, q.seg, bv);
+        const float carry_in = carry_row[nn];
+        float a[kItems], bb[kItems];
+        {
+          float bv[kItems];
+          Tl::read_bc(b_row, q.seg, bv);
+#pragma unroll
+          for (int i = 0; i < kItems; ++i) bb[i] = dtu[i] * bv[i];
+        }
         float A = 1.f, H = 0.f;  // this thread's map h -> A h + H
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           a[i] = ex2(dt[i] * a2n);
-          bb[i] = dtu[i] * bv[i];
           if (kReset) {
             if (reset[i]) a[i] = 0.f;
             H = (reset[i] ? 0.f : a[i] * H) + bb[i];
@@ -119,30 +140,28 @@ __global__ void __launch_bounds__(kBlock, 3) scan_fwd_kernel(const ScanParams p)
         }
         float h = __shfl_up_sync(mask, H, 1, kTpc);  // state entering this thread's first step
         if (q.seg == 0) h = carry_in;
+        if (saved_first) saved_first[s0 + nn] = h;
         float cv[kItems];
-        read8(bc + (kNs + nn) * kL, q.seg, cv);
+        Tl::read_bc(c_row, q.seg, cv);
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           h = (kReset && reset[i] ? 0.f : a[i] * h) + bb[i];
           out[i] += cv[i] * h;
         }
-        if (q.seg == kTpc - 1) carry[q.ch * N + n] = h;
+        if (q.seg == kTpc - 1) carry_row[nn] = h;
       }
     }
     // y = out * silu(z), into u's tile (each thread rewrites only its own steps, which only it
     // read), then stored after the barrier.
+    if (p.z) {
+      float zv[kItems];
+      Tl::read_items(act + 2 * kC * kRow, q, zv);
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int r = q.seg * kItems + i;
-      float y = out[i];
-      if (p.z) {
-        const float zv = to_float(act[2 * kC * kRow + q.ch * kRow + r]);
-        y *= zv * sigmoid(zv);
-      }
-      act[q.ch * kRow + r] = from_float<T>(y);
+      for (int i = 0; i < kItems; ++i) out[i] *= zv[i] * sigmoid(zv[i]);
     }
+    Tl::write_items(act, q, out);
     __syncthreads();
-    store_tile(p, q, act, t0, static_cast<T*>(p.y));
+    Tl::store(p, q, act, t0, static_cast<T*>(p.y));
     __syncthreads();  // the tiles are refilled by the next chunk
   }
   if (p.final_state)

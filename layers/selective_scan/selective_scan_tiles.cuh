@@ -3,9 +3,10 @@
 // shared memory, and the fast exp2.
 //
 // Thread layout (both kernels): a block of kBlock = 256 threads owns kC = 16 channels of one
-// group and one batch row; thread tid works on channel ch = tid / 16 and on the kItems = 8
-// consecutive steps seg * 8 .. seg * 8 + 7 (seg = tid % 16) of each kL = 128-step chunk. The 16
-// threads of a channel are 16 lanes of one warp, so scans over the chunk are warp shuffles.
+// group and one batch row; thread tid works on channel ch = tid / 16 and on the kItems = L / 16
+// consecutive steps seg * kItems .. (seg + 1) * kItems - 1 (seg = tid % 16) of each L-step chunk
+// (L = 128 or 256). The 16 threads of a channel are 16 lanes of one warp, so scans over the chunk
+// are warp shuffles.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,12 +18,10 @@
 
 namespace braid::scan {
 
-constexpr int kC = kScanChannels, kL = kScanChunk, kTpc = 16, kItems = kL / kTpc;
-constexpr int kBlock = kC * kTpc;
-constexpr int kNs = 16;       // states per B/C tile (a slice of N)
-constexpr int kRow = kL + 2;  // activation tile row, padded (elements)
+constexpr int kC = kScanChannels, kTpc = 16, kBlock = kC * kTpc;
+constexpr int kNs = 16;  // states per B/C tile (a slice of N)
 constexpr float kLog2e = 1.4426950408889634f;
-static_assert(kItems == 8 && kBlock == 2 * kL, "the staging below assumes 8 items, 256 threads");
+static_assert(kBlock == 256, "the staging below assumes 256 threads");
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -32,8 +31,9 @@ __device__ __forceinline__ float ex2(float x) {
 __device__ __forceinline__ float softplus(float x) {
   return x <= 20.f ? log1pf(__expf(x)) : x;
 }
+// Fast division: 2 ulp, against a full-precision reciprocal's dozen instructions.
 __device__ __forceinline__ float sigmoid(float x) {
-  return 1.f / (1.f + __expf(-x));
+  return __fdividef(1.f, 1.f + __expf(-x));
 }
 
 // The block's channels and this thread's place.
@@ -58,100 +58,164 @@ __device__ __forceinline__ Place place(const ScanParams& p) {
   return q;
 }
 
-// Activation tile [kC][kRow] of one chunk (steps t0 .. t0 + kL - 1), zero outside the problem.
-template <typename T>
-__device__ __forceinline__ void load_tile(const ScanParams& p, const Place& q, const T* src, int t0,
-                                          T* tile) {
-  const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
-  if (q.vec) {
-    // Thread (step r, half): 8 channels in one or two 16-byte loads, transposed into the tile.
-    const int r = threadIdx.x / 2, half = threadIdx.x % 2, t = t0 + r;
-    constexpr int kWords = 8 * sizeof(T) / 16;
-    alignas(16) T v[8];
-    const uint4* s = reinterpret_cast<const uint4*>(
-        src + base + static_cast<int64_t>(t) * p.channels + half * 8);
+// Shared-memory tiles of one L-step chunk.
+template <int L>
+struct Tiles {
+  static constexpr int kItems = L / kTpc;  // steps per thread
+  static constexpr int kRow = L + 8;       // activation tile row: padded, 16-byte aligned
+  static constexpr int kQuads = kItems / 4;
+  static_assert(L % 128 == 0 && kItems % 4 == 0, "chunks of 128 or 256 steps");
+
+  // Activation tile [kC][kRow] (steps t0 .. t0 + L - 1), zero outside the problem.
+  template <typename T>
+  static __device__ __forceinline__ void load(const ScanParams& p, const Place& q, const T* src,
+                                              int t0, T* tile) {
+    const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
+    if (q.vec) {
+      // Thread (step r, half): 8 channels in one or two 16-byte loads, transposed into the tile.
+      // The two halves write rows 2 apart at each store: different banks.
+      constexpr int kWords = 8 * sizeof(T) / 16;
+      const int half = threadIdx.x % 2;
 #pragma unroll
-    for (int w = 0; w < kWords; ++w)
-      reinterpret_cast<uint4*>(v)[w] = t < p.seqlen ? __ldg(s + w) : make_uint4(0, 0, 0, 0);
+      for (int r = threadIdx.x / 2; r < L; r += kBlock / 2) {
+        const int t = t0 + r;
+        alignas(16) T v[8];
+        const uint4* s = reinterpret_cast<const uint4*>(
+            src + base + static_cast<int64_t>(t) * p.channels + half * 8);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) tile[(half * 8 + j) * kRow + r] = v[j];
-  } else {
-    for (int i = threadIdx.x; i < kC * kL; i += kBlock) {
-      const int ch = i % kC, r = i / kC, t = t0 + r;
-      tile[ch * kRow + r] = ch < q.nch && t < p.seqlen
-                                ? src[base + static_cast<int64_t>(t) * p.channels + ch]
-                                : from_float<T>(0.f);
+        for (int w = 0; w < kWords; ++w)
+          reinterpret_cast<uint4*>(v)[w] = t < p.seqlen ? __ldg(s + w) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int jj = half ? (j + 2) & 7 : j;
+          tile[(half * 8 + jj) * kRow + r] = half ? v[(j + 2) & 7] : v[j];
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < kC * L; i += kBlock) {
+        const int ch = i % kC, r = i / kC, t = t0 + r;
+        tile[ch * kRow + r] = ch < q.nch && t < p.seqlen
+                                  ? src[base + static_cast<int64_t>(t) * p.channels + ch]
+                                  : from_float<T>(0.f);
+      }
     }
   }
-}
 
-template <typename T>
-__device__ __forceinline__ void store_tile(const ScanParams& p, const Place& q, const T* tile,
-                                           int t0, T* dst) {
-  const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
-  if (q.vec) {
-    const int r = threadIdx.x / 2, half = threadIdx.x % 2, t = t0 + r;
-    if (t >= p.seqlen) return;
-    constexpr int kWords = 8 * sizeof(T) / 16;
-    alignas(16) T v[8];
+  template <typename T>
+  static __device__ __forceinline__ void store(const ScanParams& p, const Place& q, const T* tile,
+                                               int t0, T* dst) {
+    const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
+    if (q.vec) {
+      constexpr int kWords = 8 * sizeof(T) / 16;
+      const int half = threadIdx.x % 2;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = tile[(half * 8 + j) * kRow + r];
-    uint4* d =
-        reinterpret_cast<uint4*>(dst + base + static_cast<int64_t>(t) * p.channels + half * 8);
+      for (int r = threadIdx.x / 2; r < L; r += kBlock / 2) {
+        const int t = t0 + r;
+        if (t >= p.seqlen) break;
+        alignas(16) T v[8];
 #pragma unroll
-    for (int w = 0; w < kWords; ++w) d[w] = reinterpret_cast<const uint4*>(v)[w];
-  } else {
-    for (int i = threadIdx.x; i < kC * kL; i += kBlock) {
-      const int ch = i % kC, r = i / kC, t = t0 + r;
-      if (ch < q.nch && t < p.seqlen)
-        dst[base + static_cast<int64_t>(t) * p.channels + ch] = tile[ch * kRow + r];
+        for (int j = 0; j < 8; ++j) {
+          const int jj = half ? (j + 2) & 7 : j;
+          const T x = tile[(half * 8 + jj) * kRow + r];
+          if (half)
+            v[(j + 2) & 7] = x;
+          else
+            v[j] = x;
+        }
+        uint4* d =
+            reinterpret_cast<uint4*>(dst + base + static_cast<int64_t>(t) * p.channels + half * 8);
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) d[w] = reinterpret_cast<const uint4*>(v)[w];
+      }
+    } else {
+      for (int i = threadIdx.x; i < kC * L; i += kBlock) {
+        const int ch = i % kC, r = i / kC, t = t0 + r;
+        if (ch < q.nch && t < p.seqlen)
+          dst[base + static_cast<int64_t>(t) * p.channels + ch] = tile[ch * kRow + r];
+      }
     }
   }
-}
 
-// B/C tiles [2][kNs][kL] f32 for states s0 .. s0 + kNs - 1 of the block's group. Step r sits at
-// bc_pos(r): the two float4 halves of each 8-step segment swap places every 4 segments, so the
-// 16-byte reads of 8 consecutive segments hit 32 different banks.
-__device__ __forceinline__ int bc_pos(int r) {
-  const int s = r >> 3, i = r & 7;
-  return s * 8 + (((i >> 2) ^ ((s >> 2) & 1)) << 2) + (i & 3);
-}
-template <typename T>
-__device__ __forceinline__ void load_bc(const ScanParams& p, const Place& q, int t0, int s0,
-                                        float* bc) {
-  // Thread (matrix k, step r) copies one row of up to kNs states: consecutive threads write
-  // consecutive steps (no bank conflicts); the row's global reads share sectors.
-  const int64_t stride_t = static_cast<int64_t>(p.groups) * p.d_state;
-  const int k = threadIdx.x / kL, r = threadIdx.x % kL, t = t0 + r;
-  const T* src = static_cast<const T*>(k == 0 ? p.B : p.C) +
-                 static_cast<int64_t>(q.b) * p.seqlen * stride_t +
-                 static_cast<int64_t>(q.g) * p.d_state + s0 + static_cast<int64_t>(t) * stride_t;
-  const int valid = t < p.seqlen ? min(kNs, p.d_state - s0) : 0;
-  float* dst = bc + k * kNs * kL + bc_pos(r);
+  // This thread's kItems steps of its channel in an activation tile, as f32 (16-byte accesses).
+  template <typename T>
+  static __device__ __forceinline__ void read_items(const T* tile, const Place& q,
+                                                    float (&v)[kItems]) {
+    alignas(16) T x[kItems];
+    constexpr int kWords = kItems * sizeof(T) / 16;
+    const uint4* src = reinterpret_cast<const uint4*>(tile + q.ch * kRow + q.seg * kItems);
 #pragma unroll
-  for (int nn = 0; nn < kNs; ++nn) dst[nn * kL] = nn < valid ? to_float(src[nn]) : 0.f;
-}
-// The 8 values of this thread's steps in one B/C tile row.
-__device__ __forceinline__ void read8(const float* row, int seg, float (&v)[kItems]) {
-  const int sw = (seg >> 2) & 1;
-  const float4 lo = *reinterpret_cast<const float4*>(row + seg * 8 + sw * 4);
-  const float4 hi = *reinterpret_cast<const float4*>(row + seg * 8 + (sw ^ 1) * 4);
-  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z,
-  v[7] = hi.w;
-}
-
-// Document resets of this thread's steps: step t starts a new document when seq[t] != seq[t-1].
-__device__ __forceinline__ void load_seq(const ScanParams& p, const Place& q, int t0, int* seq) {
-  if (threadIdx.x < kL + 1) {
-    const int t = t0 - 1 + threadIdx.x;  // seq[0] holds step t0 - 1
-    seq[threadIdx.x] =
-        t >= 0 && t < p.seqlen ? p.seq_idx[static_cast<int64_t>(q.b) * p.seqlen + t] : 0;
+    for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(x)[w] = src[w];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) v[i] = to_float(x[i]);
   }
-}
-__device__ __forceinline__ bool is_reset(const ScanParams& p, const int* seq, int t0, int r) {
-  const int t = t0 + r;
-  return t > 0 && t < p.seqlen && seq[r + 1] != seq[r];
-}
+  template <typename T>
+  static __device__ __forceinline__ void write_items(T* tile, const Place& q,
+                                                     const float (&v)[kItems]) {
+    alignas(16) T x[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) x[i] = from_float<T>(v[i]);
+    constexpr int kWords = kItems * sizeof(T) / 16;
+    uint4* dst = reinterpret_cast<uint4*>(tile + q.ch * kRow + q.seg * kItems);
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) dst[w] = reinterpret_cast<const uint4*>(x)[w];
+  }
+
+  // B/C tiles [2][kNs][L] f32 for states s0 .. s0 + kNs - 1 of the block's group. Each thread's
+  // kItems steps are kQuads float4s, rotated per segment so that the 16-byte reads of 8
+  // consecutive segments hit 32 different banks.
+  static __device__ __forceinline__ int quad_rot(int seg) {
+    return (seg / (8 / kQuads)) % kQuads;
+  }
+  static __device__ __forceinline__ int bc_pos(int r) {
+    const int s = r / kItems, i = r % kItems;
+    return s * kItems + 4 * ((i / 4) ^ quad_rot(s)) + i % 4;
+  }
+  template <typename T>
+  static __device__ __forceinline__ void load_bc(const ScanParams& p, const Place& q, int t0,
+                                                 int s0, float* bc) {
+    // Thread (matrix k, step r) copies one row of up to kNs states: consecutive threads write
+    // consecutive steps (no bank conflicts); the row's global reads share sectors.
+    const int64_t stride_t = static_cast<int64_t>(p.groups) * p.d_state;
+    const int k = threadIdx.x / 128;
+    const int valid = min(kNs, p.d_state - s0);
+    const T* src0 = static_cast<const T*>(k == 0 ? p.B : p.C) +
+                    static_cast<int64_t>(q.b) * p.seqlen * stride_t +
+                    static_cast<int64_t>(q.g) * p.d_state + s0;
+#pragma unroll
+    for (int r = threadIdx.x % 128; r < L; r += 128) {
+      const int t = t0 + r;
+      const T* src = src0 + static_cast<int64_t>(t) * stride_t;
+      float* dst = bc + k * kNs * L + bc_pos(r);
+      const bool ok = t < p.seqlen;
+#pragma unroll
+      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = ok && nn < valid ? to_float(src[nn]) : 0.f;
+    }
+  }
+  // This thread's kItems values in one B/C tile row.
+  static __device__ __forceinline__ void read_bc(const float* row, int seg, float (&v)[kItems]) {
+    const float* base = row + seg * kItems;
+    const int rot = quad_rot(seg);
+#pragma unroll
+    for (int j = 0; j < kQuads; ++j) {
+      const float4 x = *reinterpret_cast<const float4*>(base + 4 * (j ^ rot));
+      v[4 * j] = x.x, v[4 * j + 1] = x.y, v[4 * j + 2] = x.z, v[4 * j + 3] = x.w;
+    }
+  }
+
+  // Document resets: step t starts a new document when seq[t] != seq[t-1].
+  static __device__ __forceinline__ void load_seq(const ScanParams& p, const Place& q, int t0,
+                                                  int* seq) {
+    for (int i = threadIdx.x; i < L + 1; i += kBlock) {
+      const int t = t0 - 1 + i;  // seq[0] holds step t0 - 1
+      seq[i] = t >= 0 && t < p.seqlen ? p.seq_idx[static_cast<int64_t>(q.b) * p.seqlen + t] : 0;
+    }
+  }
+  static __device__ __forceinline__ bool is_reset(const ScanParams& p, const int* seq, int t0,
+                                                  int r) {
+    const int t = t0 + r;
+    return t > 0 && t < p.seqlen && seq[r + 1] != seq[r];
+  }
+};
 
 // Bump allocator over dynamic shared memory (16-byte aligned pieces).
 struct SmemCarver {
