@@ -202,6 +202,81 @@ struct Tiles {
     }
   }
 
+  // Asynchronous staging (the forward's fast path: whole channel blocks, N <= kNs and B/C rows
+  // of 16-byte multiples): prefetch() copies the rows of a chunk raw, [step][16 channels] and
+  // [step][kNs states], into a staging buffer with cp.async while the previous chunk computes;
+  // from_raw() then transposes them into the tiles (shared to shared, no global latency).
+  static constexpr int kRawAct = 3 * L * kC, kRawBc = 2 * L * kNs;  // elements
+  template <typename T>
+  static __device__ __forceinline__ bool can_prefetch(const ScanParams& p, const Place& q) {
+    return q.vec && p.d_state <= kNs && (p.d_state * sizeof(T)) % 16 == 0;
+  }
+  template <typename T>
+  static __device__ __forceinline__ void prefetch(const ScanParams& p, const Place& q, int t0,
+                                                  T* raw) {
+    const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
+                        static_cast<const T*>(p.z)};
+    const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
+    constexpr int kPer = 16 / sizeof(T);  // elements per copy
+    for (int k = 0; k < (p.z ? 3 : 2); ++k)
+      for (int i = threadIdx.x; i < L * kC / kPer; i += kBlock) {
+        const int r = i / (kC / kPer), part = i % (kC / kPer), t = t0 + r;
+        const bool ok = t < p.seqlen;
+        copy16(raw + (k * L + r) * kC + part * kPer,
+               srcs[k] + base + static_cast<int64_t>(ok ? t : 0) * p.channels + part * kPer, ok);
+      }
+    const int64_t stride_t = static_cast<int64_t>(p.groups) * p.d_state;
+    const int per_row = p.d_state / kPer;
+    for (int k = 0; k < 2; ++k) {
+      const T* src = static_cast<const T*>(k == 0 ? p.B : p.C) +
+                     static_cast<int64_t>(q.b) * p.seqlen * stride_t +
+                     static_cast<int64_t>(q.g) * p.d_state;
+      for (int i = threadIdx.x; i < L * per_row; i += kBlock) {
+        const int r = i / per_row, part = i % per_row, t = t0 + r;
+        const bool ok = t < p.seqlen;
+        copy16(raw + kRawAct + (k * L + r) * kNs + part * kPer,
+               src + static_cast<int64_t>(ok ? t : 0) * stride_t + part * kPer, ok);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  template <typename T>
+  static __device__ __forceinline__ void from_raw(const ScanParams& p, const T* raw, T* act,
+                                                  float* bc) {
+    const int half = threadIdx.x % 2;
+    for (int k = 0; k < (p.z ? 3 : 2); ++k)
+#pragma unroll
+      for (int r = threadIdx.x / 2; r < L; r += kBlock / 2) {
+        alignas(16) T v[8];
+        const uint4* s = reinterpret_cast<const uint4*>(raw + (k * L + r) * kC + half * 8);
+#pragma unroll
+        for (int w = 0; w < static_cast<int>(8 * sizeof(T) / 16); ++w)
+          reinterpret_cast<uint4*>(v)[w] = s[w];
+        T* tile = act + k * kC * kRow;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int jj = half ? (j + 2) & 7 : j;
+          tile[(half * 8 + jj) * kRow + r] = half ? v[(j + 2) & 7] : v[j];
+        }
+      }
+    const int k = threadIdx.x / 128;
+#pragma unroll
+    for (int r = threadIdx.x % 128; r < L; r += 128) {
+      const T* src = raw + kRawAct + (k * L + r) * kNs;
+      float* dst = bc + k * kNs * L + bc_pos(r);
+#pragma unroll
+      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = nn < p.d_state ? to_float(src[nn]) : 0.f;
+    }
+  }
+  static __device__ __forceinline__ void copy16(void* smem, const void* gmem, bool valid) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+  }
+  static __device__ __forceinline__ void wait_prefetch() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  }
+
   // Document resets: step t starts a new document when seq[t] != seq[t-1].
   static __device__ __forceinline__ void load_seq(const ScanParams& p, const Place& q, int t0,
                                                   int* seq) {
