@@ -18,7 +18,7 @@ using namespace scan;
 
 // Chunks of 256 steps, 16 per thread: the shuffle scan is paid once per 16 steps.
 using Tl = Tiles<2 * kScanChunk>;
-constexpr int kL = 2 * kScanChunk, kItems = Tl::kItems, kRow = Tl::kRow;
+constexpr int kL = 2 * kScanChunk, kItems = Tl::kItems, kRow = Tl::kRow, kHalf = kItems / 2;
 
 template <typename T, bool kReset>
 __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p) {
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     }
     float dt[kItems], dtu[kItems], out[kItems];
     bool reset[kItems];
-    float dtsum = 0.f;
+    float dtsum_lo = 0.f, dtsum_hi = 0.f;
     {
       float uv[kItems];
       Tl::read_items(act + kC * kRow, q, dt);
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
         dt[i] = t0 + r < p.seqlen ? d : 0.f;  // dt = 0 past the end: the identity map
         dtu[i] = dt[i] * uv[i];
         out[i] = d_skip * uv[i];
-        dtsum += dt[i];
+        (i < kHalf ? dtsum_lo : dtsum_hi) += dt[i];
         reset[i] = kReset && Tl::is_reset(p, seq, t0, r);
       }
     }
@@ -117,19 +117,29 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
 #pragma unroll
           for (int i = 0; i < kItems; ++i) bb[i] = dtu[i] * bv[i];
         }
-        float A = 1.f, H = 0.f;  // this thread's map h -> A h + H
+        // This thread's map h -> A h + H, composed from the maps of its two halves (two
+        // independent dependency chains of kHalf steps instead of one of kItems).
+        float Al = 1.f, Hl = 0.f, Ah = 1.f, Hh = 0.f;
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          a[i] = ex2(dt[i] * a2n);
+        for (int i = 0; i < kItems; ++i) a[i] = ex2(dt[i] * a2n);
+#pragma unroll
+        for (int i = 0; i < kHalf; ++i) {
+          const int j = i + kHalf;
           if (kReset) {
             if (reset[i]) a[i] = 0.f;
-            H = (reset[i] ? 0.f : a[i] * H) + bb[i];
-            A = reset[i] ? 0.f : a[i] * A;
+            if (reset[j]) a[j] = 0.f;
+            Hl = (reset[i] ? 0.f : a[i] * Hl) + bb[i];
+            Al = reset[i] ? 0.f : a[i] * Al;
+            Hh = (reset[j] ? 0.f : a[j] * Hh) + bb[j];
+            Ah = reset[j] ? 0.f : a[j] * Ah;
           } else {
-            H = a[i] * H + bb[i];
+            Hl = a[i] * Hl + bb[i];
+            Hh = a[j] * Hh + bb[j];
           }
         }
-        if (!kReset) A = ex2(dtsum * a2n);
+        if (!kReset) Al = ex2(dtsum_lo * a2n), Ah = ex2(dtsum_hi * a2n);
+        float A = Al * Ah;
+        float H = kReset ? (Ah != 0.f ? Ah * Hl : 0.f) + Hh : Ah * Hl + Hh;
         // The carry enters at lane 0; then an inclusive scan of the maps over the 16 lanes.
         if (q.seg == 0) {
           H = kReset ? (A != 0.f ? A * carry_in : 0.f) + H : A * carry_in + H;
@@ -154,11 +164,17 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
         if (saved_first) saved_first[s0 + nn] = h;
         float cv[kItems];
         Tl::read_bc(c_row, q.seg, cv);
+        // Replay both halves from their entering states.
+        float h2 = kReset ? (Al != 0.f ? Al * h : 0.f) + Hl : Al * h + Hl;
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
+        for (int i = 0; i < kHalf; ++i) {
+          const int j = i + kHalf;
           h = (kReset && reset[i] ? 0.f : a[i] * h) + bb[i];
           out[i] += cv[i] * h;
+          h2 = (kReset && reset[j] ? 0.f : a[j] * h2) + bb[j];
+          out[j] += cv[j] * h2;
         }
+        h = h2;
         if (q.seg == kTpc - 1) carry_row[nn] = h;
       }
     }

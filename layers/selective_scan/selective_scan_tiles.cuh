@@ -21,6 +21,8 @@ namespace braid::scan {
 constexpr int kC = kScanChannels, kTpc = 16, kBlock = kC * kTpc;
 constexpr int kNs = 16;  // states per B/C tile (a slice of N)
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLog2eLo = 1.925963033e-8f;  // log2(e) - kLog2e
+constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kBlock == 256, "the staging below assumes 256 threads");
 
 __device__ __forceinline__ float ex2(float x) {
@@ -28,8 +30,29 @@ __device__ __forceinline__ float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(y), y = e^-|x| in (0, 1], with
+// log1p(y) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...), s = y / (2 + y) in (0, 1/3]: the series
+// cut after s^12/13 errs by < s^14/15 < 1.4e-8 (relative), so the result is within a few ulp
+// (ex2.approx and rcp.approx add 2^-22 and 1 ulp), branch-free, in half of log1pf's instructions.
+// Above 20 it is x, as in mamba_ssm.
 __device__ __forceinline__ float softplus(float x) {
-  return x <= 20.f ? log1pf(__expf(x)) : x;
+  // e^-|x| = 2^(m log2 e), m = -|x|; the rounding error of the product m log2(e) (up to |x| 2^-24
+  // relative to the result) is put back to first order.
+  const float m = -fabsf(x), e = m * kLog2e;
+  const float err = fmaf(m, kLog2e, -e) + m * kLog2eLo;
+  const float y = ex2(e) * fmaf(err, kLn2, 1.f);
+  float r;  // 1 / (2 + y), 2 + y in [2, 3]
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(2.f + y));
+  const float s = y * r, s2 = s * s;
+  float poly = 1.f / 13.f;
+  poly = poly * s2 + 1.f / 11.f;
+  poly = poly * s2 + 1.f / 9.f;
+  poly = poly * s2 + 1.f / 7.f;
+  poly = poly * s2 + 1.f / 5.f;
+  poly = poly * s2 + 1.f / 3.f;
+  poly = poly * s2 + 1.f;
+  const float sp = fmaxf(x, 0.f) + 2.f * s * poly;
+  return x > 20.f ? x : sp;
 }
 // Fast division: 2 ulp, against a full-precision reciprocal's dozen instructions.
 __device__ __forceinline__ float sigmoid(float x) {
@@ -259,13 +282,18 @@ struct Tiles {
           tile[(half * 8 + jj) * kRow + r] = half ? v[(j + 2) & 7] : v[j];
         }
       }
+    // B/C rows: kNs raw values in 16-byte reads (states past N hold stale values; zero them).
     const int k = threadIdx.x / 128;
 #pragma unroll
     for (int r = threadIdx.x % 128; r < L; r += 128) {
-      const T* src = raw + kRawAct + (k * L + r) * kNs;
+      alignas(16) T v[kNs];
+      const uint4* src = reinterpret_cast<const uint4*>(raw + kRawAct + (k * L + r) * kNs);
+#pragma unroll
+      for (int w = 0; w < static_cast<int>(kNs * sizeof(T) / 16); ++w)
+        reinterpret_cast<uint4*>(v)[w] = src[w];
       float* dst = bc + k * kNs * L + bc_pos(r);
 #pragma unroll
-      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = nn < p.d_state ? to_float(src[nn]) : 0.f;
+      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = nn < p.d_state ? to_float(v[nn]) : 0.f;
     }
   }
   static __device__ __forceinline__ void copy16(void* smem, const void* gmem, bool valid) {
