@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   int* seq = carve.take<int>(kL + 1);
   T* raw = carve.take<T>(sizeof(T) == 2 ? Tl::kRawAct + Tl::kRawBc : 0);  // bf16: next chunk, raw
   const Place q = place(p);
-  const bool async = sizeof(T) == 2 && Tl::can_prefetch<T>(p, q);
+  constexpr bool k16 = sizeof(T) == 2;  // the asynchronous staging is for bf16
+  const bool async = k16 && Tl::can_prefetch<T>(p, q);
   const int tid = threadIdx.x;
   for (int i = tid; i < kC * N; i += kBlock) {
     const int ch = i / N, n = i % N, c = q.c0 + ch;
@@ -48,13 +49,16 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   // The backward's chunks are half as long: states are saved at both halves of ours.
   const int saved_chunks = (p.seqlen + kScanChunk - 1) / kScanChunk;
   const unsigned mask = 0xffffffffu;
-  if (async) Tl::prefetch(p, q, 0, raw);
+  if constexpr (k16)
+    if (async) Tl::prefetch(p, q, 0, raw);
   for (int k = 0; k < chunks; ++k) {
     const int t0 = k * kL;
     if (async) {
-      Tl::wait_prefetch();
-      __syncthreads();
-      Tl::from_raw(p, raw, act, bc);
+      if constexpr (k16) {
+        Tl::wait_prefetch();
+        __syncthreads();
+        Tl::from_raw(p, raw, act, bc);
+      }
     } else {
       Tl::load(p, q, static_cast<const T*>(p.u), t0, act);
       Tl::load(p, q, static_cast<const T*>(p.delta), t0, act + kC * kRow);
@@ -64,7 +68,8 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     if (kReset) Tl::load_seq(p, q, t0, seq);
     __syncthreads();
     // The staging buffer is free again: fetch the next chunk while this one computes.
-    if (async && k + 1 < chunks) Tl::prefetch(p, q, t0 + kL, raw);
+    if constexpr (k16)
+      if (async && k + 1 < chunks) Tl::prefetch(p, q, t0 + kL, raw);
     float* saved_first = nullptr;  // this thread's channel's saved state at step t0 + kL / 2
     if (p.chunk_states) {
       float* dst = p.chunk_states +

@@ -89,6 +89,17 @@ struct Tiles {
   static constexpr int kQuads = kItems / 4;
   static_assert(L % 128 == 0 && kItems % 4 == 0, "chunks of 128 or 256 steps");
 
+  // Transposition cells for shared-to-shared copies: the L x 2 (step, half of the 16 channels)
+  // pieces of a chunk, kCells per thread. In every warp the lanes of half 0 and of half 1 hold
+  // steps 16 apart, so their accesses to a [channel][step] tile fall in different banks. (Global
+  // accesses keep the step = tid / 2, half = tid % 2 mapping: each warp reads whole sectors.)
+  static constexpr int kCells = L / 128;
+  static __device__ __forceinline__ int cell_step(int it) {
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    return 128 * it + 32 * (w / 2) + (l % 16) + 16 * ((l / 16) ^ (w % 2));
+  }
+  static __device__ __forceinline__ int cell_half() { return (threadIdx.x % 32) / 16; }
+
   // Activation tile [kC][kRow] (steps t0 .. t0 + L - 1), zero outside the problem.
   template <typename T>
   static __device__ __forceinline__ void load(const ScanParams& p, const Place& q, const T* src,
@@ -230,6 +241,12 @@ struct Tiles {
   // [step][kNs states], into a staging buffer with cp.async while the previous chunk computes;
   // from_raw() then transposes them into the tiles (shared to shared, no global latency).
   static constexpr int kRawAct = 3 * L * kC, kRawBc = 2 * L * kNs;  // elements
+  // Where 8 channels (half) of step r sit in a raw activation buffer: the halves swap places
+  // every 4 steps, so the 16-byte reads of 8 consecutive steps hit 32 different banks.
+  template <typename T>
+  static __device__ __forceinline__ int raw_pos(int r, int half) {
+    return r * kC + (half ^ ((r >> 2) & 1)) * 8;
+  }
   template <typename T>
   static __device__ __forceinline__ bool can_prefetch(const ScanParams& p, const Place& q) {
     return q.vec && p.d_state <= kNs && (p.d_state * sizeof(T)) % 16 == 0;
@@ -240,12 +257,13 @@ struct Tiles {
     const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
                         static_cast<const T*>(p.z)};
     const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
-    constexpr int kPer = 16 / sizeof(T);  // elements per copy
+    static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
+    constexpr int kPer = 8;  // elements per 16-byte copy
     for (int k = 0; k < (p.z ? 3 : 2); ++k)
       for (int i = threadIdx.x; i < L * kC / kPer; i += kBlock) {
         const int r = i / (kC / kPer), part = i % (kC / kPer), t = t0 + r;
         const bool ok = t < p.seqlen;
-        copy16(raw + (k * L + r) * kC + part * kPer,
+        copy16(raw + k * L * kC + raw_pos<T>(r, part),
                srcs[k] + base + static_cast<int64_t>(ok ? t : 0) * p.channels + part * kPer, ok);
       }
     const int64_t stride_t = static_cast<int64_t>(p.groups) * p.d_state;
@@ -266,21 +284,18 @@ struct Tiles {
   template <typename T>
   static __device__ __forceinline__ void from_raw(const ScanParams& p, const T* raw, T* act,
                                                   float* bc) {
-    const int half = threadIdx.x % 2;
+    static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
+    const int half = cell_half();
     for (int k = 0; k < (p.z ? 3 : 2); ++k)
 #pragma unroll
-      for (int r = threadIdx.x / 2; r < L; r += kBlock / 2) {
+      for (int it = 0; it < kCells; ++it) {
+        const int r = cell_step(it);
         alignas(16) T v[8];
-        const uint4* s = reinterpret_cast<const uint4*>(raw + (k * L + r) * kC + half * 8);
-#pragma unroll
-        for (int w = 0; w < static_cast<int>(8 * sizeof(T) / 16); ++w)
-          reinterpret_cast<uint4*>(v)[w] = s[w];
+        *reinterpret_cast<uint4*>(v) =
+            *reinterpret_cast<const uint4*>(raw + k * L * kC + raw_pos<T>(r, half));
         T* tile = act + k * kC * kRow;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int jj = half ? (j + 2) & 7 : j;
-          tile[(half * 8 + jj) * kRow + r] = half ? v[(j + 2) & 7] : v[j];
-        }
+        for (int j = 0; j < 8; ++j) tile[(half * 8 + j) * kRow + r] = v[j];
       }
     // B/C rows: kNs raw values in 16-byte reads (states past N hold stale values; zero them).
     const int k = threadIdx.x / 128;

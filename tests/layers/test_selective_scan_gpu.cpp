@@ -4,10 +4,13 @@
 // implementation, against fp64): for each case the CPU reference runs in f64 (the truth) and in
 // f32 on the same inputs (bf16 cases: inputs rounded to bf16 first, the f32 output rounded to
 // bf16 as a bf16 kernel must). The GPU's largest error against f64 must be at most twice that
-// naive error, plus 1e-6 of the output scale for cases where the naive error happens to be ~0.
-// ex2.approx (relative error 2^-22) and a different summation order stay well inside this. The
-// same bound holds for every gradient: the GPU sums in fp32 like the naive path (in a different,
-// mostly tree-shaped order, whose error is no larger than the naive sequential sums').
+// naive error, plus a floor of 4e-6 of the output scale for the kernels' approximate functions,
+// which the naive path (libm) does not share: each term of an output passes through at most a
+// few of ex2.approx (2^-22 relative), rcp.approx / fast division (2 ulp) and the softplus series
+// (< 10 ulp), about 2^-21 each, so 4e-6 (~32 ulp) of the largest output bounds them where the
+// naive error happens to be ~0 (tiny cases, e.g. one step of one channel). The same bound holds
+// for every gradient: the GPU sums in fp32 like the naive path, in a different, mostly
+// tree-shaped order whose error is no larger than the naive sequential sums'.
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -214,7 +217,7 @@ TEST_P(GpuScan, ForwardAndBackwardMatchReference) {
     const std::vector<double> ref = host_values(r64.*field, false),
                               naive = host_values(r32.*field, activation && k.bf16),
                               got = download(rg.*field);
-    const double tol = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
+    const double tol = 2 * max_err(naive, ref) + 4e-6 * max_abs(ref);
     EXPECT_LE(max_err(got, ref), tol) << what << ": naive error " << max_err(naive, ref);
   };
   check("y", &Run::y, true);
