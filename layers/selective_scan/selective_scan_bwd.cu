@@ -18,7 +18,7 @@ namespace {
 
 using namespace scan;
 using Tl = Tiles<kScanChunk>;
-constexpr int kL = kScanChunk, kItems = Tl::kItems, kRow = Tl::kRow;
+constexpr int kL = kScanChunk, kItems = Tl::kItems;
 
 constexpr int kNg = 2;  // states per barrier of the dB/dC reduction
 constexpr int kWarps = kBlock / 32;
@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int N = p.d_state;
   SmemCarver carve{smem_raw};
-  T* act = carve.take<T>(4 * kC * kRow);  // u, delta, z, dy; then du, ddelta, dz
+  T* act = carve.take<T>(4 * Tl::tile_elems<T>());  // u, delta, z, dy; then du, ddelta, dz
   float* bc = carve.take<float>(2 * kNs * kL);
   float* hf = carve.take<float>(kC * N);    // forward state entering the chunk (saved)
   float* qb = carve.take<float>(kC * N);    // gradient reaching the state entering the chunk
@@ -58,9 +58,9 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
   const int chunks = (p.seqlen + kL - 1) / kL, padded = chunks * kL;
   const unsigned mask = 0xffffffffu;
   T* const t_u = act;
-  T* const t_delta = act + kC * kRow;
-  T* const t_z = act + 2 * kC * kRow;
-  T* const t_dy = act + 3 * kC * kRow;
+  T* const t_delta = act + Tl::tile_elems<T>();
+  T* const t_z = act + 2 * Tl::tile_elems<T>();
+  T* const t_dy = act + 3 * Tl::tile_elems<T>();
   float dD_acc = 0.f, ddb_acc = 0.f;
   int parity = 0;
   for (int k = chunks - 1; k >= 0; --k) {
@@ -330,7 +330,7 @@ __global__ void scan_bwd_finish_small(const ScanParams p) {
 template <typename T>
 size_t bwd_smem(int n) {
   SmemCarver carve{nullptr};
-  carve.take<T>(4 * kC * kRow);
+  carve.take<T>(4 * Tl::tile_elems<T>());
   carve.take<float>(2 * kNs * kL);
   carve.take<float>(4 * kC * n);
   carve.take<float>(2 * kNg * kRed);

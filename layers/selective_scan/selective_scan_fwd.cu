@@ -18,14 +18,14 @@ using namespace scan;
 
 // Chunks of 256 steps, 16 per thread: the shuffle scan is paid once per 16 steps.
 using Tl = Tiles<2 * kScanChunk>;
-constexpr int kL = 2 * kScanChunk, kItems = Tl::kItems, kRow = Tl::kRow, kHalf = kItems / 2;
+constexpr int kL = 2 * kScanChunk, kItems = Tl::kItems, kHalf = kItems / 2;
 
 template <typename T, bool kReset>
 __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int N = p.d_state;
   SmemCarver carve{smem_raw};
-  T* act = carve.take<T>(3 * kC * kRow);  // u, delta, z; u's tile is reused for y
+  T* act = carve.take<T>(3 * Tl::tile_elems<T>());  // u, delta, z; u's tile is reused for y
   float* bc = carve.take<float>(2 * kNs * kL);
   float* carry = carve.take<float>(kC * N);  // state entering the chunk
   float* a2 = carve.take<float>(kC * N);     // A * log2(e)
@@ -61,8 +61,8 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
       }
     } else {
       Tl::load(p, q, static_cast<const T*>(p.u), t0, act);
-      Tl::load(p, q, static_cast<const T*>(p.delta), t0, act + kC * kRow);
-      if (p.z) Tl::load(p, q, static_cast<const T*>(p.z), t0, act + 2 * kC * kRow);
+      Tl::load(p, q, static_cast<const T*>(p.delta), t0, act + Tl::tile_elems<T>());
+      if (p.z) Tl::load(p, q, static_cast<const T*>(p.z), t0, act + 2 * Tl::tile_elems<T>());
       if (N <= kNs) Tl::load_bc<T>(p, q, t0, 0, bc);
     }
     if (kReset) Tl::load_seq(p, q, t0, seq);
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     float dtsum_lo = 0.f, dtsum_hi = 0.f;
     {
       float uv[kItems];
-      Tl::read_items(act + kC * kRow, q, dt);
+      Tl::read_items(act + Tl::tile_elems<T>(), q, dt);
       Tl::read_items(act, q, uv);
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     // read), then stored after the barrier.
     if (p.z) {
       float zv[kItems];
-      Tl::read_items(act + 2 * kC * kRow, q, zv);
+      Tl::read_items(act + 2 * Tl::tile_elems<T>(), q, zv);
 #pragma unroll
       for (int i = 0; i < kItems; ++i) out[i] *= zv[i] * sigmoid(zv[i]);
     }
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
 template <typename T>
 size_t fwd_smem(int n) {
   SmemCarver carve{nullptr};
-  carve.take<T>(3 * kC * kRow);
+  carve.take<T>(3 * Tl::tile_elems<T>());
   carve.take<float>(2 * kNs * kL);
   carve.take<float>(2 * kC * n);
   carve.take<int>(kL + 1);

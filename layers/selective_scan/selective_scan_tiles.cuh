@@ -54,9 +54,12 @@ __device__ __forceinline__ float softplus(float x) {
   const float sp = fmaxf(x, 0.f) + 2.f * s * poly;
   return x > 20.f ? x : sp;
 }
-// Fast division: 2 ulp, against a full-precision reciprocal's dozen instructions.
+// 1 / (1 + e^-x) with ex2.approx and rcp.approx (flush-to-zero: no denormal fix-ups), each
+// within 2^-22 relative: a handful of instructions against a dozen for IEEE division.
 __device__ __forceinline__ float sigmoid(float x) {
-  return __fdividef(1.f, 1.f + __expf(-x));
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2(-x * kLog2e)));
+  return r;
 }
 
 // The block's channels and this thread's place.
@@ -86,19 +89,19 @@ template <int L>
 struct Tiles {
   static constexpr int kItems = L / kTpc;  // steps per thread
   static constexpr int kRow = L + 8;       // activation tile row: padded, 16-byte aligned
+  // An activation tile is [kC][kRow] with channels 8-15 shifted by 64 bytes (16 banks): when a
+  // warp transposes 16-byte pieces (step r, channels 8 half .. 8 half + 7) into the tile, the two
+  // halves of the warp write different banks.
+  template <typename T>
+  static constexpr __host__ __device__ int tile_elems() {
+    return kC * kRow + 64 / static_cast<int>(sizeof(T));
+  }
+  template <typename T>
+  static __device__ __forceinline__ int row(int ch) {
+    return ch * kRow + (ch >= 8 ? 64 / static_cast<int>(sizeof(T)) : 0);
+  }
   static constexpr int kQuads = kItems / 4;
   static_assert(L % 128 == 0 && kItems % 4 == 0, "chunks of 128 or 256 steps");
-
-  // Transposition cells for shared-to-shared copies: the L x 2 (step, half of the 16 channels)
-  // pieces of a chunk, kCells per thread. In every warp the lanes of half 0 and of half 1 hold
-  // steps 16 apart, so their accesses to a [channel][step] tile fall in different banks. (Global
-  // accesses keep the step = tid / 2, half = tid % 2 mapping: each warp reads whole sectors.)
-  static constexpr int kCells = L / 128;
-  static __device__ __forceinline__ int cell_step(int it) {
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    return 128 * it + 32 * (w / 2) + (l % 16) + 16 * ((l / 16) ^ (w % 2));
-  }
-  static __device__ __forceinline__ int cell_half() { return (threadIdx.x % 32) / 16; }
 
   // Activation tile [kC][kRow] (steps t0 .. t0 + L - 1), zero outside the problem.
   template <typename T>
@@ -107,7 +110,6 @@ struct Tiles {
     const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
     if (q.vec) {
       // Thread (step r, half): 8 channels in one or two 16-byte loads, transposed into the tile.
-      // The two halves write rows 2 apart at each store: different banks.
       constexpr int kWords = 8 * sizeof(T) / 16;
       const int half = threadIdx.x % 2;
 #pragma unroll
@@ -120,17 +122,14 @@ struct Tiles {
         for (int w = 0; w < kWords; ++w)
           reinterpret_cast<uint4*>(v)[w] = t < p.seqlen ? __ldg(s + w) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int jj = half ? (j + 2) & 7 : j;
-          tile[(half * 8 + jj) * kRow + r] = half ? v[(j + 2) & 7] : v[j];
-        }
+        for (int j = 0; j < 8; ++j) tile[row<T>(half * 8 + j) + r] = v[j];
       }
     } else {
       for (int i = threadIdx.x; i < kC * L; i += kBlock) {
         const int ch = i % kC, r = i / kC, t = t0 + r;
-        tile[ch * kRow + r] = ch < q.nch && t < p.seqlen
-                                  ? src[base + static_cast<int64_t>(t) * p.channels + ch]
-                                  : from_float<T>(0.f);
+        tile[row<T>(ch) + r] = ch < q.nch && t < p.seqlen
+                                   ? src[base + static_cast<int64_t>(t) * p.channels + ch]
+                                   : from_float<T>(0.f);
       }
     }
   }
@@ -148,14 +147,7 @@ struct Tiles {
         if (t >= p.seqlen) break;
         alignas(16) T v[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int jj = half ? (j + 2) & 7 : j;
-          const T x = tile[(half * 8 + jj) * kRow + r];
-          if (half)
-            v[(j + 2) & 7] = x;
-          else
-            v[j] = x;
-        }
+        for (int j = 0; j < 8; ++j) v[j] = tile[row<T>(half * 8 + j) + r];
         uint4* d =
             reinterpret_cast<uint4*>(dst + base + static_cast<int64_t>(t) * p.channels + half * 8);
 #pragma unroll
@@ -165,7 +157,7 @@ struct Tiles {
       for (int i = threadIdx.x; i < kC * L; i += kBlock) {
         const int ch = i % kC, r = i / kC, t = t0 + r;
         if (ch < q.nch && t < p.seqlen)
-          dst[base + static_cast<int64_t>(t) * p.channels + ch] = tile[ch * kRow + r];
+          dst[base + static_cast<int64_t>(t) * p.channels + ch] = tile[row<T>(ch) + r];
       }
     }
   }
@@ -176,7 +168,7 @@ struct Tiles {
                                                     float (&v)[kItems]) {
     alignas(16) T x[kItems];
     constexpr int kWords = kItems * sizeof(T) / 16;
-    const uint4* src = reinterpret_cast<const uint4*>(tile + q.ch * kRow + q.seg * kItems);
+    const uint4* src = reinterpret_cast<const uint4*>(tile + row<T>(q.ch) + q.seg * kItems);
 #pragma unroll
     for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(x)[w] = src[w];
 #pragma unroll
@@ -189,7 +181,7 @@ struct Tiles {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) x[i] = from_float<T>(v[i]);
     constexpr int kWords = kItems * sizeof(T) / 16;
-    uint4* dst = reinterpret_cast<uint4*>(tile + q.ch * kRow + q.seg * kItems);
+    uint4* dst = reinterpret_cast<uint4*>(tile + row<T>(q.ch) + q.seg * kItems);
 #pragma unroll
     for (int w = 0; w < kWords; ++w) dst[w] = reinterpret_cast<const uint4*>(x)[w];
   }
@@ -236,48 +228,42 @@ struct Tiles {
     }
   }
 
-  // Asynchronous staging (the forward's fast path: whole channel blocks, N <= kNs and B/C rows
-  // of 16-byte multiples): prefetch() copies the rows of a chunk raw, [step][16 channels] and
-  // [step][kNs states], into a staging buffer with cp.async while the previous chunk computes;
-  // from_raw() then transposes them into the tiles (shared to shared, no global latency).
+  // Asynchronous staging (the forward's fast path: whole channel blocks, N = kNs): prefetch()
+  // copies the rows of a chunk raw, [step][16 channels] and [step][kNs states], into a staging
+  // buffer with cp.async while the previous chunk computes; from_raw() then transposes them into
+  // the tiles (shared to shared, no global latency).
   static constexpr int kRawAct = 3 * L * kC, kRawBc = 2 * L * kNs;  // elements
-  // Where 8 channels (half) of step r sit in a raw activation buffer: the halves swap places
-  // every 4 steps, so the 16-byte reads of 8 consecutive steps hit 32 different banks.
-  template <typename T>
-  static __device__ __forceinline__ int raw_pos(int r, int half) {
-    return r * kC + (half ^ ((r >> 2) & 1)) * 8;
-  }
   template <typename T>
   static __device__ __forceinline__ bool can_prefetch(const ScanParams& p, const Place& q) {
-    return q.vec && p.d_state <= kNs && (p.d_state * sizeof(T)) % 16 == 0;
+    return q.vec && p.d_state == kNs;
   }
   template <typename T>
   static __device__ __forceinline__ void prefetch(const ScanParams& p, const Place& q, int t0,
                                                   T* raw) {
+    static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
+    // Every count below is a compile-time constant: 16-byte copies of 8 elements, two per
+    // 16-channel (or 16-state) row.
     const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
                         static_cast<const T*>(p.z)};
     const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
-    static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
-    constexpr int kPer = 8;  // elements per 16-byte copy
     for (int k = 0; k < (p.z ? 3 : 2); ++k)
-      for (int i = threadIdx.x; i < L * kC / kPer; i += kBlock) {
-        const int r = i / (kC / kPer), part = i % (kC / kPer), t = t0 + r;
+#pragma unroll 1
+      for (int it = 0; it < 2 * L / kBlock; ++it) {
+        const int i = threadIdx.x + it * kBlock, r = i >> 1, part = i & 1, t = t0 + r;
         const bool ok = t < p.seqlen;
-        copy16(raw + k * L * kC + raw_pos<T>(r, part),
-               srcs[k] + base + static_cast<int64_t>(ok ? t : 0) * p.channels + part * kPer, ok);
+        copy16(raw + (k * L + r) * kC + part * 8,
+               srcs[k] + base + static_cast<int64_t>(ok ? t : 0) * p.channels + part * 8, ok);
       }
-    const int64_t stride_t = static_cast<int64_t>(p.groups) * p.d_state;
-    const int per_row = p.d_state / kPer;
-    for (int k = 0; k < 2; ++k) {
-      const T* src = static_cast<const T*>(k == 0 ? p.B : p.C) +
-                     static_cast<int64_t>(q.b) * p.seqlen * stride_t +
-                     static_cast<int64_t>(q.g) * p.d_state;
-      for (int i = threadIdx.x; i < L * per_row; i += kBlock) {
-        const int r = i / per_row, part = i % per_row, t = t0 + r;
-        const bool ok = t < p.seqlen;
-        copy16(raw + kRawAct + (k * L + r) * kNs + part * kPer,
-               src + static_cast<int64_t>(ok ? t : 0) * stride_t + part * kPer, ok);
-      }
+    const int64_t stride_t = static_cast<int64_t>(p.groups) * kNs;
+    const int64_t bc_base = static_cast<int64_t>(q.b) * p.seqlen * stride_t + q.g * kNs;
+#pragma unroll 1
+    for (int it = 0; it < 4 * L / kBlock; ++it) {
+      const int i = threadIdx.x + it * kBlock, k = i / (2 * L), r = (i >> 1) % L, part = i & 1;
+      const int t = t0 + r;
+      const bool ok = t < p.seqlen;
+      const T* src = static_cast<const T*>(k == 0 ? p.B : p.C);
+      copy16(raw + kRawAct + (k * L + r) * kNs + part * 8,
+             src + bc_base + static_cast<int64_t>(ok ? t : 0) * stride_t + part * 8, ok);
     }
     asm volatile("cp.async.commit_group;\n" ::);
   }
@@ -285,19 +271,18 @@ struct Tiles {
   static __device__ __forceinline__ void from_raw(const ScanParams& p, const T* raw, T* act,
                                                   float* bc) {
     static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
-    const int half = cell_half();
+    const int half = threadIdx.x % 2;
     for (int k = 0; k < (p.z ? 3 : 2); ++k)
 #pragma unroll
-      for (int it = 0; it < kCells; ++it) {
-        const int r = cell_step(it);
+      for (int r = threadIdx.x / 2; r < L; r += kBlock / 2) {
         alignas(16) T v[8];
         *reinterpret_cast<uint4*>(v) =
-            *reinterpret_cast<const uint4*>(raw + k * L * kC + raw_pos<T>(r, half));
-        T* tile = act + k * kC * kRow;
+            *reinterpret_cast<const uint4*>(raw + (k * L + r) * kC + half * 8);
+        T* tile = act + k * tile_elems<T>();
 #pragma unroll
-        for (int j = 0; j < 8; ++j) tile[(half * 8 + j) * kRow + r] = v[j];
+        for (int j = 0; j < 8; ++j) tile[row<T>(half * 8 + j) + r] = v[j];
       }
-    // B/C rows: kNs raw values in 16-byte reads (states past N hold stale values; zero them).
+    // B/C rows: kNs raw values in 16-byte reads.
     const int k = threadIdx.x / 128;
 #pragma unroll
     for (int r = threadIdx.x % 128; r < L; r += 128) {
@@ -308,7 +293,7 @@ struct Tiles {
         reinterpret_cast<uint4*>(v)[w] = src[w];
       float* dst = bc + k * kNs * L + bc_pos(r);
 #pragma unroll
-      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = nn < p.d_state ? to_float(v[nn]) : 0.f;
+      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = to_float(v[nn]);
     }
   }
   static __device__ __forceinline__ void copy16(void* smem, const void* gmem, bool valid) {
