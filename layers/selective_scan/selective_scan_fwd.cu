@@ -29,6 +29,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   float* bc = carve.take<float>(2 * kNs * kL);
   float* carry = carve.take<float>(kC * N);  // state entering the chunk
   float* a2 = carve.take<float>(kC * N);     // A * log2(e)
+  float* mid = carve.take<float>(kC * N);    // state at the middle of the chunk (saved)
   int* seq = carve.take<int>(kL + 1);
   T* raw = carve.take<T>(sizeof(T) == 2 ? Tl::kRawAct + Tl::kRawBc : 0);  // bf16: next chunk, raw
   const Place q = place(p);
@@ -70,15 +71,11 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     // The staging buffer is free again: fetch the next chunk while this one computes.
     if constexpr (k16)
       if (async && k + 1 < chunks) Tl::prefetch(p, q, t0 + kL, raw);
-    float* saved_first = nullptr;  // this thread's channel's saved state at step t0 + kL / 2
+    const bool save_mid = p.chunk_states && 2 * k + 1 < saved_chunks;
     if (p.chunk_states) {
       float* dst = p.chunk_states +
                    ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k) * p.channels + q.c0) * N;
       for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = carry[i];
-      if (2 * k + 1 < saved_chunks && q.active && q.seg == kTpc / 2)
-        saved_first =
-            p.chunk_states +
-            ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k + 1) * p.channels + q.c) * N;
     }
     float dt[kItems], dtu[kItems], out[kItems];
     bool reset[kItems];
@@ -87,12 +84,17 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
       float uv[kItems];
       Tl::read_items(act + Tl::tile_elems<T>(), q, dt);
       Tl::read_items(act, q, uv);
+      if (p.delta_softplus) {
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) dt[i] = softplus(dt[i] + bias);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) dt[i] += bias;
+      }
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const int r = q.seg * kItems + i;
-        float d = dt[i] + bias;
-        if (p.delta_softplus) d = softplus(d);
-        dt[i] = t0 + r < p.seqlen ? d : 0.f;  // dt = 0 past the end: the identity map
+        dt[i] = t0 + r < p.seqlen ? dt[i] : 0.f;  // dt = 0 past the end: the identity map
         dtu[i] = dt[i] * uv[i];
         out[i] = d_skip * uv[i];
         (i < kHalf ? dtsum_lo : dtsum_hi) += dt[i];
@@ -108,6 +110,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
       const int ns = min(kNs, N - s0);
       const float* a2_row = a2 + q.ch * N + s0;
       float* carry_row = carry + q.ch * N + s0;
+      float* mid_row = mid + q.ch * N + s0;
       const float* b_row = bc;
       const float* c_row = bc + kNs * kL;
 #pragma unroll 1
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
         }
         float h = __shfl_up_sync(mask, H, 1, kTpc);  // state entering this thread's first step
         if (q.seg == 0) h = carry_in;
-        if (saved_first) saved_first[s0 + nn] = h;
+        if (q.seg == kTpc / 2) mid_row[nn] = h;  // the state at step t0 + kL / 2
         float cv[kItems];
         Tl::read_bc(c_row, q.seg, cv);
         // Replay both halves from their entering states.
@@ -193,6 +196,11 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     }
     Tl::write_items(act, q, out);
     __syncthreads();
+    if (save_mid) {
+      float* dst = p.chunk_states +
+                   ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k + 1) * p.channels + q.c0) * N;
+      for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = mid[i];
+    }
     Tl::store(p, q, act, t0, static_cast<T*>(p.y));
     __syncthreads();  // the tiles are refilled by the next chunk
   }
@@ -206,7 +214,7 @@ size_t fwd_smem(int n) {
   SmemCarver carve{nullptr};
   carve.take<T>(3 * Tl::tile_elems<T>());
   carve.take<float>(2 * kNs * kL);
-  carve.take<float>(2 * kC * n);
+  carve.take<float>(3 * kC * n);
   carve.take<int>(kL + 1);
   carve.take<T>(sizeof(T) == 2 ? Tl::kRawAct + Tl::kRawBc : 0);
   return carve.used;
