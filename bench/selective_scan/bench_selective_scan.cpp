@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "layers/causal_conv1d/causal_conv1d.h"
 #include "layers/selective_scan/selective_scan.h"
 #include "runtime/backend.h"
 #include "runtime/cuda_check.h"
@@ -129,9 +130,61 @@ int main(int argc, char** argv) {
     for (void* d : mem) gpu->release(d);
   }
   json += "]";
+  // The causal conv1d of the same Mamba-1 layers (width 4, SiLU, bias, bf16): memory floor =
+  // x read and y written (forward), x and dy read and dx written (backward).
+  std::string conv_json = "[";
+  std::printf("\n%-20s %8s %8s %7s %8s %8s %7s\n", "conv1d B, C, T", "fwd ms", "GB/s", "%floor",
+              "bwd ms", "GB/s", "%floor");
+  for (const Shape& s : shapes) {
+    if (s.n != 16) continue;  // the conv does not depend on d_state
+    std::vector<void*> mem;
+    auto alloc = [&](std::vector<int64_t> shape, DType t, const char* name, RandomSpec spec) {
+      int64_t n = 1;
+      for (int64_t x : shape) n *= x;
+      void* d = gpu->allocate(n * dtype_size(t));
+      mem.push_back(d);
+      Tensor tt = Tensor::contiguous_view(d, t, Device::cuda, shape, name);
+      gpu->fill_random(tt, spec, {});
+      return tt;
+    };
+    using K = RandomSpec::Kind;
+    const Tensor x = alloc({s.b, s.t, s.c}, DType::bf16, "x", {K::normal, 2, 1, 0, 1});
+    const Tensor w = alloc({s.c, 4}, DType::bf16, "w", {K::normal, 2, 2, 0, 0.5f});
+    const Tensor bias = alloc({s.c}, DType::bf16, "bias", {K::normal, 2, 3, 0, 0.1f});
+    const Tensor y = alloc({s.b, s.t, s.c}, DType::bf16, "y", {K::normal, 2, 4, 0, 1});
+    const Tensor dy = alloc({s.b, s.t, s.c}, DType::bf16, "dy", {K::normal, 2, 5, 0, 1});
+    const Tensor dx = alloc({s.b, s.t, s.c}, DType::bf16, "dx", {K::normal, 2, 6, 0, 1});
+    const Tensor dw = alloc({s.c, 4}, DType::bf16, "dw", {K::normal, 2, 7, 0, 1});
+    const Tensor db = alloc({s.c}, DType::bf16, "db", {K::normal, 2, 8, 0, 1});
+    const Conv1dInputs in{&x, &w, &bias, nullptr, nullptr, true};
+    const Tensor ws =
+        alloc({causal_conv1d_workspace_elems(in)}, DType::f32, "ws", {K::normal, 2, 9, 0, 1});
+    const double fwd = median_ms([&] { causal_conv1d_forward(in, y, nullptr); });
+    const double bwd = median_ms([&] {
+      causal_conv1d_backward(in, dy, nullptr, {&dx, &dw, &db, nullptr}, &ws);
+    });
+    const double act = 2.0 * s.b * s.t * s.c, fb = 2 * act, bb = 3 * act;
+    auto gbs = [](double bytes, double ms) { return bytes / (ms * 1e-3) / 1e9; };
+    auto pct = [&](double bytes, double ms) { return 100.0 * bytes / ceiling * 1e3 / ms; };
+    char label[64], row[512];
+    std::snprintf(label, sizeof(label), "%lld, %lld, %lld", (long long)s.b, (long long)s.c,
+                  (long long)s.t);
+    std::printf("%-20s %8.4f %8.1f %6.1f%% %8.4f %8.1f %6.1f%%\n", label, fwd, gbs(fb, fwd),
+                pct(fb, fwd), bwd, gbs(bb, bwd), pct(bb, bwd));
+    std::snprintf(row, sizeof(row),
+                  "%s{\"batch\": %lld, \"channels\": %lld, \"length\": %lld, \"width\": 4, "
+                  "\"fwd_ms\": %.5f, \"fwd_pct_of_floor\": %.1f, \"bwd_ms\": %.5f, "
+                  "\"bwd_pct_of_floor\": %.1f}",
+                  conv_json.size() > 1 ? ", " : "", (long long)s.b, (long long)s.c, (long long)s.t,
+                  fwd, pct(fb, fwd), bwd, pct(bb, bwd));
+    conv_json += row;
+    for (void* d : mem) gpu->release(d);
+  }
+  conv_json += "]";
   if (!out.empty()) {
     FILE* f = std::fopen(out.c_str(), "w");
-    std::fprintf(f, "{\"device\": \"%s\", \"shapes\": %s}\n", prop.name, json.c_str());
+    std::fprintf(f, "{\"device\": \"%s\", \"shapes\": %s, \"conv1d\": %s}\n", prop.name,
+                 json.c_str(), conv_json.c_str());
     std::fclose(f);
   }
   return 0;

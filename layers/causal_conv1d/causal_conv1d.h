@@ -8,7 +8,9 @@
 //   x [B,T,C], w [C,W] (HF stores [C,1,W]), bias [C], seq_idx [B,T] i32 (non-decreasing per row),
 //   initial_state / final_state [B,C,W-1], W in 2..4.
 // Backward: dx (=), dinitial_state (=), dw (+=), dbias (+=); dfinal_state (optional input) is the
-// gradient arriving at final_state.
+// gradient arriving at final_state. CPU tensors (f32, f64) run the reference; GPU tensors (f32 or
+// bf16, all of one dtype) run the CUDA kernels, whose backward needs an f32 workspace of
+// causal_conv1d_workspace_elems elements for its deterministic dw/dbias partial sums.
 #pragma once
 
 #include "runtime/tensor.h"
@@ -22,6 +24,7 @@ struct Conv1dInputs {
   const Tensor* seq_idx = nullptr;        // [B,T] i32 or null (one document per row)
   const Tensor* initial_state = nullptr;  // [B,C,W-1] or null (zeros)
   bool silu = false;
+  void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 
 void causal_conv1d_forward(const Conv1dInputs& in, const Tensor& y, const Tensor* final_state);
@@ -33,7 +36,8 @@ struct Conv1dGrads {
   const Tensor* dinitial_state = nullptr;  // [B,C,W-1] (=), or null
 };
 
+int64_t causal_conv1d_workspace_elems(const Conv1dInputs& in);  // 0 on the CPU
 void causal_conv1d_backward(const Conv1dInputs& in, const Tensor& dy, const Tensor* dfinal_state,
-                            const Conv1dGrads& grads);
+                            const Conv1dGrads& grads, const Tensor* workspace = nullptr);
 
 }  // namespace braid

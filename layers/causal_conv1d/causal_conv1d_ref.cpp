@@ -1,20 +1,16 @@
 #include "layers/causal_conv1d/causal_conv1d.h"
+#include "layers/causal_conv1d/causal_conv1d_gpu.h"
 #include "layers/common/op_common.h"
 #include "runtime/parallel_for.h"
 
 namespace braid {
-namespace {
 
-struct Dims {
-  int64_t b, t, c, w;
-};
-
-Dims check_conv(const Conv1dInputs& in) {
+ConvDims causal_conv1d_dims(const Conv1dInputs& in) {
   BRAID_CHECK(in.x && in.w, "causal_conv1d: x and w are required");
   BRAID_CHECK(in.x->ndim == 3 && in.w->ndim == 2,
               "causal_conv1d: expects x [B,T,C] and w [C,W]; got ", in.x->describe(), ", ",
               in.w->describe());
-  const Dims d{in.x->size(0), in.x->size(1), in.x->size(2), in.w->size(1)};
+  const ConvDims d{in.x->size(0), in.x->size(1), in.x->size(2), in.w->size(1)};
   BRAID_CHECK(d.t > 0, "causal_conv1d: empty sequence in ", in.x->describe());
   BRAID_CHECK(d.w >= 2 && d.w <= 4, "causal_conv1d: width ", d.w, " must be 2, 3 or 4");
   check_shape(*in.w, {d.c, d.w});
@@ -26,6 +22,15 @@ Dims check_conv(const Conv1dInputs& in) {
   }
   if (in.initial_state)
     check_shape(*in.initial_state, {d.b, d.c, d.w - 1}), check_same_dtype(*in.x, *in.initial_state);
+  return d;
+}
+
+namespace {
+
+using Dims = ConvDims;
+
+Dims check_conv(const Conv1dInputs& in) {
+  const Dims d = causal_conv1d_dims(in);
   require_host("causal_conv1d", {in.x, in.w, in.bias, in.seq_idx, in.initial_state});
   return d;
 }
@@ -60,6 +65,7 @@ constexpr int64_t kChannelBlock = 16;
 }  // namespace
 
 void causal_conv1d_forward(const Conv1dInputs& in, const Tensor& y, const Tensor* final_state) {
+  if (in.x && in.x->device == Device::cuda) return causal_conv1d_forward_gpu(in, y, final_state);
   const Dims d = check_conv(in);
   check_shape(y, {d.b, d.t, d.c});
   check_same_dtype(*in.x, y);
@@ -85,8 +91,15 @@ void causal_conv1d_forward(const Conv1dInputs& in, const Tensor& y, const Tensor
   });
 }
 
+int64_t causal_conv1d_workspace_elems(const Conv1dInputs& in) {
+  const Dims d = causal_conv1d_dims(in);
+  return in.x->device == Device::cuda ? conv1d_partial_elems(d.b, d.t, d.c, d.w) : 0;
+}
+
 void causal_conv1d_backward(const Conv1dInputs& in, const Tensor& dy, const Tensor* dfinal_state,
-                            const Conv1dGrads& g) {
+                            const Conv1dGrads& g, const Tensor* workspace) {
+  if (in.x && in.x->device == Device::cuda)
+    return causal_conv1d_backward_gpu(in, dy, dfinal_state, g, workspace);
   const Dims d = check_conv(in);
   BRAID_CHECK(g.dx && g.dw, "causal_conv1d_backward: dx and dw are required");
   check_shape(dy, {d.b, d.t, d.c});

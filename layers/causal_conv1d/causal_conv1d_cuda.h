@@ -1,0 +1,41 @@
+// The CUDA contract of the causal conv1d: one Params struct, built and validated on the host by
+// causal_conv1d.cpp. x, w, bias, the states, y and every gradient share one dtype (f32 or bf16,
+// as the CPU reference); accumulation is f32; seq_idx is i32.
+//
+// Work split (both kernels): a thread owns a few consecutive channels (one 8-byte vector in the
+// forward, 4-byte in the backward, where the channel count allows; else one channel) of
+// kConvSteps consecutive steps, and reads
+// the W - 1 steps before them as a halo. The backward thread walks kConvTile steps (several such
+// groups) and leaves its dw and dbias sums in a per-(batch row, tile) partial that a finishing
+// kernel adds in a fixed order.
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/tensor.h"
+
+namespace braid {
+
+constexpr int kConvSteps = 8;  // steps per thread group
+constexpr int kConvTile = 64;  // steps per backward thread (dw partial granularity)
+
+struct Conv1dParams {
+  int batch = 0, seqlen = 0, channels = 0, width = 0;
+  bool bf16 = false, silu = false;
+  const void *x = nullptr, *w = nullptr, *bias = nullptr, *initial_state = nullptr;
+  const int32_t* seq_idx = nullptr;
+  void *y = nullptr, *final_state = nullptr;
+  // Backward: dy in; dx, dinitial_state (=); dw, dbias (+=).
+  const void *dy = nullptr, *dfinal_state = nullptr;
+  void *dx = nullptr, *dw = nullptr, *dbias = nullptr, *dinitial_state = nullptr;
+  float* partial = nullptr;  // [B * ceil(T / kConvTile), C, W + 1] f32 scratch
+};
+
+inline int64_t conv1d_partial_elems(int64_t b, int64_t t, int64_t c, int64_t w) {
+  return b * ((t + kConvTile - 1) / kConvTile) * c * (w + 1);
+}
+
+void causal_conv1d_fwd_cuda(const Conv1dParams& p, void* stream);
+void causal_conv1d_bwd_cuda(const Conv1dParams& p, void* stream);
+
+}  // namespace braid

@@ -1,0 +1,335 @@
+// Causal conv1d forward and backward on the GPU (work split in causal_conv1d_cuda.h). Memory-
+// bound: each thread loads its rows as 16-byte vectors, keeps them in registers and computes in
+// f32. Document resets: an input step s contributes to output t only when seq[s] == seq[t]
+// (steps before 0 are the initial state and belong to the document of step 0).
+#include <cuda_bf16.h>
+
+#include "layers/causal_conv1d/causal_conv1d_cuda.h"
+#include "runtime/cuda_check.h"
+#include "runtime/cuda_convert.cuh"
+
+namespace braid {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int kVec>
+__device__ __forceinline__ void load_vec(const T* src, float (&v)[kVec]) {
+  if constexpr (kVec * sizeof(T) == 16) {
+    alignas(16) T raw[kVec];
+    *reinterpret_cast<uint4*>(raw) = __ldg(reinterpret_cast<const uint4*>(src));
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) v[c] = to_float(raw[c]);
+  } else if constexpr (kVec * sizeof(T) == 8) {
+    alignas(8) T raw[kVec];
+    *reinterpret_cast<uint2*>(raw) = __ldg(reinterpret_cast<const uint2*>(src));
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) v[c] = to_float(raw[c]);
+  } else if constexpr (kVec * sizeof(T) == 4 && kVec > 1) {
+    alignas(4) T raw[kVec];
+    *reinterpret_cast<unsigned*>(raw) = __ldg(reinterpret_cast<const unsigned*>(src));
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) v[c] = to_float(raw[c]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) v[c] = to_float(src[c]);
+  }
+}
+template <typename T, int kVec>
+__device__ __forceinline__ void store_vec(T* dst, const float (&v)[kVec]) {
+  if constexpr (kVec * sizeof(T) == 16) {
+    alignas(16) T raw[kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) raw[c] = from_float<T>(v[c]);
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(raw);
+  } else if constexpr (kVec * sizeof(T) == 8) {
+    alignas(8) T raw[kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) raw[c] = from_float<T>(v[c]);
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(raw);
+  } else if constexpr (kVec * sizeof(T) == 4 && kVec > 1) {
+    alignas(4) T raw[kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) raw[c] = from_float<T>(v[c]);
+    *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(raw);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) dst[c] = from_float<T>(v[c]);
+  }
+}
+__device__ __forceinline__ float sigmoid(float x) {
+  return 1.f / (1.f + expf(-x));
+}
+
+// Rows t0 - W + 1 .. t0 - W + 1 + kRows - 1 of this thread's channels: x (the initial state
+// before step 0, zero past the end) and their seq values (seq[0] before step 0).
+template <typename T, int kVec, int kW, int kRows>
+__device__ __forceinline__ void load_rows(const Conv1dParams& p, int b, int c0, int t0,
+                                          float (&x)[kRows][kVec], int (&sq)[kRows]) {
+  const T* xs = static_cast<const T*>(p.x);
+  const T* init = static_cast<const T*>(p.initial_state);
+  const int32_t* seq = p.seq_idx ? p.seq_idx + static_cast<int64_t>(b) * p.seqlen : nullptr;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int s = t0 - (kW - 1) + i;
+    if (s >= 0 && s < p.seqlen) {
+      load_vec<T, kVec>(xs + (static_cast<int64_t>(b) * p.seqlen + s) * p.channels + c0, x[i]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kVec; ++c)
+        x[i][c] = s < 0 && init
+                      ? to_float(init[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
+                                      (kW - 1 + s)])
+                      : 0.f;
+    }
+    sq[i] = seq ? seq[s < 0 ? 0 : (s < p.seqlen ? s : p.seqlen - 1)] : 0;
+  }
+}
+
+template <typename T, int kVec, int kW>
+__device__ __forceinline__ void load_weights(const Conv1dParams& p, int c0, float (&w)[kVec][kW],
+                                             float (&bias)[kVec]) {
+  const T* ws = static_cast<const T*>(p.w);
+  const T* bs = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int c = 0; c < kVec; ++c) {
+#pragma unroll
+    for (int k = 0; k < kW; ++k) w[c][k] = to_float(ws[(c0 + c) * kW + k]);
+    bias[c] = bs ? to_float(bs[c0 + c]) : 0.f;
+  }
+}
+
+template <typename T, int kVec, int kW>
+__global__ void __launch_bounds__(kThreads, 2) conv_fwd_kernel(const Conv1dParams p) {
+  const int nvec = p.channels / kVec, tiles = (p.seqlen + kConvSteps - 1) / kConvSteps;
+  const int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (v >= static_cast<int64_t>(p.batch) * tiles * nvec) return;
+  const int c0 = static_cast<int>(v % nvec) * kVec;
+  const int tile = static_cast<int>((v / nvec) % tiles), b = static_cast<int>(v / nvec / tiles);
+  const int t0 = tile * kConvSteps;
+  constexpr int kRows = kConvSteps + kW - 1;
+  float x[kRows][kVec], w[kVec][kW], bias[kVec];
+  int sq[kRows];
+  load_rows<T, kVec, kW, kRows>(p, b, c0, t0, x, sq);
+  load_weights<T, kVec, kW>(p, c0, w, bias);
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int j = 0; j < kConvSteps; ++j) {
+    const int t = t0 + j;
+    if (t >= p.seqlen) break;
+    float out[kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) {
+      float acc = bias[c];
+#pragma unroll
+      for (int k = 0; k < kW; ++k)
+        if (sq[j + k] == sq[j + kW - 1]) acc += w[c][k] * x[j + k][c];
+      out[c] = p.silu ? acc * sigmoid(acc) : acc;
+    }
+    store_vec<T, kVec>(y + (static_cast<int64_t>(b) * p.seqlen + t) * p.channels + c0, out);
+  }
+  // final_state[j] = input step T - W + 1 + j if it is in the document of step T - 1, else 0.
+  const int last = p.seqlen - 1;
+  if (p.final_state && last >= t0 && last < t0 + kConvSteps) {
+    T* fs = static_cast<T*>(p.final_state);
+    const int i_last = last - t0 + kW - 1;
+#pragma unroll
+    for (int jj = 0; jj < kW - 1; ++jj) {
+      const int i = i_last - (kW - 2) + jj;  // row of step T - W + 1 + jj
+#pragma unroll
+      for (int ii = 0; ii < kRows; ++ii) {
+        if (ii != i) continue;
+#pragma unroll
+        for (int c = 0; c < kVec; ++c)
+          fs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + jj] =
+              from_float<T>(sq[ii] == sq[i_last] ? x[ii][c] : 0.f);
+      }
+    }
+  }
+}
+
+template <typename T, int kVec, int kW>
+__global__ void __launch_bounds__(kThreads, 2) conv_bwd_kernel(const Conv1dParams p) {
+  const int nvec = p.channels / kVec, tiles = (p.seqlen + kConvTile - 1) / kConvTile;
+  const int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (v >= static_cast<int64_t>(p.batch) * tiles * nvec) return;
+  const int c0 = static_cast<int>(v % nvec) * kVec;
+  const int tile = static_cast<int>((v / nvec) % tiles), b = static_cast<int>(v / nvec / tiles);
+  // x rows t0 - W + 1 .. t0 + kConvSteps + W - 2 (for pre and dx); dpre for t0 .. t0 + S + W - 2.
+  constexpr int kRows = kConvSteps + 2 * (kW - 1), kOut = kConvSteps + kW - 1;
+  float w[kVec][kW], bias[kVec], dw[kVec][kW] = {}, db[kVec] = {};
+  load_weights<T, kVec, kW>(p, c0, w, bias);
+  const T* dys = static_cast<const T*>(p.dy);
+  const T* dfs = static_cast<const T*>(p.dfinal_state);
+  T* dxs = static_cast<T*>(p.dx);
+  const int last = p.seqlen - 1;
+  const int sq_last = p.seq_idx ? p.seq_idx[static_cast<int64_t>(b) * p.seqlen + last] : 0;
+  for (int t0 = tile * kConvTile; t0 < min(p.seqlen, (tile + 1) * kConvTile); t0 += kConvSteps) {
+    float x[kRows][kVec], dp[kOut][kVec];
+    int sq[kRows];
+    load_rows<T, kVec, kW, kRows>(p, b, c0, t0, x, sq);
+#pragma unroll
+    for (int m = 0; m < kOut; ++m) {
+      const int t = t0 + m;
+      float g[kVec];
+      if (t < p.seqlen)
+        load_vec<T, kVec>(dys + (static_cast<int64_t>(b) * p.seqlen + t) * p.channels + c0, g);
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) {
+        if (t >= p.seqlen) {
+          dp[m][c] = 0.f;
+          continue;
+        }
+        float gp = g[c];
+        if (p.silu) {
+          float acc = bias[c];
+#pragma unroll
+          for (int k = 0; k < kW; ++k)
+            if (sq[m + k] == sq[m + kW - 1]) acc += w[c][k] * x[m + k][c];
+          const float s = sigmoid(acc);
+          gp *= s * (1.f + acc * (1.f - s));
+        }
+        dp[m][c] = gp;
+      }
+    }
+    // Own steps: dx, and the dw / dbias sums over their outputs.
+#pragma unroll
+    for (int j = 0; j < kConvSteps; ++j) {
+      const int s = t0 + j;
+      if (s >= p.seqlen) break;
+      const int i_s = j + kW - 1;  // row of step s
+      float dx[kVec] = {};
+#pragma unroll
+      for (int k = 0; k < kW; ++k) {
+        const int m = j + kW - 1 - k;  // output t = s + W - 1 - k
+        if (t0 + m < p.seqlen && sq[i_s] == sq[m + kW - 1])
+#pragma unroll
+          for (int c = 0; c < kVec; ++c) dx[c] += dp[m][c] * w[c][k];
+      }
+      if (dfs && s > last - (kW - 1) && sq[i_s] == sq_last)
+#pragma unroll
+        for (int c = 0; c < kVec; ++c)
+          dx[c] += to_float(dfs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
+                                (s - last + kW - 2)]);
+      store_vec<T, kVec>(dxs + (static_cast<int64_t>(b) * p.seqlen + s) * p.channels + c0, dx);
+#pragma unroll
+      for (int c = 0; c < kVec; ++c) {
+        db[c] += dp[j][c];
+#pragma unroll
+        for (int k = 0; k < kW; ++k)
+          if (sq[j + k] == sq[j + kW - 1]) dw[c][k] += dp[j][c] * x[j + k][c];
+      }
+    }
+    // The initial state's gradient: steps s = -(W - 1) .. -1, row s + W - 1, document of step 0.
+    if (t0 == 0 && p.dinitial_state) {
+      T* di = static_cast<T*>(p.dinitial_state);
+#pragma unroll
+      for (int s = -(kW - 1); s < 0; ++s) {
+        float acc[kVec] = {};
+#pragma unroll
+        for (int k = 0; k < kW; ++k) {
+          const int t = s + kW - 1 - k;
+          if (t >= 0 && t < p.seqlen && sq[s + kW - 1] == sq[t + kW - 1])
+#pragma unroll
+            for (int c = 0; c < kVec; ++c) acc[c] += dp[t][c] * w[c][k];
+        }
+        const bool from_final = dfs && s > last - (kW - 1) && sq[s + kW - 1] == sq_last;
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) {
+          const int64_t at =
+              (static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + kW - 1 + s;
+          if (from_final)
+            acc[c] += to_float(dfs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
+                                   (s - last + kW - 2)]);
+          di[at] = from_float<T>(acc[c]);
+        }
+      }
+    }
+  }
+  float* part = p.partial + (static_cast<int64_t>(b) * tiles + tile) * p.channels * (kW + 1);
+#pragma unroll
+  for (int c = 0; c < kVec; ++c) {
+#pragma unroll
+    for (int k = 0; k < kW; ++k) part[(c0 + c) * (kW + 1) + k] = dw[c][k];
+    part[(c0 + c) * (kW + 1) + kW] = db[c];
+  }
+}
+
+// dw, dbias += the sums of the (batch row, tile) partials, in order.
+template <typename T>
+__global__ void conv_bwd_finish(const Conv1dParams p, int parts) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  const int64_t per = static_cast<int64_t>(p.channels) * (p.width + 1);
+  if (i >= per) return;
+  float sum = 0.f;
+  for (int j = 0; j < parts; ++j) sum += p.partial[j * per + i];
+  const int64_t c = i / (p.width + 1), k = i % (p.width + 1);
+  T* dst = k < p.width ? static_cast<T*>(p.dw) + c * p.width + k
+                       : (p.dbias ? static_cast<T*>(p.dbias) + c : nullptr);
+  if (dst) *dst = from_float<T>(to_float(*dst) + sum);
+}
+
+template <typename T, int kVec, int kW, bool kBackward>
+void launch(const Conv1dParams& p, cudaStream_t stream) {
+  const int64_t nvec = p.channels / kVec;
+  if constexpr (!kBackward) {
+    const int64_t n = p.batch * ((p.seqlen + kConvSteps - 1) / kConvSteps) * nvec;
+    conv_fwd_kernel<T, kVec, kW>
+        <<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+    CUDA_CHECK(cudaGetLastError());
+  } else {
+    const int64_t tiles = (p.seqlen + kConvTile - 1) / kConvTile, n = p.batch * tiles * nvec;
+    conv_bwd_kernel<T, kVec, kW>
+        <<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+    CUDA_CHECK(cudaGetLastError());
+    const int64_t per = static_cast<int64_t>(p.channels) * (p.width + 1);
+    conv_bwd_finish<T>
+        <<<static_cast<unsigned>((per + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+            p, static_cast<int>(p.batch * tiles));
+    CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+template <typename T, int kVec, bool kBackward>
+void launch_width(const Conv1dParams& p, cudaStream_t stream) {
+  switch (p.width) {
+    case 2:
+      return launch<T, kVec, 2, kBackward>(p, stream);
+    case 3:
+      return launch<T, kVec, 3, kBackward>(p, stream);
+    default:
+      return launch<T, kVec, 4, kBackward>(p, stream);
+  }
+}
+
+// Vectors of 8 bytes (forward) or 4 bytes (backward, which holds about twice the rows) when every
+// row starts aligned to them, single channels otherwise: few enough registers for 16 warps
+// per SM, which a memory-bound kernel needs to keep loads in flight.
+template <typename T, bool kBackward>
+void launch_type(const Conv1dParams& p, cudaStream_t stream) {
+  constexpr int kVec = (kBackward ? 4 : 8) / sizeof(T);
+  if (p.channels % kVec == 0)
+    launch_width<T, kVec, kBackward>(p, stream);
+  else
+    launch_width<T, 1, kBackward>(p, stream);
+}
+
+template <bool kBackward>
+void dispatch(const Conv1dParams& p, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.bf16)
+    launch_type<__nv_bfloat16, kBackward>(p, s);
+  else
+    launch_type<float, kBackward>(p, s);
+}
+
+}  // namespace
+
+void causal_conv1d_fwd_cuda(const Conv1dParams& p, void* stream) {
+  dispatch<false>(p, stream);
+}
+void causal_conv1d_bwd_cuda(const Conv1dParams& p, void* stream) {
+  dispatch<true>(p, stream);
+}
+
+}  // namespace braid
