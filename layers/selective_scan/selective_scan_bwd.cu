@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
   const int N = p.d_state;
   SmemCarver carve{smem_raw};
   T* act = carve.take<T>(4 * Tl::tile_elems<T>());  // u, delta, z, dy; then du, ddelta, dz
-  float* bc = carve.take<float>(2 * kNs * kL);
+  float* bc = carve.take<float>(2 * kNs * Tl::kBcRow);
   float* hf = carve.take<float>(kC * N);    // forward state entering the chunk (saved)
   float* qb = carve.take<float>(kC * N);    // gradient reaching the state entering the chunk
   float* a2 = carve.take<float>(kC * N);    // A * log2(e)
@@ -123,8 +123,8 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
         // Read before the shuffles: lanes 0 and 15 overwrite them below.
         const float h_carry = hf_row[nn], q_carry = qb_row[nn];
         float bv[kItems], cv[kItems], a[kItems];
-        Tl::read_bc(bc + nn * kL, q.seg, bv);
-        Tl::read_bc(bc + (kNs + nn) * kL, q.seg, cv);
+        Tl::read_bc(bc + nn * Tl::kBcRow, q.seg, bv);
+        Tl::read_bc(bc + (kNs + nn) * Tl::kBcRow, q.seg, cv);
         float A = 1.f, H = 0.f, Q = 0.f;
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
@@ -331,7 +331,7 @@ template <typename T>
 size_t bwd_smem(int n) {
   SmemCarver carve{nullptr};
   carve.take<T>(4 * Tl::tile_elems<T>());
-  carve.take<float>(2 * kNs * kL);
+  carve.take<float>(2 * kNs * Tl::kBcRow);
   carve.take<float>(4 * kC * n);
   carve.take<float>(2 * kNg * kRed);
   carve.take<int>(kL + 1);

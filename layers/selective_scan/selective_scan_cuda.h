@@ -44,6 +44,7 @@ struct ScanParams {
   int batch = 0, seqlen = 0, channels = 0, d_state = 0, groups = 1;
   bool bf16 = false;  // activation dtype: bf16 (else f32)
   bool delta_softplus = true;
+  bool stage_async = false;  // set by the forward's launcher: stage chunks with cp.async
   // Forward inputs and output.
   const void *u = nullptr, *delta = nullptr, *z = nullptr, *B = nullptr, *C = nullptr;
   void* y = nullptr;

@@ -26,15 +26,15 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   const int N = p.d_state;
   SmemCarver carve{smem_raw};
   T* act = carve.take<T>(3 * Tl::tile_elems<T>());  // u, delta, z; u's tile is reused for y
-  float* bc = carve.take<float>(2 * kNs * kL);
+  float* bc = carve.take<float>(2 * kNs * Tl::kBcRow);
   float* carry = carve.take<float>(kC * N);  // state entering the chunk
   float* a2 = carve.take<float>(kC * N);     // A * log2(e)
   float* mid = carve.take<float>(kC * N);    // state at the middle of the chunk (saved)
   int* seq = carve.take<int>(kL + 1);
-  T* raw = carve.take<T>(sizeof(T) == 2 ? Tl::kRawAct + Tl::kRawBc : 0);  // bf16: next chunk, raw
+  T* raw = carve.take<T>(p.stage_async ? Tl::kRawAct + Tl::kRawBc : 0);  // next chunk, raw
   const Place q = place(p);
   constexpr bool k16 = sizeof(T) == 2;  // the asynchronous staging is for bf16
-  const bool async = k16 && Tl::can_prefetch<T>(p, q);
+  const bool async = k16 && p.stage_async;
   const int tid = threadIdx.x;
   for (int i = tid; i < kC * N; i += kBlock) {
     const int ch = i / N, n = i % N, c = q.c0 + ch;
@@ -112,9 +112,9 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
       float* carry_row = carry + q.ch * N + s0;
       float* mid_row = mid + q.ch * N + s0;
       const float* b_row = bc;
-      const float* c_row = bc + kNs * kL;
+      const float* c_row = bc + kNs * Tl::kBcRow;
 #pragma unroll 1
-      for (int nn = 0; nn < ns; ++nn, b_row += kL, c_row += kL) {
+      for (int nn = 0; nn < ns; ++nn, b_row += Tl::kBcRow, c_row += Tl::kBcRow) {
         const float a2n = a2_row[nn];
         // Read before the shuffles: lane 15 overwrites it below.
         const float carry_in = carry_row[nn];
@@ -210,19 +210,20 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
 }
 
 template <typename T>
-size_t fwd_smem(int n) {
+size_t fwd_smem(const ScanParams& p) {
   SmemCarver carve{nullptr};
   carve.take<T>(3 * Tl::tile_elems<T>());
-  carve.take<float>(2 * kNs * kL);
-  carve.take<float>(3 * kC * n);
+  carve.take<float>(2 * kNs * Tl::kBcRow);
+  carve.take<float>(3 * kC * p.d_state);
   carve.take<int>(kL + 1);
-  carve.take<T>(sizeof(T) == 2 ? Tl::kRawAct + Tl::kRawBc : 0);
+  carve.take<T>(p.stage_async ? Tl::kRawAct + Tl::kRawBc : 0);
   return carve.used;
 }
 
 template <typename T, bool kReset>
-void launch(const ScanParams& p, cudaStream_t stream) {
-  const size_t smem = fwd_smem<T>(p.d_state);
+void launch(ScanParams p, cudaStream_t stream) {
+  p.stage_async = Tl::can_prefetch(p);
+  const size_t smem = fwd_smem<T>(p);
   CUDA_CHECK(cudaFuncSetAttribute(scan_fwd_kernel<T, kReset>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));

@@ -186,15 +186,13 @@ struct Tiles {
     for (int w = 0; w < kWords; ++w) dst[w] = reinterpret_cast<const uint4*>(x)[w];
   }
 
-  // B/C tiles [2][kNs][L] f32 for states s0 .. s0 + kNs - 1 of the block's group. Each thread's
-  // kItems steps are kQuads float4s, rotated per segment so that the 16-byte reads of 8
-  // consecutive segments hit 32 different banks.
-  static __device__ __forceinline__ int quad_rot(int seg) {
-    return (seg / (8 / kQuads)) % kQuads;
-  }
+  // B/C tiles [2][kNs][kBcRow] f32 for states s0 .. s0 + kNs - 1 of the block's group. Each
+  // thread's kItems steps are contiguous, and segments are kItems + 4 floats apart, so that the
+  // 16-byte reads of 8 consecutive segments hit 32 different banks and every read of a thread is
+  // at a constant offset from one base pointer.
+  static constexpr int kSeg = kItems + 4, kBcRow = kTpc * kSeg;
   static __device__ __forceinline__ int bc_pos(int r) {
-    const int s = r / kItems, i = r % kItems;
-    return s * kItems + 4 * ((i / 4) ^ quad_rot(s)) + i % 4;
+    return r / kItems * kSeg + r % kItems;
   }
   template <typename T>
   static __device__ __forceinline__ void load_bc(const ScanParams& p, const Place& q, int t0,
@@ -211,19 +209,19 @@ struct Tiles {
     for (int r = threadIdx.x % 128; r < L; r += 128) {
       const int t = t0 + r;
       const T* src = src0 + static_cast<int64_t>(t) * stride_t;
-      float* dst = bc + k * kNs * L + bc_pos(r);
+      float* dst = bc + k * kNs * kBcRow + bc_pos(r);
       const bool ok = t < p.seqlen;
 #pragma unroll
-      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = ok && nn < valid ? to_float(src[nn]) : 0.f;
+      for (int nn = 0; nn < kNs; ++nn)
+        dst[nn * kBcRow] = ok && nn < valid ? to_float(src[nn]) : 0.f;
     }
   }
   // This thread's kItems values in one B/C tile row.
   static __device__ __forceinline__ void read_bc(const float* row, int seg, float (&v)[kItems]) {
-    const float* base = row + seg * kItems;
-    const int rot = quad_rot(seg);
+    const float* base = row + seg * kSeg;
 #pragma unroll
     for (int j = 0; j < kQuads; ++j) {
-      const float4 x = *reinterpret_cast<const float4*>(base + 4 * (j ^ rot));
+      const float4 x = *reinterpret_cast<const float4*>(base + 4 * j);
       v[4 * j] = x.x, v[4 * j + 1] = x.y, v[4 * j + 2] = x.z, v[4 * j + 3] = x.w;
     }
   }
@@ -233,9 +231,9 @@ struct Tiles {
   // buffer with cp.async while the previous chunk computes; from_raw() then transposes them into
   // the tiles (shared to shared, no global latency).
   static constexpr int kRawAct = 3 * L * kC, kRawBc = 2 * L * kNs;  // elements
-  template <typename T>
-  static __device__ __forceinline__ bool can_prefetch(const ScanParams& p, const Place& q) {
-    return q.vec && p.d_state == kNs;
+  // The host's test (one per launch): bf16, whole 16-channel blocks, N = kNs.
+  static bool can_prefetch(const ScanParams& p) {
+    return p.bf16 && (p.channels / p.groups) % kC == 0 && p.d_state == kNs;
   }
   template <typename T>
   static __device__ __forceinline__ void prefetch(const ScanParams& p, const Place& q, int t0,
@@ -291,9 +289,9 @@ struct Tiles {
 #pragma unroll
       for (int w = 0; w < static_cast<int>(kNs * sizeof(T) / 16); ++w)
         reinterpret_cast<uint4*>(v)[w] = src[w];
-      float* dst = bc + k * kNs * L + bc_pos(r);
+      float* dst = bc + k * kNs * kBcRow + bc_pos(r);
 #pragma unroll
-      for (int nn = 0; nn < kNs; ++nn) dst[nn * L] = to_float(v[nn]);
+      for (int nn = 0; nn < kNs; ++nn) dst[nn * kBcRow] = to_float(v[nn]);
     }
   }
   static __device__ __forceinline__ void copy16(void* smem, const void* gmem, bool valid) {
