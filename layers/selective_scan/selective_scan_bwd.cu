@@ -37,8 +37,10 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
   SmemCarver carve{smem_raw};
   T* act = carve.take<T>(4 * Tl::tile_elems<T>());  // u, delta, z, dy; then du, ddelta, dz
   float* bc = carve.take<float>(2 * kNs * Tl::kBcRow);
-  float* hf = carve.take<float>(kC * N);    // forward state entering the chunk (saved)
-  float* qb = carve.take<float>(kC * N);    // gradient reaching the state entering the chunk
+  float* hf = carve.take<float>(kC * N);  // forward state entering the chunk (saved)
+  // Gradient reaching the state entering the chunk, double-buffered by chunk parity (lane 0
+  // writes the earlier chunk's while the other lanes may still be reading this one's).
+  float* qb = carve.take<float>(2 * kC * N);
   float* a2 = carve.take<float>(kC * N);    // A * log2(e)
   float* dA_s = carve.take<float>(kC * N);  // this block's dA
   float* red = carve.take<float>(2 * kNg * kRed);
@@ -46,16 +48,17 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
   const Place q = place(p);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t bcn = static_cast<int64_t>(q.b) * p.channels;
+  const int chunks = (p.seqlen + kL - 1) / kL, padded = chunks * kL;
   for (int i = tid; i < kC * N; i += kBlock) {
     const int ch = i / N, n = i % N, c = q.c0 + ch;
     const bool ok = ch < q.nch;
     a2[i] = ok ? p.A[static_cast<int64_t>(c) * N + n] * kLog2e : 0.f;
-    qb[i] = ok && p.dfinal_state ? p.dfinal_state[(bcn + c) * N + n] : 0.f;
+    qb[((chunks - 1) & 1) * kC * N + i] =
+        ok && p.dfinal_state ? p.dfinal_state[(bcn + c) * N + n] : 0.f;
     dA_s[i] = 0.f;
   }
   const float d_skip = q.active && p.D ? p.D[q.c] : 0.f;
   const float bias = q.active && p.delta_bias ? p.delta_bias[q.c] : 0.f;
-  const int chunks = (p.seqlen + kL - 1) / kL, padded = chunks * kL;
   const unsigned mask = 0xffffffffu;
   T* const t_u = act;
   T* const t_delta = act + Tl::tile_elems<T>();
@@ -113,14 +116,14 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
       const int ns = min(kNs, N - s0);
       const float* a2_row = a2 + q.ch * N + s0;
       const float* hf_row = hf + q.ch * N + s0;
-      float* qb_row = qb + q.ch * N + s0;
+      const float* qb_row = qb + (k & 1) * kC * N + q.ch * N + s0;
+      float* qb_prev = qb + ((k + 1) & 1) * kC * N + q.ch * N + s0;  // chunk k - 1's
       float* dA_row = dA_s + q.ch * N + s0;
       const float* A_row = p.A + static_cast<int64_t>(q.active ? q.c : 0) * N + s0;
 #pragma unroll 1
       for (int nn = 0; nn < ns; ++nn) {
         const float a2n = a2_row[nn];
         const float an = q.active ? __ldg(A_row + nn) : 0.f;
-        // Read before the shuffles: lanes 0 and 15 overwrite them below.
         const float h_carry = hf_row[nn], q_carry = qb_row[nn];
         float bv[kItems], cv[kItems], a[kItems];
         Tl::read_bc(bc + nn * Tl::kBcRow, q.seg, bv);
@@ -205,7 +208,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
           const float keep = lo ? db : dc, send = lo ? dc : db;
           slot[red_pos(lane, i)] = keep + __shfl_xor_sync(mask, send, 16);
         }
-        if (q.seg == 0) qb_row[nn] = qq;
+        if (q.seg == 0) qb_prev[nn] = qq;
 #pragma unroll
         for (int off = kTpc / 2; off >= 1; off /= 2)
           dA_acc += __shfl_xor_sync(mask, dA_acc, off, kTpc);
@@ -276,7 +279,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
   }
   for (int i = tid; i < q.nch * N; i += kBlock) {
     p.partial_a[(bcn + q.c0) * N + i] = dA_s[i];
-    if (p.dinitial_state) p.dinitial_state[(bcn + q.c0) * N + i] = qb[i];
+    if (p.dinitial_state) p.dinitial_state[(bcn + q.c0) * N + i] = qb[kC * N + i];  // chunk -1
   }
 }
 
@@ -332,7 +335,7 @@ size_t bwd_smem(int n) {
   SmemCarver carve{nullptr};
   carve.take<T>(4 * Tl::tile_elems<T>());
   carve.take<float>(2 * kNs * Tl::kBcRow);
-  carve.take<float>(4 * kC * n);
+  carve.take<float>(5 * kC * n);
   carve.take<float>(2 * kNg * kRed);
   carve.take<int>(kL + 1);
   return carve.used;

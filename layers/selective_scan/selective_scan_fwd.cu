@@ -27,9 +27,11 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   SmemCarver carve{smem_raw};
   T* act = carve.take<T>(3 * Tl::tile_elems<T>());  // u, delta, z; u's tile is reused for y
   float* bc = carve.take<float>(2 * kNs * Tl::kBcRow);
-  float* carry = carve.take<float>(kC * N);  // state entering the chunk
-  float* a2 = carve.take<float>(kC * N);     // A * log2(e)
-  float* mid = carve.take<float>(kC * N);    // state at the middle of the chunk (saved)
+  // State entering the chunk, double-buffered by chunk parity: lane 15 writes the next chunk's
+  // while the other lanes may still be reading this one's.
+  float* carry = carve.take<float>(2 * kC * N);
+  float* a2 = carve.take<float>(kC * N);   // A * log2(e)
+  float* mid = carve.take<float>(kC * N);  // state at the middle of the chunk (saved)
   int* seq = carve.take<int>(kL + 1);
   T* raw = carve.take<T>(p.stage_async ? Tl::kRawAct + Tl::kRawBc : 0);  // next chunk, raw
   const Place q = place(p);
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     if (p.chunk_states) {
       float* dst = p.chunk_states +
                    ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k) * p.channels + q.c0) * N;
-      for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = carry[i];
+      for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = carry[(k & 1) * kC * N + i];
     }
     float dt[kItems], dtu[kItems], out[kItems];
     bool reset[kItems];
@@ -109,14 +111,14 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
       }
       const int ns = min(kNs, N - s0);
       const float* a2_row = a2 + q.ch * N + s0;
-      float* carry_row = carry + q.ch * N + s0;
+      const float* carry_row = carry + (k & 1) * kC * N + q.ch * N + s0;
+      float* next_row = carry + ((k + 1) & 1) * kC * N + q.ch * N + s0;
       float* mid_row = mid + q.ch * N + s0;
       const float* b_row = bc;
       const float* c_row = bc + kNs * Tl::kBcRow;
 #pragma unroll 1
       for (int nn = 0; nn < ns; ++nn, b_row += Tl::kBcRow, c_row += Tl::kBcRow) {
         const float a2n = a2_row[nn];
-        // Read before the shuffles: lane 15 overwrites it below.
         const float carry_in = carry_row[nn];
         float a[kItems], bb[kItems];
         {
@@ -183,7 +185,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
           out[j] += cv[j] * h2;
         }
         h = h2;
-        if (q.seg == kTpc - 1) carry_row[nn] = h;
+        if (q.seg == kTpc - 1) next_row[nn] = h;
       }
     }
     // y = out * silu(z), into u's tile (each thread rewrites only its own steps, which only it
@@ -206,7 +208,8 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   }
   if (p.final_state)
     for (int i = tid; i < q.nch * N; i += kBlock)
-      p.final_state[(static_cast<int64_t>(q.b) * p.channels + q.c0) * N + i] = carry[i];
+      p.final_state[(static_cast<int64_t>(q.b) * p.channels + q.c0) * N + i] =
+          carry[(chunks & 1) * kC * N + i];
 }
 
 template <typename T>
@@ -214,7 +217,7 @@ size_t fwd_smem(const ScanParams& p) {
   SmemCarver carve{nullptr};
   carve.take<T>(3 * Tl::tile_elems<T>());
   carve.take<float>(2 * kNs * Tl::kBcRow);
-  carve.take<float>(3 * kC * p.d_state);
+  carve.take<float>(4 * kC * p.d_state);
   carve.take<int>(kL + 1);
   carve.take<T>(p.stage_async ? Tl::kRawAct + Tl::kRawBc : 0);
   return carve.used;
