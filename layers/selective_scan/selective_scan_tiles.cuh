@@ -122,7 +122,7 @@ struct Tiles {
         for (int w = 0; w < kWords; ++w)
           reinterpret_cast<uint4*>(v)[w] = t < p.seqlen ? __ldg(s + w) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) tile[row<T>(half * 8 + j) + r] = v[j];
+        for (int j = 0; j < 8; ++j) tile[row<T>(half * 8) + j * kRow + r] = v[j];
       }
     } else {
       for (int i = threadIdx.x; i < kC * L; i += kBlock) {
@@ -147,7 +147,7 @@ struct Tiles {
         if (t >= p.seqlen) break;
         alignas(16) T v[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[j] = tile[row<T>(half * 8 + j) + r];
+        for (int j = 0; j < 8; ++j) v[j] = tile[row<T>(half * 8) + j * kRow + r];
         uint4* d =
             reinterpret_cast<uint4*>(dst + base + static_cast<int64_t>(t) * p.channels + half * 8);
 #pragma unroll
@@ -239,29 +239,31 @@ struct Tiles {
   static __device__ __forceinline__ void prefetch(const ScanParams& p, const Place& q, int t0,
                                                   T* raw) {
     static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
-    // Every count below is a compile-time constant: 16-byte copies of 8 elements, two per
-    // 16-channel (or 16-state) row.
+    static_assert(L == 256, "two 128-row halves per chunk");
+    // Thread (row r, 8-element part) copies 16 bytes of rows r and r + 128 of each matrix: one
+    // offset computation per chunk, then a pointer add per copy. Rows past the end are
+    // zero-filled (the source address stays a valid one).
+    const int r = threadIdx.x >> 1, part = threadIdx.x & 1, t = t0 + r;
+    const bool ok0 = t < p.seqlen, ok1 = t + 128 < p.seqlen;
+    const int64_t act_row =
+        (static_cast<int64_t>(q.b) * p.seqlen + t) * p.channels + q.c0 + part * 8;
+    const int64_t act_half = static_cast<int64_t>(128) * p.channels;
     const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
                         static_cast<const T*>(p.z)};
-    const int64_t base = static_cast<int64_t>(q.b) * p.seqlen * p.channels + q.c0;
-    for (int k = 0; k < (p.z ? 3 : 2); ++k)
-#pragma unroll 1
-      for (int it = 0; it < 2 * L / kBlock; ++it) {
-        const int i = threadIdx.x + it * kBlock, r = i >> 1, part = i & 1, t = t0 + r;
-        const bool ok = t < p.seqlen;
-        copy16(raw + (k * L + r) * kC + part * 8,
-               srcs[k] + base + static_cast<int64_t>(ok ? t : 0) * p.channels + part * 8, ok);
-      }
+    T* dst = raw + r * kC + part * 8;
+    for (int k = 0; k < (p.z ? 3 : 2); ++k) {
+      const T* s = srcs[k] + act_row;
+      copy16(dst + k * L * kC, ok0 ? s : srcs[k], ok0);
+      copy16(dst + k * L * kC + 128 * kC, ok1 ? s + act_half : srcs[k], ok1);
+    }
     const int64_t stride_t = static_cast<int64_t>(p.groups) * kNs;
-    const int64_t bc_base = static_cast<int64_t>(q.b) * p.seqlen * stride_t + q.g * kNs;
-#pragma unroll 1
-    for (int it = 0; it < 4 * L / kBlock; ++it) {
-      const int i = threadIdx.x + it * kBlock, k = i / (2 * L), r = (i >> 1) % L, part = i & 1;
-      const int t = t0 + r;
-      const bool ok = t < p.seqlen;
+    const int64_t bc_row =
+        (static_cast<int64_t>(q.b) * p.seqlen + t) * stride_t + q.g * kNs + part * 8;
+    T* bdst = raw + kRawAct + r * kNs + part * 8;
+    for (int k = 0; k < 2; ++k) {
       const T* src = static_cast<const T*>(k == 0 ? p.B : p.C);
-      copy16(raw + kRawAct + (k * L + r) * kNs + part * 8,
-             src + bc_base + static_cast<int64_t>(ok ? t : 0) * stride_t + part * 8, ok);
+      copy16(bdst + k * L * kNs, ok0 ? src + bc_row : src, ok0);
+      copy16(bdst + k * L * kNs + 128 * kNs, ok1 ? src + bc_row + 128 * stride_t : src, ok1);
     }
     asm volatile("cp.async.commit_group;\n" ::);
   }
@@ -269,17 +271,23 @@ struct Tiles {
   static __device__ __forceinline__ void from_raw(const ScanParams& p, const T* raw, T* act,
                                                   float* bc) {
     static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
-    const int half = threadIdx.x % 2;
-    for (int k = 0; k < (p.z ? 3 : 2); ++k)
+    // Thread (row r0 + 128 it, half): every address below is a constant offset from src / dst.
+    const int half = threadIdx.x % 2, r0 = threadIdx.x / 2;
+    const T* src = raw + r0 * kC + half * 8;
+    T* dst = act + row<T>(half * 8) + r0;
+    const int tiles = p.z ? 3 : 2;
 #pragma unroll
-      for (int r = threadIdx.x / 2; r < L; r += kBlock / 2) {
+    for (int k = 0; k < 3; ++k) {
+      if (k >= tiles) break;
+#pragma unroll
+      for (int it = 0; it < L / 128; ++it) {
         alignas(16) T v[8];
         *reinterpret_cast<uint4*>(v) =
-            *reinterpret_cast<const uint4*>(raw + (k * L + r) * kC + half * 8);
-        T* tile = act + k * tile_elems<T>();
+            *reinterpret_cast<const uint4*>(src + (k * L + it * 128) * kC);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) tile[row<T>(half * 8 + j) + r] = v[j];
+        for (int j = 0; j < 8; ++j) dst[k * tile_elems<T>() + j * kRow + it * 128] = v[j];
       }
+    }
     // B/C rows: kNs raw values in 16-byte reads.
     const int k = threadIdx.x / 128;
 #pragma unroll
