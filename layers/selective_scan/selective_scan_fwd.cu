@@ -27,11 +27,11 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   SmemCarver carve{smem_raw};
   T* act = carve.take<T>(3 * Tl::tile_elems<T>());  // u, delta, z; u's tile is reused for y
   float* bc = carve.take<float>(2 * kNs * Tl::kBcRow);
-  // State entering the chunk, double-buffered by chunk parity: lane 15 writes the next chunk's
-  // while the other lanes may still be reading this one's.
-  float* carry = carve.take<float>(2 * kC * N);
-  float* a2 = carve.take<float>(kC * N);   // A * log2(e)
-  float* mid = carve.take<float>(kC * N);  // state at the middle of the chunk (saved)
+  // Per (channel, state) n, four floats side by side, so that one pointer reaches them all with
+  // constant offsets: the state entering the chunk (kCarry), A log2(e) (kA2) and the state at
+  // the middle of the chunk (kMid, saved for the backward).
+  constexpr int kCarry = 0, kA2 = 1, kMid = 2, kF = 4;
+  float* cs = carve.take<float>(kF * kC * N);
   int* seq = carve.take<int>(kL + 1);
   T* raw = carve.take<T>(p.stage_async ? Tl::kRawAct + Tl::kRawBc : 0);  // next chunk, raw
   const Place q = place(p);
@@ -41,10 +41,11 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   for (int i = tid; i < kC * N; i += kBlock) {
     const int ch = i / N, n = i % N, c = q.c0 + ch;
     const bool ok = ch < q.nch;
-    a2[i] = ok ? p.A[static_cast<int64_t>(c) * N + n] * kLog2e : 0.f;
-    carry[i] = ok && p.initial_state
-                   ? p.initial_state[(static_cast<int64_t>(q.b) * p.channels + c) * N + n]
-                   : 0.f;
+    cs[kF * i + kA2] = ok ? p.A[static_cast<int64_t>(c) * N + n] * kLog2e : 0.f;
+    cs[kF * i + kCarry] =
+        ok && p.initial_state
+            ? p.initial_state[(static_cast<int64_t>(q.b) * p.channels + c) * N + n]
+            : 0.f;
   }
   const float d_skip = q.active && p.D ? p.D[q.c] : 0.f;
   const float bias = q.active && p.delta_bias ? p.delta_bias[q.c] : 0.f;
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     if (p.chunk_states) {
       float* dst = p.chunk_states +
                    ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k) * p.channels + q.c0) * N;
-      for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = carry[(k & 1) * kC * N + i];
+      for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = cs[kF * i + kCarry];
     }
     float dt[kItems], dtu[kItems], out[kItems];
     bool reset[kItems];
@@ -110,16 +111,12 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
         __syncthreads();
       }
       const int ns = min(kNs, N - s0);
-      const float* a2_row = a2 + q.ch * N + s0;
-      const float* carry_row = carry + (k & 1) * kC * N + q.ch * N + s0;
-      float* next_row = carry + ((k + 1) & 1) * kC * N + q.ch * N + s0;
-      float* mid_row = mid + q.ch * N + s0;
+      float* cs_row = cs + kF * (q.ch * N + s0);
       const float* b_row = bc;
       const float* c_row = bc + kNs * Tl::kBcRow;
 #pragma unroll 1
       for (int nn = 0; nn < ns; ++nn, b_row += Tl::kBcRow, c_row += Tl::kBcRow) {
-        const float a2n = a2_row[nn];
-        const float carry_in = carry_row[nn];
+        const float carry_in = cs_row[kF * nn + kCarry], a2n = cs_row[kF * nn + kA2];
         float a[kItems], bb[kItems];
         {
           float bv[kItems];
@@ -171,7 +168,7 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
         }
         float h = __shfl_up_sync(mask, H, 1, kTpc);  // state entering this thread's first step
         if (q.seg == 0) h = carry_in;
-        if (q.seg == kTpc / 2) mid_row[nn] = h;  // the state at step t0 + kL / 2
+        if (q.seg == kTpc / 2) cs_row[kF * nn + kMid] = h;  // the state at step t0 + kL / 2
         float cv[kItems];
         Tl::read_bc(c_row, q.seg, cv);
         // Replay both halves from their entering states.
@@ -185,7 +182,9 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
           out[j] += cv[j] * h2;
         }
         h = h2;
-        if (q.seg == kTpc - 1) next_row[nn] = h;
+        // Every lane read carry_in before the shuffles; lane 15 now overwrites it.
+        __syncwarp();
+        if (q.seg == kTpc - 1) cs_row[kF * nn + kCarry] = h;
       }
     }
     // y = out * silu(z), into u's tile (each thread rewrites only its own steps, which only it
@@ -201,15 +200,14 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
     if (save_mid) {
       float* dst = p.chunk_states +
                    ((static_cast<int64_t>(q.b) * saved_chunks + 2 * k + 1) * p.channels + q.c0) * N;
-      for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = mid[i];
+      for (int i = tid; i < q.nch * N; i += kBlock) dst[i] = cs[kF * i + kMid];
     }
     Tl::store(p, q, act, t0, static_cast<T*>(p.y));
     __syncthreads();  // the tiles are refilled by the next chunk
   }
   if (p.final_state)
     for (int i = tid; i < q.nch * N; i += kBlock)
-      p.final_state[(static_cast<int64_t>(q.b) * p.channels + q.c0) * N + i] =
-          carry[(chunks & 1) * kC * N + i];
+      p.final_state[(static_cast<int64_t>(q.b) * p.channels + q.c0) * N + i] = cs[kF * i + kCarry];
 }
 
 template <typename T>
@@ -217,7 +215,7 @@ size_t fwd_smem(const ScanParams& p) {
   SmemCarver carve{nullptr};
   carve.take<T>(3 * Tl::tile_elems<T>());
   carve.take<float>(2 * kNs * Tl::kBcRow);
-  carve.take<float>(4 * kC * p.d_state);
+  carve.take<float>(4 * kC * p.d_state);  // cs
   carve.take<int>(kL + 1);
   carve.take<T>(p.stage_async ? Tl::kRawAct + Tl::kRawBc : 0);
   return carve.used;
