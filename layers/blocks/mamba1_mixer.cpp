@@ -117,7 +117,7 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   }
   linear_forward(dtn_, dt_w_->value, nullptr, delta_);
   neg_exp(a_log_->value, a_);
-  selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr);
+  selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, &ws_);
   linear_forward(y_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
 }
 
