@@ -26,6 +26,30 @@ struct Shape {
   int64_t b, c, t, n;
 };
 
+// GPU tensors filled with Philox values, released when the owner goes out of scope.
+class DeviceTensors {
+ public:
+  explicit DeviceTensors(Backend& gpu) : gpu_(gpu) {}
+  DeviceTensors(const DeviceTensors&) = delete;
+  DeviceTensors& operator=(const DeviceTensors&) = delete;
+  ~DeviceTensors() {
+    for (void* d : mem_) gpu_.release(d);
+  }
+  Tensor random(std::vector<int64_t> shape, DType t, const char* name, RandomSpec spec) {
+    int64_t n = 1;
+    for (int64_t x : shape) n *= x;
+    void* d = gpu_.allocate(n * dtype_size(t));
+    mem_.push_back(d);
+    Tensor tt = Tensor::contiguous_view(d, t, Device::cuda, shape, name);
+    gpu_.fill_random(tt, spec, {});
+    return tt;
+  }
+
+ private:
+  Backend& gpu_;
+  std::vector<void*> mem_;
+};
+
 double median_ms(const std::function<void()>& f) {
   cudaEvent_t e0, e1;
   CUDA_CHECK(cudaEventCreate(&e0));
@@ -66,15 +90,9 @@ int main(int argc, char** argv) {
               "bwd ms", "GB/s", "%floor", "fwd/peer", "bwd/peer");
   for (size_t si = 0; si < shapes.size(); ++si) {
     const Shape& s = shapes[si];
-    std::vector<void*> mem;
+    DeviceTensors mem(*gpu);
     auto alloc = [&](std::vector<int64_t> shape, DType t, const char* name, RandomSpec spec) {
-      int64_t n = 1;
-      for (int64_t x : shape) n *= x;
-      void* d = gpu->allocate(n * dtype_size(t));
-      mem.push_back(d);
-      Tensor tt = Tensor::contiguous_view(d, t, Device::cuda, shape, name);
-      gpu->fill_random(tt, spec, {});
-      return tt;
+      return mem.random(std::move(shape), t, name, spec);
     };
     using K = RandomSpec::Kind;
     const Tensor u = alloc({s.b, s.t, s.c}, DType::bf16, "u", {K::normal, 1, 1, 0, 1});
@@ -127,7 +145,6 @@ int main(int argc, char** argv) {
                   (long long)s.n, fwd, fwd_bytes, gbs(fwd_bytes, fwd), pct(fwd_bytes, fwd), bwd,
                   bwd_bytes, gbs(bwd_bytes, bwd), pct(bwd_bytes, bwd), peer[si][0], peer[si][1]);
     json += row;
-    for (void* d : mem) gpu->release(d);
   }
   json += "]";
   // The causal conv1d of the same Mamba-1 layers (width 4, SiLU, bias, bf16): memory floor =
@@ -137,15 +154,9 @@ int main(int argc, char** argv) {
               "bwd ms", "GB/s", "%floor");
   for (const Shape& s : shapes) {
     if (s.n != 16) continue;  // the conv does not depend on d_state
-    std::vector<void*> mem;
+    DeviceTensors mem(*gpu);
     auto alloc = [&](std::vector<int64_t> shape, DType t, const char* name, RandomSpec spec) {
-      int64_t n = 1;
-      for (int64_t x : shape) n *= x;
-      void* d = gpu->allocate(n * dtype_size(t));
-      mem.push_back(d);
-      Tensor tt = Tensor::contiguous_view(d, t, Device::cuda, shape, name);
-      gpu->fill_random(tt, spec, {});
-      return tt;
+      return mem.random(std::move(shape), t, name, spec);
     };
     using K = RandomSpec::Kind;
     const Tensor x = alloc({s.b, s.t, s.c}, DType::bf16, "x", {K::normal, 2, 1, 0, 1});
@@ -178,7 +189,6 @@ int main(int argc, char** argv) {
                   conv_json.size() > 1 ? ", " : "", (long long)s.b, (long long)s.c, (long long)s.t,
                   fwd, pct(fb, fwd), bwd, pct(bb, bwd));
     conv_json += row;
-    for (void* d : mem) gpu->release(d);
   }
   conv_json += "]";
   if (!out.empty()) {

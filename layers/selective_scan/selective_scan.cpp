@@ -85,26 +85,9 @@ void selective_scan_backward_gpu(const ScanInputs& in, const Tensor& dy, const T
 #else
   const ScanDims d = selective_scan_dims(in);
   ScanParams p = forward_params(in, d);
-  BRAID_CHECK(gr.du && gr.ddelta && gr.dA && gr.dB && gr.dC,
-              "selective_scan_backward: du, ddelta, dA, dB, dC are required");
-  BRAID_CHECK(!in.D || gr.dD, "selective_scan_backward: dD is required when D is given");
-  BRAID_CHECK(!in.z || gr.dz, "selective_scan_backward: dz is required when z is given");
-  BRAID_CHECK(!in.delta_bias || gr.ddelta_bias,
-              "selective_scan_backward: ddelta_bias is required when delta_bias is given");
-  for (const Tensor* t : {&dy, gr.du, gr.ddelta, gr.dz}) {
-    if (!t) continue;
-    check_shape(*t, {d.b, d.t, d.c});
-    check_same_dtype(*in.u, *t);
-  }
-  for (const Tensor* t : {gr.dB, gr.dC}) {
-    check_shape(*t, {d.b, d.t, d.g, d.n});
-    check_same_dtype(*in.u, *t);
-  }
-  check_shape(*gr.dA, {d.c, d.n});
-  if (gr.dD) check_shape(*gr.dD, {d.c});
-  if (gr.ddelta_bias) check_shape(*gr.ddelta_bias, {d.c});
-  for (const Tensor* t : {gr.dinitial_state, dfinal_state})
-    if (t) check_shape(*t, {d.b, d.c, d.n});
+  check_scan_grads(in, d, dy, dfinal_state, gr);
+  for (const Tensor* t : {&dy, gr.du, gr.ddelta, gr.dz, gr.dB, gr.dC})
+    if (t) check_same_dtype(*in.u, *t);
   require_f32({gr.dA, gr.dD, gr.ddelta_bias, gr.dinitial_state, dfinal_state});
   require_gpu("gradient", {&dy, gr.du, gr.ddelta, gr.dA, gr.dB, gr.dC, gr.dD, gr.dz, gr.ddelta_bias,
                            gr.dinitial_state, dfinal_state});

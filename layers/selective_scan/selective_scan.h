@@ -52,6 +52,9 @@ struct ScanDims {
   int64_t b, t, c, n, g;
 };
 ScanDims selective_scan_dims(const ScanInputs& in);
+// The backward's required gradients and every gradient's shape (shared by both devices).
+void check_scan_grads(const ScanInputs& in, const ScanDims& d, const Tensor& dy,
+                      const Tensor* dfinal_state, const ScanGrads& grads);
 
 // CPU tensors (f32, f64) run the reference; GPU tensors run the CUDA kernels, with u, delta, z,
 // B, C, y and their gradients in bf16 or f32 and A, D, delta_bias, the states, dA, dD and

@@ -146,46 +146,9 @@ __global__ void __launch_bounds__(kBlock, 2) scan_bwd_kernel(const ScanParams p)
           Q = kReset && reset[i] ? 0.f : a[i] * g;
         }
         if (!kReset) A = ex2(dtsum * a2n);
-        // Forward scan (carry enters at lane 0) and reverse scan (carry enters at lane 15).
-        float Af = A, Ar = A;
-        if (q.seg == 0) {
-          H = kReset ? (A != 0.f ? A * h_carry : 0.f) + H : A * h_carry + H;
-          Af = 0.f;
-        }
-        if (q.seg == kTpc - 1) {
-          Q = kReset ? (A != 0.f ? A * q_carry : 0.f) + Q : A * q_carry + Q;
-          Ar = 0.f;
-        }
-#pragma unroll
-        for (int off = 1; off < kTpc; off *= 2) {
-          const float Afp = __shfl_up_sync(mask, Af, off, kTpc),
-                      Hp = __shfl_up_sync(mask, H, off, kTpc);
-          const float Arp = __shfl_down_sync(mask, Ar, off, kTpc),
-                      Qp = __shfl_down_sync(mask, Q, off, kTpc);
-          if (q.seg >= off) {
-            if (kReset) {
-              H = (Af != 0.f ? Af * Hp : 0.f) + H;
-              Af = Af != 0.f ? Af * Afp : 0.f;
-            } else {
-              H = Af * Hp + H;
-              Af = Af * Afp;
-            }
-          }
-          if (q.seg + off < kTpc) {
-            if (kReset) {
-              Q = (Ar != 0.f ? Ar * Qp : 0.f) + Q;
-              Ar = Ar != 0.f ? Ar * Arp : 0.f;
-            } else {
-              Q = Ar * Qp + Q;
-              Ar = Ar * Arp;
-            }
-          }
-        }
-        float h = __shfl_up_sync(mask, H, 1, kTpc);     // state entering this thread's steps
-        float qq = __shfl_down_sync(mask, Q, 1, kTpc);  // gradient arriving after its steps
-        if (q.seg == 0) h = h_carry;
-        if (q.seg == kTpc - 1) qq = q_carry;
-        float ah[kItems];  // a_t h_t-1
+        float h = scan_up<kReset>(A, H, h_carry, q.seg);     // state entering this thread's steps
+        float qq = scan_down<kReset>(A, Q, q_carry, q.seg);  // gradient arriving after its steps
+        float ah[kItems];                                    // a_t h_t-1
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           ah[i] = kReset && reset[i] ? 0.f : a[i] * h;
@@ -347,12 +310,11 @@ void launch(const ScanParams& p, cudaStream_t stream) {
   CUDA_CHECK(cudaFuncSetAttribute(scan_bwd_kernel<T, kReset>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));
-  const int per_group = (p.channels / p.groups + kC - 1) / kC;
-  const dim3 grid(p.groups * per_group, p.batch);
-  scan_bwd_kernel<T, kReset><<<grid, kBlock, smem, stream>>>(p);
+  scan_bwd_kernel<T, kReset><<<scan_grid(p), kBlock, smem, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
   const int64_t total = 2ll * p.batch * p.groups * p.d_state * p.seqlen;
   const int padded = (p.seqlen + kL - 1) / kL * kL;
+  const int per_group = static_cast<int>(scan_grid(p).x) / p.groups;
   scan_bwd_finish_bc<T>
       <<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(p, per_group, padded);
   CUDA_CHECK(cudaGetLastError());
@@ -364,11 +326,9 @@ void launch(const ScanParams& p, cudaStream_t stream) {
 }  // namespace
 
 void selective_scan_bwd_cuda(const ScanParams& p, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  if (p.bf16)
-    p.seq_idx ? launch<__nv_bfloat16, true>(p, s) : launch<__nv_bfloat16, false>(p, s);
-  else
-    p.seq_idx ? launch<float, true>(p, s) : launch<float, false>(p, s);
+  dispatch_scan(p, [&](auto t, auto reset) {
+    launch<decltype(t), decltype(reset)::value>(p, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace braid

@@ -52,7 +52,6 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
   const int chunks = (p.seqlen + kL - 1) / kL;
   // The backward's chunks are half as long: states are saved at both halves of ours.
   const int saved_chunks = (p.seqlen + kScanChunk - 1) / kScanChunk;
-  const unsigned mask = 0xffffffffu;
   if constexpr (k16)
     if (async) Tl::prefetch(p, q, 0, raw);
   for (int k = 0; k < chunks; ++k) {
@@ -145,34 +144,14 @@ __global__ void __launch_bounds__(kBlock, 2) scan_fwd_kernel(const ScanParams p)
           }
         }
         if (!kReset) Al = ex2(dtsum_lo * a2n), Ah = ex2(dtsum_hi * a2n);
-        float A = Al * Ah;
-        float H = kReset ? (Ah != 0.f ? Ah * Hl : 0.f) + Hh : Ah * Hl + Hh;
-        // The carry enters at lane 0; then an inclusive scan of the maps over the 16 lanes.
-        if (q.seg == 0) {
-          H = kReset ? (A != 0.f ? A * carry_in : 0.f) + H : A * carry_in + H;
-          A = 0.f;
-        }
-#pragma unroll
-        for (int off = 1; off < kTpc; off *= 2) {
-          const float Ap = __shfl_up_sync(mask, A, off, kTpc),
-                      Hp = __shfl_up_sync(mask, H, off, kTpc);
-          if (q.seg >= off) {
-            if (kReset) {
-              H = (A != 0.f ? A * Hp : 0.f) + H;
-              A = A != 0.f ? A * Ap : 0.f;
-            } else {
-              H = A * Hp + H;
-              A = A * Ap;
-            }
-          }
-        }
-        float h = __shfl_up_sync(mask, H, 1, kTpc);  // state entering this thread's first step
-        if (q.seg == 0) h = carry_in;
+        const float A = Al * Ah;
+        const float H = link<kReset>(Ah, Hl) + Hh;
+        float h = scan_up<kReset>(A, H, carry_in, q.seg);   // state entering this thread's steps
         if (q.seg == kTpc / 2) cs_row[kF * nn + kMid] = h;  // the state at step t0 + kL / 2
         float cv[kItems];
         Tl::read_bc(c_row, q.seg, cv);
         // Replay both halves from their entering states.
-        float h2 = kReset ? (Al != 0.f ? Al * h : 0.f) + Hl : Al * h + Hl;
+        float h2 = link<kReset>(Al, h) + Hl;
 #pragma unroll
         for (int i = 0; i < kHalf; ++i) {
           const int j = i + kHalf;
@@ -228,20 +207,16 @@ void launch(ScanParams p, cudaStream_t stream) {
   CUDA_CHECK(cudaFuncSetAttribute(scan_fwd_kernel<T, kReset>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));
-  const int per_group = (p.channels / p.groups + kC - 1) / kC;
-  const dim3 grid(p.groups * per_group, p.batch);
-  scan_fwd_kernel<T, kReset><<<grid, kBlock, smem, stream>>>(p);
+  scan_fwd_kernel<T, kReset><<<scan_grid(p), kBlock, smem, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 void selective_scan_fwd_cuda(const ScanParams& p, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  if (p.bf16)
-    p.seq_idx ? launch<__nv_bfloat16, true>(p, s) : launch<__nv_bfloat16, false>(p, s);
-  else
-    p.seq_idx ? launch<float, true>(p, s) : launch<float, false>(p, s);
+  dispatch_scan(p, [&](auto t, auto reset) {
+    launch<decltype(t), decltype(reset)::value>(p, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace braid

@@ -123,6 +123,25 @@ void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor*
   });
 }
 
+void check_scan_grads(const ScanInputs& in, const ScanDims& d, const Tensor& dy,
+                      const Tensor* dfinal_state, const ScanGrads& gr) {
+  BRAID_CHECK(gr.du && gr.ddelta && gr.dA && gr.dB && gr.dC,
+              "selective_scan_backward: du, ddelta, dA, dB, dC are required");
+  BRAID_CHECK(!in.D || gr.dD, "selective_scan_backward: dD is required when D is given");
+  BRAID_CHECK(!in.z || gr.dz, "selective_scan_backward: dz is required when z is given");
+  BRAID_CHECK(!in.delta_bias || gr.ddelta_bias,
+              "selective_scan_backward: ddelta_bias is required when delta_bias is given");
+  for (const Tensor* t : {&dy, gr.du, gr.ddelta, gr.dz})
+    if (t) check_shape(*t, {d.b, d.t, d.c});
+  check_shape(*gr.dA, {d.c, d.n});
+  check_shape(*gr.dB, {d.b, d.t, d.g, d.n});
+  check_shape(*gr.dC, {d.b, d.t, d.g, d.n});
+  if (gr.dD) check_shape(*gr.dD, {d.c});
+  if (gr.ddelta_bias) check_shape(*gr.ddelta_bias, {d.c});
+  for (const Tensor* t : {gr.dinitial_state, dfinal_state})
+    if (t) check_shape(*t, {d.b, d.c, d.n});
+}
+
 int64_t selective_scan_workspace_elems(const ScanInputs& in) {
   if (in.u && in.u->device == Device::cuda) {
     const Dims d = selective_scan_dims(in);
@@ -137,21 +156,7 @@ void selective_scan_backward(const ScanInputs& in, const Tensor& dy, const Tenso
   if (in.u && in.u->device == Device::cuda)
     return selective_scan_backward_gpu(in, dy, dfinal_state, gr, workspace);
   const Dims d = check_scan(in);
-  BRAID_CHECK(gr.du && gr.ddelta && gr.dA && gr.dB && gr.dC,
-              "selective_scan_backward: du, ddelta, dA, dB, dC are required");
-  BRAID_CHECK(!in.D || gr.dD, "selective_scan_backward: dD is required when D is given");
-  BRAID_CHECK(!in.z || gr.dz, "selective_scan_backward: dz is required when z is given");
-  BRAID_CHECK(!in.delta_bias || gr.ddelta_bias,
-              "selective_scan_backward: ddelta_bias is required when delta_bias is given");
-  check_shape(dy, {d.b, d.t, d.c});
-  check_shape(*gr.du, {d.b, d.t, d.c});
-  check_shape(*gr.ddelta, {d.b, d.t, d.c});
-  check_shape(*gr.dA, {d.c, d.n});
-  check_shape(*gr.dB, {d.b, d.t, d.g, d.n});
-  check_shape(*gr.dC, {d.b, d.t, d.g, d.n});
-  if (gr.dz) check_shape(*gr.dz, {d.b, d.t, d.c});
-  if (gr.dinitial_state) check_shape(*gr.dinitial_state, {d.b, d.c, d.n});
-  if (dfinal_state) check_shape(*dfinal_state, {d.b, d.c, d.n});
+  check_scan_grads(in, d, dy, dfinal_state, gr);
   BRAID_CHECK(workspace.numel() >= d.b * d.t * d.c * d.n, "selective_scan_backward: workspace ",
               workspace.describe(), " smaller than ", d.b * d.t * d.c * d.n, " elements");
   require_host("selective_scan", {&dy, gr.du, gr.ddelta, gr.dA, gr.dB, gr.dC, gr.dD, gr.dz,

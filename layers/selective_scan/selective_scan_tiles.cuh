@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "layers/selective_scan/selective_scan_cuda.h"
 #include "runtime/cuda_convert.cuh"
@@ -60,6 +61,42 @@ __device__ __forceinline__ float sigmoid(float x) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2(-x * kLog2e)));
   return r;
+}
+
+// a x for a link of the recurrence; with document resets a = 0 cuts the chain by a select, not a
+// multiply (with dt < 0 a state can overflow, and a reset must still drop it).
+template <bool kReset>
+__device__ __forceinline__ float link(float a, float x) {
+  return kReset ? (a != 0.f ? a * x : 0.f) : a * x;
+}
+
+// The 16 lanes of a channel each hold the affine map x -> A x + X of their steps. scan_up
+// composes them in time order (lane 0 first) with `carry` entering at lane 0 and returns the
+// value entering this lane's first step; scan_down composes them in reverse (lane 15 first,
+// `carry` entering there) and returns the value arriving after this lane's last step.
+template <bool kReset>
+__device__ __forceinline__ float scan_up(float A, float X, float carry, int seg) {
+  constexpr unsigned kMask = 0xffffffffu;
+  if (seg == 0) X = link<kReset>(A, carry) + X, A = 0.f;
+#pragma unroll
+  for (int off = 1; off < 16; off *= 2) {
+    const float Ap = __shfl_up_sync(kMask, A, off, 16), Xp = __shfl_up_sync(kMask, X, off, 16);
+    if (seg >= off) X = link<kReset>(A, Xp) + X, A = link<kReset>(A, Ap);
+  }
+  const float in = __shfl_up_sync(kMask, X, 1, 16);
+  return seg == 0 ? carry : in;
+}
+template <bool kReset>
+__device__ __forceinline__ float scan_down(float A, float X, float carry, int seg) {
+  constexpr unsigned kMask = 0xffffffffu;
+  if (seg == 15) X = link<kReset>(A, carry) + X, A = 0.f;
+#pragma unroll
+  for (int off = 1; off < 16; off *= 2) {
+    const float Ap = __shfl_down_sync(kMask, A, off, 16), Xp = __shfl_down_sync(kMask, X, off, 16);
+    if (seg + off < 16) X = link<kReset>(A, Xp) + X, A = link<kReset>(A, Ap);
+  }
+  const float in = __shfl_down_sync(kMask, X, 1, 16);
+  return seg == 15 ? carry : in;
 }
 
 // The block's channels and this thread's place.
@@ -325,6 +362,29 @@ struct Tiles {
     return t > 0 && t < p.seqlen && seq[r + 1] != seq[r];
   }
 };
+
+// Both kernels' grid: one block per kC channels of a group, per batch row.
+inline dim3 scan_grid(const ScanParams& p) {
+  const int per_group = (p.channels / p.groups + kC - 1) / kC;
+  return dim3(p.groups * per_group, p.batch);
+}
+
+// Calls f(T{}, std::integral_constant<bool, kReset>{}) for the activation type and whether
+// document resets are present.
+template <typename F>
+void dispatch_scan(const ScanParams& p, F&& f) {
+  if (p.bf16) {
+    if (p.seq_idx)
+      f(__nv_bfloat16{}, std::true_type{});
+    else
+      f(__nv_bfloat16{}, std::false_type{});
+  } else {
+    if (p.seq_idx)
+      f(float{}, std::true_type{});
+    else
+      f(float{}, std::false_type{});
+  }
+}
 
 // Bump allocator over dynamic shared memory (16-byte aligned pieces).
 struct SmemCarver {
