@@ -183,6 +183,7 @@ const std::map<std::string, Key>& registry() {
       {"checkpoint.interval", int_key(M(checkpoint.interval), 0)},
       {"checkpoint.keep", int_key(M(checkpoint.keep), 1)},
       {"checkpoint.resume", bool_key(M(checkpoint.resume))},
+      {"checkpoint.max_attempts", int_key(M(checkpoint.max_attempts), 1)},
       {"data.train", list_key(M(data.train))},
       {"data.valid", list_key(M(data.valid))},
       {"optim.lr", double_key(M(lr.peak))},

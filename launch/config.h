@@ -32,10 +32,11 @@ struct TrainSettings {
 };
 
 struct CheckpointSettings {
-  std::string dir;       // "" = <train.out_dir>/checkpoints
-  int64_t interval = 0;  // save every N steps (0: only at the end)
-  int64_t keep = 3;      // newest committed checkpoints kept
-  bool resume = false;   // continue from the newest checkpoint in dir, if any
+  std::string dir;           // "" = <train.out_dir>/checkpoints
+  int64_t interval = 0;      // save every N steps (0: only at the end)
+  int64_t keep = 3;          // newest committed checkpoints kept
+  bool resume = false;       // continue from the newest checkpoint in dir, if any
+  int64_t max_attempts = 3;  // runs in a row from one checkpoint before a crash loop (exit 4)
 };
 
 struct DataSettings {

@@ -1,5 +1,6 @@
 // The braid binary: `braid train` and `braid prep`. Errors print one line, "braid: error: ...",
-// and exit with status 2 (bad config, data or arguments) or 1 (anything unexpected).
+// and exit with status 2 (bad config, data or arguments) or 1 (anything unexpected); `braid
+// train` also exits 3 (saved on SIGUSR1), 4 (crash loop) or 143 (SIGTERM): job_control.h.
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -7,6 +8,7 @@
 
 #include "data/prep.h"
 #include "launch/config.h"
+#include "launch/job_control.h"
 #include "launch/trainer.h"
 #include "parallel/launch_env.h"
 #include "runtime/check.h"
@@ -41,14 +43,19 @@ int cmd_train(const std::vector<std::string>& args) {
     mpi = std::make_unique<braid::MpiSession>(nullptr, nullptr);
     world = braid::make_mpi_world(braid::comm_timeout_from_env(600));
   }
+  braid::install_signal_handlers();
   braid::TrainSummary s;
   try {
     s = braid::train(cfg, world.get());
+  } catch (const braid::CrashLoop& e) {  // every rank throws it: no abort needed
+    if (!world || world->rank() == 0) std::fprintf(stderr, "braid: error: %s\n", e.what());
+    return braid::kExitCrashLoop;
   } catch (const braid::Error& e) {
     if (!world) throw;
     std::fprintf(stderr, "braid: error: rank %d: %s\n", world->rank(), e.what());
-    braid::mpi_abort(2);
+    braid::mpi_abort(braid::kExitBadInput);
   }
+  if (s.stopped_on_signal) return braid::kExitSavedForRequeue;
   if (world && world->rank() != 0) return 0;
   const double below = 100.0 * (1.0 - s.final_valid_loss / s.unigram_entropy);
   std::printf(

@@ -10,6 +10,7 @@
 
 #include "checkpoint/checkpoint.h"
 #include "data/dataset.h"
+#include "launch/job_control.h"
 #include "launch/metrics.h"
 #include "layers/model/model.h"
 #include "optim/adamw.h"
@@ -203,6 +204,22 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
           (long long)start_step, (long long)consumed);
     }
   }
+  // The crash-loop guard: rank 0 counts this run's start; every rank learns the verdict.
+  {
+    std::string loop;
+    if (lead) {
+      try {
+        begin_attempt(ckpt_dir, start_step, cfg.checkpoint.max_attempts);
+      } catch (const CrashLoop& e) {
+        loop = e.what();
+      }
+    }
+    int32_t flag = loop.empty() ? 0 : 1;
+    if (world && world->size() > 1)
+      world->all_reduce(Tensor::contiguous_view(&flag, DType::i32, Device::cpu, {1}, "loop"),
+                        ReduceOp::max);
+    if (flag) throw CrashLoop(loop.empty() ? "crash loop (see rank 0)" : loop);
+  }
   std::unique_ptr<MetricsLog> metrics;  // written by rank 0
   if (lead)
     metrics = std::make_unique<MetricsLog>(
@@ -300,11 +317,20 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
           (long long)(std::max(valid_rows, b) / b * b * t));
       if (lead) std::fflush(stdout);
     }
-    if ((cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) ||
-        step + 1 == ts.steps)
-      save(step + 1);
+    const bool saved = (cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) ||
+                       step + 1 == ts.steps;
+    if (saved) save(step + 1);
+    if (step + 1 < ts.steps && stop_requested(world)) {  // collective, every step
+      if (!saved) save(step + 1);
+      say("stopped on SIGUSR1 after step %lld: checkpoint saved, exiting for a requeue\n",
+          (long long)(step + 1));
+      s.stopped_on_signal = true;
+      s.steps = step + 1 - start_step;
+      break;
+    }
   }
-  s.steps = ts.steps - start_step;
+  if (lead) end_attempt(ckpt_dir);
+  if (!s.stopped_on_signal) s.steps = ts.steps - start_step;
   s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return s;
 }
