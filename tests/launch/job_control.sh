@@ -3,7 +3,8 @@
 #  1. SIGUSR1 to a single process: it stops at the next step boundary, saves, exits 3; resuming
 #     gives the uninterrupted run's losses and final checkpoint bit for bit.
 #  2. SIGUSR1 to rank 1 of two MPI ranks: both ranks agree, save once, exit 3; resuming gives the
-#     uninterrupted 2-rank run's losses and final checkpoint bit for bit.
+#     uninterrupted 2-rank run's losses and final checkpoint bit for bit. The same through
+#     launch/mpirun/braid_mpirun.sh, which restarts the run in place and finishes it.
 #  3. SIGTERM: exits at once with 143; the newest committed checkpoint still resumes.
 #  4. Crash loop: runs killed (SIGKILL) before committing a newer checkpoint; with
 #     checkpoint.max_attempts=2 the third start refuses with exit 4 and says why.
@@ -55,7 +56,7 @@ wait "$pid"
 status=$?
 [ "$status" -eq 3 ] || fail "SIGUSR1: exit status $status, expected 3: $(tail -n 3 "$work/usr1.log")"
 stopped=$(sed -n 's/.*stopped on SIGUSR1 after step \([0-9]*\).*/\1/p' "$work/usr1.log")
-[ -n "$stopped" ] && [ "$stopped" -lt 40 ] || fail "SIGUSR1: no stop line"
+{ [ -n "$stopped" ] && [ "$stopped" -lt 40 ]; } || fail "SIGUSR1: no stop line"
 [ -f "$work/usr1/checkpoints/step_$(printf %08d "$stopped")/manifest.json" ] ||
   fail "SIGUSR1: no committed checkpoint at step $stopped"
 [ ! -e "$work/usr1/checkpoints/attempts.json" ] || fail "SIGUSR1: attempts record left behind"
@@ -84,6 +85,21 @@ if [ "${#mpirun[@]}" -gt 0 ]; then
   [ "$(grep -c "saved checkpoint" "$work/mpi.log")" -eq 1 ] || fail "MPI SIGUSR1: expected one save"
   resume_and_compare "$work/mpi" $((40 - stopped)) "$work/mpi_ref" "${mpirun[@]}" -np 2 "$braid" train
   echo "SIGUSR1 (rank 1 of 2): both ranks stopped after step $stopped, status 3, resumed exactly"
+  # The mpirun launcher restarts the run in place after the signal-driven stop.
+  launcher="$(dirname "$0")/../../launch/mpirun/braid_mpirun.sh"
+  BRAID="$braid" BRAID_MPIRUN_ARGS="${mpirun[*]:1}" "$launcher" 2 "$config" "${args[@]}" \
+    train.out_dir="$work/launcher" >"$work/launcher.log" 2>&1 &
+  lpid=$!
+  wait_first_step "$work/launcher"
+  kill -USR1 "$lpid"
+  wait "$lpid"
+  status=$?
+  [ "$status" -eq 0 ] || fail "braid_mpirun.sh: exit status $status: $(tail -n 5 "$work/launcher.log")"
+  grep -q "restarting from the newest checkpoint (1)" "$work/launcher.log" ||
+    fail "braid_mpirun.sh: no restart"
+  diff <(digests "$work/mpi_ref") <(digests "$work/launcher") >/dev/null ||
+    fail "braid_mpirun.sh: final checkpoint differs from the uninterrupted run"
+  echo "braid_mpirun.sh: SIGUSR1 -> save, exit 3, restart, finished equal to the uninterrupted run"
 fi
 
 # 3. SIGTERM: prompt exit; the committed checkpoint before it still resumes.
