@@ -178,19 +178,110 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 }
 
 std::string latest_checkpoint(const std::string& root) {
-  if (!fs::is_directory(root)) return "";
-  const std::regex re("step_([0-9]{8})");
-  std::string best;
-  int64_t best_step = -1;
-  for (const auto& e : fs::directory_iterator(root)) {
-    std::smatch m;
-    const std::string n = e.path().filename().string();
-    if (!e.is_directory() || !std::regex_match(n, m, re) || !fs::exists(e.path() / "manifest.json"))
-      continue;
-    const int64_t s = std::stoll(m[1].str());
-    if (s > best_step) best_step = s, best = e.path().string();
+  const std::vector<std::string> all = committed_checkpoints(root);
+  return all.empty() ? "" : all.front();
+}
+
+void check_checkpoint_files(const std::string& dir) {
+  const json m = read_manifest(dir);
+  read_checkpoint_meta(dir);  // format version and the fields every checkpoint has
+  for (const json& f : m.at("files")) {
+    const std::string name = f.at("name").get<std::string>();
+    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
+                  "checkpoint '", dir, "': file name '", name, "' leaves the checkpoint directory");
+    const std::string path = (fs::path(dir) / name).string();
+    BRAID_REQUIRE(fs::exists(path), "checkpoint '", dir, "': file ", name, " is missing");
+    const std::string got = sha256_file(path), want = f.at("sha256").get<std::string>();
+    BRAID_REQUIRE(got == want, "checkpoint '", dir, "': file ", name, " is corrupt (sha256 ", got,
+                  ", manifest says ", want, ")");
   }
-  return best;
+}
+
+std::vector<std::string> committed_checkpoints(const std::string& root) {
+  std::vector<std::pair<int64_t, std::string>> found;
+  if (fs::is_directory(root)) {
+    const std::regex re("step_([0-9]{8})");
+    for (const auto& e : fs::directory_iterator(root)) {
+      std::smatch m;
+      const std::string n = e.path().filename().string();
+      if (e.is_directory() && std::regex_match(n, m, re) && fs::exists(e.path() / "manifest.json"))
+        found.push_back({std::stoll(m[1].str()), e.path().string()});
+    }
+  }
+  std::sort(found.rbegin(), found.rend());
+  std::vector<std::string> out;
+  for (const auto& [_, d] : found) out.push_back(d);
+  return out;
+}
+
+std::string latest_valid_checkpoint(const std::string& root, std::vector<std::string>* skipped) {
+  for (const std::string& dir : committed_checkpoints(root)) {
+    try {
+      check_checkpoint_files(dir);
+      return dir;
+    } catch (const Error& e) {
+      if (skipped) skipped->push_back(e.what());
+    } catch (const json::exception& e) {
+      if (skipped) skipped->push_back("checkpoint '" + dir + "': unreadable manifest: " + e.what());
+    }
+  }
+  return "";
+}
+
+CheckpointSummary inspect_checkpoint(const std::string& dir) {
+  const json m = read_manifest(dir);
+  CheckpointSummary sum;
+  sum.meta = read_checkpoint_meta(dir);
+  for (const json& t : m.at("tensors")) {
+    const std::string kind = t.at("kind").get<std::string>();
+    DType dtype{};
+    BRAID_REQUIRE(dtype_from_name(t.at("dtype").get<std::string>(), &dtype), "checkpoint '", dir,
+                  "': ", kind, "/", t.at("name").get<std::string>(), " has unknown dtype ",
+                  t.at("dtype").get<std::string>());
+    int64_t numel = 1;
+    for (int64_t x : t.at("shape").get<std::vector<int64_t>>()) numel *= x;
+    ++sum.tensors[kind];
+    sum.elements[kind] += numel;
+    sum.bytes += numel * static_cast<int64_t>(dtype_size(dtype));
+  }
+  for (const json& f : m.at("files")) sum.files.push_back(f.at("name").get<std::string>());
+  return sum;
+}
+
+CheckpointSummary verify_checkpoint(const std::string& dir) {
+  h5_quiet();
+  check_checkpoint_files(dir);
+  const json m = read_manifest(dir);
+  const CheckpointSummary sum = inspect_checkpoint(dir);
+  H5Id fapl = file_access();
+  const std::string file = (fs::path(dir) / kFile).string();
+  H5Id f(H5_CHECK(H5Fopen(file.c_str(), H5F_ACC_RDONLY, fapl)));
+  for (const json& t : m.at("tensors")) {
+    const std::string kind = t.at("kind").get<std::string>(),
+                      name = t.at("name").get<std::string>();
+    DType dtype{};
+    BRAID_REQUIRE(dtype_from_name(t.at("dtype").get<std::string>(), &dtype), "checkpoint '", dir,
+                  "': ", kind, "/", name, " has unknown dtype ", t.at("dtype").get<std::string>());
+    const std::vector<int64_t> shape = t.at("shape").get<std::vector<int64_t>>();
+    int64_t numel = 1;
+    for (int64_t x : shape) numel *= x;
+    const json& piece = t.at("pieces").at(0);
+    const std::string ds = piece.at("dataset").get<std::string>();
+    BRAID_REQUIRE(ds == "/" + kind + "/" + name, "checkpoint '", dir, "': ", kind, "/", name,
+                  " points at dataset '", ds, "'");
+    H5Id d(H5Dopen2(f, ds.c_str(), H5P_DEFAULT));
+    BRAID_REQUIRE(d >= 0, "checkpoint '", dir, "': dataset ", ds, " is missing from ", kFile);
+    H5Id space(H5_CHECK(H5Dget_space(d)));
+    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == numel, "checkpoint '", dir, "': dataset ",
+                  ds, " has ", H5Sget_simple_extent_npoints(space), " elements, the manifest says ",
+                  numel);
+    std::vector<char> bytes(numel * dtype_size(dtype));
+    H5_CHECK(H5Dread(d, h5_native(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()));
+    BRAID_REQUIRE(sha256_bytes(bytes.data(), bytes.size()) == piece.at("sha256").get<std::string>(),
+                  "checkpoint '", dir, "': dataset ", ds, " in ", kFile,
+                  " does not match its digest");
+  }
+  return sum;
 }
 
 CheckpointMeta read_checkpoint_meta(const std::string& dir) {
@@ -214,18 +305,7 @@ void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt) {
 void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>& entries) {
   h5_quiet();
   const json m = read_manifest(dir);
-  read_checkpoint_meta(dir);  // format version
-  // Digests before libhdf5 sees a byte.
-  for (const json& f : m.at("files")) {
-    const std::string name = f.at("name").get<std::string>();
-    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
-                  "checkpoint '", dir, "': file name '", name, "' leaves the checkpoint directory");
-    const std::string path = (fs::path(dir) / name).string();
-    BRAID_REQUIRE(fs::exists(path), "checkpoint '", dir, "': file ", name, " is missing");
-    const std::string got = sha256_file(path), want = f.at("sha256").get<std::string>();
-    BRAID_REQUIRE(got == want, "checkpoint '", dir, "': file ", name, " is corrupt (sha256 ", got,
-                  ", manifest says ", want, ")");
-  }
+  check_checkpoint_files(dir);  // digests before libhdf5 sees a byte
   // Strict keys.
   std::map<std::string, Tensor> expected;
   for (const CheckpointTensor& e : entries) expected[e.kind + "/" + e.name] = e.tensor;
@@ -271,9 +351,9 @@ void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>
   }
 }
 
-void prune_checkpoints(const std::string& root, int64_t keep) {
+void prune_checkpoints(const std::string& root, int64_t keep, int64_t keep_every) {
   if (!fs::is_directory(root) || keep <= 0) return;
-  const std::regex done("step_[0-9]{8}"), tmp("step_[0-9]{8}\\.tmp-[0-9]+");
+  const std::regex done("step_([0-9]{8})"), tmp("step_[0-9]{8}\\.tmp-[0-9]+");
   std::vector<std::string> steps;
   for (const auto& e : fs::directory_iterator(root)) {
     const std::string n = e.path().filename().string();
@@ -285,7 +365,11 @@ void prune_checkpoints(const std::string& root, int64_t keep) {
     }
   }
   std::sort(steps.begin(), steps.end());
-  for (size_t i = 0; i + keep < steps.size(); ++i) fs::remove_all(fs::path(root) / steps[i]);
+  for (size_t i = 0; i + keep < steps.size(); ++i) {
+    const int64_t step = std::stoll(steps[i].substr(5));
+    if (keep_every > 0 && step % keep_every == 0) continue;  // kept forever
+    fs::remove_all(fs::path(root) / steps[i]);
+  }
 }
 
 std::vector<std::string> config_differences(const std::map<std::string, std::string>& saved,

@@ -49,13 +49,33 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                             const ParamSet& params, const AdamW& opt);
 // The newest committed checkpoint directory under root, or "" when there is none.
 std::string latest_checkpoint(const std::string& root);
+// Committed checkpoint directories (a complete manifest), newest first.
+std::vector<std::string> committed_checkpoints(const std::string& root);
+// Checks a checkpoint's manifest, format version and every file's SHA-256 (without libhdf5
+// opening anything); throws an Error naming the file.
+void check_checkpoint_files(const std::string& dir);
+// The newest committed checkpoint whose files check out, falling back past corrupt ones (their
+// errors appended to *skipped); "" when there is none.
+std::string latest_valid_checkpoint(const std::string& root, std::vector<std::string>* skipped);
+// What a checkpoint holds: inspect_checkpoint reads the manifest only; verify_checkpoint also
+// checks every file and every dataset against its digest, and throws an Error naming the file
+// and dataset at fault.
+struct CheckpointSummary {
+  CheckpointMeta meta;
+  std::map<std::string, int64_t> tensors, elements;  // per kind
+  int64_t bytes = 0;                                 // of tensor data
+  std::vector<std::string> files;
+};
+CheckpointSummary inspect_checkpoint(const std::string& dir);
+CheckpointSummary verify_checkpoint(const std::string& dir);
 CheckpointMeta read_checkpoint_meta(const std::string& dir);
 // Reads a checkpoint into `tensors` (exactly the same set of kind/name pairs and shapes).
 void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>& tensors);
 // Loads params and opt, and sets the optimizer's step count from the checkpoint.
 void load_checkpoint(const std::string& dir, ParamSet& params, AdamW& opt);
-// Keeps the newest `keep` committed checkpoints and removes older ones (and stale .tmp dirs).
-void prune_checkpoints(const std::string& root, int64_t keep);
+// Keeps the newest `keep` committed checkpoints and those whose step is a multiple of keep_every
+// (> 0), and removes the other older ones (and stale .tmp dirs).
+void prune_checkpoints(const std::string& root, int64_t keep, int64_t keep_every = 0);
 // Lines "key: checkpoint X, this run Y" for every differing key that starts with one of the
 // prefixes ("model." for a section, "train.seed" for one key); empty when compatible.
 std::vector<std::string> config_differences(const std::map<std::string, std::string>& saved,

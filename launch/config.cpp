@@ -182,6 +182,7 @@ const std::map<std::string, Key>& registry() {
       {"checkpoint.dir", string_key(M(checkpoint.dir))},
       {"checkpoint.interval", int_key(M(checkpoint.interval), 0)},
       {"checkpoint.keep", int_key(M(checkpoint.keep), 1)},
+      {"checkpoint.keep_every", int_key(M(checkpoint.keep_every), 0)},
       {"checkpoint.resume", bool_key(M(checkpoint.resume))},
       {"checkpoint.max_attempts", int_key(M(checkpoint.max_attempts), 1)},
       {"data.train", list_key(M(data.train))},

@@ -1,11 +1,12 @@
-// The braid binary: `braid train` and `braid prep`. Errors print one line, "braid: error: ...",
-// and exit with status 2 (bad config, data or arguments) or 1 (anything unexpected); `braid
-// train` also exits 3 (saved on SIGUSR1), 4 (crash loop) or 143 (SIGTERM): job_control.h.
+// The braid binary: `braid train`, `braid prep` and `braid ckpt`. Errors print one line, "braid:
+// error: ...", and exit with status 2 (bad config, data or arguments) or 1 (anything unexpected);
+// `braid train` also exits 3 (saved on SIGUSR1), 4 (crash loop) or 143 (SIGTERM): job_control.h.
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "checkpoint/checkpoint.h"
 #include "data/prep.h"
 #include "launch/config.h"
 #include "launch/job_control.h"
@@ -19,7 +20,9 @@ const char* kUsage =
     "usage:\n"
     "  braid train --config FILE [section.key=value ...]\n"
     "  braid prep --input PATH [PATH ...] --out DIR [--ext .py ...]\n"
-    "             [--tokenizer byte|tokenizer.json] [--eos-token TOKEN] [--valid-fraction F]\n";
+    "             [--tokenizer byte|tokenizer.json] [--eos-token TOKEN] [--valid-fraction F]\n"
+    "  braid ckpt inspect DIR    what a checkpoint holds (its manifest)\n"
+    "  braid ckpt verify DIR     check every file and dataset against its digest\n";
 
 int cmd_train(const std::vector<std::string>& args) {
   std::string config;
@@ -99,6 +102,27 @@ int cmd_prep(const std::vector<std::string>& args) {
   return 0;
 }
 
+// `braid ckpt inspect|verify DIR`: a summary of the manifest; verify first checks every file and
+// dataset against its digest (an error names the file and dataset, exit 2).
+int cmd_ckpt(const std::vector<std::string>& args) {
+  BRAID_REQUIRE(args.size() == 2 && (args[0] == "inspect" || args[0] == "verify"),
+                "usage: braid ckpt inspect|verify DIR");
+  const std::string& dir = args[1];
+  const braid::CheckpointSummary s =
+      args[0] == "verify" ? braid::verify_checkpoint(dir) : braid::inspect_checkpoint(dir);
+  std::printf("checkpoint %s\n  step %lld | consumed samples %lld | seed %llu | %zu config keys\n",
+              dir.c_str(), (long long)s.meta.step, (long long)s.meta.consumed_samples,
+              (unsigned long long)s.meta.seed, s.meta.config.size());
+  for (const auto& [kind, n] : s.tensors)
+    std::printf("  %-10s %5lld tensors, %lld elements\n", kind.c_str(), (long long)n,
+                (long long)s.elements.at(kind));
+  std::string files;
+  for (const std::string& f : s.files) files += " " + f;
+  std::printf("  tensor data %.1f MiB in%s\n", double(s.bytes) / (1 << 20), files.c_str());
+  if (args[0] == "verify") std::printf("verified: every file and dataset matches its digest\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -111,6 +135,7 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "train") return cmd_train(args);
     if (cmd == "prep") return cmd_prep(args);
+    if (cmd == "ckpt") return cmd_ckpt(args);
     std::fprintf(stderr, "braid: error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const braid::Error& e) {

@@ -182,7 +182,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                                    : cfg.checkpoint.dir;
   int64_t start_step = 0, consumed = 0;
   if (cfg.checkpoint.resume) {
-    const std::string latest = latest_checkpoint(ckpt_dir);
+    std::vector<std::string> skipped;  // corrupt or incomplete, newest first
+    const std::string latest = latest_valid_checkpoint(ckpt_dir, &skipped);
+    for (const std::string& why : skipped)
+      say("warning: skipping a checkpoint that does not check out: %s\n", why.c_str());
     if (latest.empty()) {
       say("checkpoint.resume: no checkpoint in %s, starting at step 0\n", ckpt_dir.c_str());
     } else {
@@ -230,7 +233,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     const std::vector<CheckpointTensor> state = opt.checkpoint_state();  // collective
     if (!lead) return;
     const std::string dir = save_checkpoint(ckpt_dir, meta, state);
-    prune_checkpoints(ckpt_dir, cfg.checkpoint.keep);
+    prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
     say("saved checkpoint %s (%.2f s)\n", dir.c_str(),
         std::chrono::duration<double>(Clock::now() - c0).count());
     if (lead) std::fflush(stdout);

@@ -1,7 +1,11 @@
 // Checkpoints: exact round trip of parameters, fp32 masters and Adam moments; a corrupt file is
 // caught by its digest before HDF5 reads it; strict keys report missing and unexpected names;
-// only committed steps are found; pruning; config differences.
+// only committed steps are found; pruning and retention of every M-th; discovery falls back
+// past a corrupt newest step; verify names a dataset that does not match its digest; config
+// differences.
 #include <gtest/gtest.h>
+
+#include <hdf5.h>
 
 #include <filesystem>
 #include <fstream>
@@ -46,6 +50,18 @@ struct TrainState {
 
 using test::TempDir;
 
+// Flips one byte in the middle of a file.
+void flip_byte(const std::string& file) {
+  const auto at = static_cast<std::streamoff>(fs::file_size(file) / 2);
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  char c;
+  f.seekg(at);
+  f.read(&c, 1);
+  c = static_cast<char>(c ^ 0x5a);
+  f.seekp(at);
+  f.write(&c, 1);
+}
+
 using test::error_of;
 
 TEST(Checkpoint, RoundTripIsExact) {
@@ -85,15 +101,7 @@ TEST(Checkpoint, CorruptFileIsRejectedByDigest) {
   TrainState a("M-", 1);
   const std::string dir = save_checkpoint(root.str(), {1, 0, 1, {}}, a.model.params(), a.opt);
   const std::string file = dir + "/rank_00000.h5";
-  {
-    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
-    f.seekp(static_cast<std::streamoff>(fs::file_size(file) / 2));
-    char c;
-    f.read(&c, 1);
-    c = static_cast<char>(c ^ 0x5a);
-    f.seekp(static_cast<std::streamoff>(fs::file_size(file) / 2));
-    f.write(&c, 1);
-  }
+  flip_byte(file);
   const std::string e = error_of([&] { load_checkpoint(dir, a.model.params(), a.opt); });
   EXPECT_NE(e.find("rank_00000.h5 is corrupt"), std::string::npos) << e;
   fs::remove(file);
@@ -129,6 +137,70 @@ TEST(Checkpoint, OnlyCommittedStepsAreFoundAndPruningKeepsNewest) {
   EXPECT_TRUE(fs::exists(fs::path(root.str()) / "step_00000003"));
   EXPECT_FALSE(fs::exists(fs::path(root.str()) / "step_00000009.tmp-1234"));
   EXPECT_EQ(latest_checkpoint(root.str() + "/nothing"), "");
+}
+
+TEST(Checkpoint, RetentionKeepsTheNewestAndEveryMth) {
+  TempDir root;
+  TrainState a("-", 1);
+  for (int64_t s = 1; s <= 6; ++s)
+    save_checkpoint(root.str(), {s, 0, 1, {}}, a.model.params(), a.opt);
+  prune_checkpoints(root.str(), 2, 3);  // the newest 2, and every multiple of 3
+  std::vector<std::string> left;
+  for (const std::string& d : committed_checkpoints(root.str()))
+    left.push_back(fs::path(d).filename().string());
+  EXPECT_EQ(left, (std::vector<std::string>{"step_00000006", "step_00000005", "step_00000003"}));
+}
+
+TEST(Checkpoint, DiscoveryFallsBackPastACorruptNewestStep) {
+  TempDir root;
+  TrainState a("-", 1);
+  for (int64_t s : {1, 2}) save_checkpoint(root.str(), {s, 0, 1, {}}, a.model.params(), a.opt);
+  flip_byte(root.str() + "/step_00000002/rank_00000.h5");
+  std::vector<std::string> skipped;
+  EXPECT_EQ(fs::path(latest_valid_checkpoint(root.str(), &skipped)).filename(), "step_00000001");
+  ASSERT_EQ(skipped.size(), 1u);
+  EXPECT_NE(skipped[0].find("step_00000002': file rank_00000.h5 is corrupt"), std::string::npos)
+      << skipped[0];
+  EXPECT_EQ(latest_valid_checkpoint(root.str() + "/nothing", nullptr), "");
+}
+
+TEST(Checkpoint, VerifyReadsEveryDatasetAndNamesTheOneAtFault) {
+  TempDir root;
+  TrainState a("M-", 1);
+  a.step();
+  const std::string dir = save_checkpoint(root.str(), {1, 0, 1, {}}, a.model.params(), a.opt);
+  const CheckpointSummary ok = verify_checkpoint(dir);
+  const size_t n = a.model.params().all().size();
+  EXPECT_EQ(ok.tensors.at("param"), static_cast<int64_t>(n));
+  EXPECT_EQ(ok.meta.step, 1);
+  EXPECT_EQ(inspect_checkpoint(dir).bytes, ok.bytes);
+  // Change one value of one dataset through libhdf5 and give the manifest the file's new digest,
+  // so that only the dataset's own digest can tell.
+  const std::string file = dir + "/rank_00000.h5", old_sha = sha256_file(file);
+  const std::string ds = "/param/" + a.model.params().all()[0].name;
+  {
+    const hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    const hid_t d = H5Dopen2(f, ds.c_str(), H5P_DEFAULT);
+    ASSERT_GE(d, 0);
+    std::vector<float> v(a.model.params().all()[0].value.numel());
+    ASSERT_GE(H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), 0);
+    v[0] += 1.f;
+    ASSERT_GE(H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), 0);
+    H5Dclose(d);
+    H5Fclose(f);
+  }
+  const std::string mpath = dir + "/manifest.json";
+  std::ifstream in(mpath);
+  std::string manifest((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t at = manifest.find(old_sha);
+  ASSERT_NE(at, std::string::npos);
+  manifest.replace(at, old_sha.size(), sha256_file(file));
+  std::ofstream(mpath) << manifest;
+  const std::string e = error_of([&] { verify_checkpoint(dir); });
+  EXPECT_NE(e.find("dataset " + ds + " in rank_00000.h5 does not match its digest"),
+            std::string::npos)
+      << e;
 }
 
 TEST(Checkpoint, ConfigDifferencesListEveryChangedKey) {

@@ -37,4 +37,31 @@ diff <(train_losses "$work/a/metrics.jsonl" | tail -n 6) <(train_losses "$work/c
   { echo "FAIL: resumed losses differ"; exit 1; }
 digests() { grep -o '"sha256": "[0-9a-f]*"' "$1/checkpoints/step_00000012/manifest.json"; }
 diff <(digests "$work/a") <(digests "$work/c") || { echo "FAIL: final checkpoints differ"; exit 1; }
-echo "end-to-end training passed: loss fell, runs bit-identical, resume from step 6 exact"
+# Checkpoint tools and discovery: inspect and verify good checkpoints; a corrupt newest step is
+# named by verify (exit 2) and skipped by resume, which falls back to step 6 and ends equal.
+"$braid" ckpt inspect "$work/a/checkpoints/step_00000006" | grep -q "step 6 " ||
+  { echo "FAIL: ckpt inspect"; exit 1; }
+"$braid" ckpt verify "$work/a/checkpoints/step_00000012" | grep -q "^verified" ||
+  { echo "FAIL: ckpt verify of a good checkpoint"; exit 1; }
+mkdir -p "$work/d/checkpoints"
+cp -r "$work/a/checkpoints/step_00000006" "$work/a/checkpoints/step_00000012" "$work/d/checkpoints/"
+flip() {  # one byte in the middle of file $1
+  local at byte
+  at=$(($(stat -c %s "$1") / 2))
+  byte=$(od -An -tu1 -j "$at" -N1 "$1" | tr -d ' ')
+  # shellcheck disable=SC2059  # the format is the octal escape of the new byte
+  printf "$(printf '\\%03o' $(((byte ^ 90) & 255)))" | dd of="$1" bs=1 seek="$at" conv=notrunc status=none
+}
+flip "$work/d/checkpoints/step_00000012/rank_00000.h5"
+if "$braid" ckpt verify "$work/d/checkpoints/step_00000012" 2>"$work/verify.err"; then
+  echo "FAIL: ckpt verify accepted a corrupt checkpoint"; exit 1
+fi
+grep -q "step_00000012': file rank_00000.h5 is corrupt" "$work/verify.err" ||
+  { echo "FAIL: verify error: $(cat "$work/verify.err")"; exit 1; }
+"$braid" train --config "$config" "${args[@]}" train.out_dir="$work/d" checkpoint.resume=true >"$work/d.log"
+grep -q "warning: skipping a checkpoint .*step_00000012': file rank_00000.h5 is corrupt" "$work/d.log" ||
+  { echo "FAIL: no warning for the corrupt step"; cat "$work/d.log"; exit 1; }
+grep -q "resumed from .*step_00000006 at step 6" "$work/d.log" || { echo "FAIL: no fallback to step 6"; exit 1; }
+diff <(digests "$work/a") <(digests "$work/d") || { echo "FAIL: run after the fallback differs"; exit 1; }
+echo "end-to-end training passed: loss fell, runs bit-identical, resume from step 6 exact,"
+echo "  ckpt inspect/verify, a corrupt newest checkpoint named and skipped"
