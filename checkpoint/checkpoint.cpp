@@ -63,6 +63,38 @@ H5Id file_access() {
   return H5Id(H5Pcopy(fapl));
 }
 
+// Opens dataset `ds` ("/kind/name") of a checkpoint file, refusing what could make libhdf5 read
+// outside the file or run code: every link on the path must be a hard link (no soft or external
+// links), and the dataset must be stored in the file itself, without filters (no plugins) and
+// not virtual.
+hid_t open_dataset_checked(hid_t f, const std::string& ds, const std::string& dir) {
+  for (size_t at = ds.find('/', 1);; at = ds.find('/', at + 1)) {
+    const std::string prefix = at == std::string::npos ? ds : ds.substr(0, at);
+    H5L_info_t info;
+    BRAID_REQUIRE(H5Lexists(f, prefix.c_str(), H5P_DEFAULT) > 0 &&
+                      H5Lget_info(f, prefix.c_str(), &info, H5P_DEFAULT) >= 0,
+                  "checkpoint '", dir, "': dataset ", ds, " is missing from ", kFile);
+    BRAID_REQUIRE(info.type == H5L_TYPE_HARD, "checkpoint '", dir, "': ", prefix, " in ", kFile,
+                  " is ", info.type == H5L_TYPE_EXTERNAL ? "an external" : "a soft",
+                  " link; checkpoints hold only their own data");
+    if (at == std::string::npos) break;
+  }
+  const hid_t d = H5Dopen2(f, ds.c_str(), H5P_DEFAULT);
+  BRAID_REQUIRE(d >= 0, "checkpoint '", dir, "': ", ds, " in ", kFile, " is not a dataset");
+  H5Id dcpl(H5_CHECK(H5Dget_create_plist(d)));
+  const H5D_layout_t layout = H5Pget_layout(dcpl);
+  const int filters = H5Pget_nfilters(dcpl), external = H5Pget_external_count(dcpl);
+  if (layout == H5D_VIRTUAL || filters != 0 || external != 0) {
+    H5Dclose(d);
+    BRAID_REJECT("checkpoint '", dir, "': dataset ", ds, " in ", kFile, " is ",
+                 layout == H5D_VIRTUAL ? "virtual"
+                 : filters != 0        ? "filtered (a filter pipeline)"
+                                       : "stored in external files",
+                 "; checkpoints hold plain datasets only");
+  }
+  return d;
+}
+
 }  // namespace
 
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt) {
@@ -269,8 +301,7 @@ CheckpointSummary verify_checkpoint(const std::string& dir) {
     const std::string ds = piece.at("dataset").get<std::string>();
     BRAID_REQUIRE(ds == "/" + kind + "/" + name, "checkpoint '", dir, "': ", kind, "/", name,
                   " points at dataset '", ds, "'");
-    H5Id d(H5Dopen2(f, ds.c_str(), H5P_DEFAULT));
-    BRAID_REQUIRE(d >= 0, "checkpoint '", dir, "': dataset ", ds, " is missing from ", kFile);
+    H5Id d(open_dataset_checked(f, ds, dir));
     H5Id space(H5_CHECK(H5Dget_space(d)));
     BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == numel, "checkpoint '", dir, "': dataset ",
                   ds, " has ", H5Sget_simple_extent_npoints(space), " elements, the manifest says ",
@@ -339,8 +370,7 @@ void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>
     const std::string ds = piece.at("dataset").get<std::string>();
     BRAID_REQUIRE(ds == "/" + key, "checkpoint '", dir, "': ", key, " points at dataset '", ds,
                   "'");
-    H5Id d(H5Dopen2(f, ds.c_str(), H5P_DEFAULT));
-    BRAID_REQUIRE(d >= 0, "checkpoint '", dir, "': dataset ", ds, " is missing from ", kFile);
+    H5Id d(open_dataset_checked(f, ds, dir));
     H5Id space(H5_CHECK(H5Dget_space(d)));
     BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == dst.numel(), "checkpoint '", dir,
                   "': dataset ", ds, " has ", H5Sget_simple_extent_npoints(space),

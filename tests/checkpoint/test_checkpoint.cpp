@@ -1,8 +1,8 @@
 // Checkpoints: exact round trip of parameters, fp32 masters and Adam moments; a corrupt file is
 // caught by its digest before HDF5 reads it; strict keys report missing and unexpected names;
 // only committed steps are found; pruning and retention of every M-th; discovery falls back
-// past a corrupt newest step; verify names a dataset that does not match its digest; config
-// differences.
+// past a corrupt newest step; verify names a dataset that does not match its digest; external
+// links and filtered datasets are refused; config differences.
 #include <gtest/gtest.h>
 
 #include <hdf5.h>
@@ -164,6 +164,64 @@ TEST(Checkpoint, DiscoveryFallsBackPastACorruptNewestStep) {
   EXPECT_EQ(latest_valid_checkpoint(root.str() + "/nothing", nullptr), "");
 }
 
+// Edits a checkpoint's file with libhdf5 and gives the manifest the file's new digest, so that
+// only the checks after the file digest can tell.
+template <typename Edit>
+void edit_and_rehash(const std::string& dir, Edit&& edit) {
+  const std::string file = dir + "/rank_00000.h5", old_sha = sha256_file(file);
+  const hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  edit(f);
+  H5Fclose(f);
+  const std::string mpath = dir + "/manifest.json";
+  std::ifstream in(mpath);
+  std::string manifest((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t at = manifest.find(old_sha);
+  ASSERT_NE(at, std::string::npos);
+  manifest.replace(at, old_sha.size(), sha256_file(file));
+  std::ofstream(mpath) << manifest;
+}
+
+TEST(Checkpoint, LinksFiltersAndExternalStorageAreRefused) {
+  TempDir root;
+  TrainState a("-", 1);
+  const std::string name = a.model.params().all()[0].name;
+  const int64_t n = a.model.params().all()[0].value.numel();
+  // An external link in place of a dataset: libhdf5 would read another file.
+  std::string dir = save_checkpoint(root.str(), {1, 0, 1, {}}, a.model.params(), a.opt);
+  edit_and_rehash(dir, [&](hid_t f) {
+    ASSERT_GE(H5Ldelete(f, ("/param/" + name).c_str(), H5P_DEFAULT), 0);
+    ASSERT_GE(H5Lcreate_external("/elsewhere.h5", "/x", f, ("/param/" + name).c_str(), H5P_DEFAULT,
+                                 H5P_DEFAULT),
+              0);
+  });
+  std::string e = error_of([&] { load_checkpoint(dir, a.model.params(), a.opt); });
+  EXPECT_NE(e.find("/param/" + name + " in rank_00000.h5 is an external link"), std::string::npos)
+      << e;
+  EXPECT_NE(error_of([&] { verify_checkpoint(dir); }).find("external link"), std::string::npos);
+  // A dataset behind a filter pipeline (deflate here; a plugin filter would run foreign code).
+  dir = save_checkpoint(root.str(), {2, 0, 1, {}}, a.model.params(), a.opt);
+  edit_and_rehash(dir, [&](hid_t f) {
+    const std::string ds = "/param/" + name;
+    std::vector<float> v(n);
+    const hid_t old = H5Dopen2(f, ds.c_str(), H5P_DEFAULT);
+    H5Dread(old, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+    H5Dclose(old);
+    H5Ldelete(f, ds.c_str(), H5P_DEFAULT);
+    const hsize_t dims[1] = {static_cast<hsize_t>(n)};
+    const hid_t space = H5Screate_simple(1, dims, nullptr), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, 1, dims);
+    H5Pset_deflate(dcpl, 1);
+    const hid_t d =
+        H5Dcreate2(f, ds.c_str(), H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    ASSERT_GE(d, 0);
+    H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
+    H5Dclose(d), H5Pclose(dcpl), H5Sclose(space);
+  });
+  e = error_of([&] { verify_checkpoint(dir); });
+  EXPECT_NE(e.find("/param/" + name + " in rank_00000.h5 is filtered"), std::string::npos) << e;
+}
+
 TEST(Checkpoint, VerifyReadsEveryDatasetAndNamesTheOneAtFault) {
   TempDir root;
   TrainState a("M-", 1);
@@ -174,13 +232,9 @@ TEST(Checkpoint, VerifyReadsEveryDatasetAndNamesTheOneAtFault) {
   EXPECT_EQ(ok.tensors.at("param"), static_cast<int64_t>(n));
   EXPECT_EQ(ok.meta.step, 1);
   EXPECT_EQ(inspect_checkpoint(dir).bytes, ok.bytes);
-  // Change one value of one dataset through libhdf5 and give the manifest the file's new digest,
-  // so that only the dataset's own digest can tell.
-  const std::string file = dir + "/rank_00000.h5", old_sha = sha256_file(file);
+  // Change one value of one dataset: only the dataset's own digest can tell.
   const std::string ds = "/param/" + a.model.params().all()[0].name;
-  {
-    const hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
-    ASSERT_GE(f, 0);
+  edit_and_rehash(dir, [&](hid_t f) {
     const hid_t d = H5Dopen2(f, ds.c_str(), H5P_DEFAULT);
     ASSERT_GE(d, 0);
     std::vector<float> v(a.model.params().all()[0].value.numel());
@@ -188,15 +242,7 @@ TEST(Checkpoint, VerifyReadsEveryDatasetAndNamesTheOneAtFault) {
     v[0] += 1.f;
     ASSERT_GE(H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), 0);
     H5Dclose(d);
-    H5Fclose(f);
-  }
-  const std::string mpath = dir + "/manifest.json";
-  std::ifstream in(mpath);
-  std::string manifest((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const size_t at = manifest.find(old_sha);
-  ASSERT_NE(at, std::string::npos);
-  manifest.replace(at, old_sha.size(), sha256_file(file));
-  std::ofstream(mpath) << manifest;
+  });
   const std::string e = error_of([&] { verify_checkpoint(dir); });
   EXPECT_NE(e.find("dataset " + ds + " in rank_00000.h5 does not match its digest"),
             std::string::npos)
