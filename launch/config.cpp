@@ -184,6 +184,7 @@ const std::map<std::string, Key>& registry() {
       {"checkpoint.keep", int_key(M(checkpoint.keep), 1)},
       {"checkpoint.keep_every", int_key(M(checkpoint.keep_every), 0)},
       {"checkpoint.resume", bool_key(M(checkpoint.resume))},
+      {"checkpoint.async", bool_key(M(checkpoint.async))},
       {"checkpoint.max_attempts", int_key(M(checkpoint.max_attempts), 1)},
       {"data.train", list_key(M(data.train))},
       {"data.valid", list_key(M(data.valid))},

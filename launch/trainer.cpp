@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "checkpoint/async_save.h"
 #include "checkpoint/checkpoint.h"
 #include "data/dataset.h"
 #include "launch/job_control.h"
@@ -227,16 +228,28 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   if (lead)
     metrics = std::make_unique<MetricsLog>(
         (std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(), start_step > 0);
+  AsyncCheckpointWriter writer;  // checkpoint.async: rank 0's background writes
   auto save = [&](int64_t steps_done) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
     const std::vector<CheckpointTensor> state = opt.checkpoint_state();  // collective
     if (!lead) return;
-    const std::string dir = save_checkpoint(ckpt_dir, meta, state);
-    prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
-    say("saved checkpoint %s (%.2f s)\n", dir.c_str(),
-        std::chrono::duration<double>(Clock::now() - c0).count());
-    if (lead) std::fflush(stdout);
+    if (cfg.checkpoint.async) {
+      writer.submit(ckpt_dir, meta, state, [&](const std::string& dir, double secs) {
+        prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
+        say("saved checkpoint %s (written in the background in %.2f s)\n", dir.c_str(), secs);
+        std::fflush(stdout);
+      });
+      say("checkpoint of step %lld staged in %.3f s (training blocked); writing in the "
+          "background\n",
+          (long long)steps_done, std::chrono::duration<double>(Clock::now() - c0).count());
+    } else {
+      const std::string dir = save_checkpoint(ckpt_dir, meta, state);
+      prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
+      say("saved checkpoint %s (%.2f s)\n", dir.c_str(),
+          std::chrono::duration<double>(Clock::now() - c0).count());
+    }
+    std::fflush(stdout);
   };
   const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
   auto evaluate = [&]() {
@@ -332,6 +345,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       break;
     }
   }
+  writer.wait();  // the last checkpoint is committed before the run counts as ended
   if (lead) end_attempt(ckpt_dir);
   if (!s.stopped_on_signal) s.steps = ts.steps - start_step;
   s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
