@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -95,6 +96,35 @@ hid_t open_dataset_checked(hid_t f, const std::string& ds, const std::string& di
   return d;
 }
 
+// Fault injection for the save-interruption tests: BRAID_FAULT_SAVE=<point>:<n> ends the process
+// at once (status 86, as a crash would) when the n-th save of this process reaches <point>:
+// before_data, before_fsync, before_manifest, mid_manifest (half the manifest written),
+// before_rename. Unset: nothing happens. The save count is the one piece of process state this
+// needs.
+struct SaveFaults {
+  std::string point;
+  int64_t nth = 0, saves = 0;
+  SaveFaults() {
+    const char* e = std::getenv("BRAID_FAULT_SAVE");
+    if (!e) return;
+    const std::string v = e;
+    const size_t colon = v.find(':');
+    point = v.substr(0, colon);
+    nth = colon == std::string::npos ? 1 : std::stoll(v.substr(colon + 1));
+  }
+  void hit(const char* at) const {
+    if (!point.empty() && point == at && saves == nth) {
+      std::fprintf(stderr, "braid: fault injected: save %lld at %s\n", (long long)saves, at);
+      std::fflush(stderr);
+      ::_exit(86);
+    }
+  }
+};
+SaveFaults& save_faults() {
+  static SaveFaults faults;
+  return faults;
+}
+
 }  // namespace
 
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt) {
@@ -153,11 +183,14 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                             const std::vector<CheckpointTensor>& entries) {
   h5_quiet();
+  SaveFaults& faults = save_faults();
+  ++faults.saves;
   const std::string name = step_name(meta.step);
   const fs::path final_dir = fs::path(root) / name;
   const fs::path tmp = fs::path(root) / (name + ".tmp-" + std::to_string(::getpid()));
   fs::remove_all(tmp);
   fs::create_directories(tmp);
+  faults.hit("before_data");
   const std::string file = (tmp / kFile).string();
   json tensors = json::array();
   {
@@ -192,7 +225,9 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                          {"pieces", json::array({piece})}});
     }
   }
+  faults.hit("before_fsync");
   fsync_path(file);
+  faults.hit("before_manifest");
   const json manifest = {{"format_version", kCheckpointFormat},
                          {"step", meta.step},
                          {"consumed_samples", meta.consumed_samples},
@@ -201,8 +236,16 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                          {"files", {{{"name", kFile}, {"sha256", sha256_file(file)}}}},
                          {"tensors", tensors}};
   const std::string mpath = (tmp / "manifest.json").string();
-  std::ofstream(mpath) << manifest.dump(1) << "\n";
+  {
+    const std::string text = manifest.dump(1) + "\n";
+    std::ofstream out(mpath);
+    out << text.substr(0, text.size() / 2) << std::flush;
+    faults.hit("mid_manifest");
+    out << text.substr(text.size() / 2);
+    BRAID_CHECK(out.good(), "cannot write ", mpath);
+  }
   fsync_path(mpath);
+  faults.hit("before_rename");
   fs::remove_all(final_dir);  // a checkpoint of the same step from an earlier, interrupted run
   fs::rename(tmp, final_dir);
   fsync_path(root);
