@@ -16,10 +16,9 @@ mpirun=("$@")  # the MPI launcher and its options (empty: skip part 2)
 work=$(mktemp -d)
 trap 'kill -9 $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
-mkdir -p "$work/src"
-python_dir=$(ls -d /usr/lib/python3*/ 2>/dev/null | head -n 1)
-for f in "$python_dir"/[a-c]*.py; do cp "$f" "$work/src/"; done
-"$braid" prep --input "$work/src" --ext .py --out "$work/data" --valid-fraction 0.2 >/dev/null
+# shellcheck source=tests/launch/corpus.sh
+. "$(dirname "$0")/corpus.sh"
+prep_corpus "$braid" "$work" >/dev/null
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=40
       train.seq_len=64 train.micro_batch=4 train.grad_accum=1 optim.warmup=2 train.log_interval=10
       train.eval_interval=40 train.eval_batches=1 model.d_model=64 mlp.ffn=128 moe.ffn=64

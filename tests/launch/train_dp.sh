@@ -13,10 +13,9 @@ shift 2
 mpirun_cmd=("$@")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/src"
-python_dir=$(ls -d /usr/lib/python3*/ 2>/dev/null | head -n 1)
-for f in "$python_dir"/[a-c]*.py; do cp "$f" "$work/src/"; done
-"$braid" prep --input "$work/src" --ext .py --out "$work/data" --valid-fraction 0.2 >/dev/null
+# shellcheck source=tests/launch/corpus.sh
+. "$(dirname "$0")/corpus.sh"
+prep_corpus "$braid" "$work" >/dev/null
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=8 train.seq_len=64
       optim.warmup=2 optim.eps=0.001 train.log_interval=4 train.eval_interval=8 train.eval_batches=2
       model.d_model=64 mlp.ffn=128 moe.ffn=64 mamba2.head_dim=16 mamba2.chunk=16 moe.aux_loss_coef=0
