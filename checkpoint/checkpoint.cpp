@@ -20,8 +20,6 @@ using nlohmann::json;
 
 namespace {
 
-constexpr const char* kFile = "rank_00000.h5";
-
 std::string hex(const unsigned char* d, unsigned n) {
   static const char* k = "0123456789abcdef";
   std::string s;
@@ -68,26 +66,27 @@ H5Id file_access() {
 // outside the file or run code: every link on the path must be a hard link (no soft or external
 // links), and the dataset must be stored in the file itself, without filters (no plugins) and
 // not virtual.
-hid_t open_dataset_checked(hid_t f, const std::string& ds, const std::string& dir) {
+hid_t open_dataset_checked(hid_t f, const std::string& ds, const std::string& dir,
+                           const std::string& file) {
   for (size_t at = ds.find('/', 1);; at = ds.find('/', at + 1)) {
     const std::string prefix = at == std::string::npos ? ds : ds.substr(0, at);
     H5L_info_t info;
     BRAID_REQUIRE(H5Lexists(f, prefix.c_str(), H5P_DEFAULT) > 0 &&
                       H5Lget_info(f, prefix.c_str(), &info, H5P_DEFAULT) >= 0,
-                  "checkpoint '", dir, "': dataset ", ds, " is missing from ", kFile);
-    BRAID_REQUIRE(info.type == H5L_TYPE_HARD, "checkpoint '", dir, "': ", prefix, " in ", kFile,
+                  "checkpoint '", dir, "': dataset ", ds, " is missing from ", file);
+    BRAID_REQUIRE(info.type == H5L_TYPE_HARD, "checkpoint '", dir, "': ", prefix, " in ", file,
                   " is ", info.type == H5L_TYPE_EXTERNAL ? "an external" : "a soft",
                   " link; checkpoints hold only their own data");
     if (at == std::string::npos) break;
   }
   const hid_t d = H5Dopen2(f, ds.c_str(), H5P_DEFAULT);
-  BRAID_REQUIRE(d >= 0, "checkpoint '", dir, "': ", ds, " in ", kFile, " is not a dataset");
+  BRAID_REQUIRE(d >= 0, "checkpoint '", dir, "': ", ds, " in ", file, " is not a dataset");
   H5Id dcpl(H5_CHECK(H5Dget_create_plist(d)));
   const H5D_layout_t layout = H5Pget_layout(dcpl);
   const int filters = H5Pget_nfilters(dcpl), external = H5Pget_external_count(dcpl);
   if (layout == H5D_VIRTUAL || filters != 0 || external != 0) {
     H5Dclose(d);
-    BRAID_REJECT("checkpoint '", dir, "': dataset ", ds, " in ", kFile, " is ",
+    BRAID_REJECT("checkpoint '", dir, "': dataset ", ds, " in ", file, " is ",
                  layout == H5D_VIRTUAL ? "virtual"
                  : filters != 0        ? "filtered (a filter pipeline)"
                                        : "stored in external files",
@@ -182,17 +181,92 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                             const std::vector<CheckpointTensor>& entries) {
+  std::vector<CheckpointPiece> pieces;
+  for (const CheckpointTensor& e : entries) {
+    const Tensor& t = e.tensor;
+    BRAID_CHECK(t.device == Device::cpu && t.is_contiguous(), "checkpoint: ", t.describe(),
+                " must be a contiguous host tensor");
+    pieces.push_back({e.kind, e.name, t.dtype,
+                      std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim), 0, t.numel(),
+                      t.data});
+  }
+  return save_checkpoint_sharded(root, meta, pieces, nullptr);
+}
+
+namespace {
+
+// Gathers every rank's string on rank 0 (in rank order); other ranks get an empty vector.
+std::vector<std::string> gather_strings(const std::string& mine, Communicator* world) {
+  if (!world || world->size() == 1) return {mine};
+  const int p = world->size();
+  std::vector<int64_t> lens(p);
+  int64_t len = static_cast<int64_t>(mine.size());
+  world->all_gather(Tensor::contiguous_view(&len, DType::i64, Device::cpu, {1}, "len"),
+                    Tensor::contiguous_view(lens.data(), DType::i64, Device::cpu, {p}, "lens"));
+  const int64_t width = *std::max_element(lens.begin(), lens.end());
+  std::string padded = mine;
+  padded.resize(width);
+  std::string all(width * p, '\0');
+  world->all_gather(
+      Tensor::contiguous_view(padded.data(), DType::u8, Device::cpu, {width}, "s"),
+      Tensor::contiguous_view(all.data(), DType::u8, Device::cpu, {width * p}, "all"));
+  if (world->rank() != 0) return {};
+  std::vector<std::string> out;
+  for (int r = 0; r < p; ++r) out.push_back(all.substr(r * width, lens[r]));
+  return out;
+}
+
+// Refuses a save unless the pieces of every tensor cover it exactly once.
+void check_coverage(const json& tensors) {
+  for (const json& t : tensors) {
+    int64_t numel = 1;
+    for (int64_t x : t.at("shape").get<std::vector<int64_t>>()) numel *= x;
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (const json& pc : t.at("pieces"))
+      ranges.push_back({pc.at("start").get<int64_t>(), pc.at("count").get<int64_t>()});
+    std::sort(ranges.begin(), ranges.end());
+    int64_t next = 0;
+    for (const auto& [start, count] : ranges) {
+      BRAID_CHECK(start == next, "checkpoint save refused: ", t.at("kind").get<std::string>(), "/",
+                  t.at("name").get<std::string>(), ": elements [", std::min(start, next), ", ",
+                  std::max(start, next), ") are ",
+                  start > next ? "written by no rank" : "written twice");
+      next = start + count;
+    }
+    BRAID_CHECK(next == numel, "checkpoint save refused: ", t.at("kind").get<std::string>(), "/",
+                t.at("name").get<std::string>(), ": elements [", next, ", ", numel,
+                ") are written by no rank");
+  }
+}
+
+}  // namespace
+
+std::string save_checkpoint_sharded(const std::string& root, const CheckpointMeta& meta,
+                                    const std::vector<CheckpointPiece>& pieces,
+                                    Communicator* world) {
   h5_quiet();
   SaveFaults& faults = save_faults();
   ++faults.saves;
+  const int rank = world ? world->rank() : 0, ranks = world ? world->size() : 1;
+  const bool lead = rank == 0;
+  // One temporary directory for all ranks, named by rank 0's process id.
+  int64_t id = lead ? ::getpid() : 0;
+  if (ranks > 1)
+    world->all_reduce(Tensor::contiguous_view(&id, DType::i64, Device::cpu, {1}, "id"),
+                      ReduceOp::max);
   const std::string name = step_name(meta.step);
   const fs::path final_dir = fs::path(root) / name;
-  const fs::path tmp = fs::path(root) / (name + ".tmp-" + std::to_string(::getpid()));
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  faults.hit("before_data");
-  const std::string file = (tmp / kFile).string();
-  json tensors = json::array();
+  const fs::path tmp = fs::path(root) / (name + ".tmp-" + std::to_string(id));
+  if (lead) {
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+  }
+  if (ranks > 1) world->barrier();
+  if (lead) faults.hit("before_data");
+  char fname[32];
+  std::snprintf(fname, sizeof(fname), "rank_%05d.h5", rank);
+  const std::string file = (tmp / fname).string();
+  json mine = {{"file", fname}, {"pieces", json::array()}};
   {
     H5Id fapl = file_access();
     H5Id f(H5_CHECK(H5Fcreate(file.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl)));
@@ -201,54 +275,85 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
     H5_CHECK(H5Pset_obj_track_times(gcpl, false));
     H5_CHECK(H5Pset_obj_track_times(dcpl, false));
     std::set<std::string> groups;
-    for (const CheckpointTensor& e : entries) {
-      if (groups.insert(e.kind).second)
-        H5Id(H5_CHECK(H5Gcreate2(f, ("/" + e.kind).c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT)));
-      const Tensor& t = e.tensor;
-      BRAID_CHECK(t.device == Device::cpu && t.is_contiguous(), "checkpoint: ", t.describe(),
-                  " must be a contiguous host tensor");
-      std::vector<hsize_t> dims(t.shape.begin(), t.shape.begin() + t.ndim);
-      H5Id space(H5_CHECK(H5Screate_simple(t.ndim, dims.data(), nullptr)));
-      const std::string ds = "/" + e.kind + "/" + e.name;
+    for (const CheckpointPiece& pc : pieces) {
+      if (groups.insert(pc.kind).second)
+        H5Id(H5_CHECK(H5Gcreate2(f, ("/" + pc.kind).c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT)));
+      int64_t numel = 1;
+      for (int64_t x : pc.shape) numel *= x;
+      // A whole tensor keeps its shape; a part of one is a 1-D run of its row-major elements.
+      const bool whole = pc.start == 0 && pc.count == numel;
+      std::vector<hsize_t> dims = whole ? std::vector<hsize_t>(pc.shape.begin(), pc.shape.end())
+                                        : std::vector<hsize_t>{static_cast<hsize_t>(pc.count)};
+      H5Id space(H5_CHECK(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr)));
+      const std::string ds =
+          "/" + pc.kind + "/" + pc.name + (whole ? "" : "@" + std::to_string(pc.start));
       H5Id d(H5_CHECK(
-          H5Dcreate2(f, ds.c_str(), h5_type(t.dtype), space, H5P_DEFAULT, dcpl, H5P_DEFAULT)));
-      H5_CHECK(H5Dwrite(d, h5_native(t.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data));
-      json piece = {{"file", kFile},
-                    {"dataset", ds},
-                    {"offset", std::vector<int64_t>(t.ndim, 0)},
-                    {"extent", std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim)},
-                    {"sha256", sha256_bytes(t.data, t.nbytes())}};
-      tensors.push_back({{"kind", e.kind},
-                         {"name", e.name},
-                         {"dtype", std::string(dtype_name(t.dtype))},
-                         {"shape", piece["extent"]},
-                         {"pieces", json::array({piece})}});
+          H5Dcreate2(f, ds.c_str(), h5_type(pc.dtype), space, H5P_DEFAULT, dcpl, H5P_DEFAULT)));
+      H5_CHECK(H5Dwrite(d, h5_native(pc.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, pc.data));
+      mine["pieces"].push_back(
+          {{"kind", pc.kind},
+           {"name", pc.name},
+           {"dtype", std::string(dtype_name(pc.dtype))},
+           {"shape", pc.shape},
+           {"start", pc.start},
+           {"count", pc.count},
+           {"dataset", ds},
+           {"sha256", sha256_bytes(pc.data, pc.count * dtype_size(pc.dtype))}});
     }
   }
-  faults.hit("before_fsync");
+  if (lead) faults.hit("before_fsync");
   fsync_path(file);
-  faults.hit("before_manifest");
-  const json manifest = {{"format_version", kCheckpointFormat},
-                         {"step", meta.step},
-                         {"consumed_samples", meta.consumed_samples},
-                         {"seed", meta.seed},
-                         {"config", meta.config},
-                         {"files", {{{"name", kFile}, {"sha256", sha256_file(file)}}}},
-                         {"tensors", tensors}};
-  const std::string mpath = (tmp / "manifest.json").string();
-  {
-    const std::string text = manifest.dump(1) + "\n";
-    std::ofstream out(mpath);
-    out << text.substr(0, text.size() / 2) << std::flush;
-    faults.hit("mid_manifest");
-    out << text.substr(text.size() / 2);
-    BRAID_CHECK(out.good(), "cannot write ", mpath);
+  mine["sha256"] = sha256_file(file);
+  const std::vector<std::string> reports = gather_strings(mine.dump(), world);
+  if (lead) {
+    faults.hit("before_manifest");
+    json files = json::array(), tensors = json::array();
+    std::map<std::string, size_t> index;  // "kind/name" -> position in tensors
+    for (const std::string& text : reports) {
+      const json r = json::parse(text);
+      files.push_back({{"name", r.at("file")}, {"sha256", r.at("sha256")}});
+      for (const json& pc : r.at("pieces")) {
+        const std::string key =
+            pc.at("kind").get<std::string>() + "/" + pc.at("name").get<std::string>();
+        if (!index.count(key)) {
+          index[key] = tensors.size();
+          tensors.push_back({{"kind", pc.at("kind")},
+                             {"name", pc.at("name")},
+                             {"dtype", pc.at("dtype")},
+                             {"shape", pc.at("shape")},
+                             {"pieces", json::array()}});
+        }
+        tensors[index[key]]["pieces"].push_back({{"file", r.at("file")},
+                                                 {"dataset", pc.at("dataset")},
+                                                 {"start", pc.at("start")},
+                                                 {"count", pc.at("count")},
+                                                 {"sha256", pc.at("sha256")}});
+      }
+    }
+    check_coverage(tensors);
+    const json manifest = {{"format_version", kCheckpointFormat},
+                           {"step", meta.step},
+                           {"consumed_samples", meta.consumed_samples},
+                           {"seed", meta.seed},
+                           {"config", meta.config},
+                           {"files", files},
+                           {"tensors", tensors}};
+    const std::string mpath = (tmp / "manifest.json").string();
+    {
+      const std::string text = manifest.dump(1) + "\n";
+      std::ofstream out(mpath);
+      out << text.substr(0, text.size() / 2) << std::flush;
+      faults.hit("mid_manifest");
+      out << text.substr(text.size() / 2);
+      BRAID_CHECK(out.good(), "cannot write ", mpath);
+    }
+    fsync_path(mpath);
+    faults.hit("before_rename");
+    fs::remove_all(final_dir);  // a checkpoint of the same step from an earlier, interrupted run
+    fs::rename(tmp, final_dir);
+    fsync_path(root);
   }
-  fsync_path(mpath);
-  faults.hit("before_rename");
-  fs::remove_all(final_dir);  // a checkpoint of the same step from an earlier, interrupted run
-  fs::rename(tmp, final_dir);
-  fsync_path(root);
+  if (ranks > 1) world->barrier();  // committed before any rank goes on
   return final_dir.string();
 }
 
@@ -303,6 +408,72 @@ std::string latest_valid_checkpoint(const std::string& root, std::vector<std::st
   return "";
 }
 
+namespace {
+
+// The files of a checkpoint opened read-only on first use.
+class CheckpointFiles {
+ public:
+  explicit CheckpointFiles(std::string dir) : dir_(std::move(dir)) {}
+  hid_t get(const std::string& name) {
+    auto it = open_.find(name);
+    if (it != open_.end()) return *it->second;
+    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
+                  "checkpoint '", dir_, "': file name '", name,
+                  "' leaves the checkpoint directory");
+    H5Id fapl = file_access();
+    const std::string path = (fs::path(dir_) / name).string();
+    auto id = std::make_unique<H5Id>(H5_CHECK(H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl)));
+    return *open_.emplace(name, std::move(id)).first->second;
+  }
+
+ private:
+  std::string dir_;
+  std::map<std::string, std::unique_ptr<H5Id>> open_;
+};
+
+// Reads every piece of manifest tensor t into dst (numel elements of dtype), checking that the
+// pieces cover it exactly once and that each matches its digest. Format 1 pieces hold the whole
+// tensor; format 2 pieces a run [start, start + count) of its row-major elements.
+void read_tensor(const json& t, const std::string& dir, CheckpointFiles& files, void* dst,
+                 DType dtype, int64_t numel) {
+  const std::string key = t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>();
+  const size_t esize = dtype_size(dtype);
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (const json& pc : t.at("pieces")) {
+    const int64_t start = pc.value("start", int64_t(0)), count = pc.value("count", numel);
+    BRAID_REQUIRE(start >= 0 && count >= 0 && start + count <= numel, "checkpoint '", dir,
+                  "': ", key, " has a piece [", start, ", ", start + count, ") outside its ", numel,
+                  " elements");
+    ranges.push_back({start, count});
+    const std::string file = pc.at("file").get<std::string>(),
+                      ds = pc.at("dataset").get<std::string>();
+    BRAID_REQUIRE(ds == "/" + key || ds == "/" + key + "@" + std::to_string(start), "checkpoint '",
+                  dir, "': ", key, " points at dataset '", ds, "'");
+    H5Id d(open_dataset_checked(files.get(file), ds, dir, file));
+    H5Id space(H5_CHECK(H5Dget_space(d)));
+    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == count, "checkpoint '", dir, "': dataset ",
+                  ds, " in ", file, " has ", H5Sget_simple_extent_npoints(space),
+                  " elements, the manifest says ", count);
+    char* at = static_cast<char*>(dst) + start * esize;
+    H5_CHECK(H5Dread(d, h5_native(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, at));
+    BRAID_REQUIRE(sha256_bytes(at, count * esize) == pc.at("sha256").get<std::string>(),
+                  "checkpoint '", dir, "': dataset ", ds, " in ", file,
+                  " does not match its digest");
+  }
+  std::sort(ranges.begin(), ranges.end());
+  int64_t next = 0;
+  for (const auto& [start, count] : ranges) {
+    BRAID_REQUIRE(start == next, "checkpoint '", dir, "': the pieces of ", key, " ",
+                  start > next ? "leave out" : "overlap at", " elements from ",
+                  std::min(start, next));
+    next = start + count;
+  }
+  BRAID_REQUIRE(next == numel, "checkpoint '", dir, "': the pieces of ", key,
+                " leave out elements from ", next);
+}
+
+}  // namespace
+
 CheckpointSummary inspect_checkpoint(const std::string& dir) {
   const json m = read_manifest(dir);
   CheckpointSummary sum;
@@ -328,41 +499,25 @@ CheckpointSummary verify_checkpoint(const std::string& dir) {
   check_checkpoint_files(dir);
   const json m = read_manifest(dir);
   const CheckpointSummary sum = inspect_checkpoint(dir);
-  H5Id fapl = file_access();
-  const std::string file = (fs::path(dir) / kFile).string();
-  H5Id f(H5_CHECK(H5Fopen(file.c_str(), H5F_ACC_RDONLY, fapl)));
+  CheckpointFiles files(dir);
   for (const json& t : m.at("tensors")) {
-    const std::string kind = t.at("kind").get<std::string>(),
-                      name = t.at("name").get<std::string>();
     DType dtype{};
     BRAID_REQUIRE(dtype_from_name(t.at("dtype").get<std::string>(), &dtype), "checkpoint '", dir,
-                  "': ", kind, "/", name, " has unknown dtype ", t.at("dtype").get<std::string>());
-    const std::vector<int64_t> shape = t.at("shape").get<std::vector<int64_t>>();
+                  "': ", t.at("kind").get<std::string>(), "/", t.at("name").get<std::string>(),
+                  " has unknown dtype ", t.at("dtype").get<std::string>());
     int64_t numel = 1;
-    for (int64_t x : shape) numel *= x;
-    const json& piece = t.at("pieces").at(0);
-    const std::string ds = piece.at("dataset").get<std::string>();
-    BRAID_REQUIRE(ds == "/" + kind + "/" + name, "checkpoint '", dir, "': ", kind, "/", name,
-                  " points at dataset '", ds, "'");
-    H5Id d(open_dataset_checked(f, ds, dir));
-    H5Id space(H5_CHECK(H5Dget_space(d)));
-    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == numel, "checkpoint '", dir, "': dataset ",
-                  ds, " has ", H5Sget_simple_extent_npoints(space), " elements, the manifest says ",
-                  numel);
+    for (int64_t x : t.at("shape").get<std::vector<int64_t>>()) numel *= x;
     std::vector<char> bytes(numel * dtype_size(dtype));
-    H5_CHECK(H5Dread(d, h5_native(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, bytes.data()));
-    BRAID_REQUIRE(sha256_bytes(bytes.data(), bytes.size()) == piece.at("sha256").get<std::string>(),
-                  "checkpoint '", dir, "': dataset ", ds, " in ", kFile,
-                  " does not match its digest");
+    read_tensor(t, dir, files, bytes.data(), dtype, numel);
   }
   return sum;
 }
 
 CheckpointMeta read_checkpoint_meta(const std::string& dir) {
   const json m = read_manifest(dir);
-  BRAID_REQUIRE(m.value("format_version", 0) == kCheckpointFormat, "checkpoint '", dir,
-                "': format version ", m.value("format_version", 0), ", this build reads ",
-                kCheckpointFormat);
+  const int version = m.value("format_version", 0);
+  BRAID_REQUIRE(version >= 1 && version <= kCheckpointFormat, "checkpoint '", dir,
+                "': format version ", version, ", this build reads 1 to ", kCheckpointFormat);
   CheckpointMeta meta;
   meta.step = m.at("step").get<int64_t>();
   meta.consumed_samples = m.at("consumed_samples").get<int64_t>();
@@ -396,9 +551,7 @@ void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>
                 "' does not match this model: ", missing.empty() ? "" : "missing " + missing,
                 missing.empty() || unexpected.empty() ? "" : "; ",
                 unexpected.empty() ? "" : "unexpected " + unexpected);
-  H5Id fapl = file_access();
-  const std::string file = (fs::path(dir) / kFile).string();
-  H5Id f(H5_CHECK(H5Fopen(file.c_str(), H5F_ACC_RDONLY, fapl)));
+  CheckpointFiles files(dir);
   for (const json& t : m.at("tensors")) {
     const std::string key = t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>();
     const Tensor& dst = expected.at(key);
@@ -409,18 +562,7 @@ void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>
     BRAID_REQUIRE(t.at("dtype").get<std::string>() == dtype_name(dst.dtype), "checkpoint '", dir,
                   "': ", key, " is ", t.at("dtype").get<std::string>(), ", this model stores ",
                   dtype_name(dst.dtype));
-    const json& piece = t.at("pieces").at(0);
-    const std::string ds = piece.at("dataset").get<std::string>();
-    BRAID_REQUIRE(ds == "/" + key, "checkpoint '", dir, "': ", key, " points at dataset '", ds,
-                  "'");
-    H5Id d(open_dataset_checked(f, ds, dir));
-    H5Id space(H5_CHECK(H5Dget_space(d)));
-    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == dst.numel(), "checkpoint '", dir,
-                  "': dataset ", ds, " has ", H5Sget_simple_extent_npoints(space),
-                  " elements, expected ", dst.numel());
-    H5_CHECK(H5Dread(d, h5_native(dst.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, dst.data));
-    BRAID_REQUIRE(sha256_bytes(dst.data, dst.nbytes()) == piece.at("sha256").get<std::string>(),
-                  "checkpoint '", dir, "': dataset ", ds, " does not match its digest");
+    read_tensor(t, dir, files, dst.data, dst.dtype, dst.numel());
   }
 }
 

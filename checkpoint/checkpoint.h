@@ -1,10 +1,12 @@
-// Checkpoints of a single-process run (the multi-rank sharded layout builds on this format).
+// Checkpoints, written by one process or by every rank of a job.
 //   <root>/step_<N>/            a committed checkpoint (8-digit N)
 //     manifest.json             format version, step, consumed samples, seed, the resolved
-//                               configuration, and for every tensor its kind, dtype, global
-//                               shape and pieces {file, dataset, offset, extent, sha256}
-//     rank_00000.h5             datasets /<kind>/<name>, kind in param, master, exp_avg,
-//                               exp_avg_sq; tensors in logical (unsharded) coordinates
+//                               configuration, every file with its SHA-256, and for every
+//                               tensor its kind, dtype, global shape and pieces {file, dataset,
+//                               start, count, sha256}: runs of its row-major elements
+//     rank_<r>.h5               the pieces rank r held: /<kind>/<name> (a whole tensor, in its
+//                               shape) or /<kind>/<name>@<start> (a 1-D run); kind in param,
+//                               master, exp_avg, exp_avg_sq; logical (unsharded) coordinates
 // Saving writes <root>/step_<N>.tmp-<pid>/, fsyncs, and renames it: a reader only ever sees
 // complete checkpoints. Loading finds the newest committed step with a manifest, checks the
 // SHA-256 of every file before libhdf5 opens it, checks the model configuration, and requires
@@ -19,6 +21,7 @@
 
 #include "layers/model/params.h"
 #include "optim/adamw.h"
+#include "parallel/communicator.h"
 
 namespace braid {
 
@@ -29,7 +32,7 @@ struct CheckpointMeta {
   std::map<std::string, std::string> config;  // resolved "section.key" -> value
 };
 
-constexpr int kCheckpointFormat = 1;
+constexpr int kCheckpointFormat = 2;  // 2: pieces are runs of row-major elements, any file
 
 // One logical tensor of a checkpoint: kind (param, master, exp_avg, exp_avg_sq), HF-style name,
 // and the host tensor holding (or receiving) its full, unsharded value.
@@ -41,6 +44,25 @@ struct CheckpointTensor {
 // The training state of a single-process run: every parameter, and the fp32 master weights and
 // Adam moments of every trainable one.
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt);
+
+// A part of a logical tensor held by this rank: elements [start, start + count) of its row-major
+// flattening, read from `data` (count elements of dtype).
+struct CheckpointPiece {
+  std::string kind, name;
+  DType dtype = DType::f32;
+  std::vector<int64_t> shape;  // of the whole tensor
+  int64_t start = 0, count = 0;
+  const void* data = nullptr;
+};
+
+// Sharded save, collective over world (null: this process alone). Every rank writes the pieces
+// it holds to its own rank_<r>.h5 in <root>/step_<N>.tmp-<id>/; rank 0 gathers the pieces and
+// file digests, refuses the save unless the pieces of every tensor cover it exactly once (naming
+// the tensor and the elements), writes the manifest and commits by rename; no rank returns
+// before the commit. Returns the committed directory.
+std::string save_checkpoint_sharded(const std::string& root, const CheckpointMeta& meta,
+                                    const std::vector<CheckpointPiece>& pieces,
+                                    Communicator* world);
 
 // Writes and commits a checkpoint of `tensors`; returns its directory.
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,

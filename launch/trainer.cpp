@@ -60,7 +60,8 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
 }
 
 // The optimizer of a run: AdamW on one process, ZeRO-1 AdamW over the data-parallel group.
-// Checkpoints hold the full (unsharded) state either way, so either layout resumes from them.
+// Checkpoints hold the state in logical (unsharded) coordinates either way: a process writes it
+// whole, ZeRO-1 ranks each write their runs of it; either layout resumes from either.
 class RunOptimizer {
  public:
   RunOptimizer(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator* dp)
@@ -77,11 +78,33 @@ class RunOptimizer {
     return zero_->grad_norm();
   }
   void step(double lr, double norm) { zero_ ? zero_->step(lr, norm) : adam_->step(lr, norm); }
-  // The state to save (collective under ZeRO-1: the shards are gathered).
-  std::vector<CheckpointTensor> checkpoint_state() {
-    if (!zero_) return training_state(params_, *adam_);
-    zero_->gather_state(master_, m_, v_);
-    return full_state_views();
+  bool sharded() const { return zero_ != nullptr; }
+  // The whole state of a single process.
+  std::vector<CheckpointTensor> checkpoint_state() { return training_state(params_, *adam_); }
+  // Under ZeRO-1, what this rank writes of a sharded checkpoint: its runs of every trainable
+  // tensor's master weights and moments, and (with_params: one rank) the parameters.
+  std::vector<CheckpointPiece> shard_pieces(bool with_params) const {
+    std::vector<CheckpointPiece> out;
+    auto shape_of = [](const Tensor& t) {
+      return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
+    };
+    if (with_params)
+      for (const Param& p : params_.all())
+        out.push_back(
+            {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
+    const int64_t lo = zero_->shard_begin(), hi = lo + zero_->shard_size();
+    for (const Param& p : params_.all()) {
+      if (!p.trainable) continue;
+      const int64_t off = params_.flat_offset(p), a = std::max(off, lo),
+                    b = std::min(off + p.value.numel(), hi);
+      if (a >= b) continue;
+      for (auto [kind, vec] : {std::pair{"master", &zero_->shard_master()},
+                               std::pair{"exp_avg", &zero_->shard_exp_avg()},
+                               std::pair{"exp_avg_sq", &zero_->shard_exp_avg_sq()}})
+        out.push_back(
+            {kind, p.name, DType::f32, shape_of(p.value), a - off, b - a, vec->data() + (a - lo)});
+    }
+    return out;
   }
   void load(const std::string& dir, int64_t steps) {
     if (!zero_) return load_checkpoint(dir, params_, *adam_);
@@ -232,8 +255,17 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   auto save = [&](int64_t steps_done) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
-    const std::vector<CheckpointTensor> state = opt.checkpoint_state();  // collective
-    if (!lead) return;
+    if (opt.sharded()) {  // every rank writes its shard; collective
+      const std::string dir =
+          save_checkpoint_sharded(ckpt_dir, meta, opt.shard_pieces(lead), world);
+      if (!lead) return;
+      prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
+      say("saved checkpoint %s (%d ranks wrote their shards, %.2f s)\n", dir.c_str(), world->size(),
+          std::chrono::duration<double>(Clock::now() - c0).count());
+      std::fflush(stdout);
+      return;
+    }
+    const std::vector<CheckpointTensor> state = opt.checkpoint_state();
     if (cfg.checkpoint.async) {
       writer.submit(ckpt_dir, meta, state, [&](const std::string& dir, double secs) {
         prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);

@@ -34,6 +34,11 @@ class Zero1AdamW {
 
   int64_t shard_begin() const { return begin_; }
   int64_t shard_size() const { return shard_; }
+  // This rank's fp32 master weights and Adam moments, elements [shard_begin, + shard_size) of the
+  // flat parameter vector.
+  const std::vector<float>& shard_master() const { return master_; }
+  const std::vector<float>& shard_exp_avg() const { return m_; }
+  const std::vector<float>& shard_exp_avg_sq() const { return v_; }
   const std::vector<float>& shard_grad() const { return grad_; }
   int64_t steps_taken() const { return t_; }
 

@@ -249,6 +249,38 @@ TEST(Checkpoint, VerifyReadsEveryDatasetAndNamesTheOneAtFault) {
       << e;
 }
 
+// Pieces of tensors (as ZeRO-1 ranks hold them): a tensor split in runs reads back whole; a gap or
+// an overlap refuses the save, naming the tensor and the elements.
+TEST(Checkpoint, PiecesCoverEveryTensorExactlyOnce) {
+  TempDir root;
+  std::vector<float> w(24), b(5);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.5f * float(i) - 3.f;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = float(i);
+  const std::vector<CheckpointPiece> ok = {
+      {"master", "w", DType::f32, {4, 6}, 0, 10, w.data()},
+      {"master", "w", DType::f32, {4, 6}, 10, 14, w.data() + 10},
+      {"master", "b", DType::f32, {5}, 0, 5, b.data()}};
+  const std::string dir = save_checkpoint_sharded(root.str(), {3, 0, 1, {}}, ok, nullptr);
+  std::vector<float> w2(24, -1.f), b2(5, -1.f);
+  load_checkpoint(
+      dir,
+      {{"master", "w", Tensor::contiguous_view(w2.data(), DType::f32, Device::cpu, {4, 6}, "w")},
+       {"master", "b", Tensor::contiguous_view(b2.data(), DType::f32, Device::cpu, {5}, "b")}});
+  EXPECT_EQ(w2, w);
+  EXPECT_EQ(b2, b);
+  auto gap = ok;
+  gap[1].start = 12, gap[1].count = 12, gap[1].data = w.data() + 12;
+  std::string e = error_of([&] {
+    save_checkpoint_sharded(root.str(), {4, 0, 1, {}}, gap, nullptr);
+  });
+  EXPECT_NE(e.find("master/w: elements [10, 12) are written by no rank"), std::string::npos) << e;
+  auto twice = ok;
+  twice[1].start = 8, twice[1].count = 16, twice[1].data = w.data() + 8;
+  e = error_of([&] { save_checkpoint_sharded(root.str(), {5, 0, 1, {}}, twice, nullptr); });
+  EXPECT_NE(e.find("master/w: elements [8, 10) are written twice"), std::string::npos) << e;
+  EXPECT_EQ(fs::path(latest_checkpoint(root.str())).filename(), "step_00000003");
+}
+
 TEST(Checkpoint, ConfigDifferencesListEveryChangedKey) {
   const std::map<std::string, std::string> a{
       {"model.d_model", "16"}, {"moe.experts", "4"}, {"train.steps", "10"}, {"train.seed", "1"}},
