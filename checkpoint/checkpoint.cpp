@@ -179,6 +179,31 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
   return save_checkpoint(root, meta, training_state(params, opt));
 }
 
+std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,
+                                          bool with_params) {
+  std::vector<CheckpointPiece> out;
+  auto shape_of = [](const Tensor& t) {
+    return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
+  };
+  if (with_params)
+    for (const Param& p : params.all())
+      out.push_back(
+          {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
+  const int64_t lo = opt.shard_begin(), hi = lo + opt.shard_size();
+  for (const Param& p : params.all()) {
+    if (!p.trainable) continue;
+    const int64_t off = params.flat_offset(p), a = std::max(off, lo),
+                  b = std::min(off + p.value.numel(), hi);
+    if (a >= b) continue;
+    for (auto [kind, vec] :
+         {std::pair{"master", &opt.shard_master()}, std::pair{"exp_avg", &opt.shard_exp_avg()},
+          std::pair{"exp_avg_sq", &opt.shard_exp_avg_sq()}})
+      out.push_back(
+          {kind, p.name, DType::f32, shape_of(p.value), a - off, b - a, vec->data() + (a - lo)});
+  }
+  return out;
+}
+
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                             const std::vector<CheckpointTensor>& entries) {
   std::vector<CheckpointPiece> pieces;

@@ -21,6 +21,7 @@
 
 #include "layers/model/params.h"
 #include "optim/adamw.h"
+#include "optim/zero1_adamw.h"
 #include "parallel/communicator.h"
 
 namespace braid {
@@ -63,6 +64,11 @@ struct CheckpointPiece {
 std::string save_checkpoint_sharded(const std::string& root, const CheckpointMeta& meta,
                                     const std::vector<CheckpointPiece>& pieces,
                                     Communicator* world);
+
+// What a ZeRO-1 rank writes of a sharded checkpoint: its runs of every trainable parameter's
+// master weights and Adam moments, and, with_params (one rank), every parameter whole.
+std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,
+                                          bool with_params);
 
 // Writes and commits a checkpoint of `tensors`; returns its directory.
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,

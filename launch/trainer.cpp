@@ -81,30 +81,9 @@ class RunOptimizer {
   bool sharded() const { return zero_ != nullptr; }
   // The whole state of a single process.
   std::vector<CheckpointTensor> checkpoint_state() { return training_state(params_, *adam_); }
-  // Under ZeRO-1, what this rank writes of a sharded checkpoint: its runs of every trainable
-  // tensor's master weights and moments, and (with_params: one rank) the parameters.
+  // Under ZeRO-1, what this rank writes of a sharded checkpoint.
   std::vector<CheckpointPiece> shard_pieces(bool with_params) const {
-    std::vector<CheckpointPiece> out;
-    auto shape_of = [](const Tensor& t) {
-      return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
-    };
-    if (with_params)
-      for (const Param& p : params_.all())
-        out.push_back(
-            {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
-    const int64_t lo = zero_->shard_begin(), hi = lo + zero_->shard_size();
-    for (const Param& p : params_.all()) {
-      if (!p.trainable) continue;
-      const int64_t off = params_.flat_offset(p), a = std::max(off, lo),
-                    b = std::min(off + p.value.numel(), hi);
-      if (a >= b) continue;
-      for (auto [kind, vec] : {std::pair{"master", &zero_->shard_master()},
-                               std::pair{"exp_avg", &zero_->shard_exp_avg()},
-                               std::pair{"exp_avg_sq", &zero_->shard_exp_avg_sq()}})
-        out.push_back(
-            {kind, p.name, DType::f32, shape_of(p.value), a - off, b - a, vec->data() + (a - lo)});
-    }
-    return out;
+    return zero1_pieces(params_, *zero_, with_params);
   }
   void load(const std::string& dir, int64_t steps) {
     if (!zero_) return load_checkpoint(dir, params_, *adam_);
