@@ -95,24 +95,29 @@ hid_t open_dataset_checked(hid_t f, const std::string& ds, const std::string& di
   return d;
 }
 
-// Fault injection for the save-interruption tests: BRAID_FAULT_SAVE=<point>:<n> ends the process
-// at once (status 86, as a crash would) when the n-th save of this process reaches <point>:
-// before_data, before_fsync, before_manifest, mid_manifest (half the manifest written),
-// before_rename. Unset: nothing happens. The save count is the one piece of process state this
-// needs.
+// Fault injection for the save-interruption tests: BRAID_FAULT_SAVE=<point>:<n>[:<rank>] ends
+// the process at once (status 86, as a crash would) when the n-th save of this process on rank
+// <rank> (default 0) reaches <point>: before_data, before_fsync (every rank passes these), and
+// on rank 0 before_manifest, mid_manifest (half the manifest written), before_rename. Unset:
+// nothing happens. The save count is the one piece of process state this needs.
 struct SaveFaults {
   std::string point;
   int64_t nth = 0, saves = 0;
+  int rank = 0;
   SaveFaults() {
     const char* e = std::getenv("BRAID_FAULT_SAVE");
     if (!e) return;
-    const std::string v = e;
-    const size_t colon = v.find(':');
-    point = v.substr(0, colon);
-    nth = colon == std::string::npos ? 1 : std::stoll(v.substr(colon + 1));
+    std::string v = e;
+    std::vector<std::string> parts;
+    for (size_t at; (at = v.find(':')) != std::string::npos; v = v.substr(at + 1))
+      parts.push_back(v.substr(0, at));
+    parts.push_back(v);
+    point = parts[0];
+    nth = parts.size() > 1 ? std::stoll(parts[1]) : 1;
+    rank = parts.size() > 2 ? std::stoi(parts[2]) : 0;
   }
-  void hit(const char* at) const {
-    if (!point.empty() && point == at && saves == nth) {
+  void hit(const char* at, int my_rank = 0) const {
+    if (!point.empty() && point == at && saves == nth && my_rank == rank) {
       std::fprintf(stderr, "braid: fault injected: save %lld at %s\n", (long long)saves, at);
       std::fflush(stderr);
       ::_exit(86);
@@ -287,7 +292,7 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
     fs::create_directories(tmp);
   }
   if (ranks > 1) world->barrier();
-  if (lead) faults.hit("before_data");
+  faults.hit("before_data", rank);
   char fname[32];
   std::snprintf(fname, sizeof(fname), "rank_%05d.h5", rank);
   const std::string file = (tmp / fname).string();
@@ -326,7 +331,7 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
            {"sha256", sha256_bytes(pc.data, pc.count * dtype_size(pc.dtype))}});
     }
   }
-  if (lead) faults.hit("before_fsync");
+  faults.hit("before_fsync", rank);
   fsync_path(file);
   mine["sha256"] = sha256_file(file);
   const std::vector<std::string> reports = gather_strings(mine.dump(), world);

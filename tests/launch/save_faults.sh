@@ -4,7 +4,8 @@
 # (BRAID_FAULT_SAVE=<point>:2, checkpoint/checkpoint.cpp) end the process during its second save
 # (step 8): before the data is written, before its fsync, before the manifest, halfway through
 # the manifest, and between the manifest and the commit rename. With an optional MPI launcher,
-# the same with two data-parallel ranks (rank 0 writes) at the last point.
+# the same with two data-parallel ranks (each writes its shard): rank 0 killed before the rename,
+# and rank 1 killed before the fsync of its shard.
 set -u
 braid="$1"
 config="$2"
@@ -26,11 +27,11 @@ digests() { grep -o '"sha256": "[0-9a-f]*"' "$1/checkpoints/step_00000012/manife
 interrupt_and_resume() {
   local dir=$1 point=$2
   shift 2
-  BRAID_FAULT_SAVE="$point:2" "$@" --config "$config" "${args[@]}" train.out_dir="$dir" \
+  BRAID_FAULT_SAVE="${point%%:*}:2${point#"${point%%:*}"}" "$@" --config "$config" "${args[@]}" train.out_dir="$dir" \
     >"$dir.log" 2>&1
   local status=$?
   [ "$status" -ne 0 ] || fail "$point: the run was not interrupted"
-  grep -q "fault injected: save 2 at $point" "$dir.log" || fail "$point: no fault: $(tail -n 3 "$dir.log")"
+  grep -q "fault injected: save 2 at ${point%%:*}" "$dir.log" || fail "$point: no fault: $(tail -n 3 "$dir.log")"
   [ ! -e "$dir/checkpoints/step_00000008" ] || fail "$point: step 8 was committed"
   "$@" --config "$config" "${args[@]}" train.out_dir="$dir" checkpoint.resume=true \
     >"$dir.resume.log" 2>&1 || fail "$point: resume failed: $(tail -n 3 "$dir.resume.log")"
@@ -49,7 +50,8 @@ if [ "${#mpirun[@]}" -gt 0 ]; then
   ref="$work/ref2"
   "${mpirun[@]}" -np 2 "$braid" train --config "$config" "${args[@]}" train.out_dir="$ref" \
     >"$ref.log" 2>&1 || fail "2-rank reference run"
-  # -x passes the fault switch to the ranks.
+  # -x passes the fault switch to the ranks; ":1" kills rank 1 instead of rank 0.
   interrupt_and_resume "$work/mpi" before_rename "${mpirun[@]}" -x BRAID_FAULT_SAVE -np 2 "$braid" train
+  interrupt_and_resume "$work/mpi_rank1" before_fsync:1 "${mpirun[@]}" -x BRAID_FAULT_SAVE -np 2 "$braid" train
 fi
 echo "save interruption passed"
