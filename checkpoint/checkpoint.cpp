@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -594,6 +595,132 @@ void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>
                   dtype_name(dst.dtype));
     read_tensor(t, dir, files, dst.data, dst.dtype, dst.numel());
   }
+}
+
+void load_checkpoint_ranges(const std::string& dir, const std::vector<CheckpointRead>& reads) {
+  h5_quiet();
+  const json m = read_manifest(dir);
+  read_checkpoint_meta(dir);  // format version
+  // Strict keys, shapes and dtypes.
+  std::map<std::string, const json*> tensors;
+  for (const json& t : m.at("tensors"))
+    tensors[t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>()] = &t;
+  std::set<std::string> requested;
+  std::string missing, unexpected;
+  for (const CheckpointRead& r : reads) {
+    const std::string key = r.kind + "/" + r.name;
+    if (!requested.insert(key).second) continue;
+    if (!tensors.count(key)) missing += (missing.empty() ? "" : ", ") + key;
+  }
+  for (const auto& [key, _] : tensors)
+    if (!requested.count(key)) unexpected += (unexpected.empty() ? "" : ", ") + key;
+  BRAID_REQUIRE(missing.empty() && unexpected.empty(), "checkpoint '", dir,
+                "' does not match this model: ", missing.empty() ? "" : "missing " + missing,
+                missing.empty() || unexpected.empty() ? "" : "; ",
+                unexpected.empty() ? "" : "unexpected " + unexpected);
+  // The pieces each read needs, and the files they are in.
+  struct Need {
+    const CheckpointRead* read;
+    const json* piece;
+  };
+  std::vector<Need> needs;
+  std::set<std::string> files_needed;
+  for (const CheckpointRead& r : reads) {
+    const std::string key = r.kind + "/" + r.name;
+    const json& t = *tensors.at(key);
+    BRAID_REQUIRE(t.at("shape").get<std::vector<int64_t>>() == r.shape, "checkpoint '", dir,
+                  "': ", key, " has another shape than this model's");
+    BRAID_REQUIRE(t.at("dtype").get<std::string>() == dtype_name(r.dtype), "checkpoint '", dir,
+                  "': ", key, " is ", t.at("dtype").get<std::string>(), ", this model stores ",
+                  dtype_name(r.dtype));
+    int64_t numel = 1;
+    for (int64_t x : r.shape) numel *= x;
+    BRAID_CHECK(r.start >= 0 && r.count >= 0 && r.start + r.count <= numel, "checkpoint read of ",
+                key, " [", r.start, ", ", r.start + r.count, ") outside its ", numel, " elements");
+    int64_t covered = 0;
+    for (const json& pc : t.at("pieces")) {
+      const int64_t a = pc.value("start", int64_t(0)), n = pc.value("count", numel);
+      const int64_t lo = std::max(a, r.start), hi = std::min(a + n, r.start + r.count);
+      if (lo >= hi) continue;
+      covered += hi - lo;
+      needs.push_back({&r, &pc});
+      files_needed.insert(pc.at("file").get<std::string>());
+    }
+    BRAID_REQUIRE(covered == r.count, "checkpoint '", dir, "': the pieces of ", key,
+                  " do not cover elements [", r.start, ", ", r.start + r.count, ")");
+  }
+  // Digests of the files this rank reads, before libhdf5 opens them.
+  for (const json& f : m.at("files")) {
+    const std::string name = f.at("name").get<std::string>();
+    if (!files_needed.count(name)) continue;
+    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
+                  "checkpoint '", dir, "': file name '", name, "' leaves the checkpoint directory");
+    const std::string path = (fs::path(dir) / name).string();
+    BRAID_REQUIRE(fs::exists(path), "checkpoint '", dir, "': file ", name, " is missing");
+    const std::string got = sha256_file(path), want = f.at("sha256").get<std::string>();
+    BRAID_REQUIRE(got == want, "checkpoint '", dir, "': file ", name, " is corrupt (sha256 ", got,
+                  ", manifest says ", want, ")");
+    files_needed.erase(name);
+  }
+  BRAID_REQUIRE(files_needed.empty(), "checkpoint '", dir, "': pieces refer to ",
+                files_needed.empty() ? "" : *files_needed.begin(),
+                ", which the manifest does not list");
+  CheckpointFiles files(dir);
+  for (const Need& need : needs) {
+    const CheckpointRead& r = *need.read;
+    const json& pc = *need.piece;
+    int64_t numel = 1;
+    for (int64_t x : r.shape) numel *= x;
+    const int64_t a = pc.value("start", int64_t(0)), n = pc.value("count", numel);
+    const int64_t lo = std::max(a, r.start), hi = std::min(a + n, r.start + r.count);
+    const std::string file = pc.at("file").get<std::string>(),
+                      ds = pc.at("dataset").get<std::string>(), key = r.kind + "/" + r.name;
+    BRAID_REQUIRE(ds == "/" + key || ds == "/" + key + "@" + std::to_string(a), "checkpoint '", dir,
+                  "': ", key, " points at dataset '", ds, "'");
+    H5Id d(open_dataset_checked(files.get(file), ds, dir, file));
+    H5Id space(H5_CHECK(H5Dget_space(d)));
+    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == n, "checkpoint '", dir, "': dataset ", ds,
+                  " in ", file, " has ", H5Sget_simple_extent_npoints(space),
+                  " elements, the manifest says ", n);
+    const size_t esize = dtype_size(r.dtype);
+    char* out = static_cast<char*>(r.dst) + (lo - r.start) * esize;
+    if (H5Sget_simple_extent_ndims(space) == 1) {  // a hyperslab of the run
+      const hsize_t off[1] = {static_cast<hsize_t>(lo - a)},
+                    cnt[1] = {static_cast<hsize_t>(hi - lo)};
+      H5_CHECK(H5Sselect_hyperslab(space, H5S_SELECT_SET, off, nullptr, cnt, nullptr));
+      H5Id mem(H5_CHECK(H5Screate_simple(1, cnt, nullptr)));
+      H5_CHECK(H5Dread(d, h5_native(r.dtype), mem, space, H5P_DEFAULT, out));
+    } else {  // a whole tensor in its shape: read it, keep the run
+      std::vector<char> all(n * esize);
+      H5_CHECK(H5Dread(d, h5_native(r.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, all.data()));
+      std::memcpy(out, all.data() + (lo - a) * esize, (hi - lo) * esize);
+    }
+  }
+}
+
+std::vector<CheckpointRead> zero1_reads(ParamSet& params, const Zero1AdamW& opt,
+                                        std::vector<float>& master, std::vector<float>& m,
+                                        std::vector<float>& v) {
+  const int64_t lo = opt.shard_begin(), hi = lo + opt.shard_size();
+  master.assign(opt.shard_size(), 0.f), m.assign(opt.shard_size(), 0.f);
+  v.assign(opt.shard_size(), 0.f);
+  std::vector<CheckpointRead> out;
+  auto shape_of = [](const Tensor& t) {
+    return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
+  };
+  for (Param& p : params.all())
+    out.push_back(
+        {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
+  for (Param& p : params.all()) {
+    if (!p.trainable) continue;
+    const int64_t off = params.flat_offset(p), a = std::max(off, lo),
+                  b = std::min(off + p.value.numel(), hi);
+    for (auto [kind, vec] :
+         {std::pair{"master", &master}, std::pair{"exp_avg", &m}, std::pair{"exp_avg_sq", &v}})
+      out.push_back({kind, p.name, DType::f32, shape_of(p.value), a < b ? a - off : 0,
+                     a < b ? b - a : 0, a < b ? vec->data() + (a - lo) : nullptr});
+  }
+  return out;
 }
 
 void prune_checkpoints(const std::string& root, int64_t keep, int64_t keep_every) {

@@ -65,6 +65,27 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
                                     const std::vector<CheckpointPiece>& pieces,
                                     Communicator* world);
 
+// A run of a logical tensor to read: elements [start, start + count) of its row-major
+// flattening into dst (count elements of dtype); count 0 only declares that the tensor exists.
+struct CheckpointRead {
+  std::string kind, name;
+  DType dtype = DType::f32;
+  std::vector<int64_t> shape;  // of the whole tensor, checked against the checkpoint
+  int64_t start = 0, count = 0;
+  void* dst = nullptr;
+};
+// Reads the requested runs, touching only the pieces that intersect them and hashing only the
+// files those pieces are in (before libhdf5 opens them); 1-D pieces are read as hyperslabs,
+// whole-tensor pieces whole. The tensors named in `reads` must be exactly the checkpoint's
+// (missing and unexpected ones are reported by name), with the same shapes and dtypes.
+void load_checkpoint_ranges(const std::string& dir, const std::vector<CheckpointRead>& reads);
+
+// A ZeRO-1 rank's reads of a checkpoint: every parameter whole (into params), and its runs of
+// the master weights and moments into shard vectors of opt.shard_size() elements.
+std::vector<CheckpointRead> zero1_reads(ParamSet& params, const Zero1AdamW& opt,
+                                        std::vector<float>& master, std::vector<float>& m,
+                                        std::vector<float>& v);
+
 // What a ZeRO-1 rank writes of a sharded checkpoint: its runs of every trainable parameter's
 // master weights and Adam moments, and, with_params (one rank), every parameter whole.
 std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,

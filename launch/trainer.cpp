@@ -85,34 +85,18 @@ class RunOptimizer {
   std::vector<CheckpointPiece> shard_pieces(bool with_params) const {
     return zero1_pieces(params_, *zero_, with_params);
   }
+  // Under ZeRO-1 each rank reads only its runs of the masters and moments (and the parameters).
   void load(const std::string& dir, int64_t steps) {
     if (!zero_) return load_checkpoint(dir, params_, *adam_);
-    const size_t n = static_cast<size_t>(params_.flat_values().numel());
-    master_.assign(n, 0.f), m_.assign(n, 0.f), v_.assign(n, 0.f);
-    load_checkpoint(dir, full_state_views());
-    zero_->load_state(master_, m_, v_, steps);
+    std::vector<float> master, m, v;
+    load_checkpoint_ranges(dir, zero1_reads(params_, *zero_, master, m, v));
+    zero_->load_shard(master, m, v, steps);
   }
 
  private:
-  // Parameters, and views of the full flat master/moment vectors laid out like the parameters.
-  std::vector<CheckpointTensor> full_state_views() {
-    std::vector<CheckpointTensor> out;
-    for (const Param& p : params_.all()) out.push_back({"param", p.name, p.value});
-    for (const Param& p : params_.all()) {
-      if (!p.trainable) continue;
-      const int64_t off = params_.flat_offset(p);
-      for (auto [kind, vec] :
-           {std::pair{"master", &master_}, std::pair{"exp_avg", &m_}, std::pair{"exp_avg_sq", &v_}})
-        out.push_back(
-            {kind, p.name,
-             Tensor::contiguous_view(vec->data() + off, DType::f32, Device::cpu, p.shape, p.name)});
-    }
-    return out;
-  }
   ParamSet& params_;
   std::unique_ptr<AdamW> adam_;
   std::unique_ptr<Zero1AdamW> zero_;
-  std::vector<float> master_, m_, v_;
 };
 
 }  // namespace

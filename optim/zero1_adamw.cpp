@@ -95,4 +95,13 @@ void Zero1AdamW::load_state(const std::vector<float>& master, const std::vector<
   t_ = steps_taken;
 }
 
+void Zero1AdamW::load_shard(const std::vector<float>& master, const std::vector<float>& m,
+                            const std::vector<float>& v, int64_t steps_taken) {
+  BRAID_CHECK(int64_t(master.size()) == shard_ && int64_t(m.size()) == shard_ &&
+                  int64_t(v.size()) == shard_,
+              "Zero1AdamW::load_shard: expected ", shard_, " elements");
+  master_ = master, m_ = m, v_ = v;
+  t_ = steps_taken;
+}
+
 }  // namespace braid

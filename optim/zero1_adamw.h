@@ -31,6 +31,9 @@ class Zero1AdamW {
   void gather_state(std::vector<float>& master, std::vector<float>& m, std::vector<float>& v);
   void load_state(const std::vector<float>& master, const std::vector<float>& m,
                   const std::vector<float>& v, int64_t steps_taken);
+  // The same from this rank's shards alone (elements [shard_begin, + shard_size)).
+  void load_shard(const std::vector<float>& master, const std::vector<float>& m,
+                  const std::vector<float>& v, int64_t steps_taken);
 
   int64_t shard_begin() const { return begin_; }
   int64_t shard_size() const { return shard_; }

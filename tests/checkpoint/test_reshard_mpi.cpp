@@ -1,7 +1,8 @@
 // Resharding (under mpirun with P ranks): ZeRO-1 over all P ranks takes two optimizer steps,
 // every rank writes its shard of a sharded checkpoint, and then for every Q in 1..P the first Q
-// ranks load it into ZeRO-1 over Q ranks (a different flat padding and partition) and gather
-// the full state; one process also loads it with plain AdamW. Every parameter, master weight and
+// ranks load it into ZeRO-1 over Q ranks (a different flat padding and partition), each reading
+// only its runs of the masters and moments, and gather the full state; one process also loads
+// it with plain AdamW. Every parameter, master weight and
 // Adam moment must equal the state that was saved, bit for bit (loading copies, it computes
 // nothing). Also checked: the manifest names P files, one per rank.
 #include <unistd.h>
@@ -93,21 +94,9 @@ int main(int argc, char** argv) {
         Model other(config(), DType::f32, *backend, 1, 8, q);
         other.initialize(99);  // different values before the load
         Zero1AdamW z(other.params(), acfg, *backend, *sub);
-        const size_t n = static_cast<size_t>(other.params().flat_values().numel());
-        std::vector<float> mq(n, 0.f), m1(n, 0.f), v1(n, 0.f);
-        std::vector<CheckpointTensor> views;
-        for (const Param& x : other.params().all()) views.push_back({"param", x.name, x.value});
-        for (const Param& x : other.params().all()) {
-          if (!x.trainable) continue;
-          const int64_t off = other.params().flat_offset(x);
-          for (auto [kind, vec] :
-               {std::pair{"master", &mq}, std::pair{"exp_avg", &m1}, std::pair{"exp_avg_sq", &v1}})
-            views.push_back({kind, x.name,
-                             Tensor::contiguous_view(vec->data() + off, DType::f32, Device::cpu,
-                                                     x.shape, x.name)});
-        }
-        load_checkpoint(dir, views);
-        z.load_state(mq, m1, v1, 2);
+        std::vector<float> sm, s1, s2;  // this rank's shards, read as hyperslabs
+        load_checkpoint_ranges(dir, zero1_reads(other.params(), z, sm, s1, s2));
+        z.load_shard(sm, s1, s2, 2);
         std::vector<float> gm, g1, g2;
         z.gather_state(gm, g1, g2);
         same(other.params(), gm, master, "master", q);
