@@ -63,6 +63,41 @@ H5Id file_access() {
   return H5Id(H5Pcopy(fapl));
 }
 
+// A manifest file entry {name, sha256}: the name stays in the directory, the file exists and
+// matches its digest (checked before libhdf5 opens it).
+void check_file_digest(const std::string& dir, const json& f) {
+  const std::string name = f.at("name").get<std::string>();
+  BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
+                "checkpoint '", dir, "': file name '", name, "' leaves the checkpoint directory");
+  const std::string path = (fs::path(dir) / name).string();
+  BRAID_REQUIRE(fs::exists(path), "checkpoint '", dir, "': file ", name, " is missing");
+  const std::string got = sha256_file(path), want = f.at("sha256").get<std::string>();
+  BRAID_REQUIRE(got == want, "checkpoint '", dir, "': file ", name, " is corrupt (sha256 ", got,
+                ", manifest says ", want, ")");
+}
+
+// The runs of the flat parameter vector a ZeRO-1 rank holds, per trainable parameter: elements
+// [start, start + count) of the parameter, at shard_off in the rank's shard (count 0: none).
+struct Zero1Run {
+  const Param* param;
+  int64_t start, count, shard_off;
+};
+std::vector<Zero1Run> zero1_runs(const ParamSet& params, const Zero1AdamW& opt) {
+  const int64_t lo = opt.shard_begin(), hi = lo + opt.shard_size();
+  std::vector<Zero1Run> out;
+  for (const Param& p : params.all()) {
+    if (!p.trainable) continue;
+    const int64_t off = params.flat_offset(p), a = std::max(off, lo),
+                  b = std::min(off + p.value.numel(), hi);
+    out.push_back(a < b ? Zero1Run{&p, a - off, b - a, a - lo} : Zero1Run{&p, 0, 0, 0});
+  }
+  return out;
+}
+
+std::vector<int64_t> shape_of(const Tensor& t) {
+  return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
+}
+
 // Opens dataset `ds` ("/kind/name") of a checkpoint file, refusing what could make libhdf5 read
 // outside the file or run code: every link on the path must be a hard link (no soft or external
 // links), and the dataset must be stored in the file itself, without filters (no plugins) and
@@ -188,24 +223,17 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,
                                           bool with_params) {
   std::vector<CheckpointPiece> out;
-  auto shape_of = [](const Tensor& t) {
-    return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
-  };
   if (with_params)
     for (const Param& p : params.all())
       out.push_back(
           {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
-  const int64_t lo = opt.shard_begin(), hi = lo + opt.shard_size();
-  for (const Param& p : params.all()) {
-    if (!p.trainable) continue;
-    const int64_t off = params.flat_offset(p), a = std::max(off, lo),
-                  b = std::min(off + p.value.numel(), hi);
-    if (a >= b) continue;
+  for (const Zero1Run& r : zero1_runs(params, opt)) {
+    if (r.count == 0) continue;
     for (auto [kind, vec] :
          {std::pair{"master", &opt.shard_master()}, std::pair{"exp_avg", &opt.shard_exp_avg()},
           std::pair{"exp_avg_sq", &opt.shard_exp_avg_sq()}})
-      out.push_back(
-          {kind, p.name, DType::f32, shape_of(p.value), a - off, b - a, vec->data() + (a - lo)});
+      out.push_back({kind, r.param->name, DType::f32, shape_of(r.param->value), r.start, r.count,
+                     vec->data() + r.shard_off});
   }
   return out;
 }
@@ -396,16 +424,7 @@ std::string latest_checkpoint(const std::string& root) {
 void check_checkpoint_files(const std::string& dir) {
   const json m = read_manifest(dir);
   read_checkpoint_meta(dir);  // format version and the fields every checkpoint has
-  for (const json& f : m.at("files")) {
-    const std::string name = f.at("name").get<std::string>();
-    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
-                  "checkpoint '", dir, "': file name '", name, "' leaves the checkpoint directory");
-    const std::string path = (fs::path(dir) / name).string();
-    BRAID_REQUIRE(fs::exists(path), "checkpoint '", dir, "': file ", name, " is missing");
-    const std::string got = sha256_file(path), want = f.at("sha256").get<std::string>();
-    BRAID_REQUIRE(got == want, "checkpoint '", dir, "': file ", name, " is corrupt (sha256 ", got,
-                  ", manifest says ", want, ")");
-  }
+  for (const json& f : m.at("files")) check_file_digest(dir, f);
 }
 
 std::vector<std::string> committed_checkpoints(const std::string& root) {
@@ -653,13 +672,7 @@ void load_checkpoint_ranges(const std::string& dir, const std::vector<Checkpoint
   for (const json& f : m.at("files")) {
     const std::string name = f.at("name").get<std::string>();
     if (!files_needed.count(name)) continue;
-    BRAID_REQUIRE(name.find('/') == std::string::npos && name.find("..") == std::string::npos,
-                  "checkpoint '", dir, "': file name '", name, "' leaves the checkpoint directory");
-    const std::string path = (fs::path(dir) / name).string();
-    BRAID_REQUIRE(fs::exists(path), "checkpoint '", dir, "': file ", name, " is missing");
-    const std::string got = sha256_file(path), want = f.at("sha256").get<std::string>();
-    BRAID_REQUIRE(got == want, "checkpoint '", dir, "': file ", name, " is corrupt (sha256 ", got,
-                  ", manifest says ", want, ")");
+    check_file_digest(dir, f);
     files_needed.erase(name);
   }
   BRAID_REQUIRE(files_needed.empty(), "checkpoint '", dir, "': pieces refer to ",
@@ -701,25 +714,17 @@ void load_checkpoint_ranges(const std::string& dir, const std::vector<Checkpoint
 std::vector<CheckpointRead> zero1_reads(ParamSet& params, const Zero1AdamW& opt,
                                         std::vector<float>& master, std::vector<float>& m,
                                         std::vector<float>& v) {
-  const int64_t lo = opt.shard_begin(), hi = lo + opt.shard_size();
   master.assign(opt.shard_size(), 0.f), m.assign(opt.shard_size(), 0.f);
   v.assign(opt.shard_size(), 0.f);
   std::vector<CheckpointRead> out;
-  auto shape_of = [](const Tensor& t) {
-    return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
-  };
   for (Param& p : params.all())
     out.push_back(
         {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
-  for (Param& p : params.all()) {
-    if (!p.trainable) continue;
-    const int64_t off = params.flat_offset(p), a = std::max(off, lo),
-                  b = std::min(off + p.value.numel(), hi);
+  for (const Zero1Run& r : zero1_runs(params, opt))
     for (auto [kind, vec] :
          {std::pair{"master", &master}, std::pair{"exp_avg", &m}, std::pair{"exp_avg_sq", &v}})
-      out.push_back({kind, p.name, DType::f32, shape_of(p.value), a < b ? a - off : 0,
-                     a < b ? b - a : 0, a < b ? vec->data() + (a - lo) : nullptr});
-  }
+      out.push_back({kind, r.param->name, DType::f32, shape_of(r.param->value), r.start, r.count,
+                     r.count ? vec->data() + r.shard_off : nullptr});
   return out;
 }
 
