@@ -84,17 +84,6 @@ void Zero1AdamW::gather_state(std::vector<float>& master, std::vector<float>& m,
   }
 }
 
-void Zero1AdamW::load_state(const std::vector<float>& master, const std::vector<float>& m,
-                            const std::vector<float>& v, int64_t steps_taken) {
-  const int64_t n = shard_ * dp_.size();
-  BRAID_CHECK(int64_t(master.size()) == n && int64_t(m.size()) == n && int64_t(v.size()) == n,
-              "Zero1AdamW::load_state: expected ", n, " elements");
-  std::copy(master.begin() + begin_, master.begin() + begin_ + shard_, master_.begin());
-  std::copy(m.begin() + begin_, m.begin() + begin_ + shard_, m_.begin());
-  std::copy(v.begin() + begin_, v.begin() + begin_ + shard_, v_.begin());
-  t_ = steps_taken;
-}
-
 void Zero1AdamW::load_shard(const std::vector<float>& master, const std::vector<float>& m,
                             const std::vector<float>& v, int64_t steps_taken) {
   BRAID_CHECK(int64_t(master.size()) == shard_ && int64_t(m.size()) == shard_ &&

@@ -26,12 +26,10 @@ class Zero1AdamW {
   // Updates this rank's shard with learning rate lr and all-gathers the parameters.
   void step(double lr, double norm);
 
-  // The full (unsharded) flat master weights and moments on every rank (collective), and the
-  // reverse: this rank keeps its shard of full flat vectors (e.g. read from a checkpoint).
+  // The full (unsharded) flat master weights and moments on every rank (collective).
   void gather_state(std::vector<float>& master, std::vector<float>& m, std::vector<float>& v);
-  void load_state(const std::vector<float>& master, const std::vector<float>& m,
-                  const std::vector<float>& v, int64_t steps_taken);
-  // The same from this rank's shards alone (elements [shard_begin, + shard_size)).
+  // Sets this rank's shards (elements [shard_begin, + shard_size) of the flat vectors, e.g. read
+  // from a checkpoint) and the step count.
   void load_shard(const std::vector<float>& master, const std::vector<float>& m,
                   const std::vector<float>& v, int64_t steps_taken);
 
