@@ -563,6 +563,30 @@ CheckpointSummary verify_checkpoint(const std::string& dir) {
   return sum;
 }
 
+std::string convert_checkpoint(const std::string& src, const std::string& dst_root) {
+  h5_quiet();
+  check_checkpoint_files(src);
+  const json m = read_manifest(src);
+  CheckpointFiles files(src);
+  std::vector<std::vector<char>> buffers;
+  std::vector<CheckpointTensor> tensors;
+  for (const json& t : m.at("tensors")) {
+    DType dtype{};
+    BRAID_REQUIRE(dtype_from_name(t.at("dtype").get<std::string>(), &dtype), "checkpoint '", src,
+                  "': ", t.at("kind").get<std::string>(), "/", t.at("name").get<std::string>(),
+                  " has unknown dtype ", t.at("dtype").get<std::string>());
+    const std::vector<int64_t> shape = t.at("shape").get<std::vector<int64_t>>();
+    int64_t numel = 1;
+    for (int64_t x : shape) numel *= x;
+    buffers.emplace_back(numel * dtype_size(dtype));
+    read_tensor(t, src, files, buffers.back().data(), dtype, numel);
+    tensors.push_back({t.at("kind").get<std::string>(), t.at("name").get<std::string>(),
+                       Tensor::contiguous_view(buffers.back().data(), dtype, Device::cpu, shape,
+                                               t.at("name").get<std::string>())});
+  }
+  return save_checkpoint(dst_root, read_checkpoint_meta(src), tensors);
+}
+
 CheckpointMeta read_checkpoint_meta(const std::string& dir) {
   const json m = read_manifest(dir);
   const int version = m.value("format_version", 0);

@@ -117,6 +117,9 @@ struct CheckpointSummary {
 };
 CheckpointSummary inspect_checkpoint(const std::string& dir);
 CheckpointSummary verify_checkpoint(const std::string& dir);
+// Reads every tensor of checkpoint src whole (all checks of verify_checkpoint) and writes the
+// same step, metadata and tensors as a one-file checkpoint under dst_root; returns its directory.
+std::string convert_checkpoint(const std::string& src, const std::string& dst_root);
 CheckpointMeta read_checkpoint_meta(const std::string& dir);
 // Reads a checkpoint into `tensors` (exactly the same set of kind/name pairs and shapes).
 void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>& tensors);

@@ -22,7 +22,8 @@ const char* kUsage =
     "  braid prep --input PATH [PATH ...] --out DIR [--ext .py ...]\n"
     "             [--tokenizer byte|tokenizer.json] [--eos-token TOKEN] [--valid-fraction F]\n"
     "  braid ckpt inspect DIR    what a checkpoint holds (its manifest)\n"
-    "  braid ckpt verify DIR     check every file and dataset against its digest\n";
+    "  braid ckpt verify DIR     check every file and dataset against its digest\n"
+    "  braid ckpt convert DIR ROOT  rewrite a (sharded) checkpoint as one file under ROOT\n";
 
 int cmd_train(const std::vector<std::string>& args) {
   std::string config;
@@ -103,10 +104,16 @@ int cmd_prep(const std::vector<std::string>& args) {
 }
 
 // `braid ckpt inspect|verify DIR`: a summary of the manifest; verify first checks every file and
-// dataset against its digest (an error names the file and dataset, exit 2).
+// dataset against its digest (an error names the file and dataset, exit 2). `braid ckpt convert
+// DIR ROOT` rewrites a checkpoint, sharded or not, as one file under ROOT.
 int cmd_ckpt(const std::vector<std::string>& args) {
+  if (args.size() == 3 && args[0] == "convert") {
+    const std::string out = braid::convert_checkpoint(args[1], args[2]);
+    std::printf("converted %s -> %s (one file)\n", args[1].c_str(), out.c_str());
+    return 0;
+  }
   BRAID_REQUIRE(args.size() == 2 && (args[0] == "inspect" || args[0] == "verify"),
-                "usage: braid ckpt inspect|verify DIR");
+                "usage: braid ckpt inspect|verify DIR, or braid ckpt convert DIR ROOT");
   const std::string& dir = args[1];
   const braid::CheckpointSummary s =
       args[0] == "verify" ? braid::verify_checkpoint(dir) : braid::inspect_checkpoint(dir);
