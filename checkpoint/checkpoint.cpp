@@ -460,6 +460,36 @@ std::string latest_valid_checkpoint(const std::string& root, std::vector<std::st
 
 namespace {
 
+// The manifest's tensors by "kind/name", after checking they are exactly `keys` (missing and
+// unexpected names are both reported).
+std::map<std::string, const json*> match_tensors(const json& m, const std::set<std::string>& keys,
+                                                 const std::string& dir) {
+  std::map<std::string, const json*> tensors;
+  for (const json& t : m.at("tensors"))
+    tensors[t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>()] = &t;
+  std::string missing, unexpected;
+  for (const std::string& key : keys)
+    if (!tensors.count(key)) missing += (missing.empty() ? "" : ", ") + key;
+  for (const auto& [key, _] : tensors)
+    if (!keys.count(key)) unexpected += (unexpected.empty() ? "" : ", ") + key;
+  BRAID_REQUIRE(missing.empty() && unexpected.empty(), "checkpoint '", dir,
+                "' does not match this model: ", missing.empty() ? "" : "missing " + missing,
+                missing.empty() || unexpected.empty() ? "" : "; ",
+                unexpected.empty() ? "" : "unexpected " + unexpected);
+  return tensors;
+}
+
+// Manifest tensor t (named key) has this model's shape and dtype.
+void check_tensor_matches(const json& t, const std::string& key, const std::vector<int64_t>& shape,
+                          DType dtype, const std::string& dir) {
+  BRAID_REQUIRE(t.at("shape").get<std::vector<int64_t>>() == shape, "checkpoint '", dir, "': ", key,
+                " has a shape of ", t.at("shape").size(), " dims that differs from this model's ",
+                shape.size(), "-dim one");
+  BRAID_REQUIRE(t.at("dtype").get<std::string>() == dtype_name(dtype), "checkpoint '", dir,
+                "': ", key, " is ", t.at("dtype").get<std::string>(), ", this model stores ",
+                dtype_name(dtype));
+}
+
 // The files of a checkpoint opened read-only on first use.
 class CheckpointFiles {
  public:
@@ -609,34 +639,19 @@ void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>
   h5_quiet();
   const json m = read_manifest(dir);
   check_checkpoint_files(dir);  // digests before libhdf5 sees a byte
-  // Strict keys.
   std::map<std::string, Tensor> expected;
-  for (const CheckpointTensor& e : entries) expected[e.kind + "/" + e.name] = e.tensor;
-  std::set<std::string> found;
-  std::string unexpected, missing;
-  for (const json& t : m.at("tensors")) {
-    const std::string key = t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>();
-    found.insert(key);
-    if (!expected.count(key)) unexpected += (unexpected.empty() ? "" : ", ") + key;
+  std::set<std::string> keys;
+  for (const CheckpointTensor& e : entries) {
+    expected[e.kind + "/" + e.name] = e.tensor;
+    keys.insert(e.kind + "/" + e.name);
   }
-  for (const auto& [key, _] : expected)
-    if (!found.count(key)) missing += (missing.empty() ? "" : ", ") + key;
-  BRAID_REQUIRE(missing.empty() && unexpected.empty(), "checkpoint '", dir,
-                "' does not match this model: ", missing.empty() ? "" : "missing " + missing,
-                missing.empty() || unexpected.empty() ? "" : "; ",
-                unexpected.empty() ? "" : "unexpected " + unexpected);
   CheckpointFiles files(dir);
-  for (const json& t : m.at("tensors")) {
-    const std::string key = t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>();
+  for (const auto& [key, t] : match_tensors(m, keys, dir)) {
     const Tensor& dst = expected.at(key);
-    const std::vector<int64_t> shape = t.at("shape").get<std::vector<int64_t>>();
-    BRAID_REQUIRE(shape == std::vector<int64_t>(dst.shape.begin(), dst.shape.begin() + dst.ndim),
-                  "checkpoint '", dir, "': ", key, " has shape of ", shape.size(),
-                  " dims that differs from this model's ", dst.describe());
-    BRAID_REQUIRE(t.at("dtype").get<std::string>() == dtype_name(dst.dtype), "checkpoint '", dir,
-                  "': ", key, " is ", t.at("dtype").get<std::string>(), ", this model stores ",
-                  dtype_name(dst.dtype));
-    read_tensor(t, dir, files, dst.data, dst.dtype, dst.numel());
+    check_tensor_matches(*t, key,
+                         std::vector<int64_t>(dst.shape.begin(), dst.shape.begin() + dst.ndim),
+                         dst.dtype, dir);
+    read_tensor(*t, dir, files, dst.data, dst.dtype, dst.numel());
   }
 }
 
@@ -644,23 +659,9 @@ void load_checkpoint_ranges(const std::string& dir, const std::vector<Checkpoint
   h5_quiet();
   const json m = read_manifest(dir);
   read_checkpoint_meta(dir);  // format version
-  // Strict keys, shapes and dtypes.
-  std::map<std::string, const json*> tensors;
-  for (const json& t : m.at("tensors"))
-    tensors[t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>()] = &t;
-  std::set<std::string> requested;
-  std::string missing, unexpected;
-  for (const CheckpointRead& r : reads) {
-    const std::string key = r.kind + "/" + r.name;
-    if (!requested.insert(key).second) continue;
-    if (!tensors.count(key)) missing += (missing.empty() ? "" : ", ") + key;
-  }
-  for (const auto& [key, _] : tensors)
-    if (!requested.count(key)) unexpected += (unexpected.empty() ? "" : ", ") + key;
-  BRAID_REQUIRE(missing.empty() && unexpected.empty(), "checkpoint '", dir,
-                "' does not match this model: ", missing.empty() ? "" : "missing " + missing,
-                missing.empty() || unexpected.empty() ? "" : "; ",
-                unexpected.empty() ? "" : "unexpected " + unexpected);
+  std::set<std::string> keys;
+  for (const CheckpointRead& r : reads) keys.insert(r.kind + "/" + r.name);
+  const std::map<std::string, const json*> tensors = match_tensors(m, keys, dir);
   // The pieces each read needs, and the files they are in.
   struct Need {
     const CheckpointRead* read;
@@ -671,11 +672,7 @@ void load_checkpoint_ranges(const std::string& dir, const std::vector<Checkpoint
   for (const CheckpointRead& r : reads) {
     const std::string key = r.kind + "/" + r.name;
     const json& t = *tensors.at(key);
-    BRAID_REQUIRE(t.at("shape").get<std::vector<int64_t>>() == r.shape, "checkpoint '", dir,
-                  "': ", key, " has another shape than this model's");
-    BRAID_REQUIRE(t.at("dtype").get<std::string>() == dtype_name(r.dtype), "checkpoint '", dir,
-                  "': ", key, " is ", t.at("dtype").get<std::string>(), ", this model stores ",
-                  dtype_name(r.dtype));
+    check_tensor_matches(t, key, r.shape, r.dtype, dir);
     int64_t numel = 1;
     for (int64_t x : r.shape) numel *= x;
     BRAID_CHECK(r.start >= 0 && r.count >= 0 && r.start + r.count <= numel, "checkpoint read of ",
