@@ -33,6 +33,14 @@ wait_first_step() {
   done
   fail "no step logged in $1"
 }
+# Once run dir $1 has logged a step, sends signal $2 to process $3 and waits for it; its exit
+# status is left in $status.
+signal_after_first_step() {
+  wait_first_step "$1"
+  kill "-$2" "$3"
+  wait "$3"
+  status=$?
+}
 # Resumes run dir $1 to the end with the command "${@:4}" and checks its last $2 losses and its
 # final checkpoint against the uninterrupted run in $3.
 resume_and_compare() {
@@ -48,11 +56,7 @@ resume_and_compare() {
 
 # 1. SIGUSR1, one process.
 "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/usr1" >"$work/usr1.log" 2>&1 &
-pid=$!
-wait_first_step "$work/usr1"
-kill -USR1 "$pid"
-wait "$pid"
-status=$?
+signal_after_first_step "$work/usr1" USR1 $!
 [ "$status" -eq 3 ] || fail "SIGUSR1: exit status $status, expected 3: $(tail -n 3 "$work/usr1.log")"
 stopped=$(sed -n 's/.*stopped on SIGUSR1 after step \([0-9]*\).*/\1/p' "$work/usr1.log")
 { [ -n "$stopped" ] && [ "$stopped" -lt 40 ]; } || fail "SIGUSR1: no stop line"
@@ -88,11 +92,7 @@ if [ "${#mpirun[@]}" -gt 0 ]; then
   launcher="$(dirname "$0")/../../launch/mpirun/braid_mpirun.sh"
   BRAID="$braid" BRAID_MPIRUN_ARGS="${mpirun[*]:1}" "$launcher" 2 "$config" "${args[@]}" \
     train.out_dir="$work/launcher" >"$work/launcher.log" 2>&1 &
-  lpid=$!
-  wait_first_step "$work/launcher"
-  kill -USR1 "$lpid"
-  wait "$lpid"
-  status=$?
+  signal_after_first_step "$work/launcher" USR1 $!
   [ "$status" -eq 0 ] || fail "braid_mpirun.sh: exit status $status: $(tail -n 5 "$work/launcher.log")"
   grep -q "restarting from the newest checkpoint (1)" "$work/launcher.log" ||
     fail "braid_mpirun.sh: no restart"
