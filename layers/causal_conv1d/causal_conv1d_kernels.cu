@@ -99,14 +99,39 @@ __device__ __forceinline__ void load_weights(const Conv1dParams& p, int c0, floa
   }
 }
 
+// This thread's batch row, first channel and tile of `steps` steps (channel vectors fastest, so
+// a warp reads consecutive vectors of one row); false past the end.
+struct Cell {
+  int b, c0, tile;
+};
+template <int kVec>
+__device__ __forceinline__ bool cell_of(const Conv1dParams& p, int steps, Cell& cell) {
+  const int nvec = p.channels / kVec, tiles = (p.seqlen + steps - 1) / steps;
+  const int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (v >= static_cast<int64_t>(p.batch) * tiles * nvec) return false;
+  cell = {static_cast<int>(v / nvec / tiles), static_cast<int>(v % nvec) * kVec,
+          static_cast<int>((v / nvec) % tiles)};
+  return true;
+}
+
+// The pre-activation of channel slot c at the output whose window starts at row `row`: bias plus
+// the taps whose input is in the output's document.
+template <int kVec, int kW, int kRows>
+__device__ __forceinline__ float pre_activation(const float (&x)[kRows][kVec],
+                                                const int (&sq)[kRows], const float (&w)[kVec][kW],
+                                                float bias, int row, int c) {
+  float acc = bias;
+#pragma unroll
+  for (int k = 0; k < kW; ++k)
+    if (sq[row + k] == sq[row + kW - 1]) acc += w[c][k] * x[row + k][c];
+  return acc;
+}
+
 template <typename T, int kVec, int kW>
 __global__ void __launch_bounds__(kThreads, 2) conv_fwd_kernel(const Conv1dParams p) {
-  const int nvec = p.channels / kVec, tiles = (p.seqlen + kConvSteps - 1) / kConvSteps;
-  const int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  if (v >= static_cast<int64_t>(p.batch) * tiles * nvec) return;
-  const int c0 = static_cast<int>(v % nvec) * kVec;
-  const int tile = static_cast<int>((v / nvec) % tiles), b = static_cast<int>(v / nvec / tiles);
-  const int t0 = tile * kConvSteps;
+  Cell cell;
+  if (!cell_of<kVec>(p, kConvSteps, cell)) return;
+  const int b = cell.b, c0 = cell.c0, t0 = cell.tile * kConvSteps;
   constexpr int kRows = kConvSteps + kW - 1;
   float x[kRows][kVec], w[kVec][kW], bias[kVec];
   int sq[kRows];
@@ -120,10 +145,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv_fwd_kernel(const Conv1dParam
     float out[kVec];
 #pragma unroll
     for (int c = 0; c < kVec; ++c) {
-      float acc = bias[c];
-#pragma unroll
-      for (int k = 0; k < kW; ++k)
-        if (sq[j + k] == sq[j + kW - 1]) acc += w[c][k] * x[j + k][c];
+      const float acc = pre_activation<kVec, kW, kRows>(x, sq, w, bias[c], j, c);
       out[c] = p.silu ? acc * sigmoid(acc) : acc;
     }
     store_vec<T, kVec>(y + (static_cast<int64_t>(b) * p.seqlen + t) * p.channels + c0, out);
@@ -150,11 +172,10 @@ __global__ void __launch_bounds__(kThreads, 2) conv_fwd_kernel(const Conv1dParam
 
 template <typename T, int kVec, int kW>
 __global__ void __launch_bounds__(kThreads, 2) conv_bwd_kernel(const Conv1dParams p) {
-  const int nvec = p.channels / kVec, tiles = (p.seqlen + kConvTile - 1) / kConvTile;
-  const int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  if (v >= static_cast<int64_t>(p.batch) * tiles * nvec) return;
-  const int c0 = static_cast<int>(v % nvec) * kVec;
-  const int tile = static_cast<int>((v / nvec) % tiles), b = static_cast<int>(v / nvec / tiles);
+  Cell cell;
+  if (!cell_of<kVec>(p, kConvTile, cell)) return;
+  const int b = cell.b, c0 = cell.c0, tile = cell.tile;
+  const int tiles = (p.seqlen + kConvTile - 1) / kConvTile;
   // x rows t0 - W + 1 .. t0 + kConvSteps + W - 2 (for pre and dx); dpre for t0 .. t0 + S + W - 2.
   constexpr int kRows = kConvSteps + 2 * (kW - 1), kOut = kConvSteps + kW - 1;
   float w[kVec][kW], bias[kVec], dw[kVec][kW] = {}, db[kVec] = {};
@@ -182,10 +203,7 @@ __global__ void __launch_bounds__(kThreads, 2) conv_bwd_kernel(const Conv1dParam
         }
         float gp = g[c];
         if (p.silu) {
-          float acc = bias[c];
-#pragma unroll
-          for (int k = 0; k < kW; ++k)
-            if (sq[m + k] == sq[m + kW - 1]) acc += w[c][k] * x[m + k][c];
+          const float acc = pre_activation<kVec, kW, kRows>(x, sq, w, bias[c], m, c);
           const float s = sigmoid(acc);
           gp *= s * (1.f + acc * (1.f - s));
         }
