@@ -117,6 +117,16 @@ int main(int argc, char** argv) {
     const Tensor ws = alloc({selective_scan_workspace_elems(in)}, DType::f32, "workspace",
                             {K::normal, 1, 19, 0, 1});
     const double fwd = median_ms([&] { selective_scan_forward(in, y, nullptr, &ws); });
+    // Every forward variant (threads per channel; the default picks one by size).
+    std::string by_lanes;
+    for (int lanes : s.n <= 16 ? std::vector<int>{4, 8} : std::vector<int>{}) {
+      ScanInputs v = in;
+      v.fwd_lanes = lanes;
+      const double ms = median_ms([&] { selective_scan_forward(v, y, nullptr, &ws); });
+      std::printf("  fwd with %2d lanes per channel: %.4f ms\n", lanes, ms);
+      by_lanes +=
+          (by_lanes.empty() ? "\"" : ", \"") + std::to_string(lanes) + "\": " + std::to_string(ms);
+    }
     const double bwd = median_ms([&] {
       selective_scan_backward(in, dy, nullptr,
                               {&du, &ddelta, &dA, &dB, &dC, &dD, &dz, &bias, nullptr}, ws);
@@ -134,16 +144,17 @@ int main(int argc, char** argv) {
                 gbs(fwd_bytes, fwd), pct(fwd_bytes, fwd), bwd, gbs(bwd_bytes, bwd),
                 pct(bwd_bytes, bwd), peer[si][0] > 0 ? fwd / peer[si][0] : 0.0,
                 peer[si][1] > 0 ? bwd / peer[si][1] : 0.0);
-    char row[768];
+    char row[1024];
     std::snprintf(row, sizeof(row),
                   "%s{\"batch\": %lld, \"channels\": %lld, \"length\": %lld, \"d_state\": %lld, "
                   "\"fwd_ms\": %.5f, \"fwd_bytes\": %.0f, \"fwd_gb_per_s\": %.1f, "
                   "\"fwd_pct_of_floor\": %.1f, \"bwd_ms\": %.5f, \"bwd_bytes\": %.0f, "
                   "\"bwd_gb_per_s\": %.1f, \"bwd_pct_of_floor\": %.1f, \"mamba_ssm_fwd_ms\": %.3f, "
-                  "\"mamba_ssm_bwd_ms\": %.3f}",
+                  "\"mamba_ssm_bwd_ms\": %.3f, \"fwd_ms_by_lanes\": {%s}}",
                   json.size() > 1 ? ", " : "", (long long)s.b, (long long)s.c, (long long)s.t,
                   (long long)s.n, fwd, fwd_bytes, gbs(fwd_bytes, fwd), pct(fwd_bytes, fwd), bwd,
-                  bwd_bytes, gbs(bwd_bytes, bwd), pct(bwd_bytes, bwd), peer[si][0], peer[si][1]);
+                  bwd_bytes, gbs(bwd_bytes, bwd), pct(bwd_bytes, bwd), peer[si][0], peer[si][1],
+                  by_lanes.c_str());
     json += row;
   }
   json += "]";

@@ -36,6 +36,7 @@ ScanParams forward_params(const ScanInputs& in, const ScanDims& d) {
   p.groups = int(d.g);
   p.bf16 = act == DType::bf16;
   p.delta_softplus = in.delta_softplus;
+  p.fwd_lanes = in.fwd_lanes;
   p.u = in.u->data, p.delta = in.delta->data, p.z = in.z ? in.z->data : nullptr;
   p.B = in.B->data, p.C = in.C->data;
   p.A = in.A->ptr<float>();

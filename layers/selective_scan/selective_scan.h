@@ -32,6 +32,9 @@ struct ScanInputs {
   const Tensor* seq_idx = nullptr;        // optional
   const Tensor* initial_state = nullptr;  // optional (zeros)
   bool delta_softplus = true;
+  // GPU forward tuning: threads per channel, 4 or 8 for d_state <= 16 (fixed above); 0 picks by
+  // size (the benchmark and the tests set it to cover every variant).
+  int fwd_lanes = 0;
   void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 

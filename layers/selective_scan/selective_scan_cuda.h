@@ -3,10 +3,9 @@
 // gradients) are f32 or bf16 with channels contiguous ([B,T,C] and [B,T,G,N] rows); A, D,
 // delta_bias, the states and dA, dD, ddelta_bias are f32; seq_idx is i32.
 //
-// Both kernels split the work the same way: a block owns kScanChannels consecutive channels of
-// one group and one batch row and walks the sequence in chunks of kScanChunk steps (forward in
-// order, backward in reverse). The forward saves the state entering every chunk; the backward
-// starts each chunk from it.
+// The backward's block owns kScanChannels consecutive channels of one group and one batch row
+// and walks the sequence in reverse in chunks of kScanChunk steps, each started from the state
+// the forward saved at its start (the forward's own layout is in selective_scan_fwd.cu).
 #pragma once
 
 #include <cstdint>
@@ -45,6 +44,7 @@ struct ScanParams {
   bool bf16 = false;  // activation dtype: bf16 (else f32)
   bool delta_softplus = true;
   bool stage_async = false;  // set by the forward's launcher: stage chunks with cp.async
+  int fwd_lanes = 0;         // forward threads per channel (ScanInputs::fwd_lanes)
   // Forward inputs and output.
   const void *u = nullptr, *delta = nullptr, *z = nullptr, *B = nullptr, *C = nullptr;
   void* y = nullptr;

@@ -1,11 +1,11 @@
-// Shared pieces of the selective scan kernels (CUDA sources only): the block's place in the
-// problem, staging of [channel][step] activation tiles and [state][step] B/C tiles through
-// shared memory, and the fast exp2.
+// Shared pieces of the selective scan kernels (CUDA sources only): the fast exp2, softplus and
+// sigmoid, cp.async, and for the backward the block's place in the problem and the staging of
+// [channel][step] activation tiles and [state][step] B/C tiles through shared memory.
 //
-// Thread layout (both kernels): a block of kBlock = 256 threads owns kC = 16 channels of one
+// Thread layout of the backward: a block of kBlock = 256 threads owns kC = 16 channels of one
 // group and one batch row; thread tid works on channel ch = tid / 16 and on the kItems = L / 16
 // consecutive steps seg * kItems .. (seg + 1) * kItems - 1 (seg = tid % 16) of each L-step chunk
-// (L = 128 or 256). The 16 threads of a channel are 16 lanes of one warp, so scans over the chunk
+// (L = 128). The 16 threads of a channel are 16 lanes of one warp, so scans over the chunk
 // are warp shuffles.
 #pragma once
 
@@ -61,6 +61,20 @@ __device__ __forceinline__ float sigmoid(float x) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2(-x * kLog2e)));
   return r;
+}
+
+// 16-byte asynchronous copy global -> shared (cp.async, Ampere and later); zero-filled when
+// !valid (gmem must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
 // a x for a link of the recurrence; with document resets a = 0 cuts the chain by a select, not a
@@ -261,91 +275,6 @@ struct Tiles {
       const float4 x = *reinterpret_cast<const float4*>(base + 4 * j);
       v[4 * j] = x.x, v[4 * j + 1] = x.y, v[4 * j + 2] = x.z, v[4 * j + 3] = x.w;
     }
-  }
-
-  // Asynchronous staging (the forward's fast path: whole channel blocks, N = kNs): prefetch()
-  // copies the rows of a chunk raw, [step][16 channels] and [step][kNs states], into a staging
-  // buffer with cp.async while the previous chunk computes; from_raw() then transposes them into
-  // the tiles (shared to shared, no global latency).
-  static constexpr int kRawAct = 3 * L * kC, kRawBc = 2 * L * kNs;  // elements
-  // The host's test (one per launch): bf16, whole 16-channel blocks, N = kNs.
-  static bool can_prefetch(const ScanParams& p) {
-    return p.bf16 && (p.channels / p.groups) % kC == 0 && p.d_state == kNs;
-  }
-  template <typename T>
-  static __device__ __forceinline__ void prefetch(const ScanParams& p, const Place& q, int t0,
-                                                  T* raw) {
-    static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
-    static_assert(L == 256, "two 128-row halves per chunk");
-    // Thread (row r, 8-element part) copies 16 bytes of rows r and r + 128 of each matrix: one
-    // offset computation per chunk, then a pointer add per copy. Rows past the end are
-    // zero-filled (the source address stays a valid one).
-    const int r = threadIdx.x >> 1, part = threadIdx.x & 1, t = t0 + r;
-    const bool ok0 = t < p.seqlen, ok1 = t + 128 < p.seqlen;
-    const int64_t act_row =
-        (static_cast<int64_t>(q.b) * p.seqlen + t) * p.channels + q.c0 + part * 8;
-    const int64_t act_half = static_cast<int64_t>(128) * p.channels;
-    const T* srcs[3] = {static_cast<const T*>(p.u), static_cast<const T*>(p.delta),
-                        static_cast<const T*>(p.z)};
-    T* dst = raw + r * kC + part * 8;
-    for (int k = 0; k < (p.z ? 3 : 2); ++k) {
-      const T* s = srcs[k] + act_row;
-      copy16(dst + k * L * kC, ok0 ? s : srcs[k], ok0);
-      copy16(dst + k * L * kC + 128 * kC, ok1 ? s + act_half : srcs[k], ok1);
-    }
-    const int64_t stride_t = static_cast<int64_t>(p.groups) * kNs;
-    const int64_t bc_row =
-        (static_cast<int64_t>(q.b) * p.seqlen + t) * stride_t + q.g * kNs + part * 8;
-    T* bdst = raw + kRawAct + r * kNs + part * 8;
-    for (int k = 0; k < 2; ++k) {
-      const T* src = static_cast<const T*>(k == 0 ? p.B : p.C);
-      copy16(bdst + k * L * kNs, ok0 ? src + bc_row : src, ok0);
-      copy16(bdst + k * L * kNs + 128 * kNs, ok1 ? src + bc_row + 128 * stride_t : src, ok1);
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-  }
-  template <typename T>
-  static __device__ __forceinline__ void from_raw(const ScanParams& p, const T* raw, T* act,
-                                                  float* bc) {
-    static_assert(sizeof(T) == 2, "the asynchronous staging is for 16-bit activations");
-    // Thread (row r0 + 128 it, half): every address below is a constant offset from src / dst.
-    const int half = threadIdx.x % 2, r0 = threadIdx.x / 2;
-    const T* src = raw + r0 * kC + half * 8;
-    T* dst = act + row<T>(half * 8) + r0;
-    const int tiles = p.z ? 3 : 2;
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      if (k >= tiles) break;
-#pragma unroll
-      for (int it = 0; it < L / 128; ++it) {
-        alignas(16) T v[8];
-        *reinterpret_cast<uint4*>(v) =
-            *reinterpret_cast<const uint4*>(src + (k * L + it * 128) * kC);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) dst[k * tile_elems<T>() + j * kRow + it * 128] = v[j];
-      }
-    }
-    // B/C rows: kNs raw values in 16-byte reads.
-    const int k = threadIdx.x / 128;
-#pragma unroll
-    for (int r = threadIdx.x % 128; r < L; r += 128) {
-      alignas(16) T v[kNs];
-      const uint4* src = reinterpret_cast<const uint4*>(raw + kRawAct + (k * L + r) * kNs);
-#pragma unroll
-      for (int w = 0; w < static_cast<int>(kNs * sizeof(T) / 16); ++w)
-        reinterpret_cast<uint4*>(v)[w] = src[w];
-      float* dst = bc + k * kNs * kBcRow + bc_pos(r);
-#pragma unroll
-      for (int nn = 0; nn < kNs; ++nn) dst[nn * kBcRow] = to_float(v[nn]);
-    }
-  }
-  static __device__ __forceinline__ void copy16(void* smem, const void* gmem, bool valid) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-                 "r"(valid ? 16 : 0));
-  }
-  static __device__ __forceinline__ void wait_prefetch() {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   }
 
   // Document resets: step t starts a new document when seq[t] != seq[t-1].

@@ -68,7 +68,7 @@ TEST_P(GpuScan, ForwardAndBackwardMatchReference) {
     Tensor y, state, du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
   };
   auto run = [&](DType act, DType par, Device dev, Run& x, const HostTensor& dlt,
-                 const HostTensor& a_) {
+                 const HostTensor& a_, int lanes = 0) {
     x.keep = {
         make(u, act, dev, "u"),  make(dlt, act, dev, "delta"), make(a_, par, dev, "A"),
         make(Bm, act, dev, "B"), make(Cm, act, dev, "C"),      make(D, par, dev, "D"),
@@ -84,7 +84,8 @@ TEST_P(GpuScan, ForwardAndBackwardMatchReference) {
                       &x.keep[7],
                       k.docs ? &x.keep[8] : nullptr,
                       k.init ? &x.keep[9] : nullptr,
-                      k.softplus};
+                      k.softplus,
+                      lanes};
     const std::vector<int64_t> btc{k.b, k.t, k.c}, btgn{k.b, k.t, k.g, k.n}, bcn{k.b, k.c, k.n};
     x.y = empty(btc, act, dev, "y"), x.state = empty(bcn, par, dev, "state");
     x.du = empty(btc, act, dev, "du"), x.ddelta = empty(btc, act, dev, "ddelta");
@@ -111,34 +112,41 @@ TEST_P(GpuScan, ForwardAndBackwardMatchReference) {
   HostTensor delta_p = delta, A_p = A;
   for (double& x : delta_p.v) x = x * (1 + std::ldexp(1.0, -20)) + std::ldexp(1.0, -20);
   for (double& x : A_p.v) x *= 1 + std::ldexp(1.0, -20);
-  Run r64, r64p, r32, rg;
+  Run r64, r64p, r32;
   run(DType::f64, DType::f64, Device::cpu, r64, delta, A);
   run(DType::f64, DType::f64, Device::cpu, r64p, delta_p, A_p);
   run(DType::f32, DType::f32, Device::cpu, r32, delta, A);
-  run(k.bf16 ? DType::bf16 : DType::f32, DType::f32, Device::cuda, rg, delta, A);
-  auto check = [&](const char* what, Tensor Run::*field, bool activation) {
-    const std::vector<double> ref = host_values(r64.*field, false),
-                              moved = host_values(r64p.*field, false),
-                              naive = host_values(r32.*field, activation && k.bf16),
-                              got = download(rg.*field);
-    const double tol = 2 * max_err(naive, ref) + max_err(moved, ref) + 1e-6 * max_abs(ref);
-    EXPECT_LE(max_err(got, ref), tol) << what << ": naive error " << max_err(naive, ref)
-                                      << ", sensitivity " << max_err(moved, ref);
-  };
-  check("y", &Run::y, true);
-  check("final_state", &Run::state, false);
-  check("du", &Run::du, true);
-  check("ddelta", &Run::ddelta, true);
-  if (k.z) check("dz", &Run::dz, true);
-  check("dB", &Run::dB, true);
-  check("dC", &Run::dC, true);
-  check("dA", &Run::dA, false);
-  check("dD", &Run::dD, false);
-  check("ddelta_bias", &Run::dbias, false);
-  check("dinitial_state", &Run::dinit, false);
+  const DType gpu_act = k.bf16 ? DType::bf16 : DType::f32;
+  // Every forward variant (threads per channel, see selective_scan_fwd.cu), then the default.
+  std::vector<int> variants = k.n <= 16 ? std::vector<int>{4, 8, 0} : std::vector<int>{0};
+  Run rg;
+  for (int lanes : variants) {
+    SCOPED_TRACE("fwd_lanes " + std::to_string(lanes));
+    run(gpu_act, DType::f32, Device::cuda, rg, delta, A, lanes);
+    auto check = [&](const char* what, Tensor Run::*field, bool activation) {
+      const std::vector<double> ref = host_values(r64.*field, false),
+                                moved = host_values(r64p.*field, false),
+                                naive = host_values(r32.*field, activation && k.bf16),
+                                got = download(rg.*field);
+      const double tol = 2 * max_err(naive, ref) + max_err(moved, ref) + 1e-6 * max_abs(ref);
+      EXPECT_LE(max_err(got, ref), tol) << what << ": naive error " << max_err(naive, ref)
+                                        << ", sensitivity " << max_err(moved, ref);
+    };
+    check("y", &Run::y, true);
+    check("final_state", &Run::state, false);
+    check("du", &Run::du, true);
+    check("ddelta", &Run::ddelta, true);
+    if (k.z) check("dz", &Run::dz, true);
+    check("dB", &Run::dB, true);
+    check("dC", &Run::dC, true);
+    check("dA", &Run::dA, false);
+    check("dD", &Run::dD, false);
+    check("ddelta_bias", &Run::dbias, false);
+    check("dinitial_state", &Run::dinit, false);
+  }
   // A second run on the same inputs is bit-identical (no order-dependent sums).
   Run again;
-  run(k.bf16 ? DType::bf16 : DType::f32, DType::f32, Device::cuda, again, delta, A);
+  run(gpu_act, DType::f32, Device::cuda, again, delta, A);
   for (Tensor Run::*f : {&Run::y, &Run::du, &Run::ddelta, &Run::dz, &Run::dA, &Run::dB, &Run::dC,
                          &Run::dD, &Run::dbias, &Run::dinit})
     if (k.z || f != &Run::dz) {
