@@ -98,6 +98,105 @@ std::vector<int64_t> shape_of(const Tensor& t) {
   return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
 }
 
+// A part of a tensor: elements [start, start + count) of the row-major flattening of a box
+// (off, ext per dimension; both empty: the whole tensor).
+struct Region {
+  std::vector<int64_t> shape, off, ext;
+  int64_t start = 0, count = 0;
+  int64_t volume() const {
+    int64_t n = 1;
+    for (int64_t x : off.empty() ? shape : ext) n *= x;
+    return n;
+  }
+};
+
+// Checks a region (errors name `what`) and drops a box that is the whole tensor.
+Region make_region(std::vector<int64_t> shape, std::vector<int64_t> off, std::vector<int64_t> ext,
+                   int64_t start, int64_t count, const std::string& what) {
+  Region r{std::move(shape), std::move(off), std::move(ext), start, count};
+  BRAID_REQUIRE(r.off.size() == r.ext.size() && (r.off.empty() || r.off.size() == r.shape.size()),
+                what, ": a box needs an offset and an extent per dimension of the ", r.shape.size(),
+                "-dim tensor");
+  bool whole = true;
+  for (size_t d = 0; d < r.off.size(); ++d) {
+    BRAID_REQUIRE(r.off[d] >= 0 && r.ext[d] >= 1 && r.off[d] + r.ext[d] <= r.shape[d], what,
+                  ": box [", r.off[d], ", ", r.off[d] + r.ext[d], ") of dimension ", d,
+                  " outside its extent ", r.shape[d]);
+    whole = whole && r.off[d] == 0 && r.ext[d] == r.shape[d];
+  }
+  if (whole) r.off.clear(), r.ext.clear();
+  BRAID_REQUIRE(start >= 0 && count >= 0 && start + count <= r.volume(), what, ": elements [",
+                start, ", ", start + count, ") outside the ", r.volume(), " of its ",
+                r.off.empty() ? "tensor" : "box");
+  return r;
+}
+
+// A stretch of a region contiguous in the tensor: its elements [local, local + len) are the
+// tensor's row-major elements [global, global + len).
+struct Run {
+  int64_t global, local, len;
+};
+// The region's runs in increasing global (and local) order, adjacent ones merged.
+std::vector<Run> region_runs(const Region& r) {
+  std::vector<Run> out;
+  if (r.count == 0) return out;
+  if (r.off.empty()) return {{r.start, 0, r.count}};
+  const int nd = static_cast<int>(r.shape.size());
+  std::vector<int64_t> stride(nd, 1);
+  for (int d = nd - 2; d >= 0; --d) stride[d] = stride[d + 1] * r.shape[d + 1];
+  const int64_t inner = r.ext[nd - 1], end = r.start + r.count;
+  for (int64_t row = r.start / inner; row * inner < end; ++row) {
+    int64_t rem = row, g = r.off[nd - 1];
+    for (int d = nd - 2; d >= 0; --d) {
+      g += (r.off[d] + rem % r.ext[d]) * stride[d];
+      rem /= r.ext[d];
+    }
+    const int64_t lo = std::max(r.start, row * inner), hi = std::min(end, (row + 1) * inner);
+    const Run run{g + lo - row * inner, lo - r.start, hi - lo};
+    if (!out.empty() && out.back().global + out.back().len == run.global)
+      out.back().len += run.len;
+    else
+      out.push_back(run);
+  }
+  return out;
+}
+// Where two regions' runs overlap: elements [a, a + len) of the first region's storage are
+// elements [b, b + len) of the second's.
+struct Overlap {
+  int64_t a, b, len;
+};
+std::vector<Overlap> overlaps(const std::vector<Run>& x, const std::vector<Run>& y) {
+  std::vector<Overlap> out;
+  for (size_t i = 0, j = 0; i < x.size() && j < y.size();) {
+    const int64_t lo = std::max(x[i].global, y[j].global),
+                  hi = std::min(x[i].global + x[i].len, y[j].global + y[j].len);
+    if (lo < hi)
+      out.push_back({x[i].local + lo - x[i].global, y[j].local + lo - y[j].global, hi - lo});
+    (x[i].global + x[i].len < y[j].global + y[j].len) ? ++i : ++j;
+  }
+  return out;
+}
+
+// The dataset of a piece: "/kind/name" (the whole tensor, in its shape), "/kind/name@o0_o1.."
+// (a whole box, in its shape), else a 1-D run "/kind/name@[o0_o1..:]start".
+std::string piece_dataset(const std::string& key, const Region& r) {
+  std::string box;
+  for (size_t d = 0; d < r.off.size(); ++d) box += (d ? "_" : "") + std::to_string(r.off[d]);
+  const bool full = r.start == 0 && r.count == r.volume();
+  if (box.empty()) return "/" + key + (full ? "" : "@" + std::to_string(r.start));
+  return "/" + key + "@" + box + (full ? "" : ":" + std::to_string(r.start));
+}
+
+// The region of manifest piece pc of tensor t (format 1 pieces are whole tensors).
+Region piece_region(const json& t, const json& pc, const std::string& what) {
+  const std::vector<int64_t> shape = t.at("shape").get<std::vector<int64_t>>();
+  const std::vector<int64_t> off = pc.value("box_offset", std::vector<int64_t>{}),
+                             ext = pc.value("box_shape", std::vector<int64_t>{});
+  int64_t vol = 1;
+  for (int64_t x : off.empty() ? shape : ext) vol *= x;
+  return make_region(shape, off, ext, pc.value("start", int64_t(0)), pc.value("count", vol), what);
+}
+
 // Opens dataset `ds` ("/kind/name") of a checkpoint file, refusing what could make libhdf5 read
 // outside the file or run code: every link on the path must be a hard link (no soft or external
 // links), and the dataset must be stored in the file itself, without filters (no plugins) and
@@ -275,26 +374,37 @@ std::vector<std::string> gather_strings(const std::string& mine, Communicator* w
   return out;
 }
 
+// Throws unless the runs of the pieces of manifest tensor t cover it exactly once, naming the
+// first elements in no piece or in two (`saving`: "written by no rank" / "written twice").
+void check_runs_cover(const json& t, std::vector<Run> runs, const std::string& prefix,
+                      bool saving) {
+  const char* none = saving ? "written by no rank" : "in no piece";
+  int64_t numel = 1;
+  for (int64_t x : t.at("shape").get<std::vector<int64_t>>()) numel *= x;
+  std::sort(runs.begin(), runs.end(),
+            [](const Run& a, const Run& b) { return a.global < b.global; });
+  const std::string key = t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>();
+  int64_t next = 0;
+  for (const Run& r : runs) {
+    BRAID_REQUIRE(r.global == next, prefix, key, ": elements [", std::min(r.global, next), ", ",
+                  std::max(r.global, next), ") are ",
+                  r.global > next ? none
+                  : saving        ? "written twice"
+                                  : "in two pieces");
+    next = r.global + r.len;
+  }
+  BRAID_REQUIRE(next == numel, prefix, key, ": elements [", next, ", ", numel, ") are ", none);
+}
+
 // Refuses a save unless the pieces of every tensor cover it exactly once.
 void check_coverage(const json& tensors) {
   for (const json& t : tensors) {
-    int64_t numel = 1;
-    for (int64_t x : t.at("shape").get<std::vector<int64_t>>()) numel *= x;
-    std::vector<std::pair<int64_t, int64_t>> ranges;
-    for (const json& pc : t.at("pieces"))
-      ranges.push_back({pc.at("start").get<int64_t>(), pc.at("count").get<int64_t>()});
-    std::sort(ranges.begin(), ranges.end());
-    int64_t next = 0;
-    for (const auto& [start, count] : ranges) {
-      BRAID_CHECK(start == next, "checkpoint save refused: ", t.at("kind").get<std::string>(), "/",
-                  t.at("name").get<std::string>(), ": elements [", std::min(start, next), ", ",
-                  std::max(start, next), ") are ",
-                  start > next ? "written by no rank" : "written twice");
-      next = start + count;
+    std::vector<Run> runs;
+    for (const json& pc : t.at("pieces")) {
+      const std::vector<Run> r = region_runs(piece_region(t, pc, "checkpoint save"));
+      runs.insert(runs.end(), r.begin(), r.end());
     }
-    BRAID_CHECK(next == numel, "checkpoint save refused: ", t.at("kind").get<std::string>(), "/",
-                t.at("name").get<std::string>(), ": elements [", next, ", ", numel,
-                ") are written by no rank");
+    check_runs_cover(t, std::move(runs), "checkpoint save refused: ", true);
   }
 }
 
@@ -337,27 +447,28 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
     for (const CheckpointPiece& pc : pieces) {
       if (groups.insert(pc.kind).second)
         H5Id(H5_CHECK(H5Gcreate2(f, ("/" + pc.kind).c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT)));
-      int64_t numel = 1;
-      for (int64_t x : pc.shape) numel *= x;
-      // A whole tensor keeps its shape; a part of one is a 1-D run of its row-major elements.
-      const bool whole = pc.start == 0 && pc.count == numel;
-      std::vector<hsize_t> dims = whole ? std::vector<hsize_t>(pc.shape.begin(), pc.shape.end())
-                                        : std::vector<hsize_t>{static_cast<hsize_t>(pc.count)};
+      const Region rg = make_region(pc.shape, pc.box_offset, pc.box_shape, pc.start, pc.count,
+                                    "checkpoint piece " + pc.kind + "/" + pc.name);
+      // A whole tensor or box keeps its shape; a part of one is a 1-D run of its elements.
+      const bool full = rg.start == 0 && rg.count == rg.volume();
+      const std::vector<int64_t>& full_shape = rg.off.empty() ? rg.shape : rg.ext;
+      std::vector<hsize_t> dims = full ? std::vector<hsize_t>(full_shape.begin(), full_shape.end())
+                                       : std::vector<hsize_t>{static_cast<hsize_t>(pc.count)};
       H5Id space(H5_CHECK(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr)));
-      const std::string ds =
-          "/" + pc.kind + "/" + pc.name + (whole ? "" : "@" + std::to_string(pc.start));
+      const std::string ds = piece_dataset(pc.kind + "/" + pc.name, rg);
       H5Id d(H5_CHECK(
           H5Dcreate2(f, ds.c_str(), h5_type(pc.dtype), space, H5P_DEFAULT, dcpl, H5P_DEFAULT)));
       H5_CHECK(H5Dwrite(d, h5_native(pc.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, pc.data));
-      mine["pieces"].push_back(
-          {{"kind", pc.kind},
-           {"name", pc.name},
-           {"dtype", std::string(dtype_name(pc.dtype))},
-           {"shape", pc.shape},
-           {"start", pc.start},
-           {"count", pc.count},
-           {"dataset", ds},
-           {"sha256", sha256_bytes(pc.data, pc.count * dtype_size(pc.dtype))}});
+      json entry = {{"kind", pc.kind},
+                    {"name", pc.name},
+                    {"dtype", std::string(dtype_name(pc.dtype))},
+                    {"shape", pc.shape},
+                    {"start", pc.start},
+                    {"count", pc.count},
+                    {"dataset", ds},
+                    {"sha256", sha256_bytes(pc.data, pc.count * dtype_size(pc.dtype))}};
+      if (!rg.off.empty()) entry["box_offset"] = rg.off, entry["box_shape"] = rg.ext;
+      mine["pieces"].push_back(entry);
     }
   }
   faults.hit("before_fsync", rank);
@@ -382,11 +493,14 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
                              {"shape", pc.at("shape")},
                              {"pieces", json::array()}});
         }
-        tensors[index[key]]["pieces"].push_back({{"file", r.at("file")},
-                                                 {"dataset", pc.at("dataset")},
-                                                 {"start", pc.at("start")},
-                                                 {"count", pc.at("count")},
-                                                 {"sha256", pc.at("sha256")}});
+        json entry = {{"file", r.at("file")},
+                      {"dataset", pc.at("dataset")},
+                      {"start", pc.at("start")},
+                      {"count", pc.at("count")},
+                      {"sha256", pc.at("sha256")}};
+        if (pc.contains("box_offset"))
+          entry["box_offset"] = pc.at("box_offset"), entry["box_shape"] = pc.at("box_shape");
+        tensors[index[key]]["pieces"].push_back(entry);
       }
     }
     check_coverage(tensors);
@@ -511,45 +625,44 @@ class CheckpointFiles {
   std::map<std::string, std::unique_ptr<H5Id>> open_;
 };
 
-// Reads every piece of manifest tensor t into dst (numel elements of dtype), checking that the
-// pieces cover it exactly once and that each matches its digest. Format 1 pieces hold the whole
-// tensor; format 2 pieces a run [start, start + count) of its row-major elements.
+// Opens the dataset of piece pc (region rg) of tensor `key`, checking its name and size.
+H5Id open_piece(const json& pc, const Region& rg, const std::string& key, const std::string& dir,
+                CheckpointFiles& files) {
+  const std::string file = pc.at("file").get<std::string>(),
+                    ds = pc.at("dataset").get<std::string>();
+  BRAID_REQUIRE(ds == piece_dataset(key, rg), "checkpoint '", dir, "': ", key,
+                " points at dataset '", ds, "'");
+  H5Id d(open_dataset_checked(files.get(file), ds, dir, file));
+  H5Id space(H5_CHECK(H5Dget_space(d)));
+  BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == rg.count, "checkpoint '", dir, "': dataset ",
+                ds, " in ", file, " has ", H5Sget_simple_extent_npoints(space),
+                " elements, the manifest says ", rg.count);
+  return d;
+}
+
+// Reads every piece of manifest tensor t into dst (the whole tensor, of dtype), checking that
+// each matches its digest and that together they cover the tensor exactly once.
 void read_tensor(const json& t, const std::string& dir, CheckpointFiles& files, void* dst,
-                 DType dtype, int64_t numel) {
+                 DType dtype) {
   const std::string key = t.at("kind").get<std::string>() + "/" + t.at("name").get<std::string>();
   const size_t esize = dtype_size(dtype);
-  std::vector<std::pair<int64_t, int64_t>> ranges;
+  std::vector<Run> all;
+  std::vector<char> buf;
   for (const json& pc : t.at("pieces")) {
-    const int64_t start = pc.value("start", int64_t(0)), count = pc.value("count", numel);
-    BRAID_REQUIRE(start >= 0 && count >= 0 && start + count <= numel, "checkpoint '", dir,
-                  "': ", key, " has a piece [", start, ", ", start + count, ") outside its ", numel,
-                  " elements");
-    ranges.push_back({start, count});
-    const std::string file = pc.at("file").get<std::string>(),
-                      ds = pc.at("dataset").get<std::string>();
-    BRAID_REQUIRE(ds == "/" + key || ds == "/" + key + "@" + std::to_string(start), "checkpoint '",
-                  dir, "': ", key, " points at dataset '", ds, "'");
-    H5Id d(open_dataset_checked(files.get(file), ds, dir, file));
-    H5Id space(H5_CHECK(H5Dget_space(d)));
-    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == count, "checkpoint '", dir, "': dataset ",
-                  ds, " in ", file, " has ", H5Sget_simple_extent_npoints(space),
-                  " elements, the manifest says ", count);
-    char* at = static_cast<char*>(dst) + start * esize;
-    H5_CHECK(H5Dread(d, h5_native(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, at));
-    BRAID_REQUIRE(sha256_bytes(at, count * esize) == pc.at("sha256").get<std::string>(),
-                  "checkpoint '", dir, "': dataset ", ds, " in ", file,
-                  " does not match its digest");
+    const Region rg = piece_region(t, pc, "checkpoint '" + dir + "': " + key);
+    H5Id d = open_piece(pc, rg, key, dir, files);
+    buf.resize(rg.count * esize);
+    H5_CHECK(H5Dread(d, h5_native(dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()));
+    BRAID_REQUIRE(sha256_bytes(buf.data(), buf.size()) == pc.at("sha256").get<std::string>(),
+                  "checkpoint '", dir, "': dataset ", pc.at("dataset").get<std::string>(), " in ",
+                  pc.at("file").get<std::string>(), " does not match its digest");
+    for (const Run& r : region_runs(rg)) {
+      std::memcpy(static_cast<char*>(dst) + r.global * esize, buf.data() + r.local * esize,
+                  r.len * esize);
+      all.push_back(r);
+    }
   }
-  std::sort(ranges.begin(), ranges.end());
-  int64_t next = 0;
-  for (const auto& [start, count] : ranges) {
-    BRAID_REQUIRE(start == next, "checkpoint '", dir, "': the pieces of ", key, " ",
-                  start > next ? "leave out" : "overlap at", " elements from ",
-                  std::min(start, next));
-    next = start + count;
-  }
-  BRAID_REQUIRE(next == numel, "checkpoint '", dir, "': the pieces of ", key,
-                " leave out elements from ", next);
+  check_runs_cover(t, std::move(all), "checkpoint '" + dir + "': the pieces of ", false);
 }
 
 }  // namespace
@@ -588,7 +701,7 @@ CheckpointSummary verify_checkpoint(const std::string& dir) {
     int64_t numel = 1;
     for (int64_t x : t.at("shape").get<std::vector<int64_t>>()) numel *= x;
     std::vector<char> bytes(numel * dtype_size(dtype));
-    read_tensor(t, dir, files, bytes.data(), dtype, numel);
+    read_tensor(t, dir, files, bytes.data(), dtype);
   }
   return sum;
 }
@@ -609,7 +722,7 @@ std::string convert_checkpoint(const std::string& src, const std::string& dst_ro
     int64_t numel = 1;
     for (int64_t x : shape) numel *= x;
     buffers.emplace_back(numel * dtype_size(dtype));
-    read_tensor(t, src, files, buffers.back().data(), dtype, numel);
+    read_tensor(t, src, files, buffers.back().data(), dtype);
     tensors.push_back({t.at("kind").get<std::string>(), t.at("name").get<std::string>(),
                        Tensor::contiguous_view(buffers.back().data(), dtype, Device::cpu, shape,
                                                t.at("name").get<std::string>())});
@@ -651,7 +764,7 @@ void load_checkpoint(const std::string& dir, const std::vector<CheckpointTensor>
     check_tensor_matches(*t, key,
                          std::vector<int64_t>(dst.shape.begin(), dst.shape.begin() + dst.ndim),
                          dst.dtype, dir);
-    read_tensor(*t, dir, files, dst.data, dst.dtype, dst.numel());
+    read_tensor(*t, dir, files, dst.data, dst.dtype);
   }
 }
 
@@ -662,10 +775,12 @@ void load_checkpoint_ranges(const std::string& dir, const std::vector<Checkpoint
   std::set<std::string> keys;
   for (const CheckpointRead& r : reads) keys.insert(r.kind + "/" + r.name);
   const std::map<std::string, const json*> tensors = match_tensors(m, keys, dir);
-  // The pieces each read needs, and the files they are in.
+  // The pieces each read needs (and where the two overlap), and the files they are in.
   struct Need {
     const CheckpointRead* read;
     const json* piece;
+    Region region;
+    std::vector<Overlap> parts;  // a: in the piece's storage, b: in the read's
   };
   std::vector<Need> needs;
   std::set<std::string> files_needed;
@@ -673,21 +788,19 @@ void load_checkpoint_ranges(const std::string& dir, const std::vector<Checkpoint
     const std::string key = r.kind + "/" + r.name;
     const json& t = *tensors.at(key);
     check_tensor_matches(t, key, r.shape, r.dtype, dir);
-    int64_t numel = 1;
-    for (int64_t x : r.shape) numel *= x;
-    BRAID_CHECK(r.start >= 0 && r.count >= 0 && r.start + r.count <= numel, "checkpoint read of ",
-                key, " [", r.start, ", ", r.start + r.count, ") outside its ", numel, " elements");
+    const std::vector<Run> want = region_runs(make_region(
+        r.shape, r.box_offset, r.box_shape, r.start, r.count, "checkpoint read of " + key));
     int64_t covered = 0;
     for (const json& pc : t.at("pieces")) {
-      const int64_t a = pc.value("start", int64_t(0)), n = pc.value("count", numel);
-      const int64_t lo = std::max(a, r.start), hi = std::min(a + n, r.start + r.count);
-      if (lo >= hi) continue;
-      covered += hi - lo;
-      needs.push_back({&r, &pc});
+      Region rg = piece_region(t, pc, "checkpoint '" + dir + "': " + key);
+      std::vector<Overlap> parts = overlaps(region_runs(rg), want);
+      if (parts.empty()) continue;
+      for (const Overlap& o : parts) covered += o.len;
       files_needed.insert(pc.at("file").get<std::string>());
+      needs.push_back({&r, &pc, std::move(rg), std::move(parts)});
     }
     BRAID_REQUIRE(covered == r.count, "checkpoint '", dir, "': the pieces of ", key,
-                  " do not cover elements [", r.start, ", ", r.start + r.count, ")");
+                  " do not cover the ", r.count, " elements read");
   }
   // Digests of the files this rank reads, before libhdf5 opens them.
   for (const json& f : m.at("files")) {
@@ -700,35 +813,29 @@ void load_checkpoint_ranges(const std::string& dir, const std::vector<Checkpoint
                 files_needed.empty() ? "" : *files_needed.begin(),
                 ", which the manifest does not list");
   CheckpointFiles files(dir);
+  std::vector<char> buf;
   for (const Need& need : needs) {
     const CheckpointRead& r = *need.read;
-    const json& pc = *need.piece;
-    int64_t numel = 1;
-    for (int64_t x : r.shape) numel *= x;
-    const int64_t a = pc.value("start", int64_t(0)), n = pc.value("count", numel);
-    const int64_t lo = std::max(a, r.start), hi = std::min(a + n, r.start + r.count);
-    const std::string file = pc.at("file").get<std::string>(),
-                      ds = pc.at("dataset").get<std::string>(), key = r.kind + "/" + r.name;
-    BRAID_REQUIRE(ds == "/" + key || ds == "/" + key + "@" + std::to_string(a), "checkpoint '", dir,
-                  "': ", key, " points at dataset '", ds, "'");
-    H5Id d(open_dataset_checked(files.get(file), ds, dir, file));
-    H5Id space(H5_CHECK(H5Dget_space(d)));
-    BRAID_REQUIRE(H5Sget_simple_extent_npoints(space) == n, "checkpoint '", dir, "': dataset ", ds,
-                  " in ", file, " has ", H5Sget_simple_extent_npoints(space),
-                  " elements, the manifest says ", n);
     const size_t esize = dtype_size(r.dtype);
-    char* out = static_cast<char*>(r.dst) + (lo - r.start) * esize;
-    if (H5Sget_simple_extent_ndims(space) == 1) {  // a hyperslab of the run
-      const hsize_t off[1] = {static_cast<hsize_t>(lo - a)},
-                    cnt[1] = {static_cast<hsize_t>(hi - lo)};
+    H5Id d = open_piece(*need.piece, need.region, r.kind + "/" + r.name, dir, files);
+    H5Id space(H5_CHECK(H5Dget_space(d)));
+    // Of a 1-D piece, the range spanning the parts needed; else the whole piece.
+    int64_t lo = 0, hi = need.region.count;
+    if (H5Sget_simple_extent_ndims(space) == 1) {
+      lo = hi, hi = 0;
+      for (const Overlap& o : need.parts) lo = std::min(lo, o.a), hi = std::max(hi, o.a + o.len);
+      const hsize_t off[1] = {static_cast<hsize_t>(lo)}, cnt[1] = {static_cast<hsize_t>(hi - lo)};
       H5_CHECK(H5Sselect_hyperslab(space, H5S_SELECT_SET, off, nullptr, cnt, nullptr));
       H5Id mem(H5_CHECK(H5Screate_simple(1, cnt, nullptr)));
-      H5_CHECK(H5Dread(d, h5_native(r.dtype), mem, space, H5P_DEFAULT, out));
-    } else {  // a whole tensor in its shape: read it, keep the run
-      std::vector<char> all(n * esize);
-      H5_CHECK(H5Dread(d, h5_native(r.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, all.data()));
-      std::memcpy(out, all.data() + (lo - a) * esize, (hi - lo) * esize);
+      buf.resize((hi - lo) * esize);
+      H5_CHECK(H5Dread(d, h5_native(r.dtype), mem, space, H5P_DEFAULT, buf.data()));
+    } else {
+      buf.resize(hi * esize);
+      H5_CHECK(H5Dread(d, h5_native(r.dtype), H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()));
     }
+    for (const Overlap& o : need.parts)
+      std::memcpy(static_cast<char*>(r.dst) + o.b * esize, buf.data() + (o.a - lo) * esize,
+                  o.len * esize);
   }
 }
 

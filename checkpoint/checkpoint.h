@@ -3,9 +3,11 @@
 //     manifest.json             format version, step, consumed samples, seed, the resolved
 //                               configuration, every file with its SHA-256, and for every
 //                               tensor its kind, dtype, global shape and pieces {file, dataset,
-//                               start, count, sha256}: runs of its row-major elements
+//                               [box_offset, box_shape,] start, count, sha256}: a run of the
+//                               row-major elements of a box of the tensor (no box: all of it)
 //     rank_<r>.h5               the pieces rank r held: /<kind>/<name> (a whole tensor, in its
-//                               shape) or /<kind>/<name>@<start> (a 1-D run); kind in param,
+//                               shape), /<kind>/<name>@<o0_o1..> (a whole box, in its shape) or
+//                               /<kind>/<name>@[<o0_o1..>:]<start> (a 1-D run); kind in param,
 //                               master, exp_avg, exp_avg_sq; logical (unsharded) coordinates
 // Saving writes <root>/step_<N>.tmp-<pid>/, fsyncs, and renames it: a reader only ever sees
 // complete checkpoints. Loading finds the newest committed step with a manifest, checks the
@@ -33,7 +35,9 @@ struct CheckpointMeta {
   std::map<std::string, std::string> config;  // resolved "section.key" -> value
 };
 
-constexpr int kCheckpointFormat = 2;  // 2: pieces are runs of row-major elements, any file
+// 2: pieces are runs of row-major elements, in any file; 3: runs of the elements of a box
+// (a tensor-parallel shard: a ZeRO-1 range of it, or all of it).
+constexpr int kCheckpointFormat = 3;
 
 // One logical tensor of a checkpoint: kind (param, master, exp_avg, exp_avg_sq), HF-style name,
 // and the host tensor holding (or receiving) its full, unsharded value.
@@ -46,14 +50,17 @@ struct CheckpointTensor {
 // Adam moments of every trainable one.
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt);
 
-// A part of a logical tensor held by this rank: elements [start, start + count) of its row-major
-// flattening, read from `data` (count elements of dtype).
+// A part of a logical tensor held by this rank: elements [start, start + count) of the row-major
+// flattening of a box of it (box_offset and box_shape per dimension; both empty: the whole
+// tensor), read from `data` (count elements of dtype). A tensor-parallel shard is a box; a
+// ZeRO-1 rank's part of a parameter is a run of its (box or whole) elements.
 struct CheckpointPiece {
   std::string kind, name;
   DType dtype = DType::f32;
   std::vector<int64_t> shape;  // of the whole tensor
   int64_t start = 0, count = 0;
   const void* data = nullptr;
+  std::vector<int64_t> box_offset = {}, box_shape = {};
 };
 
 // Sharded save, collective over world (null: this process alone). Every rank writes the pieces
@@ -65,19 +72,22 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
                                     const std::vector<CheckpointPiece>& pieces,
                                     Communicator* world);
 
-// A run of a logical tensor to read: elements [start, start + count) of its row-major
-// flattening into dst (count elements of dtype); count 0 only declares that the tensor exists.
+// A run of a logical tensor to read: elements [start, start + count) of the row-major
+// flattening of a box of it (as in CheckpointPiece; empty: the whole tensor) into dst (count
+// elements of dtype); count 0 only declares that the tensor exists.
 struct CheckpointRead {
   std::string kind, name;
   DType dtype = DType::f32;
   std::vector<int64_t> shape;  // of the whole tensor, checked against the checkpoint
   int64_t start = 0, count = 0;
   void* dst = nullptr;
+  std::vector<int64_t> box_offset = {}, box_shape = {};
 };
-// Reads the requested runs, touching only the pieces that intersect them and hashing only the
-// files those pieces are in (before libhdf5 opens them); 1-D pieces are read as hyperslabs,
-// whole-tensor pieces whole. The tensors named in `reads` must be exactly the checkpoint's
-// (missing and unexpected ones are reported by name), with the same shapes and dtypes.
+// Reads the requested runs from pieces on any layout (other boxes, other runs), touching only
+// the pieces that intersect them and hashing only the files those pieces are in (before
+// libhdf5 opens them); of a 1-D piece only the range spanning what is needed is read. The tensors
+// named in `reads` must be exactly the checkpoint's (missing and unexpected ones are reported by
+// name), with the same shapes and dtypes.
 void load_checkpoint_ranges(const std::string& dir, const std::vector<CheckpointRead>& reads);
 
 // A ZeRO-1 rank's reads of a checkpoint: every parameter whole (into params), and its runs of

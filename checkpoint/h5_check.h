@@ -26,6 +26,7 @@ class H5Id {
   explicit H5Id(hid_t id = -1) : id_(id) {}
   H5Id(const H5Id&) = delete;
   H5Id& operator=(const H5Id&) = delete;
+  H5Id(H5Id&& o) noexcept : id_(o.id_) { o.id_ = -1; }
   ~H5Id() {
     if (id_ < 0) return;
     switch (H5Iget_type(id_)) {

@@ -281,6 +281,53 @@ TEST(Checkpoint, PiecesCoverEveryTensorExactlyOnce) {
   EXPECT_EQ(fs::path(latest_checkpoint(root.str())).filename(), "step_00000003");
 }
 
+// Box pieces (tensor-parallel shards, whole or in ZeRO-1 runs): a [6,8] tensor saved as two
+// column shards, one in two runs, reads back whole, and as any other box and run (row shards);
+// overlapping shards refuse the save; a box outside the tensor is an error naming the piece.
+TEST(Checkpoint, BoxPiecesReadBackOnAnyLayout) {
+  TempDir root;
+  const int64_t R = 6, K = 8;
+  std::vector<float> w(R * K);  // logical [6,8]
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.25f * float(i) - 5.f;
+  // The column shards as their ranks hold them: [6,4] each, row-major.
+  std::vector<float> left, right;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k) (k < 4 ? left : right).push_back(w[r * K + k]);
+  const std::vector<CheckpointPiece> pieces = {
+      {"master", "w", DType::f32, {R, K}, 0, 10, left.data(), {0, 0}, {R, 4}},
+      {"master", "w", DType::f32, {R, K}, 10, 14, left.data() + 10, {0, 0}, {R, 4}},
+      {"master", "w", DType::f32, {R, K}, 0, 24, right.data(), {0, 4}, {R, 4}}};
+  const std::string dir = save_checkpoint_sharded(root.str(), {1, 0, 1, {}}, pieces, nullptr);
+  verify_checkpoint(dir);
+  std::vector<float> whole(R * K, -1.f);
+  load_checkpoint(dir,
+                  {{"master", "w",
+                    Tensor::contiguous_view(whole.data(), DType::f32, Device::cpu, {R, K}, "w")}});
+  EXPECT_EQ(whole, w);
+  // Rows 2..4 of all columns, elements [5, 17) of that box; and the right shard whole.
+  std::vector<float> rows(12, -1.f), expect_rows(w.begin() + 2 * K + 5, w.begin() + 2 * K + 17);
+  std::vector<float> right2(24, -1.f);
+  load_checkpoint_ranges(dir,
+                         {{"master", "w", DType::f32, {R, K}, 5, 12, rows.data(), {2, 0}, {3, K}}});
+  load_checkpoint_ranges(
+      dir, {{"master", "w", DType::f32, {R, K}, 0, 24, right2.data(), {0, 4}, {R, 4}}});
+  EXPECT_EQ(rows, expect_rows);
+  EXPECT_EQ(right2, right);
+  auto overlap = pieces;
+  overlap[2].box_offset = {0, 3}, overlap[2].box_shape = {R, 5};
+  std::vector<float> wide(30, 0.f);
+  overlap[2].count = 30, overlap[2].data = wide.data();
+  std::string e = error_of([&] {
+    save_checkpoint_sharded(root.str(), {2, 0, 1, {}}, overlap, nullptr);
+  });
+  EXPECT_NE(e.find("master/w: elements [3, 4) are written twice"), std::string::npos) << e;
+  auto outside = pieces;
+  outside[2].box_offset = {0, 5};
+  e = error_of([&] { save_checkpoint_sharded(root.str(), {2, 0, 1, {}}, outside, nullptr); });
+  EXPECT_NE(e.find("master/w: box [5, 9) of dimension 1 outside its extent 8"), std::string::npos)
+      << e;
+}
+
 TEST(Checkpoint, ConfigDifferencesListEveryChangedKey) {
   const std::map<std::string, std::string> a{
       {"model.d_model", "16"}, {"moe.experts", "4"}, {"train.steps", "10"}, {"train.seed", "1"}},
