@@ -26,9 +26,10 @@ void AsyncCheckpointWriter::submit(const std::string& root, const CheckpointMeta
   }
   staging_.resize(total);
   std::vector<CheckpointTensor> staged;
+  std::vector<size_t> offsets;
   size_t at = 0;
   for (const CheckpointTensor& t : tensors) {
-    std::memcpy(staging_.data() + at, t.tensor.data, t.tensor.nbytes());
+    offsets.push_back(at);
     staged.push_back(
         {t.kind, t.name,
          Tensor::contiguous_view(
@@ -37,6 +38,10 @@ void AsyncCheckpointWriter::submit(const std::string& root, const CheckpointMeta
              t.tensor.name)});
     at += (t.tensor.nbytes() + 63) / 64 * 64;
   }
+  // The copy is all the caller waits for: every core takes part.
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < tensors.size(); ++i)
+    std::memcpy(staging_.data() + offsets[i], tensors[i].tensor.data, tensors[i].tensor.nbytes());
   thread_ = std::thread([this, root, meta, staged = std::move(staged), done = std::move(done)] {
     try {
       const auto t0 = std::chrono::steady_clock::now();
