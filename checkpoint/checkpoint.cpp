@@ -94,8 +94,9 @@ std::vector<Zero1Run> zero1_runs(const ParamSet& params, const Zero1AdamW& opt) 
   return out;
 }
 
-std::vector<int64_t> shape_of(const Tensor& t) {
-  return std::vector<int64_t>(t.shape.begin(), t.shape.begin() + t.ndim);
+// The box a parameter holds of its logical tensor, as a checkpoint piece names it (empty: all).
+std::vector<int64_t> box_shape(const Param& p) {
+  return p.box_offset.empty() ? std::vector<int64_t>{} : p.shape;
 }
 
 // A part of a tensor: elements [start, start + count) of the row-major flattening of a box
@@ -268,7 +269,11 @@ SaveFaults& save_faults() {
 
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt) {
   std::vector<CheckpointTensor> out;
-  for (const Param& p : params.all()) out.push_back({"param", p.name, p.value});
+  for (const Param& p : params.all()) {
+    BRAID_CHECK(p.box_offset.empty(), "training_state: parameter ", p.name,
+                " is a tensor-parallel shard; a sharded run saves pieces (zero1_pieces)");
+    out.push_back({"param", p.name, p.value});
+  }
   for (const AdamW::State& s : opt.state()) {
     out.push_back({"master", s.param->name, s.master});
     out.push_back({"exp_avg", s.param->name, s.m});
@@ -324,15 +329,16 @@ std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1Ada
   std::vector<CheckpointPiece> out;
   if (with_params)
     for (const Param& p : params.all())
-      out.push_back(
-          {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
+      out.push_back({"param", p.name, p.value.dtype, p.global_shape, 0, p.value.numel(),
+                     p.value.data, p.box_offset, box_shape(p)});
   for (const Zero1Run& r : zero1_runs(params, opt)) {
     if (r.count == 0) continue;
+    const Param& p = *r.param;
     for (auto [kind, vec] :
          {std::pair{"master", &opt.shard_master()}, std::pair{"exp_avg", &opt.shard_exp_avg()},
           std::pair{"exp_avg_sq", &opt.shard_exp_avg_sq()}})
-      out.push_back({kind, r.param->name, DType::f32, shape_of(r.param->value), r.start, r.count,
-                     vec->data() + r.shard_off});
+      out.push_back({kind, p.name, DType::f32, p.global_shape, r.start, r.count,
+                     vec->data() + r.shard_off, p.box_offset, box_shape(p)});
   }
   return out;
 }
@@ -850,13 +856,14 @@ std::vector<CheckpointRead> zero1_reads(ParamSet& params, const Zero1AdamW& opt,
   v.assign(opt.shard_size(), 0.f);
   std::vector<CheckpointRead> out;
   for (Param& p : params.all())
-    out.push_back(
-        {"param", p.name, p.value.dtype, shape_of(p.value), 0, p.value.numel(), p.value.data});
+    out.push_back({"param", p.name, p.value.dtype, p.global_shape, 0, p.value.numel(), p.value.data,
+                   p.box_offset, box_shape(p)});
   for (const Zero1Run& r : zero1_runs(params, opt))
     for (auto [kind, vec] :
          {std::pair{"master", &master}, std::pair{"exp_avg", &m}, std::pair{"exp_avg_sq", &v}})
-      out.push_back({kind, r.param->name, DType::f32, shape_of(r.param->value), r.start, r.count,
-                     r.count ? vec->data() + r.shard_off : nullptr});
+      out.push_back({kind, r.param->name, DType::f32, r.param->global_shape, r.start, r.count,
+                     r.count ? vec->data() + r.shard_off : nullptr, r.param->box_offset,
+                     box_shape(*r.param)});
   return out;
 }
 

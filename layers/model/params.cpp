@@ -12,11 +12,29 @@ uint32_t tensor_id_of(const std::string& name) {
 }
 
 Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit init,
-                     bool weight_decay, bool trainable) {
+                     bool weight_decay, bool trainable, ParamShard shard) {
   BRAID_CHECK(find(name) == nullptr, "parameter '", name, "' registered twice");
   BRAID_CHECK(!backend_, "parameter '", name, "' registered after allocation");
-  params_.push_back(
-      Param{std::move(name), std::move(shape), init, weight_decay, trainable, {}, {}});
+  std::vector<int64_t> local = shape, offset;
+  if (shard.dim >= 0) {
+    BRAID_CHECK(shard.dim < static_cast<int>(shape.size()) && shard.parts >= 1 &&
+                    shard.index >= 0 && shard.index < shard.parts &&
+                    shape[shard.dim] % shard.parts == 0,
+                "parameter '", name, "': cannot take part ", shard.index, " of ", shard.parts,
+                " along dimension ", shard.dim, " of a ", shape.size(), "-dim tensor");
+    local[shard.dim] = shape[shard.dim] / shard.parts;
+    offset.assign(shape.size(), 0);
+    offset[shard.dim] = shard.index * local[shard.dim];
+  }
+  params_.push_back(Param{std::move(name),
+                          std::move(local),
+                          std::move(shape),
+                          std::move(offset),
+                          init,
+                          weight_decay,
+                          trainable,
+                          {},
+                          {}});
   return &params_.back();
 }
 
@@ -86,33 +104,44 @@ int64_t ParamSet::flat_offset(const Param& p) const {
 void ParamSet::initialize(uint64_t seed) {
   BRAID_CHECK(backend_, "ParamSet::initialize before allocate");
   for (Param& p : params_) {
-    const int64_t n = p.value.numel(), last = p.shape.empty() ? 1 : p.shape.back();
+    const int64_t n = p.value.numel(), last = p.global_shape.empty() ? 1 : p.global_shape.back();
     RandomSpec spec{RandomSpec::Kind::uniform, seed, tensor_id_of(p.name), 0.0f, 1.0f};
     std::vector<double> host(n);  // initial values are computed on the host, then copied
-    for (int64_t i = 0; i < n; ++i) {
+    const int nd = static_cast<int>(p.shape.size());
+    for (int64_t li = 0; li < n; ++li) {
+      // The element's index in the logical tensor.
+      int64_t i = li;
+      if (!p.box_offset.empty()) {
+        i = 0;
+        for (int d = 0; d < nd; ++d) {
+          int64_t inner = 1;
+          for (int e = d + 1; e < nd; ++e) inner *= p.shape[e];
+          i = i * p.global_shape[d] + p.box_offset[d] + li / inner % p.shape[d];
+        }
+      }
       const double u = random_value(spec, static_cast<uint64_t>(i));
       const double a = p.init.a, b = p.init.b;
       switch (p.init.kind) {
         case ParamInit::Kind::normal: {
           const RandomSpec ns{RandomSpec::Kind::normal, seed, spec.tensor_id, 0.0f, float(a)};
-          host[i] = random_value(ns, static_cast<uint64_t>(i));
+          host[li] = random_value(ns, static_cast<uint64_t>(i));
           break;
         }
         case ParamInit::Kind::uniform:
-          host[i] = a + (b - a) * u;
+          host[li] = a + (b - a) * u;
           break;
         case ParamInit::Kind::constant:
-          host[i] = a;
+          host[li] = a;
           break;
         case ParamInit::Kind::log_arange:
-          host[i] = std::log(double(1 + i % last));
+          host[li] = std::log(double(1 + i % last));
           break;
         case ParamInit::Kind::log_uniform:
-          host[i] = std::log(a + (b - a) * u);
+          host[li] = std::log(a + (b - a) * u);
           break;
         case ParamInit::Kind::dt_bias: {
           const double dt = std::max(std::exp(std::log(a) + (std::log(b) - std::log(a)) * u), 1e-4);
-          host[i] = dt + std::log(-std::expm1(-dt));
+          host[li] = dt + std::log(-std::expm1(-dt));
           break;
         }
       }

@@ -1,7 +1,9 @@
 // Parameters: every trainable (or persistent) tensor of the model, registered under its HF-style
 // name with its shape, initialisation and weight-decay flag. Values and gradients live in two
-// arenas allocated once. Initial values depend only on (seed, name, element index): the tensor id
-// is a hash of the name, so any parallel layout initialises the same logical tensor identically.
+// arenas allocated once. Initial values depend only on (seed, name, element index in the logical
+// tensor): the tensor id is a hash of the name, so any parallel layout initialises the same
+// logical tensor identically. A tensor-parallel rank holds a shard: one of `parts` equal slices
+// of the logical tensor along one dimension (a box of it, in checkpoint terms).
 #pragma once
 
 #include <cstdint>
@@ -25,9 +27,18 @@ struct ParamInit {
   double a = 0.02, b = 0.0;
 };
 
+// Which slice of the logical tensor a parameter holds: part `index` of `parts` equal slices along
+// dimension `dim` (dim -1: the whole tensor).
+struct ParamShard {
+  int dim = -1;
+  int64_t parts = 1, index = 0;
+};
+
 struct Param {
   std::string name;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;         // of what this rank holds
+  std::vector<int64_t> global_shape;  // of the logical tensor (== shape unless sharded)
+  std::vector<int64_t> box_offset;    // where the shard starts in it (empty: not sharded)
   ParamInit init;
   bool weight_decay = true;
   bool trainable = true;  // false: persistent state updated by a rule (MoE balancing bias)
@@ -37,9 +48,10 @@ struct Param {
 
 class ParamSet {
  public:
-  // Registers a parameter; the returned pointer stays valid for the ParamSet's life.
+  // Registers a parameter of logical shape `shape` (of which this rank holds `shard`); the
+  // returned pointer stays valid for the ParamSet's life.
   Param* add(std::string name, std::vector<int64_t> shape, ParamInit init, bool weight_decay,
-             bool trainable = true);
+             bool trainable = true, ParamShard shard = {});
   // Allocates value and gradient arenas (dtype for both, one layout) and binds every Param's
   // tensors; each arena's element count is a multiple of pad_elems (the data-parallel size, so
   // the flat vectors split into equal shards).

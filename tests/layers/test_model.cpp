@@ -184,5 +184,39 @@ TEST(Model, HfStyleParameterNames) {
             (std::vector<int64_t>{2 * 12 + 2 * 2 * 3 + 4, 8}));
 }
 
+// A tensor-parallel shard initialises to the slice of the logical tensor (init by logical index),
+// for a normal, a uniform and an index-dependent (log_arange) init, along either dimension.
+TEST(Params, ShardsInitialiseToSlicesOfTheLogicalTensor) {
+  auto backend = make_cpu_backend();
+  const std::vector<ParamInit> inits = {{ParamInit::Kind::normal, 0.02},
+                                        {ParamInit::Kind::uniform, -1, 1},
+                                        {ParamInit::Kind::log_arange}};
+  for (const ParamInit& init : inits)
+    for (int dim : {0, 1}) {
+      ParamSet whole, part0, part1;
+      whole.add("w", {6, 4}, init, true);
+      part0.add("w", {6, 4}, init, true, true, {dim, 2, 0});
+      part1.add("w", {6, 4}, init, true, true, {dim, 2, 1});
+      for (ParamSet* ps : {&whole, &part0, &part1}) {
+        ps->allocate(*backend, DType::f32);
+        ps->initialize(7);
+      }
+      const Param& p1 = part1.all().front();
+      EXPECT_EQ(p1.shape, dim == 0 ? (std::vector<int64_t>{3, 4}) : (std::vector<int64_t>{6, 2}));
+      EXPECT_EQ(p1.global_shape, (std::vector<int64_t>{6, 4}));
+      EXPECT_EQ(p1.box_offset,
+                dim == 0 ? (std::vector<int64_t>{3, 0}) : (std::vector<int64_t>{0, 2}));
+      const float* w = whole.all().front().value.ptr<float>();
+      for (const ParamSet* ps : {&part0, &part1}) {
+        const Param& p = ps->all().front();
+        for (int64_t r = 0; r < p.shape[0]; ++r)
+          for (int64_t c = 0; c < p.shape[1]; ++c)
+            EXPECT_EQ(p.value.ptr<float>()[r * p.shape[1] + c],
+                      w[(r + p.box_offset[0]) * 4 + c + p.box_offset[1]])
+                << "dim " << dim << " element " << r << "," << c;
+      }
+    }
+}
+
 }  // namespace
 }  // namespace braid
