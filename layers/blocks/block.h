@@ -9,6 +9,7 @@
 #include <string>
 
 #include "layers/model/params.h"
+#include "parallel/communicator.h"
 #include "runtime/arena.h"
 
 namespace braid {
@@ -33,6 +34,25 @@ class Block {
   virtual double aux_loss() const { return 0.0; }
   // Model FLOPs of forward + backward per token (matmuls and the sequence mixer).
   virtual double flops_per_token(int64_t seq) const = 0;
+};
+
+// The tensor-parallel group a block is split over (no group: size 1), as Megatron-LM's column /
+// row parallel pairs: a column-parallel weight holds a slice of the output features (rows), the
+// row-parallel weight after it the matching slice of its input features (columns); the partial
+// outputs of the row-parallel one are summed over the group in forward, and the partial input
+// gradients of the column-parallel one in backward. Activations outside the pair are replicated.
+struct TensorParallel {
+  Communicator* group = nullptr;
+  int size() const { return group ? group->size() : 1; }
+  int rank() const { return group ? group->rank() : 0; }
+  // This rank's slice of a weight split along dimension dim (whole when size 1).
+  ParamShard shard(int dim) const {
+    return size() > 1 ? ParamShard{dim, size(), rank()} : ParamShard{};
+  }
+  // t = sum over the group of t (in place).
+  void sum(const Tensor& t) const {
+    if (size() > 1) group->all_reduce(t, ReduceOp::sum);
+  }
 };
 
 // Parameter name helper: prefix + "." + leaf.

@@ -7,18 +7,20 @@
 namespace braid {
 
 MlpBlock::MlpBlock(const MlpConfig& cfg, ParamSet& ps, const std::string& prefix, double init_std,
-                   double out_std)
-    : cfg_(cfg) {
+                   double out_std, const TensorParallel& tp)
+    : cfg_(cfg), tp_(tp), ffn_(cfg.ffn / tp.size()) {
   const int64_t d = cfg.d_model, f = cfg.ffn;
-  gate_ =
-      ps.add(pname(prefix, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true);
-  up_ = ps.add(pname(prefix, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true);
-  down_ =
-      ps.add(pname(prefix, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true);
+  BRAID_CHECK(f % tp.size() == 0, "mlp.ffn = ", f, " is not divisible by tp = ", tp.size());
+  gate_ = ps.add(pname(prefix, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std},
+                 true, true, tp.shard(0));
+  up_ = ps.add(pname(prefix, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true,
+               true, tp.shard(0));
+  down_ = ps.add(pname(prefix, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std},
+                 true, true, tp.shard(1));
 }
 
 void MlpBlock::plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) {
-  const int64_t m = batch * seq, f = cfg_.ffn;
+  const int64_t m = batch * seq, f = ffn_;
   const DType t = gate_->value.dtype;
   a_ = saved.take("mlp.gate_act", t, {m, f});
   b_ = saved.take("mlp.up_act", t, {m, f});
@@ -36,6 +38,7 @@ void MlpBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta&) {
   linear_forward(x2, up_->value, nullptr, b_);
   swiglu_forward(a_, b_, h_);
   linear_forward(h_, down_->value, nullptr, y2);
+  tp_.sum(y2);
 }
 
 void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta&) {
@@ -46,6 +49,7 @@ void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, con
   linear_backward(x2, gate_->value, da_, &dx2, gate_->grad, nullptr);
   linear_backward(x2, up_->value, db_, &dx2_, up_->grad, nullptr);
   add_into(dx2, dx2_);
+  tp_.sum(dx2);
 }
 
 }  // namespace braid

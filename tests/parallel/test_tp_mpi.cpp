@@ -1,0 +1,184 @@
+// Tensor-parallel blocks (under mpirun with P ranks, tp = P): a block split over the ranks against
+// the same block whole on one rank, on the same inputs and initial weights: the forward output,
+// the input gradient, and every parameter gradient (this rank's slice of it).
+// Tolerance (DESIGN: at most 2x the error of a naive same-precision implementation, against
+// fp64): the whole block runs in f64 (the truth) and in f32 (the naive error); the split block
+// (f32) sums P partial products where the whole one sums once, which reorders the rounding but
+// does not grow it, so its error against f64 must be at most twice the naive one, plus 1e-6 of
+// the scale. Also: the outputs every rank holds (replicated) are bit-identical across ranks.
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "layers/blocks/mlp.h"
+#include "parallel/communicator.h"
+#include "runtime/backend.h"
+
+namespace {
+
+using namespace braid;
+
+// One block with its parameters and memory.
+struct Instance {
+  ParamSet params;
+  std::unique_ptr<Block> block;
+  Arena saved, scratch;
+};
+
+using MakeBlock = std::function<std::unique_ptr<Block>(ParamSet&, const TensorParallel&)>;
+
+std::unique_ptr<Instance> build(const MakeBlock& make, const TensorParallel& tp, DType dtype,
+                                Backend& backend, int64_t b, int64_t t) {
+  auto in = std::make_unique<Instance>();
+  in->block = make(in->params, tp);
+  in->params.allocate(backend, dtype);
+  in->params.initialize(11);
+  Arena sv = Arena::measuring("saved", Device::cpu), sc = Arena::measuring("scratch", Device::cpu);
+  in->block->plan(sv, sc, b, t);
+  in->saved = Arena::allocate("saved", backend, sv.high_water());
+  in->scratch = Arena::allocate("scratch", backend, sc.high_water());
+  in->block->plan(in->saved, in->scratch, b, t);
+  return in;
+}
+
+// Host storage viewed as a tensor of dtype.
+struct Buffer {
+  std::vector<double> storage;
+  Tensor t;
+  Buffer(DType dtype, std::vector<int64_t> shape, const std::vector<double>& values) {
+    storage.resize(values.size());
+    t = Tensor::contiguous_view(storage.data(), dtype, Device::cpu, shape, "buffer");
+    for (size_t i = 0; i < values.size(); ++i)
+      if (dtype == DType::f64)
+        t.ptr<double>()[i] = values[i];
+      else
+        t.ptr<float>()[i] = float(values[i]);
+  }
+};
+
+std::vector<double> values_of(const Tensor& t) {
+  std::vector<double> v(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i)
+    v[i] = t.dtype == DType::f64 ? t.ptr<double>()[i] : double(t.ptr<float>()[i]);
+  return v;
+}
+
+// The elements of a whole tensor (values of its logical shape) that a shard holds, in order.
+std::vector<double> slice_of(const std::vector<double>& whole, const Param& shard) {
+  if (shard.box_offset.empty()) return whole;
+  std::vector<double> out;
+  const int64_t rows = shard.shape[0], cols = shard.shape.size() > 1 ? shard.shape[1] : 1;
+  const int64_t gcols = shard.global_shape.size() > 1 ? shard.global_shape[1] : 1;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out.push_back(whole[(r + shard.box_offset[0]) * gcols + c +
+                          (shard.box_offset.size() > 1 ? shard.box_offset[1] : 0)]);
+  return out;
+}
+
+double max_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double e = 0;
+  for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]));
+  return e;
+}
+double max_abs(const std::vector<double>& a) {
+  double e = 0;
+  for (double x : a) e = std::max(e, std::fabs(x));
+  return e;
+}
+
+int failures = 0;
+void expect_close(const std::string& what, const std::vector<double>& got,
+                  const std::vector<double>& naive, const std::vector<double>& truth, int rank) {
+  const double tol = 2 * max_err(naive, truth) + 1e-6 * max_abs(truth);
+  const double err = max_err(got, truth);
+  if (!(err <= tol)) {
+    std::fprintf(stderr, "rank %d: %s: error %.3g > tolerance %.3g (naive error %.3g)\n", rank,
+                 what.c_str(), err, tol, max_err(naive, truth));
+    ++failures;
+  }
+}
+
+// Runs block `name` whole (f64, f32) and split over the world; checks as described above.
+void check_block(const std::string& name, const MakeBlock& make, int64_t d, Communicator& world,
+                 Backend& backend) {
+  const int64_t b = 2, t = 5;
+  const int rank = world.rank();
+  std::vector<double> x(b * t * d), dy(b * t * d);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = std::sin(0.37 * double(i) + 0.1);
+    dy[i] = std::cos(0.53 * double(i) + 0.2);
+  }
+  struct Result {
+    std::unique_ptr<Instance> inst;
+    std::vector<double> y, dx;
+  };
+  auto run = [&](DType dtype, const TensorParallel& tp) {
+    Result r;
+    r.inst = build(make, tp, dtype, backend, b, t);
+    Buffer xb(dtype, {b, t, d}, x), dyb(dtype, {b, t, d}, dy), yb(dtype, {b, t, d}, x),
+        dxb(dtype, {b, t, d}, x);
+    r.inst->params.zero_grads();
+    const BatchMeta meta;
+    r.inst->block->forward(xb.t, yb.t, meta);
+    r.inst->block->backward(xb.t, dyb.t, dxb.t, meta);
+    r.y = values_of(yb.t), r.dx = values_of(dxb.t);
+    return r;
+  };
+  const Result truth = run(DType::f64, {}), naive = run(DType::f32, {}),
+               split = run(DType::f32, {&world});
+  expect_close(name + " y", split.y, naive.y, truth.y, rank);
+  expect_close(name + " dx", split.dx, naive.dx, truth.dx, rank);
+  for (const Param& p : split.inst->params.all()) {
+    const Param* tw = truth.inst->params.find(p.name);
+    const Param* nw = naive.inst->params.find(p.name);
+    if (!p.trainable) continue;
+    expect_close(name + " grad " + p.name, values_of(p.grad), slice_of(values_of(nw->grad), p),
+                 slice_of(values_of(tw->grad), p), rank);
+  }
+  // Replicated outputs: bit-identical on every rank.
+  for (const auto* v : {&split.y, &split.dx}) {
+    std::vector<double> all(v->size() * world.size());
+    std::vector<double> mine = *v;
+    world.all_gather(
+        Tensor::contiguous_view(mine.data(), DType::f64, Device::cpu, {int64_t(mine.size())},
+                                "mine"),
+        Tensor::contiguous_view(all.data(), DType::f64, Device::cpu, {int64_t(all.size())}, "all"));
+    for (int q = 1; q < world.size(); ++q)
+      for (size_t i = 0; i < v->size(); ++i)
+        if (all[q * v->size() + i] != all[i]) {
+          std::fprintf(stderr, "rank %d: %s: rank %d's replicated output differs from rank 0's\n",
+                       rank, name.c_str(), q);
+          ++failures;
+          i = v->size();
+        }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MpiSession mpi(&argc, &argv);
+  auto world = make_mpi_world(comm_timeout_from_env(120));
+  try {
+    auto backend = make_cpu_backend();
+    const int64_t d = 12;
+    check_block(
+        "mlp",
+        [&](ParamSet& ps, const TensorParallel& tp) {
+          return std::make_unique<MlpBlock>(MlpConfig{d, 24}, ps, "mlp", 0.3, 0.2, tp);
+        },
+        d, *world, *backend);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
+    ++failures;
+  }
+  int64_t total = failures;
+  world->all_reduce(Tensor::contiguous_view(&total, DType::i64, Device::cpu, {1}, "failures"),
+                    ReduceOp::sum);
+  if (world->rank() == 0) std::printf("%s: %lld failures\n", argv[0], (long long)total);
+  return total == 0 ? 0 : 1;
+}
