@@ -10,19 +10,23 @@
 namespace braid {
 
 AttentionBlock::AttentionBlock(const AttentionConfig& cfg, ParamSet& ps, const std::string& p,
-                               double init_std, double out_std)
-    : cfg_(cfg) {
+                               double init_std, double out_std, const TensorParallel& tp)
+    : cfg_(cfg), tp_(tp), h_(cfg.heads / tp.size()), hk_(cfg.kv_heads / tp.size()) {
+  BRAID_CHECK(cfg.heads % tp.size() == 0 && cfg.kv_heads % tp.size() == 0,
+              "attention: tp = ", tp.size(), " must divide heads = ", cfg.heads,
+              " and kv_heads = ", cfg.kv_heads);
   const int64_t d = cfg.d_model, hp = cfg.heads * cfg.head_dim, kp = cfg.kv_heads * cfg.head_dim;
-  q_ = ps.add(pname(p, "q_proj.weight"), {hp, d}, {ParamInit::Kind::normal, init_std}, true);
-  k_ = ps.add(pname(p, "k_proj.weight"), {kp, d}, {ParamInit::Kind::normal, init_std}, true);
-  v_ = ps.add(pname(p, "v_proj.weight"), {kp, d}, {ParamInit::Kind::normal, init_std}, true);
-  o_ = ps.add(pname(p, "o_proj.weight"), {d, hp}, {ParamInit::Kind::normal, out_std}, true);
+  const ParamInit in{ParamInit::Kind::normal, init_std}, out{ParamInit::Kind::normal, out_std};
+  q_ = ps.add(pname(p, "q_proj.weight"), {hp, d}, in, true, true, tp.shard(0));
+  k_ = ps.add(pname(p, "k_proj.weight"), {kp, d}, in, true, true, tp.shard(0));
+  v_ = ps.add(pname(p, "v_proj.weight"), {kp, d}, in, true, true, tp.shard(0));
+  o_ = ps.add(pname(p, "o_proj.weight"), {d, hp}, out, true, true, tp.shard(1));
 }
 
 void AttentionBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   b_ = batch, t_ = seq;
   const DType t = q_->value.dtype;
-  const int64_t h = cfg_.heads, hk = cfg_.kv_heads, p = cfg_.head_dim;
+  const int64_t h = h_, hk = hk_, p = cfg_.head_dim;
   qt_ = sv.take("attn.q", t, {batch, seq, h, p});
   kt_ = sv.take("attn.k", t, {batch, seq, hk, p});
   vt_ = sv.take("attn.v", t, {batch, seq, hk, p});
@@ -36,7 +40,7 @@ void AttentionBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
 }
 
 void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
-  const int64_t m = b_ * t_, h = cfg_.heads, hk = cfg_.kv_heads, p = cfg_.head_dim;
+  const int64_t m = b_ * t_, h = h_, hk = hk_, p = cfg_.head_dim;
   const Tensor x2 = x.reshape({m, cfg_.d_model});
   linear_forward(x2, q_->value, nullptr, qt_.reshape({m, h * p}));
   linear_forward(x2, k_->value, nullptr, kt_.reshape({m, hk * p}));
@@ -48,11 +52,12 @@ void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& 
   }
   attention_forward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_);
   linear_forward(ot_.reshape({m, h * p}), o_->value, nullptr, y.reshape({m, cfg_.d_model}));
+  tp_.sum(y);
 }
 
 void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                               const BatchMeta& meta) {
-  const int64_t m = b_ * t_, h = cfg_.heads, hk = cfg_.kv_heads, p = cfg_.head_dim;
+  const int64_t m = b_ * t_, h = h_, hk = hk_, p = cfg_.head_dim;
   const Tensor do2 = do_.reshape({m, h * p});
   linear_backward(ot_.reshape({m, h * p}), o_->value, dy.reshape({m, cfg_.d_model}), &do2, o_->grad,
                   nullptr);
@@ -68,6 +73,7 @@ void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& d
   add_into(dx2, dx_tmp_);
   linear_backward(x2, v_->value, dv_.reshape({m, hk * p}), &dx_tmp_, v_->grad, nullptr);
   add_into(dx2, dx_tmp_);
+  tp_.sum(dx2);
 }
 
 double AttentionBlock::flops_per_token(int64_t seq) const {

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "layers/blocks/attention_block.h"
 #include "layers/blocks/mlp.h"
 #include "parallel/communicator.h"
 #include "runtime/backend.h"
@@ -107,6 +108,12 @@ void check_block(const std::string& name, const MakeBlock& make, int64_t d, Comm
                  Backend& backend) {
   const int64_t b = 2, t = 5;
   const int rank = world.rank();
+  // Two documents in the first row, one in the second.
+  std::vector<int32_t> seq = {0, 0, 0, 1, 1, 0, 0, 0, 0, 0}, pos = {0, 1, 2, 0, 1, 0, 1, 2, 3, 4};
+  const Tensor seq_t = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "seq"),
+               pos_t = Tensor::contiguous_view(pos.data(), DType::i32, Device::cpu, {b, t}, "pos");
+  BatchMeta meta;
+  meta.seq_idx = &seq_t, meta.positions = &pos_t;
   std::vector<double> x(b * t * d), dy(b * t * d);
   for (size_t i = 0; i < x.size(); ++i) {
     x[i] = std::sin(0.37 * double(i) + 0.1);
@@ -122,7 +129,6 @@ void check_block(const std::string& name, const MakeBlock& make, int64_t d, Comm
     Buffer xb(dtype, {b, t, d}, x), dyb(dtype, {b, t, d}, dy), yb(dtype, {b, t, d}, x),
         dxb(dtype, {b, t, d}, x);
     r.inst->params.zero_grads();
-    const BatchMeta meta;
     r.inst->block->forward(xb.t, yb.t, meta);
     r.inst->block->backward(xb.t, dyb.t, dxb.t, meta);
     r.y = values_of(yb.t), r.dx = values_of(dxb.t);
@@ -170,6 +176,13 @@ int main(int argc, char** argv) {
         "mlp",
         [&](ParamSet& ps, const TensorParallel& tp) {
           return std::make_unique<MlpBlock>(MlpConfig{d, 24}, ps, "mlp", 0.3, 0.2, tp);
+        },
+        d, *world, *backend);
+    check_block(
+        "attention",
+        [&](ParamSet& ps, const TensorParallel& tp) {
+          return std::make_unique<AttentionBlock>(AttentionConfig{d, 8, 4, 2, true, 10000.0}, ps,
+                                                  "attn", 0.3, 0.2, tp);
         },
         d, *world, *backend);
   } catch (const std::exception& e) {
