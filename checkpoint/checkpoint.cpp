@@ -94,9 +94,23 @@ std::vector<Zero1Run> zero1_runs(const ParamSet& params, const Zero1AdamW& opt) 
   return out;
 }
 
-// The box a parameter holds of its logical tensor, as a checkpoint piece names it (empty: all).
-std::vector<int64_t> box_shape(const Param& p) {
-  return p.box_offset.empty() ? std::vector<int64_t>{} : p.shape;
+// A parameter's run [start, start + count) of its local elements as pieces of its logical
+// tensor: one per box the run meets (no box: the whole tensor), each with where its elements
+// start in the run (at). A run of no elements still names the tensor.
+struct BoxRun {
+  std::vector<int64_t> off, ext;
+  int64_t start, count, at;
+};
+std::vector<BoxRun> box_runs(const Param& p, int64_t start, int64_t count) {
+  if (p.boxes.empty()) return {{{}, {}, start, count, 0}};
+  if (count == 0) return {{p.boxes[0].offset, p.boxes[0].shape, 0, 0, 0}};
+  std::vector<BoxRun> out;
+  for (const ParamBox& b : p.boxes) {
+    const int64_t lo = std::max(start, b.local_start),
+                  hi = std::min(start + count, b.local_start + b.numel());
+    if (lo < hi) out.push_back({b.offset, b.shape, lo - b.local_start, hi - lo, lo - start});
+  }
+  return out;
 }
 
 // A part of a tensor: elements [start, start + count) of the row-major flattening of a box
@@ -270,7 +284,7 @@ SaveFaults& save_faults() {
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt) {
   std::vector<CheckpointTensor> out;
   for (const Param& p : params.all()) {
-    BRAID_CHECK(p.box_offset.empty(), "training_state: parameter ", p.name,
+    BRAID_CHECK(p.boxes.empty(), "training_state: parameter ", p.name,
                 " is a tensor-parallel shard; a sharded run saves pieces (zero1_pieces)");
     out.push_back({"param", p.name, p.value});
   }
@@ -329,16 +343,19 @@ std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1Ada
   std::vector<CheckpointPiece> out;
   if (with_params)
     for (const Param& p : params.all())
-      out.push_back({"param", p.name, p.value.dtype, p.global_shape, 0, p.value.numel(),
-                     p.value.data, p.box_offset, box_shape(p)});
+      for (const BoxRun& b : box_runs(p, 0, p.value.numel()))
+        out.push_back({"param", p.name, p.value.dtype, p.global_shape, b.start, b.count,
+                       static_cast<const char*>(p.value.data) + b.at * dtype_size(p.value.dtype),
+                       b.off, b.ext});
   for (const Zero1Run& r : zero1_runs(params, opt)) {
     if (r.count == 0) continue;
     const Param& p = *r.param;
     for (auto [kind, vec] :
          {std::pair{"master", &opt.shard_master()}, std::pair{"exp_avg", &opt.shard_exp_avg()},
           std::pair{"exp_avg_sq", &opt.shard_exp_avg_sq()}})
-      out.push_back({kind, p.name, DType::f32, p.global_shape, r.start, r.count,
-                     vec->data() + r.shard_off, p.box_offset, box_shape(p)});
+      for (const BoxRun& b : box_runs(p, r.start, r.count))
+        out.push_back({kind, p.name, DType::f32, p.global_shape, b.start, b.count,
+                       vec->data() + r.shard_off + b.at, b.off, b.ext});
   }
   return out;
 }
@@ -856,14 +873,16 @@ std::vector<CheckpointRead> zero1_reads(ParamSet& params, const Zero1AdamW& opt,
   v.assign(opt.shard_size(), 0.f);
   std::vector<CheckpointRead> out;
   for (Param& p : params.all())
-    out.push_back({"param", p.name, p.value.dtype, p.global_shape, 0, p.value.numel(), p.value.data,
-                   p.box_offset, box_shape(p)});
+    for (const BoxRun& b : box_runs(p, 0, p.value.numel()))
+      out.push_back({"param", p.name, p.value.dtype, p.global_shape, b.start, b.count,
+                     static_cast<char*>(p.value.data) + b.at * dtype_size(p.value.dtype), b.off,
+                     b.ext});
   for (const Zero1Run& r : zero1_runs(params, opt))
     for (auto [kind, vec] :
          {std::pair{"master", &master}, std::pair{"exp_avg", &m}, std::pair{"exp_avg_sq", &v}})
-      out.push_back({kind, r.param->name, DType::f32, r.param->global_shape, r.start, r.count,
-                     r.count ? vec->data() + r.shard_off : nullptr, r.param->box_offset,
-                     box_shape(*r.param)});
+      for (const BoxRun& b : box_runs(*r.param, r.start, r.count))
+        out.push_back({kind, r.param->name, DType::f32, r.param->global_shape, b.start, b.count,
+                       r.count ? vec->data() + r.shard_off + b.at : nullptr, b.off, b.ext});
   return out;
 }
 

@@ -15,21 +15,34 @@ Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit ini
                      bool weight_decay, bool trainable, ParamShard shard) {
   BRAID_CHECK(find(name) == nullptr, "parameter '", name, "' registered twice");
   BRAID_CHECK(!backend_, "parameter '", name, "' registered after allocation");
-  std::vector<int64_t> local = shape, offset;
+  std::vector<int64_t> local = shape;
+  std::vector<ParamBox> boxes;
   if (shard.dim >= 0) {
-    BRAID_CHECK(shard.dim < static_cast<int>(shape.size()) && shard.parts >= 1 &&
-                    shard.index >= 0 && shard.index < shard.parts &&
-                    shape[shard.dim] % shard.parts == 0,
-                "parameter '", name, "': cannot take part ", shard.index, " of ", shard.parts,
-                " along dimension ", shard.dim, " of a ", shape.size(), "-dim tensor");
+    std::vector<int64_t> segs = shard.segments;
+    if (segs.empty()) segs = {shard.dim < static_cast<int>(shape.size()) ? shape[shard.dim] : 0};
+    int64_t total = 0;
+    bool ok = shard.dim < static_cast<int>(shape.size()) && shard.parts >= 1 && shard.index >= 0 &&
+              shard.index < shard.parts && (segs.size() == 1 || shard.dim == 0);
+    for (int64_t g : segs) ok = ok && g % shard.parts == 0, total += g;
+    BRAID_CHECK(ok && total == shape[shard.dim], "parameter '", name, "': cannot take part ",
+                shard.index, " of ", shard.parts, " of every segment along dimension ", shard.dim,
+                " of a ", shape.size(), "-dim tensor");
     local[shard.dim] = shape[shard.dim] / shard.parts;
-    offset.assign(shape.size(), 0);
-    offset[shard.dim] = shard.index * local[shard.dim];
+    int64_t inner = 1;  // elements per index along dim in the local tensor
+    for (size_t d = shard.dim + 1; d < shape.size(); ++d) inner *= shape[d];
+    int64_t global0 = 0, local0 = 0;
+    for (int64_t g : segs) {
+      ParamBox b{std::vector<int64_t>(shape.size(), 0), local, local0 * inner};
+      b.offset[shard.dim] = global0 + shard.index * (g / shard.parts);
+      b.shape[shard.dim] = g / shard.parts;
+      boxes.push_back(std::move(b));
+      global0 += g, local0 += g / shard.parts;
+    }
   }
   params_.push_back(Param{std::move(name),
                           std::move(local),
                           std::move(shape),
-                          std::move(offset),
+                          std::move(boxes),
                           init,
                           weight_decay,
                           trainable,
@@ -107,18 +120,21 @@ void ParamSet::initialize(uint64_t seed) {
     const int64_t n = p.value.numel(), last = p.global_shape.empty() ? 1 : p.global_shape.back();
     RandomSpec spec{RandomSpec::Kind::uniform, seed, tensor_id_of(p.name), 0.0f, 1.0f};
     std::vector<double> host(n);  // initial values are computed on the host, then copied
-    const int nd = static_cast<int>(p.shape.size());
-    for (int64_t li = 0; li < n; ++li) {
-      // The element's index in the logical tensor.
-      int64_t i = li;
-      if (!p.box_offset.empty()) {
-        i = 0;
-        for (int d = 0; d < nd; ++d) {
-          int64_t inner = 1;
-          for (int e = d + 1; e < nd; ++e) inner *= p.shape[e];
-          i = i * p.global_shape[d] + p.box_offset[d] + li / inner % p.shape[d];
+    // The logical index of every element held: box by box (row-major within a box).
+    std::vector<int64_t> logical(n);
+    if (p.boxes.empty())
+      for (int64_t li = 0; li < n; ++li) logical[li] = li;
+    for (const ParamBox& b : p.boxes)
+      for (int64_t k = 0; k < b.numel(); ++k) {
+        int64_t i = 0, inner = b.numel();
+        for (size_t d = 0; d < b.shape.size(); ++d) {
+          inner /= b.shape[d];
+          i = i * p.global_shape[d] + b.offset[d] + k / inner % b.shape[d];
         }
+        logical[b.local_start + k] = i;
       }
+    for (int64_t li = 0; li < n; ++li) {
+      const int64_t i = logical[li];
       const double u = random_value(spec, static_cast<uint64_t>(i));
       const double a = p.init.a, b = p.init.b;
       switch (p.init.kind) {

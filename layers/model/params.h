@@ -28,17 +28,32 @@ struct ParamInit {
 };
 
 // Which slice of the logical tensor a parameter holds: part `index` of `parts` equal slices along
-// dimension `dim` (dim -1: the whole tensor).
+// dimension `dim` (dim -1: the whole tensor). A fused weight packs segments along dimension 0
+// (Mamba's in_proj rows [z | x | B | C | dt]): `segments` lists their sizes, each is split in
+// `parts`, and the rank holds its part of every segment, in order (empty: one segment).
 struct ParamShard {
   int dim = -1;
   int64_t parts = 1, index = 0;
+  std::vector<int64_t> segments = {};
+};
+
+// A box of the logical tensor that a rank holds: its offset and shape per dimension, and where
+// its row-major elements start in the rank's tensor (they are consecutive there).
+struct ParamBox {
+  std::vector<int64_t> offset, shape;
+  int64_t local_start = 0;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t x : shape) n *= x;
+    return n;
+  }
 };
 
 struct Param {
   std::string name;
   std::vector<int64_t> shape;         // of what this rank holds
   std::vector<int64_t> global_shape;  // of the logical tensor (== shape unless sharded)
-  std::vector<int64_t> box_offset;    // where the shard starts in it (empty: not sharded)
+  std::vector<ParamBox> boxes;        // the boxes of it held (empty: the whole tensor)
   ParamInit init;
   bool weight_decay = true;
   bool trainable = true;  // false: persistent state updated by a rule (MoE balancing bias)

@@ -204,7 +204,8 @@ TEST(Params, ShardsInitialiseToSlicesOfTheLogicalTensor) {
       const Param& p1 = part1.all().front();
       EXPECT_EQ(p1.shape, dim == 0 ? (std::vector<int64_t>{3, 4}) : (std::vector<int64_t>{6, 2}));
       EXPECT_EQ(p1.global_shape, (std::vector<int64_t>{6, 4}));
-      EXPECT_EQ(p1.box_offset,
+      ASSERT_EQ(p1.boxes.size(), 1u);
+      EXPECT_EQ(p1.boxes[0].offset,
                 dim == 0 ? (std::vector<int64_t>{3, 0}) : (std::vector<int64_t>{0, 2}));
       const float* w = whole.all().front().value.ptr<float>();
       for (const ParamSet* ps : {&part0, &part1}) {
@@ -212,7 +213,7 @@ TEST(Params, ShardsInitialiseToSlicesOfTheLogicalTensor) {
         for (int64_t r = 0; r < p.shape[0]; ++r)
           for (int64_t c = 0; c < p.shape[1]; ++c)
             EXPECT_EQ(p.value.ptr<float>()[r * p.shape[1] + c],
-                      w[(r + p.box_offset[0]) * 4 + c + p.box_offset[1]])
+                      w[(r + p.boxes[0].offset[0]) * 4 + c + p.boxes[0].offset[1]])
                 << "dim " << dim << " element " << r << "," << c;
       }
     }

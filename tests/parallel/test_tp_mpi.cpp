@@ -69,14 +69,17 @@ std::vector<double> values_of(const Tensor& t) {
 
 // The elements of a whole tensor (values of its logical shape) that a shard holds, in order.
 std::vector<double> slice_of(const std::vector<double>& whole, const Param& shard) {
-  if (shard.box_offset.empty()) return whole;
-  std::vector<double> out;
-  const int64_t rows = shard.shape[0], cols = shard.shape.size() > 1 ? shard.shape[1] : 1;
-  const int64_t gcols = shard.global_shape.size() > 1 ? shard.global_shape[1] : 1;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      out.push_back(whole[(r + shard.box_offset[0]) * gcols + c +
-                          (shard.box_offset.size() > 1 ? shard.box_offset[1] : 0)]);
+  if (shard.boxes.empty()) return whole;
+  std::vector<double> out(shard.value.numel());
+  for (const ParamBox& b : shard.boxes)
+    for (int64_t k = 0; k < b.numel(); ++k) {
+      int64_t i = 0, inner = b.numel();
+      for (size_t d = 0; d < b.shape.size(); ++d) {
+        inner /= b.shape[d];
+        i = i * shard.global_shape[d] + b.offset[d] + k / inner % b.shape[d];
+      }
+      out[b.local_start + k] = whole[i];
+    }
   return out;
 }
 
