@@ -10,27 +10,42 @@
 
 namespace braid {
 
+namespace {
+Mamba1Config local_part(Mamba1Config c, const TensorParallel& tp) {
+  BRAID_CHECK(c.d_inner % tp.size() == 0 && (tp.size() == 1 || c.groups == 1),
+              "mamba1: tp = ", tp.size(), " must divide d_inner = ", c.d_inner,
+              " (and tensor parallelism needs groups = 1; got ", c.groups, ")");
+  c.d_inner /= tp.size();
+  return c;
+}
+}  // namespace
+
 Mamba1Mixer::Mamba1Mixer(const Mamba1Config& cfg, ParamSet& ps, const std::string& p,
-                         double init_std, double out_std)
-    : cfg_(cfg) {
+                         double init_std, double out_std, const TensorParallel& tp)
+    : global_(cfg), cfg_(local_part(cfg, tp)), tp_(tp) {
+  // Registered in logical (whole-mixer) sizes; the shards hold this rank's channels.
   const int64_t d = cfg.d_model, c = cfg.d_inner, n = cfg.d_state, r = cfg.dt_rank, g = cfg.groups;
   const double conv_bound = 1.0 / std::sqrt(double(cfg.d_conv));  // PyTorch Conv1d default
-  in_proj_ =
-      ps.add(pname(p, "in_proj.weight"), {2 * c, d}, {ParamInit::Kind::normal, init_std}, true);
+  const ParamShard rows = tp.shard(0), cols = tp.shard(1);
+  const ParamShard halves =
+      tp.size() > 1 ? ParamShard{0, tp.size(), tp.rank(), {c, c}} : ParamShard{};
+  in_proj_ = ps.add(pname(p, "in_proj.weight"), {2 * c, d}, {ParamInit::Kind::normal, init_std},
+                    true, true, halves);
   conv_w_ = ps.add(pname(p, "conv1d.weight"), {c, cfg.d_conv},
-                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true);
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true, true, rows);
   conv_b_ = ps.add(pname(p, "conv1d.bias"), {c},
-                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false);
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false, true, rows);
   x_proj_ = ps.add(pname(p, "x_proj.weight"), {r + 2 * g * n, c},
-                   {ParamInit::Kind::normal, init_std}, true);
+                   {ParamInit::Kind::normal, init_std}, true, true, cols);
   const double dt_std = 1.0 / std::sqrt(double(r));  // HF: dt_init_std = dt_rank^-0.5 * dt_scale
-  dt_w_ =
-      ps.add(pname(p, "dt_proj.weight"), {c, r}, {ParamInit::Kind::uniform, -dt_std, dt_std}, true);
+  dt_w_ = ps.add(pname(p, "dt_proj.weight"), {c, r}, {ParamInit::Kind::uniform, -dt_std, dt_std},
+                 true, true, rows);
   dt_b_ = ps.add(pname(p, "dt_proj.bias"), {c}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max},
-                 false);
-  a_log_ = ps.add(pname(p, "A_log"), {c, n}, {ParamInit::Kind::log_arange}, false);
-  d_ = ps.add(pname(p, "D"), {c}, {ParamInit::Kind::constant, 1.0}, false);
-  out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true);
+                 false, true, rows);
+  a_log_ = ps.add(pname(p, "A_log"), {c, n}, {ParamInit::Kind::log_arange}, false, true, rows);
+  d_ = ps.add(pname(p, "D"), {c}, {ParamInit::Kind::constant, 1.0}, false, true, rows);
+  out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true,
+                     true, cols);
   if (cfg.dt_bc_norm) {
     dt_norm_ =
         ps.add(pname(p, "dt_layernorm.weight"), {r}, {ParamInit::Kind::constant, 1.0}, false);
@@ -108,6 +123,7 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   linear_forward(xc_, wx.slice(0, 0, r), nullptr, dtr_);
   linear_forward(xc_, wx.slice(0, r, g * n), nullptr, bp_);
   linear_forward(xc_, wx.slice(0, r + g * n, g * n), nullptr, cp_);
+  for (const Tensor* t : {&dtr_, &bp_, &cp_}) tp_.sum(*t);  // the x_proj reduction
   if (cfg_.dt_bc_norm) {
     rmsnorm_forward(dtr_, dt_norm_->value, cfg_.norm_eps, dtn_, rs_dt_);
     rmsnorm_forward(bp_.reshape({m * g, n}), b_norm_->value, cfg_.norm_eps, bn_.reshape({m * g, n}),
@@ -119,6 +135,7 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   neg_exp(a_log_->value, a_);
   selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, &ws_);
   linear_forward(y_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
+  tp_.sum(y);
 }
 
 void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -137,6 +154,8 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
       {&dxc3, &ddelta3, &da_, &db4, &dc4, &d_->grad, &dz3, &dt_b_->grad, nullptr}, ws_);
   neg_exp_backward(a_, da_, a_log_->grad);
   linear_backward(dtn_, dt_w_->value, ddelta_, &ddtn_, dt_w_->grad, nullptr);
+  // [dtr | Bp | Cp] was used whole by every rank: its gradient is the sum over the group.
+  for (const Tensor* t : {&ddtn_, &dbn_, &dcn_}) tp_.sum(*t);
   if (cfg_.dt_bc_norm) {
     rmsnorm_backward(dtr_, dt_norm_->value, rs_dt_, ddtn_, ddtr_, dt_norm_->grad);
     rmsnorm_backward(bp_.reshape({m * g, n}), b_norm_->value, rs_b_, dbn_.reshape({m * g, n}),
@@ -163,15 +182,16 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   linear_backward(x2, w_in.slice(0, 0, c), dxs_, &dx2, g_in.slice(0, 0, c), nullptr);
   linear_backward(x2, w_in.slice(0, c, c), dz_, &dx_tmp_, g_in.slice(0, c, c), nullptr);
   add_into(dx2, dx_tmp_);
+  tp_.sum(dx2);
 }
 
 double Mamba1Mixer::flops_per_token(int64_t) const {
-  const double d = cfg_.d_model, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank,
-               g = cfg_.groups;
+  const double d = global_.d_model, c = global_.d_inner, n = global_.d_state, r = global_.dt_rank,
+               g = global_.groups;
   const double matmul = 2 * c * d + c * (r + 2 * g * n) + c * r + d * c;  // MACs per token
   // Scan: forward ~6 FLOPs per (channel, state) and token (decay, update, readout), backward 2x.
   const double scan = 18 * c * n;
-  return 6 * matmul + scan + 6 * c * cfg_.d_conv;
+  return 6 * matmul + scan + 6 * c * global_.d_conv;
 }
 
 }  // namespace braid

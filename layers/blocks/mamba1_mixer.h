@@ -9,6 +9,11 @@
 // Parameters (HF names and shapes, conv1d.weight stored [C,W] for HF's [C,1,W]):
 //   in_proj.weight [2C,D], conv1d.weight [C,W], conv1d.bias [C], x_proj.weight [R+2GN,C],
 //   dt_proj.weight [C,R], dt_proj.bias [C], A_log [C,N], D [C], out_proj.weight [D,C].
+// Tensor parallel over tp ranks (tp divides C; one group): each rank holds C/tp channels: its
+// part of both halves of in_proj, of conv1d, dt_proj, A_log and D, and the matching columns of
+// x_proj and out_proj (row-parallel). The x_proj reduction is explicit: [dtr | Bp | Cp] is summed
+// over the group in forward (every rank then holds it whole), and its gradient in backward
+// (before the Jamba norms, whose weights stay replicated); y summed, and dx in backward.
 #pragma once
 
 #include "layers/blocks/block.h"
@@ -31,7 +36,7 @@ struct Mamba1Config {
 class Mamba1Mixer final : public Block {
  public:
   Mamba1Mixer(const Mamba1Config& cfg, ParamSet& ps, const std::string& prefix, double init_std,
-              double out_std);
+              double out_std, const TensorParallel& tp = {});
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -41,7 +46,9 @@ class Mamba1Mixer final : public Block {
  private:
   ScanInputs scan_inputs(const BatchMeta& meta) const;
 
-  Mamba1Config cfg_;
+  Mamba1Config global_;  // the whole mixer (FLOPs)
+  Mamba1Config cfg_;     // this rank's part: d_inner / tp
+  TensorParallel tp_;
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *x_proj_, *dt_w_, *dt_b_, *a_log_, *d_, *out_proj_;
   Param *dt_norm_ = nullptr, *b_norm_ = nullptr, *c_norm_ = nullptr;

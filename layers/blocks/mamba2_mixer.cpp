@@ -11,24 +11,43 @@
 
 namespace braid {
 
+namespace {
+Mamba2Config local_part(Mamba2Config c, const TensorParallel& tp) {
+  BRAID_CHECK(c.heads % tp.size() == 0 && c.groups % tp.size() == 0, "mamba2: tp = ", tp.size(),
+              " must divide heads = ", c.heads, " and groups = ", c.groups);
+  c.heads /= tp.size(), c.groups /= tp.size();
+  return c;
+}
+}  // namespace
+
 Mamba2Mixer::Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::string& p,
-                         double init_std, double out_std)
-    : cfg_(cfg) {
-  const int64_t d = cfg.d_model, c = inner(), gn = cfg.groups * cfg.d_state, h = cfg.heads;
+                         double init_std, double out_std, const TensorParallel& tp)
+    : global_(cfg), cfg_(local_part(cfg, tp)), tp_(tp) {
+  // Registered in logical (whole-mixer) sizes; the shards hold every segment's part.
+  const int64_t d = cfg.d_model, c = cfg.heads * cfg.head_dim, gn = cfg.groups * cfg.d_state,
+                h = cfg.heads;
   const double conv_bound = 1.0 / std::sqrt(double(cfg.d_conv));
+  const ParamShard packed{0, tp.size(), tp.rank(), {c, c, gn, gn, h}},
+      conv{0, tp.size(), tp.rank(), {c, gn, gn}};
+  const bool split = tp.size() > 1;
   in_proj_ = ps.add(pname(p, "in_proj.weight"), {2 * c + 2 * gn + h, d},
-                    {ParamInit::Kind::normal, init_std}, true);
+                    {ParamInit::Kind::normal, init_std}, true, true, split ? packed : ParamShard{});
   conv_w_ = ps.add(pname(p, "conv1d.weight"), {c + 2 * gn, cfg.d_conv},
-                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true);
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, true, true,
+                   split ? conv : ParamShard{});
   conv_b_ = ps.add(pname(p, "conv1d.bias"), {c + 2 * gn},
-                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false);
-  dt_bias_ =
-      ps.add(pname(p, "dt_bias"), {h}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max}, false);
-  a_log_ = ps.add(pname(p, "A_log"), {h},
-                  {ParamInit::Kind::log_uniform, cfg.a_init_min, cfg.a_init_max}, false);
-  d_ = ps.add(pname(p, "D"), {h}, {ParamInit::Kind::constant, 1.0}, false);
-  norm_ = ps.add(pname(p, "norm.weight"), {c}, {ParamInit::Kind::constant, 1.0}, false);
-  out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true);
+                   {ParamInit::Kind::uniform, -conv_bound, conv_bound}, false, true,
+                   split ? conv : ParamShard{});
+  dt_bias_ = ps.add(pname(p, "dt_bias"), {h}, {ParamInit::Kind::dt_bias, cfg.dt_min, cfg.dt_max},
+                    false, true, tp.shard(0));
+  a_log_ =
+      ps.add(pname(p, "A_log"), {h}, {ParamInit::Kind::log_uniform, cfg.a_init_min, cfg.a_init_max},
+             false, true, tp.shard(0));
+  d_ = ps.add(pname(p, "D"), {h}, {ParamInit::Kind::constant, 1.0}, false, true, tp.shard(0));
+  norm_ = ps.add(pname(p, "norm.weight"), {c}, {ParamInit::Kind::constant, 1.0}, false, true,
+                 tp.shard(0));
+  out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true,
+                     true, tp.shard(1));
 }
 
 void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
@@ -105,6 +124,7 @@ void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
   gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
   linear_forward(g_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
+  tp_.sum(y);
 }
 
 void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -151,17 +171,19 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     if (!first) add_into(dx2, dx_tmp_);
     first = false;
   }
+  tp_.sum(dx2);
 }
 
 double Mamba2Mixer::flops_per_token(int64_t seq) const {
-  const double d = cfg_.d_model, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
-  const double q = std::min<double>(cfg_.chunk, seq), n = cfg_.d_state, p = cfg_.head_dim;
+  const double d = global_.d_model, c = global_.heads * global_.head_dim,
+               gn = global_.groups * global_.d_state, h = global_.heads;
+  const double q = std::min<double>(global_.chunk, seq), n = global_.d_state, p = global_.head_dim;
   const double matmul = d * (2 * c + 2 * gn + h) + d * c;  // MACs per token
   // SSD per token and head (chunked form): C B^T within the chunk (Q N), weighting x (Q P),
   // chunk states (P N) and their readout (P N): MACs (Q N + Q P + 2 P N) / 2 for the causal half
   // of the intra-chunk products; 2 FLOPs per MAC forward, x3 for forward + backward.
   const double ssd = h * (q * n / 2 + q * p / 2 + 2 * p * n);
-  return 6 * matmul + 6 * ssd + 6 * (c + 2 * gn) * cfg_.d_conv;
+  return 6 * matmul + 6 * ssd + 6 * (c + 2 * gn) * global_.d_conv;
 }
 
 }  // namespace braid

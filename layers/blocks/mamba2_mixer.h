@@ -7,6 +7,10 @@
 // Parameters (HF names): in_proj.weight [2C+2GN+H, D], conv1d.weight [C+2GN, W] (HF [.,1,W]),
 // conv1d.bias [C+2GN], dt_bias [H], A_log [H], D [H], norm.weight [C], out_proj.weight [D,C];
 // C = H * P.
+// Tensor parallel over tp ranks (tp divides H and G): each rank holds H/tp heads and the G/tp
+// groups they read: its part of every segment of in_proj, conv1d and norm, of dt_bias, A_log and
+// D, and the matching columns of out_proj (row-parallel); y summed over the group, and dx in
+// backward. The grouped norm stays local (a rank holds whole groups).
 #pragma once
 
 #include <limits>
@@ -33,7 +37,7 @@ struct Mamba2Config {
 class Mamba2Mixer final : public Block {
  public:
   Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::string& prefix, double init_std,
-              double out_std);
+              double out_std, const TensorParallel& tp = {});
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -46,7 +50,9 @@ class Mamba2Mixer final : public Block {
   void conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
                     const BatchMeta& meta);
 
-  Mamba2Config cfg_;
+  Mamba2Config global_;  // the whole mixer (FLOPs)
+  Mamba2Config cfg_;     // this rank's part: heads / tp, groups / tp
+  TensorParallel tp_;
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *dt_bias_, *a_log_, *d_, *norm_, *out_proj_;
   Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;  // saved

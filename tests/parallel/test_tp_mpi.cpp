@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "layers/blocks/attention_block.h"
+#include "layers/blocks/mamba1_mixer.h"
+#include "layers/blocks/mamba2_mixer.h"
 #include "layers/blocks/mlp.h"
 #include "parallel/communicator.h"
 #include "runtime/backend.h"
@@ -188,6 +190,23 @@ int main(int argc, char** argv) {
                                                   "attn", 0.3, 0.2, tp);
         },
         d, *world, *backend);
+    check_block(
+        "mamba2",
+        [&](ParamSet& ps, const TensorParallel& tp) {
+          Mamba2Config c;
+          c.d_model = d, c.heads = 8, c.head_dim = 3, c.groups = 4, c.d_state = 4, c.chunk = 4;
+          return std::make_unique<Mamba2Mixer>(c, ps, "m2", 0.3, 0.2, tp);
+        },
+        d, *world, *backend);
+    for (bool jamba : {false, true})
+      check_block(
+          jamba ? "mamba1 (dt/B/C norms)" : "mamba1",
+          [&](ParamSet& ps, const TensorParallel& tp) {
+            Mamba1Config c;
+            c.d_model = d, c.d_inner = 16, c.d_state = 4, c.dt_rank = 3, c.dt_bc_norm = jamba;
+            return std::make_unique<Mamba1Mixer>(c, ps, "m1", 0.3, 0.2, tp);
+          },
+          d, *world, *backend);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
