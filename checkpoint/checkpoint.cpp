@@ -339,16 +339,17 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 }
 
 std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,
-                                          bool with_params) {
+                                          bool with_params, bool with_replicated) {
   std::vector<CheckpointPiece> out;
+  auto writes = [&](const Param& p) { return with_replicated || !p.boxes.empty(); };
   if (with_params)
     for (const Param& p : params.all())
-      for (const BoxRun& b : box_runs(p, 0, p.value.numel()))
+      for (const BoxRun& b : writes(p) ? box_runs(p, 0, p.value.numel()) : std::vector<BoxRun>{})
         out.push_back({"param", p.name, p.value.dtype, p.global_shape, b.start, b.count,
                        static_cast<const char*>(p.value.data) + b.at * dtype_size(p.value.dtype),
                        b.off, b.ext});
   for (const Zero1Run& r : zero1_runs(params, opt)) {
-    if (r.count == 0) continue;
+    if (r.count == 0 || !writes(*r.param)) continue;
     const Param& p = *r.param;
     for (auto [kind, vec] :
          {std::pair{"master", &opt.shard_master()}, std::pair{"exp_avg", &opt.shard_exp_avg()},

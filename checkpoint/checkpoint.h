@@ -97,9 +97,11 @@ std::vector<CheckpointRead> zero1_reads(ParamSet& params, const Zero1AdamW& opt,
                                         std::vector<float>& v);
 
 // What a ZeRO-1 rank writes of a sharded checkpoint: its runs of every trainable parameter's
-// master weights and Adam moments, and, with_params (one rank), every parameter whole.
+// master weights and Adam moments, and, with_params (one rank per tensor-parallel shard), every
+// parameter (its shard) whole. Under tensor parallelism the parameters every tp rank holds whole
+// (norms) are written by one of them: with_replicated false leaves them out.
 std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,
-                                          bool with_params);
+                                          bool with_params, bool with_replicated = true);
 
 // Writes and commits a checkpoint of `tensors`; returns its directory.
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,

@@ -64,10 +64,13 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
 // whole, ZeRO-1 ranks each write their runs of it; either layout resumes from either.
 class RunOptimizer {
  public:
-  RunOptimizer(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator* dp)
+  // Several ranks (dp and tp groups given) always run ZeRO-1, even over a dp group of one: its
+  // checkpoints are the sharded ones, which tensor-parallel shards need.
+  RunOptimizer(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator* dp,
+               Communicator* tp)
       : params_(params) {
-    if (dp && dp->size() > 1)
-      zero_ = std::make_unique<Zero1AdamW>(params, cfg, backend, *dp);
+    if (dp)
+      zero_ = std::make_unique<Zero1AdamW>(params, cfg, backend, *dp, tp);
     else
       adam_ = std::make_unique<AdamW>(params, cfg, backend);
   }
@@ -82,8 +85,8 @@ class RunOptimizer {
   // The whole state of a single process.
   std::vector<CheckpointTensor> checkpoint_state() { return training_state(params_, *adam_); }
   // Under ZeRO-1, what this rank writes of a sharded checkpoint.
-  std::vector<CheckpointPiece> shard_pieces(bool with_params) const {
-    return zero1_pieces(params_, *zero_, with_params);
+  std::vector<CheckpointPiece> shard_pieces(bool with_params, bool with_replicated) const {
+    return zero1_pieces(params_, *zero_, with_params, with_replicated);
   }
   // Under ZeRO-1 each rank reads only its runs of the masters and moments (and the parameters).
   void load(const std::string& dir, int64_t steps) {
@@ -103,16 +106,22 @@ class RunOptimizer {
 
 TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const Layout layout = resolve_layout(cfg, world ? world->size() : 1);
-  for (auto [name, v] : {std::pair{"tp", layout.tp},
-                         {"cp", layout.cp},
-                         {"pp", layout.pp},
-                         {"ep", layout.ep},
-                         {"etp", layout.etp}})
+  for (auto [name, v] :
+       {std::pair{"cp", layout.cp}, {"pp", layout.pp}, {"ep", layout.ep}, {"etp", layout.etp}})
     BRAID_REQUIRE(v == 1, "parallel.", name, " = ", v,
-                  ": this build parallelises over data only (tensor, context, pipeline and expert "
-                  "parallelism are not built yet); set parallel.",
+                  ": this build parallelises over data and tensors only (context, pipeline and "
+                  "expert parallelism are not built yet); set parallel.",
                   name, "=1");
   const int dp = layout.dp, rank = world ? world->rank() : 0;
+  // The data-parallel and tensor-parallel groups of this rank (collective).
+  std::unique_ptr<Communicator> dp_group, tp_group;
+  int dp_rank = 0, tp_rank = 0;
+  if (world && world->size() > 1) {
+    const RankGrid grid(layout, world->size());
+    dp_group = make_group(*world, grid, Dim::dp);
+    tp_group = make_group(*world, grid, Dim::tp);
+    dp_rank = dp_group->rank(), tp_rank = tp_group->rank();
+  }
   const bool lead = rank == 0;  // rank 0 prints and writes files
   auto say = [&](const char* fmt, auto... args) {
     if (lead) std::printf(fmt, args...);
@@ -141,9 +150,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   auto backend = make_cpu_backend();
   // Parameters padded to a multiple of dp elements: ZeRO-1 shards are equal.
-  Model model(cfg.model, DType::f32, *backend, b, t, dp);
+  Model model(cfg.model, DType::f32, *backend, b, t, dp, TensorParallel{tp_group.get()});
   model.initialize(ts.seed);
-  RunOptimizer opt(model.params(), cfg.adamw, *backend, world);
+  RunOptimizer opt(model.params(), cfg.adamw, *backend, dp_group.get(), tp_group.get());
   BatchBuffers buf(*backend, b, t);
   Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
 
@@ -219,8 +228,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
     if (opt.sharded()) {  // every rank writes its shard; collective
-      const std::string dir =
-          save_checkpoint_sharded(ckpt_dir, meta, opt.shard_pieces(lead), world);
+      const std::string dir = save_checkpoint_sharded(
+          ckpt_dir, meta, opt.shard_pieces(dp_rank == 0, tp_rank == 0), world);
       if (!lead) return;
       prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
       say("saved checkpoint %s (%d ranks wrote their shards, %.2f s)\n", dir.c_str(), world->size(),
@@ -271,17 +280,18 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     model.params().zero_grads();
     double loss_sum = 0, aux = 0;
     for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
-      fill(train_data, sampler, consumed + rank * b, buf.batch);
+      fill(train_data, sampler, consumed + dp_rank * b, buf.batch);
       consumed += dp * b;
       const Model::StepResult r = model.forward_backward(buf.batch, 1.0 / double(tokens_per_step),
                                                          1.0 / double(ts.grad_accum));
       loss_sum += r.loss.sum;
       aux += r.aux / double(ts.grad_accum);
     }
-    if (world && dp > 1) {  // the global batch's loss: sum over ranks
+    if (dp > 1) {  // the global batch's loss: sum over the data-parallel ranks
       std::vector<double> sums{loss_sum, aux};
-      world->all_reduce(Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "loss"),
-                        ReduceOp::sum);
+      dp_group->all_reduce(
+          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "loss"),
+          ReduceOp::sum);
       loss_sum = sums[0], aux = sums[1] / dp;
     }
     const double loss = loss_sum / double(tokens_per_step);
@@ -291,8 +301,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                   "); lower optim.lr or check the data");
     const double lr = cfg.lr.at(step);
     opt.step(lr, norm);
-    if (world && dp > 1)  // the balancing rule sees the whole global batch on every rank
-      for (const Tensor& counts : model.moe_step_counts()) world->all_reduce(counts, ReduceOp::sum);
+    if (dp > 1)  // the balancing rule sees the whole global batch on every rank
+      for (const Tensor& counts : model.moe_step_counts())
+        dp_group->all_reduce(counts, ReduceOp::sum);
     model.after_optimizer_step();
     interval_loss += loss, ++interval_steps;
     const auto now = Clock::now();

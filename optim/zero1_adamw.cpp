@@ -4,8 +4,9 @@
 
 namespace braid {
 
-Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp)
-    : params_(params), cfg_(cfg), dp_(dp) {
+Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp,
+                       Communicator* tp)
+    : params_(params), cfg_(cfg), dp_(dp), tp_(tp && tp->size() > 1 ? tp : nullptr) {
   (void)backend;
   const Tensor flat = params.flat_values();
   BRAID_CHECK(flat.dtype == DType::f32 && flat.device == Device::cpu,
@@ -16,11 +17,15 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
   shard_ = flat.numel() / dp.size();
   begin_ = shard_ * dp.rank();
   mask_.assign(shard_, frozen);
+  replicated_.assign(shard_, 0);
   for (const Param& p : params.all()) {
     if (!p.trainable) continue;
     const int64_t off = params.flat_offset(p), n = p.value.numel();
     const int64_t lo = std::max(off, begin_), hi = std::min(off + n, begin_ + shard_);
-    for (int64_t i = lo; i < hi; ++i) mask_[i - begin_] = p.weight_decay ? decay : no_decay;
+    for (int64_t i = lo; i < hi; ++i) {
+      mask_[i - begin_] = p.weight_decay ? decay : no_decay;
+      replicated_[i - begin_] = p.boxes.empty();
+    }
   }
   const float* v = flat.ptr<float>() + begin_;
   master_.assign(v, v + shard_);
@@ -38,12 +43,17 @@ void Zero1AdamW::reduce_gradients() {
 }
 
 double Zero1AdamW::grad_norm() {
-  double s = 0;
-  for (int64_t i = 0; i < shard_; ++i) s += double(grad_[i]) * double(grad_[i]);
-  std::vector<double> total{s};
-  dp_.all_reduce(Tensor::contiguous_view(total.data(), DType::f64, Device::cpu, {1}, "grad_norm"),
+  // [sum over tensor-parallel shards, sum over elements every tp rank holds]
+  std::vector<double> s{0, 0};
+  for (int64_t i = 0; i < shard_; ++i)
+    s[tp_ && replicated_[i]] += double(grad_[i]) * double(grad_[i]);
+  auto sum = [&](Communicator& c) {
+    c.all_reduce(Tensor::contiguous_view(s.data(), DType::f64, Device::cpu, {2}, "grad_norm"),
                  ReduceOp::sum);
-  return std::sqrt(total[0]);
+  };
+  sum(dp_);
+  if (tp_) sum(*tp_);  // the replicated sums are equal on every tp rank: counted once below
+  return std::sqrt(s[0] + (tp_ ? s[1] / tp_->size() : s[1]));
 }
 
 void Zero1AdamW::step(double lr, double norm) {

@@ -5,6 +5,9 @@
 // (decoupled decay for flagged parameters, bias correction, global-norm clipping), and the
 // updated shards are all-gathered back into every rank's parameters. Elements of non-trainable
 // parameters and alignment gaps are never updated.
+// Under tensor parallelism (tp: the group of ranks holding the other shards of the same
+// parameters), the global norm adds every rank's tensor-parallel shards and counts the
+// parameters every tp rank holds whole (norms) once.
 #pragma once
 
 #include <vector>
@@ -17,7 +20,8 @@ namespace braid {
 
 class Zero1AdamW {
  public:
-  Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp);
+  Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp,
+             Communicator* tp = nullptr);
 
   // Sums the gradients over the group into this rank's shard.
   void reduce_gradients();
@@ -48,9 +52,11 @@ class Zero1AdamW {
   ParamSet& params_;
   AdamWConfig cfg_;
   Communicator& dp_;
+  Communicator* tp_;
   int64_t begin_ = 0, shard_ = 0, t_ = 0;
   std::vector<float> master_, m_, v_, grad_, send_;
   std::vector<uint8_t> mask_;
+  std::vector<uint8_t> replicated_;  // per element: held whole by every tp rank
 };
 
 }  // namespace braid

@@ -60,13 +60,15 @@ T softplus(T x) {
 // dst[index[r], :] += src[r, :] for r in [0, rows), rows of width d. Split over column blocks;
 // each block adds the rows in order, so the result does not depend on the thread count (the
 // backward of every row gather: embedding lookup, MoE token permutation).
+// Rows whose index is negative are skipped.
 template <typename T>
 void scatter_add_rows(const T* src, const int32_t* index, int64_t rows, int64_t d, T* dst) {
   constexpr int64_t kCols = 64;
   parallel_for((d + kCols - 1) / kCols, [&](int64_t blk) {
     const int64_t c0 = blk * kCols, c1 = std::min(d, c0 + kCols);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = c0; c < c1; ++c) dst[index[r] * d + c] += src[r * d + c];
+      if (index[r] >= 0)
+        for (int64_t c = c0; c < c1; ++c) dst[index[r] * d + c] += src[r * d + c];
   });
 }
 

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "parallel/communicator.h"
 #include "runtime/tensor.h"
 
 namespace braid {
@@ -19,5 +20,13 @@ struct LossSum {
 
 LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor* dlogits,
                       double grad_scale);
+
+// Vocabulary-parallel form (Megatron-LM's): this rank holds the logits of vocabulary entries
+// [vocab_start, vocab_start + V_r) of vocab_size (logits, dlogits [M,V_r]); the row maxima, the
+// sums of exponentials and the target logits are combined over `group` (three all-reduces of
+// [M], in f64). Every rank returns the same LossSum and writes its columns of dlogits.
+LossSum cross_entropy_vocab_parallel(const Tensor& logits, const Tensor& targets,
+                                     const Tensor* dlogits, double grad_scale, int64_t vocab_start,
+                                     int64_t vocab_size, Communicator& group);
 
 }  // namespace braid

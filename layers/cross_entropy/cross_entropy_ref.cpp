@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "layers/common/op_common.h"
 #include "layers/cross_entropy/cross_entropy.h"
@@ -63,6 +65,67 @@ LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor*
     }
     for (int64_t i = 0; i < m; ++i) count += tgt[i] >= 0;
     out = {total, count};
+  });
+  return out;
+}
+
+LossSum cross_entropy_vocab_parallel(const Tensor& logits, const Tensor& targets,
+                                     const Tensor* dlogits, double grad_scale, int64_t vocab_start,
+                                     int64_t vocab_size, Communicator& group) {
+  BRAID_CHECK(logits.ndim == 2, "cross_entropy: logits must be [M,V], got ", logits.describe());
+  const int64_t m = logits.size(0), v = logits.size(1), v0 = vocab_start;
+  BRAID_CHECK(targets.dtype == DType::i32, "cross_entropy: targets must be i32, got ",
+              targets.describe());
+  check_shape(targets, {m});
+  BRAID_CHECK(v0 >= 0 && v0 + v <= vocab_size, "cross_entropy: columns [", v0, ", ", v0 + v,
+              ") are outside the vocabulary [0, ", vocab_size, ")");
+  if (dlogits) {
+    check_shape(*dlogits, {m, v});
+    check_same_dtype(logits, *dlogits);
+  }
+  require_host("cross_entropy", {&logits, &targets, dlogits});
+  const int32_t* tgt = targets.ptr<int32_t>();
+  for (int64_t i = 0; i < m; ++i)
+    BRAID_CHECK(tgt[i] >= -1 && tgt[i] < vocab_size, "cross_entropy: target ", tgt[i], " of row ",
+                i, " is outside [-1, ", vocab_size, ")");
+  std::vector<double> mx(m), se(m), tl(m);
+  auto reduce = [&](std::vector<double>& x, ReduceOp op) {
+    group.all_reduce(Tensor::contiguous_view(x.data(), DType::f64, Device::cpu, {m}, "ce"), op);
+  };
+  LossSum out;
+  dispatch_float(logits.dtype, "cross_entropy", [&]<typename T>() {
+    const T* lp = logits.ptr<T>();
+    parallel_for(m, [&](int64_t i) {
+      double x = double(lp[i * v]);
+      for (int64_t j = 1; j < v; ++j) x = std::max(x, double(lp[i * v + j]));
+      mx[i] = x;
+    });
+    reduce(mx, ReduceOp::max);
+    parallel_for(m, [&](int64_t i) {
+      double s = 0;
+      for (int64_t j = 0; j < v; ++j) s += std::exp(double(lp[i * v + j]) - mx[i]);
+      se[i] = s;
+      const int64_t c = tgt[i] - v0;
+      tl[i] = tgt[i] >= 0 && c >= 0 && c < v ? double(lp[i * v + c]) : 0.0;
+    });
+    reduce(se, ReduceOp::sum);
+    reduce(tl, ReduceOp::sum);
+    for (int64_t i = 0; i < m; ++i)  // in row order: the same total on every rank
+      if (tgt[i] >= 0) out.sum += mx[i] + std::log(se[i]) - tl[i], ++out.count;
+    if (!dlogits) return;
+    T* dp = dlogits->ptr<T>();
+    parallel_for(m, [&](int64_t i) {
+      T* drow = dp + i * v;
+      const int64_t c = tgt[i] - v0;
+      if (tgt[i] < 0) {
+        std::fill(drow, drow + v, T(0));
+        return;
+      }
+      const double lse = mx[i] + std::log(se[i]);
+      for (int64_t j = 0; j < v; ++j)
+        drow[j] = T(grad_scale * std::exp(double(lp[i * v + j]) - lse));
+      if (c >= 0 && c < v) drow[c] -= T(grad_scale);
+    });
   });
   return out;
 }

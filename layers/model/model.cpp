@@ -91,8 +91,13 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
   if (has('M'))
     tp_dims.insert(tp_dims.end(),
                    {{"mamba2.heads", c.mamba2.heads}, {"mamba2.groups", c.mamba2.groups}});
-  if (has('S'))
+  if (has('S')) {
     tp_dims.push_back({"mamba1 inner width (mamba1.expand * model.d_model)", c.mamba1.d_inner});
+    BRAID_REQUIRE(l.tp == 1 || c.mamba1.groups == 1, "mamba1.groups = ", c.mamba1.groups,
+                  ": tensor parallelism (parallel.tp = ", l.tp,
+                  ") splits Mamba-1 layers with one group only; set mamba1.groups=1 or "
+                  "parallel.tp=1");
+  }
   if (has('-')) tp_dims.push_back({"mlp.ffn", c.mlp.ffn});
   if (has('E') && c.moe.shared_ffn > 0) tp_dims.push_back({"moe.shared_ffn", c.moe.shared_ffn});
   auto divisors_of_all = [](const std::vector<std::pair<std::string, int64_t>>& dims) {
@@ -109,6 +114,9 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
                   " (tensor parallelism shards it); tp values that divide every sharded size: ",
                   divisors_of_all(tp_dims));
   if (has('E')) {
+    BRAID_REQUIRE(l.tp == 1, "parallel.tp = ", l.tp,
+                  ": MoE layers ('E' in model.pattern) are not split over tensor-parallel ranks "
+                  "yet; set parallel.tp=1 for this model");
     BRAID_REQUIRE(c.moe.experts % l.ep == 0, "moe.experts = ", c.moe.experts,
                   " is not divisible by parallel.ep = ", l.ep,
                   "; ep values that work: ", divisors_of_all({{"moe.experts", c.moe.experts}}));
@@ -126,15 +134,22 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
 }
 
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
-             int64_t pad_elems)
-    : cfg_(cfg), backend_(&backend), b_(batch), t_(seq) {
+             int64_t pad_elems, const TensorParallel& tp)
+    : cfg_(cfg), backend_(&backend), tp_(tp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
   layers_ = pattern_layers(cfg_.pattern);
+  BRAID_REQUIRE(tp.size() == 1 || layers_.find('E') == std::string::npos,
+                "parallel.tp = ", tp.size(),
+                ": MoE layers ('E' in model.pattern) are not split over tensor-parallel "
+                "ranks yet; use parallel.tp=1 for this model");
+  BRAID_REQUIRE(cfg_.vocab_size % tp.size() == 0, "parallel.tp = ", tp.size(),
+                " must divide model.vocab_size = ", cfg_.vocab_size);
+  vocab_start_ = tp.rank() * (cfg_.vocab_size / tp.size());
   const int64_t d = cfg_.d_model, l = static_cast<int64_t>(layers_.size());
   const double std = cfg_.init_std, out_std = std / std::sqrt(double(l));
-  embed_ =
-      params_.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
+  embed_ = params_.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std},
+                       true, true, tp.shard(0));
   for (int64_t i = 0; i < l; ++i) {
     const std::string p = "layers." + std::to_string(i);
     norms_.push_back(params_.add(p + ".norm.weight", {d}, {ParamInit::Kind::constant, 1.0}, false));
@@ -143,24 +158,24 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       case 'S': {
         Mamba1Config m = cfg_.mamba1;
         m.d_model = d;
-        blocks_.push_back(std::make_unique<Mamba1Mixer>(m, params_, mp, std, out_std));
+        blocks_.push_back(std::make_unique<Mamba1Mixer>(m, params_, mp, std, out_std, tp));
         break;
       }
       case 'M': {
         Mamba2Config m = cfg_.mamba2;
         m.d_model = d;
-        blocks_.push_back(std::make_unique<Mamba2Mixer>(m, params_, mp, std, out_std));
+        blocks_.push_back(std::make_unique<Mamba2Mixer>(m, params_, mp, std, out_std, tp));
         break;
       }
       case '*': {
         AttentionConfig a = cfg_.attention;
         a.d_model = d;
-        blocks_.push_back(std::make_unique<AttentionBlock>(a, params_, mp, std, out_std));
+        blocks_.push_back(std::make_unique<AttentionBlock>(a, params_, mp, std, out_std, tp));
         break;
       }
       case '-':
         blocks_.push_back(
-            std::make_unique<MlpBlock>(MlpConfig{d, cfg_.mlp.ffn}, params_, mp, std, out_std));
+            std::make_unique<MlpBlock>(MlpConfig{d, cfg_.mlp.ffn}, params_, mp, std, out_std, tp));
         break;
       case 'E': {
         MoeConfig m = cfg_.moe;
@@ -174,13 +189,13 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   }
   norm_f_ = params_.add("norm_f.weight", {d}, {ParamInit::Kind::constant, 1.0}, false);
   if (!cfg_.tie_embeddings)
-    head_ =
-        params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std}, true);
+    head_ = params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std},
+                        true, true, tp.shard(0));
   params_.allocate(backend, dtype, pad_elems);
 
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
   // block's scratch starts at the same offset (blocks run one at a time).
-  const int64_t m = batch * seq, v = cfg_.vocab_size;
+  const int64_t m = batch * seq, v = cfg_.vocab_size / tp.size();
   auto setup = [&](Arena& sv, Arena& sc) {
     resid_.clear(), normed_.clear(), rstd_.clear();
     for (int64_t i = 0; i <= l; ++i)
@@ -215,7 +230,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
 void Model::forward(const Batch& batch, const BatchMeta& meta) {
   check_shape(batch.tokens, {b_, t_});
   const int64_t m = b_ * t_, d = cfg_.d_model;
-  embedding_forward(batch.tokens, embed_->value, resid_[0]);
+  embedding_forward(batch.tokens, embed_->value, resid_[0], vocab_start_, cfg_.vocab_size);
+  tp_.sum(resid_[0]);
   for (size_t i = 0; i < blocks_.size(); ++i) {
     rmsnorm_forward(resid_[i].reshape({m, d}), norms_[i]->value, cfg_.norm_eps,
                     normed_[i].reshape({m, d}), rstd_[i]);
@@ -235,10 +251,11 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
   for (auto& blk : blocks_) r.aux += blk->aux_loss();
   const int64_t m = b_ * t_, d = cfg_.d_model;
   // The logits buffer receives its own gradient (cross_entropy reads each row before writing it).
-  r.loss = cross_entropy(logits_, batch.targets.reshape({m}), &logits_, grad_scale);
+  r.loss = loss(batch, &logits_, grad_scale);
   const Tensor dfinal = dtmp_.reshape({m, d});
   Param* head = head_ ? head_ : embed_;
   linear_backward(final_normed_, head->value, logits_, &dfinal, head->grad, nullptr);
+  tp_.sum(dfinal);
   rmsnorm_backward(resid_.back().reshape({m, d}), norm_f_->value, final_rstd_, dfinal,
                    dresid_.reshape({m, d}), norm_f_->grad);
   for (size_t i = blocks_.size(); i-- > 0;) {
@@ -247,13 +264,20 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
                      dnormed_.reshape({m, d}), dtmp_.reshape({m, d}), norms_[i]->grad);
     add_into(dresid_, dtmp_);
   }
-  embedding_backward(batch.tokens, dresid_, embed_->grad);
+  embedding_backward(batch.tokens, dresid_, embed_->grad, vocab_start_, cfg_.vocab_size);
   return r;
+}
+
+LossSum Model::loss(const Batch& batch, const Tensor* dlogits, double grad_scale) {
+  const Tensor targets = batch.targets.reshape({b_ * t_});
+  if (tp_.size() == 1) return cross_entropy(logits_, targets, dlogits, grad_scale);
+  return cross_entropy_vocab_parallel(logits_, targets, dlogits, grad_scale, vocab_start_,
+                                      cfg_.vocab_size, *tp_.group);
 }
 
 LossSum Model::evaluate(const Batch& batch) {
   forward(batch, {&batch.seq_idx, &batch.positions, 0.0});
-  return cross_entropy(logits_, batch.targets.reshape({b_ * t_}), nullptr, 0.0);
+  return loss(batch, nullptr, 0.0);
 }
 
 void Model::after_optimizer_step() {

@@ -64,8 +64,10 @@ class Model {
  public:
   // pad_elems: the parameter and gradient arenas hold a multiple of this many elements (the
   // data-parallel size, for ZeRO-1 shards).
+  // tp: the tensor-parallel group every block, the embedding and the output projection are
+  // split over (vocabulary-parallel, as Megatron-LM); MoE layers are not split yet.
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
-        int64_t pad_elems = 1);
+        int64_t pad_elems = 1, const TensorParallel& tp = {});
 
   void initialize(uint64_t seed) { params_.initialize(seed); }
   // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the
@@ -93,9 +95,13 @@ class Model {
 
  private:
   void forward(const Batch& batch, const BatchMeta& meta);
+  // The loss of the last forward's logits (and their gradient into dlogits).
+  LossSum loss(const Batch& batch, const Tensor* dlogits, double grad_scale);
 
   ModelConfig cfg_;
   Backend* backend_;
+  TensorParallel tp_;
+  int64_t vocab_start_ = 0;  // this rank's first vocabulary row
   std::string layers_;
   int64_t b_, t_;
   ParamSet params_;
@@ -108,7 +114,7 @@ class Model {
   std::vector<Tensor> resid_, normed_, rstd_;
   Tensor final_normed_, final_rstd_;
   // scratch
-  Tensor logits_, dresid_, dnormed_, dtmp_, fout_;
+  Tensor logits_, dresid_, dnormed_, dtmp_, fout_;  // logits_ [M, V/tp]
 };
 
 }  // namespace braid

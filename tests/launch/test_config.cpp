@@ -117,6 +117,7 @@ TEST(Config, ParallelLayoutResolvesAndNamesBrokenConstraints) {
   EXPECT_EQ(c.parallel.dp, 0);  // derived at launch
   EXPECT_EQ(resolve_layout(c, 8).dp, 8);
   c.parallel.tp = 2;
+  c.model.pattern = "M*-M";  // tensor parallelism does not split MoE layers yet (checked below)
   EXPECT_EQ(resolve_layout(c, 8).dp, 4);
   auto err = [&](RunConfig cc, int world) {
     try {
@@ -134,7 +135,7 @@ TEST(Config, ParallelLayoutResolvesAndNamesBrokenConstraints) {
             std::string::npos)
       << err(bad, 3);
   bad = c;
-  bad.parallel.ep = 3;
+  bad.model.pattern = "M*-E", bad.parallel.tp = 1, bad.parallel.ep = 3;
   EXPECT_NE(err(bad, 6).find("moe.experts = 8 is not divisible by parallel.ep = 3"),
             std::string::npos)
       << err(bad, 6);
@@ -145,6 +146,10 @@ TEST(Config, ParallelLayoutResolvesAndNamesBrokenConstraints) {
   bad.parallel.tp = 1, bad.parallel.pp = 9;
   EXPECT_NE(err(bad, 9).find("parallel.pp = 9 exceeds the 4 layers"), std::string::npos)
       << err(bad, 9);
+  bad = c;
+  bad.model.pattern = "M*E", bad.parallel.tp = 2;  // MoE layers are not tensor-parallel yet
+  EXPECT_NE(err(bad, 2).find("MoE layers ('E' in model.pattern) are not split"), std::string::npos)
+      << err(bad, 2);
   bad = c;
   bad.parallel.order = "tp-dp";
   EXPECT_NE(err(bad, 8).find("must name cp exactly once"), std::string::npos) << err(bad, 8);
