@@ -168,6 +168,7 @@ const std::map<std::string, Key>& registry() {
       {"parallel.ep", int_key(M(parallel.ep), 1)},
       {"parallel.etp", int_key(M(parallel.etp), 1)},
       {"parallel.order", string_key(M(parallel.order))},
+      {"parallel.sequence_parallel", bool_key(M(parallel.sequence_parallel))},
       {"train.steps", int_key(M(train.steps), 1)},
       {"train.micro_batch", int_key(M(train.micro_batch), 1)},
       {"train.seq_len", int_key(M(train.seq_len), 1)},

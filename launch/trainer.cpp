@@ -150,7 +150,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   auto backend = make_cpu_backend();
   // Parameters padded to a multiple of dp elements: ZeRO-1 shards are equal.
-  Model model(cfg.model, DType::f32, *backend, b, t, dp, TensorParallel{tp_group.get()});
+  Model model(cfg.model, DType::f32, *backend, b, t, dp,
+              TensorParallel{tp_group.get(), layout.sequence_parallel});
   model.initialize(ts.seed);
   RunOptimizer opt(model.params(), cfg.adamw, *backend, dp_group.get(), tp_group.get());
   BatchBuffers buf(*backend, b, t);
@@ -158,6 +159,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   const MemoryReport mem = model.memory();
   const double flops_tok = model.flops_per_token(t);
+  say("layout: %d ranks, tp %d%s, dp %d\n", world ? world->size() : 1, layout.tp,
+      layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", dp);
   say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
       cfg.model.pattern.c_str(), (long long)model.params().numel(),
       (long long)model.params().numel(true), flops_tok / 1e9);
@@ -295,6 +298,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       loss_sum = sums[0], aux = sums[1] / dp;
     }
     const double loss = loss_sum / double(tokens_per_step);
+    model.reduce_sequence_parallel_grads();
     const double norm = opt.reduce_and_norm();
     BRAID_REQUIRE(std::isfinite(norm) && std::isfinite(loss), "step ", step + 1,
                   ": non-finite loss (", loss, ") or gradient norm (", norm,

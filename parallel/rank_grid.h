@@ -17,6 +17,9 @@ enum class Dim { tp, cp, dp, pp, etp, ep, edp };
 struct Layout {
   int tp = 1, cp = 1, ep = 1, dp = 1, pp = 1, etp = 1;
   std::string order = "tp-cp-ep-dp-pp";
+  // Megatron-LM's sequence parallelism: with tp > 1, the activations outside the tensor-parallel
+  // blocks (residual stream, norms) are split by rows over the tp ranks.
+  bool sequence_parallel = false;
 };
 
 class RankGrid {

@@ -52,7 +52,7 @@ void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& 
   }
   attention_forward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_);
   linear_forward(ot_.reshape({m, h * p}), o_->value, nullptr, y.reshape({m, cfg_.d_model}));
-  tp_.sum(y);
+  tp_.reduce_output(y);
 }
 
 void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -73,7 +73,7 @@ void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& d
   add_into(dx2, dx_tmp_);
   linear_backward(x2, v_->value, dv_.reshape({m, hk * p}), &dx_tmp_, v_->grad, nullptr);
   add_into(dx2, dx_tmp_);
-  tp_.sum(dx2);
+  tp_.reduce_output(dx2);
 }
 
 double AttentionBlock::flops_per_token(int64_t seq) const {

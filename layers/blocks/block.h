@@ -40,18 +40,28 @@ class Block {
 // row parallel pairs: a column-parallel weight holds a slice of the output features (rows), the
 // row-parallel weight after it the matching slice of its input features (columns); the partial
 // outputs of the row-parallel one are summed over the group in forward, and the partial input
-// gradients of the column-parallel one in backward. Activations outside the pair are replicated.
+// gradients of the column-parallel one in backward. Activations outside the pair are replicated,
+// or, with sequence_parallel, split by rows over the group: the model then all-gathers a block's
+// input and reduce-scatters its output (and the reverse in backward), and the block leaves its
+// output and input gradient as partial sums (reduce_output does nothing).
 struct TensorParallel {
   Communicator* group = nullptr;
+  bool sequence_parallel = false;
   int size() const { return group ? group->size() : 1; }
   int rank() const { return group ? group->rank() : 0; }
   // This rank's slice of a weight split along dimension dim (whole when size 1).
   ParamShard shard(int dim) const {
     return size() > 1 ? ParamShard{dim, size(), rank()} : ParamShard{};
   }
+  bool split_rows() const { return sequence_parallel && size() > 1; }
   // t = sum over the group of t (in place).
   void sum(const Tensor& t) const {
     if (size() > 1) group->all_reduce(t, ReduceOp::sum);
+  }
+  // A block's output (forward) or input gradient (backward): summed here, or left partial for
+  // the model's reduce-scatter under sequence parallelism.
+  void reduce_output(const Tensor& t) const {
+    if (!split_rows()) sum(t);
   }
 };
 

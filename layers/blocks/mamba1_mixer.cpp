@@ -135,7 +135,7 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   neg_exp(a_log_->value, a_);
   selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, &ws_);
   linear_forward(y_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
-  tp_.sum(y);
+  tp_.reduce_output(y);
 }
 
 void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -182,7 +182,7 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   linear_backward(x2, w_in.slice(0, 0, c), dxs_, &dx2, g_in.slice(0, 0, c), nullptr);
   linear_backward(x2, w_in.slice(0, c, c), dz_, &dx_tmp_, g_in.slice(0, c, c), nullptr);
   add_into(dx2, dx_tmp_);
-  tp_.sum(dx2);
+  tp_.reduce_output(dx2);
 }
 
 double Mamba1Mixer::flops_per_token(int64_t) const {

@@ -124,7 +124,7 @@ void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
   gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
   linear_forward(g_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
-  tp_.sum(y);
+  tp_.reduce_output(y);
 }
 
 void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -171,7 +171,7 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     if (!first) add_into(dx2, dx_tmp_);
     first = false;
   }
-  tp_.sum(dx2);
+  tp_.reduce_output(dx2);
 }
 
 double Mamba2Mixer::flops_per_token(int64_t seq) const {

@@ -38,7 +38,7 @@ void MlpBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta&) {
   linear_forward(x2, up_->value, nullptr, b_);
   swiglu_forward(a_, b_, h_);
   linear_forward(h_, down_->value, nullptr, y2);
-  tp_.sum(y2);
+  tp_.reduce_output(y2);
 }
 
 void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta&) {
@@ -49,7 +49,7 @@ void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, con
   linear_backward(x2, gate_->value, da_, &dx2, gate_->grad, nullptr);
   linear_backward(x2, up_->value, db_, &dx2_, up_->grad, nullptr);
   add_into(dx2, dx2_);
-  tp_.sum(dx2);
+  tp_.reduce_output(dx2);
 }
 
 }  // namespace braid

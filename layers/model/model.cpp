@@ -146,6 +146,10 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   BRAID_REQUIRE(cfg_.vocab_size % tp.size() == 0, "parallel.tp = ", tp.size(),
                 " must divide model.vocab_size = ", cfg_.vocab_size);
   vocab_start_ = tp.rank() * (cfg_.vocab_size / tp.size());
+  sp_ = tp.split_rows();
+  BRAID_REQUIRE(!sp_ || batch * seq % tp.size() == 0, "parallel.sequence_parallel: the ",
+                batch * seq, " tokens of a microbatch do not split over tp = ", tp.size(),
+                " ranks");
   const int64_t d = cfg_.d_model, l = static_cast<int64_t>(layers_.size());
   const double std = cfg_.init_std, out_std = std / std::sqrt(double(l));
   embed_ = params_.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std},
@@ -196,21 +200,27 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
   // block's scratch starts at the same offset (blocks run one at a time).
   const int64_t m = batch * seq, v = cfg_.vocab_size / tp.size();
+  const int64_t mr = sp_ ? m / tp.size() : m;  // rows of the residual stream on this rank
   auto setup = [&](Arena& sv, Arena& sc) {
     resid_.clear(), normed_.clear(), rstd_.clear();
     for (int64_t i = 0; i <= l; ++i)
-      resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {batch, seq, d}));
+      resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {mr, d}));
     for (int64_t i = 0; i < l; ++i) {
-      normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {batch, seq, d}));
-      rstd_.push_back(sv.take("rstd." + std::to_string(i), dtype, {m}));
+      normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {mr, d}));
+      rstd_.push_back(sv.take("rstd." + std::to_string(i), dtype, {mr}));
     }
     final_normed_ = sv.take("final_normed", dtype, {m, d});
-    final_rstd_ = sv.take("final_rstd", dtype, {m});
+    final_rstd_ = sv.take("final_rstd", dtype, {mr});
+    if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
     logits_ = sc.take("logits", dtype, {m, v});
-    dresid_ = sc.take("dresid", dtype, {batch, seq, d});
-    dnormed_ = sc.take("dnormed", dtype, {batch, seq, d});
-    dtmp_ = sc.take("dtmp", dtype, {batch, seq, d});
+    dresid_ = sc.take("dresid", dtype, {mr, d});
+    dnormed_ = sc.take("dnormed", dtype, {mr, d});
+    dtmp_ = sc.take("dtmp", dtype, {mr, d});
     fout_ = sc.take("block_out", dtype, {batch, seq, d});
+    if (sp_) {
+      xfull_ = sc.take("block_in", dtype, {batch, seq, d});
+      dxfull_ = sc.take("block_dx", dtype, {batch, seq, d});
+    }
     const size_t base = sc.mark();
     for (auto& blk : blocks_) {
       sc.reset(base);
@@ -227,20 +237,39 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   backend.fill(saved_.bytes(), 0.0, {});
 }
 
+// Under sequence parallelism: full = the rows of every rank (all-gather), rows = this rank's
+// rows of the sum over the ranks (reduce-scatter).
+namespace {
+const Tensor& gather(const TensorParallel& tp, const Tensor& rows, const Tensor& full) {
+  tp.group->all_gather(rows, full);
+  return full;
+}
+void scatter_sum(const TensorParallel& tp, const Tensor& full, const Tensor& rows) {
+  tp.group->reduce_scatter(full, rows, ReduceOp::sum);
+}
+}  // namespace
+
 void Model::forward(const Batch& batch, const BatchMeta& meta) {
   check_shape(batch.tokens, {b_, t_});
   const int64_t m = b_ * t_, d = cfg_.d_model;
-  embedding_forward(batch.tokens, embed_->value, resid_[0], vocab_start_, cfg_.vocab_size);
-  tp_.sum(resid_[0]);
+  auto bt = [&](const Tensor& x) { return x.reshape({b_, t_, d}); };
+  // Vocabulary-parallel lookup: each rank fills its rows of the vocabulary, the sum is the lookup.
+  embedding_forward(batch.tokens, embed_->value, sp_ ? fout_ : bt(resid_[0]), vocab_start_,
+                    cfg_.vocab_size);
+  if (sp_)
+    scatter_sum(tp_, fout_, resid_[0]);
+  else
+    tp_.sum(resid_[0]);
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    rmsnorm_forward(resid_[i].reshape({m, d}), norms_[i]->value, cfg_.norm_eps,
-                    normed_[i].reshape({m, d}), rstd_[i]);
-    blocks_[i]->forward(normed_[i], fout_, meta);
+    rmsnorm_forward(resid_[i], norms_[i]->value, cfg_.norm_eps, normed_[i], rstd_[i]);
+    blocks_[i]->forward(sp_ ? gather(tp_, normed_[i], xfull_) : bt(normed_[i]), fout_, meta);
+    if (sp_) scatter_sum(tp_, fout_, dtmp_);  // this rank's rows of the block's output
     copy_tensor(*backend_, resid_[i + 1], resid_[i]);
-    add_into(resid_[i + 1], fout_);
+    add_into(resid_[i + 1], sp_ ? dtmp_ : fout_.reshape({m, d}));
   }
-  rmsnorm_forward(resid_.back().reshape({m, d}), norm_f_->value, cfg_.norm_eps, final_normed_,
+  rmsnorm_forward(resid_.back(), norm_f_->value, cfg_.norm_eps, sp_ ? final_local_ : final_normed_,
                   final_rstd_);
+  if (sp_) gather(tp_, final_local_, final_normed_);
   linear_forward(final_normed_, head_ ? head_->value : embed_->value, nullptr, logits_);
 }
 
@@ -250,22 +279,37 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
   StepResult r;
   for (auto& blk : blocks_) r.aux += blk->aux_loss();
   const int64_t m = b_ * t_, d = cfg_.d_model;
+  auto bt = [&](const Tensor& x) { return x.reshape({b_, t_, d}); };
   // The logits buffer receives its own gradient (cross_entropy reads each row before writing it).
   r.loss = loss(batch, &logits_, grad_scale);
-  const Tensor dfinal = dtmp_.reshape({m, d});
+  const Tensor dfinal = sp_ ? dxfull_.reshape({m, d}) : dtmp_;  // partial over the tp ranks
   Param* head = head_ ? head_ : embed_;
   linear_backward(final_normed_, head->value, logits_, &dfinal, head->grad, nullptr);
-  tp_.sum(dfinal);
-  rmsnorm_backward(resid_.back().reshape({m, d}), norm_f_->value, final_rstd_, dfinal,
-                   dresid_.reshape({m, d}), norm_f_->grad);
+  if (sp_)
+    scatter_sum(tp_, dfinal, dtmp_);
+  else
+    tp_.sum(dfinal);
+  rmsnorm_backward(resid_.back(), norm_f_->value, final_rstd_, dtmp_, dresid_, norm_f_->grad);
   for (size_t i = blocks_.size(); i-- > 0;) {
-    blocks_[i]->backward(normed_[i], dresid_, dnormed_, meta);
-    rmsnorm_backward(resid_[i].reshape({m, d}), norms_[i]->value, rstd_[i],
-                     dnormed_.reshape({m, d}), dtmp_.reshape({m, d}), norms_[i]->grad);
+    if (sp_) {
+      blocks_[i]->backward(gather(tp_, normed_[i], xfull_), gather(tp_, dresid_, fout_), dxfull_,
+                           meta);
+      scatter_sum(tp_, dxfull_, dnormed_);
+    } else {
+      blocks_[i]->backward(bt(normed_[i]), bt(dresid_), bt(dnormed_), meta);
+    }
+    rmsnorm_backward(resid_[i], norms_[i]->value, rstd_[i], dnormed_, dtmp_, norms_[i]->grad);
     add_into(dresid_, dtmp_);
   }
-  embedding_backward(batch.tokens, dresid_, embed_->grad, vocab_start_, cfg_.vocab_size);
+  embedding_backward(batch.tokens, sp_ ? gather(tp_, dresid_, fout_) : bt(dresid_), embed_->grad,
+                     vocab_start_, cfg_.vocab_size);
   return r;
+}
+
+void Model::reduce_sequence_parallel_grads() {
+  if (!sp_) return;
+  for (Param* p : norms_) tp_.sum(p->grad);
+  tp_.sum(norm_f_->grad);
 }
 
 LossSum Model::loss(const Batch& batch, const Tensor* dlogits, double grad_scale) {

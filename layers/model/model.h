@@ -79,6 +79,9 @@ class Model {
   };
   StepResult forward_backward(const Batch& batch, double grad_scale, double aux_scale);
   LossSum evaluate(const Batch& batch);
+  // Under sequence parallelism, sums the gradients of the norm weights (each rank saw its rows)
+  // over the tensor-parallel group: once per step, after the last microbatch.
+  void reduce_sequence_parallel_grads();
   // Rule-based updates after the optimizer step (MoE balancing bias).
   void after_optimizer_step();
   // The MoE per-expert assignment counts of this step, one [E] i32 tensor per MoE layer (to be
@@ -101,6 +104,7 @@ class Model {
   ModelConfig cfg_;
   Backend* backend_;
   TensorParallel tp_;
+  bool sp_ = false;          // sequence parallel: the residual stream is split by rows
   int64_t vocab_start_ = 0;  // this rank's first vocabulary row
   std::string layers_;
   int64_t b_, t_;
@@ -110,11 +114,13 @@ class Model {
   std::vector<std::unique_ptr<Block>> blocks_;
   std::vector<MoeBlock*> moe_blocks_;
   Arena saved_, scratch_;
-  // saved: residual stream inputs x_l [L+1][B,T,D], normed inputs, RMS scales, final norm
+  // saved: residual stream inputs x_l [L+1][M_r,D], normed inputs, RMS scales (M_r = M, or
+  // M / tp rows under sequence parallelism), final norm [M,D] (final_local_: this rank's rows)
   std::vector<Tensor> resid_, normed_, rstd_;
-  Tensor final_normed_, final_rstd_;
-  // scratch
-  Tensor logits_, dresid_, dnormed_, dtmp_, fout_;  // logits_ [M, V/tp]
+  Tensor final_normed_, final_rstd_, final_local_;
+  // scratch: logits_ [M,V/tp]; dresid_, dnormed_, dtmp_ [M_r,D]; fout_ [B,T,D]; under sequence
+  // parallelism xfull_, dxfull_ [B,T,D] (a block's gathered input, its input gradient)
+  Tensor logits_, dresid_, dnormed_, dtmp_, fout_, xfull_, dxfull_;
 };
 
 }  // namespace braid

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tensor parallel end to end: `braid train` on one process, with tp=2 (2 MPI ranks) and with
-# tp=2 x dp=2 (4 ranks; micro_batch halved, the same global batches), on the tiny hybrid without
+# tp=2 x dp=2 (4 ranks; micro_batch halved, the same global batches), and with tp=2 and sequence
+# parallelism (the residual stream split by rows), on the tiny hybrid without
 # its MoE layer (Mamba-1, MLP, Mamba-2, attention; every block split): the losses agree step by
 # step; tp=2 resumes from the one-process step-4 checkpoint, and one process from the tp=2 x dp=2
 # one (tensor-parallel shards as boxes, ZeRO-1 runs within them), with the same losses; the
@@ -41,7 +42,12 @@ compare() {  # name, losses a, losses b: every pair within 1e-4 relative
 run a 0 train.micro_batch=4
 run b 2 train.micro_batch=4 parallel.tp=2
 run c 4 train.micro_batch=2 parallel.tp=2
+run s 2 train.micro_batch=4 parallel.tp=2 parallel.sequence_parallel=true
+grep -q "layout: 2 ranks, tp 2 (sequence parallel), dp 1" "$work/s.log" ||
+  { echo "FAIL: sequence parallelism is not on"; cat "$work/s.log"; exit 1; }
 compare "tp=2 vs one process" "$(losses "$work/a/metrics.jsonl")" "$(losses "$work/b/metrics.jsonl")"
+compare "tp=2 with sequence parallelism vs one process" "$(losses "$work/a/metrics.jsonl")" \
+  "$(losses "$work/s/metrics.jsonl")"
 compare "tp=2 x dp=2 vs one process" "$(losses "$work/a/metrics.jsonl")" "$(losses "$work/c/metrics.jsonl")"
 "$braid" ckpt verify "$work/c/checkpoints/step_00000008" >/dev/null ||
   { echo "FAIL: the tp=2 x dp=2 checkpoint does not verify"; exit 1; }
