@@ -58,6 +58,12 @@ class MpiSession {
 // MPI_COMM_WORLD as a Communicator; timeout_s bounds every call (watchdog).
 std::unique_ptr<Communicator> make_mpi_world(double timeout_s);
 
+// NCCL over the ranks of `bootstrap` (an MPI group of the same ranks: rank 0's unique id reaches
+// the others through it), one GPU per rank (the current CUDA device); timeout_s bounds every
+// call. A build without NCCL (it needs -DBRAID_CUDA=ON with nccl.h and libnccl found) throws.
+std::unique_ptr<Communicator> make_nccl(Communicator& bootstrap, const std::string& name,
+                                        double timeout_s);
+
 // The group of this rank along dimension d of the grid (collective over `world`), named after d.
 std::unique_ptr<Communicator> make_group(Communicator& world, const RankGrid& grid, Dim d);
 

@@ -236,6 +236,14 @@ std::unique_ptr<Communicator> make_group(Communicator& world, const RankGrid& gr
   return world.split(ranks.front(), grid.coord(world.rank(), d), names[static_cast<int>(d)]);
 }
 
+#if !defined(BRAID_WITH_NCCL)
+std::unique_ptr<Communicator> make_nccl(Communicator&, const std::string& name, double) {
+  BRAID_FAIL("group '", name,
+             "': this build has no NCCL (configure with -DBRAID_CUDA=ON where nccl.h and libnccl "
+             "are found; NCCL_ROOT points at them)");
+}
+#endif
+
 double comm_timeout_from_env(double fallback) {
   const char* v = std::getenv("BRAID_COMM_TIMEOUT_S");
   if (!v) return fallback;

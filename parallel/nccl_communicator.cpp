@@ -1,0 +1,195 @@
+// The NCCL backend of Communicator: GPU tensors of the current device, one rank per GPU. Each call
+// is enqueued on the communicator's stream and waited for, so it has the MPI backend's semantics
+// (the data is in place when the call returns). The wait is the watchdog: it polls the stream and
+// NCCL's asynchronous error state, and a call that has not finished within the timeout aborts the
+// NCCL communicator and ends the job with the rank, the group and the operation named.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "parallel/communicator.h"
+#include "runtime/check.h"
+#include "runtime/cuda_check.h"
+
+#define NCCL_CHECK(call)                                                                          \
+  do {                                                                                            \
+    const ncclResult_t braid_nccl_rc_ = (call);                                                   \
+    if (braid_nccl_rc_ != ncclSuccess)                                                            \
+      ::braid::detail::fail(__FILE__, __LINE__, #call, ": ", ncclGetErrorString(braid_nccl_rc_)); \
+  } while (0)
+
+namespace braid {
+namespace {
+
+ncclDataType_t nccl_type(DType t) {
+  switch (t) {
+    case DType::f32:
+      return ncclFloat32;
+    case DType::f64:
+      return ncclFloat64;
+    case DType::bf16:
+      return ncclBfloat16;
+    case DType::f16:
+      return ncclFloat16;
+    case DType::i32:
+      return ncclInt32;
+    case DType::i64:
+      return ncclInt64;
+    case DType::u8:
+      return ncclUint8;
+  }
+  return ncclUint8;
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(ncclComm_t comm, std::string name, double timeout_s, int world_rank)
+      : comm_(comm), name_(std::move(name)), timeout_s_(timeout_s), world_rank_(world_rank) {
+    NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
+    NCCL_CHECK(ncclCommCount(comm_, &size_));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)));
+  }
+  ~NcclCommunicator() override {
+    cudaFree(scratch_);
+    cudaStreamDestroy(stream_);
+    ncclCommDestroy(comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+
+  void all_reduce(const Tensor& t, ReduceOp op) override {
+    check(t, "all_reduce");
+    NCCL_CHECK(
+        ncclAllReduce(t.data, t.data, t.numel(), nccl_type(t.dtype), nccl_op(op), comm_, stream_));
+    wait("all_reduce");
+  }
+  void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override {
+    check(in, "reduce_scatter");
+    check(out, "reduce_scatter");
+    BRAID_CHECK(in.dtype == out.dtype && in.numel() == out.numel() * size_,
+                "reduce_scatter: ", in.describe(), " must hold ", size_, " x ", out.describe());
+    NCCL_CHECK(ncclReduceScatter(in.data, out.data, out.numel(), nccl_type(in.dtype), nccl_op(op),
+                                 comm_, stream_));
+    wait("reduce_scatter");
+  }
+  void all_gather(const Tensor& in, const Tensor& out) override {
+    check(in, "all_gather");
+    check(out, "all_gather");
+    BRAID_CHECK(in.dtype == out.dtype && out.numel() == in.numel() * size_,
+                "all_gather: ", out.describe(), " must hold ", size_, " x ", in.describe());
+    NCCL_CHECK(ncclAllGather(in.data, out.data, in.numel(), nccl_type(in.dtype), comm_, stream_));
+    wait("all_gather");
+  }
+  void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_counts, const Tensor& out,
+                    const std::vector<int64_t>& recv_counts) override {
+    check(in, "all_to_all_v");
+    check(out, "all_to_all_v");
+    BRAID_CHECK(int(send_counts.size()) == size_ && int(recv_counts.size()) == size_,
+                "all_to_all_v: one count per peer expected (", size_, ")");
+    BRAID_CHECK(in.dtype == out.dtype, "all_to_all_v: dtype mismatch");
+    int64_t so = 0, ro = 0;
+    for (int p = 0; p < size_; ++p) {
+      BRAID_CHECK(send_counts[p] >= 0 && recv_counts[p] >= 0, "all_to_all_v: negative count");
+      so += send_counts[p], ro += recv_counts[p];
+    }
+    BRAID_CHECK(so <= in.numel() && ro <= out.numel(), "all_to_all_v: counts (", so, " sent, ", ro,
+                " received) exceed ", in.describe(), " / ", out.describe());
+    const size_t es = dtype_size(in.dtype);
+    NCCL_CHECK(ncclGroupStart());
+    so = 0, ro = 0;
+    for (int p = 0; p < size_; ++p) {
+      if (send_counts[p] > 0)
+        NCCL_CHECK(ncclSend(static_cast<const char*>(in.data) + so * es, send_counts[p],
+                            nccl_type(in.dtype), p, comm_, stream_));
+      if (recv_counts[p] > 0)
+        NCCL_CHECK(ncclRecv(static_cast<char*>(out.data) + ro * es, recv_counts[p],
+                            nccl_type(out.dtype), p, comm_, stream_));
+      so += send_counts[p], ro += recv_counts[p];
+    }
+    NCCL_CHECK(ncclGroupEnd());
+    wait("all_to_all_v");
+  }
+  void send(const Tensor& t, int peer) override {
+    check(t, "send");
+    NCCL_CHECK(ncclSend(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
+    wait("send");
+  }
+  void recv(const Tensor& t, int peer) override {
+    check(t, "recv");
+    NCCL_CHECK(ncclRecv(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
+    wait("recv");
+  }
+  void barrier() override {
+    NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_));
+    wait("barrier");
+  }
+  std::unique_ptr<Communicator> split(int color, int key, const std::string& name) override {
+    ncclComm_t sub = nullptr;
+    NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
+    BRAID_CHECK(sub != nullptr, "split of group '", name_, "' gave no communicator");
+    return std::make_unique<NcclCommunicator>(sub, name, timeout_s_, world_rank_);
+  }
+
+ private:
+  static ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::sum ? ncclSum : ncclMax; }
+  void check(const Tensor& t, const char* op) const {
+    BRAID_CHECK(t.device == Device::cuda && t.is_contiguous(), op, " on group '", name_,
+                "': ", t.describe(),
+                " must be a contiguous GPU tensor (the NCCL backend moves GPU tensors)");
+  }
+  // Waits for the call on the stream; past the timeout, or on an NCCL error, ends the job.
+  void wait(const char* op) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 0;; ++spins) {
+      const cudaError_t q = cudaStreamQuery(stream_);
+      if (q == cudaSuccess) return;
+      BRAID_CHECK(q == cudaErrorNotReady, op, " on group '", name_, "': ", cudaGetErrorString(q));
+      ncclResult_t async = ncclSuccess;
+      NCCL_CHECK(ncclCommGetAsyncError(comm_, &async));
+      const double waited =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (async != ncclSuccess || waited > timeout_s_) {
+        std::fprintf(stderr,
+                     "braid: error: rank %d, group '%s' (rank %d of %d): NCCL %s %s; aborting\n",
+                     world_rank_, name_.c_str(), rank_, size_, op,
+                     async != ncclSuccess ? ncclGetErrorString(async)
+                                          : "did not finish within the timeout (a rank is stuck "
+                                            "or gone)");
+        std::fflush(stderr);
+        ncclCommAbort(comm_);
+        mpi_abort(3);
+      }
+      if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+  ncclComm_t comm_;
+  std::string name_;
+  double timeout_s_;
+  int world_rank_;
+  int rank_ = 0, size_ = 1;
+  cudaStream_t stream_ = nullptr;
+  void* scratch_ = nullptr;  // barrier's one float
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_nccl(Communicator& bootstrap, const std::string& name,
+                                        double timeout_s) {
+  // Rank 0's unique id reaches every rank through the bootstrap group (a max over zeros).
+  ncclUniqueId id{};
+  if (bootstrap.rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+  bootstrap.all_reduce(
+      Tensor::contiguous_view(&id, DType::u8, Device::cpu, {int64_t(sizeof(id))}, "nccl_id"),
+      ReduceOp::max);
+  ncclComm_t comm = nullptr;
+  NCCL_CHECK(ncclCommInitRank(&comm, bootstrap.size(), id, bootstrap.rank()));
+  return std::make_unique<NcclCommunicator>(comm, name, timeout_s, bootstrap.rank());
+}
+
+}  // namespace braid
