@@ -106,12 +106,14 @@ class RunOptimizer {
 
 TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const Layout layout = resolve_layout(cfg, world ? world->size() : 1);
-  for (auto [name, v] :
-       {std::pair{"cp", layout.cp}, {"pp", layout.pp}, {"ep", layout.ep}, {"etp", layout.etp}})
+  for (auto [name, v] : {std::pair{"cp", layout.cp}, {"pp", layout.pp}, {"ep", layout.ep}})
     BRAID_REQUIRE(v == 1, "parallel.", name, " = ", v,
                   ": this build parallelises over data and tensors only (context, pipeline and "
                   "expert parallelism are not built yet); set parallel.",
                   name, "=1");
+  BRAID_REQUIRE(layout.etp == 1 || layout.etp == layout.tp, "parallel.etp = ", layout.etp,
+                ": experts are split over the tensor-parallel ranks (etp = tp = ", layout.tp,
+                ") or not at all (etp = 1)");
   const int dp = layout.dp, rank = world ? world->rank() : 0;
   // The data-parallel and tensor-parallel groups of this rank (collective).
   std::unique_ptr<Communicator> dp_group, tp_group;

@@ -47,6 +47,7 @@ class Block {
 struct TensorParallel {
   Communicator* group = nullptr;
   bool sequence_parallel = false;
+  bool partial_outputs = false;  // reduce_output leaves outputs partial: the caller sums them
   int size() const { return group ? group->size() : 1; }
   int rank() const { return group ? group->rank() : 0; }
   // This rank's slice of a weight split along dimension dim (whole when size 1).
@@ -59,9 +60,9 @@ struct TensorParallel {
     if (size() > 1) group->all_reduce(t, ReduceOp::sum);
   }
   // A block's output (forward) or input gradient (backward): summed here, or left partial for
-  // the model's reduce-scatter under sequence parallelism.
+  // the model's reduce-scatter under sequence parallelism (or for a caller that sums it).
   void reduce_output(const Tensor& t) const {
-    if (!split_rows()) sum(t);
+    if (!split_rows() && !partial_outputs) sum(t);
   }
 };
 

@@ -8,28 +8,36 @@
 namespace braid {
 
 MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, double init_std,
-                   double out_std)
-    : cfg_(cfg), router_{cfg.top_k, cfg.score, cfg.normalize_topk, cfg.capacity_factor} {
+                   double out_std, const TensorParallel& tp)
+    : cfg_(cfg),
+      tp_(tp),
+      ffn_(cfg.ffn / tp.size()),
+      router_{cfg.top_k, cfg.score, cfg.normalize_topk, cfg.capacity_factor} {
   const int64_t d = cfg.d_model, f = cfg.ffn, e = cfg.experts;
+  BRAID_CHECK(f % tp.size() == 0, "moe.ffn = ", f, " is not divisible by tp = ", tp.size());
   router_w_ = ps.add(pname(p, "gate.weight"), {e, d}, {ParamInit::Kind::normal, init_std}, true);
   if (cfg.balance_bias)
     bias_ = ps.add(pname(p, "gate.e_score_correction_bias"), {e}, {ParamInit::Kind::constant, 0.0},
                    false, false);
   for (int64_t i = 0; i < e; ++i) {
     const std::string ep = pname(p, "experts." + std::to_string(i));
+    const ParamInit in{ParamInit::Kind::normal, init_std}, out{ParamInit::Kind::normal, out_std};
     experts_.push_back(
-        {ps.add(pname(ep, "gate_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
-         ps.add(pname(ep, "up_proj.weight"), {f, d}, {ParamInit::Kind::normal, init_std}, true),
-         ps.add(pname(ep, "down_proj.weight"), {d, f}, {ParamInit::Kind::normal, out_std}, true)});
+        {ps.add(pname(ep, "gate_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
+         ps.add(pname(ep, "up_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
+         ps.add(pname(ep, "down_proj.weight"), {d, f}, out, true, true, tp.shard(1))});
   }
-  if (cfg.shared_ffn > 0)
+  if (cfg.shared_ffn > 0) {
+    TensorParallel partial = tp;  // summed with the experts' outputs, once
+    partial.partial_outputs = true;
     shared_ = std::make_unique<MlpBlock>(MlpConfig{d, cfg.shared_ffn}, ps,
-                                         pname(p, "shared_expert"), init_std, out_std);
+                                         pname(p, "shared_expert"), init_std, out_std, partial);
+  }
 }
 
 void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   m_ = batch * seq;
-  const int64_t e = cfg_.experts, k = cfg_.top_k, d = cfg_.d_model, f = cfg_.ffn, rows = m_ * k;
+  const int64_t e = cfg_.experts, k = cfg_.top_k, d = cfg_.d_model, f = ffn_, rows = m_ * k;
   cap_ = router_capacity(router_, m_, e);
   const DType t = router_w_->value.dtype;
   logits_ = sv.take("moe.logits", t, {m_, e});
@@ -87,6 +95,7 @@ void MoeBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) 
     shared_->forward(x, shared_out_, meta);
     add_into(y2, shared_out_);
   }
+  tp_.reduce_output(y2);
 }
 
 void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -94,6 +103,7 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   const int64_t d = cfg_.d_model;
   const Tensor x2 = x.reshape({m_, d}), dy2 = dy.reshape({m_, d}), dx2 = dx.reshape({m_, d});
   moe_combine_backward(dy2, oe_, expert_, slot_, offsets_, weight_, doe_, dweight_);
+  tp_.sum(dweight_);  // <dy, expert output>: each rank holds a part of the expert outputs
   const int32_t* off = offsets_.ptr<int32_t>();
   for (int64_t e = 0; e < cfg_.experts; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - off[e];
@@ -114,11 +124,13 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                   cfg_.aux_loss_coef * meta.aux_loss_scale, cfg_.z_loss_coef * meta.aux_loss_scale,
                   dlogits_);
   linear_backward(x2, router_w_->value, dlogits_, &dx_tmp_, router_w_->grad, nullptr);
-  add_into(dx2, dx_tmp_);
+  // The router's input gradient is whole on every rank: one of them adds it to the partial sum.
+  if (tp_.rank() == 0) add_into(dx2, dx_tmp_);
   if (shared_) {
     shared_->backward(x, dy, dx_tmp_.reshape({x.size(0), x.size(1), d}), meta);
     add_into(dx2, dx_tmp_);
   }
+  tp_.reduce_output(dx2);
 }
 
 void MoeBlock::after_optimizer_step() {

@@ -8,6 +8,11 @@
 // updated after each optimizer step by the balancing rule (not by gradients).
 // Parameters: gate.weight [E,D], gate.e_score_correction_bias [E], experts.{e}.gate_proj.weight
 // [F,D], experts.{e}.up_proj.weight [F,D], experts.{e}.down_proj.weight [D,F], shared_expert.*.
+// Tensor parallel over tp ranks (expert tensor parallelism, etp = tp): every rank routes every
+// token the same way (the router is replicated) and holds F/tp of every expert's (and the shared
+// expert's) hidden units, column/row parallel like the MLP; y is summed over the group, and the
+// gradients that pass through the partial expert outputs (dx, and the combine weights' before
+// the router's backward).
 #pragma once
 
 #include <memory>
@@ -37,7 +42,7 @@ struct MoeConfig {
 class MoeBlock final : public Block {
  public:
   MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& prefix, double init_std,
-           double out_std);
+           double out_std, const TensorParallel& tp = {});
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -55,6 +60,8 @@ class MoeBlock final : public Block {
     Param *gate, *up, *down;
   };
   MoeConfig cfg_;
+  TensorParallel tp_;
+  int64_t ffn_;  // this rank's hidden units per expert, F/tp
   RouterConfig router_;
   Param* router_w_;
   Param* bias_ = nullptr;

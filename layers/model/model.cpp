@@ -114,9 +114,11 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
                   " (tensor parallelism shards it); tp values that divide every sharded size: ",
                   divisors_of_all(tp_dims));
   if (has('E')) {
-    BRAID_REQUIRE(l.tp == 1, "parallel.tp = ", l.tp,
-                  ": MoE layers ('E' in model.pattern) are not split over tensor-parallel ranks "
-                  "yet; set parallel.tp=1 for this model");
+    BRAID_REQUIRE(l.tp == 1 || l.etp == l.tp, "parallel.etp = ", l.etp,
+                  " with parallel.tp = ", l.tp,
+                  ": tensor parallelism splits the MoE experts over the same ranks; set "
+                  "parallel.etp=",
+                  l.tp);
     BRAID_REQUIRE(c.moe.experts % l.ep == 0, "moe.experts = ", c.moe.experts,
                   " is not divisible by parallel.ep = ", l.ep,
                   "; ep values that work: ", divisors_of_all({{"moe.experts", c.moe.experts}}));
@@ -139,10 +141,6 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
   layers_ = pattern_layers(cfg_.pattern);
-  BRAID_REQUIRE(tp.size() == 1 || layers_.find('E') == std::string::npos,
-                "parallel.tp = ", tp.size(),
-                ": MoE layers ('E' in model.pattern) are not split over tensor-parallel "
-                "ranks yet; use parallel.tp=1 for this model");
   BRAID_REQUIRE(cfg_.vocab_size % tp.size() == 0, "parallel.tp = ", tp.size(),
                 " must divide model.vocab_size = ", cfg_.vocab_size);
   vocab_start_ = tp.rank() * (cfg_.vocab_size / tp.size());
@@ -184,7 +182,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       case 'E': {
         MoeConfig m = cfg_.moe;
         m.d_model = d;
-        auto blk = std::make_unique<MoeBlock>(m, params_, mp, std, out_std);
+        auto blk = std::make_unique<MoeBlock>(m, params_, mp, std, out_std, tp);
         moe_blocks_.push_back(blk.get());
         blocks_.push_back(std::move(blk));
         break;

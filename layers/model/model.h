@@ -65,7 +65,7 @@ class Model {
   // pad_elems: the parameter and gradient arenas hold a multiple of this many elements (the
   // data-parallel size, for ZeRO-1 shards).
   // tp: the tensor-parallel group every block, the embedding and the output projection are
-  // split over (vocabulary-parallel, as Megatron-LM); MoE layers are not split yet.
+  // split over (vocabulary-parallel, as Megatron-LM; MoE experts over the same ranks).
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
         int64_t pad_elems = 1, const TensorParallel& tp = {});
 

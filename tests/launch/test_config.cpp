@@ -117,7 +117,7 @@ TEST(Config, ParallelLayoutResolvesAndNamesBrokenConstraints) {
   EXPECT_EQ(c.parallel.dp, 0);  // derived at launch
   EXPECT_EQ(resolve_layout(c, 8).dp, 8);
   c.parallel.tp = 2;
-  c.model.pattern = "M*-M";  // tensor parallelism does not split MoE layers yet (checked below)
+  c.model.pattern = "M*-M";  // without MoE layers (etp = tp is checked below)
   EXPECT_EQ(resolve_layout(c, 8).dp, 4);
   auto err = [&](RunConfig cc, int world) {
     try {
@@ -147,9 +147,11 @@ TEST(Config, ParallelLayoutResolvesAndNamesBrokenConstraints) {
   EXPECT_NE(err(bad, 9).find("parallel.pp = 9 exceeds the 4 layers"), std::string::npos)
       << err(bad, 9);
   bad = c;
-  bad.model.pattern = "M*E", bad.parallel.tp = 2;  // MoE layers are not tensor-parallel yet
-  EXPECT_NE(err(bad, 2).find("MoE layers ('E' in model.pattern) are not split"), std::string::npos)
+  bad.model.pattern = "M*E", bad.parallel.tp = 2;  // experts split over the tp ranks: etp = tp
+  EXPECT_NE(err(bad, 2).find("parallel.etp = 1 with parallel.tp = 2"), std::string::npos)
       << err(bad, 2);
+  bad.parallel.etp = 2;
+  EXPECT_EQ(err(bad, 2), "");
   bad = c;
   bad.parallel.order = "tp-dp";
   EXPECT_NE(err(bad, 8).find("must name cp exactly once"), std::string::npos) << err(bad, 8);

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Tensor parallel end to end: `braid train` on one process, with tp=2 (2 MPI ranks) and with
 # tp=2 x dp=2 (4 ranks; micro_batch halved, the same global batches), and with tp=2 and sequence
-# parallelism (the residual stream split by rows), on the tiny hybrid without
-# its MoE layer (Mamba-1, MLP, Mamba-2, attention; every block split): the losses agree step by
+# parallelism (the residual stream split by rows), on the tiny hybrid (Mamba-1, MLP, Mamba-2,
+# attention, MoE; every block split, the experts over the same ranks): the losses agree step by
 # step; tp=2 resumes from the one-process step-4 checkpoint, and one process from the tp=2 x dp=2
 # one and dp=4 (4 ranks) from it (tensor-parallel shards as boxes, ZeRO-1 runs within them), with
 # the same losses; the sharded checkpoint verifies, and a truncated or two swapped shard files
 # are refused with the file named. Usage: train_tp.sh BRAID CONFIG MPIRUN...
 # Tolerance: as in train_dp.sh, the layouts differ only in how f32 sums are associated (partial
 # products summed over ranks), about 1e-6 relative, which Adam (eps = 1e-3) turns into loss
-# differences below 1e-4 relative over 8 steps.
+# differences below 1e-4 relative over 8 steps. The MoE auxiliary losses are off (as in
+# train_dp.sh): each data-parallel rank computes them over its own tokens, a real difference
+# from one process that would hide the rounding-level agreement checked here.
 set -eu
 braid="$1"
 config="$2"
@@ -22,7 +24,8 @@ trap 'rm -rf "$work"' EXIT
 prep_corpus "$braid" "$work" >/dev/null
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=8 train.seq_len=64
       optim.warmup=2 optim.eps=0.001 train.log_interval=4 train.eval_interval=8 train.eval_batches=2
-      model.pattern=S-M*-M model.d_model=64 mlp.ffn=128 mamba2.head_dim=16 mamba2.groups=2
+      model.d_model=64 mlp.ffn=128 moe.ffn=64 moe.aux_loss_coef=0 moe.z_loss_coef=0
+      mamba2.head_dim=16 mamba2.groups=2
       mamba2.chunk=16 checkpoint.interval=4 train.threads=1)
 run() {  # out dir, ranks (0: no mpirun), extra args...
   local out="$1" np="$2"
@@ -41,9 +44,9 @@ compare() {  # name, losses a, losses b: every pair within 1e-4 relative
     END { printf "%s: %d steps, largest relative loss difference %.2e\n", name, n, worst; exit !(n > 0 && worst <= 1e-4) }'
 }
 run a 0 train.micro_batch=4
-run b 2 train.micro_batch=4 parallel.tp=2
-run c 4 train.micro_batch=2 parallel.tp=2
-run s 2 train.micro_batch=4 parallel.tp=2 parallel.sequence_parallel=true
+run b 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2
+run c 4 train.micro_batch=2 parallel.tp=2 parallel.etp=2
+run s 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2 parallel.sequence_parallel=true
 grep -q "layout: 2 ranks, tp 2 (sequence parallel), dp 1" "$work/s.log" ||
   { echo "FAIL: sequence parallelism is not on"; cat "$work/s.log"; exit 1; }
 compare "tp=2 vs one process" "$(losses "$work/a/metrics.jsonl")" "$(losses "$work/b/metrics.jsonl")"
@@ -74,7 +77,7 @@ mkdir -p "$work/d/checkpoints" "$work/e/checkpoints" "$work/f/checkpoints"
 cp -r "$work/a/checkpoints/step_00000004" "$work/d/checkpoints/"
 cp -r "$work/c/checkpoints/step_00000004" "$work/e/checkpoints/"
 cp -r "$work/c/checkpoints/step_00000004" "$work/f/checkpoints/"
-run d 2 train.micro_batch=4 parallel.tp=2 checkpoint.resume=true
+run d 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2 checkpoint.resume=true
 run e 0 train.micro_batch=4 checkpoint.resume=true
 run f 4 train.micro_batch=1 checkpoint.resume=true
 for r in d e f; do

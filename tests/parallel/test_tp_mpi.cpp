@@ -17,6 +17,7 @@
 #include "layers/blocks/mamba1_mixer.h"
 #include "layers/blocks/mamba2_mixer.h"
 #include "layers/blocks/mlp.h"
+#include "layers/blocks/moe.h"
 #include "parallel/communicator.h"
 #include "runtime/backend.h"
 
@@ -205,6 +206,21 @@ int main(int argc, char** argv) {
             Mamba1Config c;
             c.d_model = d, c.d_inner = 16, c.d_state = 4, c.dt_rank = 3, c.dt_bc_norm = jamba;
             return std::make_unique<Mamba1Mixer>(c, ps, "m1", 0.3, 0.2, tp);
+          },
+          d, *world, *backend);
+    for (RouterScore score : {RouterScore::softmax, RouterScore::sigmoid})
+      check_block(
+          score == RouterScore::softmax ? "moe (softmax, shared expert)"
+                                        : "moe (sigmoid, capacity)",
+          [&](ParamSet& ps, const TensorParallel& tp) {
+            MoeConfig c;
+            c.d_model = d, c.experts = 4, c.top_k = 2, c.ffn = 8, c.score = score;
+            c.z_loss_coef = 0.1;
+            if (score == RouterScore::softmax)
+              c.shared_ffn = 8;
+            else
+              c.normalize_topk = true, c.capacity_factor = 1.0;
+            return std::make_unique<MoeBlock>(c, ps, "moe", 0.3, 0.2, tp);
           },
           d, *world, *backend);
   } catch (const std::exception& e) {
