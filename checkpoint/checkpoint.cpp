@@ -434,27 +434,32 @@ void check_coverage(const json& tensors) {
 
 }  // namespace
 
-std::string save_checkpoint_sharded(const std::string& root, const CheckpointMeta& meta,
-                                    const std::vector<CheckpointPiece>& pieces,
-                                    Communicator* world) {
-  h5_quiet();
+ShardedSave begin_sharded_save(const std::string& root, const CheckpointMeta& meta,
+                               Communicator* world) {
   SaveFaults& faults = save_faults();
   ++faults.saves;
   const int rank = world ? world->rank() : 0, ranks = world ? world->size() : 1;
-  const bool lead = rank == 0;
   // One temporary directory for all ranks, named by rank 0's process id.
-  int64_t id = lead ? ::getpid() : 0;
+  int64_t id = rank == 0 ? ::getpid() : 0;
   if (ranks > 1)
     world->all_reduce(Tensor::contiguous_view(&id, DType::i64, Device::cpu, {1}, "id"),
                       ReduceOp::max);
   const std::string name = step_name(meta.step);
-  const fs::path final_dir = fs::path(root) / name;
-  const fs::path tmp = fs::path(root) / (name + ".tmp-" + std::to_string(id));
-  if (lead) {
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
+  ShardedSave save{root, meta, (fs::path(root) / (name + ".tmp-" + std::to_string(id))).string(),
+                   rank};
+  if (rank == 0) {
+    fs::remove_all(save.tmp_dir);
+    fs::create_directories(save.tmp_dir);
   }
   if (ranks > 1) world->barrier();
+  return save;
+}
+
+std::string write_rank_file(const ShardedSave& save, const std::vector<CheckpointPiece>& pieces) {
+  h5_quiet();
+  SaveFaults& faults = save_faults();
+  const int rank = save.rank;
+  const fs::path tmp = save.tmp_dir;
   faults.hit("before_data", rank);
   char fname[32];
   std::snprintf(fname, sizeof(fname), "rank_%05d.h5", rank);
@@ -500,7 +505,18 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
   faults.hit("before_fsync", rank);
   fsync_path(file);
   mine["sha256"] = sha256_file(file);
-  const std::vector<std::string> reports = gather_strings(mine.dump(), world);
+  return mine.dump();
+}
+
+std::string commit_sharded_save(const ShardedSave& save, const std::string& report,
+                                Communicator* world) {
+  SaveFaults& faults = save_faults();
+  const int ranks = world ? world->size() : 1;
+  const bool lead = save.rank == 0;
+  const CheckpointMeta& meta = save.meta;
+  const fs::path tmp = save.tmp_dir, root = save.root;
+  const fs::path final_dir = root / step_name(meta.step);
+  const std::vector<std::string> reports = gather_strings(report, world);
   if (lead) {
     faults.hit("before_manifest");
     json files = json::array(), tensors = json::array();
@@ -550,10 +566,17 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
     faults.hit("before_rename");
     fs::remove_all(final_dir);  // a checkpoint of the same step from an earlier, interrupted run
     fs::rename(tmp, final_dir);
-    fsync_path(root);
+    fsync_path(root.string());
   }
   if (ranks > 1) world->barrier();  // committed before any rank goes on
   return final_dir.string();
+}
+
+std::string save_checkpoint_sharded(const std::string& root, const CheckpointMeta& meta,
+                                    const std::vector<CheckpointPiece>& pieces,
+                                    Communicator* world) {
+  const ShardedSave save = begin_sharded_save(root, meta, world);
+  return commit_sharded_save(save, write_rank_file(save, pieces), world);
 }
 
 std::string latest_checkpoint(const std::string& root) {

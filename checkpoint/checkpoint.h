@@ -72,6 +72,22 @@ std::string save_checkpoint_sharded(const std::string& root, const CheckpointMet
                                     const std::vector<CheckpointPiece>& pieces,
                                     Communicator* world);
 
+// The three phases of save_checkpoint_sharded, for saves written in the background:
+// begin_sharded_save (collective: the temporary directory), write_rank_file (this rank's file and
+// its report; no communication, so a background thread may run it), commit_sharded_save
+// (collective: the reports gathered, the coverage check, the manifest, the rename).
+struct ShardedSave {
+  std::string root;
+  CheckpointMeta meta;
+  std::string tmp_dir;
+  int rank = 0;
+};
+ShardedSave begin_sharded_save(const std::string& root, const CheckpointMeta& meta,
+                               Communicator* world);
+std::string write_rank_file(const ShardedSave& save, const std::vector<CheckpointPiece>& pieces);
+std::string commit_sharded_save(const ShardedSave& save, const std::string& report,
+                                Communicator* world);
+
 // A run of a logical tensor to read: elements [start, start + count) of the row-major
 // flattening of a box of it (as in CheckpointPiece; empty: the whole tensor) into dst (count
 // elements of dtype); count 0 only declares that the tensor exists.
