@@ -5,6 +5,7 @@
 // wait() joins the write in flight and rethrows its failure, if any.
 #pragma once
 
+#include <atomic>
 #include <exception>
 #include <functional>
 #include <string>
@@ -33,6 +34,40 @@ class AsyncCheckpointWriter {
   std::thread thread_;
   std::exception_ptr error_;
   std::vector<char> staging_;  // the tensors of the save in flight
+};
+
+// Sharded checkpoints written in the background (every rank of a job). submit() (collective, at
+// a step boundary) waits for and commits the previous save, creates the temporary directory,
+// copies this rank's pieces into a staging buffer and starts a thread that writes the rank's file;
+// the caller goes on training at once. poll() (collective, once per step) commits the save when
+// every rank's file is written: each rank says whether its thread is done (one all-reduce), and
+// then all commit together (commit_sharded_save). finish() (collective) waits and commits. A
+// failed write is rethrown by the next poll/finish on that rank, after the ranks agreed on it.
+class AsyncShardedWriter {
+ public:
+  using Done = std::function<void(const std::string& dir)>;
+  explicit AsyncShardedWriter(Communicator* world) : world_(world) {}
+  AsyncShardedWriter(const AsyncShardedWriter&) = delete;
+  AsyncShardedWriter& operator=(const AsyncShardedWriter&) = delete;
+  ~AsyncShardedWriter();  // joins; call finish() to commit
+
+  void submit(const std::string& root, const CheckpointMeta& meta,
+              const std::vector<CheckpointPiece>& pieces, Done done);
+  void poll();
+  void finish();
+  bool pending() const { return pending_; }
+
+ private:
+  void commit();  // after every rank's thread has ended
+  Communicator* world_;
+  bool pending_ = false;
+  ShardedSave save_;
+  Done done_;
+  std::thread thread_;
+  std::atomic<bool> written_{false};
+  std::string report_;
+  std::exception_ptr error_;
+  std::vector<char> staging_;
 };
 
 }  // namespace braid

@@ -37,7 +37,7 @@ struct CheckpointSettings {
   int64_t keep = 3;          // newest committed checkpoints kept
   int64_t keep_every = 0;    // also kept forever: steps that are multiples of it (0: none)
   bool resume = false;       // continue from the newest checkpoint in dir, if any
-  bool async = false;        // one process: write in the background after a copy (one in flight)
+  bool async = false;        // write in the background after a copy (one save in flight)
   int64_t max_attempts = 3;  // runs in a row from one checkpoint before a crash loop (exit 4)
 };
 

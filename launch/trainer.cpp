@@ -228,13 +228,27 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   if (lead)
     metrics = std::make_unique<MetricsLog>(
         (std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(), start_step > 0);
-  AsyncCheckpointWriter writer;  // checkpoint.async: rank 0's background writes
+  AsyncCheckpointWriter writer;              // checkpoint.async, one process
+  AsyncShardedWriter sharded_writer(world);  // checkpoint.async, several ranks (collective)
   auto save = [&](int64_t steps_done) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
     if (opt.sharded()) {  // every rank writes its shard; collective
-      const std::string dir = save_checkpoint_sharded(
-          ckpt_dir, meta, opt.shard_pieces(dp_rank == 0, tp_rank == 0), world);
+      const std::vector<CheckpointPiece> pieces = opt.shard_pieces(dp_rank == 0, tp_rank == 0);
+      if (cfg.checkpoint.async) {
+        sharded_writer.submit(ckpt_dir, meta, pieces, [&](const std::string& dir) {
+          if (!lead) return;
+          prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
+          say("saved checkpoint %s (%d ranks wrote their shards in the background)\n", dir.c_str(),
+              world->size());
+          std::fflush(stdout);
+        });
+        say("checkpoint of step %lld staged in %.3f s (training blocked); every rank writes its "
+            "shard in the background\n",
+            (long long)steps_done, std::chrono::duration<double>(Clock::now() - c0).count());
+        return;
+      }
+      const std::string dir = save_checkpoint_sharded(ckpt_dir, meta, pieces, world);
       if (!lead) return;
       prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
       say("saved checkpoint %s (%d ranks wrote their shards, %.2f s)\n", dir.c_str(), world->size(),
@@ -348,6 +362,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     const bool saved = (cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) ||
                        step + 1 == ts.steps;
     if (saved) save(step + 1);
+    sharded_writer.poll();  // commits a background save once every rank has written its file
     if (step + 1 < ts.steps && stop_requested(world)) {  // collective, every step
       if (!saved) save(step + 1);
       say("stopped on SIGUSR1 after step %lld: checkpoint saved, exiting for a requeue\n",
@@ -358,6 +373,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     }
   }
   writer.wait();  // the last checkpoint is committed before the run counts as ended
+  sharded_writer.finish();
   if (lead) end_attempt(ckpt_dir);
   if (!s.stopped_on_signal) s.steps = ts.steps - start_step;
   s.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
