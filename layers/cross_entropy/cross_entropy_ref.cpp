@@ -8,22 +8,33 @@
 
 namespace braid {
 
-LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor* dlogits,
-                      double grad_scale) {
+namespace {
+
+// Shapes, dtypes and devices of the arguments, and every target in [-1, vocab).
+void check_args(const Tensor& logits, const Tensor& targets, const Tensor* dlogits, int64_t vocab) {
   BRAID_CHECK(logits.ndim == 2, "cross_entropy: logits must be [M,V], got ", logits.describe());
-  const int64_t m = logits.size(0), v = logits.size(1);
+  const int64_t m = logits.size(0);
   BRAID_CHECK(targets.dtype == DType::i32, "cross_entropy: targets must be i32, got ",
               targets.describe());
   check_shape(targets, {m});
   if (dlogits) {
-    check_shape(*dlogits, {m, v});
+    check_shape(*dlogits, {m, logits.size(1)});
     check_same_dtype(logits, *dlogits);
   }
   require_host("cross_entropy", {&logits, &targets, dlogits});
   const int32_t* tgt = targets.ptr<int32_t>();
   for (int64_t i = 0; i < m; ++i)
-    BRAID_CHECK(tgt[i] >= -1 && tgt[i] < v, "cross_entropy: target ", tgt[i], " of row ", i,
-                " is outside [-1, ", v, ")");
+    BRAID_CHECK(tgt[i] >= -1 && tgt[i] < vocab, "cross_entropy: target ", tgt[i], " of row ", i,
+                " is outside [-1, ", vocab, ")");
+}
+
+}  // namespace
+
+LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor* dlogits,
+                      double grad_scale) {
+  check_args(logits, targets, dlogits, logits.ndim == 2 ? logits.size(1) : 0);
+  const int64_t m = logits.size(0), v = logits.size(1);
+  const int32_t* tgt = targets.ptr<int32_t>();
   LossSum out;
   dispatch_float(logits.dtype, "cross_entropy", [&]<typename T>() {
     const T* lp = logits.ptr<T>();
@@ -72,22 +83,11 @@ LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor*
 LossSum cross_entropy_vocab_parallel(const Tensor& logits, const Tensor& targets,
                                      const Tensor* dlogits, double grad_scale, int64_t vocab_start,
                                      int64_t vocab_size, Communicator& group) {
-  BRAID_CHECK(logits.ndim == 2, "cross_entropy: logits must be [M,V], got ", logits.describe());
+  check_args(logits, targets, dlogits, vocab_size);
   const int64_t m = logits.size(0), v = logits.size(1), v0 = vocab_start;
-  BRAID_CHECK(targets.dtype == DType::i32, "cross_entropy: targets must be i32, got ",
-              targets.describe());
-  check_shape(targets, {m});
   BRAID_CHECK(v0 >= 0 && v0 + v <= vocab_size, "cross_entropy: columns [", v0, ", ", v0 + v,
               ") are outside the vocabulary [0, ", vocab_size, ")");
-  if (dlogits) {
-    check_shape(*dlogits, {m, v});
-    check_same_dtype(logits, *dlogits);
-  }
-  require_host("cross_entropy", {&logits, &targets, dlogits});
   const int32_t* tgt = targets.ptr<int32_t>();
-  for (int64_t i = 0; i < m; ++i)
-    BRAID_CHECK(tgt[i] >= -1 && tgt[i] < vocab_size, "cross_entropy: target ", tgt[i], " of row ",
-                i, " is outside [-1, ", vocab_size, ")");
   std::vector<double> mx(m), se(m), tl(m);
   auto reduce = [&](std::vector<double>& x, ReduceOp op) {
     group.all_reduce(Tensor::contiguous_view(x.data(), DType::f64, Device::cpu, {m}, "ce"), op);

@@ -37,12 +37,6 @@ run() {  # out dir, ranks (0: no mpirun), extra args...
       train.out_dir="$work/$out" "$@" >"$work/$out.log"
   fi
 }
-losses() { grep '"kind": "train"' "$1" | sed 's/.*"loss": \([^,]*\),.*/\1/'; }
-compare() {  # name, losses a, losses b: every pair within 1e-4 relative
-  paste <(echo "$2") <(echo "$3") | awk -v name="$1" '{
-      d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r; n++ }
-    END { printf "%s: %d steps, largest relative loss difference %.2e\n", name, n, worst; exit !(n > 0 && worst <= 1e-4) }'
-}
 run a 0 train.micro_batch=4
 run b 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2
 run c 4 train.micro_batch=2 parallel.tp=2 parallel.etp=2
