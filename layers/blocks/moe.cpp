@@ -8,24 +8,28 @@
 namespace braid {
 
 MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, double init_std,
-                   double out_std, const TensorParallel& tp)
+                   double out_std, const TensorParallel& tp, Communicator* ep)
     : cfg_(cfg),
       tp_(tp),
+      ep_(ep && ep->size() > 1 ? ep : nullptr),
       ffn_(cfg.ffn / tp.size()),
       router_{cfg.top_k, cfg.score, cfg.normalize_topk, cfg.capacity_factor} {
   const int64_t d = cfg.d_model, f = cfg.ffn, e = cfg.experts;
   BRAID_CHECK(f % tp.size() == 0, "moe.ffn = ", f, " is not divisible by tp = ", tp.size());
+  const int eps = ep_ ? ep_->size() : 1;
+  BRAID_CHECK(e % eps == 0, "moe.experts = ", e, " is not divisible by ep = ", eps);
+  local_ = e / eps, e0_ = ep_ ? ep_->rank() * local_ : 0;
   router_w_ = ps.add(pname(p, "gate.weight"), {e, d}, {ParamInit::Kind::normal, init_std}, true);
   if (cfg.balance_bias)
     bias_ = ps.add(pname(p, "gate.e_score_correction_bias"), {e}, {ParamInit::Kind::constant, 0.0},
                    false, false);
-  for (int64_t i = 0; i < e; ++i) {
-    const std::string ep = pname(p, "experts." + std::to_string(i));
+  for (int64_t i = e0_; i < e0_ + local_; ++i) {
+    const std::string en = pname(p, "experts." + std::to_string(i));
     const ParamInit in{ParamInit::Kind::normal, init_std}, out{ParamInit::Kind::normal, out_std};
     experts_.push_back(
-        {ps.add(pname(ep, "gate_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
-         ps.add(pname(ep, "up_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
-         ps.add(pname(ep, "down_proj.weight"), {d, f}, out, true, true, tp.shard(1))});
+        {ps.add(pname(en, "gate_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
+         ps.add(pname(en, "up_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
+         ps.add(pname(en, "down_proj.weight"), {d, f}, out, true, true, tp.shard(1))});
   }
   if (cfg.shared_ffn > 0) {
     TensorParallel partial = tp;  // summed with the experts' outputs, once
@@ -49,19 +53,28 @@ void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   step_counts_ = sv.take("moe.step_counts", DType::i32, {e});
   offsets_ = sv.take("moe.offsets", DType::i32, {e + 1});
   row_token_ = sv.take("moe.row_token", DType::i32, {rows});
+  // Rows at the experts: this rank's (M K), or under expert parallelism every rank's rows for
+  // this rank's experts (at most ep M K).
+  const int64_t at_experts = rows * (ep_ ? ep_->size() : 1);
   xe_ = sv.take("moe.x_rows", t, {rows, d});
-  ga_ = sv.take("moe.gate_act", t, {rows, f});
-  ua_ = sv.take("moe.up_act", t, {rows, f});
-  he_ = sv.take("moe.hidden", t, {rows, f});
+  ga_ = sv.take("moe.gate_act", t, {at_experts, f});
+  ua_ = sv.take("moe.up_act", t, {at_experts, f});
+  he_ = sv.take("moe.hidden", t, {at_experts, f});
   oe_ = sv.take("moe.out_rows", t, {rows, d});
+  if (ep_) {
+    xr_ = sv.take("moe.x_rows_at_experts", t, {at_experts, d});
+    or_ = sv.take("moe.out_rows_at_experts", t, {at_experts, d});
+    dor_ = sc.take("moe.dout_rows_at_experts", t, {at_experts, d});
+    dxr_ = sc.take("moe.dx_rows_at_experts", t, {at_experts, d});
+  }
   dweight_ = sc.take("moe.dweight", t, {m_, k});
   dlogits_ = sc.take("moe.dlogits", t, {m_, e});
   doe_ = sc.take("moe.dout_rows", t, {rows, d});
-  dhe_ = sc.take("moe.dhidden", t, {rows, f});
-  dga_ = sc.take("moe.dgate", t, {rows, f});
-  dua_ = sc.take("moe.dup", t, {rows, f});
+  dhe_ = sc.take("moe.dhidden", t, {at_experts, f});
+  dga_ = sc.take("moe.dgate", t, {at_experts, f});
+  dua_ = sc.take("moe.dup", t, {at_experts, f});
   dxe_ = sc.take("moe.dx_rows", t, {rows, d});
-  dxe2_ = sc.take("moe.dx_rows2", t, {rows, d});
+  dxe2_ = sc.take("moe.dx_rows2", t, {at_experts, d});
   dx_tmp_ = sc.take("moe.dx_tmp", t, {m_, d});
   if (shared_) {
     shared_out_ = sc.take("moe.shared_out", t, {m_, d});
@@ -79,16 +92,13 @@ void MoeBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) 
   router_accumulate_counts(step_counts_, counts_);
   rows_ = moe_dispatch_plan(expert_, slot_, counts_, cap_, offsets_, row_token_);
   moe_gather(x2, row_token_, rows_, xe_);
-  const int32_t* off = offsets_.ptr<int32_t>();
-  for (int64_t e = 0; e < cfg_.experts; ++e) {
-    const int64_t r0 = off[e], n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    const Expert& ex = experts_[e];
-    const Tensor ga = ga_.slice(0, r0, n), ua = ua_.slice(0, r0, n), he = he_.slice(0, r0, n);
-    linear_forward(xe_.slice(0, r0, n), ex.gate->value, nullptr, ga);
-    linear_forward(xe_.slice(0, r0, n), ex.up->value, nullptr, ua);
-    swiglu_forward(ga, ua, he);
-    linear_forward(he, ex.down->value, nullptr, oe_.slice(0, r0, n));
+  if (ep_) {
+    exchange_counts();
+    to_experts(xe_, xr_);
+    experts_forward(xr_, or_);
+    from_experts(or_, oe_);
+  } else {
+    experts_forward(xe_, oe_);
   }
   moe_combine(oe_, expert_, slot_, offsets_, weight_, y2);
   if (shared_) {
@@ -104,19 +114,12 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   const Tensor x2 = x.reshape({m_, d}), dy2 = dy.reshape({m_, d}), dx2 = dx.reshape({m_, d});
   moe_combine_backward(dy2, oe_, expert_, slot_, offsets_, weight_, doe_, dweight_);
   tp_.sum(dweight_);  // <dy, expert output>: each rank holds a part of the expert outputs
-  const int32_t* off = offsets_.ptr<int32_t>();
-  for (int64_t e = 0; e < cfg_.experts; ++e) {
-    const int64_t r0 = off[e], n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    const Expert& ex = experts_[e];
-    const Tensor xe = xe_.slice(0, r0, n), dxe = dxe_.slice(0, r0, n), dxe2 = dxe2_.slice(0, r0, n);
-    const Tensor dga = dga_.slice(0, r0, n), dua = dua_.slice(0, r0, n), dhe = dhe_.slice(0, r0, n);
-    linear_backward(he_.slice(0, r0, n), ex.down->value, doe_.slice(0, r0, n), &dhe, ex.down->grad,
-                    nullptr);
-    swiglu_backward(ga_.slice(0, r0, n), ua_.slice(0, r0, n), dhe, dga, dua);
-    linear_backward(xe, ex.gate->value, dga, &dxe, ex.gate->grad, nullptr);
-    linear_backward(xe, ex.up->value, dua, &dxe2, ex.up->grad, nullptr);
-    add_into(dxe, dxe2);
+  if (ep_) {
+    to_experts(doe_, dor_);
+    experts_backward(xr_, dor_, dxr_);
+    from_experts(dxr_, dxe_);
+  } else {
+    experts_backward(xe_, doe_, dxe_);
   }
   zero_fill(dx2);
   moe_gather_backward(dxe_, row_token_, rows_, dx2);
@@ -131,6 +134,83 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     add_into(dx2, dx_tmp_);
   }
   tp_.reduce_output(dx2);
+}
+
+std::vector<MoeBlock::Segment> MoeBlock::segments() const {
+  std::vector<Segment> out;
+  if (!ep_) {
+    const int32_t* off = offsets_.ptr<int32_t>();
+    for (int e = 0; e < int(cfg_.experts); ++e)
+      if (off[e + 1] > off[e]) out.push_back({off[e], off[e + 1] - off[e], e});
+    return out;
+  }
+  // Received rows: by source rank, then by this rank's experts.
+  int64_t r0 = 0;
+  for (size_t i = 0; i < recv_expert_rows_.size(); ++i) {
+    const int64_t n = recv_expert_rows_[i];
+    if (n > 0) out.push_back({r0, n, int(i % local_)});
+    r0 += n;
+  }
+  return out;
+}
+
+void MoeBlock::experts_forward(const Tensor& x_rows, const Tensor& out_rows) {
+  for (const Segment& g : segments()) {
+    const Expert& ex = experts_[g.e];
+    const Tensor ga = ga_.slice(0, g.r0, g.n), ua = ua_.slice(0, g.r0, g.n),
+                 he = he_.slice(0, g.r0, g.n), xs = x_rows.slice(0, g.r0, g.n);
+    linear_forward(xs, ex.gate->value, nullptr, ga);
+    linear_forward(xs, ex.up->value, nullptr, ua);
+    swiglu_forward(ga, ua, he);
+    linear_forward(he, ex.down->value, nullptr, out_rows.slice(0, g.r0, g.n));
+  }
+}
+
+void MoeBlock::experts_backward(const Tensor& x_rows, const Tensor& dout_rows,
+                                const Tensor& dx_rows) {
+  for (const Segment& g : segments()) {
+    const Expert& ex = experts_[g.e];
+    const int64_t r0 = g.r0, n = g.n;
+    const Tensor xs = x_rows.slice(0, r0, n), dxs = dx_rows.slice(0, r0, n),
+                 dxs2 = dxe2_.slice(0, r0, n);
+    const Tensor dga = dga_.slice(0, r0, n), dua = dua_.slice(0, r0, n), dhe = dhe_.slice(0, r0, n);
+    linear_backward(he_.slice(0, r0, n), ex.down->value, dout_rows.slice(0, r0, n), &dhe,
+                    ex.down->grad, nullptr);
+    swiglu_backward(ga_.slice(0, r0, n), ua_.slice(0, r0, n), dhe, dga, dua);
+    linear_backward(xs, ex.gate->value, dga, &dxs, ex.gate->grad, nullptr);
+    linear_backward(xs, ex.up->value, dua, &dxs2, ex.up->grad, nullptr);
+    add_into(dxs, dxs2);
+  }
+}
+
+void MoeBlock::exchange_counts() {
+  const int peers = ep_->size();
+  const int64_t d = cfg_.d_model;
+  const int32_t* off = offsets_.ptr<int32_t>();
+  std::vector<int64_t> mine(cfg_.experts);
+  for (int64_t e = 0; e < cfg_.experts; ++e) mine[e] = off[e + 1] - off[e];
+  recv_expert_rows_.assign(size_t(peers) * local_, 0);
+  const std::vector<int64_t> per_peer(peers, local_);
+  ep_->all_to_all_v(
+      Tensor::contiguous_view(mine.data(), DType::i64, Device::cpu, {cfg_.experts}, "counts"),
+      per_peer,
+      Tensor::contiguous_view(recv_expert_rows_.data(), DType::i64, Device::cpu,
+                              {int64_t(recv_expert_rows_.size())}, "recv_counts"),
+      per_peer);
+  send_rows_.assign(peers, 0), recv_rows_.assign(peers, 0);  // elements (rows x D)
+  for (int q = 0; q < peers; ++q)
+    for (int64_t j = 0; j < local_; ++j) {
+      send_rows_[q] += mine[q * local_ + j] * d;
+      recv_rows_[q] += recv_expert_rows_[q * local_ + j] * d;
+    }
+}
+
+void MoeBlock::to_experts(const Tensor& rows, const Tensor& recv) {
+  ep_->all_to_all_v(rows, send_rows_, recv, recv_rows_);
+}
+
+void MoeBlock::from_experts(const Tensor& recv, const Tensor& rows) {
+  ep_->all_to_all_v(recv, recv_rows_, rows, send_rows_);
 }
 
 void MoeBlock::after_optimizer_step() {

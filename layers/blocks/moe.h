@@ -13,6 +13,12 @@
 // expert's) hidden units, column/row parallel like the MLP; y is summed over the group, and the
 // gradients that pass through the partial expert outputs (dx, and the combine weights' before
 // the router's backward).
+// Expert parallel over ep ranks (ep divides E; each rank with its own tokens): a rank holds the
+// E/ep experts [r E/ep, (r+1) E/ep) and routes its tokens as usual; the rows for other ranks'
+// experts go there in one all-to-all-v (and the per-expert row counts in another), each rank runs
+// its experts over the rows it received, and a second all-to-all-v brings the outputs back to the
+// tokens' ranks (backward: the same exchanges for the gradients). Expert weights' gradients are
+// complete on their rank; everything else is data parallel as before.
 #pragma once
 
 #include <memory>
@@ -42,7 +48,7 @@ struct MoeConfig {
 class MoeBlock final : public Block {
  public:
   MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& prefix, double init_std,
-           double out_std, const TensorParallel& tp = {});
+           double out_std, const TensorParallel& tp = {}, Communicator* ep = nullptr);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -59,9 +65,25 @@ class MoeBlock final : public Block {
   struct Expert {
     Param *gate, *up, *down;
   };
+  // Rows [r0, r0 + n) of the expert-side buffers go through local expert e.
+  struct Segment {
+    int64_t r0, n;
+    int e;
+  };
+  std::vector<Segment> segments() const;
+  // Expert forward / backward over the expert-side rows (xe_ or the rows received).
+  void experts_forward(const Tensor& x_rows, const Tensor& out_rows);
+  void experts_backward(const Tensor& x_rows, const Tensor& dout_rows, const Tensor& dx_rows);
+  // Expert parallel: the rows per local expert every rank sends this one (forward, after the
+  // routing), then rows from the tokens' order to the experts' ranks, or back.
+  void exchange_counts();
+  void to_experts(const Tensor& rows, const Tensor& recv);
+  void from_experts(const Tensor& recv, const Tensor& rows);
   MoeConfig cfg_;
   TensorParallel tp_;
-  int64_t ffn_;  // this rank's hidden units per expert, F/tp
+  Communicator* ep_;
+  int64_t e0_ = 0, local_ = 0;  // first expert on this rank, experts on this rank
+  int64_t ffn_;                 // this rank's hidden units per expert, F/tp
   RouterConfig router_;
   Param* router_w_;
   Param* bias_ = nullptr;
@@ -72,8 +94,12 @@ class MoeBlock final : public Block {
   // saved
   Tensor logits_, scores_, expert_, slot_, weight_, counts_, offsets_, row_token_, xe_, ga_, ua_,
       he_, oe_, step_counts_;
+  // expert parallel: rows each peer sends and this rank receives, per peer (elements D each) and
+  // per (peer, local expert); xr_, or_ [ep M K, D] the rows at the experts (saved)
+  std::vector<int64_t> send_rows_, recv_rows_, recv_expert_rows_;
+  Tensor xr_, or_;
   // scratch
-  Tensor dweight_, dlogits_, doe_, dhe_, dga_, dua_, dxe_, dxe2_, dx_tmp_, shared_out_;
+  Tensor dor_, dxr_, dweight_, dlogits_, doe_, dhe_, dga_, dua_, dxe_, dxe2_, dx_tmp_, shared_out_;
 };
 
 }  // namespace braid

@@ -6,6 +6,10 @@
 // (f32) sums P partial products where the whole one sums once, which reorders the rounding but
 // does not grow it, so its error against f64 must be at most twice the naive one, plus 1e-6 of
 // the scale. Also: the outputs every rank holds (replicated) are bit-identical across ranks.
+// Expert parallel (ep = P, each rank with its own tokens): the MoE block with E/P experts per
+// rank against the whole block run on the same rank's tokens; an expert's gradient is the sum
+// over every rank's tokens routed to it, so it is compared with the whole blocks' gradients
+// summed over the ranks (in f64).
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -170,6 +174,63 @@ void check_block(const std::string& name, const MakeBlock& make, int64_t d, Comm
   }
 }
 
+// The MoE block split over the world as experts (ep = P), each rank with its own tokens.
+void check_expert_parallel(const MoeConfig& cfg, Communicator& world, Backend& backend) {
+  const int64_t b = 2, t = 5, d = cfg.d_model;
+  const int rank = world.rank();
+  std::vector<double> x(b * t * d), dy(b * t * d);
+  for (size_t i = 0; i < x.size(); ++i) {  // different tokens on every rank
+    x[i] = std::sin(0.37 * double(i) + 0.1 + rank);
+    dy[i] = std::cos(0.53 * double(i) + 0.2 + 2 * rank);
+  }
+  struct Result {
+    std::unique_ptr<Instance> inst;
+    std::vector<double> y, dx;
+  };
+  auto run = [&](DType dtype, Communicator* ep) {
+    Result r;
+    r.inst = build(
+        [&](ParamSet& ps, const TensorParallel& tp) {
+          return std::make_unique<MoeBlock>(cfg, ps, "moe", 0.3, 0.2, tp, ep);
+        },
+        {}, dtype, backend, b, t);
+    Buffer xb(dtype, {b, t, d}, x), dyb(dtype, {b, t, d}, dy), yb(dtype, {b, t, d}, x),
+        dxb(dtype, {b, t, d}, x);
+    r.inst->params.zero_grads();
+    r.inst->block->forward(xb.t, yb.t, BatchMeta{});
+    r.inst->block->backward(xb.t, dyb.t, dxb.t, BatchMeta{});
+    r.y = values_of(yb.t), r.dx = values_of(dxb.t);
+    return r;
+  };
+  const Result truth = run(DType::f64, nullptr), naive = run(DType::f32, nullptr),
+               split = run(DType::f32, &world);
+  expect_close("moe ep y", split.y, naive.y, truth.y, rank);
+  expect_close("moe ep dx", split.dx, naive.dx, truth.dx, rank);
+  auto summed = [&](std::vector<double> v) {  // over the ranks' tokens
+    world.all_reduce(
+        Tensor::contiguous_view(v.data(), DType::f64, Device::cpu, {int64_t(v.size())}, "g"),
+        ReduceOp::sum);
+    return v;
+  };
+  int experts_here = 0;
+  for (const Param& tw : truth.inst->params.all()) {  // collective: same order on every rank
+    const Param* sp = split.inst->params.find(tw.name);
+    const bool expert = tw.name.find(".experts.") != std::string::npos;
+    if (!tw.trainable) continue;
+    const std::vector<double> tg = expert ? summed(values_of(tw.grad)) : values_of(tw.grad);
+    const std::vector<double> ng = expert
+                                       ? summed(values_of(naive.inst->params.find(tw.name)->grad))
+                                       : values_of(naive.inst->params.find(tw.name)->grad);
+    if (!sp) continue;  // another rank's expert
+    experts_here += expert;
+    expect_close("moe ep grad " + tw.name, values_of(sp->grad), ng, tg, rank);
+  }
+  if (experts_here != 3 * int(cfg.experts / world.size())) {
+    std::fprintf(stderr, "rank %d: moe ep holds %d expert weights\n", rank, experts_here);
+    ++failures;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -223,6 +284,9 @@ int main(int argc, char** argv) {
             return std::make_unique<MoeBlock>(c, ps, "moe", 0.3, 0.2, tp);
           },
           d, *world, *backend);
+    MoeConfig ep;
+    ep.d_model = d, ep.experts = 8, ep.top_k = 2, ep.ffn = 6, ep.z_loss_coef = 0.1;
+    check_expert_parallel(ep, *world, *backend);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
