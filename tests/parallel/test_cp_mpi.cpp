@@ -1,0 +1,154 @@
+// Context-parallel selective scan (under mpirun with P ranks, cp = P): each rank holds a shard of
+// the sequence; the outputs, the final state (last rank), and every gradient (the sequence's
+// initial state on rank 0; dA, dD, d(delta bias) summed over the ranks) equal the single-process
+// scan of the whole sequence. In f64 both compute the same sums in another order, so they agree
+// to 1e-10 relative. Cases: documents that start inside a shard and exactly at a shard's first
+// token, an initial state, the z gate, two groups.
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "layers/selective_scan/selective_scan_cp.h"
+#include "parallel/communicator.h"
+
+namespace {
+
+using namespace braid;
+
+struct Host {
+  std::vector<double> v;
+  std::vector<int64_t> shape;
+  Tensor t;
+  Host(std::vector<int64_t> s, std::vector<double> values) : v(std::move(values)), shape(s) {
+    t = Tensor::contiguous_view(v.data(), DType::f64, Device::cpu, shape, "t");
+  }
+  explicit Host(std::vector<int64_t> s) : shape(s) {
+    int64_t n = 1;
+    for (int64_t x : s) n *= x;
+    v.assign(n, 0.0);
+    t = Tensor::contiguous_view(v.data(), DType::f64, Device::cpu, shape, "t");
+  }
+};
+
+// Rows [t0, t0 + len) along dimension 1 of a [B, T, ...] tensor.
+std::vector<double> shard(const Host& h, int64_t t0, int64_t len) {
+  int64_t inner = 1;
+  for (size_t i = 2; i < h.shape.size(); ++i) inner *= h.shape[i];
+  std::vector<double> out;
+  for (int64_t b = 0; b < h.shape[0]; ++b)
+    for (int64_t t = t0; t < t0 + len; ++t)
+      for (int64_t i = 0; i < inner; ++i) out.push_back(h.v[(b * h.shape[1] + t) * inner + i]);
+  return out;
+}
+
+int failures = 0;
+void expect_close(const std::string& what, const std::vector<double>& got,
+                  const std::vector<double>& want, int rank) {
+  double err = 0, scale = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    err = std::max(err, std::fabs(got[i] - want[i])), scale = std::max(scale, std::fabs(want[i]));
+  if (!(got.size() == want.size() && err <= 1e-10 * std::max(scale, 1.0))) {
+    std::fprintf(stderr, "rank %d: %s: error %.3g (scale %.3g)\n", rank, what.c_str(), err, scale);
+    ++failures;
+  }
+}
+
+double value(uint64_t i, int salt) {
+  return std::sin(0.731 * double(i) + 1.37 * salt) * 0.9;
+}
+std::vector<double> values(int64_t n, int salt, double lo = 0, double scale = 1) {
+  std::vector<double> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = lo + scale * value(i, salt);
+  return v;
+}
+
+void check(Communicator& cp, int64_t tr, bool docs) {
+  const int r = cp.rank(), p = cp.size();
+  const int64_t b = 2, t = tr * p, c = 4, n = 3, g = 2;
+  Host u({b, t, c}, values(b * t * c, 1)), delta({b, t, c}, values(b * t * c, 2, -0.5));
+  Host z({b, t, c}, values(b * t * c, 3)), Bm({b, t, g, n}, values(b * t * g * n, 4)),
+      Cm({b, t, g, n}, values(b * t * g * n, 5)), dy({b, t, c}, values(b * t * c, 6));
+  Host A({c, n}, values(c * n, 7, -1.0, 0.5)), D({c}, values(c, 8)), bias({c}, values(c, 9));
+  Host h0({b, c, n}, values(b * c * n, 10)), dfinal({b, c, n}, values(b * c * n, 11));
+  // Documents: row 0 starts one inside shard 0 and one exactly at shard 1's first token; row 1
+  // one in the middle of the last shard.
+  std::vector<int32_t> seq(b * t, 0);
+  for (int64_t i = 0; i < t; ++i) {
+    seq[i] = (i >= tr / 2 ? 1 : 0) + (i >= tr ? 1 : 0);
+    seq[t + i] = i >= t - tr / 2 ? 1 : 0;
+  }
+  const Tensor seq_all = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
+  // The whole sequence on one process.
+  ScanInputs whole{
+      &u.t,  &delta.t, &A.t, &Bm.t, &Cm.t, &D.t, &z.t, &bias.t, docs ? &seq_all : nullptr,
+      &h0.t, true};
+  Host y({b, t, c}), fin({b, c, n}), ws({selective_scan_workspace_elems(whole)});
+  selective_scan_forward(whole, y.t, &fin.t, &ws.t);
+  Host du({b, t, c}), dd({b, t, c}), dA({c, n}), dB({b, t, g, n}), dC({b, t, g, n}), dD({c}),
+      dz({b, t, c}), db({c}), dh0({b, c, n});
+  selective_scan_backward(whole, dy.t, &dfinal.t,
+                          {&du.t, &dd.t, &dA.t, &dB.t, &dC.t, &dD.t, &dz.t, &db.t, &dh0.t}, ws.t);
+  // This rank's shard.
+  const int64_t t0 = r * tr;
+  auto slice = [&](const Host& h) {
+    std::vector<int64_t> s = h.shape;
+    s[1] = tr;
+    return Host(s, shard(h, t0, tr));
+  };
+  Host su = slice(u), sdelta = slice(delta), sz = slice(z), sB = slice(Bm), sC = slice(Cm),
+       sdy = slice(dy);
+  std::vector<int32_t> sseq;
+  for (int64_t row = 0; row < b; ++row)
+    for (int64_t i = t0; i < t0 + tr; ++i) sseq.push_back(seq[row * t + i]);
+  const Tensor seq_shard =
+      Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
+  ScanInputs mine{
+      &su.t, &sdelta.t, &A.t, &sB.t, &sC.t, &D.t, &sz.t, &bias.t, docs ? &seq_shard : nullptr,
+      &h0.t, true};
+  Host sy({b, tr, c}), sfin({b, c, n}), sws({selective_scan_workspace_elems(mine)});
+  selective_scan_forward_cp(mine, sy.t, &sfin.t, sws.t, cp);
+  Host sdu({b, tr, c}), sdd({b, tr, c}), sdA({c, n}), sdB({b, tr, g, n}), sdC({b, tr, g, n}),
+      sdD({c}), sdz({b, tr, c}), sdb({c}), sdh({b, c, n});
+  selective_scan_backward_cp(
+      mine, sdy.t, &dfinal.t,
+      {&sdu.t, &sdd.t, &sdA.t, &sdB.t, &sdC.t, &sdD.t, &sdz.t, &sdb.t, &sdh.t}, sws.t, cp);
+  const std::string tag =
+      std::string(docs ? "documents" : "one document") + ", shard " + std::to_string(tr) + ": ";
+  expect_close(tag + "y", sy.v, shard(y, t0, tr), r);
+  if (r == p - 1) expect_close(tag + "final state", sfin.v, fin.v, r);
+  expect_close(tag + "du", sdu.v, shard(du, t0, tr), r);
+  expect_close(tag + "ddelta", sdd.v, shard(dd, t0, tr), r);
+  expect_close(tag + "dz", sdz.v, shard(dz, t0, tr), r);
+  expect_close(tag + "dB", sdB.v, shard(dB, t0, tr), r);
+  expect_close(tag + "dC", sdC.v, shard(dC, t0, tr), r);
+  if (r == 0) expect_close(tag + "dinitial_state", sdh.v, dh0.v, r);
+  for (auto [name, mine_g, want] : {std::tuple{"dA", &sdA, &dA}, std::tuple{"dD", &sdD, &dD},
+                                    std::tuple{"ddelta_bias", &sdb, &db}}) {
+    std::vector<double> sum = mine_g->v;
+    cp.all_reduce(
+        Tensor::contiguous_view(sum.data(), DType::f64, Device::cpu, {int64_t(sum.size())}, "sum"),
+        ReduceOp::sum);
+    expect_close(tag + name + " (summed over the ranks)", sum, want->v, r);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MpiSession mpi(&argc, &argv);
+  auto world = make_mpi_world(comm_timeout_from_env(120));
+  try {
+    for (bool docs : {false, true})
+      for (int64_t tr : {4, 7}) check(*world, tr, docs);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
+    ++failures;
+  }
+  int64_t total = failures;
+  world->all_reduce(Tensor::contiguous_view(&total, DType::i64, Device::cpu, {1}, "failures"),
+                    ReduceOp::sum);
+  if (world->rank() == 0) std::printf("%s: %lld failures\n", argv[0], (long long)total);
+  return total == 0 ? 0 : 1;
+}
