@@ -1,15 +1,11 @@
-// Context-parallel selective scan by state passing: the cp ranks hold consecutive shards of the
-// sequence (rank r: tokens [r T_r, (r+1) T_r) of every row, T_r = this rank's length), and only
-// [B,C,N] states cross ranks, however long the sequence. The state leaving a shard is an affine
-// function of the state entering it, h_out = P h_in + H (P = prod_t exp(dt_t A), or 0 where a
-// document starts inside the shard; H = the final state of the shard scanned from zero), so:
-//   forward   scan from zero (H); all-gather (P, H) and the rows' document ids at the shard
-//             edges; h_in = fold of the earlier shards' maps (0 where a document starts at this
-//             shard's first token); scan again from h_in (y, h_out);
-//   backward  scan back with no gradient arriving at h_out: the gradient of h_in through this
-//             shard's outputs (G); all-gather (P, G); the gradient arriving at h_out = the fold of
-//             the later shards' maps g_r = G_{r+1} + P_{r+1} g_{r+1} (0 across a document start);
-//             scan back again with it: every gradient exact.
+// Context-parallel selective scan by state passing (layers/common/state_passing.h): the cp ranks
+// hold consecutive shards of every sequence, and only [B,C,N] states cross ranks, however long
+// the sequence. A shard's map is h_out = P h_in + H (P = exp(A sum_t dt_t) per (row, channel,
+// state), 0 where a document starts inside the shard; H = its final state from zero):
+//   forward   scan from zero (H); fold the earlier shards' maps into the entering state (0 across
+//             a document that starts at this shard's first token); scan again from it (y, h_out);
+//   backward  back with no gradient at h_out (G, the entering state's gradient); fold the later
+//             shards' maps into the gradient arriving at h_out; back again with it: exact.
 // Each direction runs the scan twice: the price of a communication independent of T.
 // ScanInputs as for selective_scan_forward (CPU tensors): initial_state is the sequence's (used
 // by rank 0), final_state gets the state leaving this rank's shard (the sequence's on the last

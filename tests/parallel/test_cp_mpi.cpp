@@ -1,9 +1,9 @@
-// Context-parallel selective scan (under mpirun with P ranks, cp = P): each rank holds a shard of
-// the sequence; the outputs, the final state (last rank), and every gradient (the sequence's
-// initial state on rank 0; dA, dD, d(delta bias) summed over the ranks) equal the single-process
-// scan of the whole sequence. In f64 both compute the same sums in another order, so they agree
-// to 1e-10 relative. Cases: documents that start inside a shard and exactly at a shard's first
-// token, an initial state, the z gate, two groups.
+// Context-parallel selective scan and SSD (under mpirun with P ranks, cp = P): each rank holds a
+// shard of the sequence; the outputs, the final state (last rank), and every gradient (the
+// sequence's initial state on rank 0; dA, dD, d(dt bias) summed over the ranks) equal the
+// single-process op over the whole sequence. In f64 both compute the same sums in another order, so
+// they agree to 1e-10 relative. Cases: documents that start inside a shard and exactly at a shard's
+// first token, an initial state, the z gate, two groups.
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "layers/selective_scan/selective_scan_cp.h"
+#include "layers/ssd/ssd_cp.h"
 #include "parallel/communicator.h"
 
 namespace {
@@ -64,6 +65,17 @@ std::vector<double> values(int64_t n, int salt, double lo = 0, double scale = 1)
   return v;
 }
 
+// Documents: row 0 starts one inside shard 0 and one exactly at shard 1's first token; row 1 one
+// in the middle of the last shard.
+std::vector<int32_t> documents(int64_t b, int64_t t, int64_t tr) {
+  std::vector<int32_t> seq(b * t, 0);
+  for (int64_t i = 0; i < t; ++i) {
+    seq[i] = (i >= tr / 2 ? 1 : 0) + (i >= tr ? 1 : 0);
+    seq[t + i] = i >= t - tr / 2 ? 1 : 0;
+  }
+  return seq;
+}
+
 void check(Communicator& cp, int64_t tr, bool docs) {
   const int r = cp.rank(), p = cp.size();
   const int64_t b = 2, t = tr * p, c = 4, n = 3, g = 2;
@@ -72,13 +84,7 @@ void check(Communicator& cp, int64_t tr, bool docs) {
       Cm({b, t, g, n}, values(b * t * g * n, 5)), dy({b, t, c}, values(b * t * c, 6));
   Host A({c, n}, values(c * n, 7, -1.0, 0.5)), D({c}, values(c, 8)), bias({c}, values(c, 9));
   Host h0({b, c, n}, values(b * c * n, 10)), dfinal({b, c, n}, values(b * c * n, 11));
-  // Documents: row 0 starts one inside shard 0 and one exactly at shard 1's first token; row 1
-  // one in the middle of the last shard.
-  std::vector<int32_t> seq(b * t, 0);
-  for (int64_t i = 0; i < t; ++i) {
-    seq[i] = (i >= tr / 2 ? 1 : 0) + (i >= tr ? 1 : 0);
-    seq[t + i] = i >= t - tr / 2 ? 1 : 0;
-  }
+  std::vector<int32_t> seq = documents(b, t, tr);
   const Tensor seq_all = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
   // The whole sequence on one process.
   ScanInputs whole{
@@ -134,6 +140,69 @@ void check(Communicator& cp, int64_t tr, bool docs) {
   }
 }
 
+void check_ssd(Communicator& cp, int64_t tr, bool docs) {
+  const int r = cp.rank(), p = cp.size();
+  const int64_t b = 2, t = tr * p, h = 4, hp = 3, g = 2, n = 3;
+  Host x({b, t, h, hp}, values(b * t * h * hp, 21)), dt({b, t, h}, values(b * t * h, 22, -0.5));
+  Host Bm({b, t, g, n}, values(b * t * g * n, 23)), Cm({b, t, g, n}, values(b * t * g * n, 24));
+  Host dy({b, t, h, hp}, values(b * t * h * hp, 25)), A({h}, values(h, 26, -1.0, 0.5));
+  Host D({h}, values(h, 27)), bias({h}, values(h, 28)),
+      h0({b, h, hp, n}, values(b * h * hp * n, 29));
+  Host dfinal({b, h, hp, n}, values(b * h * hp * n, 30));
+  std::vector<int32_t> seq = documents(b, t, tr);
+  const Tensor seq_all = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
+  SsdInputs whole{&x.t,  &dt.t, &A.t, &Bm.t, &Cm.t, &D.t, &bias.t, docs ? &seq_all : nullptr,
+                  &h0.t, true};
+  whole.chunk = 4;
+  Host y({b, t, h, hp}), fin({b, h, hp, n}), fws({ssd_forward_workspace_elems(whole)}),
+      bws({ssd_backward_workspace_elems(whole)});
+  ssd_forward(whole, y.t, &fin.t, fws.t);
+  Host dx({b, t, h, hp}), ddt({b, t, h}), dA({h}), dB({b, t, g, n}), dC({b, t, g, n}), dD({h}),
+      db({h}), dh0({b, h, hp, n});
+  ssd_backward(whole, dy.t, &dfinal.t, {&dx.t, &ddt.t, &dA.t, &dB.t, &dC.t, &dD.t, &db.t, &dh0.t},
+               bws.t);
+  const int64_t t0 = r * tr;
+  auto slice = [&](const Host& hh) {
+    std::vector<int64_t> s = hh.shape;
+    s[1] = tr;
+    return Host(s, shard(hh, t0, tr));
+  };
+  Host sx = slice(x), sdt = slice(dt), sB = slice(Bm), sC = slice(Cm), sdy = slice(dy);
+  std::vector<int32_t> sseq;
+  for (int64_t row = 0; row < b; ++row)
+    for (int64_t i = t0; i < t0 + tr; ++i) sseq.push_back(seq[row * t + i]);
+  const Tensor seq_shard =
+      Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
+  SsdInputs mine{&sx.t, &sdt.t, &A.t, &sB.t, &sC.t, &D.t, &bias.t, docs ? &seq_shard : nullptr,
+                 &h0.t, true};
+  mine.chunk = 4;
+  Host sy({b, tr, h, hp}), sfin({b, h, hp, n}), sfws({ssd_forward_workspace_elems(mine)}),
+      sbws({ssd_backward_workspace_elems(mine)});
+  ssd_forward_cp(mine, sy.t, &sfin.t, sfws.t, cp);
+  Host sdx({b, tr, h, hp}), sddt({b, tr, h}), sdA({h}), sdB({b, tr, g, n}), sdC({b, tr, g, n}),
+      sdD({h}), sdb({h}), sdh({b, h, hp, n});
+  ssd_backward_cp(mine, sdy.t, &dfinal.t,
+                  {&sdx.t, &sddt.t, &sdA.t, &sdB.t, &sdC.t, &sdD.t, &sdb.t, &sdh.t}, sfws.t, sbws.t,
+                  cp);
+  const std::string tag = std::string("ssd, ") + (docs ? "documents" : "one document") +
+                          ", shard " + std::to_string(tr) + ": ";
+  expect_close(tag + "y", sy.v, shard(y, t0, tr), r);
+  if (r == p - 1) expect_close(tag + "final state", sfin.v, fin.v, r);
+  expect_close(tag + "dx", sdx.v, shard(dx, t0, tr), r);
+  expect_close(tag + "ddt", sddt.v, shard(ddt, t0, tr), r);
+  expect_close(tag + "dB", sdB.v, shard(dB, t0, tr), r);
+  expect_close(tag + "dC", sdC.v, shard(dC, t0, tr), r);
+  if (r == 0) expect_close(tag + "dinitial_state", sdh.v, dh0.v, r);
+  for (auto [name, mine_g, want] : {std::tuple{"dA", &sdA, &dA}, std::tuple{"dD", &sdD, &dD},
+                                    std::tuple{"ddt_bias", &sdb, &db}}) {
+    std::vector<double> sum = mine_g->v;
+    cp.all_reduce(
+        Tensor::contiguous_view(sum.data(), DType::f64, Device::cpu, {int64_t(sum.size())}, "sum"),
+        ReduceOp::sum);
+    expect_close(tag + name + " (summed over the ranks)", sum, want->v, r);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -141,7 +210,7 @@ int main(int argc, char** argv) {
   auto world = make_mpi_world(comm_timeout_from_env(120));
   try {
     for (bool docs : {false, true})
-      for (int64_t tr : {4, 7}) check(*world, tr, docs);
+      for (int64_t tr : {4, 7}) check(*world, tr, docs), check_ssd(*world, tr, docs);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;

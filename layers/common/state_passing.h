@@ -1,0 +1,51 @@
+// Context parallelism for state-space layers by state passing (shared by the selective scan and
+// SSD): the cp ranks hold consecutive shards of every sequence, and the state leaving a shard is
+// an affine function of the state entering it, h_out = P * h_in + H, elementwise (P = the
+// shard's decay, 0 where a document starts inside it; H = its final state scanned from zero).
+// Only these [rows, state] maps cross ranks, however long the sequence:
+//   entering_state   h_in(r) = the maps of shards 0 .. r-1 folded from the sequence's initial
+//                    state (0 across a document that starts at a shard's first token);
+//   arriving_grad    the gradient arriving at shard r's end: g_r = G_{r+1} + P_{r+1} g_{r+1}
+//                    folded from the caller's gradient at the sequence's end (G = the gradient of
+//                    each shard's entering state through its own outputs).
+// A Shard holds this rank's part, per row its first and last tokens' document ids.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "parallel/communicator.h"
+
+namespace braid {
+
+struct ShardMap {
+  std::vector<double> first_doc, last_doc;  // [rows]
+  std::vector<double> decay;                // [rows * per_row]: P
+  std::vector<double> state;                // [rows * per_row]: H (forward) or G (backward)
+  std::vector<double> extra;                // [rows * per_row]: the last rank's end gradient
+};
+
+// Every rank's maps (collective over cp), in rank order.
+class StatePassing {
+ public:
+  StatePassing(const ShardMap& mine, int64_t per_row, Communicator& cp);
+  // The state entering this rank's shard, from the sequence's initial state (empty: zeros).
+  std::vector<double> entering_state(const std::vector<double>& initial) const;
+  // The gradient arriving at the end of this rank's shard (the last rank's `extra` is the
+  // gradient at the sequence's end).
+  std::vector<double> arriving_grad() const;
+
+ private:
+  const double* part(int r, int k) const;  // k: 0 decay, 1 state, 2 extra
+  bool flows(int r, int64_t row) const;    // shard r's end state enters shard r + 1
+  int rank_, ranks_;
+  int64_t rows_, per_row_, size_;
+  std::vector<double> all_;  // [rank][2 rows + 3 size]
+};
+
+// The document id of every row's first and last tokens in seq_idx [B,T] (null: all 0), and
+// whether a document starts inside each row's shard (after its first token).
+void shard_documents(const void* seq_idx, int64_t rows, int64_t t, ShardMap& map,
+                     std::vector<bool>& starts_inside);
+
+}  // namespace braid
