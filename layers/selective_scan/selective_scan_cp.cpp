@@ -9,32 +9,6 @@
 namespace braid {
 namespace {
 
-double get(const Tensor& t, int64_t i) {
-  return t.dtype == DType::f64 ? t.ptr<double>()[i] : double(t.ptr<float>()[i]);
-}
-std::vector<double> values(const Tensor& t) {
-  std::vector<double> v(t.numel());
-  for (int64_t i = 0; i < t.numel(); ++i) v[i] = get(t, i);
-  return v;
-}
-
-// Host storage of the activations' dtype.
-struct Host {
-  std::vector<double> storage;
-  Tensor t;
-  Host(DType dtype, std::vector<int64_t> shape, const std::vector<double>& v = {}) {
-    int64_t n = 1;
-    for (int64_t x : shape) n *= x;
-    storage.assign(n, 0.0);
-    t = Tensor::contiguous_view(storage.data(), dtype, Device::cpu, shape, "cp_state");
-    for (int64_t i = 0; i < int64_t(v.size()); ++i)
-      if (dtype == DType::f64)
-        t.ptr<double>()[i] = v[i];
-      else
-        t.ptr<float>()[i] = float(v[i]);
-  }
-};
-
 // This shard's decay per (b, c, n): exp(A sum_t dt_t), 0 where a document starts inside it.
 ShardMap shard_map(const ScanInputs& in, const ScanDims& d) {
   ShardMap m;
@@ -45,12 +19,12 @@ ShardMap shard_map(const ScanInputs& in, const ScanDims& d) {
     for (int64_t c = 0; c < d.c && !starts[b]; ++c) {
       double sum = 0;
       for (int64_t t = 0; t < d.t; ++t) {
-        double x = get(*in.delta, (b * d.t + t) * d.c + c) +
-                   (in.delta_bias ? get(*in.delta_bias, c) : 0.0);
+        double x = host_value(*in.delta, (b * d.t + t) * d.c + c) +
+                   (in.delta_bias ? host_value(*in.delta_bias, c) : 0.0);
         sum += in.delta_softplus ? (x > 20 ? x : std::log1p(std::exp(x))) : x;
       }
       for (int64_t n = 0; n < d.n; ++n)
-        m.decay[(b * d.c + c) * d.n + n] = std::exp(sum * get(*in.A, c * d.n + n));
+        m.decay[(b * d.c + c) * d.n + n] = std::exp(sum * host_value(*in.A, c * d.n + n));
     }
   return m;
 }
@@ -62,12 +36,13 @@ std::vector<double> entering(const ScanInputs& in, const ScanDims& d, const Tens
                {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias, in.seq_idx});
   ScanInputs zero = in;
   zero.initial_state = nullptr;
-  Host h_loc(in.u->dtype, {d.b, d.c, d.n});
+  HostBuffer h_loc(in.u->dtype, {d.b, d.c, d.n});
   selective_scan_forward(zero, y_scratch, &h_loc.t, &workspace);
   ShardMap m = shard_map(in, d);
-  m.state = values(h_loc.t);
+  m.state = host_values(h_loc.t);
   const StatePassing sp(m, d.c * d.n, cp);
-  return sp.entering_state(in.initial_state ? values(*in.initial_state) : std::vector<double>{});
+  return sp.entering_state(in.initial_state ? host_values(*in.initial_state)
+                                            : std::vector<double>{});
 }
 
 }  // namespace
@@ -75,7 +50,7 @@ std::vector<double> entering(const ScanInputs& in, const ScanDims& d, const Tens
 void selective_scan_forward_cp(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
                                const Tensor& workspace, Communicator& cp) {
   const ScanDims d = selective_scan_dims(in);
-  const Host h_in(in.u->dtype, {d.b, d.c, d.n}, entering(in, d, y, workspace, cp));
+  const HostBuffer h_in(in.u->dtype, {d.b, d.c, d.n}, entering(in, d, y, workspace, cp));
   ScanInputs from = in;
   from.initial_state = &h_in.t;
   selective_scan_forward(from, y, final_state, &workspace);
@@ -84,21 +59,16 @@ void selective_scan_forward_cp(const ScanInputs& in, const Tensor& y, const Tens
 void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                                 const ScanGrads& grads, const Tensor& workspace, Communicator& cp) {
   const ScanDims d = selective_scan_dims(in);
-  const Host y_tmp(in.u->dtype, {d.b, d.t, d.c});
-  const Host h_in(in.u->dtype, {d.b, d.c, d.n}, entering(in, d, y_tmp.t, workspace, cp));
+  const HostBuffer y_tmp(in.u->dtype, {d.b, d.t, d.c});
+  const HostBuffer h_in(in.u->dtype, {d.b, d.c, d.n}, entering(in, d, y_tmp.t, workspace, cp));
   ScanInputs from = in;
   from.initial_state = &h_in.t;
   // 1. Back through this shard with nothing arriving at its end: G, the gradient of h_in. The
   //    other gradients of this pass go to scratch (dA, dD, ddelta_bias accumulate).
-  std::vector<Host> scratch;
-  scratch.reserve(8);
-  auto like = [&](const Tensor* t) -> const Tensor* {
-    if (!t) return nullptr;
-    scratch.emplace_back(t->dtype,
-                         std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim));
-    return &scratch.back().t;
-  };
-  const Host g_loc(in.u->dtype, {d.b, d.c, d.n});
+  std::deque<HostBuffer> scratch;
+  auto like = [&](const Tensor* t) { return scratch_like(scratch, t); };
+
+  const HostBuffer g_loc(in.u->dtype, {d.b, d.c, d.n});
   selective_scan_backward(
       from, dy, nullptr,
       {like(grads.du), like(grads.ddelta), like(grads.dA), like(grads.dB), like(grads.dC),
@@ -106,9 +76,10 @@ void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Te
       workspace);
   // 2. The gradient arriving at this shard's end; 3. back again with it: every gradient exact.
   ShardMap m = shard_map(in, d);
-  m.state = values(g_loc.t);
-  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = values(*dfinal_state);
-  const Host g_out(in.u->dtype, {d.b, d.c, d.n}, StatePassing(m, d.c * d.n, cp).arriving_grad());
+  m.state = host_values(g_loc.t);
+  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = host_values(*dfinal_state);
+  const HostBuffer g_out(in.u->dtype, {d.b, d.c, d.n},
+                         StatePassing(m, d.c * d.n, cp).arriving_grad());
   selective_scan_backward(from, dy, &g_out.t, grads, workspace);
 }
 

@@ -10,31 +10,6 @@
 namespace braid {
 namespace {
 
-double get(const Tensor& t, int64_t i) {
-  return t.dtype == DType::f64 ? t.ptr<double>()[i] : double(t.ptr<float>()[i]);
-}
-std::vector<double> values(const Tensor& t) {
-  std::vector<double> v(t.numel());
-  for (int64_t i = 0; i < t.numel(); ++i) v[i] = get(t, i);
-  return v;
-}
-
-struct Host {
-  std::vector<double> storage;
-  Tensor t;
-  Host(DType dtype, std::vector<int64_t> shape, const std::vector<double>& v = {}) {
-    int64_t n = 1;
-    for (int64_t x : shape) n *= x;
-    storage.assign(n, 0.0);
-    t = Tensor::contiguous_view(storage.data(), dtype, Device::cpu, shape, "cp_state");
-    for (int64_t i = 0; i < int64_t(v.size()); ++i)
-      if (dtype == DType::f64)
-        t.ptr<double>()[i] = v[i];
-      else
-        t.ptr<float>()[i] = float(v[i]);
-  }
-};
-
 struct Dims {
   int64_t b, t, h, p, n;
 };
@@ -56,11 +31,12 @@ ShardMap shard_map(const SsdInputs& in, const Dims& d) {
     for (int64_t h = 0; h < d.h && !starts[b]; ++h) {
       double sum = 0;
       for (int64_t t = 0; t < d.t; ++t) {
-        double x = get(*in.dt, (b * d.t + t) * d.h + h) + (in.dt_bias ? get(*in.dt_bias, h) : 0.0);
+        double x = host_value(*in.dt, (b * d.t + t) * d.h + h) +
+                   (in.dt_bias ? host_value(*in.dt_bias, h) : 0.0);
         if (in.dt_softplus) x = x > 20 ? x : std::log1p(std::exp(x));
         sum += std::min(std::max(x, in.dt_min), in.dt_max);
       }
-      std::fill_n(m.decay.begin() + (b * d.h + h) * pn, pn, std::exp(sum * get(*in.A, h)));
+      std::fill_n(m.decay.begin() + (b * d.h + h) * pn, pn, std::exp(sum * host_value(*in.A, h)));
     }
   return m;
 }
@@ -71,12 +47,13 @@ std::vector<double> entering(const SsdInputs& in, const Dims& d, const Tensor& y
                {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx});
   SsdInputs zero = in;
   zero.initial_state = nullptr;
-  Host h_loc(in.x->dtype, {d.b, d.h, d.p, d.n});
+  HostBuffer h_loc(in.x->dtype, {d.b, d.h, d.p, d.n});
   ssd_forward(zero, y_scratch, &h_loc.t, workspace);
   ShardMap m = shard_map(in, d);
-  m.state = values(h_loc.t);
+  m.state = host_values(h_loc.t);
   const StatePassing sp(m, d.h * d.p * d.n, cp);
-  return sp.entering_state(in.initial_state ? values(*in.initial_state) : std::vector<double>{});
+  return sp.entering_state(in.initial_state ? host_values(*in.initial_state)
+                                            : std::vector<double>{});
 }
 
 }  // namespace
@@ -84,7 +61,7 @@ std::vector<double> entering(const SsdInputs& in, const Dims& d, const Tensor& y
 void ssd_forward_cp(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                     const Tensor& workspace, Communicator& cp) {
   const Dims d = dims_of(in);
-  const Host h_in(in.x->dtype, {d.b, d.h, d.p, d.n}, entering(in, d, y, workspace, cp));
+  const HostBuffer h_in(in.x->dtype, {d.b, d.h, d.p, d.n}, entering(in, d, y, workspace, cp));
   SsdInputs from = in;
   from.initial_state = &h_in.t;
   ssd_forward(from, y, final_state, workspace);
@@ -94,29 +71,24 @@ void ssd_backward_cp(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal
                      const SsdGrads& grads, const Tensor& forward_workspace,
                      const Tensor& workspace, Communicator& cp) {
   const Dims d = dims_of(in);
-  const Host y_tmp(in.x->dtype, {d.b, d.t, d.h, d.p});
-  const Host h_in(in.x->dtype, {d.b, d.h, d.p, d.n},
-                  entering(in, d, y_tmp.t, forward_workspace, cp));
+  const HostBuffer y_tmp(in.x->dtype, {d.b, d.t, d.h, d.p});
+  const HostBuffer h_in(in.x->dtype, {d.b, d.h, d.p, d.n},
+                        entering(in, d, y_tmp.t, forward_workspace, cp));
   SsdInputs from = in;
   from.initial_state = &h_in.t;
-  std::vector<Host> scratch;
-  scratch.reserve(8);
-  auto like = [&](const Tensor* t) -> const Tensor* {
-    if (!t) return nullptr;
-    scratch.emplace_back(t->dtype,
-                         std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim));
-    return &scratch.back().t;
-  };
-  const Host g_loc(in.x->dtype, {d.b, d.h, d.p, d.n});
+  std::deque<HostBuffer> scratch;
+  auto like = [&](const Tensor* t) { return scratch_like(scratch, t); };
+
+  const HostBuffer g_loc(in.x->dtype, {d.b, d.h, d.p, d.n});
   ssd_backward(from, dy, nullptr,
                {like(grads.dx), like(grads.ddt), like(grads.dA), like(grads.dB), like(grads.dC),
                 like(grads.dD), like(grads.ddt_bias), &g_loc.t},
                workspace);
   ShardMap m = shard_map(in, d);
-  m.state = values(g_loc.t);
-  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = values(*dfinal_state);
-  const Host g_out(in.x->dtype, {d.b, d.h, d.p, d.n},
-                   StatePassing(m, d.h * d.p * d.n, cp).arriving_grad());
+  m.state = host_values(g_loc.t);
+  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = host_values(*dfinal_state);
+  const HostBuffer g_out(in.x->dtype, {d.b, d.h, d.p, d.n},
+                         StatePassing(m, d.h * d.p * d.n, cp).arriving_grad());
   ssd_backward(from, dy, &g_out.t, grads, workspace);
 }
 
