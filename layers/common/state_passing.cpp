@@ -77,6 +77,13 @@ double host_value(const Tensor& t, int64_t i) {
   return t.dtype == DType::f64 ? t.ptr<double>()[i] : double(t.ptr<float>()[i]);
 }
 
+void set_host_value(const Tensor& t, int64_t i, double v) {
+  if (t.dtype == DType::f64)
+    t.ptr<double>()[i] = v;
+  else
+    t.ptr<float>()[i] = float(v);
+}
+
 std::vector<double> host_values(const Tensor& t) {
   std::vector<double> v(t.numel());
   for (int64_t i = 0; i < t.numel(); ++i) v[i] = host_value(t, i);
@@ -90,11 +97,7 @@ HostBuffer::HostBuffer(DType dtype, std::vector<int64_t> shape, const std::vecto
   for (int64_t x : shape) n *= x;
   storage.assign(n, 0.0);
   t = Tensor::contiguous_view(storage.data(), dtype, Device::cpu, shape, "state");
-  for (int64_t i = 0; i < int64_t(values.size()); ++i)
-    if (dtype == DType::f64)
-      t.ptr<double>()[i] = values[i];
-    else
-      t.ptr<float>()[i] = float(values[i]);
+  for (int64_t i = 0; i < int64_t(values.size()); ++i) set_host_value(t, i, values[i]);
 }
 
 const Tensor* scratch_like(std::deque<HostBuffer>& keep, const Tensor* t) {

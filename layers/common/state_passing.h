@@ -53,6 +53,7 @@ void shard_documents(const void* seq_idx, int64_t rows, int64_t t, ShardMap& map
 // Host f32/f64 tensors as f64 (element i, or all), and host storage of a dtype with its tensor,
 // filled from f64 values (what the maps are made of and turned back into).
 double host_value(const Tensor& t, int64_t i);
+void set_host_value(const Tensor& t, int64_t i, double v);
 std::vector<double> host_values(const Tensor& t);
 struct HostBuffer {
   std::vector<double> storage;  // f64 room for either dtype

@@ -1,6 +1,6 @@
-// Context-parallel selective scan and SSD (under mpirun with P ranks, cp = P): each rank holds a
-// shard of the sequence; the outputs, the final state (last rank), and every gradient (the
-// sequence's initial state on rank 0; dA, dD, d(dt bias) summed over the ranks) equal the
+// Context-parallel selective scan, SSD and causal conv1d (under mpirun with P ranks, cp = P): each
+// rank holds a shard of the sequence; the outputs, the final state (last rank), and every gradient
+// (the sequence's initial state on rank 0; dA, dD, d(dt bias) summed over the ranks) equal the
 // single-process op over the whole sequence. In f64 both compute the same sums in another order, so
 // they agree to 1e-10 relative. Cases: documents that start inside a shard and exactly at a shard's
 // first token, an initial state, the z gate, two groups.
@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "layers/causal_conv1d/causal_conv1d_cp.h"
 #include "layers/selective_scan/selective_scan_cp.h"
 #include "layers/ssd/ssd_cp.h"
 #include "parallel/communicator.h"
@@ -203,6 +204,51 @@ void check_ssd(Communicator& cp, int64_t tr, bool docs) {
   }
 }
 
+void check_conv(Communicator& cp, int64_t tr, bool docs) {
+  const int r = cp.rank(), p = cp.size();
+  const int64_t b = 2, t = tr * p, c = 5, w = 4;
+  Host x({b, t, c}, values(b * t * c, 41)), wt({c, w}, values(c * w, 42)), bias({c}, values(c, 43));
+  Host dy({b, t, c}, values(b * t * c, 44)), h0({b, c, w - 1}, values(b * c * (w - 1), 45));
+  Host dfinal({b, c, w - 1}, values(b * c * (w - 1), 46));
+  std::vector<int32_t> seq = documents(b, t, tr);
+  const Tensor seq_all = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
+  const Conv1dInputs whole{&x.t, &wt.t, &bias.t, docs ? &seq_all : nullptr, &h0.t, true};
+  Host y({b, t, c}), fin({b, c, w - 1});
+  causal_conv1d_forward(whole, y.t, &fin.t);
+  Host dx({b, t, c}), dw({c, w}), db({c}), dh0({b, c, w - 1});
+  causal_conv1d_backward(whole, dy.t, &dfinal.t, {&dx.t, &dw.t, &db.t, &dh0.t});
+  const int64_t t0 = r * tr;
+  auto slice = [&](const Host& hh) {
+    std::vector<int64_t> s = hh.shape;
+    s[1] = tr;
+    return Host(s, shard(hh, t0, tr));
+  };
+  Host sx = slice(x), sdy = slice(dy);
+  std::vector<int32_t> sseq;
+  for (int64_t row = 0; row < b; ++row)
+    for (int64_t i = t0; i < t0 + tr; ++i) sseq.push_back(seq[row * t + i]);
+  const Tensor seq_shard =
+      Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
+  const Conv1dInputs mine{&sx.t, &wt.t, &bias.t, docs ? &seq_shard : nullptr, &h0.t, true};
+  Host sy({b, tr, c}), sfin({b, c, w - 1});
+  causal_conv1d_forward_cp(mine, sy.t, &sfin.t, cp);
+  Host sdx({b, tr, c}), sdw({c, w}), sdb({c}), sdh({b, c, w - 1});
+  causal_conv1d_backward_cp(mine, sdy.t, &dfinal.t, {&sdx.t, &sdw.t, &sdb.t, &sdh.t}, cp);
+  const std::string tag = std::string("conv1d, ") + (docs ? "documents" : "one document") +
+                          ", shard " + std::to_string(tr) + ": ";
+  expect_close(tag + "y", sy.v, shard(y, t0, tr), r);
+  if (r == p - 1) expect_close(tag + "final state", sfin.v, fin.v, r);
+  expect_close(tag + "dx", sdx.v, shard(dx, t0, tr), r);
+  if (r == 0) expect_close(tag + "dinitial_state", sdh.v, dh0.v, r);
+  for (auto [name, mine_g, want] : {std::tuple{"dw", &sdw, &dw}, std::tuple{"dbias", &sdb, &db}}) {
+    std::vector<double> sum = mine_g->v;
+    cp.all_reduce(
+        Tensor::contiguous_view(sum.data(), DType::f64, Device::cpu, {int64_t(sum.size())}, "sum"),
+        ReduceOp::sum);
+    expect_close(tag + name + " (summed over the ranks)", sum, want->v, r);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -210,7 +256,8 @@ int main(int argc, char** argv) {
   auto world = make_mpi_world(comm_timeout_from_env(120));
   try {
     for (bool docs : {false, true})
-      for (int64_t tr : {4, 7}) check(*world, tr, docs), check_ssd(*world, tr, docs);
+      for (int64_t tr : {4, 7})
+        check(*world, tr, docs), check_ssd(*world, tr, docs), check_conv(*world, tr, docs);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
