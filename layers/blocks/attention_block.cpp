@@ -40,6 +40,9 @@ void AttentionBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
 }
 
 void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
+  BRAID_REQUIRE(!meta.cp,
+                "attention under context parallelism (ring or all-gather KV) is not "
+                "built yet");
   const int64_t m = b_ * t_, h = h_, hk = hk_, p = cfg_.head_dim;
   const Tensor x2 = x.reshape({m, cfg_.d_model});
   linear_forward(x2, q_->value, nullptr, qt_.reshape({m, h * p}));

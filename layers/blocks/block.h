@@ -19,6 +19,9 @@ struct BatchMeta {
   const Tensor* seq_idx = nullptr;    // [B,T] i32 document index within each row
   const Tensor* positions = nullptr;  // [B,T] i32 position within the document
   double aux_loss_scale = 1.0;        // d(total loss)/d(this microbatch's auxiliary losses)
+  // Context parallelism: the [B,T] tokens are rank r's shard of every sequence of this group
+  // (consecutive shards on consecutive ranks); the SSM mixers pass states between the ranks.
+  Communicator* cp = nullptr;
 };
 
 class Block {

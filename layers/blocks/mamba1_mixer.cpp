@@ -3,10 +3,12 @@
 #include <cmath>
 
 #include "layers/causal_conv1d/causal_conv1d.h"
+#include "layers/causal_conv1d/causal_conv1d_cp.h"
 #include "layers/elementwise/elementwise.h"
 #include "layers/linear/linear.h"
 #include "layers/rmsnorm/rmsnorm.h"
 #include "layers/selective_scan/selective_scan.h"
+#include "layers/selective_scan/selective_scan_cp.h"
 
 namespace braid {
 
@@ -117,8 +119,11 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   linear_forward(x2, w_in.slice(0, 0, c), nullptr, xs_);
   linear_forward(x2, w_in.slice(0, c, c), nullptr, z_);
   const Tensor xs3 = xs_.reshape({b_, t_, c});
-  causal_conv1d_forward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true}, xc3_,
-                        nullptr);
+  const Conv1dInputs conv{&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true};
+  if (meta.cp)
+    causal_conv1d_forward_cp(conv, xc3_, nullptr, *meta.cp);
+  else
+    causal_conv1d_forward(conv, xc3_, nullptr);
   const Tensor& wx = x_proj_->value;
   linear_forward(xc_, wx.slice(0, 0, r), nullptr, dtr_);
   linear_forward(xc_, wx.slice(0, r, g * n), nullptr, bp_);
@@ -133,7 +138,10 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   }
   linear_forward(dtn_, dt_w_->value, nullptr, delta_);
   neg_exp(a_log_->value, a_);
-  selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, &ws_);
+  if (meta.cp)
+    selective_scan_forward_cp(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, ws_, *meta.cp);
+  else
+    selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, &ws_);
   linear_forward(y_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
   tp_.reduce_output(y);
 }
@@ -149,9 +157,11 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   const Tensor db4 = dbn_.reshape({b_, t_, g, n}), dc4 = dcn_.reshape({b_, t_, g, n});
   // dA accumulates inside the scan: start from zero, then fold into dA_log.
   zero_fill(da_);
-  selective_scan_backward(
-      in, dy_in_.reshape({b_, t_, c}), nullptr,
-      {&dxc3, &ddelta3, &da_, &db4, &dc4, &d_->grad, &dz3, &dt_b_->grad, nullptr}, ws_);
+  const ScanGrads sg{&dxc3, &ddelta3, &da_, &db4, &dc4, &d_->grad, &dz3, &dt_b_->grad, nullptr};
+  if (meta.cp)
+    selective_scan_backward_cp(in, dy_in_.reshape({b_, t_, c}), nullptr, sg, ws_, *meta.cp);
+  else
+    selective_scan_backward(in, dy_in_.reshape({b_, t_, c}), nullptr, sg, ws_);
   neg_exp_backward(a_, da_, a_log_->grad);
   linear_backward(dtn_, dt_w_->value, ddelta_, &ddtn_, dt_w_->grad, nullptr);
   // [dtr | Bp | Cp] was used whole by every rank: its gradient is the sum over the group.
@@ -174,8 +184,12 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                   nullptr);
   add_into(dxc_, dtmp_c_);
   const Tensor xs3 = xs_.reshape({b_, t_, c}), dxs3 = dxs_.reshape({b_, t_, c});
-  causal_conv1d_backward({&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true},
-                         dxc3, nullptr, {&dxs3, &conv_w_->grad, &conv_b_->grad, nullptr});
+  const Conv1dInputs conv{&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true};
+  const Conv1dGrads cg{&dxs3, &conv_w_->grad, &conv_b_->grad, nullptr};
+  if (meta.cp)
+    causal_conv1d_backward_cp(conv, dxc3, nullptr, cg, *meta.cp);
+  else
+    causal_conv1d_backward(conv, dxc3, nullptr, cg);
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
   const Tensor& w_in = in_proj_->value;
   const Tensor& g_in = in_proj_->grad;

@@ -4,10 +4,12 @@
 #include <cmath>
 
 #include "layers/causal_conv1d/causal_conv1d.h"
+#include "layers/causal_conv1d/causal_conv1d_cp.h"
 #include "layers/elementwise/elementwise.h"
 #include "layers/gated_rmsnorm/gated_rmsnorm.h"
 #include "layers/linear/linear.h"
 #include "layers/ssd/ssd.h"
+#include "layers/ssd/ssd_cp.h"
 
 namespace braid {
 
@@ -104,7 +106,11 @@ void Mamba2Mixer::conv_forward(const Tensor& in, const Tensor& out, int64_t ch0,
                                const BatchMeta& meta) {
   const Tensor w = conv_w_->value.slice(0, ch0, ch), bias = conv_b_->value.slice(0, ch0, ch);
   const Tensor in3 = in.reshape({b_, t_, ch}), out3 = out.reshape({b_, t_, ch});
-  causal_conv1d_forward({&in3, &w, &bias, meta.seq_idx, nullptr, true}, out3, nullptr);
+  const Conv1dInputs conv{&in3, &w, &bias, meta.seq_idx, nullptr, true};
+  if (meta.cp)
+    causal_conv1d_forward_cp(conv, out3, nullptr, *meta.cp);
+  else
+    causal_conv1d_forward(conv, out3, nullptr);
 }
 
 void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
@@ -121,7 +127,10 @@ void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   conv_forward(cs_, cc_, c + gn, gn, meta);
   neg_exp(a_log_->value, a_);
   const SsdInputs in = ssd_inputs(meta);
-  ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
+  if (meta.cp)
+    ssd_forward_cp(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_, *meta.cp);
+  else
+    ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
   gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
   linear_forward(g_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
   tp_.reduce_output(y);
@@ -138,8 +147,11 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   const Tensor db4 = dbc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
                dc4 = dcc_.reshape({b_, t_, cfg_.groups, cfg_.d_state});
   zero_fill(da_);
-  ssd_backward(in, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr,
-               {&dx4, &ddt3, &da_, &db4, &dc4, &d_->grad, &dt_bias_->grad, nullptr}, ws_);
+  const SsdGrads sg{&dx4, &ddt3, &da_, &db4, &dc4, &d_->grad, &dt_bias_->grad, nullptr};
+  if (meta.cp)
+    ssd_backward_cp(in, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, sg, fws_, ws_, *meta.cp);
+  else
+    ssd_backward(in, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, sg, ws_);
   neg_exp_backward(a_, da_, a_log_->grad);
   // Conv backward per channel range (x, B, C), gradients into the packed conv weight and bias.
   struct Part {
@@ -153,8 +165,12 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     const Tensor gw = conv_w_->grad.slice(0, p.ch0, p.ch), gb = conv_b_->grad.slice(0, p.ch0, p.ch);
     const Tensor in3 = p.in->reshape({b_, t_, p.ch}), dout3 = p.dout->reshape({b_, t_, p.ch});
     const Tensor din3 = p.din->reshape({b_, t_, p.ch});
-    causal_conv1d_backward({&in3, &w, &bias, meta.seq_idx, nullptr, true}, dout3, nullptr,
-                           {&din3, &gw, &gb, nullptr});
+    const Conv1dInputs conv{&in3, &w, &bias, meta.seq_idx, nullptr, true};
+    const Conv1dGrads cg{&din3, &gw, &gb, nullptr};
+    if (meta.cp)
+      causal_conv1d_backward_cp(conv, dout3, nullptr, cg, *meta.cp);
+    else
+      causal_conv1d_backward(conv, dout3, nullptr, cg);
   }
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
   const Tensor& w = in_proj_->value;

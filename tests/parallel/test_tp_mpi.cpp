@@ -10,6 +10,10 @@
 // rank against the whole block run on the same rank's tokens; an expert's gradient is the sum
 // over every rank's tokens routed to it, so it is compared with the whole blocks' gradients
 // summed over the ranks (in f64).
+// Context parallel (cp = P): the Mamba-1 and Mamba-2 mixers with each rank holding a shard of
+// every sequence (states and conv halos passed between the ranks) against the whole mixer over
+// the whole sequence: output and input-gradient shards, and every parameter gradient summed over
+// the ranks, with the same tolerance.
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -231,6 +235,68 @@ void check_expert_parallel(const MoeConfig& cfg, Communicator& world, Backend& b
   }
 }
 
+// Rows [t0, t0 + len) of every [B,T,D] sequence.
+std::vector<double> rows_of(const std::vector<double>& v, int64_t b, int64_t t, int64_t d,
+                            int64_t t0, int64_t len) {
+  std::vector<double> out;
+  for (int64_t i = 0; i < b; ++i)
+    out.insert(out.end(), v.begin() + (i * t + t0) * d, v.begin() + (i * t + t0 + len) * d);
+  return out;
+}
+
+void check_block_cp(const std::string& name, const MakeBlock& make, int64_t d, Communicator& world,
+                    Backend& backend) {
+  const int64_t b = 2, tr = 5, t = tr * world.size();
+  const int rank = world.rank();
+  std::vector<double> x(b * t * d), dy(b * t * d);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = std::sin(0.37 * double(i) + 0.1);
+    dy[i] = std::cos(0.53 * double(i) + 0.2);
+  }
+  // Row 0: a document starting inside the first shard and one at the second shard's first token.
+  std::vector<int32_t> seq(b * t, 0), pos(b * t, 0);
+  for (int64_t i = 0; i < t; ++i) seq[i] = (i >= 2 ? 1 : 0) + (i >= tr ? 1 : 0);
+  struct Result {
+    std::unique_ptr<Instance> inst;
+    std::vector<double> y, dx;
+  };
+  auto run = [&](DType dtype, int64_t len, int64_t t0, Communicator* cp) {
+    Result r;
+    r.inst = build(make, {}, dtype, backend, b, len);
+    std::vector<int32_t> s, p;
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t j = t0; j < t0 + len; ++j)
+        s.push_back(seq[i * t + j]), p.push_back(pos[i * t + j]);
+    const Tensor st = Tensor::contiguous_view(s.data(), DType::i32, Device::cpu, {b, len}, "seq"),
+                 pt = Tensor::contiguous_view(p.data(), DType::i32, Device::cpu, {b, len}, "pos");
+    const std::vector<double> xs = rows_of(x, b, t, d, t0, len),
+                              dys = rows_of(dy, b, t, d, t0, len);
+    Buffer xb(dtype, {b, len, d}, xs), dyb(dtype, {b, len, d}, dys), yb(dtype, {b, len, d}, xs),
+        dxb(dtype, {b, len, d}, xs);
+    r.inst->params.zero_grads();
+    BatchMeta meta;
+    meta.seq_idx = &st, meta.positions = &pt, meta.cp = cp;
+    r.inst->block->forward(xb.t, yb.t, meta);
+    r.inst->block->backward(xb.t, dyb.t, dxb.t, meta);
+    r.y = values_of(yb.t), r.dx = values_of(dxb.t);
+    return r;
+  };
+  const Result truth = run(DType::f64, t, 0, nullptr), naive = run(DType::f32, t, 0, nullptr),
+               split = run(DType::f32, tr, rank * tr, &world);
+  auto mine = [&](const std::vector<double>& v) { return rows_of(v, b, t, d, rank * tr, tr); };
+  expect_close(name + " y", split.y, mine(naive.y), mine(truth.y), rank);
+  expect_close(name + " dx", split.dx, mine(naive.dx), mine(truth.dx), rank);
+  for (const Param& p : split.inst->params.all()) {
+    if (!p.trainable) continue;
+    std::vector<double> g = values_of(p.grad);
+    world.all_reduce(
+        Tensor::contiguous_view(g.data(), DType::f64, Device::cpu, {int64_t(g.size())}, "g"),
+        ReduceOp::sum);
+    expect_close(name + " grad " + p.name, g, values_of(naive.inst->params.find(p.name)->grad),
+                 values_of(truth.inst->params.find(p.name)->grad), rank);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -284,6 +350,22 @@ int main(int argc, char** argv) {
             return std::make_unique<MoeBlock>(c, ps, "moe", 0.3, 0.2, tp);
           },
           d, *world, *backend);
+    check_block_cp(
+        "mamba2 (context parallel)",
+        [&](ParamSet& ps, const TensorParallel& tp) {
+          Mamba2Config c;
+          c.d_model = d, c.heads = 4, c.head_dim = 3, c.groups = 2, c.d_state = 4, c.chunk = 4;
+          return std::make_unique<Mamba2Mixer>(c, ps, "m2", 0.3, 0.2, tp);
+        },
+        d, *world, *backend);
+    check_block_cp(
+        "mamba1 (context parallel)",
+        [&](ParamSet& ps, const TensorParallel& tp) {
+          Mamba1Config c;
+          c.d_model = d, c.d_inner = 16, c.d_state = 4, c.dt_rank = 3, c.dt_bc_norm = true;
+          return std::make_unique<Mamba1Mixer>(c, ps, "m1", 0.3, 0.2, tp);
+        },
+        d, *world, *backend);
     MoeConfig ep;
     ep.d_model = d, ep.experts = 8, ep.top_k = 2, ep.ffn = 6, ep.z_loss_coef = 0.1;
     check_expert_parallel(ep, *world, *backend);
