@@ -14,6 +14,7 @@
 #include "layers/selective_scan/selective_scan_cp.h"
 #include "layers/ssd/ssd_cp.h"
 #include "parallel/communicator.h"
+#include "tests/mpi_test_util.h"
 
 namespace {
 
@@ -54,6 +55,35 @@ void expect_close(const std::string& what, const std::vector<double>& got,
   if (!(got.size() == want.size() && err <= 1e-10 * std::max(scale, 1.0))) {
     std::fprintf(stderr, "rank %d: %s: error %.3g (scale %.3g)\n", rank, what.c_str(), err, scale);
     ++failures;
+  }
+}
+
+// A [B,T,...] tensor's rows [t0, t0 + len) of every sequence, as a [B,len,...] tensor.
+Host shard_of(const Host& h, int64_t t0, int64_t len) {
+  std::vector<int64_t> s = h.shape;
+  s[1] = len;
+  return Host(s, shard(h, t0, len));
+}
+
+// seq_idx [B,T] rows [t0, t0 + len) of every sequence.
+std::vector<int32_t> seq_shard(const std::vector<int32_t>& seq, int64_t b, int64_t t, int64_t t0,
+                               int64_t len) {
+  std::vector<int32_t> out;
+  for (int64_t row = 0; row < b; ++row)
+    for (int64_t i = t0; i < t0 + len; ++i) out.push_back(seq[row * t + i]);
+  return out;
+}
+
+// Accumulated gradients (name, this shard's, the whole op's): summed over the ranks they equal
+// the whole op's.
+void expect_summed(Communicator& cp, const std::string& tag,
+                   std::initializer_list<std::tuple<const char*, const Host*, const Host*>> grads) {
+  for (auto [name, mine, want] : grads) {
+    std::vector<double> sum = mine->v;
+    cp.all_reduce(
+        Tensor::contiguous_view(sum.data(), DType::f64, Device::cpu, {int64_t(sum.size())}, "sum"),
+        ReduceOp::sum);
+    expect_close(tag + name + " (summed over the ranks)", sum, want->v, cp.rank());
   }
 }
 
@@ -99,16 +129,9 @@ void check(Communicator& cp, int64_t tr, bool docs) {
                           {&du.t, &dd.t, &dA.t, &dB.t, &dC.t, &dD.t, &dz.t, &db.t, &dh0.t}, ws.t);
   // This rank's shard.
   const int64_t t0 = r * tr;
-  auto slice = [&](const Host& h) {
-    std::vector<int64_t> s = h.shape;
-    s[1] = tr;
-    return Host(s, shard(h, t0, tr));
-  };
-  Host su = slice(u), sdelta = slice(delta), sz = slice(z), sB = slice(Bm), sC = slice(Cm),
-       sdy = slice(dy);
-  std::vector<int32_t> sseq;
-  for (int64_t row = 0; row < b; ++row)
-    for (int64_t i = t0; i < t0 + tr; ++i) sseq.push_back(seq[row * t + i]);
+  Host su = shard_of(u, t0, tr), sdelta = shard_of(delta, t0, tr), sz = shard_of(z, t0, tr),
+       sB = shard_of(Bm, t0, tr), sC = shard_of(Cm, t0, tr), sdy = shard_of(dy, t0, tr);
+  std::vector<int32_t> sseq = seq_shard(seq, b, t, t0, tr);
   const Tensor seq_shard =
       Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
   ScanInputs mine{
@@ -131,14 +154,7 @@ void check(Communicator& cp, int64_t tr, bool docs) {
   expect_close(tag + "dB", sdB.v, shard(dB, t0, tr), r);
   expect_close(tag + "dC", sdC.v, shard(dC, t0, tr), r);
   if (r == 0) expect_close(tag + "dinitial_state", sdh.v, dh0.v, r);
-  for (auto [name, mine_g, want] : {std::tuple{"dA", &sdA, &dA}, std::tuple{"dD", &sdD, &dD},
-                                    std::tuple{"ddelta_bias", &sdb, &db}}) {
-    std::vector<double> sum = mine_g->v;
-    cp.all_reduce(
-        Tensor::contiguous_view(sum.data(), DType::f64, Device::cpu, {int64_t(sum.size())}, "sum"),
-        ReduceOp::sum);
-    expect_close(tag + name + " (summed over the ranks)", sum, want->v, r);
-  }
+  expect_summed(cp, tag, {{"dA", &sdA, &dA}, {"dD", &sdD, &dD}, {"ddelta_bias", &sdb, &db}});
 }
 
 void check_ssd(Communicator& cp, int64_t tr, bool docs) {
@@ -163,15 +179,9 @@ void check_ssd(Communicator& cp, int64_t tr, bool docs) {
   ssd_backward(whole, dy.t, &dfinal.t, {&dx.t, &ddt.t, &dA.t, &dB.t, &dC.t, &dD.t, &db.t, &dh0.t},
                bws.t);
   const int64_t t0 = r * tr;
-  auto slice = [&](const Host& hh) {
-    std::vector<int64_t> s = hh.shape;
-    s[1] = tr;
-    return Host(s, shard(hh, t0, tr));
-  };
-  Host sx = slice(x), sdt = slice(dt), sB = slice(Bm), sC = slice(Cm), sdy = slice(dy);
-  std::vector<int32_t> sseq;
-  for (int64_t row = 0; row < b; ++row)
-    for (int64_t i = t0; i < t0 + tr; ++i) sseq.push_back(seq[row * t + i]);
+  Host sx = shard_of(x, t0, tr), sdt = shard_of(dt, t0, tr), sB = shard_of(Bm, t0, tr),
+       sC = shard_of(Cm, t0, tr), sdy = shard_of(dy, t0, tr);
+  std::vector<int32_t> sseq = seq_shard(seq, b, t, t0, tr);
   const Tensor seq_shard =
       Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
   SsdInputs mine{&sx.t, &sdt.t, &A.t, &sB.t, &sC.t, &D.t, &bias.t, docs ? &seq_shard : nullptr,
@@ -194,14 +204,7 @@ void check_ssd(Communicator& cp, int64_t tr, bool docs) {
   expect_close(tag + "dB", sdB.v, shard(dB, t0, tr), r);
   expect_close(tag + "dC", sdC.v, shard(dC, t0, tr), r);
   if (r == 0) expect_close(tag + "dinitial_state", sdh.v, dh0.v, r);
-  for (auto [name, mine_g, want] : {std::tuple{"dA", &sdA, &dA}, std::tuple{"dD", &sdD, &dD},
-                                    std::tuple{"ddt_bias", &sdb, &db}}) {
-    std::vector<double> sum = mine_g->v;
-    cp.all_reduce(
-        Tensor::contiguous_view(sum.data(), DType::f64, Device::cpu, {int64_t(sum.size())}, "sum"),
-        ReduceOp::sum);
-    expect_close(tag + name + " (summed over the ranks)", sum, want->v, r);
-  }
+  expect_summed(cp, tag, {{"dA", &sdA, &dA}, {"dD", &sdD, &dD}, {"ddt_bias", &sdb, &db}});
 }
 
 void check_conv(Communicator& cp, int64_t tr, bool docs) {
@@ -218,15 +221,8 @@ void check_conv(Communicator& cp, int64_t tr, bool docs) {
   Host dx({b, t, c}), dw({c, w}), db({c}), dh0({b, c, w - 1});
   causal_conv1d_backward(whole, dy.t, &dfinal.t, {&dx.t, &dw.t, &db.t, &dh0.t});
   const int64_t t0 = r * tr;
-  auto slice = [&](const Host& hh) {
-    std::vector<int64_t> s = hh.shape;
-    s[1] = tr;
-    return Host(s, shard(hh, t0, tr));
-  };
-  Host sx = slice(x), sdy = slice(dy);
-  std::vector<int32_t> sseq;
-  for (int64_t row = 0; row < b; ++row)
-    for (int64_t i = t0; i < t0 + tr; ++i) sseq.push_back(seq[row * t + i]);
+  Host sx = shard_of(x, t0, tr), sdy = shard_of(dy, t0, tr);
+  std::vector<int32_t> sseq = seq_shard(seq, b, t, t0, tr);
   const Tensor seq_shard =
       Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
   const Conv1dInputs mine{&sx.t, &wt.t, &bias.t, docs ? &seq_shard : nullptr, &h0.t, true};
@@ -240,13 +236,7 @@ void check_conv(Communicator& cp, int64_t tr, bool docs) {
   if (r == p - 1) expect_close(tag + "final state", sfin.v, fin.v, r);
   expect_close(tag + "dx", sdx.v, shard(dx, t0, tr), r);
   if (r == 0) expect_close(tag + "dinitial_state", sdh.v, dh0.v, r);
-  for (auto [name, mine_g, want] : {std::tuple{"dw", &sdw, &dw}, std::tuple{"dbias", &sdb, &db}}) {
-    std::vector<double> sum = mine_g->v;
-    cp.all_reduce(
-        Tensor::contiguous_view(sum.data(), DType::f64, Device::cpu, {int64_t(sum.size())}, "sum"),
-        ReduceOp::sum);
-    expect_close(tag + name + " (summed over the ranks)", sum, want->v, r);
-  }
+  expect_summed(cp, tag, {{"dw", &sdw, &dw}, {"dbias", &sdb, &db}});
 }
 
 }  // namespace
@@ -262,9 +252,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
   }
-  int64_t total = failures;
-  world->all_reduce(Tensor::contiguous_view(&total, DType::i64, Device::cpu, {1}, "failures"),
-                    ReduceOp::sum);
-  if (world->rank() == 0) std::printf("%s: %lld failures\n", argv[0], (long long)total);
-  return total == 0 ? 0 : 1;
+  return test::mpi_test_exit(*world, failures, argv[0]);
 }

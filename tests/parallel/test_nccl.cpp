@@ -5,11 +5,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "parallel/communicator.h"
 #include "parallel/launch_env.h"
 #include "runtime/dtype.h"
+#include "tests/mpi_test_util.h"
 
 namespace {
 
@@ -149,9 +151,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rank %d: %s\n", r, e.what());
     ++failures;
   }
-  int64_t total = failures;
-  world->all_reduce(Tensor::contiguous_view(&total, DType::i64, Device::cpu, {1}, "failures"),
-                    ReduceOp::sum);
-  if (r == 0) std::printf("test_nccl (%d ranks): %lld failures\n", p, (long long)total);
-  return total == 0 ? 0 : 1;
+  return test::mpi_test_exit(*world, failures,
+                             ("test_nccl (" + std::to_string(p) + " ranks)").c_str());
 }

@@ -28,6 +28,7 @@
 #include "layers/blocks/moe.h"
 #include "parallel/communicator.h"
 #include "runtime/backend.h"
+#include "tests/mpi_test_util.h"
 
 namespace {
 
@@ -94,6 +95,33 @@ std::vector<double> slice_of(const std::vector<double>& whole, const Param& shar
   return out;
 }
 
+// A block built (tensor parallel over tp) for [b, t] tokens and run forward and backward once.
+struct Result {
+  std::unique_ptr<Instance> inst;
+  std::vector<double> y, dx;
+};
+Result run_block(const MakeBlock& make, const TensorParallel& tp, DType dtype, Backend& backend,
+                 int64_t b, int64_t t, int64_t d, const std::vector<double>& x,
+                 const std::vector<double>& dy, const BatchMeta& meta) {
+  Result r;
+  r.inst = build(make, tp, dtype, backend, b, t);
+  Buffer xb(dtype, {b, t, d}, x), dyb(dtype, {b, t, d}, dy), yb(dtype, {b, t, d}, x),
+      dxb(dtype, {b, t, d}, x);
+  r.inst->params.zero_grads();
+  r.inst->block->forward(xb.t, yb.t, meta);
+  r.inst->block->backward(xb.t, dyb.t, dxb.t, meta);
+  r.y = values_of(yb.t), r.dx = values_of(dxb.t);
+  return r;
+}
+
+// v summed over the ranks (in f64).
+std::vector<double> summed(Communicator& world, std::vector<double> v) {
+  world.all_reduce(
+      Tensor::contiguous_view(v.data(), DType::f64, Device::cpu, {int64_t(v.size())}, "sum"),
+      ReduceOp::sum);
+  return v;
+}
+
 double max_err(const std::vector<double>& a, const std::vector<double>& b) {
   double e = 0;
   for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]));
@@ -133,20 +161,8 @@ void check_block(const std::string& name, const MakeBlock& make, int64_t d, Comm
     x[i] = std::sin(0.37 * double(i) + 0.1);
     dy[i] = std::cos(0.53 * double(i) + 0.2);
   }
-  struct Result {
-    std::unique_ptr<Instance> inst;
-    std::vector<double> y, dx;
-  };
   auto run = [&](DType dtype, const TensorParallel& tp) {
-    Result r;
-    r.inst = build(make, tp, dtype, backend, b, t);
-    Buffer xb(dtype, {b, t, d}, x), dyb(dtype, {b, t, d}, dy), yb(dtype, {b, t, d}, x),
-        dxb(dtype, {b, t, d}, x);
-    r.inst->params.zero_grads();
-    r.inst->block->forward(xb.t, yb.t, meta);
-    r.inst->block->backward(xb.t, dyb.t, dxb.t, meta);
-    r.y = values_of(yb.t), r.dx = values_of(dxb.t);
-    return r;
+    return run_block(make, tp, dtype, backend, b, t, d, x, dy, meta);
   };
   const Result truth = run(DType::f64, {}), naive = run(DType::f32, {}),
                split = run(DType::f32, {&world});
@@ -187,44 +203,27 @@ void check_expert_parallel(const MoeConfig& cfg, Communicator& world, Backend& b
     x[i] = std::sin(0.37 * double(i) + 0.1 + rank);
     dy[i] = std::cos(0.53 * double(i) + 0.2 + 2 * rank);
   }
-  struct Result {
-    std::unique_ptr<Instance> inst;
-    std::vector<double> y, dx;
-  };
   auto run = [&](DType dtype, Communicator* ep) {
-    Result r;
-    r.inst = build(
-        [&](ParamSet& ps, const TensorParallel& tp) {
-          return std::make_unique<MoeBlock>(cfg, ps, "moe", 0.3, 0.2, tp, ep);
-        },
-        {}, dtype, backend, b, t);
-    Buffer xb(dtype, {b, t, d}, x), dyb(dtype, {b, t, d}, dy), yb(dtype, {b, t, d}, x),
-        dxb(dtype, {b, t, d}, x);
-    r.inst->params.zero_grads();
-    r.inst->block->forward(xb.t, yb.t, BatchMeta{});
-    r.inst->block->backward(xb.t, dyb.t, dxb.t, BatchMeta{});
-    r.y = values_of(yb.t), r.dx = values_of(dxb.t);
-    return r;
+    const MakeBlock make = [&](ParamSet& ps, const TensorParallel& tp) {
+      return std::make_unique<MoeBlock>(cfg, ps, "moe", 0.3, 0.2, tp, ep);
+    };
+    return run_block(make, {}, dtype, backend, b, t, d, x, dy, BatchMeta{});
   };
   const Result truth = run(DType::f64, nullptr), naive = run(DType::f32, nullptr),
                split = run(DType::f32, &world);
   expect_close("moe ep y", split.y, naive.y, truth.y, rank);
   expect_close("moe ep dx", split.dx, naive.dx, truth.dx, rank);
-  auto summed = [&](std::vector<double> v) {  // over the ranks' tokens
-    world.all_reduce(
-        Tensor::contiguous_view(v.data(), DType::f64, Device::cpu, {int64_t(v.size())}, "g"),
-        ReduceOp::sum);
-    return v;
-  };
   int experts_here = 0;
   for (const Param& tw : truth.inst->params.all()) {  // collective: same order on every rank
     const Param* sp = split.inst->params.find(tw.name);
     const bool expert = tw.name.find(".experts.") != std::string::npos;
     if (!tw.trainable) continue;
-    const std::vector<double> tg = expert ? summed(values_of(tw.grad)) : values_of(tw.grad);
-    const std::vector<double> ng = expert
-                                       ? summed(values_of(naive.inst->params.find(tw.name)->grad))
-                                       : values_of(naive.inst->params.find(tw.name)->grad);
+    // An expert's gradient sums every rank's tokens routed to it.
+    auto whole = [&](const Result& res) {
+      const std::vector<double> g = values_of(res.inst->params.find(tw.name)->grad);
+      return expert ? summed(world, g) : g;
+    };
+    const std::vector<double> tg = whole(truth), ng = whole(naive);
     if (!sp) continue;  // another rank's expert
     experts_here += expert;
     expect_close("moe ep grad " + tw.name, values_of(sp->grad), ng, tg, rank);
@@ -256,30 +255,17 @@ void check_block_cp(const std::string& name, const MakeBlock& make, int64_t d, C
   // Row 0: a document starting inside the first shard and one at the second shard's first token.
   std::vector<int32_t> seq(b * t, 0), pos(b * t, 0);
   for (int64_t i = 0; i < t; ++i) seq[i] = (i >= 2 ? 1 : 0) + (i >= tr ? 1 : 0);
-  struct Result {
-    std::unique_ptr<Instance> inst;
-    std::vector<double> y, dx;
-  };
   auto run = [&](DType dtype, int64_t len, int64_t t0, Communicator* cp) {
-    Result r;
-    r.inst = build(make, {}, dtype, backend, b, len);
     std::vector<int32_t> s, p;
     for (int64_t i = 0; i < b; ++i)
       for (int64_t j = t0; j < t0 + len; ++j)
         s.push_back(seq[i * t + j]), p.push_back(pos[i * t + j]);
     const Tensor st = Tensor::contiguous_view(s.data(), DType::i32, Device::cpu, {b, len}, "seq"),
                  pt = Tensor::contiguous_view(p.data(), DType::i32, Device::cpu, {b, len}, "pos");
-    const std::vector<double> xs = rows_of(x, b, t, d, t0, len),
-                              dys = rows_of(dy, b, t, d, t0, len);
-    Buffer xb(dtype, {b, len, d}, xs), dyb(dtype, {b, len, d}, dys), yb(dtype, {b, len, d}, xs),
-        dxb(dtype, {b, len, d}, xs);
-    r.inst->params.zero_grads();
     BatchMeta meta;
     meta.seq_idx = &st, meta.positions = &pt, meta.cp = cp;
-    r.inst->block->forward(xb.t, yb.t, meta);
-    r.inst->block->backward(xb.t, dyb.t, dxb.t, meta);
-    r.y = values_of(yb.t), r.dx = values_of(dxb.t);
-    return r;
+    return run_block(make, {}, dtype, backend, b, len, d, rows_of(x, b, t, d, t0, len),
+                     rows_of(dy, b, t, d, t0, len), meta);
   };
   const Result truth = run(DType::f64, t, 0, nullptr), naive = run(DType::f32, t, 0, nullptr),
                split = run(DType::f32, tr, rank * tr, &world);
@@ -288,11 +274,8 @@ void check_block_cp(const std::string& name, const MakeBlock& make, int64_t d, C
   expect_close(name + " dx", split.dx, mine(naive.dx), mine(truth.dx), rank);
   for (const Param& p : split.inst->params.all()) {
     if (!p.trainable) continue;
-    std::vector<double> g = values_of(p.grad);
-    world.all_reduce(
-        Tensor::contiguous_view(g.data(), DType::f64, Device::cpu, {int64_t(g.size())}, "g"),
-        ReduceOp::sum);
-    expect_close(name + " grad " + p.name, g, values_of(naive.inst->params.find(p.name)->grad),
+    expect_close(name + " grad " + p.name, summed(world, values_of(p.grad)),
+                 values_of(naive.inst->params.find(p.name)->grad),
                  values_of(truth.inst->params.find(p.name)->grad), rank);
   }
 }
@@ -373,9 +356,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
   }
-  int64_t total = failures;
-  world->all_reduce(Tensor::contiguous_view(&total, DType::i64, Device::cpu, {1}, "failures"),
-                    ReduceOp::sum);
-  if (world->rank() == 0) std::printf("%s: %lld failures\n", argv[0], (long long)total);
-  return total == 0 ? 0 : 1;
+  return test::mpi_test_exit(*world, failures, argv[0]);
 }
