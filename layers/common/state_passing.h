@@ -8,7 +8,8 @@
 //   arriving_grad    the gradient arriving at shard r's end: g_r = G_{r+1} + P_{r+1} g_{r+1}
 //                    folded from the caller's gradient at the sequence's end (G = the gradient of
 //                    each shard's entering state through its own outputs).
-// A Shard holds this rank's part, per row its first and last tokens' document ids.
+// A ShardMap holds this rank's part and, per row, its first and last tokens' document ids. The conv
+// halo is such a map with no decay (causal_conv1d_cp.cpp).
 #pragma once
 
 #include <cstdint>
