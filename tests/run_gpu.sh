@@ -15,7 +15,7 @@ if [ -n "${BRAID_DEPS_PREFIX:-}" ]; then
 fi
 export PATH="/usr/local/cuda/bin:$PATH"
 start=$(date +%s)
-gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu bench_selective_scan"  # gpu tests + benchmarks
+gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu test_ssd_gpu test_gated_rmsnorm_gpu bench_selective_scan bench_ssd"  # gpu tests + benchmarks
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBRAID_CUDA=ON -DBRAID_WERROR=ON "${prefix_args[@]}" \
   >"$out/gpu_build.log" 2>&1 && cmake --build build-gpu --target $gpu_targets >>"$out/gpu_build.log" 2>&1
 build_rc=$?
@@ -25,7 +25,8 @@ gpu_summary=$(grep -E "tests passed|tests failed" "$out/gpu_ctest.log" | tail -n
 san_rc=0
 san=""
 for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test_selective_scan_gpu \
-  build-gpu/tests/layers/test_conv1d_gpu; do
+  build-gpu/tests/layers/test_conv1d_gpu build-gpu/tests/layers/test_ssd_gpu \
+  build-gpu/tests/layers/test_gated_rmsnorm_gpu; do
   for tool in memcheck racecheck; do
     log="$out/sanitizer_$(basename "$bin")_${tool}.log"
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" >"$log" 2>&1
@@ -35,9 +36,13 @@ for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test
   done
 done
 bench_rc=0
+benches="selective_scan ssd"
 if [ "$build_rc" -eq 0 ]; then
-  build-gpu/bench/bench_selective_scan --out "$out/bench_selective_scan.raw.json" | tee "$out/bench_selective_scan.txt"
-  bench_rc=$?
+  for b in $benches; do
+    build-gpu/bench/bench_$b --out "$out/bench_$b.raw.json" | tee "$out/bench_$b.txt"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && bench_rc=$rc
+  done
 fi
 device=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
 cat >"$out/gpu_tests.json" <<JSON
@@ -52,12 +57,14 @@ cat >"$out/gpu_tests.json" <<JSON
   "seconds": $(( $(date +%s) - start ))
 }
 JSON
-if [ -f "$out/bench_selective_scan.raw.json" ]; then
-  printf '{"command": "build-gpu/bench/bench_selective_scan (via bash tests/run_gpu.sh)", "commit": "%s", "device": "%s", "date": "%s", "results": %s}\n' \
-    "${BRAID_COMMIT:-unknown}" "$device" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(cat "$out/bench_selective_scan.raw.json")" \
-    >"$out/bench_selective_scan.json"
-  rm -f "$out/bench_selective_scan.raw.json"
-fi
+for b in $benches; do
+  if [ -f "$out/bench_$b.raw.json" ]; then
+    printf '{"command": "build-gpu/bench/bench_%s (via bash tests/run_gpu.sh)", "commit": "%s", "device": "%s", "date": "%s", "results": %s}\n' \
+      "$b" "${BRAID_COMMIT:-unknown}" "$device" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(cat "$out/bench_$b.raw.json")" \
+      >"$out/bench_$b.json"
+    rm -f "$out/bench_$b.raw.json"
+  fi
+done
 cat "$out/gpu_tests.json"
 tail -n 25 "$out/gpu_ctest.log"
 [ "$build_rc" -eq 0 ] && [ "$gpu_rc" -eq 0 ] && [ "$san_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "layers/causal_conv1d/causal_conv1d.h"
 #include "layers/selective_scan/selective_scan.h"
 #include "runtime/backend.h"
@@ -21,55 +22,12 @@
 namespace {
 
 using namespace braid;
+using bench::DeviceTensors;
+using bench::median_ms;
 
 struct Shape {
   int64_t b, c, t, n;
 };
-
-// GPU tensors filled with Philox values, released when the owner goes out of scope.
-class DeviceTensors {
- public:
-  explicit DeviceTensors(Backend& gpu) : gpu_(gpu) {}
-  DeviceTensors(const DeviceTensors&) = delete;
-  DeviceTensors& operator=(const DeviceTensors&) = delete;
-  ~DeviceTensors() {
-    for (void* d : mem_) gpu_.release(d);
-  }
-  Tensor random(std::vector<int64_t> shape, DType t, const char* name, RandomSpec spec) {
-    int64_t n = 1;
-    for (int64_t x : shape) n *= x;
-    void* d = gpu_.allocate(n * dtype_size(t));
-    mem_.push_back(d);
-    Tensor tt = Tensor::contiguous_view(d, t, Device::cuda, shape, name);
-    gpu_.fill_random(tt, spec, {});
-    return tt;
-  }
-
- private:
-  Backend& gpu_;
-  std::vector<void*> mem_;
-};
-
-double median_ms(const std::function<void()>& f) {
-  cudaEvent_t e0, e1;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) f();
-  std::vector<float> ms;
-  for (int i = 0; i < 20; ++i) {
-    CUDA_CHECK(cudaEventRecord(e0));
-    f();
-    CUDA_CHECK(cudaEventRecord(e1));
-    CUDA_CHECK(cudaEventSynchronize(e1));
-    float m = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&m, e0, e1));
-    ms.push_back(m);
-  }
-  std::sort(ms.begin(), ms.end());
-  CUDA_CHECK(cudaEventDestroy(e0));
-  CUDA_CHECK(cudaEventDestroy(e1));
-  return ms[ms.size() / 2];
-}
 
 }  // namespace
 

@@ -9,6 +9,15 @@ namespace {
 
 void check_gated(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups, const Tensor& y,
                  const Tensor& rstd) {
+  gated_rmsnorm_check_shapes(x, z, w, groups, y, rstd);
+  for (const Tensor* t : {&z, &w, &y, &rstd}) check_same_dtype(x, *t);
+  require_host("gated_rmsnorm", {&x, &z, &w, &y, &rstd});
+}
+
+}  // namespace
+
+void gated_rmsnorm_check_shapes(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
+                                const Tensor& y, const Tensor& rstd) {
   BRAID_CHECK(x.ndim == 2, "gated_rmsnorm: x must be [M,D], got ", x.describe());
   const int64_t m = x.size(0), d = x.size(1);
   BRAID_CHECK(groups >= 1 && d % groups == 0, "gated_rmsnorm: groups ", groups,
@@ -17,14 +26,18 @@ void check_gated(const Tensor& x, const Tensor& z, const Tensor& w, int64_t grou
   check_shape(w, {d});
   check_shape(y, {m, d});
   check_shape(rstd, {m, groups});
-  for (const Tensor* t : {&z, &w, &y, &rstd}) check_same_dtype(x, *t);
-  require_host("gated_rmsnorm", {&x, &z, &w, &y, &rstd});
 }
 
-}  // namespace
+int64_t gated_rmsnorm_workspace_elems(const Tensor& x) {
+  if (x.device != Device::cuda) return 0;
+  BRAID_CHECK(x.ndim == 2, "gated_rmsnorm: x must be [M,D], got ", x.describe());
+  return gated_rmsnorm_row_blocks(x.size(0)) * x.size(1);
+}
 
 void gated_rmsnorm_forward(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
-                           double eps, const Tensor& y, const Tensor& rstd) {
+                           double eps, const Tensor& y, const Tensor& rstd, void* stream) {
+  if (x.device == Device::cuda)
+    return gated_rmsnorm_forward_gpu(x, z, w, groups, eps, y, rstd, stream);
   check_gated(x, z, w, groups, y, rstd);
   const int64_t m = x.size(0), d = x.size(1), gs = d / groups;
   dispatch_float(x.dtype, "gated_rmsnorm", [&]<typename T>() {
@@ -47,7 +60,10 @@ void gated_rmsnorm_forward(const Tensor& x, const Tensor& z, const Tensor& w, in
 
 void gated_rmsnorm_backward(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                             const Tensor& rstd, const Tensor& dy, const Tensor& dx,
-                            const Tensor& dz, const Tensor& dw) {
+                            const Tensor& dz, const Tensor& dw, const Tensor* workspace,
+                            void* stream) {
+  if (x.device == Device::cuda)
+    return gated_rmsnorm_backward_gpu(x, z, w, groups, rstd, dy, dx, dz, dw, workspace, stream);
   check_gated(x, z, w, groups, dy, rstd);
   check_shape(dx, {x.size(0), x.size(1)});
   check_shape(dz, {x.size(0), x.size(1)});

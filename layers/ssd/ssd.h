@@ -8,8 +8,11 @@
 // The forward is the chunked algorithm (chunks of Q tokens: quadratic attention-like products
 // inside a chunk, states passed between chunks); ssd_forward_quadratic computes the same function
 // in the fully quadratic form (for tests).
-//   x, y [B,T,H,P]; dt_raw [B,T,H]; A, D, dt_bias [H]; Bm, Cm [B,T,G,N]; seq_idx [B,T] i32;
-//   initial_state, final_state [B,H,P,N].
+//   x, y [B,T,H,P]; dt_raw [B,T,H]; A, dt_bias [H]; D [H] (per head) or [H,P] (per channel);
+//   Bm, Cm [B,T,G,N]; seq_idx [B,T] i32; initial_state, final_state [B,H,P,N].
+// Packed sequences: seq_idx numbers the documents of a row (as mamba_ssm's seq_idx; cu_seqlens
+// of a packed batch become seq_idx[t] = index of the document holding token t); no state crosses
+// from one document into the next.
 // Backward (gradient convention): dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=);
 // dfinal_state is the optional gradient arriving at final_state. Forward and backward take a
 // workspace of ssd_forward_workspace_elems() / ssd_backward_workspace_elems() elements (the
@@ -36,6 +39,7 @@ struct SsdInputs {
   double dt_min = 0.0;
   double dt_max = std::numeric_limits<double>::infinity();
   int64_t chunk = 256;
+  void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 
 struct SsdGrads {
@@ -48,6 +52,14 @@ struct SsdGrads {
   const Tensor* ddt_bias = nullptr;        // needed when dt_bias is given
   const Tensor* dinitial_state = nullptr;  // optional
 };
+
+struct SsdDims {
+  int64_t b, t, h, p, g, n;
+};
+// Every shape checked (not dtypes or devices).
+SsdDims ssd_dims(const SsdInputs& in);
+void check_ssd_grads(const SsdInputs& in, const SsdDims& d, const Tensor& dy,
+                     const Tensor* dfinal_state, const SsdGrads& grads);
 
 int64_t ssd_forward_workspace_elems(const SsdInputs& in);
 int64_t ssd_backward_workspace_elems(const SsdInputs& in);

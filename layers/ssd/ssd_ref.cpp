@@ -3,39 +3,19 @@
 
 #include "layers/common/op_common.h"
 #include "layers/ssd/ssd.h"
+#include "layers/ssd/ssd_cuda.h"
 #include "runtime/parallel_for.h"
 
 namespace braid {
 namespace {
 
-struct Dims {
-  int64_t b, t, h, p, g, n;
-};
+using Dims = SsdDims;
 
+// Host inputs: every tensor of the activation dtype (f32 or f64).
 Dims check_ssd(const SsdInputs& in) {
-  BRAID_CHECK(in.x && in.dt && in.A && in.B && in.C, "ssd: x, dt, A, B, C are required");
-  BRAID_CHECK(in.x->ndim == 4 && in.B->ndim == 4, "ssd: expects x [B,T,H,P] and B [B,T,G,N]; got ",
-              in.x->describe(), ", ", in.B->describe());
-  const Dims d{in.x->size(0), in.x->size(1), in.x->size(2),
-               in.x->size(3), in.B->size(2), in.B->size(3)};
-  BRAID_CHECK(d.t > 0, "ssd: empty sequence in ", in.x->describe());
-  BRAID_CHECK(d.g >= 1 && d.h % d.g == 0, "ssd: groups ", d.g, " must divide heads ", d.h);
-  BRAID_CHECK(in.chunk >= 1, "ssd: chunk size ", in.chunk, " must be positive");
-  BRAID_CHECK(in.dt_min <= in.dt_max, "ssd: dt_min ", in.dt_min, " above dt_max ", in.dt_max);
-  check_shape(*in.dt, {d.b, d.t, d.h});
-  check_shape(*in.A, {d.h});
-  check_shape(*in.B, {d.b, d.t, d.g, d.n});
-  check_shape(*in.C, {d.b, d.t, d.g, d.n});
-  for (const Tensor* t : {in.dt, in.A, in.B, in.C}) check_same_dtype(*in.x, *t);
-  if (in.D) check_shape(*in.D, {d.h}), check_same_dtype(*in.x, *in.D);
-  if (in.dt_bias) check_shape(*in.dt_bias, {d.h}), check_same_dtype(*in.x, *in.dt_bias);
-  if (in.seq_idx) {
-    BRAID_CHECK(in.seq_idx->dtype == DType::i32, "ssd: seq_idx must be i32");
-    check_shape(*in.seq_idx, {d.b, d.t});
-  }
-  if (in.initial_state)
-    check_shape(*in.initial_state, {d.b, d.h, d.p, d.n}),
-        check_same_dtype(*in.x, *in.initial_state);
+  const Dims d = ssd_dims(in);
+  for (const Tensor* t : {in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.initial_state})
+    if (t) check_same_dtype(*in.x, *t);
   require_host("ssd",
                {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx, in.initial_state});
   return d;
@@ -63,7 +43,11 @@ struct Lane {
     return in.dt_softplus ? sigmoid(raw(t)) : T(1);
   }
   T A() const { return in.A->ptr<T>()[h]; }
-  T Dv() const { return in.D ? in.D->ptr<T>()[h] : T(0); }
+  // D per head [H] or per channel [H,P].
+  T Dv(int64_t p) const {
+    if (!in.D) return T(0);
+    return in.D->ndim == 1 ? in.D->ptr<T>()[h] : in.D->ptr<T>()[h * d.p + p];
+  }
   const T* x(int64_t t) const { return in.x->ptr<T>() + ((b * d.t + t) * d.h + h) * d.p; }
   const T* Bt(int64_t t) const { return in.B->ptr<T>() + ((b * d.t + t) * d.g + g) * d.n; }
   const T* Ct(int64_t t) const { return in.C->ptr<T>() + ((b * d.t + t) * d.g + g) * d.n; }
@@ -92,18 +76,72 @@ void check_outputs(const SsdInputs& in, const Dims& d, const Tensor& y, const Te
 
 }  // namespace
 
+SsdDims ssd_dims(const SsdInputs& in) {
+  BRAID_CHECK(in.x && in.dt && in.A && in.B && in.C, "ssd: x, dt, A, B, C are required");
+  BRAID_CHECK(in.x->ndim == 4 && in.B->ndim == 4, "ssd: expects x [B,T,H,P] and B [B,T,G,N]; got ",
+              in.x->describe(), ", ", in.B->describe());
+  const SsdDims d{in.x->size(0), in.x->size(1), in.x->size(2),
+                  in.x->size(3), in.B->size(2), in.B->size(3)};
+  BRAID_CHECK(d.t > 0, "ssd: empty sequence in ", in.x->describe());
+  BRAID_CHECK(d.g >= 1 && d.h % d.g == 0, "ssd: groups ", d.g, " must divide heads ", d.h);
+  BRAID_CHECK(in.chunk >= 1, "ssd: chunk size ", in.chunk, " must be positive");
+  BRAID_CHECK(in.dt_min <= in.dt_max, "ssd: dt_min ", in.dt_min, " above dt_max ", in.dt_max);
+  check_shape(*in.dt, {d.b, d.t, d.h});
+  check_shape(*in.A, {d.h});
+  check_shape(*in.B, {d.b, d.t, d.g, d.n});
+  check_shape(*in.C, {d.b, d.t, d.g, d.n});
+  if (in.D) {
+    BRAID_CHECK(in.D->ndim == 1 || in.D->ndim == 2, "ssd: D must be [H] or [H,P], got ",
+                in.D->describe());
+    if (in.D->ndim == 1)
+      check_shape(*in.D, {d.h});
+    else
+      check_shape(*in.D, {d.h, d.p});
+  }
+  if (in.dt_bias) check_shape(*in.dt_bias, {d.h});
+  if (in.seq_idx) {
+    BRAID_CHECK(in.seq_idx->dtype == DType::i32, "ssd: seq_idx must be i32");
+    check_shape(*in.seq_idx, {d.b, d.t});
+  }
+  if (in.initial_state) check_shape(*in.initial_state, {d.b, d.h, d.p, d.n});
+  return d;
+}
+
+void check_ssd_grads(const SsdInputs& in, const SsdDims& d, const Tensor& dy,
+                     const Tensor* dfinal_state, const SsdGrads& gr) {
+  BRAID_CHECK(gr.dx && gr.ddt && gr.dA && gr.dB && gr.dC,
+              "ssd_backward: dx, ddt, dA, dB, dC are required");
+  BRAID_CHECK(!in.D || gr.dD, "ssd_backward: dD is required when D is given");
+  BRAID_CHECK(!in.dt_bias || gr.ddt_bias,
+              "ssd_backward: ddt_bias is required when dt_bias is given");
+  check_shape(dy, {d.b, d.t, d.h, d.p});
+  check_shape(*gr.dx, {d.b, d.t, d.h, d.p});
+  check_shape(*gr.ddt, {d.b, d.t, d.h});
+  check_shape(*gr.dA, {d.h});
+  check_shape(*gr.dB, {d.b, d.t, d.g, d.n});
+  check_shape(*gr.dC, {d.b, d.t, d.g, d.n});
+  if (in.D && in.D->ndim == 1) check_shape(*gr.dD, {d.h});
+  if (in.D && in.D->ndim == 2) check_shape(*gr.dD, {d.h, d.p});
+  if (in.dt_bias) check_shape(*gr.ddt_bias, {d.h});
+  if (gr.dinitial_state) check_shape(*gr.dinitial_state, {d.b, d.h, d.p, d.n});
+  if (dfinal_state) check_shape(*dfinal_state, {d.b, d.h, d.p, d.n});
+}
+
 int64_t ssd_forward_workspace_elems(const SsdInputs& in) {
+  if (in.x && in.x->device == Device::cuda) return ssd_gpu_workspace_elems(in);
   const Dims d = check_ssd(in);
   return d.b * d.h * (d.p * d.n + 2 * std::min(in.chunk, d.t));
 }
 
 int64_t ssd_backward_workspace_elems(const SsdInputs& in) {
+  if (in.x && in.x->device == Device::cuda) return ssd_gpu_workspace_elems(in);
   const Dims d = check_ssd(in);
   return d.b * d.h * d.t * d.p * d.n + d.g * d.p * d.n;
 }
 
 void ssd_forward(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                  const Tensor& workspace) {
+  if (in.x && in.x->device == Device::cuda) return ssd_forward_gpu(in, y, final_state, workspace);
   const Dims d = check_ssd(in);
   check_outputs(in, d, y, final_state);
   const int64_t q = std::min(in.chunk, d.t), per_lane = d.p * d.n + 2 * q;
@@ -134,7 +172,7 @@ void ssd_forward(const SsdInputs& in, const Tensor& y, const Tensor* final_state
           const int64_t t = c0 + i;
           T* yt = lane_out<T>(y, d, b, t, h);
           const T* xt = L.x(t);
-          for (int64_t p = 0; p < d.p; ++p) yt[p] = L.Dv() * xt[p];
+          for (int64_t p = 0; p < d.p; ++p) yt[p] = L.Dv(p) * xt[p];
           if (L.doc(t) == state_doc) {  // contribution of the state entering the chunk
             const T decay = std::exp(cum[i]);
             const T* Ct = L.Ct(t);
@@ -192,7 +230,7 @@ void ssd_forward_quadratic(const SsdInputs& in, const Tensor& y, const Tensor* f
       for (int64_t t = 0; t < d.t; ++t) {
         T* yt = lane_out<T>(y, d, b, t, h);
         for (int64_t p = 0; p < d.p; ++p) {
-          T acc = L.Dv() * L.x(t)[p];
+          T acc = L.Dv(p) * L.x(t)[p];
           if (h0 && L.doc(t) == L.doc(0)) {
             T hc = T(0);
             for (int64_t n = 0; n < d.n; ++n) hc += h0[p * d.n + n] * L.Ct(t)[n];
@@ -222,20 +260,10 @@ void ssd_forward_quadratic(const SsdInputs& in, const Tensor& y, const Tensor* f
 
 void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                   const SsdGrads& gr, const Tensor& workspace) {
+  if (in.x && in.x->device == Device::cuda)
+    return ssd_backward_gpu(in, dy, dfinal_state, gr, workspace);
   const Dims d = check_ssd(in);
-  BRAID_CHECK(gr.dx && gr.ddt && gr.dA && gr.dB && gr.dC,
-              "ssd_backward: dx, ddt, dA, dB, dC are required");
-  BRAID_CHECK(!in.D || gr.dD, "ssd_backward: dD is required when D is given");
-  BRAID_CHECK(!in.dt_bias || gr.ddt_bias,
-              "ssd_backward: ddt_bias is required when dt_bias is given");
-  check_shape(dy, {d.b, d.t, d.h, d.p});
-  check_shape(*gr.dx, {d.b, d.t, d.h, d.p});
-  check_shape(*gr.ddt, {d.b, d.t, d.h});
-  check_shape(*gr.dA, {d.h});
-  check_shape(*gr.dB, {d.b, d.t, d.g, d.n});
-  check_shape(*gr.dC, {d.b, d.t, d.g, d.n});
-  if (gr.dinitial_state) check_shape(*gr.dinitial_state, {d.b, d.h, d.p, d.n});
-  if (dfinal_state) check_shape(*dfinal_state, {d.b, d.h, d.p, d.n});
+  check_ssd_grads(in, d, dy, dfinal_state, gr);
   const int64_t lane = d.t * d.p * d.n;
   BRAID_CHECK(
       workspace.numel() >= d.b * d.h * lane + d.g * d.p * d.n && workspace.dtype == in.x->dtype,
@@ -269,7 +297,8 @@ void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_st
           }
           const T* gf = dfinal_state ? dfinal_state->ptr<T>() + (b * d.h + h) * pn : nullptr;
           for (int64_t i = 0; i < pn; ++i) gh[i] = gf ? gf[i] : T(0);
-          T dA_acc = T(0), dD_acc = T(0), ddb_acc = T(0);
+          T dA_acc = T(0), ddb_acc = T(0);
+          std::vector<T> dD_acc(d.p, T(0));
           for (int64_t t = d.t - 1; t >= 0; --t) {
             const T* gy = dy.ptr<T>() + ((b * d.t + t) * d.h + h) * d.p;
             const T *xt = L.x(t), *Bt = L.Bt(t), *Ct = L.Ct(t);
@@ -282,8 +311,8 @@ void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_st
             T* dxt = gr.dx->ptr<T>() + ((b * d.t + t) * d.h + h) * d.p;
             T gdt = T(0), gdecay = T(0);
             for (int64_t p = 0; p < d.p; ++p) {
-              dD_acc += gy[p] * xt[p];
-              T gx = L.Dv() * gy[p];
+              dD_acc[p] += gy[p] * xt[p];
+              T gx = L.Dv(p) * gy[p];
               for (int64_t n = 0; n < d.n; ++n) {
                 const int64_t i = p * d.n + n;
                 dCt[n] += gy[p] * ht[i];
@@ -308,7 +337,15 @@ void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_st
             for (int64_t i = 0; i < pn; ++i) di[i] = gh[i];
           }
           gr.dA->ptr<T>()[h] += dA_acc;
-          if (in.D) gr.dD->ptr<T>()[h] += dD_acc;
+          if (in.D) {
+            if (in.D->ndim == 1) {
+              T sum = T(0);
+              for (int64_t p = 0; p < d.p; ++p) sum += dD_acc[p];
+              gr.dD->ptr<T>()[h] += sum;
+            } else {
+              for (int64_t p = 0; p < d.p; ++p) gr.dD->ptr<T>()[h * d.p + p] += dD_acc[p];
+            }
+          }
           if (in.dt_bias) gr.ddt_bias->ptr<T>()[h] += ddb_acc;
         }
       }

@@ -1,6 +1,6 @@
 // Mamba-2 SSD: the chunked form equals the quadratic form (chunk sizes that do and do not divide
-// T, documents, initial state), f64 gradients against finite differences, dt limits, and the
-// split-run property.
+// T, documents, initial state, D per head or per channel), f64 gradients against finite
+// differences, dt limits, and the split-run property.
 #include "layers/ssd/ssd.h"
 #include "tests/test_util.h"
 
@@ -12,6 +12,7 @@ using test::Buffers;
 struct SsdCase {
   int64_t b, t, h, p, g, n, chunk;
   bool docs, init;
+  bool d_channel = false;  // D per channel [H,P] instead of per head [H]
 };
 
 struct SsdData {
@@ -23,7 +24,7 @@ SsdData make_ssd(Buffers& buf, const SsdCase& c) {
   d.x = buf.make(DType::f64, {c.b, c.t, c.h, c.p}, "x");
   d.dt = buf.make(DType::f64, {c.b, c.t, c.h}, "dt");
   d.A = buf.make(DType::f64, {c.h}, "A");
-  d.D = buf.like(d.A, "D");
+  d.D = c.d_channel ? buf.make(DType::f64, {c.h, c.p}, "D") : buf.like(d.A, "D");
   d.bias = buf.like(d.A, "dt_bias");
   d.Bm = buf.make(DType::f64, {c.b, c.t, c.g, c.n}, "B");
   d.Cm = buf.like(d.Bm, "C");
@@ -83,7 +84,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SsdChunkedVsQuadratic,
                                            SsdCase{1, 20, 2, 4, 1, 2, 7, true, false},
                                            SsdCase{2, 9, 3, 2, 3, 5, 16, false, true},
                                            SsdCase{1, 33, 2, 2, 1, 3, 1, true, true},
-                                           SsdCase{1, 64, 4, 4, 2, 8, 16, true, true}));
+                                           SsdCase{1, 64, 4, 4, 2, 8, 16, true, true},
+                                           SsdCase{2, 21, 2, 3, 1, 2, 8, true, true, true}));
 
 class SsdGrad : public ::testing::TestWithParam<SsdCase> {};
 
@@ -125,7 +127,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SsdGrad,
                          ::testing::Values(SsdCase{1, 1, 1, 1, 1, 1, 4, false, false},
                                            SsdCase{1, 7, 2, 3, 1, 2, 4, false, true},
                                            SsdCase{2, 10, 4, 2, 2, 3, 3, true, true},
-                                           SsdCase{1, 9, 3, 2, 3, 4, 8, true, false}));
+                                           SsdCase{1, 9, 3, 2, 3, 4, 8, true, false},
+                                           SsdCase{2, 9, 2, 3, 1, 2, 4, true, true, true}));
 
 TEST(Ssd, DtLimitsClampAndStopGradient) {
   const SsdCase c{1, 6, 2, 2, 1, 2, 4, false, false};

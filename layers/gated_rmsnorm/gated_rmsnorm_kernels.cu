@@ -1,0 +1,137 @@
+// Gated RMSNorm on the GPU (math in gated_rmsnorm.h). Forward and backward give one warp to each
+// (row, group): a first pass over the group's elements sums g^2 (forward) or (w dy) . g
+// (backward) in f32, a warp reduction finishes it, and a second pass (from L1/L2) writes y or
+// dx and dz. dw = sum over rows of dy g r is column-parallel: a thread owns a column of a
+// 256-row block and writes its partial sum; a second kernel adds the blocks in order
+// (deterministic, no atomics). Memory-bound: the forward reads x and z and writes y (6 bytes per
+// bf16 element); the backward reads x, z, dy twice (the dw pass) and writes dx and dz.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "layers/common/cuda_fast_math.cuh"
+#include "layers/gated_rmsnorm/gated_rmsnorm.h"
+#include "layers/gated_rmsnorm/gated_rmsnorm_cuda.h"
+#include "runtime/cuda_check.h"
+#include "runtime/cuda_convert.cuh"
+
+namespace braid {
+namespace {
+
+constexpr int kWarps = 8;           // warps (row groups) per block
+constexpr int kRowsPerBlock = 256;  // rows per dw partial sum (gated_rmsnorm_row_blocks)
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T>
+__global__ void gated_fwd_kernel(GatedNormParams p) {
+  const int64_t id = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (id >= p.rows * p.groups) return;
+  const int lane = threadIdx.x & 31, gs = p.width / p.groups;
+  const int64_t row = id / p.groups, col0 = (id % p.groups) * gs, off = row * p.width + col0;
+  const T* x = static_cast<const T*>(p.x) + off;
+  const T* z = static_cast<const T*>(p.z) + off;
+  float ss = 0.f;
+  for (int j = lane; j < gs; j += 32) {
+    const float zv = to_float(z[j]), g = to_float(x[j]) * zv * sigmoid(zv);
+    ss += g * g;
+  }
+  const float r = rsqrtf(warp_sum(ss) / float(gs) + p.eps);
+  if (lane == 0) p.rstd[id] = r;
+  T* y = static_cast<T*>(p.y) + off;
+  for (int j = lane; j < gs; j += 32) {
+    const float zv = to_float(z[j]);
+    y[j] = from_float<T>(to_float(x[j]) * zv * sigmoid(zv) * r * p.w[col0 + j]);
+  }
+}
+
+template <typename T>
+__global__ void gated_bwd_kernel(GatedNormParams p) {
+  const int64_t id = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (id >= p.rows * p.groups) return;
+  const int lane = threadIdx.x & 31, gs = p.width / p.groups;
+  const int64_t row = id / p.groups, col0 = (id % p.groups) * gs, off = row * p.width + col0;
+  const T* x = static_cast<const T*>(p.x) + off;
+  const T* z = static_cast<const T*>(p.z) + off;
+  const T* dy = static_cast<const T*>(p.dy) + off;
+  const float r = p.rstd_in[id];
+  float dot = 0.f;
+  for (int j = lane; j < gs; j += 32) {
+    const float zv = to_float(z[j]);
+    dot += to_float(dy[j]) * p.w[col0 + j] * to_float(x[j]) * zv * sigmoid(zv);
+  }
+  const float c = warp_sum(dot) * r * r * r / float(gs);
+  T* dx = static_cast<T*>(p.dx) + off;
+  T* dz = static_cast<T*>(p.dz) + off;
+  for (int j = lane; j < gs; j += 32) {
+    const float xv = to_float(x[j]), zv = to_float(z[j]), s = sigmoid(zv), zs = zv * s;
+    const float dg = r * p.w[col0 + j] * to_float(dy[j]) - c * xv * zs;
+    dx[j] = from_float<T>(dg * zs);
+    dz[j] = from_float<T>(dg * xv * s * (1.f + zv * (1.f - s)));
+  }
+}
+
+template <typename T>
+__global__ void gated_dw_partial_kernel(GatedNormParams p) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= p.width) return;
+  const int gs = p.width / p.groups, grp = col / gs;
+  const int64_t r0 = int64_t(blockIdx.y) * kRowsPerBlock;
+  const int64_t r1 = min(r0 + kRowsPerBlock, p.rows);
+  const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.z);
+  const T* dy = static_cast<const T*>(p.dy);
+  float s = 0.f;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t i = row * p.width + col;
+    const float zv = to_float(z[i]);
+    s += to_float(dy[i]) * to_float(x[i]) * zv * sigmoid(zv) * p.rstd_in[row * p.groups + grp];
+  }
+  p.partial[int64_t(blockIdx.y) * p.width + col] = s;
+}
+
+__global__ void gated_dw_sum_kernel(GatedNormParams p, int blocks) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= p.width) return;
+  float s = 0.f;
+  for (int k = 0; k < blocks; ++k) s += p.partial[int64_t(k) * p.width + col];
+  p.dw[col] += s;
+}
+
+unsigned warp_blocks(const GatedNormParams& p) {
+  return unsigned((p.rows * p.groups + kWarps - 1) / kWarps);
+}
+
+}  // namespace
+
+void gated_rmsnorm_fwd_cuda(const GatedNormParams& p, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.rows == 0) return;
+  if (p.bf16)
+    gated_fwd_kernel<__nv_bfloat16><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+  else
+    gated_fwd_kernel<float><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void gated_rmsnorm_bwd_cuda(const GatedNormParams& p, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int blocks = int(gated_rmsnorm_row_blocks(p.rows));
+  const unsigned cols = unsigned((p.width + 255) / 256);
+  if (p.rows > 0) {
+    if (p.bf16) {
+      gated_bwd_kernel<__nv_bfloat16><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+      gated_dw_partial_kernel<__nv_bfloat16><<<dim3(cols, unsigned(blocks)), 256, 0, stream>>>(p);
+    } else {
+      gated_bwd_kernel<float><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+      gated_dw_partial_kernel<float><<<dim3(cols, unsigned(blocks)), 256, 0, stream>>>(p);
+    }
+    CUDA_CHECK(cudaGetLastError());
+  }
+  gated_dw_sum_kernel<<<cols, 256, 0, stream>>>(p, blocks);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace braid

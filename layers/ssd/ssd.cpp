@@ -1,0 +1,151 @@
+// Device dispatch of SSD: validates GPU tensors, sizes the workspace and builds the kernel Params.
+#include <algorithm>
+
+#include "layers/ssd/ssd.h"
+#include "layers/ssd/ssd_cuda.h"
+
+namespace braid {
+
+SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, int64_t n,
+                         int64_t q, bool d_per_channel) {
+  SsdGeometry s;
+  s.chunks = (t + q - 1) / q;
+  s.tpad = s.chunks * q;
+  // dB and dC sum over the H/G heads of a group: in up to 8 parts, enough blocks to fill the GPU
+  // at small batch while keeping the partial sums (splits x the size of dB) small.
+  const int64_t hpg = h / g;
+  s.heads_per_split = (hpg + 7) / 8;
+  s.splits = (hpg + s.heads_per_split - 1) / s.heads_per_split;
+  s.pass_blocks = p * n / 1024;
+  s.d_cols = d_per_channel ? p : 1;
+  const int64_t state = b * h * p * n, chunk_states = s.chunks * state, seq = b * h * s.tpad;
+  auto half = [](int64_t e) { return (e + 7) / 8 * 4; };  // bf16 elements, 16-byte aligned
+  int64_t at = 0;
+  auto take = [&](int64_t elems) {
+    const int64_t off = at;
+    at += (elems + 3) / 4 * 4;
+    return off;
+  };
+  s.dt = take(seq);
+  s.acs = take(seq);
+  s.states = take(half(chunk_states));
+  s.last = take(state);
+  s.local = take(chunk_states);
+  s.dstates = take(half(chunk_states));
+  s.r = take(seq);
+  s.delta = take(seq);
+  s.kappa = take(b * h * s.chunks * s.pass_blocks);
+  s.dbc = take(2 * s.splits * b * s.tpad * g * n);
+  s.part_a = take(b * s.chunks * h);
+  s.part_bias = take(b * s.chunks * h);
+  s.part_d = take(b * (s.tpad / kSsdBlock) * h * s.d_cols);
+  s.total = at;
+  return s;
+}
+
+#if defined(BRAID_WITH_CUDA)
+namespace {
+
+void require_gpu(const char* what, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t)
+      BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(), "ssd (CUDA): ", what, " ",
+                  t->describe(), " must be a contiguous GPU tensor");
+}
+void require_dtype(DType want, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t)
+      BRAID_CHECK(t->dtype == want, "ssd (CUDA): ", t->describe(), " must be ", dtype_name(want));
+}
+
+SsdParams forward_params(const SsdInputs& in, const SsdDims& d) {
+  require_dtype(DType::bf16, {in.x, in.B, in.C});
+  require_dtype(DType::f32, {in.dt, in.A, in.D, in.dt_bias, in.initial_state});
+  require_gpu("input",
+              {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx, in.initial_state});
+  BRAID_CHECK(d.p == 64 || d.p == 128, "ssd (CUDA): head dim ", d.p, " must be 64 or 128");
+  BRAID_CHECK(d.n == 64 || d.n == 128 || d.n == 256, "ssd (CUDA): d_state ", d.n,
+              " must be 64, 128 or 256");
+  BRAID_CHECK(in.chunk == 64 || in.chunk == 128 || in.chunk == 256, "ssd (CUDA): chunk size ",
+              in.chunk, " must be 64, 128 or 256");
+  BRAID_CHECK(d.b < 65536, "ssd (CUDA): batch ", d.b, " too large (at most 65535)");
+  SsdParams p;
+  p.batch = int(d.b), p.seqlen = int(d.t), p.heads = int(d.h), p.head_dim = int(d.p);
+  p.groups = int(d.g), p.d_state = int(d.n), p.chunk = int(in.chunk);
+  p.dt_softplus = in.dt_softplus;
+  p.dt_min = float(in.dt_min), p.dt_max = float(in.dt_max);
+  p.d_per_channel = in.D && in.D->ndim == 2;
+  p.geo = ssd_geometry(d.b, d.t, d.h, d.p, d.g, d.n, in.chunk, p.d_per_channel);
+  p.x = in.x->data, p.B = in.B->data, p.C = in.C->data;
+  p.dt = in.dt->ptr<float>(), p.A = in.A->ptr<float>();
+  p.D = in.D ? in.D->ptr<float>() : nullptr;
+  p.dt_bias = in.dt_bias ? in.dt_bias->ptr<float>() : nullptr;
+  p.seq_idx = in.seq_idx ? in.seq_idx->ptr<int32_t>() : nullptr;
+  p.initial_state = in.initial_state ? in.initial_state->ptr<float>() : nullptr;
+  return p;
+}
+
+void check_workspace(const Tensor& ws, const SsdParams& p) {
+  require_dtype(DType::f32, {&ws});
+  require_gpu("workspace", {&ws});
+  BRAID_CHECK(ws.numel() >= p.geo.total, "ssd (CUDA): workspace ", ws.describe(), " smaller than ",
+              p.geo.total, " elements");
+}
+
+}  // namespace
+#endif
+
+int64_t ssd_gpu_workspace_elems(const SsdInputs& in) {
+  const SsdDims d = ssd_dims(in);
+  const int64_t q = std::max<int64_t>(in.chunk, 1);
+  return ssd_geometry(d.b, d.t, d.h, d.p, d.g, d.n, q, in.D && in.D->ndim == 2).total;
+}
+
+void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
+                     const Tensor& workspace) {
+#if !defined(BRAID_WITH_CUDA)
+  (void)in, (void)y, (void)final_state, (void)workspace;
+  BRAID_FAIL("ssd: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#else
+  const SsdDims d = ssd_dims(in);
+  SsdParams p = forward_params(in, d);
+  check_shape(y, {d.b, d.t, d.h, d.p});
+  require_dtype(DType::bf16, {&y});
+  require_dtype(DType::f32, {final_state});
+  if (final_state) check_shape(*final_state, {d.b, d.h, d.p, d.n});
+  require_gpu("output", {&y, final_state});
+  check_workspace(workspace, p);
+  p.y = y.data;
+  p.final_state = final_state ? final_state->ptr<float>() : nullptr;
+  p.ws = workspace.ptr<float>();
+  ssd_fwd_cuda(p, in.stream);
+#endif
+}
+
+void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
+                      const SsdGrads& gr, const Tensor& workspace) {
+#if !defined(BRAID_WITH_CUDA)
+  (void)in, (void)dy, (void)dfinal_state, (void)gr, (void)workspace;
+  BRAID_FAIL("ssd: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#else
+  const SsdDims d = ssd_dims(in);
+  SsdParams p = forward_params(in, d);
+  check_ssd_grads(in, d, dy, dfinal_state, gr);
+  require_dtype(DType::bf16, {&dy, gr.dx, gr.dB, gr.dC});
+  require_dtype(DType::f32, {gr.ddt, gr.dA, gr.dD, gr.ddt_bias, gr.dinitial_state, dfinal_state});
+  require_gpu("gradient", {&dy, gr.dx, gr.ddt, gr.dA, gr.dB, gr.dC, gr.dD, gr.ddt_bias,
+                           gr.dinitial_state, dfinal_state});
+  check_workspace(workspace, p);
+  p.ws = workspace.ptr<float>();
+  p.dy = dy.data;
+  p.dfinal_state = dfinal_state ? dfinal_state->ptr<float>() : nullptr;
+  p.dx = gr.dx->data, p.dB = gr.dB->data, p.dC = gr.dC->data;
+  p.ddt = gr.ddt->ptr<float>(), p.dA = gr.dA->ptr<float>();
+  p.dD = gr.dD ? gr.dD->ptr<float>() : nullptr;
+  p.ddt_bias = gr.ddt_bias ? gr.ddt_bias->ptr<float>() : nullptr;
+  p.dinitial_state = gr.dinitial_state ? gr.dinitial_state->ptr<float>() : nullptr;
+  ssd_bwd_cuda(p, in.stream);
+#endif
+}
+
+}  // namespace braid

@@ -1,0 +1,87 @@
+// The CUDA contract of SSD: one Params struct (pointers, sizes), built and validated on the host
+// by ssd.cpp, and the layout of the f32 workspace that the forward fills and the backward reads.
+// x, B, C, y, dx, dB, dC are bf16 ([B,T,H,P] and [B,T,G,N] rows); dt, A, D, dt_bias, the states
+// and every other gradient f32; seq_idx i32. The kernels and their algorithm are described in
+// ssd_fwd.cu and ssd_bwd.cu.
+//
+// Per chunk c of Q tokens (the last one padded to Q), head h of group g, with a_i the cumulative
+// sum of dt A over the chunk up to token i and L the chunk's last token:
+//   S_c    = the state entering chunk c (S_0 = initial_state), [P,N]
+//   S_c+1  = keep_c S_c + sum_j [doc_j = doc_L] e^(a_L - a_j) dt_j x_j B_j^T,
+//            keep_c = [doc_L = doc of S_c] e^(a_L)
+//   y_i    = D x_i + [doc_i = doc of S_c] e^(a_i) S_c C_i
+//            + sum_{j <= i, doc_j = doc_i} (C_i . B_j) e^(a_i - a_j) dt_j x_j
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/tensor.h"
+
+namespace braid {
+
+constexpr int kSsdBlock = 64;  // tokens per tile: the chunk size Q is a multiple of it
+
+// Sizes derived from (B, T, H, P, G, N, Q) that the kernels and the workspace share; offsets are
+// in f32 elements of the workspace (bf16 arrays take half a slot per element).
+struct SsdGeometry {
+  int64_t chunks = 0;           // nc = ceil(T / Q)
+  int64_t tpad = 0;             // nc Q
+  int64_t splits = 0;           // the heads of a group are summed into dB and dC in this many
+  int64_t heads_per_split = 0;  // parts of this many heads (then the parts in a fixed order)
+  int64_t pass_blocks = 0;      // thread blocks over the P N elements of a state (P N / 1024)
+  int64_t d_cols = 0;           // 1 (D per head) or P (D per channel)
+  // Saved by the forward for the backward:
+  int64_t dt = 0;      // dt after softplus and clamp, [B,H,Tpad]
+  int64_t acs = 0;     // a_i, the chunk's cumulative dt A, [B,H,Tpad]
+  int64_t states = 0;  // S_c, bf16 [B,nc,H,P,N]
+  int64_t last = 0;    // the state after the last chunk (f32 final state), [B,H,P,N]
+  // Scratch:
+  int64_t local = 0;    // forward: the chunk's own state term; backward: its state gradient
+  int64_t dstates = 0;  // backward: the gradient of S_c+1, bf16 [B,nc,H,P,N]
+  int64_t r = 0;        // dy_i . (y_i - D x_i), [B,H,Tpad]
+  int64_t delta = 0;    // x_i . (dx_i - D dy_i) / dt_i, [B,H,Tpad]
+  int64_t kappa = 0;    // <dS_c+1, S_c+1> partial sums, [B,H,nc,pass_blocks]
+  int64_t dbc = 0;      // dB then dC partial sums, f32 [2][splits,B,Tpad,G,N]
+  int64_t part_a = 0, part_bias = 0;  // dA and ddt_bias partial sums, [B,nc,H]
+  int64_t part_d = 0;                 // dD partial sums, [B,Tpad/64,H,d_cols]
+  int64_t total = 0;
+};
+SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, int64_t n,
+                         int64_t q, bool d_per_channel);
+
+struct SsdParams {
+  int batch = 0, seqlen = 0, heads = 0, head_dim = 0, groups = 1, d_state = 0, chunk = 0;
+  bool dt_softplus = true;
+  float dt_min = 0.f, dt_max = 0.f;
+  bool d_per_channel = false;
+  SsdGeometry geo;
+  // Forward inputs and outputs.
+  const void *x = nullptr, *B = nullptr, *C = nullptr;
+  const float *dt = nullptr, *A = nullptr, *D = nullptr, *dt_bias = nullptr;
+  const int32_t* seq_idx = nullptr;      // [B,T]
+  const float* initial_state = nullptr;  // [B,H,P,N]
+  void* y = nullptr;
+  float* final_state = nullptr;  // [B,H,P,N]
+  float* ws = nullptr;           // the workspace (geo.total elements)
+  // Backward: dy in; dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=).
+  const void* dy = nullptr;
+  const float* dfinal_state = nullptr;
+  void *dx = nullptr, *dB = nullptr, *dC = nullptr;
+  float *ddt = nullptr, *dA = nullptr, *dD = nullptr, *ddt_bias = nullptr;
+  float* dinitial_state = nullptr;
+};
+
+// Launch on `stream` (a cudaStream_t; null for the default stream).
+void ssd_fwd_cuda(const SsdParams& p, void* stream);
+void ssd_bwd_cuda(const SsdParams& p, void* stream);
+
+struct SsdInputs;
+struct SsdGrads;
+// Validate GPU tensors, build the Params and launch (ssd.cpp).
+int64_t ssd_gpu_workspace_elems(const SsdInputs& in);
+void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
+                     const Tensor& workspace);
+void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
+                      const SsdGrads& grads, const Tensor& workspace);
+
+}  // namespace braid

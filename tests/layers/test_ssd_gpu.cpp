@@ -1,0 +1,213 @@
+// SSD forward and backward on the GPU against the CPU reference (skipped where no GPU is
+// visible), plus bit-identical repeat runs and the refusals of unsupported shapes.
+//
+// Tolerance. The CPU reference runs in f64 (the truth) and in f32 on the same inputs (x, B, C, dy
+// rounded to bf16 first, bf16 outputs rounded to bf16 as a bf16 kernel must): the naive error.
+// The kernels also round to bf16 what the tensor cores multiply and a naive f32 path keeps in
+// f32: the weighted B tile (w_j B_j), the state S_c and its gradient, the score tiles
+// (C_i . B_j) e^(a_i - a_j) dt_j and their backward counterparts, and the row-scaled operands of
+// the dB/dC state terms. Each term of an output goes through at most four such roundings (a
+// dB/dC state term: the chunk-state weight, the stored state, the row scale; the dx state term:
+// two), each within 2^-9 of the term, so the extra error of an output is at most
+// 4 * 2^-9 = 2^-7 times the sum of its terms' magnitudes. That sum, M, is what the f64
+// reference returns with every input replaced by its absolute value (x, B, C, D, dy, the
+// states: the decays e^(dt A) and dt are positive already, so every term of y, dx, dB, dC and
+// dinitial_state becomes its magnitude). So element by element:
+//   |gpu - f64| <= 2 max|naive - f64| + 2^-7 M + 1e-6 max|f64|.
+// ddt, dA and ddt_bias are differences of such sums (da = dy.(y - Dx) - dt x.X' + ...), so their
+// M is not a bound of their terms; they are checked against the whole tensor's scale: the same
+// bound with M replaced by the largest M of ddt (whose terms include all of da's through the
+// reverse scan) and of dx (x . X' is the largest single term).
+#include <cmath>
+#include <random>
+
+#include "layers/ssd/ssd.h"
+#include "runtime/backend.h"
+#include "tests/gpu_test_util.h"
+
+namespace braid {
+namespace {
+
+struct GpuSsdCase {
+  int64_t b, t, h, p, g, n, q;
+  bool docs, init, softplus, d_channel, dfinal;
+  double dt_min = 0.0, dt_max = INFINITY;
+};
+
+class GpuSsd : public GpuTest<GpuSsdCase> {};
+
+TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
+  const GpuSsdCase k = GetParam();
+  const uint64_t seed = std::random_device{}();  // fresh inputs every run; printed on failure
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 g(seed);
+  // Without softplus, dt = dt_raw + bias is kept positive.
+  const double lo = k.softplus ? -4 : 0.01;
+  const double hi = k.softplus ? 0 : 0.5;
+  const HostTensor x = random_tensor({k.b, k.t, k.h, k.p}, -1, 1, true, g),
+                   dt = random_tensor({k.b, k.t, k.h}, lo, hi, false, g);
+  const HostTensor Bm = random_tensor({k.b, k.t, k.g, k.n}, -1, 1, true, g),
+                   Cm = random_tensor({k.b, k.t, k.g, k.n}, -1, 1, true, g);
+  const HostTensor A = random_tensor({k.h}, -1.5, -0.1, false, g),
+                   bias = random_tensor({k.h}, k.softplus ? -0.5 : 0, 0.3, false, g);
+  const std::vector<int64_t> d_shape =
+      k.d_channel ? std::vector<int64_t>{k.h, k.p} : std::vector<int64_t>{k.h};
+  const HostTensor D = random_tensor(d_shape, -1, 1, false, g),
+                   h0 = random_tensor({k.b, k.h, k.p, k.n}, -1, 1, false, g);
+  const HostTensor dy = random_tensor({k.b, k.t, k.h, k.p}, -1, 1, true, g),
+                   dfinal = random_tensor({k.b, k.h, k.p, k.n}, -1, 1, false, g);
+  // Accumulated (+=) gradients start from these values on every path.
+  const HostTensor dA0 = random_tensor({k.h}, -1, 1, false, g),
+                   dD0 = random_tensor(d_shape, -1, 1, false, g),
+                   dbias0 = random_tensor({k.h}, -1, 1, false, g);
+  HostTensor seq{{k.b, k.t}, std::vector<double>(k.b * k.t)};
+  std::uniform_int_distribution<int> doc_break(0, 199);
+  for (int64_t i = 0; i < k.b; ++i)
+    for (int64_t j = 0, doc = 0; j < k.t; ++j) {
+      if (j > 0 && doc_break(g) < 3) ++doc;
+      seq.v[i * k.t + j] = double(doc);
+    }
+  auto absolute = [](HostTensor h) {
+    for (double& v : h.v) v = std::abs(v);
+    return h;
+  };
+  struct Run {
+    std::vector<Tensor> keep;
+    SsdInputs in;
+    Tensor y, state, dx, ddt, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
+  };
+  // act: x, B, C, y, dy and their gradients; par: the rest. magnitude: every input replaced by
+  // its absolute value (the tolerance's M).
+  auto run = [&](DType act, DType par, Device dev, Run& r, bool magnitude) {
+    auto pick = [&](const HostTensor& h) { return magnitude ? absolute(h) : h; };
+    r.keep = {make(pick(x), act, dev, "x"),  make(dt, par, dev, "dt"),
+              make(A, par, dev, "A"),        make(pick(Bm), act, dev, "B"),
+              make(pick(Cm), act, dev, "C"), make(pick(D), par, dev, "D"),
+              make(bias, par, dev, "bias"),  make(seq, DType::i32, dev, "seq"),
+              make(pick(h0), par, dev, "h0")};
+    r.in = SsdInputs{};
+    r.in.x = &r.keep[0], r.in.dt = &r.keep[1], r.in.A = &r.keep[2], r.in.B = &r.keep[3];
+    r.in.C = &r.keep[4], r.in.D = &r.keep[5], r.in.dt_bias = &r.keep[6];
+    r.in.seq_idx = k.docs ? &r.keep[7] : nullptr;
+    r.in.initial_state = k.init ? &r.keep[8] : nullptr;
+    r.in.dt_softplus = k.softplus, r.in.dt_min = k.dt_min, r.in.dt_max = k.dt_max;
+    r.in.chunk = k.q;
+    const std::vector<int64_t> bthp{k.b, k.t, k.h, k.p}, btgn{k.b, k.t, k.g, k.n},
+        bhpn{k.b, k.h, k.p, k.n};
+    r.y = empty(bthp, act, dev, "y"), r.state = empty(bhpn, par, dev, "state");
+    r.dx = empty(bthp, act, dev, "dx"), r.ddt = empty({k.b, k.t, k.h}, par, dev, "ddt");
+    r.dB = empty(btgn, act, dev, "dB"), r.dC = empty(btgn, act, dev, "dC");
+    r.dinit = empty(bhpn, par, dev, "dinit");
+    r.dA = make(magnitude ? absolute(dA0) : dA0, par, dev, "dA");
+    r.dD = make(magnitude ? absolute(dD0) : dD0, par, dev, "dD");
+    r.dbias = make(magnitude ? absolute(dbias0) : dbias0, par, dev, "dbias");
+    r.dy = make(pick(dy), act, dev, "dy"), r.dfinal = make(pick(dfinal), par, dev, "dfinal");
+    const int64_t wn =
+        std::max(ssd_forward_workspace_elems(r.in), ssd_backward_workspace_elems(r.in));
+    r.ws = empty({wn}, dev == Device::cuda ? DType::f32 : act, dev, "workspace");
+    if (dev == Device::cuda)  // poison: an unwritten (=) output or workspace read fails
+      for (const Tensor* t : {&r.y, &r.state, &r.dx, &r.ddt, &r.dB, &r.dC, &r.dinit, &r.ws})
+        gpu_->fill(*t, std::nan(""), {});
+    ssd_forward(r.in, r.y, &r.state, r.ws);
+    ssd_backward(r.in, r.dy, k.dfinal ? &r.dfinal : nullptr,
+                 {&r.dx, &r.ddt, &r.dA, &r.dB, &r.dC, &r.dD, &r.dbias, &r.dinit}, r.ws);
+  };
+  Run r64, r32, rm, rg;
+  run(DType::f64, DType::f64, Device::cpu, r64, false);
+  run(DType::f32, DType::f32, Device::cpu, r32, false);
+  run(DType::f64, DType::f64, Device::cpu, rm, true);
+  run(DType::bf16, DType::f32, Device::cuda, rg, false);
+  const double mddt = max_abs(host_values(rm.ddt, false)), mdx = max_abs(host_values(rm.dx, false));
+  auto check = [&](const char* what, Tensor Run::*field, bool activation, bool elementwise) {
+    const std::vector<double> ref = host_values(r64.*field, false),
+                              mag = host_values(rm.*field, false),
+                              naive = host_values(r32.*field, activation),
+                              got = download(rg.*field);
+    const double base = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
+    const double flat = std::ldexp(std::max(mddt, mdx), -7);
+    double worst = 0, worst_err = 0, worst_bound = 0;
+    int64_t bad = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double err = std::isfinite(got[i]) ? std::abs(got[i] - ref[i]) : INFINITY;
+      const double bound = base + (elementwise ? std::ldexp(std::abs(mag[i]), -7) : flat);
+      if (!(err <= bound)) ++bad;
+      if (!(err / bound <= worst)) worst = err / bound, worst_err = err, worst_bound = bound;
+    }
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.size()
+                      << " elements out of bounds; worst error " << worst_err << " against "
+                      << worst_bound << " (naive error " << max_err(naive, ref) << ")";
+    std::printf("  %-15s max err %.3g, worst err/bound %.3f\n", what, max_err(got, ref), worst);
+  };
+  check("y", &Run::y, true, true);
+  check("final_state", &Run::state, false, true);
+  check("dx", &Run::dx, true, true);
+  check("dB", &Run::dB, true, true);
+  check("dC", &Run::dC, true, true);
+  check("dinitial_state", &Run::dinit, false, true);
+  check("dD", &Run::dD, false, true);
+  check("ddt", &Run::ddt, false, false);
+  check("dA", &Run::dA, false, false);
+  check("ddt_bias", &Run::dbias, false, false);
+  // A second run on the same inputs is bit-identical (no order-dependent sums).
+  Run again;
+  run(DType::bf16, DType::f32, Device::cuda, again, false);
+  for (Tensor Run::*f : {&Run::y, &Run::state, &Run::dx, &Run::ddt, &Run::dA, &Run::dB, &Run::dC,
+                         &Run::dD, &Run::dbias, &Run::dinit})
+    EXPECT_TRUE(download_bytes(rg.*f) == download_bytes(again.*f))
+        << (rg.*f).name << " differs between runs";
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, GpuSsd,
+                         ::testing::Values(
+                             // b, t, h, p, g, n, q, docs, init, softplus, d_channel, dfinal
+                             GpuSsdCase{1, 1, 2, 64, 1, 64, 64, false, false, true, false, false},
+                             GpuSsdCase{1, 64, 1, 64, 1, 64, 64, false, false, true, false, false},
+                             GpuSsdCase{2, 300, 4, 64, 2, 128, 128, true, true, true, false, true},
+                             GpuSsdCase{1, 257, 2, 128, 1, 64, 64, true, false, true, true, true},
+                             GpuSsdCase{2, 300, 3, 64, 1, 256, 256, true, true, true, false, false},
+                             GpuSsdCase{1, 300, 2, 128, 2, 256, 128, false, true, true, true, true},
+                             GpuSsdCase{3, 100, 8, 64, 4, 128, 256, true, false, true, false, true},
+                             GpuSsdCase{1, 700, 4, 64, 1, 128, 256, true, true, true, false, true},
+                             GpuSsdCase{2, 200, 2, 64, 1, 64, 64, false, false, false, true, false},
+                             GpuSsdCase{1, 200, 2, 64, 1, 64, 64, true, true, true, false, true,
+                                        0.05, 0.5}));
+
+class GpuSsdRefusals : public GpuTest<int> {};
+
+TEST_P(GpuSsdRefusals, UnsupportedShapesAreNamed) {
+  std::mt19937_64 g(1);
+  auto inputs = [&](int64_t p, int64_t n, int64_t q, DType act, std::vector<Tensor>& keep) {
+    keep = {make(random_tensor({1, 8, 2, p}, -1, 1, true, g), act, Device::cuda, "x"),
+            make(random_tensor({1, 8, 2}, -1, 0, false, g), DType::f32, Device::cuda, "dt"),
+            make(random_tensor({2}, -1, -0.5, false, g), DType::f32, Device::cuda, "A"),
+            make(random_tensor({1, 8, 1, n}, -1, 1, true, g), act, Device::cuda, "B"),
+            make(random_tensor({1, 8, 1, n}, -1, 1, true, g), act, Device::cuda, "C")};
+    SsdInputs in;
+    in.x = &keep[0], in.dt = &keep[1], in.A = &keep[2], in.B = &keep[3], in.C = &keep[4];
+    in.chunk = q;
+    return in;
+  };
+  auto message = [&](int64_t p, int64_t n, int64_t q, DType act) -> std::string {
+    std::vector<Tensor> keep;
+    const SsdInputs in = inputs(p, n, q, act, keep);
+    Tensor y = empty({1, 8, 2, p}, act, Device::cuda, "y");
+    Tensor ws = empty({ssd_forward_workspace_elems(in)}, DType::f32, Device::cuda, "ws");
+    try {
+      ssd_forward(in, y, nullptr, ws);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(message(32, 64, 64, DType::bf16).find("head dim 32 must be 64 or 128"),
+            std::string::npos);
+  EXPECT_NE(message(64, 16, 64, DType::bf16).find("d_state 16 must be 64, 128 or 256"),
+            std::string::npos);
+  EXPECT_NE(message(64, 64, 100, DType::bf16).find("chunk size 100 must be 64, 128 or 256"),
+            std::string::npos);
+  EXPECT_NE(message(64, 64, 64, DType::f32).find("must be bf16"), std::string::npos);
+}
+INSTANTIATE_TEST_SUITE_P(Once, GpuSsdRefusals, ::testing::Values(0));
+
+}  // namespace
+}  // namespace braid
