@@ -10,9 +10,9 @@
 // in the fully quadratic form (for tests).
 //   x, y [B,T,H,P]; dt_raw [B,T,H]; A, dt_bias [H]; D [H] (per head) or [H,P] (per channel);
 //   Bm, Cm [B,T,G,N]; seq_idx [B,T] i32; initial_state, final_state [B,H,P,N].
-// Packed sequences: seq_idx numbers the documents of a row (as mamba_ssm's seq_idx; cu_seqlens
-// of a packed batch become seq_idx[t] = index of the document holding token t); no state crosses
-// from one document into the next.
+// Packed sequences: seq_idx numbers the documents of a row in order, non-decreasing along the row
+// (as mamba_ssm's seq_idx; cu_seqlens of a packed batch become seq_idx[t] = index of the document
+// holding token t); no state crosses from one document into the next.
 // Backward (gradient convention): dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=);
 // dfinal_state is the optional gradient arriving at final_state. Forward and backward take a
 // workspace of ssd_forward_workspace_elems() / ssd_backward_workspace_elems() elements (the

@@ -31,134 +31,6 @@ namespace braid {
 namespace ssd {
 namespace {
 
-template <int P, int N>
-__global__ __launch_bounds__(kThreads) void dx_kernel(SsdParams p) {
-  constexpr int ldn = N + kPad, ldp = P + kPad, lds = 64 + kPad;
-  extern __shared__ __align__(16) unsigned char smem[];
-  bf16* bs = reinterpret_cast<bf16*>(smem);  // B rows j         [64][ldn]
-  bf16* cs = bs + kRows * ldn;               // C rows i         [64][ldn]
-  bf16* ds = cs + kRows * ldn;               // dy rows i        [64][ldp]; at the end dy rows j
-  bf16* ss = ds + kRows * ldp;               // dS_c+1 [P][64 columns]; at the end x rows j
-  TokenInfo& rj = *reinterpret_cast<TokenInfo*>(ss + P * lds);
-  TokenInfo& ci = *(&rj + 1);
-  __shared__ float sh[32];
-  const int c = blockIdx.x / p.heads, h = blockIdx.x % p.heads, b = blockIdx.z;
-  const int jb = blockIdx.y;
-  const int64_t c0 = int64_t(c) * p.chunk, tj = c0 + jb * kRows;
-  if (tj >= p.seqlen) return;
-  const int T = p.seqlen, H = p.heads, G = p.groups, g = h / (H / G);
-  const int valid_j = int(min(int64_t(kRows), T - tj));
-  const int64_t last = min(c0 + p.chunk, int64_t(T)) - 1;
-  const int nvb = int((last - c0) / kRows) + 1;
-  const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
-  const float a_last = p.ws[p.geo.acs + lane_off + last];
-  const int doc_last = doc_at(p, b, last);
-  const int64_t x_stride = int64_t(H) * P, bc_stride = int64_t(G) * N;
-  auto x_at = [&](const void* base, int64_t t) {
-    return static_cast<const bf16*>(base) + ((int64_t(b) * T + t) * H + h) * P;
-  };
-  auto bc_at = [&](const void* base, int64_t t) {
-    return static_cast<const bf16*>(base) + ((int64_t(b) * T + t) * G + g) * N;
-  };
-  load_tile<N>(bs, bc_at(p.B, tj), bc_stride, kRows, valid_j);
-  cp_async_commit();
-  load_info(rj, p, b, h, tj);
-  const int l = lane_id(), r0 = warp_row0() + (l >> 2);
-  float acc[P / 8][4];
-  zero(acc);
-  const bf16* dS = reinterpret_cast<const bf16*>(p.ws + p.geo.dstates) +
-                   ((int64_t(b) * p.geo.chunks + c) * H + h) * P * N;
-  for (int k0 = 0; k0 < N; k0 += 64) {
-    load_tile<64>(ss, dS + k0, N, P, P);
-    cp_async_commit();
-    cp_async_wait();
-    __syncthreads();
-    mma_ss<P / 8, 64, true, true>(acc, bs, ldn, warp_row0(), k0, ss, lds, 0);
-    __syncthreads();
-  }
-  {
-    const float f0 = rj.doc[r0] == doc_last ? ex2((a_last - rj.a[r0]) * kLog2e) : 0.f;
-    const float f1 = rj.doc[r0 + 8] == doc_last ? ex2((a_last - rj.a[r0 + 8]) * kLog2e) : 0.f;
-#pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt)
-      acc[nt][0] *= f0, acc[nt][1] *= f0, acc[nt][2] *= f1, acc[nt][3] *= f1;
-  }
-  for (int ib = jb; ib < nvb; ++ib) {
-    const int64_t ti = c0 + ib * kRows;
-    const int valid_i = int(min(int64_t(kRows), T - ti));
-    load_tile<N>(cs, bc_at(p.C, ti), bc_stride, kRows, valid_i);
-    load_tile<P>(ds, x_at(p.dy, ti), x_stride, kRows, valid_i);
-    cp_async_commit();
-    load_info(ci, p, b, h, ti);
-    cp_async_wait();
-    __syncthreads();
-    float s[8][4];  // (B_j . C_i) E_ij: rows j, columns i
-    zero(s);
-    mma_ss<8, N, true, true>(s, bs, ldn, warp_row0(), 0, cs, ldn, 0);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = r0 + (e >> 1) * 8, col = nt * 8 + 2 * (l & 3) + (e & 1);
-        const bool on = (ib > jb || col >= row) && rj.doc[row] == ci.doc[col];
-        s[nt][e] = on ? s[nt][e] * ex2((ci.a[col] - rj.a[row]) * kLog2e) : 0.f;
-      }
-    uint32_t pf[4][4];
-    to_afrag(s, pf);
-    mma_rs<P / 8, 4, false>(acc, pf, ds, ldp);
-    __syncthreads();
-  }
-  // Epilogue: X'_j = acc; x_j . X'_j, dx_j = dt_j X'_j + D dy_j, and the dD partial sums.
-  load_tile<P>(ss, x_at(p.x, tj), x_stride, kRows, valid_j);
-  load_tile<P>(ds, x_at(p.dy, tj), x_stride, kRows, valid_j);
-  cp_async_commit();
-  cp_async_wait();
-  __syncthreads();
-  bf16* dx = static_cast<bf16*>(p.dx);
-  float dd = 0.f;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = r0 + half * 8;
-    const float dt = rj.dt[row];
-    float v = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt) {
-      const int col = nt * 8 + 2 * (l & 3);
-      const float2 xv =
-          __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ss + row * ldp + col));
-      const float2 dyv =
-          __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ds + row * ldp + col));
-      const float a0 = acc[nt][2 * half], a1 = acc[nt][2 * half + 1];
-      v += xv.x * a0 + xv.y * a1;
-      dd += xv.x * dyv.x + xv.y * dyv.y;
-      float d0 = 0.f, d1 = 0.f;
-      if (p.D) {
-        d0 = p.d_per_channel ? p.D[h * P + col] : p.D[h];
-        d1 = p.d_per_channel ? p.D[h * P + col + 1] : p.D[h];
-      }
-      if (row < valid_j)
-        *reinterpret_cast<uint32_t*>(dx + ((int64_t(b) * T + tj + row) * H + h) * P + col) =
-            pack_bf16(dt * a0 + d0 * dyv.x, dt * a1 + d1 * dyv.y);
-    }
-    v = quad_sum(v);
-    if ((l & 3) == 0) p.ws[p.geo.delta + lane_off + tj + row] = v;
-  }
-  if (p.D) {
-    const int64_t tile = int64_t(b) * (p.geo.tpad / kRows) + tj / kRows;
-    float* part = p.ws + p.geo.part_d + (tile * H + h) * p.geo.d_cols;
-    if (!p.d_per_channel) {
-      dd = block_sum(dd, sh);
-      if (threadIdx.x == 0) part[0] = dd;
-    } else if (threadIdx.x < P) {
-      const int col = threadIdx.x;
-      float v = 0.f;
-      for (int row = 0; row < kRows; ++row)
-        v += __bfloat162float(ss[row * ldp + col]) * __bfloat162float(ds[row * ldp + col]);
-      part[col] = v;
-    }
-  }
-}
-
 // dB (kDB) or dC for one 64-token tile r, 128 (or N) states from n0, summed over a split of the
 // group's heads: acc = sum_h [ (f_r L_r) S + sum_s (w_rs (L_r . R_s)) V_s ], where for dB
 // L = x, R = dy, V = C, S = dS_c+1, f = dt u and for dC L = dy, R = x, V = B, S = S_c, f = v.
@@ -308,40 +180,35 @@ __global__ void dt_grad_kernel(SsdParams p) {
   }
 }
 
-// dA, ddt_bias, dD (+=): the partial sums of each head added in order.
+// dA, ddt_bias, dD (+=): the partial sums of each head, each thread adding a fixed stride of
+// them in order, then the threads' sums in a fixed tree (deterministic).
 __global__ void reduce_params_kernel(SsdParams p) {
-  const int h = blockIdx.x, nc = int(p.geo.chunks);
+  __shared__ float sh[32];
+  const int h = blockIdx.x;
+  const int64_t n = int64_t(p.batch) * p.geo.chunks;
+  float sa = 0.f, sb = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    sa += p.ws[p.geo.part_a + i * p.heads + h];
+    sb += p.ws[p.geo.part_bias + i * p.heads + h];
+  }
+  sa = block_sum(sa, sh);
+  sb = block_sum(sb, sh);
   if (threadIdx.x == 0) {
-    float sa = 0.f, sb = 0.f;
-    for (int64_t i = 0; i < int64_t(p.batch) * nc; ++i) {
-      sa += p.ws[p.geo.part_a + i * p.heads + h];
-      sb += p.ws[p.geo.part_bias + i * p.heads + h];
-    }
     p.dA[h] += sa;
     if (p.ddt_bias) p.ddt_bias[h] += sb;
   }
   if (!p.dD) return;
+  // Tiles past the end of the sequence were never written.
   const int64_t tiles = p.geo.tpad / kRows, used = (p.seqlen + kRows - 1) / kRows;
-  for (int col = threadIdx.x; col < p.geo.d_cols; col += blockDim.x) {
+  for (int col = 0; col < p.geo.d_cols; ++col) {
     float s = 0.f;
-    for (int b = 0; b < p.batch; ++b)
-      for (int64_t k = 0; k < used; ++k)
-        s += p.ws[p.geo.part_d + ((b * tiles + k) * p.heads + h) * p.geo.d_cols + col];
-    p.dD[h * p.geo.d_cols + col] += s;
+    for (int64_t i = threadIdx.x; i < p.batch * used; i += blockDim.x) {
+      const int64_t b = i / used, k = i % used;
+      s += p.ws[p.geo.part_d + ((b * tiles + k) * p.heads + h) * p.geo.d_cols + col];
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) p.dD[h * p.geo.d_cols + col] += s;
   }
-}
-
-template <int P, int N>
-void launch_dx(const SsdParams& p, cudaStream_t stream) {
-  const size_t smem =
-      (2 * kRows * (N + kPad) + kRows * (P + kPad) + P * (64 + kPad)) * sizeof(bf16) +
-      2 * sizeof(TokenInfo);
-  CUDA_CHECK(cudaFuncSetAttribute(dx_kernel<P, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem)));
-  dx_kernel<P, N>
-      <<<dim3(unsigned(p.geo.chunks * p.heads), unsigned(p.chunk / kRows), unsigned(p.batch)),
-         kThreads, smem, stream>>>(p);
-  CUDA_CHECK(cudaGetLastError());
 }
 
 template <int P, int NB, bool kDB>
@@ -359,7 +226,6 @@ void launch_dbc(const SsdParams& p, cudaStream_t stream) {
 template <int P, int N>
 void launch_products(const SsdParams& p, cudaStream_t stream) {
   constexpr int NB = N < 128 ? N : 128;
-  launch_dx<P, N>(p, stream);
   launch_dbc<P, NB, true>(p, stream);
   launch_dbc<P, NB, false>(p, stream);
 }
@@ -370,9 +236,10 @@ void launch_products(const SsdParams& p, cudaStream_t stream) {
 void ssd_bwd_cuda(const SsdParams& p, void* stream_ptr) {
   using namespace ssd;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  launch_chunk_scan(p, true, stream);
+  launch_chunk_scan(p, ScanMode::r, stream);
   launch_chunk_state(p, true, stream);
   launch_state_pass(p, true, stream);
+  launch_chunk_scan(p, ScanMode::dx, stream);
   switch (p.head_dim * 1000 + p.d_state) {
     case 64064:
       launch_products<64, 64>(p, stream);

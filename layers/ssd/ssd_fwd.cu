@@ -41,18 +41,19 @@ __global__ void prep_kernel(SsdParams p) {
   p.ws[p.geo.acs + lane] = a;
 }
 
-template <bool kGrad>
+template <int NB, bool kGrad>
 __global__ __launch_bounds__(kThreads) void chunk_state_kernel(SsdParams p) {
-  constexpr int ld = 64 + kPad;
-  __shared__ __align__(16) bf16 us[kRows * ld];
-  __shared__ __align__(16) bf16 vs[kRows * ld];
-  __shared__ float w[kRows];
-  __shared__ TokenInfo info;
+  constexpr int ldu = 64 + kPad, ldv = NB + kPad;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* us = reinterpret_cast<bf16*>(smem);                   // 2 x [64 tokens][64 p]
+  bf16* vs = us + 2 * kRows * ldu;                            // 2 x [64 tokens][NB n]
+  float* w = reinterpret_cast<float*>(vs + 2 * kRows * ldv);  // 2 x [64]
   const int c = blockIdx.x / p.heads, h = blockIdx.x % p.heads, b = blockIdx.z;
   const int P = p.head_dim, N = p.d_state, G = p.groups, g = h / (p.heads / G);
-  const int p0 = (blockIdx.y / (N / 64)) * 64, n0 = (blockIdx.y % (N / 64)) * 64;
+  const int p0 = (blockIdx.y / (N / NB)) * 64, n0 = (blockIdx.y % (N / NB)) * NB;
   const int64_t c0 = int64_t(c) * p.chunk;
   const int64_t last = min(c0 + p.chunk, int64_t(p.seqlen)) - 1;
+  const int tiles = int((last - c0) / kRows) + 1;
   const int64_t lane_off = (int64_t(b) * p.heads + h) * p.geo.tpad;
   const float a_last = p.ws[p.geo.acs + lane_off + last];
   // Forward: w_j = [doc_j = doc_L] e^(a_L - a_j) dt_j. Backward (with dy and C): the gradient
@@ -60,38 +61,63 @@ __global__ __launch_bounds__(kThreads) void chunk_state_kernel(SsdParams p) {
   const int doc_ref = kGrad ? doc_at(p, b, c == 0 ? 0 : c0 - 1) : doc_at(p, b, last);
   const bf16* U = static_cast<const bf16*>(kGrad ? p.dy : p.x);
   const bf16* V = static_cast<const bf16*>(kGrad ? p.C : p.B);
-  float acc[8][4];
-  zero(acc);
-  for (int64_t t0 = c0; t0 <= last; t0 += kRows) {
+  auto stage = [&](int k) {
+    const int64_t t0 = c0 + k * kRows;
     const int valid = int(min(int64_t(kRows), last + 1 - t0));
-    load_tile<64>(us, U + ((int64_t(b) * p.seqlen + t0) * p.heads + h) * P + p0,
-                  int64_t(p.heads) * P, kRows, valid);
-    load_tile<64>(vs, V + ((int64_t(b) * p.seqlen + t0) * G + g) * N + n0, int64_t(G) * N, kRows,
-                  valid);
+    load_tile<64>(us + (k & 1) * kRows * ldu,
+                  U + ((int64_t(b) * p.seqlen + t0) * p.heads + h) * P + p0, int64_t(p.heads) * P,
+                  kRows, valid);
+    load_tile<NB>(vs + (k & 1) * kRows * ldv, V + ((int64_t(b) * p.seqlen + t0) * G + g) * N + n0,
+                  int64_t(G) * N, kRows, valid);
     cp_async_commit();
-    load_info(info, p, b, h, t0);
-    __syncthreads();
     if (threadIdx.x < kRows) {
       const int j = threadIdx.x;
-      const bool on = j < valid && info.doc[j] == doc_ref;
-      w[j] = !on     ? 0.f
-             : kGrad ? ex2(info.a[j] * kLog2e)
-                     : ex2((a_last - info.a[j]) * kLog2e) * info.dt[j];
+      const int64_t t = t0 + j;
+      const bool on = t <= last && doc_at(p, b, t) == doc_ref;
+      const float a = p.ws[p.geo.acs + lane_off + t];
+      w[(k & 1) * kRows + j] = !on     ? 0.f
+                               : kGrad ? ex2(a * kLog2e)
+                                       : ex2((a_last - a) * kLog2e) * p.ws[p.geo.dt + lane_off + t];
     }
-    cp_async_wait();
-    __syncthreads();
-    for (int e = threadIdx.x; e < kRows * 32; e += kThreads) {
-      uint32_t* q = reinterpret_cast<uint32_t*>(vs + (e / 32) * ld + (e % 32) * 2);
-      *q = scale_bf16x2(*q, w[e / 32]);
+  };
+  float acc[NB / 8][4];
+  zero(acc);
+  const int l = lane_id();
+  stage(0);
+  for (int k = 0; k < tiles; ++k) {
+    if (k + 1 < tiles) {
+      stage(k + 1);
+      cp_async_wait_pending<1>();
+    } else {
+      cp_async_wait();
     }
     __syncthreads();
-    mma_ss<8, 64, false, false>(acc, us, ld, warp_row0(), 0, vs, ld, 0);
+    const bf16* ut = us + (k & 1) * kRows * ldu;
+    const bf16* vt = vs + (k & 1) * kRows * ldv;
+    const float* wt = w + (k & 1) * kRows;
+    // acc += (X^T diag(w)) V: A = X^T (rows p, k = tokens), its columns weighted by w.
+#pragma unroll
+    for (int kk = 0; kk < kRows; kk += 16) {
+      uint32_t af[4];
+      load_a<false>(af, ut, ldu, warp_row0(), kk);
+      const int j = kk + 2 * (l & 3);
+      af[0] = scale_bf16x2(af[0], wt[j], wt[j + 1]), af[1] = scale_bf16x2(af[1], wt[j], wt[j + 1]);
+      af[2] = scale_bf16x2(af[2], wt[j + 8], wt[j + 9]);
+      af[3] = scale_bf16x2(af[3], wt[j + 8], wt[j + 9]);
+#pragma unroll
+      for (int nt = 0; nt < NB / 8; nt += 2) {
+        uint32_t bf[4];
+        load_b<false>(bf, vt, ldv, nt * 8, kk);
+        mma16816(acc[nt], af, bf[0], bf[1]);
+        mma16816(acc[nt + 1], af, bf[2], bf[3]);
+      }
+    }
     __syncthreads();
   }
   float* out = p.ws + p.geo.local + ((int64_t(b) * p.geo.chunks + c) * p.heads + h) * P * N;
-  const int l = lane_id(), r = p0 + warp_row0() + (l >> 2);
+  const int r = p0 + warp_row0() + (l >> 2);
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < NB / 8; ++nt) {
     const int col = n0 + nt * 8 + 2 * (l & 3);
     *reinterpret_cast<float2*>(out + int64_t(r) * N + col) = make_float2(acc[nt][0], acc[nt][1]);
     *reinterpret_cast<float2*>(out + int64_t(r + 8) * N + col) =
@@ -163,143 +189,279 @@ __global__ __launch_bounds__(256) void state_pass_kernel(SsdParams p) {
   }
 }
 
-template <int P, int N, bool kGrad>
+// The tile products of one 64-token tile ("self") against the tiles of its chunk ("partners"),
+// for a split of the heads of one group. kY (forward) and kR: self = rows i, partners j <= i,
+// score C_i B_j^T, state S_c; kDx: self = rows j, partners i >= j, score B_j C_i^T, state dS_c+1.
+// The score tiles do not depend on the head: they are made once per block, kept in bf16 in
+// shared memory, and each head weighs them in registers (its decays) on their way into the
+// product with its partner tiles (x_j, or dy_i), which are double-buffered by cp.async.
+template <int P, int N, ScanMode kMode>
 __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
-  constexpr int ldn = N + kPad, ldp = P + kPad, lds = 64 + kPad;
+  constexpr bool kDx = kMode == ScanMode::dx;
+  constexpr int ldn = N + kPad, ldp = P + kPad, ldq = 64 + kPad;
+  constexpr int kBuf = kRows * ldn > 2 * kRows * ldp ? kRows * ldn : 2 * kRows * ldp;
+  const int tiles_per_chunk = p.chunk / kRows;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* cs = reinterpret_cast<bf16*>(smem);  // C rows i          [64][ldn]
-  bf16* bs = cs + kRows * ldn;               // B rows j          [64][ldn]
-  bf16* xs = bs + kRows * ldn;               // x rows j          [64][ldp]
-  bf16* ss = xs + kRows * ldp;               // S_c [P][64 columns]; at the end dy rows i
-  TokenInfo& ri = *reinterpret_cast<TokenInfo*>(ss + P * lds);
-  TokenInfo& cj = *(&ri + 1);
-  const int c = blockIdx.x / p.heads, h = blockIdx.x % p.heads, b = blockIdx.z;
-  const int mb = p.chunk / kRows - 1 - blockIdx.y;  // the longest rows first
-  const int64_t c0 = int64_t(c) * p.chunk, ti = c0 + mb * kRows;
-  if (ti >= p.seqlen) return;
-  const int T = p.seqlen, H = p.heads, G = p.groups, g = h / (H / G);
-  const int valid_i = int(min(int64_t(kRows), T - ti));
+  bf16* sc = reinterpret_cast<bf16*>(smem);         // score tiles [tiles][64][ldq]
+  bf16* self = sc + tiles_per_chunk * kRows * ldq;  // C_i (kDx: B_j) [64][ldn]
+  bf16* st = self + kRows * ldn;                    // the head's state [P][ldn]
+  bf16* buf = st + P * ldn;  // partner B/C [64][ldn] (prologue); partner tiles 2 x [64][ldp]
+  TokenInfo* info = reinterpret_cast<TokenInfo*>(buf + kBuf);  // self, partner x 2
+  const int T = p.seqlen, H = p.heads, G = p.groups, hpg = H / G;
+  const int split = blockIdx.x % p.geo.splits, cg = blockIdx.x / p.geo.splits;
+  const int g = cg % G, c = cg / G, b = blockIdx.z;
+  const int sb = kDx ? blockIdx.y : tiles_per_chunk - 1 - blockIdx.y;  // the longest first
+  const int64_t c0 = int64_t(c) * p.chunk, ts = c0 + sb * kRows;
+  if (ts >= T) return;
+  const int valid_s = int(min(int64_t(kRows), T - ts));
+  const int64_t last = min(c0 + p.chunk, int64_t(T)) - 1;
+  const int nvb = int((last - c0) / kRows) + 1;
+  const int first = kDx ? sb : 0, count = kDx ? nvb - sb : sb + 1;
+  const int doc_state = doc_at(p, b, c == 0 ? 0 : c0 - 1), doc_last = doc_at(p, b, last);
   const int64_t x_stride = int64_t(H) * P, bc_stride = int64_t(G) * N;
-  auto x_at = [&](const void* base, int64_t t) {
+  const bf16* self_src = static_cast<const bf16*>(kDx ? p.B : p.C);
+  const bf16* partner_src = static_cast<const bf16*>(kDx ? p.C : p.B);
+  auto bc_at = [&](const bf16* base, int64_t t) {
+    return base + ((int64_t(b) * T + t) * G + g) * N;
+  };
+  auto x_at = [&](const void* base, int64_t t, int h) {
     return static_cast<const bf16*>(base) + ((int64_t(b) * T + t) * H + h) * P;
   };
-  auto bc_at = [&](const void* base, int64_t t) {
-    return static_cast<const bf16*>(base) + ((int64_t(b) * T + t) * G + g) * N;
-  };
-  load_tile<N>(cs, bc_at(p.C, ti), bc_stride, kRows, valid_i);
-  cp_async_commit();
-  load_info(ri, p, b, h, ti);
-  const int sd = doc_at(p, b, c == 0 ? 0 : c0 - 1);
   const int l = lane_id(), r0 = warp_row0() + (l >> 2);
-  float acc[P / 8][4];
-  zero(acc);
-  if (c > 0 || p.initial_state) {
-    const bf16* S = reinterpret_cast<const bf16*>(p.ws + p.geo.states) +
-                    ((int64_t(b) * p.geo.chunks + c) * H + h) * P * N;
-    for (int k0 = 0; k0 < N; k0 += 64) {
-      load_tile<64>(ss, S + k0, N, P, P);
-      cp_async_commit();
-      cp_async_wait();
-      __syncthreads();
-      mma_ss<P / 8, 64, true, true>(acc, cs, ldn, warp_row0(), k0, ss, lds, 0);
-      __syncthreads();
-    }
-  }
-  cp_async_wait();
-  __syncthreads();
-  {
-    const float f0 = ri.doc[r0] == sd ? ex2(ri.a[r0] * kLog2e) : 0.f;
-    const float f1 = ri.doc[r0 + 8] == sd ? ex2(ri.a[r0 + 8] * kLog2e) : 0.f;
-#pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt)
-      acc[nt][0] *= f0, acc[nt][1] *= f0, acc[nt][2] *= f1, acc[nt][3] *= f1;
-  }
-  for (int jb = 0; jb <= mb; ++jb) {
-    const int64_t tj = c0 + jb * kRows;
-    const int valid_j = int(min(int64_t(kRows), T - tj));
-    load_tile<N>(bs, bc_at(p.B, tj), bc_stride, kRows, valid_j);
-    load_tile<P>(xs, x_at(p.x, tj), x_stride, kRows, valid_j);
+  // Score tiles: self . partner^T, K = N.
+  load_tile<N>(self, bc_at(self_src, ts), bc_stride, kRows, valid_s);
+  cp_async_commit();
+  for (int k = 0; k < count; ++k) {
+    const int64_t tp = c0 + (first + k) * kRows;
+    load_tile<N>(buf, bc_at(partner_src, tp), bc_stride, kRows, int(min(int64_t(kRows), T - tp)));
     cp_async_commit();
-    load_info(cj, p, b, h, tj);
     cp_async_wait();
     __syncthreads();
     float s[8][4];
     zero(s);
-    mma_ss<8, N, true, true>(s, cs, ldn, warp_row0(), 0, bs, ldn, 0);
+    mma_ss<8, N, true, true>(s, self, ldn, warp_row0(), 0, buf, ldn, 0);
+    bf16* out = sc + k * kRows * ldq;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = r0 + (e >> 1) * 8, col = nt * 8 + 2 * (l & 3) + (e & 1);
-        const bool on = (jb < mb || col <= row) && ri.doc[row] == cj.doc[col];
-        s[nt][e] = on ? s[nt][e] * ex2((ri.a[row] - cj.a[col]) * kLog2e) * cj.dt[col] : 0.f;
-      }
-    uint32_t pf[4][4];
-    to_afrag(s, pf);
-    mma_rs<P / 8, 4, false>(acc, pf, xs, ldp);
+    for (int nt = 0; nt < 8; ++nt) {
+      const int col = nt * 8 + 2 * (l & 3);
+      *reinterpret_cast<uint32_t*>(out + r0 * ldq + col) = pack_bf16(s[nt][0], s[nt][1]);
+      *reinterpret_cast<uint32_t*>(out + (r0 + 8) * ldq + col) = pack_bf16(s[nt][2], s[nt][3]);
+    }
     __syncthreads();
   }
-  if (!kGrad) {  // y = acc + D x (xs holds the rows i: the last tile j was i)
-    bf16* y = static_cast<bf16*>(p.y);
-#pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = r0 + half * 8, col = nt * 8 + 2 * (l & 3);
-        if (row >= valid_i) continue;
-        float d0 = 0.f, d1 = 0.f;
-        if (p.D) {
-          d0 = p.d_per_channel ? p.D[h * P + col] : p.D[h];
-          d1 = p.d_per_channel ? p.D[h * P + col + 1] : p.D[h];
-        }
-        const float2 xv =
-            __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + row * ldp + col));
-        *reinterpret_cast<uint32_t*>(y + ((int64_t(b) * T + ti + row) * H + h) * P + col) =
-            pack_bf16(acc[nt][2 * half] + d0 * xv.x, acc[nt][2 * half + 1] + d1 * xv.y);
-      }
-  } else {  // R_i = dy_i . (y_i - D x_i)
-    load_tile<P>(ss, x_at(p.dy, ti), x_stride, kRows, valid_i);
-    cp_async_commit();
+  const bool has_state = kDx || c > 0 || p.initial_state;
+  const bf16* states = reinterpret_cast<const bf16*>(p.ws + (kDx ? p.geo.dstates : p.geo.states));
+  const void* partner_x = kDx ? p.dy : p.x;
+  auto xbuf = [&](int k) { return buf + (k & 1) * kRows * ldp; };
+  const int h_begin = g * hpg + split * int(p.geo.heads_per_split);
+  const int h_end = min(h_begin + int(p.geo.heads_per_split), (g + 1) * hpg);
+  for (int h = h_begin; h < h_end; ++h) {
+    auto stage = [&](int k) {
+      const int64_t tp = c0 + (first + k) * kRows;
+      load_tile<P>(xbuf(k), x_at(partner_x, tp, h), x_stride, kRows,
+                   int(min(int64_t(kRows), T - tp)));
+      cp_async_commit();
+      load_info(info[1 + (k & 1)], p, b, h, tp);
+    };
+    if (has_state)
+      load_tile<N>(st, states + ((int64_t(b) * p.geo.chunks + c) * H + h) * P * N, N, P, P);
+    load_info(info[0], p, b, h, ts);
+    stage(0);
     cp_async_wait();
     __syncthreads();
+    const TokenInfo& ri = info[0];
+    float acc[P / 8][4];
+    zero(acc);
+    if (has_state) {
+      mma_ss<P / 8, N, true, true>(acc, self, ldn, warp_row0(), 0, st, ldn, 0);
+      const float a_last = p.ws[p.geo.acs + (int64_t(b) * H + h) * p.geo.tpad + last];
+      float f[2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = r0 + half * 8;
-      float v = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < P / 8; ++nt) {
-        const float2 d = __bfloat1622float2(
-            *reinterpret_cast<const __nv_bfloat162*>(ss + row * ldp + nt * 8 + 2 * (l & 3)));
-        v += d.x * acc[nt][2 * half] + d.y * acc[nt][2 * half + 1];
+      for (int half = 0; half < 2; ++half) {
+        const int row = r0 + half * 8;
+        f[half] = kDx ? (ri.doc[row] == doc_last ? ex2((a_last - ri.a[row]) * kLog2e) : 0.f)
+                      : (ri.doc[row] == doc_state ? ex2(ri.a[row] * kLog2e) : 0.f);
       }
-      v = quad_sum(v);
-      if ((l & 3) == 0) p.ws[p.geo.r + (int64_t(b) * H + h) * p.geo.tpad + ti + row] = v;
+#pragma unroll
+      for (int nt = 0; nt < P / 8; ++nt)
+        acc[nt][0] *= f[0], acc[nt][1] *= f[0], acc[nt][2] *= f[1], acc[nt][3] *= f[1];
     }
+    for (int k = 0; k < count; ++k) {
+      if (k + 1 < count) {
+        stage(k + 1);
+        cp_async_wait_pending<1>();
+      } else {
+        cp_async_wait();
+      }
+      __syncthreads();
+      const TokenInfo& pi = info[1 + (k & 1)];
+      const int pb = first + k;
+      const bf16* tile = sc + k * kRows * ldq;
+#pragma unroll
+      for (int kt = 0; kt < 4; ++kt) {
+        uint32_t af[4];
+        load_a<true>(af, tile, ldq, warp_row0(), kt * 16);
+        // The head's weights of the score elements (rows r0, r0 + 8; columns col, col + 1,
+        // col + 8, col + 9): causal mask and documents, e^(a_i - a_j), dt_j (kY, kR).
+        float wv[2][4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = r0 + half * 8, col = kt * 16 + 2 * (l & 3) + (e & 1) + (e >> 1) * 8;
+            float w = 0.f;
+            if (ri.doc[row] == pi.doc[col]) {
+              if (kDx && (pb > sb || col >= row)) w = ex2((pi.a[col] - ri.a[row]) * kLog2e);
+              if (!kDx && (pb < sb || col <= row))
+                w = ex2((ri.a[row] - pi.a[col]) * kLog2e) * pi.dt[col];
+            }
+            wv[half][e] = w;
+          }
+        af[0] = scale_bf16x2(af[0], wv[0][0], wv[0][1]);
+        af[1] = scale_bf16x2(af[1], wv[1][0], wv[1][1]);
+        af[2] = scale_bf16x2(af[2], wv[0][2], wv[0][3]);
+        af[3] = scale_bf16x2(af[3], wv[1][2], wv[1][3]);
+#pragma unroll
+        for (int nt = 0; nt < P / 8; nt += 2) {
+          uint32_t bf[4];
+          load_b<false>(bf, xbuf(k), ldp, nt * 8, kt * 16);
+          mma16816(acc[nt], af, bf[0], bf[1]);
+          mma16816(acc[nt + 1], af, bf[2], bf[3]);
+        }
+      }
+      __syncthreads();
+    }
+    const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
+    if (kMode == ScanMode::y) {  // y = acc + D x (the last partner tile was x_i)
+      const bf16* xs = xbuf(count - 1);
+      bf16* y = static_cast<bf16*>(p.y);
+#pragma unroll
+      for (int nt = 0; nt < P / 8; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = r0 + half * 8, col = nt * 8 + 2 * (l & 3);
+          if (row >= valid_s) continue;
+          float d0 = 0.f, d1 = 0.f;
+          if (p.D) {
+            d0 = p.d_per_channel ? p.D[h * P + col] : p.D[h];
+            d1 = p.d_per_channel ? p.D[h * P + col + 1] : p.D[h];
+          }
+          const float2 xv =
+              __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + row * ldp + col));
+          *reinterpret_cast<uint32_t*>(y + ((int64_t(b) * T + ts + row) * H + h) * P + col) =
+              pack_bf16(acc[nt][2 * half] + d0 * xv.x, acc[nt][2 * half + 1] + d1 * xv.y);
+        }
+    } else if (kMode == ScanMode::r) {  // R_i = dy_i . (y_i - D x_i)
+      const bf16* dys = xbuf(count);
+      load_tile<P>(xbuf(count), x_at(p.dy, ts, h), x_stride, kRows, valid_s);
+      cp_async_commit();
+      cp_async_wait();
+      __syncthreads();
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = r0 + half * 8;
+        float v = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < P / 8; ++nt) {
+          const float2 d = __bfloat1622float2(
+              *reinterpret_cast<const __nv_bfloat162*>(dys + row * ldp + nt * 8 + 2 * (l & 3)));
+          v += d.x * acc[nt][2 * half] + d.y * acc[nt][2 * half + 1];
+        }
+        v = quad_sum(v);
+        if ((l & 3) == 0) p.ws[p.geo.r + lane_off + ts + row] = v;
+      }
+    } else {  // X'_j = acc: x_j . X'_j, dx_j = dt_j X'_j + D dy_j, the dD partial sums
+      const bf16* xs = xbuf(0);
+      const bf16* dys = xbuf(1);
+      load_tile<P>(xbuf(0), x_at(p.x, ts, h), x_stride, kRows, valid_s);
+      load_tile<P>(xbuf(1), x_at(p.dy, ts, h), x_stride, kRows, valid_s);
+      cp_async_commit();
+      cp_async_wait();
+      __syncthreads();
+      bf16* dx = static_cast<bf16*>(p.dx);
+      float dd = 0.f;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = r0 + half * 8;
+        const float dt = ri.dt[row];
+        float v = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < P / 8; ++nt) {
+          const int col = nt * 8 + 2 * (l & 3);
+          const float2 xv =
+              __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + row * ldp + col));
+          const float2 dyv =
+              __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dys + row * ldp + col));
+          const float a0 = acc[nt][2 * half], a1 = acc[nt][2 * half + 1];
+          v += xv.x * a0 + xv.y * a1;
+          dd += xv.x * dyv.x + xv.y * dyv.y;
+          float d0 = 0.f, d1 = 0.f;
+          if (p.D) {
+            d0 = p.d_per_channel ? p.D[h * P + col] : p.D[h];
+            d1 = p.d_per_channel ? p.D[h * P + col + 1] : p.D[h];
+          }
+          if (row < valid_s)
+            *reinterpret_cast<uint32_t*>(dx + ((int64_t(b) * T + ts + row) * H + h) * P + col) =
+                pack_bf16(dt * a0 + d0 * dyv.x, dt * a1 + d1 * dyv.y);
+        }
+        v = quad_sum(v);
+        if ((l & 3) == 0) p.ws[p.geo.delta + lane_off + ts + row] = v;
+      }
+      if (p.D) {
+        const int64_t tile = int64_t(b) * (p.geo.tpad / kRows) + ts / kRows;
+        float* part = p.ws + p.geo.part_d + (tile * H + h) * p.geo.d_cols;
+        if (!p.d_per_channel) {
+          dd = block_sum(dd, reinterpret_cast<float*>(info + 1));
+          if (threadIdx.x == 0) part[0] = dd;
+        } else if (threadIdx.x < P) {
+          const int col = threadIdx.x;
+          float v = 0.f;
+          for (int row = 0; row < kRows; ++row)
+            v += __bfloat162float(xs[row * ldp + col]) * __bfloat162float(dys[row * ldp + col]);
+          part[col] = v;
+        }
+      }
+    }
+    __syncthreads();
   }
 }
 
 template <int P, int N>
-void launch_scan(const SsdParams& p, bool grad, cudaStream_t stream) {
+void launch_scan(const SsdParams& p, ScanMode mode, cudaStream_t stream) {
+  constexpr int ldn = N + kPad, ldp = P + kPad;
+  constexpr int kBuf = kRows * ldn > 2 * kRows * ldp ? kRows * ldn : 2 * kRows * ldp;
   const size_t smem =
-      (2 * kRows * (N + kPad) + kRows * (P + kPad) + P * (64 + kPad)) * sizeof(bf16) +
-      2 * sizeof(TokenInfo);
-  auto kernel = grad ? chunk_scan_kernel<P, N, true> : chunk_scan_kernel<P, N, false>;
+      (size_t(p.chunk / kRows) * kRows * (64 + kPad) + kRows * ldn + P * ldn + kBuf) *
+          sizeof(bf16) +
+      3 * sizeof(TokenInfo);
+  auto kernel = mode == ScanMode::y   ? chunk_scan_kernel<P, N, ScanMode::y>
+                : mode == ScanMode::r ? chunk_scan_kernel<P, N, ScanMode::r>
+                                      : chunk_scan_kernel<P, N, ScanMode::dx>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));
-  kernel<<<dim3(unsigned(p.geo.chunks * p.heads), unsigned(p.chunk / kRows), unsigned(p.batch)),
-           kThreads, smem, stream>>>(p);
+  const dim3 grid(unsigned(p.geo.chunks * p.groups * p.geo.splits), unsigned(p.chunk / kRows),
+                  unsigned(p.batch));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 void launch_chunk_state(const SsdParams& p, bool grad, cudaStream_t stream) {
-  const dim3 grid(unsigned(p.geo.chunks * p.heads), unsigned(p.head_dim / 64 * p.d_state / 64),
+  const int nb = p.d_state < 128 ? p.d_state : 128;
+  const dim3 grid(unsigned(p.geo.chunks * p.heads), unsigned(p.head_dim / 64 * p.d_state / nb),
                   unsigned(p.batch));
-  if (grad)
-    chunk_state_kernel<true><<<grid, kThreads, 0, stream>>>(p);
+  auto launch = [&](auto kernel, int cols) {
+    const size_t smem =
+        2 * kRows * ((64 + kPad) + (cols + kPad)) * sizeof(bf16) + 2 * kRows * sizeof(float);
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)));
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+  };
+  if (nb == 64)
+    launch(grad ? chunk_state_kernel<64, true> : chunk_state_kernel<64, false>, 64);
   else
-    chunk_state_kernel<false><<<grid, kThreads, 0, stream>>>(p);
+    launch(grad ? chunk_state_kernel<128, true> : chunk_state_kernel<128, false>, 128);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -312,21 +474,21 @@ void launch_state_pass(const SsdParams& p, bool grad, cudaStream_t stream) {
   CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_chunk_scan(const SsdParams& p, bool grad, cudaStream_t stream) {
+void launch_chunk_scan(const SsdParams& p, ScanMode mode, cudaStream_t stream) {
   const int key = p.head_dim * 1000 + p.d_state;
   switch (key) {
     case 64064:
-      return launch_scan<64, 64>(p, grad, stream);
+      return launch_scan<64, 64>(p, mode, stream);
     case 64128:
-      return launch_scan<64, 128>(p, grad, stream);
+      return launch_scan<64, 128>(p, mode, stream);
     case 64256:
-      return launch_scan<64, 256>(p, grad, stream);
+      return launch_scan<64, 256>(p, mode, stream);
     case 128064:
-      return launch_scan<128, 64>(p, grad, stream);
+      return launch_scan<128, 64>(p, mode, stream);
     case 128128:
-      return launch_scan<128, 128>(p, grad, stream);
+      return launch_scan<128, 128>(p, mode, stream);
     case 128256:
-      return launch_scan<128, 256>(p, grad, stream);
+      return launch_scan<128, 256>(p, mode, stream);
     default:
       BRAID_FAIL("ssd (CUDA): no kernel for head dim ", p.head_dim, ", d_state ", p.d_state);
   }
@@ -341,7 +503,7 @@ void ssd_fwd_cuda(const SsdParams& p, void* stream_ptr) {
   CUDA_CHECK(cudaGetLastError());
   ssd::launch_chunk_state(p, false, stream);
   ssd::launch_state_pass(p, false, stream);
-  ssd::launch_chunk_scan(p, false, stream);
+  ssd::launch_chunk_scan(p, ssd::ScanMode::y, stream);
 }
 
 }  // namespace braid

@@ -94,9 +94,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t v, float f) {
+__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t v, float f0, float f1) {
   const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-  return pack_bf16(x.x * f, x.y * f);
+  return pack_bf16(x.x * f0, x.y * f1);
+}
+__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t v, float f) {
+  return scale_bf16x2(v, f, f);
 }
 
 // A operand (16 rows x 16 k) at k0 of a shared tile whose rows are the product's rows (k
@@ -214,10 +217,11 @@ __device__ __forceinline__ float block_scan(float v, float* sh) {
 }
 
 // Kernels that the forward and the backward share (ssd_fwd.cu): the chunk's own state term (the
-// backward: its state gradient), the pass over the chunks (forward or reverse) and the chunk
-// scan (the backward: dy_i . (y_i - D x_i)).
+// backward: its state gradient), the pass over the chunks (forward or reverse) and the tile
+// products of the chunk scan: y (forward), dy_i . (y_i - D x_i) (backward: r) or dx (backward).
+enum class ScanMode { y, r, dx };
 void launch_chunk_state(const SsdParams& p, bool grad, cudaStream_t stream);
 void launch_state_pass(const SsdParams& p, bool grad, cudaStream_t stream);
-void launch_chunk_scan(const SsdParams& p, bool grad, cudaStream_t stream);
+void launch_chunk_scan(const SsdParams& p, ScanMode mode, cudaStream_t stream);
 
 }  // namespace braid::ssd
