@@ -11,10 +11,13 @@ SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, 
   SsdGeometry s;
   s.chunks = (t + q - 1) / q;
   s.tpad = s.chunks * q;
-  // dB and dC sum over the H/G heads of a group: in up to 8 parts, enough blocks to fill the GPU
-  // at small batch while keeping the partial sums (splits x the size of dB) small.
-  const int64_t hpg = h / g;
-  s.heads_per_split = (hpg + 7) / 8;
+  // The chunk scan and dB/dC blocks each take a split of the H/G heads of a group: as few
+  // splits as give about 1024 blocks (one per 64-token tile, chunk, group and split), so the
+  // head-independent work of a block (its score tiles) is shared by as many heads as the GPU's
+  // occupancy allows, and dB/dC add few partial sums (splits x the size of dB).
+  const int64_t hpg = h / g, blocks = b * s.chunks * g * (q / kSsdBlock);
+  s.splits = std::clamp<int64_t>((1024 + blocks - 1) / blocks, 1, hpg);
+  s.heads_per_split = (hpg + s.splits - 1) / s.splits;
   s.splits = (hpg + s.heads_per_split - 1) / s.heads_per_split;
   s.pass_blocks = p * n / 1024;
   s.d_cols = d_per_channel ? p : 1;
