@@ -1,22 +1,16 @@
 // Device dispatch of the causal conv1d: validates GPU tensors and builds the kernel Params.
 #include "layers/causal_conv1d/causal_conv1d_gpu.h"
+#include "layers/common/op_common.h"
 
 namespace braid {
 
 #if defined(BRAID_WITH_CUDA)
 namespace {
 
-void require_gpu(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (t)
-      BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(),
-                  "causal_conv1d (CUDA): ", t->describe(), " must be a contiguous GPU tensor");
-}
-
 Conv1dParams make_params(const Conv1dInputs& in, const ConvDims& d) {
   BRAID_CHECK(in.x->dtype == DType::bf16 || in.x->dtype == DType::f32,
               "causal_conv1d (CUDA): tensors must be bf16 or f32, got ", in.x->describe());
-  require_gpu({in.x, in.w, in.bias, in.seq_idx, in.initial_state});
+  require_gpu("causal_conv1d", {in.x, in.w, in.bias, in.seq_idx, in.initial_state});
   BRAID_CHECK(d.b < 65536 && d.t < (int64_t(1) << 30) && d.b * d.t * d.c < (int64_t(1) << 40),
               "causal_conv1d (CUDA): sizes too large (batch < 65536, length < 2^30)");
   Conv1dParams p;
@@ -43,7 +37,7 @@ void causal_conv1d_forward_gpu(const Conv1dInputs& in, const Tensor& y, const Te
   check_same_dtype(*in.x, y);
   if (final_state)
     check_shape(*final_state, {d.b, d.c, d.w - 1}), check_same_dtype(*in.x, *final_state);
-  require_gpu({&y, final_state});
+  require_gpu("causal_conv1d", {&y, final_state});
   p.y = y.data;
   p.final_state = final_state ? final_state->data : nullptr;
   causal_conv1d_fwd_cuda(p, in.stream);
@@ -67,7 +61,8 @@ void causal_conv1d_backward_gpu(const Conv1dInputs& in, const Tensor& dy,
     if (t) check_shape(*t, {d.b, d.c, d.w - 1});
   for (const Tensor* t : {&dy, g.dx, g.dw, g.dbias, g.dinitial_state, dfinal_state})
     if (t) check_same_dtype(*in.x, *t);
-  require_gpu({&dy, g.dx, g.dw, g.dbias, g.dinitial_state, dfinal_state, workspace});
+  require_gpu("causal_conv1d",
+              {&dy, g.dx, g.dw, g.dbias, g.dinitial_state, dfinal_state, workspace});
   const int64_t need = conv1d_partial_elems(d.b, d.t, d.c, d.w);
   BRAID_CHECK(workspace && workspace->dtype == DType::f32 && workspace->numel() >= need,
               "causal_conv1d_backward (CUDA): needs an f32 workspace of ", need, " elements, got ",

@@ -28,6 +28,20 @@ void dispatch_float(DType dtype, const char* op, F&& body) {
 }
 
 // Every tensor handed to a CPU reference must be a contiguous host tensor.
+// GPU kernels' arguments: every given tensor (null ones skipped) is a contiguous CUDA tensor, or
+// has the dtype `want`.
+inline void require_gpu(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t)
+      BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(), op, " (CUDA): ", t->describe(),
+                  " must be a contiguous GPU tensor");
+}
+inline void require_dtype(const char* op, DType want, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t)
+      BRAID_CHECK(t->dtype == want, op, " (CUDA): ", t->describe(), " must be ", dtype_name(want));
+}
+
 inline void require_host(const char* op, std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts) {
     if (!t || !t->data) continue;

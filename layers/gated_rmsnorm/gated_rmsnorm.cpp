@@ -1,5 +1,6 @@
 // Device dispatch of the gated RMSNorm: validates GPU tensors and builds the kernel Params.
 #include "layers/gated_rmsnorm/gated_rmsnorm.h"
+#include "layers/common/op_common.h"
 #include "layers/gated_rmsnorm/gated_rmsnorm_cuda.h"
 
 namespace braid {
@@ -7,25 +8,14 @@ namespace braid {
 #if defined(BRAID_WITH_CUDA)
 namespace {
 
-void require_gpu(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (t)
-      BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(),
-                  "gated_rmsnorm (CUDA): ", t->describe(), " must be a contiguous GPU tensor");
-}
-void require_f32(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    BRAID_CHECK(t->dtype == DType::f32, "gated_rmsnorm (CUDA): ", t->describe(), " must be f32");
-}
-
 GatedNormParams make_params(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                             const Tensor& y, const Tensor& rstd) {
   gated_rmsnorm_check_shapes(x, z, w, groups, y, rstd);
   BRAID_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f32,
               "gated_rmsnorm (CUDA): activations must be bf16 or f32, got ", x.describe());
   for (const Tensor* t : {&z, &y}) check_same_dtype(x, *t);
-  require_f32({&w, &rstd});
-  require_gpu({&x, &z, &w, &y, &rstd});
+  require_dtype("gated_rmsnorm", DType::f32, {&w, &rstd});
+  require_gpu("gated_rmsnorm", {&x, &z, &w, &y, &rstd});
   BRAID_CHECK(x.size(1) < (int64_t(1) << 30), "gated_rmsnorm (CUDA): width ", x.size(1),
               " too large");
   GatedNormParams p;
@@ -65,11 +55,11 @@ void gated_rmsnorm_backward_gpu(const Tensor& x, const Tensor& z, const Tensor& 
   check_shape(dz, {x.size(0), x.size(1)});
   check_shape(dw, {x.size(1)});
   for (const Tensor* t : {&dx, &dz}) check_same_dtype(x, *t);
-  require_f32({&dw});
-  require_gpu({&dx, &dz, &dw, workspace});
+  require_dtype("gated_rmsnorm", DType::f32, {&dw});
+  require_gpu("gated_rmsnorm", {&dx, &dz, &dw, workspace});
   BRAID_CHECK(workspace, "gated_rmsnorm (CUDA): the backward needs a workspace of ",
               gated_rmsnorm_workspace_elems(x), " f32 elements");
-  require_f32({workspace});
+  require_dtype("gated_rmsnorm", DType::f32, {workspace});
   BRAID_CHECK(workspace->numel() >= gated_rmsnorm_workspace_elems(x),
               "gated_rmsnorm (CUDA): workspace ", workspace->describe(), " smaller than ",
               gated_rmsnorm_workspace_elems(x), " elements");

@@ -1,23 +1,12 @@
 // Device dispatch of the selective scan: validates GPU tensors and builds the kernel Params.
 #include "layers/selective_scan/selective_scan.h"
+#include "layers/common/op_common.h"
 #include "layers/selective_scan/selective_scan_cuda.h"
 
 namespace braid {
 
 #if defined(BRAID_WITH_CUDA)
 namespace {
-
-void require_gpu(const char* what, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (t)
-      BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(), "selective_scan (CUDA): ", what,
-                  " ", t->describe(), " must be a contiguous GPU tensor");
-}
-void require_f32(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (t)
-      BRAID_CHECK(t->dtype == DType::f32, "selective_scan (CUDA): ", t->describe(), " must be f32");
-}
 
 // Checks the inputs and fills the forward part of the Params.
 ScanParams forward_params(const ScanInputs& in, const ScanDims& d) {
@@ -26,9 +15,9 @@ ScanParams forward_params(const ScanInputs& in, const ScanDims& d) {
               "selective_scan (CUDA): activations must be bf16 or f32, got ", in.u->describe());
   for (const Tensor* t : {in.delta, in.B, in.C, in.z})
     if (t) check_same_dtype(*in.u, *t);
-  require_f32({in.A, in.D, in.delta_bias, in.initial_state});
-  require_gpu("input", {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias, in.seq_idx,
-                        in.initial_state});
+  require_dtype("selective_scan", DType::f32, {in.A, in.D, in.delta_bias, in.initial_state});
+  require_gpu("selective_scan", {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias,
+                                 in.seq_idx, in.initial_state});
   BRAID_CHECK(d.b < 65536 && d.t < (int64_t(1) << 30) && d.b * d.t * d.c < (int64_t(1) << 40),
               "selective_scan (CUDA): sizes too large (batch < 65536, length < 2^30)");
   ScanParams p;
@@ -48,8 +37,8 @@ ScanParams forward_params(const ScanInputs& in, const ScanDims& d) {
 }
 
 void check_workspace(const Tensor& ws, const ScanGeometry& geo) {
-  require_f32({&ws});
-  require_gpu("workspace", {&ws});
+  require_dtype("selective_scan", DType::f32, {&ws});
+  require_gpu("selective_scan", {&ws});
   BRAID_CHECK(ws.numel() >= geo.workspace_elems(), "selective_scan (CUDA): workspace ",
               ws.describe(), " smaller than ", geo.workspace_elems(), " elements");
 }
@@ -67,9 +56,9 @@ void selective_scan_forward_gpu(const ScanInputs& in, const Tensor& y, const Ten
   ScanParams p = forward_params(in, d);
   check_shape(y, {d.b, d.t, d.c});
   check_same_dtype(*in.u, y);
-  require_f32({final_state});
+  require_dtype("selective_scan", DType::f32, {final_state});
   if (final_state) check_shape(*final_state, {d.b, d.c, d.n});
-  require_gpu("output", {&y, final_state});
+  require_gpu("selective_scan", {&y, final_state});
   if (workspace) check_workspace(*workspace, scan_geometry(d.b, d.t, d.c, d.n, d.g));
   p.y = y.data;
   p.final_state = final_state ? final_state->ptr<float>() : nullptr;
@@ -89,9 +78,10 @@ void selective_scan_backward_gpu(const ScanInputs& in, const Tensor& dy, const T
   check_scan_grads(in, d, dy, dfinal_state, gr);
   for (const Tensor* t : {&dy, gr.du, gr.ddelta, gr.dz, gr.dB, gr.dC})
     if (t) check_same_dtype(*in.u, *t);
-  require_f32({gr.dA, gr.dD, gr.ddelta_bias, gr.dinitial_state, dfinal_state});
-  require_gpu("gradient", {&dy, gr.du, gr.ddelta, gr.dA, gr.dB, gr.dC, gr.dD, gr.dz, gr.ddelta_bias,
-                           gr.dinitial_state, dfinal_state});
+  require_dtype("selective_scan", DType::f32,
+                {gr.dA, gr.dD, gr.ddelta_bias, gr.dinitial_state, dfinal_state});
+  require_gpu("selective_scan", {&dy, gr.du, gr.ddelta, gr.dA, gr.dB, gr.dC, gr.dD, gr.dz,
+                                 gr.ddelta_bias, gr.dinitial_state, dfinal_state});
   const ScanGeometry geo = scan_geometry(d.b, d.t, d.c, d.n, d.g);
   check_workspace(workspace, geo);
   float* ws = workspace.ptr<float>();

@@ -1,6 +1,7 @@
 // Device dispatch of SSD: validates GPU tensors, sizes the workspace and builds the kernel Params.
 #include <algorithm>
 
+#include "layers/common/op_common.h"
 #include "layers/ssd/ssd.h"
 #include "layers/ssd/ssd_cuda.h"
 
@@ -49,22 +50,10 @@ SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, 
 #if defined(BRAID_WITH_CUDA)
 namespace {
 
-void require_gpu(const char* what, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (t)
-      BRAID_CHECK(t->device == Device::cuda && t->is_contiguous(), "ssd (CUDA): ", what, " ",
-                  t->describe(), " must be a contiguous GPU tensor");
-}
-void require_dtype(DType want, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (t)
-      BRAID_CHECK(t->dtype == want, "ssd (CUDA): ", t->describe(), " must be ", dtype_name(want));
-}
-
 SsdParams forward_params(const SsdInputs& in, const SsdDims& d) {
-  require_dtype(DType::bf16, {in.x, in.B, in.C});
-  require_dtype(DType::f32, {in.dt, in.A, in.D, in.dt_bias, in.initial_state});
-  require_gpu("input",
+  require_dtype("ssd", DType::bf16, {in.x, in.B, in.C});
+  require_dtype("ssd", DType::f32, {in.dt, in.A, in.D, in.dt_bias, in.initial_state});
+  require_gpu("ssd",
               {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx, in.initial_state});
   BRAID_CHECK(d.p == 64 || d.p == 128, "ssd (CUDA): head dim ", d.p, " must be 64 or 128");
   BRAID_CHECK(d.n == 64 || d.n == 128 || d.n == 256, "ssd (CUDA): d_state ", d.n,
@@ -89,8 +78,8 @@ SsdParams forward_params(const SsdInputs& in, const SsdDims& d) {
 }
 
 void check_workspace(const Tensor& ws, const SsdParams& p) {
-  require_dtype(DType::f32, {&ws});
-  require_gpu("workspace", {&ws});
+  require_dtype("ssd", DType::f32, {&ws});
+  require_gpu("ssd", {&ws});
   BRAID_CHECK(ws.numel() >= p.geo.total, "ssd (CUDA): workspace ", ws.describe(), " smaller than ",
               p.geo.total, " elements");
 }
@@ -113,10 +102,10 @@ void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_s
   const SsdDims d = ssd_dims(in);
   SsdParams p = forward_params(in, d);
   check_shape(y, {d.b, d.t, d.h, d.p});
-  require_dtype(DType::bf16, {&y});
-  require_dtype(DType::f32, {final_state});
+  require_dtype("ssd", DType::bf16, {&y});
+  require_dtype("ssd", DType::f32, {final_state});
   if (final_state) check_shape(*final_state, {d.b, d.h, d.p, d.n});
-  require_gpu("output", {&y, final_state});
+  require_gpu("ssd", {&y, final_state});
   check_workspace(workspace, p);
   p.y = y.data;
   p.final_state = final_state ? final_state->ptr<float>() : nullptr;
@@ -134,10 +123,11 @@ void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfina
   const SsdDims d = ssd_dims(in);
   SsdParams p = forward_params(in, d);
   check_ssd_grads(in, d, dy, dfinal_state, gr);
-  require_dtype(DType::bf16, {&dy, gr.dx, gr.dB, gr.dC});
-  require_dtype(DType::f32, {gr.ddt, gr.dA, gr.dD, gr.ddt_bias, gr.dinitial_state, dfinal_state});
-  require_gpu("gradient", {&dy, gr.dx, gr.ddt, gr.dA, gr.dB, gr.dC, gr.dD, gr.ddt_bias,
-                           gr.dinitial_state, dfinal_state});
+  require_dtype("ssd", DType::bf16, {&dy, gr.dx, gr.dB, gr.dC});
+  require_dtype("ssd", DType::f32,
+                {gr.ddt, gr.dA, gr.dD, gr.ddt_bias, gr.dinitial_state, dfinal_state});
+  require_gpu("ssd", {&dy, gr.dx, gr.ddt, gr.dA, gr.dB, gr.dC, gr.dD, gr.ddt_bias,
+                      gr.dinitial_state, dfinal_state});
   check_workspace(workspace, p);
   p.ws = workspace.ptr<float>();
   p.dy = dy.data;
