@@ -13,12 +13,23 @@
 
 namespace braid {
 
+// Query rows [begin[i], end[i]) (i = 0, 1; empty ranges allowed): a part of the rows to compute.
+struct AttentionRows {
+  int64_t begin[2] = {0, 0}, end[2] = {0, 0};
+  bool has(int64_t t) const {
+    return (t >= begin[0] && t < end[0]) || (t >= begin[1] && t < end[1]);
+  }
+};
+
 struct AttentionInputs {
   const Tensor* q = nullptr;
   const Tensor* k = nullptr;
   const Tensor* v = nullptr;
   const Tensor* seq_idx = nullptr;  // optional
   double scale = 0;                 // softmax scale, usually 1/sqrt(P)
+  // Optional (null: every row): only these query rows. The forward leaves the other rows of o and
+  // lse as they are; the backward writes dq = 0 there and sums dk, dv over these rows' queries.
+  const AttentionRows* rows = nullptr;
 };
 
 void attention_forward(const AttentionInputs& in, const Tensor& o, const Tensor& lse);

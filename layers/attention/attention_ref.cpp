@@ -71,6 +71,7 @@ void attention_forward(const AttentionInputs& in, const Tensor& o, const Tensor&
   dispatch_float(in.q->dtype, "attention", [&]<typename T>() {
     parallel_for(d.b * d.h * d.t, [&](int64_t i) {
       const int64_t b = i / (d.h * d.t), h = (i / d.t) % d.h, t = i % d.t, hk = h / (d.h / d.hk);
+      if (in.rows && !in.rows->has(t)) return;
       const Rows<T> R{in, d, b};
       const int64_t s0 = R.first(t);
       T m = -std::numeric_limits<T>::infinity();
@@ -115,7 +116,9 @@ void attention_backward(const AttentionInputs& in, const Tensor& o, const Tensor
           const T *go = dout.ptr<T>() + row * d.p, *orow = o.ptr<T>() + row * d.p;
           T* dqr = dq.ptr<T>() + row * d.p;
           T Dt = T(0);
-          for (int64_t p = 0; p < d.p; ++p) Dt += go[p] * orow[p], dqr[p] = T(0);
+          for (int64_t p = 0; p < d.p; ++p) dqr[p] = T(0);
+          if (in.rows && !in.rows->has(t)) continue;
+          for (int64_t p = 0; p < d.p; ++p) Dt += go[p] * orow[p];
           const T l = lse.ptr<T>()[(b * d.h + h) * d.t + t];
           const T* qr = R.q(t, h);
           for (int64_t s = R.first(t); s <= t; ++s) {

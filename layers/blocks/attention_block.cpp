@@ -2,7 +2,7 @@
 
 #include <cmath>
 
-#include "layers/attention/attention.h"
+#include "layers/attention/attention_cp.h"
 #include "layers/elementwise/elementwise.h"
 #include "layers/linear/linear.h"
 #include "layers/rope/rope.h"
@@ -40,9 +40,6 @@ void AttentionBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
 }
 
 void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
-  BRAID_REQUIRE(!meta.cp,
-                "attention under context parallelism (ring or all-gather KV) is not "
-                "built yet");
   const int64_t m = b_ * t_, h = h_, hk = hk_, p = cfg_.head_dim;
   const Tensor x2 = x.reshape({m, cfg_.d_model});
   linear_forward(x2, q_->value, nullptr, qt_.reshape({m, h * p}));
@@ -53,7 +50,11 @@ void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& 
     rope_forward(qt_, *meta.positions, cfg_.rope_theta, qt_);
     rope_forward(kt_, *meta.positions, cfg_.rope_theta, kt_);
   }
-  attention_forward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_);
+  const AttentionInputs in{&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))};
+  if (meta.cp)
+    attention_forward_cp(in, ot_, lse_, *meta.cp);
+  else
+    attention_forward(in, ot_, lse_);
   linear_forward(ot_.reshape({m, h * p}), o_->value, nullptr, y.reshape({m, cfg_.d_model}));
   tp_.reduce_output(y);
 }
@@ -64,8 +65,11 @@ void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& d
   const Tensor do2 = do_.reshape({m, h * p});
   linear_backward(ot_.reshape({m, h * p}), o_->value, dy.reshape({m, cfg_.d_model}), &do2, o_->grad,
                   nullptr);
-  attention_backward({&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))}, ot_, lse_, do_,
-                     dq_, dk_, dv_);
+  const AttentionInputs in{&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))};
+  if (meta.cp)
+    attention_backward_cp(in, ot_, lse_, do_, dq_, dk_, dv_, *meta.cp);
+  else
+    attention_backward(in, ot_, lse_, do_, dq_, dk_, dv_);
   if (cfg_.rope) {
     rope_backward(dq_, *meta.positions, cfg_.rope_theta, dq_);
     rope_backward(dk_, *meta.positions, cfg_.rope_theta, dk_);

@@ -1,15 +1,18 @@
-// Context-parallel selective scan, SSD and causal conv1d (under mpirun with P ranks, cp = P): each
+// Context-parallel selective scan, SSD, causal conv1d and attention (under mpirun with P ranks,
+// cp = P): each
 // rank holds a shard of the sequence; the outputs, the final state (last rank), and every gradient
 // (the sequence's initial state on rank 0; dA, dD, d(dt bias) summed over the ranks) equal the
 // single-process op over the whole sequence. In f64 both compute the same sums in another order, so
 // they agree to 1e-10 relative. Cases: documents that start inside a shard and exactly at a shard's
-// first token, an initial state, the z gate, two groups.
+// first token, an initial state, the z gate, two groups; for attention GQA and shard lengths that
+// the load-balancing chunks (2P of them) do not divide.
 #include <cmath>
 #include <cstdio>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "layers/attention/attention_cp.h"
 #include "layers/causal_conv1d/causal_conv1d_cp.h"
 #include "layers/selective_scan/selective_scan_cp.h"
 #include "layers/ssd/ssd_cp.h"
@@ -239,6 +242,41 @@ void check_conv(Communicator& cp, int64_t tr, bool docs) {
   expect_summed(cp, tag, {{"dw", &sdw, &dw}, {"dbias", &sdb, &db}});
 }
 
+void check_attention(Communicator& cp, int64_t tr, bool docs) {
+  const int r = cp.rank(), p = cp.size();
+  const int64_t b = 2, t = tr * p, h = 4, hk = 2, d = 3;
+  Host q({b, t, h, d}, values(b * t * h * d, 51)), k({b, t, hk, d}, values(b * t * hk * d, 52));
+  Host v({b, t, hk, d}, values(b * t * hk * d, 53)), dout({b, t, h, d}, values(b * t * h * d, 54));
+  std::vector<int32_t> seq = documents(b, t, tr);
+  const Tensor seq_all = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
+  const double scale = 0.7;
+  const AttentionInputs whole{&q.t, &k.t, &v.t, docs ? &seq_all : nullptr, scale};
+  Host o({b, t, h, d}), lse({b, h, t}), dq({b, t, h, d}), dk({b, t, hk, d}), dv({b, t, hk, d});
+  attention_forward(whole, o.t, lse.t);
+  attention_backward(whole, o.t, lse.t, dout.t, dq.t, dk.t, dv.t);
+  const int64_t t0 = r * tr;
+  Host sq = shard_of(q, t0, tr), sk = shard_of(k, t0, tr), sv = shard_of(v, t0, tr),
+       sdo = shard_of(dout, t0, tr);
+  std::vector<int32_t> sseq = seq_shard(seq, b, t, t0, tr);
+  const Tensor seq_shard =
+      Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
+  const AttentionInputs mine{&sq.t, &sk.t, &sv.t, docs ? &seq_shard : nullptr, scale};
+  Host so({b, tr, h, d}), slse({b, h, tr}), sdq({b, tr, h, d}), sdk({b, tr, hk, d}),
+      sdv({b, tr, hk, d});
+  attention_forward_cp(mine, so.t, slse.t, cp);
+  attention_backward_cp(mine, so.t, slse.t, sdo.t, sdq.t, sdk.t, sdv.t, cp);
+  const std::string tag = std::string("attention, ") + (docs ? "documents" : "one document") +
+                          ", shard " + std::to_string(tr) + ": ";
+  std::vector<double> lse_mine;
+  for (int64_t i = 0; i < b * h; ++i)
+    for (int64_t j = t0; j < t0 + tr; ++j) lse_mine.push_back(lse.v[i * t + j]);
+  expect_close(tag + "o", so.v, shard(o, t0, tr), r);
+  expect_close(tag + "lse", slse.v, lse_mine, r);
+  expect_close(tag + "dq", sdq.v, shard(dq, t0, tr), r);
+  expect_close(tag + "dk", sdk.v, shard(dk, t0, tr), r);
+  expect_close(tag + "dv", sdv.v, shard(dv, t0, tr), r);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -247,7 +285,8 @@ int main(int argc, char** argv) {
   try {
     for (bool docs : {false, true})
       for (int64_t tr : {4, 7})
-        check(*world, tr, docs), check_ssd(*world, tr, docs), check_conv(*world, tr, docs);
+        check(*world, tr, docs), check_ssd(*world, tr, docs), check_conv(*world, tr, docs),
+            check_attention(*world, tr, docs);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;

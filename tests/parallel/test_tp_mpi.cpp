@@ -10,10 +10,10 @@
 // rank against the whole block run on the same rank's tokens; an expert's gradient is the sum
 // over every rank's tokens routed to it, so it is compared with the whole blocks' gradients
 // summed over the ranks (in f64).
-// Context parallel (cp = P): the Mamba-1 and Mamba-2 mixers with each rank holding a shard of
-// every sequence (states and conv halos passed between the ranks) against the whole mixer over
-// the whole sequence: output and input-gradient shards, and every parameter gradient summed over
-// the ranks, with the same tolerance.
+// Context parallel (cp = P): the Mamba-1 and Mamba-2 mixers (states and conv halos passed between
+// the ranks) and attention (load-balanced all-gather) with each rank holding a shard of every
+// sequence, against the whole block over the whole sequence: output and input-gradient shards, and
+// every parameter gradient summed over the ranks, with the same tolerance.
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -339,6 +339,13 @@ int main(int argc, char** argv) {
           Mamba2Config c;
           c.d_model = d, c.heads = 4, c.head_dim = 3, c.groups = 2, c.d_state = 4, c.chunk = 4;
           return std::make_unique<Mamba2Mixer>(c, ps, "m2", 0.3, 0.2, tp);
+        },
+        d, *world, *backend);
+    check_block_cp(
+        "attention (context parallel)",
+        [&](ParamSet& ps, const TensorParallel& tp) {
+          return std::make_unique<AttentionBlock>(AttentionConfig{d, 8, 4, 2, true, 10000.0}, ps,
+                                                  "attn", 0.3, 0.2, tp);
         },
         d, *world, *backend);
     check_block_cp(
