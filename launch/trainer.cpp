@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -106,23 +107,31 @@ class RunOptimizer {
 
 TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const Layout layout = resolve_layout(cfg, world ? world->size() : 1);
-  for (auto [name, v] : {std::pair{"cp", layout.cp}, {"pp", layout.pp}, {"ep", layout.ep}})
+  for (auto [name, v] : {std::pair{"pp", layout.pp}, {"ep", layout.ep}})
     BRAID_REQUIRE(v == 1, "parallel.", name, " = ", v,
-                  ": this build parallelises over data and tensors only (context, pipeline and "
-                  "expert parallelism are not built yet); set parallel.",
+                  ": this build parallelises over data, tensors and context only (pipeline and "
+                  "expert parallelism are not built into training yet); set parallel.",
                   name, "=1");
   BRAID_REQUIRE(layout.etp == 1 || layout.etp == layout.tp, "parallel.etp = ", layout.etp,
                 ": experts are split over the tensor-parallel ranks (etp = tp = ", layout.tp,
                 ") or not at all (etp = 1)");
-  const int dp = layout.dp, rank = world ? world->rank() : 0;
-  // The data-parallel and tensor-parallel groups of this rank (collective).
-  std::unique_ptr<Communicator> dp_group, tp_group;
-  int dp_rank = 0, tp_rank = 0;
+  BRAID_REQUIRE(cfg.train.seq_len % layout.cp == 0, "parallel.cp = ", layout.cp,
+                " must divide train.seq_len = ", cfg.train.seq_len,
+                " (each context-parallel rank holds an equal shard of every sequence)");
+  const int dp = layout.dp, cp = layout.cp, rank = world ? world->rank() : 0;
+  // This rank's groups (collective): data parallel (which samples), tensor parallel, context
+  // parallel (which shard of each sequence), and data x context parallel, over which the
+  // gradients are summed and ZeRO-1 shards the optimizer.
+  std::unique_ptr<Communicator> dp_group, tp_group, cp_group, grad_group;
+  int dp_rank = 0, tp_rank = 0, cp_rank = 0, grad_rank = 0;
   if (world && world->size() > 1) {
     const RankGrid grid(layout, world->size());
     dp_group = make_group(*world, grid, Dim::dp);
     tp_group = make_group(*world, grid, Dim::tp);
-    dp_rank = dp_group->rank(), tp_rank = tp_group->rank();
+    cp_group = make_group(*world, grid, Dim::cp);
+    grad_group = make_data_group(*world, grid);
+    dp_rank = dp_group->rank(), tp_rank = tp_group->rank(), cp_rank = cp_group->rank();
+    grad_rank = grad_group->rank();
   }
   const bool lead = rank == 0;  // rank 0 prints and writes files
   auto say = [&](const char* fmt, auto... args) {
@@ -132,7 +141,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                 ": the CUDA training path is not built yet; use train.device=cpu");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
-  const int64_t b = ts.micro_batch, t = ts.seq_len;
+  const int64_t b = ts.micro_batch, t = ts.seq_len, t_local = t / cp;
 
   Dataset train_data(cfg.data.train, t), valid_data(cfg.data.valid, t);
   BRAID_REQUIRE(cfg.model.vocab_size >= int64_t(train_data.vocab_size()),
@@ -151,18 +160,32 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   say("resolved config (also in %s/config.yaml):\n%s", ts.out_dir.c_str(), yaml.c_str());
 
   auto backend = make_cpu_backend();
-  // Parameters padded to a multiple of dp elements: ZeRO-1 shards are equal.
-  Model model(cfg.model, DType::f32, *backend, b, t, dp,
-              TensorParallel{tp_group.get(), layout.sequence_parallel});
+  // Parameters padded to a multiple of dp x cp elements: ZeRO-1 shards are equal.
+  Model model(cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
+              TensorParallel{tp_group.get(), layout.sequence_parallel},
+              cp > 1 ? cp_group.get() : nullptr);
   model.initialize(ts.seed);
-  RunOptimizer opt(model.params(), cfg.adamw, *backend, dp_group.get(), tp_group.get());
-  BatchBuffers buf(*backend, b, t);
+  RunOptimizer opt(model.params(), cfg.adamw, *backend, grad_group.get(), tp_group.get());
+  // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
+  BatchBuffers whole(*backend, b, t), shard(*backend, b, t_local);
+  const Batch& input = cp > 1 ? shard.batch : whole.batch;
+  auto take_shard = [&]() {
+    if (cp == 1) return;
+    for (auto [from, to] : {std::pair{&whole.batch.tokens, &shard.batch.tokens},
+                            {&whole.batch.targets, &shard.batch.targets},
+                            {&whole.batch.seq_idx, &shard.batch.seq_idx},
+                            {&whole.batch.positions, &shard.batch.positions}})
+      for (int64_t r = 0; r < b; ++r)
+        std::memcpy(to->ptr<int32_t>() + r * t_local,
+                    from->ptr<int32_t>() + r * t + cp_rank * t_local,
+                    size_t(t_local) * sizeof(int32_t));
+  };
   Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
 
   const MemoryReport mem = model.memory();
   const double flops_tok = model.flops_per_token(t);
-  say("layout: %d ranks, tp %d%s, dp %d\n", world ? world->size() : 1, layout.tp,
-      layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", dp);
+  say("layout: %d ranks, tp %d%s, cp %d, dp %d\n", world ? world->size() : 1, layout.tp,
+      layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", cp, dp);
   say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
       cfg.model.pattern.c_str(), (long long)model.params().numel(),
       (long long)model.params().numel(true), flops_tok / 1e9);
@@ -234,7 +257,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
     if (opt.sharded()) {  // every rank writes its shard; collective
-      const std::vector<CheckpointPiece> pieces = opt.shard_pieces(dp_rank == 0, tp_rank == 0);
+      const std::vector<CheckpointPiece> pieces = opt.shard_pieces(grad_rank == 0, tp_rank == 0);
       if (cfg.checkpoint.async) {
         sharded_writer.submit(ckpt_dir, meta, pieces, [&](const std::string& dir) {
           if (!lead) return;
@@ -279,9 +302,17 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     double sum = 0;
     int64_t count = 0;
     for (int64_t first = 0; first + b <= std::max(valid_rows, b); first += b) {
-      fill(valid_data, valid_sampler, first, buf.batch);
-      const LossSum l = model.evaluate(buf.batch);
+      fill(valid_data, valid_sampler, first, whole.batch);
+      take_shard();
+      const LossSum l = model.evaluate(input);
       sum += l.sum, count += l.count;
+    }
+    if (cp > 1) {  // every shard's tokens
+      std::vector<double> sums{sum, double(count)};
+      cp_group->all_reduce(
+          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "eval"),
+          ReduceOp::sum);
+      sum = sums[0], count = int64_t(sums[1]);
     }
     return sum / double(count);
   };
@@ -299,19 +330,20 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     model.params().zero_grads();
     double loss_sum = 0, aux = 0;
     for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
-      fill(train_data, sampler, consumed + dp_rank * b, buf.batch);
+      fill(train_data, sampler, consumed + dp_rank * b, whole.batch);
+      take_shard();
       consumed += dp * b;
-      const Model::StepResult r = model.forward_backward(buf.batch, 1.0 / double(tokens_per_step),
-                                                         1.0 / double(ts.grad_accum));
+      const Model::StepResult r =
+          model.forward_backward(input, 1.0 / double(tokens_per_step), 1.0 / double(ts.grad_accum));
       loss_sum += r.loss.sum;
       aux += r.aux / double(ts.grad_accum);
     }
-    if (dp > 1) {  // the global batch's loss: sum over the data-parallel ranks
+    if (dp * cp > 1) {  // the global batch's loss: sum over the data and context ranks
       std::vector<double> sums{loss_sum, aux};
-      dp_group->all_reduce(
+      grad_group->all_reduce(
           Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "loss"),
           ReduceOp::sum);
-      loss_sum = sums[0], aux = sums[1] / dp;
+      loss_sum = sums[0], aux = sums[1] / (dp * cp);
     }
     const double loss = loss_sum / double(tokens_per_step);
     model.reduce_sequence_parallel_grads();
@@ -321,9 +353,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                   "); lower optim.lr or check the data");
     const double lr = cfg.lr.at(step);
     opt.step(lr, norm);
-    if (dp > 1)  // the balancing rule sees the whole global batch on every rank
+    if (dp * cp > 1)  // the balancing rule sees the whole global batch on every rank
       for (const Tensor& counts : model.moe_step_counts())
-        dp_group->all_reduce(counts, ReduceOp::sum);
+        grad_group->all_reduce(counts, ReduceOp::sum);
     model.after_optimizer_step();
     interval_loss += loss, ++interval_steps;
     const auto now = Clock::now();

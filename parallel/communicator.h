@@ -67,6 +67,11 @@ std::unique_ptr<Communicator> make_nccl(Communicator& bootstrap, const std::stri
 // The group of this rank along dimension d of the grid (collective over `world`), named after d.
 std::unique_ptr<Communicator> make_group(Communicator& world, const RankGrid& grid, Dim d);
 
+// The ranks that differ from this one only in their cp and dp coordinates, ordered by (dp, cp):
+// the group over which the gradients of replicated parameters are summed and ZeRO-1 shards its
+// state (collective over `world`).
+std::unique_ptr<Communicator> make_data_group(Communicator& world, const RankGrid& grid);
+
 // Seconds from BRAID_COMM_TIMEOUT_S, else `fallback`; a malformed value is an error.
 double comm_timeout_from_env(double fallback);
 

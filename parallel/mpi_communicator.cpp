@@ -236,6 +236,15 @@ std::unique_ptr<Communicator> make_group(Communicator& world, const RankGrid& gr
   return world.split(ranks.front(), grid.coord(world.rank(), d), names[static_cast<int>(d)]);
 }
 
+std::unique_ptr<Communicator> make_data_group(Communicator& world, const RankGrid& grid) {
+  BRAID_CHECK(grid.world_size() == world.size(), "make_data_group: grid of ", grid.world_size(),
+              " ranks, world of ", world.size());
+  const int r = world.rank();
+  const int color = grid.coord(r, Dim::tp) + grid.size(Dim::tp) * grid.coord(r, Dim::pp);
+  const int key = grid.coord(r, Dim::dp) * grid.size(Dim::cp) + grid.coord(r, Dim::cp);
+  return world.split(color, key, "dp-cp");
+}
+
 #if !defined(BRAID_WITH_NCCL)
 std::unique_ptr<Communicator> make_nccl(Communicator&, const std::string& name, double) {
   BRAID_FAIL("group '", name,

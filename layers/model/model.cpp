@@ -136,8 +136,8 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
 }
 
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
-             int64_t pad_elems, const TensorParallel& tp)
-    : cfg_(cfg), backend_(&backend), tp_(tp), b_(batch), t_(seq) {
+             int64_t pad_elems, const TensorParallel& tp, Communicator* cp)
+    : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
   layers_ = pattern_layers(cfg_.pattern);
@@ -272,7 +272,7 @@ void Model::forward(const Batch& batch, const BatchMeta& meta) {
 }
 
 Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale, double aux_scale) {
-  const BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale};
+  const BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale, cp_};
   forward(batch, meta);
   StepResult r;
   for (auto& blk : blocks_) r.aux += blk->aux_loss();
@@ -318,7 +318,7 @@ LossSum Model::loss(const Batch& batch, const Tensor* dlogits, double grad_scale
 }
 
 LossSum Model::evaluate(const Batch& batch) {
-  forward(batch, {&batch.seq_idx, &batch.positions, 0.0});
+  forward(batch, {&batch.seq_idx, &batch.positions, 0.0, cp_});
   return loss(batch, nullptr, 0.0);
 }
 

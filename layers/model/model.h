@@ -66,8 +66,11 @@ class Model {
   // data-parallel size, for ZeRO-1 shards).
   // tp: the tensor-parallel group every block, the embedding and the output projection are
   // split over (vocabulary-parallel, as Megatron-LM; MoE experts over the same ranks).
+  // cp: the context-parallel group; the model then holds shard cp.rank() of every sequence (seq
+  // is the shard's length; the batch's seq_idx numbers documents over the whole sequence and its
+  // positions count from each document's start).
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
-        int64_t pad_elems = 1, const TensorParallel& tp = {});
+        int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr);
 
   void initialize(uint64_t seed) { params_.initialize(seed); }
   // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the
@@ -104,6 +107,7 @@ class Model {
   ModelConfig cfg_;
   Backend* backend_;
   TensorParallel tp_;
+  Communicator* cp_ = nullptr;
   bool sp_ = false;          // sequence parallel: the residual stream is split by rows
   int64_t vocab_start_ = 0;  // this rank's first vocabulary row
   std::string layers_;
