@@ -41,7 +41,7 @@ run a 0 train.micro_batch=4
 run b 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2
 run c 4 train.micro_batch=2 parallel.tp=2 parallel.etp=2
 run s 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2 parallel.sequence_parallel=true
-grep -q "layout: 2 ranks, tp 2 (sequence parallel), dp 1" "$work/s.log" ||
+grep -q "layout: 2 ranks, tp 2 (sequence parallel), cp 1, dp 1" "$work/s.log" ||
   { echo "FAIL: sequence parallelism is not on"; cat "$work/s.log"; exit 1; }
 compare "tp=2 vs one process" "$(losses "$work/a/metrics.jsonl")" "$(losses "$work/b/metrics.jsonl")"
 compare "tp=2 with sequence parallelism vs one process" "$(losses "$work/a/metrics.jsonl")" \
