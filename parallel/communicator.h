@@ -18,6 +18,14 @@ namespace braid {
 
 enum class ReduceOp { sum, max };
 
+// A point-to-point transfer under way (isend / irecv): wait() returns when it is done (under the
+// watchdog); its tensor must stay untouched until then. Destroying it waits.
+class PendingTransfer {
+ public:
+  virtual ~PendingTransfer() = default;
+  virtual void wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -37,6 +45,9 @@ class Communicator {
                             const Tensor& out, const std::vector<int64_t>& recv_counts) = 0;
   virtual void send(const Tensor& t, int peer) = 0;
   virtual void recv(const Tensor& t, int peer) = 0;
+  // Transfers that return at once; a message is matched by (peer, tag), tag in [0, 32767].
+  virtual std::unique_ptr<PendingTransfer> isend(const Tensor& t, int peer, int tag) = 0;
+  virtual std::unique_ptr<PendingTransfer> irecv(const Tensor& t, int peer, int tag) = 0;
   virtual void barrier() = 0;
   // A communicator over the ranks of this one with the same color, ordered by key (collective:
   // every rank of this communicator calls it).

@@ -167,6 +167,20 @@ class MpiCommunicator final : public Communicator {
     Scope s(*this, "recv");
     MPI_CHECK(MPI_Recv(t.data, count(t), mpi_type(t.dtype), peer, 0, comm_, MPI_STATUS_IGNORE));
   }
+  std::unique_ptr<PendingTransfer> isend(const Tensor& t, int peer, int tag) override {
+    check(t, "isend", false);
+    check_tag(tag);
+    auto p = std::make_unique<Pending>(*this, "isend");
+    MPI_CHECK(MPI_Isend(t.data, count(t), mpi_type(t.dtype), peer, tag, comm_, &p->request));
+    return p;
+  }
+  std::unique_ptr<PendingTransfer> irecv(const Tensor& t, int peer, int tag) override {
+    check(t, "irecv", false);
+    check_tag(tag);
+    auto p = std::make_unique<Pending>(*this, "irecv");
+    MPI_CHECK(MPI_Irecv(t.data, count(t), mpi_type(t.dtype), peer, tag, comm_, &p->request));
+    return p;
+  }
   void barrier() override {
     Scope s(*this, "barrier");
     MPI_CHECK(MPI_Barrier(comm_));
@@ -181,6 +195,24 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  static void check_tag(int tag) {
+    BRAID_CHECK(tag >= 0 && tag <= 32767, "point-to-point tag ", tag, " outside [0, 32767]");
+  }
+  // An MPI request, waited for under the watchdog.
+  struct Pending : PendingTransfer {
+    MpiCommunicator& c;
+    const char* op;
+    MPI_Request request = MPI_REQUEST_NULL;
+    Pending(MpiCommunicator& comm, const char* what) : c(comm), op(what) {}
+    ~Pending() override {
+      if (request != MPI_REQUEST_NULL) MPI_Wait(&request, MPI_STATUS_IGNORE);
+    }
+    void wait() override {
+      if (request == MPI_REQUEST_NULL) return;
+      Scope s(c, op);
+      MPI_CHECK(MPI_Wait(&request, MPI_STATUS_IGNORE));
+    }
+  };
   struct Scope {
     MpiCommunicator& c;
     Scope(MpiCommunicator& comm, const char* op) : c(comm) { c.watchdog_->begin(op); }

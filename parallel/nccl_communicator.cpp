@@ -124,6 +124,19 @@ class NcclCommunicator final : public Communicator {
     NCCL_CHECK(ncclRecv(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
     wait("recv");
   }
+  // Pipeline transfers need both directions of a pair batched in one NCCL group call (a stream's
+  // sends and receives otherwise match only in order, and two ranks sending to each other first
+  // would wait for each other): not built yet.
+  std::unique_ptr<PendingTransfer> isend(const Tensor&, int, int) override {
+    BRAID_FAIL("group '", name_,
+               "': asynchronous point-to-point transfers over NCCL (pipeline "
+               "parallelism on GPUs) are not built yet");
+  }
+  std::unique_ptr<PendingTransfer> irecv(const Tensor&, int, int) override {
+    BRAID_FAIL("group '", name_,
+               "': asynchronous point-to-point transfers over NCCL (pipeline "
+               "parallelism on GPUs) are not built yet");
+  }
   void barrier() override {
     NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_));
     wait("barrier");

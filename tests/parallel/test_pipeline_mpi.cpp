@@ -1,0 +1,192 @@
+// The pipeline executor under mpirun (pp = the number of ranks): a chain of P V pieces
+// y = tanh(W_k x) split over the stages, loss 0.5 |y|^2 summed over M microbatches, run by the
+// 1F1B, interleaved (V = 2) and GPipe tables: every piece's weight gradient and the first piece's
+// input gradients equal the same chain on one process (f64; the same sums, in at most another
+// order of the microbatches: 1e-12 relative). Then the bubble: stages that sleep t_f per forward
+// and 2 t_f per backward, the executor's measured idle fraction 1 - busy / (P makespan) against
+// the schedule's theory (P - 1) / (V M + P - 1), within 0.05 (sleep and transfer overheads of a
+// few ms against a makespan of ~0.3-0.7 s).
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "parallel/communicator.h"
+#include "parallel/pipeline_executor.h"
+#include "tests/mpi_test_util.h"
+
+namespace {
+
+using namespace braid;
+
+constexpr int kRows = 3, kDim = 4;
+int failures = 0;
+
+double weight(int piece, int i) {
+  return 0.6 * std::sin(1.3 * piece + 0.7 * i + 0.2);
+}
+double input_value(int mb, int i) {
+  return std::cos(0.9 * mb + 0.45 * i);
+}
+
+// The pieces of one stage, or (stage = 0, stages = 1, chunks = all pieces) the whole chain.
+class ChainStage : public PipeStage {
+ public:
+  ChainStage(int stage, int stages, int chunks, int microbatches)
+      : s_(stage), p_(stages), v_(chunks), m_(microbatches), last_(stages * chunks - 1) {
+    const size_t per = size_t(m_) * v_ * kRows * kDim;
+    in_.assign(per, 0), out_.assign(per, 0), gout_.assign(per, 0), gin_.assign(per, 0);
+    dw_.assign(size_t(v_) * kDim * kDim, 0);
+    for (int mb = 0; mb < m_; ++mb)
+      for (int i = 0; i < kRows * kDim; ++i) in_[at(mb, 0) + i] = input_value(mb, i);
+  }
+  Tensor input(int mb, int c) override { return view(in_, mb, c); }
+  Tensor output(int mb, int c) override { return view(out_, mb, c); }
+  Tensor output_grad(int mb, int c) override { return view(gout_, mb, c); }
+  Tensor input_grad(int mb, int c) override { return view(gin_, mb, c); }
+  void forward(int mb, int c) override {
+    const double* x = &in_[at(mb, c)];
+    double* y = &out_[at(mb, c)];
+    const int k = piece(c);
+    for (int r = 0; r < kRows; ++r)
+      for (int o = 0; o < kDim; ++o) {
+        double acc = 0;
+        for (int i = 0; i < kDim; ++i) acc += weight(k, o * kDim + i) * x[r * kDim + i];
+        y[r * kDim + o] = std::tanh(acc);
+      }
+  }
+  void backward(int mb, int c) override {
+    const double *x = &in_[at(mb, c)], *y = &out_[at(mb, c)];
+    double* g = &gout_[at(mb, c)];
+    if (piece(c) == last_)
+      for (int i = 0; i < kRows * kDim; ++i) g[i] = y[i];  // d(0.5 |y|^2)/dy
+    double* gx = &gin_[at(mb, c)];
+    double* dw = &dw_[size_t(c) * kDim * kDim];
+    const int k = piece(c);
+    for (int i = 0; i < kRows * kDim; ++i) gx[i] = 0;
+    for (int r = 0; r < kRows; ++r)
+      for (int o = 0; o < kDim; ++o) {
+        const double ga = g[r * kDim + o] * (1 - y[r * kDim + o] * y[r * kDim + o]);
+        for (int i = 0; i < kDim; ++i) {
+          dw[o * kDim + i] += ga * x[r * kDim + i];
+          gx[r * kDim + i] += weight(k, o * kDim + i) * ga;
+        }
+      }
+  }
+  int piece(int c) const { return c * p_ + s_; }
+  const double* dw(int c) const { return &dw_[size_t(c) * kDim * kDim]; }
+  const double* first_input_grad(int mb) const { return &gin_[at(mb, 0)]; }
+
+ private:
+  size_t at(int mb, int c) const { return (size_t(mb) * v_ + c) * kRows * kDim; }
+  Tensor view(std::vector<double>& v, int mb, int c) {
+    return Tensor::contiguous_view(&v[at(mb, c)], DType::f64, Device::cpu, {kRows, kDim}, "act");
+  }
+  int s_, p_, v_, m_, last_;
+  std::vector<double> in_, out_, gout_, gin_, dw_;
+};
+
+void expect_close(const std::string& what, const double* got, const double* want, int n, int rank) {
+  double err = 0, scale = 0;
+  for (int i = 0; i < n; ++i)
+    err = std::max(err, std::fabs(got[i] - want[i])), scale = std::max(scale, std::fabs(want[i]));
+  if (!(err <= 1e-12 * std::max(scale, 1.0))) {
+    std::fprintf(stderr, "rank %d: %s: error %.3g (scale %.3g)\n", rank, what.c_str(), err, scale);
+    ++failures;
+  }
+}
+
+void check_gradients(PipeSchedule kind, int chunks, int microbatches, Communicator& pp) {
+  const int s = pp.rank(), p_n = pp.size();
+  const PipeTable table = make_schedule(kind, p_n, microbatches, chunks);
+  ChainStage mine(s, p_n, chunks, microbatches);
+  run_pipeline(table, mine, pp);
+  // The whole chain on this process: one stage holding every piece in order.
+  ChainStage whole(0, 1, p_n * chunks, microbatches);
+  const std::unique_ptr<Communicator> self = pp.split(pp.rank(), 0, "self");
+  run_pipeline(make_schedule(PipeSchedule::interleaved, 1, microbatches, p_n * chunks), whole,
+               *self);
+  const std::string tag = "P " + std::to_string(p_n) + ", V " + std::to_string(chunks) + ", M " +
+                          std::to_string(microbatches) + ": ";
+  for (int c = 0; c < chunks; ++c)
+    expect_close(tag + "dW of piece " + std::to_string(mine.piece(c)), mine.dw(c),
+                 whole.dw(mine.piece(c)), kDim * kDim, s);
+  if (s == 0)
+    for (int mb = 0; mb < microbatches; ++mb)
+      expect_close(tag + "dx of microbatch " + std::to_string(mb), mine.first_input_grad(mb),
+                   whole.first_input_grad(mb), kRows * kDim, s);
+}
+
+// Stages that only sleep: t_f per forward, 2 t_f per backward.
+class SleepStage : public PipeStage {
+ public:
+  SleepStage(int chunks, int microbatches, double t_f)
+      : v_(chunks), t_f_(t_f), buf_(size_t(microbatches) * chunks * 4 * 8, 0.0) {}
+  Tensor input(int mb, int c) override { return view(mb, c, 0); }
+  Tensor output(int mb, int c) override { return view(mb, c, 1); }
+  Tensor output_grad(int mb, int c) override { return view(mb, c, 2); }
+  Tensor input_grad(int mb, int c) override { return view(mb, c, 3); }
+  void forward(int, int) override {
+    std::this_thread::sleep_for(std::chrono::duration<double>(t_f_));
+  }
+  void backward(int, int) override {
+    std::this_thread::sleep_for(std::chrono::duration<double>(2 * t_f_));
+  }
+
+ private:
+  Tensor view(int mb, int c, int which) {
+    return Tensor::contiguous_view(&buf_[((size_t(mb) * v_ + c) * 4 + which) * 8], DType::f64,
+                                   Device::cpu, {8}, "act");
+  }
+  int v_;
+  double t_f_;
+  std::vector<double> buf_;
+};
+
+void check_bubble(PipeSchedule kind, const char* name, int chunks, int microbatches,
+                  Communicator& pp) {
+  const double t_f = 0.01 / chunks;  // the same model cost whatever the chunking
+  SleepStage stage(chunks, microbatches, t_f);
+  const PipeRunStats st =
+      run_pipeline(make_schedule(kind, pp.size(), microbatches, chunks), stage, pp);
+  std::vector<double> v{st.total_s, st.busy_s};
+  Tensor t = Tensor::contiguous_view(&v[0], DType::f64, Device::cpu, {1}, "t");
+  pp.all_reduce(t, ReduceOp::max);
+  Tensor b = Tensor::contiguous_view(&v[1], DType::f64, Device::cpu, {1}, "b");
+  pp.all_reduce(b, ReduceOp::sum);
+  const double bubble = 1 - v[1] / (pp.size() * v[0]);
+  const double theory = theoretical_bubble(pp.size(), microbatches, chunks);
+  if (pp.rank() == 0)
+    std::printf("bubble %s P %d V %d M %d: measured %.4f, theory %.4f, makespan %.3f s\n", name,
+                pp.size(), chunks, microbatches, bubble, theory, v[0]);
+  if (!(std::fabs(bubble - theory) <= 0.05)) {
+    if (pp.rank() == 0)
+      std::fprintf(stderr, "%s: bubble %.4f against theory %.4f\n", name, bubble, theory);
+    ++failures;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MpiSession mpi(&argc, &argv);
+  auto world = make_mpi_world(comm_timeout_from_env(120));
+  try {
+    const int p_n = world->size();
+    for (int m : {p_n, 2 * p_n, 3 * p_n}) {
+      check_gradients(PipeSchedule::one_f_one_b, 1, m, *world);
+      check_gradients(PipeSchedule::gpipe, 1, m, *world);
+      check_gradients(PipeSchedule::interleaved, 2, m, *world);
+    }
+    check_gradients(PipeSchedule::one_f_one_b, 1, 1, *world);
+    check_bubble(PipeSchedule::one_f_one_b, "1F1B", 1, 8, *world);
+    check_bubble(PipeSchedule::interleaved, "interleaved", 2, 8, *world);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
+    ++failures;
+  }
+  return test::mpi_test_exit(*world, failures, argv[0]);
+}
