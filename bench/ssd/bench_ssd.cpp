@@ -75,11 +75,16 @@ int main(int argc, char** argv) {
     const Tensor ws =
         alloc({ssd_forward_workspace_elems(in)}, DType::f32, "workspace", {K::normal, 1, 17, 0, 1});
     const SsdGrads gr{&dx, &ddt, &dA, &dB, &dC, &dD, &dbias, nullptr};
+    // The backward as in training, given the forward's output (as mamba_ssm's is), and
+    // recomputing dy . (y - D x) instead.
+    SsdInputs with_out = in;
+    with_out.out = &y;
     const double fwd = median_ms([&] { ssd_forward(in, y, nullptr, ws); });
-    const double bwd = median_ms([&] { ssd_backward(in, dy, nullptr, gr, ws); });
+    const double bwd = median_ms([&] { ssd_backward(with_out, dy, nullptr, gr, ws); });
+    const double bwd_recompute = median_ms([&] { ssd_backward(in, dy, nullptr, gr, ws); });
     const double both = median_ms([&] {
       ssd_forward(in, y, nullptr, ws);
-      ssd_backward(in, dy, nullptr, gr, ws);
+      ssd_backward(with_out, dy, nullptr, gr, ws);
     });
     const double chunks = double(s.b) * ((s.t + q - 1) / q) * s.h;
     const double qpn = double(q) * s.p * s.n, qq = double(q) * q * (s.n + s.p);
@@ -96,20 +101,21 @@ int main(int argc, char** argv) {
                 tflops(fwd_flops + bwd_flops, both), double(s.b * s.t) / (both * 1e-3) / 1e6,
                 fwd / peer[si][0], both / peer[si][1]);
     char row[1024];
-    std::snprintf(row, sizeof(row),
-                  "%s{\"batch\": %lld, \"length\": %lld, \"heads\": %lld, \"head_dim\": %lld, "
-                  "\"groups\": %lld, \"d_state\": %lld, \"chunk\": %lld, \"fwd_ms\": %.5f, "
-                  "\"bwd_ms\": %.5f, \"fwd_bwd_ms\": %.5f, \"fwd_tflops\": %.1f, "
-                  "\"fwd_bwd_tflops\": %.1f, \"fwd_pct_of_gemm_ceiling\": %.1f, "
-                  "\"fwd_gb_per_s\": %.1f, \"fwd_pct_of_copy_ceiling\": %.1f, "
-                  "\"fwd_bwd_tokens_per_s\": %.0f, \"peer_fwd_ms\": %.3f, "
-                  "\"peer_fwd_bwd_ms\": %.3f, \"fwd_vs_peer\": %.3f, \"fwd_bwd_vs_peer\": %.3f}",
-                  si ? ", " : "", (long long)s.b, (long long)s.t, (long long)s.h, (long long)s.p,
-                  (long long)s.g, (long long)s.n, (long long)q, fwd, bwd, both,
-                  tflops(fwd_flops, fwd), tflops(fwd_flops + bwd_flops, both),
-                  100 * tflops(fwd_flops, fwd) * 1e12 / mma_ceiling, fwd_bytes / (fwd * 1e-3) / 1e9,
-                  100 * fwd_bytes / (fwd * 1e-3) / mem_ceiling, double(s.b * s.t) / (both * 1e-3),
-                  peer[si][0], peer[si][1], fwd / peer[si][0], both / peer[si][1]);
+    std::snprintf(
+        row, sizeof(row),
+        "%s{\"batch\": %lld, \"length\": %lld, \"heads\": %lld, \"head_dim\": %lld, "
+        "\"groups\": %lld, \"d_state\": %lld, \"chunk\": %lld, \"fwd_ms\": %.5f, "
+        "\"bwd_ms\": %.5f, \"bwd_recompute_ms\": %.5f, \"fwd_bwd_ms\": %.5f, \"fwd_tflops\": %.1f, "
+        "\"fwd_bwd_tflops\": %.1f, \"fwd_pct_of_gemm_ceiling\": %.1f, "
+        "\"fwd_gb_per_s\": %.1f, \"fwd_pct_of_copy_ceiling\": %.1f, "
+        "\"fwd_bwd_tokens_per_s\": %.0f, \"peer_fwd_ms\": %.3f, "
+        "\"peer_fwd_bwd_ms\": %.3f, \"fwd_vs_peer\": %.3f, \"fwd_bwd_vs_peer\": %.3f}",
+        si ? ", " : "", (long long)s.b, (long long)s.t, (long long)s.h, (long long)s.p,
+        (long long)s.g, (long long)s.n, (long long)q, fwd, bwd, bwd_recompute, both,
+        tflops(fwd_flops, fwd), tflops(fwd_flops + bwd_flops, both),
+        100 * tflops(fwd_flops, fwd) * 1e12 / mma_ceiling, fwd_bytes / (fwd * 1e-3) / 1e9,
+        100 * fwd_bytes / (fwd * 1e-3) / mem_ceiling, double(s.b * s.t) / (both * 1e-3),
+        peer[si][0], peer[si][1], fwd / peer[si][0], both / peer[si][1]);
     json += row;
   }
   // The gated RMSNorm that follows SSD in the mixer, at the first shape's size (M = B T rows,

@@ -131,6 +131,12 @@ void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfina
   check_workspace(workspace, p);
   p.ws = workspace.ptr<float>();
   p.dy = dy.data;
+  if (in.out) {
+    check_shape(*in.out, {d.b, d.t, d.h, d.p});
+    require_dtype("ssd", DType::bf16, {in.out});
+    require_gpu("ssd", {in.out});
+    p.out = in.out->data;
+  }
   p.dfinal_state = dfinal_state ? dfinal_state->ptr<float>() : nullptr;
   p.dx = gr.dx->data, p.dB = gr.dB->data, p.dC = gr.dC->data;
   p.ddt = gr.ddt->ptr<float>(), p.dA = gr.dA->ptr<float>();

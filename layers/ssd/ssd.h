@@ -39,6 +39,9 @@ struct SsdInputs {
   double dt_min = 0.0;
   double dt_max = std::numeric_limits<double>::infinity();
   int64_t chunk = 256;
+  // Optional, backward only: the forward's output y. The GPU backward then reads
+  // dy . (y - D x) from it instead of running the chunk scan again (the CPU ignores it).
+  const Tensor* out = nullptr;
   void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 

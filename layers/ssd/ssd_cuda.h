@@ -65,6 +65,7 @@ struct SsdParams {
   float* ws = nullptr;           // the workspace (geo.total elements)
   // Backward: dy in; dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=).
   const void* dy = nullptr;
+  const void* out = nullptr;  // the forward's y (optional)
   const float* dfinal_state = nullptr;
   void *dx = nullptr, *dB = nullptr, *dC = nullptr;
   float *ddt = nullptr, *dA = nullptr, *dD = nullptr, *ddt_bias = nullptr;

@@ -81,7 +81,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
   };
   // act: x, B, C, y, dy and their gradients; par: the rest. magnitude: every input replaced by
   // its absolute value (the tolerance's M).
-  auto run = [&](DType act, DType par, Device dev, Run& r, bool magnitude) {
+  auto run = [&](DType act, DType par, Device dev, Run& r, bool magnitude, bool with_out = false) {
     auto pick = [&](const HostTensor& h) { return magnitude ? absolute(h) : h; };
     r.keep = {make(pick(x), act, dev, "x"),  make(dt, par, dev, "dt"),
               make(A, par, dev, "A"),        make(pick(Bm), act, dev, "B"),
@@ -112,54 +112,61 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
       for (const Tensor* t : {&r.y, &r.state, &r.dx, &r.ddt, &r.dB, &r.dC, &r.dinit, &r.ws})
         gpu_->fill(*t, std::nan(""), {});
     ssd_forward(r.in, r.y, &r.state, r.ws);
+    if (with_out) r.in.out = &r.y;  // the backward reads dy . (y - D x) from the output
     ssd_backward(r.in, r.dy, k.dfinal ? &r.dfinal : nullptr,
                  {&r.dx, &r.ddt, &r.dA, &r.dB, &r.dC, &r.dD, &r.dbias, &r.dinit}, r.ws);
   };
-  Run r64, r32, rm, rg;
+  Run r64, r32, rm;
   run(DType::f64, DType::f64, Device::cpu, r64, false);
   run(DType::f32, DType::f32, Device::cpu, r32, false);
   run(DType::f64, DType::f64, Device::cpu, rm, true);
-  run(DType::bf16, DType::f32, Device::cuda, rg, false);
-  const double mddt = max_abs(host_values(rm.ddt, false)), mdx = max_abs(host_values(rm.dx, false));
-  const double sum_terms = 4 * std::sqrt(double(k.b * k.t));
-  auto check = [&](const char* what, Tensor Run::*field, bool activation, bool elementwise,
-                   double terms = 1) {
-    const std::vector<double> ref = host_values(r64.*field, false),
-                              mag = host_values(rm.*field, false),
-                              naive = host_values(r32.*field, activation),
-                              got = download(rg.*field);
-    const double base = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
-    const double flat = terms * std::ldexp(std::max(mddt, mdx), -7);
-    double worst = 0, worst_err = 0, worst_bound = 0;
-    int64_t bad = 0;
-    for (size_t i = 0; i < ref.size(); ++i) {
-      const double err = std::isfinite(got[i]) ? std::abs(got[i] - ref[i]) : INFINITY;
-      const double bound = base + (elementwise ? std::ldexp(std::abs(mag[i]), -7) : flat);
-      if (!(err <= bound)) ++bad;
-      if (!(err / bound <= worst)) worst = err / bound, worst_err = err, worst_bound = bound;
-    }
-    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.size()
-                      << " elements out of bounds; worst error " << worst_err << " against "
-                      << worst_bound << " (naive error " << max_err(naive, ref) << ")";
-    std::printf("  %-15s max err %.3g, worst err/bound %.3f\n", what, max_err(got, ref), worst);
-  };
-  check("y", &Run::y, true, true);
-  check("final_state", &Run::state, false, true);
-  check("dx", &Run::dx, true, true);
-  check("dB", &Run::dB, true, true);
-  check("dC", &Run::dC, true, true);
-  check("dinitial_state", &Run::dinit, false, true);
-  check("dD", &Run::dD, false, true);
-  check("ddt", &Run::ddt, false, false);
-  check("dA", &Run::dA, false, false, sum_terms);
-  check("ddt_bias", &Run::dbias, false, false, sum_terms);
-  // A second run on the same inputs is bit-identical (no order-dependent sums).
-  Run again;
-  run(DType::bf16, DType::f32, Device::cuda, again, false);
-  for (Tensor Run::*f : {&Run::y, &Run::state, &Run::dx, &Run::ddt, &Run::dA, &Run::dB, &Run::dC,
-                         &Run::dD, &Run::dbias, &Run::dinit})
-    EXPECT_TRUE(download_bytes(rg.*f) == download_bytes(again.*f))
-        << (rg.*f).name << " differs between runs";
+  // The backward both ways: recomputing dy . (y - D x), and reading it from the output.
+  for (bool with_out : {false, true}) {
+    SCOPED_TRACE(with_out ? "backward given the output" : "backward recomputing");
+    Run rg;
+    run(DType::bf16, DType::f32, Device::cuda, rg, false, with_out);
+    const double mddt = max_abs(host_values(rm.ddt, false)),
+                 mdx = max_abs(host_values(rm.dx, false));
+    const double sum_terms = 4 * std::sqrt(double(k.b * k.t));
+    auto check = [&](const char* what, Tensor Run::*field, bool activation, bool elementwise,
+                     double terms = 1) {
+      const std::vector<double> ref = host_values(r64.*field, false),
+                                mag = host_values(rm.*field, false),
+                                naive = host_values(r32.*field, activation),
+                                got = download(rg.*field);
+      const double base = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
+      const double flat = terms * std::ldexp(std::max(mddt, mdx), -7);
+      double worst = 0, worst_err = 0, worst_bound = 0;
+      int64_t bad = 0;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        const double err = std::isfinite(got[i]) ? std::abs(got[i] - ref[i]) : INFINITY;
+        const double bound = base + (elementwise ? std::ldexp(std::abs(mag[i]), -7) : flat);
+        if (!(err <= bound)) ++bad;
+        if (!(err / bound <= worst)) worst = err / bound, worst_err = err, worst_bound = bound;
+      }
+      EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.size()
+                        << " elements out of bounds; worst error " << worst_err << " against "
+                        << worst_bound << " (naive error " << max_err(naive, ref) << ")";
+      std::printf("  %-15s max err %.3g, worst err/bound %.3f\n", what, max_err(got, ref), worst);
+    };
+    check("y", &Run::y, true, true);
+    check("final_state", &Run::state, false, true);
+    check("dx", &Run::dx, true, true);
+    check("dB", &Run::dB, true, true);
+    check("dC", &Run::dC, true, true);
+    check("dinitial_state", &Run::dinit, false, true);
+    check("dD", &Run::dD, false, true);
+    check("ddt", &Run::ddt, false, false);
+    check("dA", &Run::dA, false, false, sum_terms);
+    check("ddt_bias", &Run::dbias, false, false, sum_terms);
+    // A second run on the same inputs is bit-identical (no order-dependent sums).
+    Run again;
+    run(DType::bf16, DType::f32, Device::cuda, again, false, with_out);
+    for (Tensor Run::*f : {&Run::y, &Run::state, &Run::dx, &Run::ddt, &Run::dA, &Run::dB, &Run::dC,
+                           &Run::dD, &Run::dbias, &Run::dinit})
+      EXPECT_TRUE(download_bytes(rg.*f) == download_bytes(again.*f))
+          << (rg.*f).name << " differs between runs";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuSsd,
