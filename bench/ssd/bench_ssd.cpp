@@ -3,9 +3,14 @@
 // state: the forward and forward+backward times (median of 20 after 3 warm-ups, CUDA events),
 // tokens/s, achieved TFLOP/s and GB/s, against the device's ceilings (H100: bf16 GEMM through
 // cuBLAS 758 TFLOP/s, copy 2.97 TB/s; ../shared/DEVICE.md) and mamba_ssm's times from the issue.
-// FLOPs per (chunk of Q tokens, head), the products the kernels run (ssd_fwd.cu, ssd_bwd.cu):
-//   forward  4 Q P N + Q^2 (N + P)       (chunk state, state term, causal tile products)
-//   backward 10 Q P N + 4 Q^2 (N + P)    (chunk scan again, state gradient, dx, dB, dC)
+// FLOPs of the products the kernels run (ssd_fwd.cu, ssd_bwd.cu), per chunk of Q tokens and head
+// (the tile products counted over their causal half, Q^2 / 2 pairs x 2), and per chunk and group
+// for the head-independent score tiles C B^T:
+//   forward  per head 4 Q P N + Q^2 P (chunk state, state term, weighted scores x x); per group
+//            Q^2 N
+//   backward per head 8 Q P N + 3 Q^2 P + 2 Q^2 N (state gradient, dx, dB, dC); per group Q^2 N
+//            (the backward given the forward's output; recomputing dy.(y - Dx) adds a forward
+//            scan)
 // Bytes: each input read and each output written once (the memory floor; the chunk states'
 // traffic comes on top).
 // Usage: bench_ssd [--out results.json]
@@ -86,9 +91,10 @@ int main(int argc, char** argv) {
       ssd_forward(in, y, nullptr, ws);
       ssd_backward(with_out, dy, nullptr, gr, ws);
     });
-    const double chunks = double(s.b) * ((s.t + q - 1) / q) * s.h;
-    const double qpn = double(q) * s.p * s.n, qq = double(q) * q * (s.n + s.p);
-    const double fwd_flops = chunks * (4 * qpn + qq), bwd_flops = chunks * (10 * qpn + 4 * qq);
+    const double chunks = double(s.b) * ((s.t + q - 1) / q);
+    const double qpn = double(q) * s.p * s.n, qqp = double(q) * q * s.p, qqn = double(q) * q * s.n;
+    const double fwd_flops = chunks * (s.h * (4 * qpn + qqp) + s.g * qqn);
+    const double bwd_flops = chunks * (s.h * (8 * qpn + 3 * qqp + 2 * qqn) + s.g * qqn);
     const double act = double(s.b * s.t * s.h * s.p), bc = double(s.b * s.t * s.g * s.n),
                  lane = double(s.b * s.t * s.h);
     const double fwd_bytes = 2 * (2 * act + 2 * bc) + 4 * lane;

@@ -1,19 +1,22 @@
 // SSD forward on the GPU: the chunked algorithm in four kernels (the notation of ssd_cuda.h).
 //   1. prep, per (chunk, head, batch row): dt = clamp(softplus(dt_raw + bias)) and a_i, the
 //      cumulative sum of dt A over the chunk (a block scan), saved for the backward.
-//   2. chunk_state, per (chunk, head, 64 x 64 tile of [P,N]): the chunk's own state term
+//   2. chunk_state, per (chunk, head, 64 x 128 tile of [P,N]): the chunk's own state term
 //      sum_j w_j x_j B_j^T (w_j = [doc_j = doc_L] e^(a_L - a_j) dt_j) as one tensor-core product
-//      X^T (w B) with K = Q (the weights scale the staged B tile, rounded to bf16 as the product's
-//      operand).
+//      (X diag(w))^T B with K = Q, the token tiles double-buffered by cp.async and the weights
+//      applied to the A operand in registers (rounded to bf16 as the product's operand).
 //   3. state_pass, per (head, batch row, 1024 elements of the state): S_c+1 = keep_c S_c + term,
 //      in f32 over the chunks in order; S_c is stored in bf16 (the next kernel's operand).
-//   4. chunk_scan, per (chunk, head, 64-token tile i): the state term e^(a_i) C_i S_c^T (K = N,
-//      S_c streamed in 64-column slices), then for every tile j <= i the scores C_i B_j^T
-//      (K = N), masked and weighted by e^(a_i - a_j) dt_j in registers and multiplied by x_j
-//      (K = 64) without leaving the registers; D x_i is added and y written. The backward runs it
-//      again with dy to get dy_i . (y_i - D x_i) instead of y.
-// FLOPs per (chunk, head): 2 Q P N (chunk_state) + 2 Q N P (state term) + Q^2 (N + P) (the causal
-// half of the tile products, counted per tile: the diagonal tiles are computed whole).
+//   4. chunk_scan, per (chunk, 64-token tile i, group, split of the group's heads): the score
+//      tiles C_i B_j^T (j <= i, K = N) made once for the block's heads and kept in shared memory;
+//      per head the state term e^(a_i) C_i S_c^T (K = N, S_c streamed in 64-column slices), then
+//      every score tile weighted by the head's e^(a_i - a_j) dt_j (and the causal and document
+//      masks) in registers and multiplied by x_j (K = 64); D x_i is added and y written. The
+//      same kernel gives the backward dy_i . (y_i - D x_i) (when the forward's output is not
+//      at hand) and dx (ssd_bwd.cu).
+// FLOPs per (chunk, head): 2 Q P N (chunk_state) + 2 Q N P (state term) + Q^2 P (the causal half
+// of the tile products, the diagonal tiles computed whole) + Q^2 N per (chunk, group) for the
+// scores.
 #include <cuda_runtime.h>
 
 #include "layers/ssd/ssd_tiles.cuh"
