@@ -29,13 +29,16 @@ GatedNormParams make_params(const Tensor& x, const Tensor& z, const Tensor& w, i
 #endif
 
 void gated_rmsnorm_forward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
-                               double eps, const Tensor& y, const Tensor& rstd, void* stream) {
+                               double eps, const Tensor& y, const Tensor& rstd, void* stream,
+                               bool gated) {
 #if !defined(BRAID_WITH_CUDA)
-  (void)x, (void)z, (void)w, (void)groups, (void)eps, (void)y, (void)rstd, (void)stream;
+  (void)x, (void)z, (void)w, (void)groups, (void)eps, (void)y, (void)rstd, (void)stream,
+      (void)gated;
   BRAID_FAIL("gated_rmsnorm: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 #else
   GatedNormParams p = make_params(x, z, w, groups, y, rstd);
   p.eps = float(eps);
+  if (!gated) p.z = nullptr;
   p.y = y.data, p.rstd = rstd.ptr<float>();
   gated_rmsnorm_fwd_cuda(p, stream);
 #endif
@@ -44,10 +47,10 @@ void gated_rmsnorm_forward_gpu(const Tensor& x, const Tensor& z, const Tensor& w
 void gated_rmsnorm_backward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                                 const Tensor& rstd, const Tensor& dy, const Tensor& dx,
                                 const Tensor& dz, const Tensor& dw, const Tensor* workspace,
-                                void* stream) {
+                                void* stream, bool gated) {
 #if !defined(BRAID_WITH_CUDA)
   (void)x, (void)z, (void)w, (void)groups, (void)rstd, (void)dy, (void)dx, (void)dz, (void)dw,
-      (void)workspace, (void)stream;
+      (void)workspace, (void)stream, (void)gated;
   BRAID_FAIL("gated_rmsnorm: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 #else
   GatedNormParams p = make_params(x, z, w, groups, dy, rstd);
@@ -63,6 +66,7 @@ void gated_rmsnorm_backward_gpu(const Tensor& x, const Tensor& z, const Tensor& 
   BRAID_CHECK(workspace->numel() >= gated_rmsnorm_workspace_elems(x),
               "gated_rmsnorm (CUDA): workspace ", workspace->describe(), " smaller than ",
               gated_rmsnorm_workspace_elems(x), " elements");
+  if (!gated) p.z = nullptr;
   p.dy = dy.data, p.rstd_in = rstd.ptr<float>();
   p.dx = dx.data, p.dz = dz.data, p.dw = dw.ptr<float>();
   p.partial = workspace->ptr<float>();

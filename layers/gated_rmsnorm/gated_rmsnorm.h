@@ -34,12 +34,14 @@ inline int64_t gated_rmsnorm_row_blocks(int64_t rows) {
   return (rows + 255) / 256;
 }
 
-// The CUDA side (gated_rmsnorm.cpp, gated_rmsnorm_kernels.cu).
+// The CUDA side (gated_rmsnorm.cpp, gated_rmsnorm_kernels.cu). gated = false ignores z (and dz):
+// the plain RMSNorm (layers/rmsnorm/).
 void gated_rmsnorm_forward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
-                               double eps, const Tensor& y, const Tensor& rstd, void* stream);
+                               double eps, const Tensor& y, const Tensor& rstd, void* stream,
+                               bool gated = true);
 void gated_rmsnorm_backward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                                 const Tensor& rstd, const Tensor& dy, const Tensor& dx,
                                 const Tensor& dz, const Tensor& dw, const Tensor* workspace,
-                                void* stream);
+                                void* stream, bool gated = true);
 
 }  // namespace braid

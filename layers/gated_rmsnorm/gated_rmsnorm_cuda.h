@@ -1,6 +1,6 @@
 // The CUDA contract of the gated RMSNorm: sizes and pointers, validated on the host by
-// gated_rmsnorm.cpp. x, z, y, dy, dx, dz are bf16 or f32 ([M,D] rows); w, dw, rstd and the
-// workspace are f32.
+// gated_rmsnorm.cpp (and by layers/rmsnorm/rmsnorm.cpp: with z null it is the plain RMSNorm).
+// x, z, y, dy, dx, dz are bf16 or f32 ([M,D] rows); w, dw, rstd and the workspace are f32.
 #pragma once
 
 #include <cstdint>
@@ -12,7 +12,7 @@ struct GatedNormParams {
   int width = 0, groups = 1;
   float eps = 0.f;
   bool bf16 = true;
-  const void *x = nullptr, *z = nullptr, *dy = nullptr;
+  const void *x = nullptr, *z = nullptr, *dy = nullptr;  // z null: no gate (dz unused)
   const float *w = nullptr, *rstd_in = nullptr;
   void *y = nullptr, *dx = nullptr, *dz = nullptr;
   float *rstd = nullptr, *dw = nullptr;

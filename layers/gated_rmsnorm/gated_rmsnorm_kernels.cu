@@ -1,4 +1,5 @@
-// Gated RMSNorm on the GPU (math in gated_rmsnorm.h). Forward and backward give one warp to each
+// Gated RMSNorm on the GPU (math in gated_rmsnorm.h); without a gate (z null) it is the plain
+// RMSNorm of layers/rmsnorm/ (one group). Forward and backward give one warp to each
 // (row, group): a first pass over the group's elements sums g^2 (forward) or (w dy) . g
 // (backward) in f32, a warp reduction finishes it, and a second pass (from L1/L2) writes y or
 // dx and dz. dw = sum over rows of dy g r is column-parallel: a thread owns a column of a
@@ -20,6 +21,11 @@ namespace {
 constexpr int kWarps = 8;           // warps (row groups) per block
 constexpr int kRowsPerBlock = 256;  // rows per dw partial sum (gated_rmsnorm_row_blocks)
 
+// silu(z) and, with the derivative's factor, silu'(z) = s (1 + z (1 - s)); 1 and 0 without a gate.
+__device__ __forceinline__ float gate(const GatedNormParams& p, float zv) {
+  return p.z ? zv * sigmoid(zv) : 1.f;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
@@ -32,18 +38,18 @@ __global__ void gated_fwd_kernel(GatedNormParams p) {
   const int lane = threadIdx.x & 31, gs = p.width / p.groups;
   const int64_t row = id / p.groups, col0 = (id % p.groups) * gs, off = row * p.width + col0;
   const T* x = static_cast<const T*>(p.x) + off;
-  const T* z = static_cast<const T*>(p.z) + off;
+  const T* z = p.z ? static_cast<const T*>(p.z) + off : nullptr;
   float ss = 0.f;
   for (int j = lane; j < gs; j += 32) {
-    const float zv = to_float(z[j]), g = to_float(x[j]) * zv * sigmoid(zv);
+    const float g = to_float(x[j]) * gate(p, z ? to_float(z[j]) : 0.f);
     ss += g * g;
   }
   const float r = rsqrtf(warp_sum(ss) / float(gs) + p.eps);
   if (lane == 0) p.rstd[id] = r;
   T* y = static_cast<T*>(p.y) + off;
   for (int j = lane; j < gs; j += 32) {
-    const float zv = to_float(z[j]);
-    y[j] = from_float<T>(to_float(x[j]) * zv * sigmoid(zv) * r * p.w[col0 + j]);
+    const float g = to_float(x[j]) * gate(p, z ? to_float(z[j]) : 0.f);
+    y[j] = from_float<T>(g * r * p.w[col0 + j]);
   }
 }
 
@@ -54,22 +60,23 @@ __global__ void gated_bwd_kernel(GatedNormParams p) {
   const int lane = threadIdx.x & 31, gs = p.width / p.groups;
   const int64_t row = id / p.groups, col0 = (id % p.groups) * gs, off = row * p.width + col0;
   const T* x = static_cast<const T*>(p.x) + off;
-  const T* z = static_cast<const T*>(p.z) + off;
+  const T* z = p.z ? static_cast<const T*>(p.z) + off : nullptr;
   const T* dy = static_cast<const T*>(p.dy) + off;
   const float r = p.rstd_in[id];
   float dot = 0.f;
-  for (int j = lane; j < gs; j += 32) {
-    const float zv = to_float(z[j]);
-    dot += to_float(dy[j]) * p.w[col0 + j] * to_float(x[j]) * zv * sigmoid(zv);
-  }
+  for (int j = lane; j < gs; j += 32)
+    dot += to_float(dy[j]) * p.w[col0 + j] * to_float(x[j]) * gate(p, z ? to_float(z[j]) : 0.f);
   const float c = warp_sum(dot) * r * r * r / float(gs);
   T* dx = static_cast<T*>(p.dx) + off;
-  T* dz = static_cast<T*>(p.dz) + off;
+  T* dz = p.z ? static_cast<T*>(p.dz) + off : nullptr;
   for (int j = lane; j < gs; j += 32) {
-    const float xv = to_float(x[j]), zv = to_float(z[j]), s = sigmoid(zv), zs = zv * s;
+    const float xv = to_float(x[j]), zv = z ? to_float(z[j]) : 0.f, zs = gate(p, zv);
     const float dg = r * p.w[col0 + j] * to_float(dy[j]) - c * xv * zs;
     dx[j] = from_float<T>(dg * zs);
-    dz[j] = from_float<T>(dg * xv * s * (1.f + zv * (1.f - s)));
+    if (z) {
+      const float s = sigmoid(zv);
+      dz[j] = from_float<T>(dg * xv * s * (1.f + zv * (1.f - s)));
+    }
   }
 }
 
@@ -86,8 +93,8 @@ __global__ void gated_dw_partial_kernel(GatedNormParams p) {
   float s = 0.f;
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t i = row * p.width + col;
-    const float zv = to_float(z[i]);
-    s += to_float(dy[i]) * to_float(x[i]) * zv * sigmoid(zv) * p.rstd_in[row * p.groups + grp];
+    s += to_float(dy[i]) * to_float(x[i]) * gate(p, z ? to_float(z[i]) : 0.f) *
+         p.rstd_in[row * p.groups + grp];
   }
   p.partial[int64_t(blockIdx.y) * p.width + col] = s;
 }

@@ -2,6 +2,9 @@
 //   x [M,D], w [D], y [M,D], rstd [M] (saved r, written by forward).
 //   dx  = r (w*dy) - x r^3 / D * sum_j (w*dy)_j x_j      (=)
 //   dw += sum_m dy * x * r                                (+=, rows in order)
+// CPU tensors (f32, f64) run the reference. GPU tensors (x, y, dy, dx bf16 or f32; w, dw, rstd
+// f32) run the gated RMSNorm's kernels without a gate (layers/gated_rmsnorm/): the backward sums
+// dw over row blocks into a workspace of rmsnorm_workspace_elems f32 elements first.
 #pragma once
 
 #include "runtime/tensor.h"
@@ -9,8 +12,11 @@
 namespace braid {
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor& y,
-                     const Tensor& rstd);
+                     const Tensor& rstd, void* stream = nullptr);
+// Elements of the backward's workspace: 0 on the CPU.
+int64_t rmsnorm_workspace_elems(const Tensor& x);
 void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
-                      const Tensor& dx, const Tensor& dw);
+                      const Tensor& dx, const Tensor& dw, const Tensor* workspace = nullptr,
+                      void* stream = nullptr);
 
 }  // namespace braid

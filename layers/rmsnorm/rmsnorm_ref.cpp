@@ -1,6 +1,7 @@
 #include <cmath>
 
 #include "layers/common/op_common.h"
+#include "layers/gated_rmsnorm/gated_rmsnorm.h"
 #include "layers/rmsnorm/rmsnorm.h"
 #include "runtime/parallel_for.h"
 
@@ -22,7 +23,12 @@ void check_rmsnorm(const Tensor& x, const Tensor& w, const Tensor& y, const Tens
 }  // namespace
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor& y,
-                     const Tensor& rstd) {
+                     const Tensor& rstd, void* stream) {
+  if (x.device == Device::cuda) {
+    // The gated kernels without a gate, one group: rstd [M] is their [M,1].
+    gated_rmsnorm_forward_gpu(x, x, w, 1, eps, y, rstd.reshape({x.size(0), 1}), stream, false);
+    return;
+  }
   check_rmsnorm(x, w, y, rstd);
   const int64_t m = x.size(0), d = x.size(1);
   dispatch_float(x.dtype, "rmsnorm", [&]<typename T>() {
@@ -39,8 +45,17 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, const Tensor&
   });
 }
 
+int64_t rmsnorm_workspace_elems(const Tensor& x) {
+  return gated_rmsnorm_workspace_elems(x);
+}
+
 void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
-                      const Tensor& dx, const Tensor& dw) {
+                      const Tensor& dx, const Tensor& dw, const Tensor* workspace, void* stream) {
+  if (x.device == Device::cuda) {
+    gated_rmsnorm_backward_gpu(x, x, w, 1, rstd.reshape({x.size(0), 1}), dy, dx, dx, dw, workspace,
+                               stream, false);
+    return;
+  }
   check_rmsnorm(x, w, dy, rstd);
   check_shape(dx, {x.size(0), x.size(1)});
   check_shape(dw, {x.size(1)});
