@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "optim/adamw_cuda.h"
+
 #include "runtime/parallel_for.h"
 
 namespace braid {
@@ -27,18 +29,36 @@ double sum_squares(const float* g, int64_t n, double* part) {
 }  // namespace
 
 AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
-    : params_(params), cfg_(cfg) {
+    : params_(params), cfg_(cfg), backend_(backend) {
   BRAID_CHECK(cfg.beta1 >= 0 && cfg.beta1 < 1 && cfg.beta2 >= 0 && cfg.beta2 < 1,
               "optim: beta1 and beta2 must be in [0, 1)");
   BRAID_CHECK(cfg.eps > 0, "optim.eps must be positive");
   BRAID_CHECK(cfg.weight_decay >= 0, "optim.weight_decay must be non-negative");
+  gpu_ = backend.device() == Device::cuda;
+#if !defined(BRAID_WITH_CUDA)
+  BRAID_CHECK(!gpu_, "AdamW: parameters on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#endif
+  // The GPU's chunk table: every kAdamChunk elements of every trainable parameter.
+  std::vector<AdamTask> tasks;
   auto take_all = [&](Arena& a) {
-    state_.clear();
+    state_.clear(), tasks.clear();
     for (const Param& p : params.all()) {
       if (!p.trainable) continue;
       state_.push_back({&p, a.take(p.name + ".master", DType::f32, p.shape),
                         a.take(p.name + ".exp_avg", DType::f32, p.shape),
                         a.take(p.name + ".exp_avg_sq", DType::f32, p.shape)});
+      const State& st = state_.back();
+      for (int64_t b = 0; b < st.master.numel(); b += kAdamChunk)
+        tasks.push_back({p.value.data, p.grad.data, st.master.ptr<float>(), st.m.ptr<float>(),
+                         st.v.ptr<float>(), b, std::min(kAdamChunk, st.master.numel() - b),
+                         p.weight_decay ? 1 : 0, p.value.dtype == DType::bf16 ? 1 : 0});
+    }
+    if (gpu_) {
+      n_tasks_ = static_cast<int>(tasks.size());
+      const int64_t words = (int64_t(tasks.size()) * int64_t(sizeof(AdamTask)) + 7) / 8;
+      tasks_ = a.take("adamw.tasks", DType::i64, {std::max<int64_t>(words, 1)});
+      gpu_partials_ = a.take("adamw.partials", DType::f64, {std::max(n_tasks_, 1)});
+      gpu_total_ = a.take("adamw.total", DType::f64, {1});
     }
   };
   Arena plan = Arena::measuring("optimizer", backend.device());
@@ -46,21 +66,44 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
   arena_ = Arena::allocate("optimizer", backend, plan.high_water());
   take_all(arena_);
   backend.fill(arena_.bytes(), 0.0, {});
+  for (State& s : state_) {
+    const DType dt = s.param->value.dtype;
+    BRAID_CHECK(s.param->value.device == backend.device(), "AdamW: parameter ", s.param->name,
+                " is not on the optimizer's device");
+    BRAID_CHECK(dt == DType::f32 || (gpu_ && dt == DType::bf16), "AdamW: parameter ", s.param->name,
+                " has dtype ", dtype_name(dt),
+                gpu_ ? "; the GPU optimizer trains f32 or bf16 parameters"
+                     : "; the CPU optimizer trains f32 parameters");
+  }
+  if (gpu_) {
+#if defined(BRAID_WITH_CUDA)
+    backend.copy(tasks_.data, Device::cuda, tasks.data(), Device::cpu,
+                 tasks.size() * sizeof(AdamTask), {});
+    adamw_init_master_cuda(static_cast<const AdamTask*>(tasks_.data), n_tasks_, nullptr);
+    backend.synchronize({});
+#endif
+    return;
+  }
   int64_t most = 0;
   for (const State& st : state_) most = std::max(most, (st.master.numel() + kBlock - 1) / kBlock);
   partials_.resize(static_cast<size_t>(most));
   for (State& s : state_) {
-    BRAID_CHECK(s.param->value.device == Device::cpu, "AdamW: parameter ", s.param->name,
-                " is on the GPU and the fused CUDA AdamW is not built yet");
-    BRAID_CHECK(s.param->value.dtype == DType::f32, "AdamW: parameter ", s.param->name,
-                " has dtype ", dtype_name(s.param->value.dtype),
-                "; the CPU optimizer trains f32 parameters");
     const float* v = s.param->value.ptr<float>();
     std::copy(v, v + s.master.numel(), s.master.ptr<float>());
   }
 }
 
 double AdamW::grad_norm() const {
+  if (gpu_) {
+    double total = 0;
+#if defined(BRAID_WITH_CUDA)
+    adamw_grad_sq_cuda(static_cast<const AdamTask*>(tasks_.data), n_tasks_,
+                       gpu_partials_.ptr<double>(), gpu_total_.ptr<double>(), nullptr);
+    backend_.copy(&total, Device::cpu, gpu_total_.data, Device::cuda, sizeof(double), {});
+    backend_.synchronize({});
+#endif
+    return std::sqrt(total);
+  }
   double s = 0;
   for (const State& st : state_) {
     const Tensor& g = st.param->grad;
@@ -78,6 +121,14 @@ void AdamW::step(double lr, double norm) {
                bc2 = 1 - std::pow(cfg_.beta2, double(t_));
   const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2), eps = float(cfg_.eps);
   const float step_size = float(lr / bc1), inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
+  if (gpu_) {
+#if defined(BRAID_WITH_CUDA)
+    const AdamStep s{
+        float(clip), b1, b2, eps, step_size, inv_sqrt_bc2, float(1.0 - lr * cfg_.weight_decay)};
+    adamw_step_cuda(static_cast<const AdamTask*>(tasks_.data), n_tasks_, s, nullptr);
+#endif
+    return;
+  }
   for (State& st : state_) {
     const float decay = st.param->weight_decay ? float(1.0 - lr * cfg_.weight_decay) : 1.0f;
     const int64_t n = st.master.numel();

@@ -3,7 +3,8 @@
 //   bias) m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2 p <- p - lr * (m / (1 - b1^t)) /
 //   (sqrt(v / (1 - b2^t)) + eps)
 // then the model's parameter tensor is written from the master. The CPU path trains f32
-// parameters; bf16 parameters (rounded from the master) come with the CUDA optimizer.
+// parameters; on the GPU (parameters on a CUDA backend) f32 or bf16 parameters and gradients
+// (the parameter rounded from the master), every parameter in one launch (adamw_kernels.cu).
 // Gradients are first multiplied by clip_coef = min(1, max_norm / (||g|| + 1e-6)) where ||g|| is
 // the global L2 norm over all trainable parameters, summed in f64 in a fixed order.
 #pragma once
@@ -44,10 +45,15 @@ class AdamW {
  private:
   ParamSet& params_;
   AdamWConfig cfg_;
+  Backend& backend_;
   Arena arena_;
   std::vector<State> state_;
   mutable std::vector<double> partials_;  // per-block sums of grad_norm, sized once
   int64_t t_ = 0;
+  // GPU: the chunk table (AdamTask, in arena_), its per-chunk norm partials and their sum.
+  bool gpu_ = false;
+  int n_tasks_ = 0;
+  Tensor tasks_, gpu_partials_, gpu_total_;
 };
 
 }  // namespace braid

@@ -1,0 +1,88 @@
+// AdamW on the GPU: every parameter in one launch, a block per chunk (adamw_cuda.h); f32 master
+// weights and moments; the same arithmetic as the CPU loop (adamw.cpp), IEEE division and square
+// root. The gradient norm's partial sums are per chunk in f64 (each thread's strided sum, then a
+// fixed tree), added in chunk order by one thread: the same bits every run.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "optim/adamw_cuda.h"
+#include "runtime/cuda_check.h"
+
+namespace braid {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float load(const void* p, int64_t i, int bf16) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i])
+              : static_cast<const float*>(p)[i];
+}
+
+__global__ void init_master_kernel(const AdamTask* tasks) {
+  const AdamTask t = tasks[blockIdx.x];
+  for (int64_t i = t.begin + threadIdx.x; i < t.begin + t.count; i += blockDim.x)
+    t.master[i] = load(t.value, i, t.bf16);
+}
+
+__global__ void grad_sq_kernel(const AdamTask* tasks, double* partials) {
+  __shared__ double sh[kThreads];
+  const AdamTask t = tasks[blockIdx.x];
+  double s = 0;
+  for (int64_t i = t.begin + threadIdx.x; i < t.begin + t.count; i += blockDim.x) {
+    const double g = load(t.grad, i, t.bf16);
+    s += g * g;
+  }
+  sh[threadIdx.x] = s;
+  __syncthreads();
+  for (int off = kThreads / 2; off > 0; off /= 2) {
+    if (threadIdx.x < off) sh[threadIdx.x] += sh[threadIdx.x + off];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+}
+
+__global__ void sum_in_order_kernel(const double* partials, int n, double* total) {
+  double s = 0;
+  for (int i = 0; i < n; ++i) s += partials[i];
+  total[0] = s;
+}
+
+__global__ void step_kernel(const AdamTask* tasks, AdamStep s) {
+  const AdamTask t = tasks[blockIdx.x];
+  const float decay = t.decay ? s.decay : 1.f;
+  for (int64_t i = t.begin + threadIdx.x; i < t.begin + t.count; i += blockDim.x) {
+    const float g = load(t.grad, i, t.bf16) * s.clip;
+    const float m = s.b1 * t.m[i] + (1.f - s.b1) * g;
+    const float v = s.b2 * t.v[i] + (1.f - s.b2) * g * g;
+    const float p = t.master[i] * decay - s.step_size * m / (sqrtf(v) * s.inv_sqrt_bc2 + s.eps);
+    t.m[i] = m, t.v[i] = v, t.master[i] = p;
+    if (t.bf16)
+      static_cast<__nv_bfloat16*>(t.value)[i] = __float2bfloat16_rn(p);
+    else
+      static_cast<float*>(t.value)[i] = p;
+  }
+}
+
+}  // namespace
+
+void adamw_init_master_cuda(const AdamTask* tasks, int n_tasks, void* stream) {
+  if (n_tasks == 0) return;
+  init_master_kernel<<<n_tasks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(tasks);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void adamw_grad_sq_cuda(const AdamTask* tasks, int n_tasks, double* partials, double* total,
+                        void* stream) {
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (n_tasks > 0) grad_sq_kernel<<<n_tasks, kThreads, 0, st>>>(tasks, partials);
+  sum_in_order_kernel<<<1, 1, 0, st>>>(partials, n_tasks, total);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void adamw_step_cuda(const AdamTask* tasks, int n_tasks, const AdamStep& s, void* stream) {
+  if (n_tasks == 0) return;
+  step_kernel<<<n_tasks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(tasks, s);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace braid
