@@ -2,7 +2,10 @@
 # Sourced by the launch test scripts: prep_corpus BRAID WORK prepares a small corpus (the Python
 # standard library's modules a*-c*) with `braid prep` into WORK/data/{train,valid}.tok;
 # losses METRICS prints a run's training losses, one per step; compare NAME A B checks two
-# lists of losses agree pairwise within 1e-4 relative (the layout tests' tolerance).
+# lists of losses agree pairwise within 1e-4 relative (the layout tests' tolerance);
+# layout_args WORK sets `args`, the layout tests' small run (8 steps of the tiny hybrid, MoE
+# auxiliary losses off); run_layout OUT RANKS ARGS... runs it into WORK/OUT (RANKS 0: one process,
+# else through mpirun_cmd), its output in WORK/OUT.log.
 prep_corpus() {
   local braid=$1 work=$2 python_dir=""
   for d in /usr/lib/python3.*/; do
@@ -18,4 +21,22 @@ compare() {
   paste <(echo "$2") <(echo "$3") | awk -v name="$1" '{
       d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r; n++ }
     END { printf "%s: %d steps, largest relative loss difference %.2e\n", name, n, worst; exit !(n > 0 && worst <= 1e-4) }'
+}
+layout_args() {
+  local work=$1
+  args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=8
+        train.seq_len=64 optim.warmup=2 optim.eps=0.001 train.log_interval=4 train.eval_interval=8
+        train.eval_batches=2 model.d_model=64 mlp.ffn=128 moe.ffn=64 moe.aux_loss_coef=0
+        moe.z_loss_coef=0 mamba2.head_dim=16 mamba2.groups=2 mamba2.chunk=16
+        checkpoint.interval=4 train.threads=1)
+}
+run_layout() {
+  local out="$1" np="$2"
+  shift 2
+  if [ "$np" -eq 0 ]; then
+    "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/$out" "$@" >"$work/$out.log"
+  else
+    "${mpirun_cmd[@]}" -np "$np" "$braid" train --config "$config" "${args[@]}" \
+      train.out_dir="$work/$out" "$@" >"$work/$out.log"
+  fi
 }

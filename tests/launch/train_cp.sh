@@ -20,26 +20,12 @@ trap 'rm -rf "$work"' EXIT
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
 prep_corpus "$braid" "$work" >/dev/null
-args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=8 train.seq_len=64
-      optim.warmup=2 optim.eps=0.001 train.log_interval=4 train.eval_interval=8 train.eval_batches=2
-      model.d_model=64 mlp.ffn=128 moe.ffn=64 moe.aux_loss_coef=0 moe.z_loss_coef=0
-      mamba2.head_dim=16 mamba2.groups=2
-      mamba2.chunk=16 checkpoint.interval=4 train.threads=1)
-run() {  # out dir, ranks (0: no mpirun), extra args...
-  local out="$1" np="$2"
-  shift 2
-  if [ "$np" -eq 0 ]; then
-    "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/$out" "$@" >"$work/$out.log"
-  else
-    "${mpirun_cmd[@]}" -np "$np" "$braid" train --config "$config" "${args[@]}" \
-      train.out_dir="$work/$out" "$@" >"$work/$out.log"
-  fi
-}
+layout_args "$work"
 evals() { grep '"kind": "eval"' "$1" | sed 's/.*"valid_loss": \([^,}]*\).*/\1/'; }
-run a 0 train.micro_batch=4
-run b 2 train.micro_batch=4 parallel.cp=2
-run c 4 train.micro_batch=2 parallel.cp=2
-run s 4 train.micro_batch=4 parallel.cp=2 parallel.tp=2 parallel.etp=2 parallel.sequence_parallel=true
+run_layout a 0 train.micro_batch=4
+run_layout b 2 train.micro_batch=4 parallel.cp=2
+run_layout c 4 train.micro_batch=2 parallel.cp=2
+run_layout s 4 train.micro_batch=4 parallel.cp=2 parallel.tp=2 parallel.etp=2 parallel.sequence_parallel=true
 grep -q "layout: 4 ranks, tp 2 (sequence parallel), cp 2, dp 1" "$work/s.log" ||
   { echo "FAIL: the cp x tp layout is not the one asked for"; cat "$work/s.log"; exit 1; }
 grep -q "layout: 4 ranks, tp 1, cp 2, dp 2" "$work/c.log" ||
@@ -55,8 +41,8 @@ done
 mkdir -p "$work/d/checkpoints" "$work/e/checkpoints"
 cp -r "$work/a/checkpoints/step_00000004" "$work/d/checkpoints/"
 cp -r "$work/c/checkpoints/step_00000004" "$work/e/checkpoints/"
-run d 2 train.micro_batch=4 parallel.cp=2 checkpoint.resume=true
-run e 0 train.micro_batch=4 checkpoint.resume=true
+run_layout d 2 train.micro_batch=4 parallel.cp=2 checkpoint.resume=true
+run_layout e 0 train.micro_batch=4 checkpoint.resume=true
 for r in d e; do
   grep -q "resumed from .*step_00000004 at step 4" "$work/$r.log" || { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
 done
@@ -64,7 +50,7 @@ compare "cp=2 resumed from a 1-process checkpoint" "$(losses "$work/a/metrics.js
   "$(losses "$work/d/metrics.jsonl" | tail -n 4)"
 compare "1 process resumed from a cp=2 x dp=2 checkpoint" "$(losses "$work/a/metrics.jsonl" | tail -n 4)" \
   "$(losses "$work/e/metrics.jsonl" | tail -n 4)"
-if run bad 2 train.micro_batch=4 parallel.cp=2 train.seq_len=63 2>"$work/bad.err"; then
+if run_layout bad 2 train.micro_batch=4 parallel.cp=2 train.seq_len=63 2>"$work/bad.err"; then
   echo "FAIL: cp=2 with seq_len 63 was accepted"; exit 1
 fi
 grep -q "parallel.cp = 2 must divide train.seq_len = 63" "$work/bad.err" "$work/bad.log" ||

@@ -22,25 +22,11 @@ trap 'rm -rf "$work"' EXIT
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
 prep_corpus "$braid" "$work" >/dev/null
-args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=8 train.seq_len=64
-      optim.warmup=2 optim.eps=0.001 train.log_interval=4 train.eval_interval=8 train.eval_batches=2
-      model.d_model=64 mlp.ffn=128 moe.ffn=64 moe.aux_loss_coef=0 moe.z_loss_coef=0
-      mamba2.head_dim=16 mamba2.groups=2
-      mamba2.chunk=16 checkpoint.interval=4 train.threads=1)
-run() {  # out dir, ranks (0: no mpirun), extra args...
-  local out="$1" np="$2"
-  shift 2
-  if [ "$np" -eq 0 ]; then
-    "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/$out" "$@" >"$work/$out.log"
-  else
-    "${mpirun_cmd[@]}" -np "$np" "$braid" train --config "$config" "${args[@]}" \
-      train.out_dir="$work/$out" "$@" >"$work/$out.log"
-  fi
-}
-run a 0 train.micro_batch=4
-run b 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2
-run c 4 train.micro_batch=2 parallel.tp=2 parallel.etp=2
-run s 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2 parallel.sequence_parallel=true
+layout_args "$work"
+run_layout a 0 train.micro_batch=4
+run_layout b 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2
+run_layout c 4 train.micro_batch=2 parallel.tp=2 parallel.etp=2
+run_layout s 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2 parallel.sequence_parallel=true
 grep -q "layout: 2 ranks, tp 2 (sequence parallel), cp 1, dp 1" "$work/s.log" ||
   { echo "FAIL: sequence parallelism is not on"; cat "$work/s.log"; exit 1; }
 compare "tp=2 vs one process" "$(losses "$work/a/metrics.jsonl")" "$(losses "$work/b/metrics.jsonl")"
@@ -71,9 +57,9 @@ mkdir -p "$work/d/checkpoints" "$work/e/checkpoints" "$work/f/checkpoints"
 cp -r "$work/a/checkpoints/step_00000004" "$work/d/checkpoints/"
 cp -r "$work/c/checkpoints/step_00000004" "$work/e/checkpoints/"
 cp -r "$work/c/checkpoints/step_00000004" "$work/f/checkpoints/"
-run d 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2 checkpoint.resume=true
-run e 0 train.micro_batch=4 checkpoint.resume=true
-run f 4 train.micro_batch=1 checkpoint.resume=true
+run_layout d 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2 checkpoint.resume=true
+run_layout e 0 train.micro_batch=4 checkpoint.resume=true
+run_layout f 4 train.micro_batch=1 checkpoint.resume=true
 for r in d e f; do
   grep -q "resumed from .*step_00000004 at step 4" "$work/$r.log" || { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
 done
