@@ -27,10 +27,53 @@ void check_embedding(const Tensor& tokens, const Tensor& w, const Tensor& y, int
                 " of ", tokens.describe(), " is outside the vocabulary [0, ", v, ")");
 }
 
+// GPU tensors: shapes, dtypes and the row range (the ids stay on the device).
+void check_embedding_gpu(const Tensor& tokens, const Tensor& w, const Tensor& y, int64_t v0,
+                         int64_t vocab) {
+#if !defined(BRAID_WITH_CUDA)
+  (void)tokens, (void)w, (void)y, (void)v0, (void)vocab;
+  BRAID_FAIL("embedding: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#else
+  BRAID_CHECK(tokens.ndim == 2 && tokens.dtype == DType::i32 && w.ndim == 2,
+              "embedding: expects tokens [B,T] i32 and W [V,D]; got ", tokens.describe(), ", ",
+              w.describe());
+  check_shape(y, {tokens.size(0), tokens.size(1), w.size(1)});
+  check_same_dtype(w, y);
+  BRAID_CHECK(w.dtype == DType::bf16 || w.dtype == DType::f32,
+              "embedding (CUDA): W must be bf16 or f32, got ", w.describe());
+  require_gpu("embedding", {&tokens, &w, &y});
+  const int64_t v = vocab > 0 ? vocab : w.size(0);
+  BRAID_CHECK(v0 >= 0 && v0 + w.size(0) <= v && w.size(0) < (int64_t(1) << 30), "embedding: rows [",
+              v0, ", ", v0 + w.size(0), ") of ", w.describe(), " are outside the vocabulary [0, ",
+              v, ")");
+  BRAID_CHECK(tokens.numel() < (int64_t(1) << 31), "embedding (CUDA): too many tokens");
+#endif
+}
+
 }  // namespace
 
+int64_t embedding_workspace_bytes(const Tensor& tokens, int64_t rows) {
+  if (tokens.device != Device::cuda) return 0;
+#if defined(BRAID_WITH_CUDA)
+  return embedding_backward_workspace_bytes_cuda(tokens.numel(), rows);
+#else
+  (void)rows;
+  return 0;
+#endif
+}
+
 void embedding_forward(const Tensor& tokens, const Tensor& weight, const Tensor& y,
-                       int64_t vocab_start, int64_t vocab_size) {
+                       int64_t vocab_start, int64_t vocab_size, void* stream) {
+  if (weight.device == Device::cuda) {
+    check_embedding_gpu(tokens, weight, y, vocab_start, vocab_size);
+#if defined(BRAID_WITH_CUDA)
+    embedding_forward_cuda(tokens.ptr<int32_t>(), weight.data, y.data, tokens.numel(),
+                           weight.size(1), vocab_start, weight.size(0), weight.dtype == DType::bf16,
+                           stream);
+#endif
+    return;
+  }
+  (void)stream;
   check_embedding(tokens, weight, y, vocab_start, vocab_size);
   const int64_t n = tokens.numel(), d = weight.size(1), rows = weight.size(0);
   dispatch_float(weight.dtype, "embedding", [&]<typename T>() {
@@ -48,7 +91,22 @@ void embedding_forward(const Tensor& tokens, const Tensor& weight, const Tensor&
 }
 
 void embedding_backward(const Tensor& tokens, const Tensor& dy, const Tensor& dweight,
-                        int64_t vocab_start, int64_t vocab_size) {
+                        int64_t vocab_start, int64_t vocab_size, const Tensor* workspace,
+                        void* stream) {
+  if (dweight.device == Device::cuda) {
+    check_embedding_gpu(tokens, dweight, dy, vocab_start, vocab_size);
+#if defined(BRAID_WITH_CUDA)
+    const int64_t need = embedding_workspace_bytes(tokens, dweight.size(0));
+    BRAID_CHECK(
+        workspace && workspace->device == Device::cuda && workspace->nbytes() >= size_t(need),
+        "embedding (CUDA): the backward needs a GPU workspace of ", need, " bytes");
+    embedding_backward_cuda(tokens.ptr<int32_t>(), dy.data, dweight.data, tokens.numel(),
+                            dweight.size(1), vocab_start, dweight.size(0),
+                            dweight.dtype == DType::bf16, workspace->data, stream);
+#endif
+    return;
+  }
+  (void)workspace, (void)stream;
   check_embedding(tokens, dweight, dy, vocab_start, vocab_size);
   const int64_t n = tokens.numel(), d = dweight.size(1), rows = dweight.size(0);
   std::vector<int32_t> local(n);  // the row of each token in W, -1 outside it
