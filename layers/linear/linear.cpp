@@ -15,13 +15,16 @@ void check_linear(const Tensor& x, const Tensor& w, const Tensor* bias, const Te
   if (bias) check_shape(*bias, {out});
   check_same_dtype(x, w);
   check_same_dtype(x, y);
-  require_host("linear", {&x, &w, bias, &y});
+  if (bias) check_same_dtype(x, *bias);
+  if (x.device != Device::cuda) require_host("linear", {&x, &w, bias, &y});
 }
 
 }  // namespace
 
-void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y) {
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
+                    const GemmContext* gemm) {
   check_linear(x, w, bias, y);
+  if (x.device == Device::cuda) return linear_forward_gpu(x, w, bias, y, gemm);
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   dispatch_float(x.dtype, "linear", [&]<typename T>() {
     ref::matmul_nt(x.ptr<T>(), w.ptr<T>(), y.ptr<T>(), m, out, in, false);
@@ -35,10 +38,11 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const 
 }
 
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
-                     const Tensor& dw, const Tensor* dbias) {
+                     const Tensor& dw, const Tensor* dbias, const GemmContext* gemm) {
   check_linear(x, w, dbias, dy);
   check_shape(dw, {w.size(0), w.size(1)});
   if (dx) check_shape(*dx, {x.size(0), x.size(1)});
+  if (x.device == Device::cuda) return linear_backward_gpu(x, w, dy, dx, dw, dbias, gemm);
   require_host("linear", {&dw, dx});
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   dispatch_float(x.dtype, "linear", [&]<typename T>() {

@@ -5,17 +5,27 @@
 //   dW += dy^T x        (+=)     [O, I]
 //   db += sum_m dy      (+=)     [O]
 // The CPU reference splits work over rows with a fixed order of summation, so results do not
-// depend on the thread count.
+// depend on the thread count. GPU tensors (x, W, y, dy, dx, dW bf16 or f32, one dtype; b, db the
+// same) run cuBLASLt GEMMs with f32 accumulation and need a GemmContext (linear_cuda.h).
 #pragma once
 
 #include "runtime/tensor.h"
 
 namespace braid {
 
-void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y);
+class GemmContext;
+
+void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
+                    const GemmContext* gemm = nullptr);
 // dx may be undefined (skipped) when the input needs no gradient.
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
-                     const Tensor& dw, const Tensor* dbias);
+                     const Tensor& dw, const Tensor* dbias, const GemmContext* gemm = nullptr);
+
+// The GPU side (linear_cuda.cpp), after the shape checks.
+void linear_forward_gpu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
+                        const GemmContext* gemm);
+void linear_backward_gpu(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
+                         const Tensor& dw, const Tensor* dbias, const GemmContext* gemm);
 
 namespace ref {
 // Row-major matrix products on raw pointers, used by several references:
