@@ -3,6 +3,8 @@
 # standard library's modules a*-c*) with `braid prep` into WORK/data/{train,valid}.tok;
 # losses METRICS prints a run's training losses, one per step; compare NAME A B checks two
 # lists of losses agree pairwise within 1e-4 relative (the layout tests' tolerance);
+# start_layout_test BRAID CONFIG MPIRUN... sets braid, config, mpirun_cmd and a temporary work
+# directory (removed on exit) holding the prepared corpus;
 # layout_args WORK sets `args`, the layout tests' small run (8 steps of the tiny hybrid, MoE
 # auxiliary losses off); run_layout OUT RANKS ARGS... runs it into WORK/OUT (RANKS 0: one process,
 # else through mpirun_cmd), its output in WORK/OUT.log.
@@ -21,6 +23,15 @@ compare() {
   paste <(echo "$2") <(echo "$3") | awk -v name="$1" '{
       d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r; n++ }
     END { printf "%s: %d steps, largest relative loss difference %.2e\n", name, n, worst; exit !(n > 0 && worst <= 1e-4) }'
+}
+start_layout_test() {
+  braid="$1"
+  config="$2"
+  shift 2
+  mpirun_cmd=("$@")
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  prep_corpus "$braid" "$work" >/dev/null
 }
 layout_args() {
   local work=$1

@@ -11,15 +11,9 @@
 # scans' states folded across ranks, gradients summed over ranks), 1e-4 relative over 8 steps;
 # the MoE auxiliary losses are off (each rank would compute them over its own tokens).
 set -eu
-braid="$1"
-config="$2"
-shift 2
-mpirun_cmd=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-prep_corpus "$braid" "$work" >/dev/null
+start_layout_test "$@"
 layout_args "$work"
 evals() { grep '"kind": "eval"' "$1" | sed 's/.*"valid_loss": \([^,}]*\).*/\1/'; }
 run_layout a 0 train.micro_batch=4

@@ -8,15 +8,9 @@
 # 1e-6 relative; Adam's slope lr/eps turns that into parameter differences of at most
 # lr * 1e-6 / eps per step, so with eps = 1e-3 the losses over 8 steps agree to 1e-4 relative.
 set -eu
-braid="$1"
-config="$2"
-shift 2
-mpirun_cmd=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-prep_corpus "$braid" "$work" >/dev/null
+start_layout_test "$@"
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=8 train.seq_len=64
       optim.warmup=2 optim.eps=0.001 train.log_interval=4 train.eval_interval=8 train.eval_batches=2
       model.d_model=64 mlp.ffn=128 moe.ffn=64 mamba2.head_dim=16 mamba2.chunk=16 moe.aux_loss_coef=0

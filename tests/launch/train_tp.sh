@@ -13,15 +13,9 @@
 # train_dp.sh): each data-parallel rank computes them over its own tokens, a real difference
 # from one process that would hide the rounding-level agreement checked here.
 set -eu
-braid="$1"
-config="$2"
-shift 2
-mpirun_cmd=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-prep_corpus "$braid" "$work" >/dev/null
+start_layout_test "$@"
 layout_args "$work"
 run_layout a 0 train.micro_batch=4
 run_layout b 2 train.micro_batch=4 parallel.tp=2 parallel.etp=2
