@@ -1,5 +1,6 @@
 // Fast device math and asynchronous copies shared by the CUDA kernels (CUDA sources only):
-// ex2.approx, a branch-free softplus and sigmoid with their error bounds, and cp.async staging.
+// ex2.approx, a branch-free softplus and sigmoid with their error bounds, a warp sum, and
+// cp.async staging.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +46,12 @@ __device__ __forceinline__ float sigmoid(float x) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + ex2(-x * kLog2e)));
   return r;
+}
+
+// Sum over the 32 lanes of a warp (a fixed butterfly: the same bits on every lane and run).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
 }
 
 // 16-byte asynchronous copy global -> shared (cp.async, Ampere and later); zero-filled when

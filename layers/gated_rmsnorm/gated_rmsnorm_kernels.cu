@@ -26,52 +26,61 @@ __device__ __forceinline__ float gate(const GatedNormParams& p, float zv) {
   return p.z ? zv * sigmoid(zv) : 1.f;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
+// x * silu(z) (x without a gate) at element i.
+template <typename T>
+__device__ __forceinline__ float gated(const GatedNormParams& p, const T* x, const T* z,
+                                       int64_t i) {
+  return to_float(x[i]) * gate(p, z ? to_float(z[i]) : 0.f);
 }
+
+// The (row, group) of this warp: its first element and the group's size; false past the end.
+struct Segment {
+  int64_t id, off, col0;
+  int lane, size;
+  __device__ bool init(const GatedNormParams& p) {
+    id = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+    if (id >= p.rows * p.groups) return false;
+    lane = threadIdx.x & 31, size = p.width / p.groups;
+    col0 = (id % p.groups) * size, off = (id / p.groups) * p.width + col0;
+    return true;
+  }
+};
 
 template <typename T>
 __global__ void gated_fwd_kernel(GatedNormParams p) {
-  const int64_t id = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (id >= p.rows * p.groups) return;
-  const int lane = threadIdx.x & 31, gs = p.width / p.groups;
-  const int64_t row = id / p.groups, col0 = (id % p.groups) * gs, off = row * p.width + col0;
-  const T* x = static_cast<const T*>(p.x) + off;
-  const T* z = p.z ? static_cast<const T*>(p.z) + off : nullptr;
+  Segment sg;
+  if (!sg.init(p)) return;
+  const T* x = static_cast<const T*>(p.x) + sg.off;
+  const T* z = p.z ? static_cast<const T*>(p.z) + sg.off : nullptr;
   float ss = 0.f;
-  for (int j = lane; j < gs; j += 32) {
-    const float g = to_float(x[j]) * gate(p, z ? to_float(z[j]) : 0.f);
+  for (int j = sg.lane; j < sg.size; j += 32) {
+    const float g = gated(p, x, z, j);
     ss += g * g;
   }
-  const float r = rsqrtf(warp_sum(ss) / float(gs) + p.eps);
-  if (lane == 0) p.rstd[id] = r;
-  T* y = static_cast<T*>(p.y) + off;
-  for (int j = lane; j < gs; j += 32) {
-    const float g = to_float(x[j]) * gate(p, z ? to_float(z[j]) : 0.f);
-    y[j] = from_float<T>(g * r * p.w[col0 + j]);
-  }
+  const float r = rsqrtf(warp_sum(ss) / float(sg.size) + p.eps);
+  if (sg.lane == 0) p.rstd[sg.id] = r;
+  T* y = static_cast<T*>(p.y) + sg.off;
+  for (int j = sg.lane; j < sg.size; j += 32)
+    y[j] = from_float<T>(gated(p, x, z, j) * r * p.w[sg.col0 + j]);
 }
 
 template <typename T>
 __global__ void gated_bwd_kernel(GatedNormParams p) {
-  const int64_t id = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (id >= p.rows * p.groups) return;
-  const int lane = threadIdx.x & 31, gs = p.width / p.groups;
-  const int64_t row = id / p.groups, col0 = (id % p.groups) * gs, off = row * p.width + col0;
-  const T* x = static_cast<const T*>(p.x) + off;
-  const T* z = p.z ? static_cast<const T*>(p.z) + off : nullptr;
-  const T* dy = static_cast<const T*>(p.dy) + off;
-  const float r = p.rstd_in[id];
+  Segment sg;
+  if (!sg.init(p)) return;
+  const T* x = static_cast<const T*>(p.x) + sg.off;
+  const T* z = p.z ? static_cast<const T*>(p.z) + sg.off : nullptr;
+  const T* dy = static_cast<const T*>(p.dy) + sg.off;
+  const float r = p.rstd_in[sg.id];
   float dot = 0.f;
-  for (int j = lane; j < gs; j += 32)
-    dot += to_float(dy[j]) * p.w[col0 + j] * to_float(x[j]) * gate(p, z ? to_float(z[j]) : 0.f);
-  const float c = warp_sum(dot) * r * r * r / float(gs);
-  T* dx = static_cast<T*>(p.dx) + off;
-  T* dz = p.z ? static_cast<T*>(p.dz) + off : nullptr;
-  for (int j = lane; j < gs; j += 32) {
+  for (int j = sg.lane; j < sg.size; j += 32)
+    dot += to_float(dy[j]) * p.w[sg.col0 + j] * gated(p, x, z, j);
+  const float c = warp_sum(dot) * r * r * r / float(sg.size);
+  T* dx = static_cast<T*>(p.dx) + sg.off;
+  T* dz = p.z ? static_cast<T*>(p.dz) + sg.off : nullptr;
+  for (int j = sg.lane; j < sg.size; j += 32) {
     const float xv = to_float(x[j]), zv = z ? to_float(z[j]) : 0.f, zs = gate(p, zv);
-    const float dg = r * p.w[col0 + j] * to_float(dy[j]) - c * xv * zs;
+    const float dg = r * p.w[sg.col0 + j] * to_float(dy[j]) - c * xv * zs;
     dx[j] = from_float<T>(dg * zs);
     if (z) {
       const float s = sigmoid(zv);
@@ -93,8 +102,7 @@ __global__ void gated_dw_partial_kernel(GatedNormParams p) {
   float s = 0.f;
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t i = row * p.width + col;
-    s += to_float(dy[i]) * to_float(x[i]) * gate(p, z ? to_float(z[i]) : 0.f) *
-         p.rstd_in[row * p.groups + grp];
+    s += to_float(dy[i]) * gated(p, x, z, i) * p.rstd_in[row * p.groups + grp];
   }
   p.partial[int64_t(blockIdx.y) * p.width + col] = s;
 }

@@ -156,7 +156,7 @@ __global__ void r_from_output_kernel(SsdParams p) {
     }
     v += g.x * (yv.x - d0 * xv.x) + g.y * (yv.y - d1 * xv.y);
   }
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  v = warp_sum(v);
   if (lane == 0) p.ws[p.geo.r + (b * p.heads + h) * p.geo.tpad + t] = v;
 }
 

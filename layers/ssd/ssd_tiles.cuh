@@ -192,7 +192,7 @@ __device__ __forceinline__ float quad_sum(float v) {
 // Block-wide (blockDim.x threads, a multiple of 32, at most 1024) sum and inclusive scans, in a
 // fixed order; `sh` holds blockDim.x floats. Every thread must call them.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  v = warp_sum(v);
   __syncthreads();
   if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
   __syncthreads();
