@@ -15,7 +15,7 @@ if [ -n "${BRAID_DEPS_PREFIX:-}" ]; then
 fi
 export PATH="/usr/local/cuda/bin:$PATH"
 start=$(date +%s)
-gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu test_ssd_gpu test_gated_rmsnorm_gpu test_rmsnorm_swiglu_gpu test_adamw_gpu test_embedding_gpu test_linear_gpu bench_selective_scan bench_ssd"  # gpu tests + benchmarks
+gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu test_ssd_gpu test_attention_gpu test_gated_rmsnorm_gpu test_rmsnorm_swiglu_gpu test_adamw_gpu test_embedding_gpu test_linear_gpu bench_selective_scan bench_ssd bench_attention"  # gpu tests + benchmarks
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBRAID_CUDA=ON -DBRAID_WERROR=ON "${prefix_args[@]}" \
   >"$out/gpu_build.log" 2>&1 && cmake --build build-gpu --target $gpu_targets >>"$out/gpu_build.log" 2>&1
 build_rc=$?
@@ -28,6 +28,7 @@ san_rc=0
 san=""
 for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test_selective_scan_gpu \
   build-gpu/tests/layers/test_conv1d_gpu build-gpu/tests/layers/test_ssd_gpu \
+  build-gpu/tests/layers/test_attention_gpu \
   build-gpu/tests/layers/test_gated_rmsnorm_gpu build-gpu/tests/layers/test_rmsnorm_swiglu_gpu \
   build-gpu/tests/optim/test_adamw_gpu build-gpu/tests/layers/test_embedding_gpu \
   build-gpu/tests/layers/test_linear_gpu; do
@@ -40,7 +41,7 @@ for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test
   done
 done
 bench_rc=0
-benches="selective_scan ssd"
+benches="selective_scan ssd attention"
 if [ "$build_rc" -eq 0 ]; then
   for b in $benches; do
     build-gpu/bench/bench_$b --out "$out/bench_$b.raw.json" | tee "$out/bench_$b.txt"

@@ -7,6 +7,10 @@
 //   dq_t = scale sum_s ds_ts k_s;  dk_s = scale sum_t ds_ts q_t;  dv_s = sum_t p_ts do_t
 // The reference works one query row at a time (flash-style, no T x T matrix) and sums dk/dv over
 // the query heads of a group in a fixed order.
+// CPU tensors (f32, f64, one dtype) run the reference. GPU tensors run the CUDA kernels
+// (attention_fwd.cu, attention_bwd.cu): q, k, v, o, dout, dq, dk, dv bf16, lse f32, P in
+// {64, 128}, seq_idx non-decreasing along T (documents are contiguous runs, as the packer
+// writes them); the backward needs a f32 workspace of attention_gpu_workspace_elems() elements.
 #pragma once
 
 #include "runtime/tensor.h"
@@ -30,7 +34,13 @@ struct AttentionInputs {
   // Optional (null: every row): only these query rows. The forward leaves the other rows of o and
   // lse as they are; the backward writes dq = 0 there and sums dk, dv over these rows' queries.
   const AttentionRows* rows = nullptr;
+  // GPU only.
+  const Tensor* workspace = nullptr;  // backward: f32, attention_gpu_workspace_elems()
+  bool deterministic = true;          // backward: dq summed in a fixed order (else f32 atomics)
+  void* stream = nullptr;             // CUDA stream (null: the default stream)
 };
+
+int64_t attention_gpu_workspace_elems(const AttentionInputs& in);
 
 void attention_forward(const AttentionInputs& in, const Tensor& o, const Tensor& lse);
 void attention_backward(const AttentionInputs& in, const Tensor& o, const Tensor& lse,

@@ -2,34 +2,18 @@
 #include <limits>
 
 #include "layers/attention/attention.h"
+#include "layers/attention/attention_cuda.h"
 #include "layers/common/op_common.h"
 #include "runtime/parallel_for.h"
 
 namespace braid {
 namespace {
 
-struct Dims {
-  int64_t b, t, h, hk, p;
-};
+using Dims = AttentionDims;
 
 Dims check_attention(const AttentionInputs& in, const Tensor& o, const Tensor& lse) {
-  BRAID_CHECK(in.q && in.k && in.v, "attention: q, k, v are required");
-  BRAID_CHECK(in.q->ndim == 4 && in.k->ndim == 4,
-              "attention: expects q [B,T,H,P], k [B,T,Hk,P]; got ", in.q->describe(), ", ",
-              in.k->describe());
-  const Dims d{in.q->size(0), in.q->size(1), in.q->size(2), in.k->size(2), in.q->size(3)};
-  BRAID_CHECK(d.hk >= 1 && d.h % d.hk == 0, "attention: KV heads ", d.hk,
-              " must divide query heads ", d.h);
-  BRAID_CHECK(in.scale > 0, "attention: softmax scale must be positive, got ", in.scale);
-  check_shape(*in.k, {d.b, d.t, d.hk, d.p});
-  check_shape(*in.v, {d.b, d.t, d.hk, d.p});
-  check_shape(o, {d.b, d.t, d.h, d.p});
-  check_shape(lse, {d.b, d.h, d.t});
+  const Dims d = attention_dims(in, o, lse);
   for (const Tensor* t : {in.k, in.v, &o, &lse}) check_same_dtype(*in.q, *t);
-  if (in.seq_idx) {
-    BRAID_CHECK(in.seq_idx->dtype == DType::i32, "attention: seq_idx must be i32");
-    check_shape(*in.seq_idx, {d.b, d.t});
-  }
   require_host("attention", {in.q, in.k, in.v, in.seq_idx, &o, &lse});
   return d;
 }
@@ -67,6 +51,7 @@ struct Rows {
 }  // namespace
 
 void attention_forward(const AttentionInputs& in, const Tensor& o, const Tensor& lse) {
+  if (in.q && in.q->device == Device::cuda) return attention_forward_gpu(in, o, lse);
   const Dims d = check_attention(in, o, lse);
   dispatch_float(in.q->dtype, "attention", [&]<typename T>() {
     parallel_for(d.b * d.h * d.t, [&](int64_t i) {
@@ -93,6 +78,8 @@ void attention_forward(const AttentionInputs& in, const Tensor& o, const Tensor&
 
 void attention_backward(const AttentionInputs& in, const Tensor& o, const Tensor& lse,
                         const Tensor& dout, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  if (in.q && in.q->device == Device::cuda)
+    return attention_backward_gpu(in, o, lse, dout, dq, dk, dv);
   const Dims d = check_attention(in, o, lse);
   check_shape(dout, {d.b, d.t, d.h, d.p});
   check_shape(dq, {d.b, d.t, d.h, d.p});

@@ -1,0 +1,59 @@
+// The CUDA contract of attention: one Params struct (pointers, sizes), built and validated on the
+// host by attention.cpp, and the layout of the f32 workspace of the backward. q, k, v, o, dout,
+// dq, dk, dv are bf16 ([B,T,H,P] and [B,T,Hk,P] rows), lse f32 [B,H,T], seq_idx i32 [B,T]
+// (non-decreasing along T). The kernels and their algorithm are described in attention_fwd.cu
+// and attention_bwd.cu.
+#pragma once
+
+#include <cstdint>
+
+#include "layers/attention/attention.h"
+
+namespace braid {
+
+constexpr int kAttnBwdRows = 64;  // query rows per backward step (the dq accumulator's tile)
+
+// Offsets (f32 elements) into the backward's workspace; Tq = T rounded up to kAttnBwdRows.
+struct AttnGeometry {
+  int64_t tq = 0;
+  int64_t dq_acc = 0;  // dq before the softmax scale, f32 [B,H,Tq,P]
+  int64_t delta = 0;   // D_t = do_t . o_t, [B,H,Tq] (0 past T)
+  int64_t lse2 = 0;    // lse_t log2(e), [B,H,Tq] (0 past T)
+  int64_t sem = 0;     // i32 [B,H,Tq/64]: dq contributions added so far (deterministic order)
+  int64_t total = 0;
+};
+AttnGeometry attention_geometry(int64_t b, int64_t t, int64_t h, int64_t p);
+
+struct AttnParams {
+  int batch = 0, seqlen = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  float scale = 0.f;       // softmax scale
+  float scale_log2 = 0.f;  // scale log2(e): the kernels' exponentials are base 2
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  const int32_t* seq_idx = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;
+  // Backward.
+  const void* dout = nullptr;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  float* ws = nullptr;
+  AttnGeometry geo;
+  bool deterministic = true;
+};
+
+// Sizes of an attention call, its tensors' shapes checked (any device and dtype).
+struct AttentionDims {
+  int64_t b, t, h, hk, p;
+};
+AttentionDims attention_dims(const AttentionInputs& in, const Tensor& o, const Tensor& lse);
+
+// The GPU paths of attention_forward / attention_backward (attention.cpp).
+void attention_forward_gpu(const AttentionInputs& in, const Tensor& o, const Tensor& lse);
+void attention_backward_gpu(const AttentionInputs& in, const Tensor& o, const Tensor& lse,
+                            const Tensor& dout, const Tensor& dq, const Tensor& dk,
+                            const Tensor& dv);
+
+// The kernels' launches (attention_fwd.cu, attention_bwd.cu).
+void attention_fwd_cuda(const AttnParams& p, void* stream);
+void attention_bwd_cuda(const AttnParams& p, void* stream);
+
+}  // namespace braid
