@@ -12,12 +12,13 @@
 //          added into the f32 accumulator of the query tile. dK and dV sum every query head of
 //          the group in registers and are written once (dK times the scale): no atomics.
 //   final: dq = scale dq_acc, as bf16.
-// Deterministic mode (the default): the key tiles add into a query tile's accumulator in a fixed
-// order, last key tile first (the diagonal's, which reaches the query tile first). The tile j
-// waits until the tile's counter says that the jhi - j key tiles after it (jhi: the query tile's
-// last key tile) have added theirs; the first one stores instead of adding. Key tiles are
-// launched last tile first, so a block only waits for blocks launched before it. Otherwise the
-// additions are f32 atomics (faster, order-dependent rounding).
+// The additions into the zeroed dq accumulator are f32 reductions (red, fire and forget). In
+// deterministic mode (the default) they happen in a fixed order: last key tile first (the
+// diagonal's, which reaches the query tile first). The tile j waits until the query tile's
+// counter says that the jhi - j key tiles after it (jhi: the query tile's last key tile) have
+// added theirs, and counts itself after a fence. Key tiles are launched last tile first, so a
+// block only waits for blocks launched before it. Otherwise the order is the hardware's
+// (faster, order-dependent rounding).
 #include <cuda_runtime.h>
 
 #include "layers/attention/attention_tiles.cuh"
@@ -66,6 +67,17 @@ __device__ __forceinline__ int ld_acquire(const int* ptr) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
   return v;
+}
+
+// dst[0, 1] += (a, b) without a return value (one vector reduction on sm_90).
+__device__ __forceinline__ void red_add2(float* dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b)
+               : "memory");
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
 }
 
 template <int P, bool kDet>
@@ -183,37 +195,25 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
     mma_ss<kCols / 8, kKeys, false, false>(dq, sS, kLdS, qr0, 0, sK + qc0, kLd, 0);
     float* acc = p.ws + p.geo.dq_acc + ((int64_t(b) * H + h) * tq + t0) * P + qc0;
     const int ra = qr0 + lane / 4, c = 2 * (lane & 3);
+    int* sem = reinterpret_cast<int*>(p.ws + p.geo.sem) + (int64_t(b) * H + h) * (tq / kRows) + i;
     if (kDet) {
-      int* sem = reinterpret_cast<int*>(p.ws + p.geo.sem) + (int64_t(b) * H + h) * (tq / kRows) + i;
       const int before = min(t0 + kRows - 1, T - 1) / kKeys - j;  // key tiles that add first
       if (threadIdx.x == 0)
         while (ld_acquire(sem) != before) {
         }
       __syncthreads();
+    }
 #pragma unroll
-      for (int nt = 0; nt < kCols / 8; ++nt)
+    for (int nt = 0; nt < kCols / 8; ++nt)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float2* at = reinterpret_cast<float2*>(acc + (ra + 8 * half) * P + nt * 8 + c);
-          float2 val = make_float2(dq[nt][2 * half], dq[nt][2 * half + 1]);
-          if (before > 0) {
-            const float2 old = __ldcg(at);
-            val.x += old.x, val.y += old.y;
-          }
-          __stcg(at, val);
-        }
-      __threadfence();
+      for (int half = 0; half < 2; ++half)
+        red_add2(acc + (ra + 8 * half) * P + nt * 8 + c, dq[nt][2 * half], dq[nt][2 * half + 1]);
+    if (kDet) {
       __syncthreads();
-      if (threadIdx.x == 0) atomicAdd(sem, 1);
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < kCols / 8; ++nt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float* at = acc + (ra + 8 * half) * P + nt * 8 + c;
-          atomicAdd(at, dq[nt][2 * half]);
-          atomicAdd(at + 1, dq[nt][2 * half + 1]);
-        }
+      if (threadIdx.x == 0) {
+        __threadfence();  // the block's additions are visible before the count says so
+        atomicAdd(sem, 1);
+      }
     }
   }
   __syncthreads();  // sQ and sO are reused to stage dK and dV
@@ -247,11 +247,10 @@ void launch_bwd(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = int64_t(p.batch) * p.heads * p.geo.tq;
   prep_kernel<P><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
+  CUDA_CHECK(cudaMemsetAsync(p.ws + p.geo.dq_acc, 0, sizeof(float) * size_t(rows) * P, stream));
   if (p.deterministic)
     CUDA_CHECK(cudaMemsetAsync(
         p.ws + p.geo.sem, 0, sizeof(int) * size_t(p.batch) * p.heads * (p.geo.tq / kRows), stream));
-  else
-    CUDA_CHECK(cudaMemsetAsync(p.ws + p.geo.dq_acc, 0, sizeof(float) * size_t(rows) * P, stream));
   constexpr int smem = bwd_smem_bytes<P>();
   auto kernel = p.deterministic ? bwd_kernel<P, true> : bwd_kernel<P, false>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

@@ -1,11 +1,13 @@
 // Flash attention forward on the tensor cores (mma.sync m16n8k16: bf16 operands, f32
 // accumulation), for sm_80 and later.
 //
-// One block per (128-query tile, query head, batch row), 8 warps of 16 query rows. The block's Q
-// tile goes to registers once; K and V tiles of Bc keys are double-buffered in shared memory by
-// cp.async, from the first key of the tile's first document to the diagonal. Per KV tile each
-// warp computes S = Q K^T (16 x Bc, f32), scales it to base 2 (x = s scale log2 e), masks where
-// the tile crosses the diagonal or a document start, and runs the online softmax in registers:
+// One block per (128-query tile, query head, batch row), 4 warps of 32 query rows (two 16-row
+// fragments, so every K and V fragment read from shared memory feeds two products; two blocks
+// per SM). Q, K and V tiles of Bc keys are staged in shared memory by cp.async, K and V
+// double-buffered, from the first key of the tile's first document to the diagonal. Per KV tile
+// each warp computes S = Q K^T (32 x Bc, f32), scales it to base 2 (x = s scale log2 e), masks
+// where the tile crosses the diagonal or a document start, and runs the online softmax in
+// registers:
 //   m' = max(m, max_s x),  l' = l 2^(m - m') + sum_s 2^(x - m'),  O' = O 2^(m - m') + P V
 // with P = 2^(x - m') rounded to bf16 as the A operand of P V straight from the accumulators.
 // At the end O / l is written as bf16 and lse = (m + log2 l) ln 2. Query tiles are launched
@@ -19,7 +21,7 @@
 namespace braid::attn {
 namespace {
 
-constexpr int kRows = 128, kWarps = 8, kThreads = 32 * kWarps;
+constexpr int kRows = 128, kWarps = 4, kThreads = 32 * kWarps, kMt = 2;  // 16-row fragments
 
 template <int P, int Bc>
 constexpr int fwd_smem_bytes() {
@@ -27,7 +29,7 @@ constexpr int fwd_smem_bytes() {
 }
 
 template <int P, int Bc>
-__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int kLd = P + 8;
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [kRows][kLd]
@@ -49,17 +51,26 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p) {
   load_rows<P, kThreads>(sV, v + int64_t(j0) * Bc * ks, ks, Bc, T - j0 * Bc);
   cp_async_commit();
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
-  // This thread's rows (a: lane / 4, b: lane / 4 + 8) and their documents' first keys; the
-  // warp's masks are needed only on tiles past its first row or before its last row's document.
-  const int ta = t0 + r0 + lane / 4, tb = ta + 8;
-  const int da = doc_start(seq, min(ta, T - 1)), db = doc_start(seq, min(tb, T - 1));
-  const int warp_first = t0 + r0, warp_doc = __shfl_sync(0xffffffffu, db, 31);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16 * kMt;
+  // This thread's rows (fragment m: lane / 4 and lane / 4 + 8) and their documents' first keys;
+  // the warp's masks are needed only on tiles past its first row or before its last row's
+  // document.
+  int tr[kMt][2], ds[kMt][2];
+#pragma unroll
+  for (int m = 0; m < kMt; ++m)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      tr[m][e] = t0 + r0 + 16 * m + lane / 4 + 8 * e;
+      ds[m][e] = doc_start(seq, min(tr[m][e], T - 1));
+    }
+  const int warp_first = t0 + r0, warp_doc = __shfl_sync(0xffffffffu, ds[kMt - 1][1], 31);
 
-  float o[P / 8][4];
-  zero(o);
-  float ma = -INFINITY, mb = -INFINITY, la = 0.f, lb = 0.f;
-  uint32_t qf[P / 16][4];
+  float o[kMt][P / 8][4], mx[kMt][2], l[kMt][2];
+#pragma unroll
+  for (int m = 0; m < kMt; ++m) {
+    zero(o[m]);
+    mx[m][0] = mx[m][1] = -INFINITY, l[m][0] = l[m][1] = 0.f;
+  }
   for (int j = j0; j <= j1; ++j) {
     const int buf = (j - j0) & 1;
     if (j < j1) {
@@ -72,61 +83,102 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p) {
       cp_async_wait();
     }
     __syncthreads();
-    if (j == j0) {
+    const bf16* tK = sK + buf * Bc * kLd;
+    const bf16* tV = sV + buf * Bc * kLd;
+    float s[kMt][Bc / 8][4];
 #pragma unroll
-      for (int kk = 0; kk < P / 16; ++kk) load_a<true>(qf[kk], sQ, kLd, r0, kk * 16);
+    for (int m = 0; m < kMt; ++m) zero(s[m]);
+#pragma unroll
+    for (int kk = 0; kk < P / 16; ++kk) {
+      uint32_t qa[kMt][4];
+#pragma unroll
+      for (int m = 0; m < kMt; ++m) load_a<true>(qa[m], sQ, kLd, r0 + 16 * m, kk * 16);
+#pragma unroll
+      for (int nt = 0; nt < Bc / 8; nt += 2) {
+        uint32_t bf[4];
+        load_b<true>(bf, tK, kLd, nt * 8, kk * 16);
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) {
+          mma16816(s[m][nt], qa[m], bf[0], bf[1]);
+          mma16816(s[m][nt + 1], qa[m], bf[2], bf[3]);
+        }
+      }
     }
-    float s[Bc / 8][4];
-    zero(s);
-    mma_rs<Bc / 8, P / 16, true>(s, qf, sK + buf * Bc * kLd, kLd);
 
     const int c0 = j * Bc;
     const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
-    float xa = -INFINITY, xb = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < Bc / 8; ++nt)
+    for (int m = 0; m < kMt; ++m) {
+      float x[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = c0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-        const bool hide = e < 2 ? (col > ta || col < da) : (col > tb || col < db);
-        s[nt][e] = mask && hide ? -INFINITY : s[nt][e] * p.scale_log2;
-        if (e < 2)
-          xa = fmaxf(xa, s[nt][e]);
-        else
-          xb = fmaxf(xb, s[nt][e]);
+      for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = c0 + nt * 8 + 2 * (lane & 3) + (e & 1), r = e / 2;
+          const bool hide = col > tr[m][r] || col < ds[m][r];
+          s[m][nt][e] = mask && hide ? -INFINITY : s[m][nt][e] * p.scale_log2;
+          x[r] = fmaxf(x[r], s[m][nt][e]);
+        }
+      float base[2], alpha[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float n = fmaxf(mx[m][r], quad_max(x[r]));
+        // A row with no visible key yet keeps m = -inf: its base is 0, so p and alpha are 0.
+        base[r] = n == -INFINITY ? 0.f : n;
+        alpha[r] = ex2(mx[m][r] - base[r]);
+        mx[m][r] = n;
       }
-    const float na = fmaxf(ma, quad_max(xa)), nb = fmaxf(mb, quad_max(xb));
-    // A row with no visible key yet keeps m = -inf: its base is 0, so every p and alpha is 0.
-    const float ba = na == -INFINITY ? 0.f : na, bb = nb == -INFINITY ? 0.f : nb;
-    const float alpha_a = ex2(ma - ba), alpha_b = ex2(mb - bb);
-    ma = na, mb = nb;
-    float sa = 0.f, sb = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < Bc / 8; ++nt) {
-      s[nt][0] = ex2(s[nt][0] - ba), s[nt][1] = ex2(s[nt][1] - ba);
-      s[nt][2] = ex2(s[nt][2] - bb), s[nt][3] = ex2(s[nt][3] - bb);
-      sa += s[nt][0] + s[nt][1], sb += s[nt][2] + s[nt][3];
-    }
-    la = la * alpha_a + sa, lb = lb * alpha_b + sb;
+      for (int nt = 0; nt < Bc / 8; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt) {
-      o[nt][0] *= alpha_a, o[nt][1] *= alpha_a;
-      o[nt][2] *= alpha_b, o[nt][3] *= alpha_b;
+        for (int e = 0; e < 4; ++e) {
+          s[m][nt][e] = ex2(s[m][nt][e] - base[e / 2]);
+          sum[e / 2] += s[m][nt][e];
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l[m][r] = l[m][r] * alpha[r] + sum[r];
+#pragma unroll
+      for (int nt = 0; nt < P / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[m][nt][e] *= alpha[e / 2];
     }
-    uint32_t pf[Bc / 16][4];
-    to_afrag<Bc / 8>(s, pf);
-    mma_rs<P / 8, Bc / 16, false>(o, pf, sV + buf * Bc * kLd, kLd);
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk) {
+      uint32_t pa[kMt][4];
+#pragma unroll
+      for (int m = 0; m < kMt; ++m) {
+        pa[m][0] = pack_bf16(s[m][2 * kk][0], s[m][2 * kk][1]);
+        pa[m][1] = pack_bf16(s[m][2 * kk][2], s[m][2 * kk][3]);
+        pa[m][2] = pack_bf16(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+        pa[m][3] = pack_bf16(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < P / 8; nt += 2) {
+        uint32_t bf[4];
+        load_b<false>(bf, tV, kLd, nt * 8, kk * 16);
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) {
+          mma16816(o[m][nt], pa[m], bf[0], bf[1]);
+          mma16816(o[m][nt + 1], pa[m], bf[2], bf[3]);
+        }
+      }
+    }
     __syncthreads();  // the next iteration loads into the buffer read here
   }
-  la = quad_sum(la), lb = quad_sum(lb);
-  // Every valid row sees at least its own key, so l >= 1; padded rows are not stored.
-  const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
-  store_rows<P>(o, ia, ib, sQ, r0, static_cast<bf16*>(p.o) + (int64_t(b) * T + t0) * qs + h * P, qs,
-                rows);
-  if ((lane & 3) == 0) {
-    float* lse = p.lse + (int64_t(b) * H + h) * T;
-    if (ta < T) lse[ta] = (ma + __log2f(la)) * kLn2;
-    if (tb < T) lse[tb] = (mb + __log2f(lb)) * kLn2;
+  // Every valid row sees at least its own key, so l >= 1; padded rows are not stored. Each warp
+  // stages its output through its own rows of sQ.
+  bf16* out = static_cast<bf16*>(p.o) + (int64_t(b) * T + t0) * qs + h * P;
+  float* lse = p.lse + (int64_t(b) * H + h) * T;
+#pragma unroll
+  for (int m = 0; m < kMt; ++m) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[m][r] = quad_sum(l[m][r]);
+      inv[r] = l[m][r] > 0.f ? 1.f / l[m][r] : 0.f;
+      if ((lane & 3) == 0 && tr[m][r] < T) lse[tr[m][r]] = (mx[m][r] + __log2f(l[m][r])) * kLn2;
+    }
+    store_rows<P>(o[m], inv[0], inv[1], sQ, r0 + 16 * m, out, qs, rows);
   }
 }
 
@@ -148,9 +200,9 @@ namespace braid {
 void attention_fwd_cuda(const AttnParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.head_dim == 64)
-    attn::launch_fwd<64, 128>(p, s);
+    attn::launch_fwd<64, 64>(p, s);
   else
-    attn::launch_fwd<128, 64>(p, s);
+    attn::launch_fwd<128, 32>(p, s);
 }
 
 }  // namespace braid
