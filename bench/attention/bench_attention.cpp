@@ -40,8 +40,8 @@ int main(int argc, char** argv) {
       {128, 2048, 283, 229, 499, 401}, {128, 4096, 0, 0, 0, 0},
       {128, 8192, 316, 293, 560, 505}, {128, 16384, 0, 0, 0, 0}};
   std::string json = "[";
-  std::printf("%-10s %8s %8s %8s %8s %8s %8s %10s %10s\n", "P, T", "fwd ms", "fwd TF", "f+b ms",
-              "f+b TF", "f+b(at)", "FA2 f", "FA2 f+b", "cuDNN f+b");
+  std::printf("%-10s %8s %8s %8s %8s %8s %8s %8s %10s %10s\n", "P, T", "fwd ms", "fwd TF",
+              "fwd80 TF", "f+b ms", "f+b TF", "f+b(at)", "FA2 f", "FA2 f+b", "cuDNN f+b");
   for (size_t si = 0; si < shapes.size(); ++si) {
     const Shape& s = shapes[si];
     const int64_t b = 16384 / s.t, h = 2048 / s.p;
@@ -62,9 +62,11 @@ int main(int argc, char** argv) {
     const Tensor ws =
         mem.random({attention_gpu_workspace_elems(in)}, DType::f32, "ws", {K::normal, 1, 10, 0, 1});
     in.workspace = &ws;
-    AttentionInputs atomics = in;
+    AttentionInputs atomics = in, sm80 = in;
     atomics.deterministic = false;
+    sm80.hopper = false;
     const double fwd = median_ms([&] { attention_forward(in, o, lse); });
+    const double fwd80 = median_ms([&] { attention_forward(sm80, o, lse); });
     const double both = median_ms([&] {
       attention_forward(in, o, lse);
       attention_backward(in, o, lse, dout, dq, dk, dv);
@@ -77,19 +79,21 @@ int main(int argc, char** argv) {
     auto tf = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
     char label[32];
     std::snprintf(label, sizeof(label), "%lld, %lld", (long long)s.p, (long long)s.t);
-    std::printf("%-10s %8.3f %8.1f %8.3f %8.1f %8.1f %8.0f %10.0f %10.0f\n", label, fwd, tf(f, fwd),
-                both, tf(3.5 * f, both), tf(3.5 * f, both_at), s.fa2_fwd, s.fa2_both, s.cudnn_both);
+    std::printf("%-10s %8.3f %8.1f %8.1f %8.3f %8.1f %8.1f %8.0f %10.0f %10.0f\n", label, fwd,
+                tf(f, fwd), tf(f, fwd80), both, tf(3.5 * f, both), tf(3.5 * f, both_at), s.fa2_fwd,
+                s.fa2_both, s.cudnn_both);
     char row[768];
     std::snprintf(row, sizeof(row),
                   "%s{\"head_dim\": %lld, \"length\": %lld, \"batch\": %lld, \"heads\": %lld, "
-                  "\"fwd_ms\": %.5f, \"fwd_tflops\": %.1f, \"fwd_bwd_ms\": %.5f, "
+                  "\"fwd_ms\": %.5f, \"fwd_tflops\": %.1f, \"fwd_sm80_path_tflops\": %.1f, "
+                  "\"fwd_bwd_ms\": %.5f, "
                   "\"fwd_bwd_tflops\": %.1f, \"fwd_bwd_atomic_ms\": %.5f, "
                   "\"fwd_bwd_atomic_tflops\": %.1f, \"fa2_fwd_tflops\": %.0f, "
                   "\"fa2_fwd_bwd_tflops\": %.0f, \"cudnn_fwd_tflops\": %.0f, "
                   "\"cudnn_fwd_bwd_tflops\": %.0f}",
                   si ? ", " : "", (long long)s.p, (long long)s.t, (long long)b, (long long)h, fwd,
-                  tf(f, fwd), both, tf(3.5 * f, both), both_at, tf(3.5 * f, both_at), s.fa2_fwd,
-                  s.fa2_both, s.cudnn_fwd, s.cudnn_both);
+                  tf(f, fwd), tf(f, fwd80), both, tf(3.5 * f, both), both_at, tf(3.5 * f, both_at),
+                  s.fa2_fwd, s.fa2_both, s.cudnn_fwd, s.cudnn_both);
     json += row;
   }
   {  // RoPE on a q tensor of 16384 tokens x 16 heads x 128, in place.

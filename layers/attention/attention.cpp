@@ -72,6 +72,7 @@ AttnParams gpu_params(const AttentionInputs& in, const Tensor& o, const Tensor& 
   p.lse = lse.ptr<float>();
   p.geo = attention_geometry(d.b, d.t, d.h, d.p);
   p.deterministic = in.deterministic;
+  p.use_wgmma = in.hopper;
   return p;
 }
 

@@ -16,7 +16,8 @@
 // deterministic mode (the default) they happen in a fixed order: last key tile first (the
 // diagonal's, which reaches the query tile first). The tile j waits until the query tile's
 // counter says that the jhi - j key tiles after it (jhi: the query tile's last key tile) have
-// added theirs, and counts itself after a fence. Key tiles are launched last tile first, so a
+// added theirs; it counts itself after a fence at the start of its next step (the fence then
+// finds the reductions done). Key tiles are launched last tile first, so a
 // block only waits for blocks launched before it. Otherwise the order is the hardware's
 // (faster, order-dependent rounding).
 #include <cuda_runtime.h>
@@ -136,6 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
   float dk[P / 8][4], dv[P / 8][4];
   zero(dk);
   zero(dv);
+  int* prev_sem = nullptr;  // the query tile's counter of the previous step
   for (int step = 0; step < steps; ++step) {
     const int buf = step & 1;
     if (step + 1 < steps) {
@@ -145,6 +147,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
       cp_async_wait();
     }
     __syncthreads();
+    // The previous step's additions were all issued before this barrier: count them now, a
+    // step late, so the fence waits for reductions long done instead of stalling the block.
+    if (kDet && threadIdx.x == 0 && prev_sem) {
+      __threadfence();
+      atomicAdd(prev_sem, 1);
+    }
     const int h = hk * group + step / n_i, i = i_lo + step % n_i, t0 = i * kRows;
     const bf16* tQ = sQ + buf * kRows * kLd;
     const bf16* tO = sO + buf * kRows * kLd;
@@ -208,15 +216,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
 #pragma unroll
       for (int half = 0; half < 2; ++half)
         red_add2(acc + (ra + 8 * half) * P + nt * 8 + c, dq[nt][2 * half], dq[nt][2 * half + 1]);
-    if (kDet) {
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence();  // the block's additions are visible before the count says so
-        atomicAdd(sem, 1);
-      }
-    }
+    prev_sem = sem;
   }
-  __syncthreads();  // sQ and sO are reused to stage dK and dV
+  __syncthreads();  // sQ and sO are reused to stage dK and dV; the last additions were issued
+  if (kDet && threadIdx.x == 0 && prev_sem) {
+    __threadfence();
+    atomicAdd(prev_sem, 1);
+  }
   bf16* dst_k = static_cast<bf16*>(p.dk) + kv_off;
   bf16* dst_v = static_cast<bf16*>(p.dv) + kv_off;
   store_rows<P>(dk, p.scale, p.scale, sQ, r0, dst_k, ks, keys);

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include "layers/attention/attention_tiles.cuh"
+#include "layers/common/cuda_wgmma.cuh"
 #include "runtime/check.h"
 #include "runtime/cuda_check.h"
 
@@ -30,7 +31,7 @@ constexpr int fwd_smem_bytes() {
 
 template <int P, int Bc>
 __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   constexpr int kLd = P + 8;
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [kRows][kLd]
   bf16* sK = sQ + kRows * kLd;                   // [2][Bc][kLd]
@@ -182,6 +183,156 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
   }
 }
 
+// The Hopper forward (sm_90a): the same algorithm with warpgroup products. One block per
+// (128-query tile, head, batch row) of 2 warpgroups, 64 query rows each. Q, K and V tiles are
+// staged by cp.async in the interleaved layout of cuda_wgmma.cuh (K and V double-buffered); per KV
+// tile a warpgroup computes S = Q K^T (64 x Bc) with both operands in shared memory, runs the
+// online softmax in registers (per warp, its 16 rows, as above) and adds P V with P from
+// registers and V read N-major (transposed by the descriptor).
+constexpr int kWgThreads = 256;
+
+template <int P, int Bc>
+constexpr int wg_smem_bytes() {
+  return (kRows + 4 * Bc) * P * 2;
+}
+
+template <int P, int Bc>
+__global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [kRows x P], interleaved
+  bf16* sK = sQ + kRows * P;                     // [2][Bc x P]
+  bf16* sV = sK + 2 * Bc * P;                    // [2][Bc x P]
+  const int T = p.seqlen, H = p.heads, Hk = p.kv_heads;
+  const int qb = int(gridDim.x) - 1 - int(blockIdx.x), h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (H / Hk);
+  const int t0 = qb * kRows, rows = min(kRows, T - t0);
+  const int64_t qs = int64_t(H) * P, ks = int64_t(Hk) * P;
+  const bf16* q = static_cast<const bf16*>(p.q) + (int64_t(b) * T + t0) * qs + h * P;
+  const bf16* k = static_cast<const bf16*>(p.k) + int64_t(b) * T * ks + hk * P;
+  const bf16* v = static_cast<const bf16*>(p.v) + int64_t(b) * T * ks + hk * P;
+  const int32_t* seq = p.seq_idx ? p.seq_idx + int64_t(b) * T : nullptr;
+  const int j0 = doc_start(seq, t0) / Bc, j1 = (t0 + rows - 1) / Bc;
+
+  load_rows_cm<P, kWgThreads>(sQ, q, qs, kRows, rows);
+  load_rows_cm<P, kWgThreads>(sK, k + int64_t(j0) * Bc * ks, ks, Bc, T - j0 * Bc);
+  load_rows_cm<P, kWgThreads>(sV, v + int64_t(j0) * Bc * ks, ks, Bc, T - j0 * Bc);
+  cp_async_commit();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
+  const int wg_row0 = (warp / 4) * 64;  // the warpgroup's first row in the tile
+  int tr[2], ds[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    tr[e] = t0 + r0 + lane / 4 + 8 * e;
+    ds[e] = doc_start(seq, min(tr[e], T - 1));
+  }
+  const int warp_first = t0 + r0, warp_doc = __shfl_sync(0xffffffffu, ds[1], 31);
+  // Descriptors: K-major Q and K (LBO one core matrix, SBO a row of core matrices), N-major V.
+  constexpr uint32_t kCore = 128, kRowOfCores = P / 8 * 128;
+  const uint64_t q_desc = wgmma_desc(sQ + wg_row0 * P, kCore, kRowOfCores);
+
+  float o[P / 8][4];
+  zero(o);
+  float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int j = j0; j <= j1; ++j) {
+    const int buf = (j - j0) & 1;
+    if (j < j1) {
+      const int64_t next = int64_t(j + 1) * Bc * ks;
+      load_rows_cm<P, kWgThreads>(sK + (buf ^ 1) * Bc * P, k + next, ks, Bc, T - (j + 1) * Bc);
+      load_rows_cm<P, kWgThreads>(sV + (buf ^ 1) * Bc * P, v + next, ks, Bc, T - (j + 1) * Bc);
+      cp_async_commit();
+      cp_async_wait_pending<1>();
+    } else {
+      cp_async_wait();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const bf16* tK = sK + buf * Bc * P;
+    const bf16* tV = sV + buf * Bc * P;
+    float s[Bc / 8][4];
+    wgmma_reg_fence(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < P / 16; ++kk) {
+      const uint64_t a = q_desc + ((kk * 2 * kCore) >> 4);
+      const uint64_t bd = wgmma_desc(tK + kk * 16 * 8, kCore, kRowOfCores);
+      if constexpr (Bc == 64)
+        wgmma_m64n64_ss<0>(s, a, bd, kk > 0);
+      else
+        wgmma_m64n128_ss<0>(s, a, bd, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_reg_fence(s);
+
+    const int c0 = j * Bc;
+    const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
+    float x[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = c0 + nt * 8 + 2 * (lane & 3) + (e & 1), r = e / 2;
+        const bool hide = col > tr[r] || col < ds[r];
+        s[nt][e] = mask && hide ? -INFINITY : s[nt][e] * p.scale_log2;
+        x[r] = fmaxf(x[r], s[nt][e]);
+      }
+    float base[2], alpha[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float n = fmaxf(mx[r], quad_max(x[r]));
+      base[r] = n == -INFINITY ? 0.f : n;
+      alpha[r] = ex2(mx[r] - base[r]);
+      mx[r] = n;
+    }
+#pragma unroll
+    for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = ex2(s[nt][e] - base[e / 2]);
+        sum[e / 2] += s[nt][e];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e / 2];
+    uint32_t pf[Bc / 16][4];
+    to_afrag<Bc / 8>(s, pf);
+    wgmma_reg_fence(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk) {
+      // Keys 16 kk .. 16 kk + 15 are two rows of core matrices of the V tile.
+      const uint64_t bd = wgmma_desc(tV + kk * 2 * (P / 8) * 64, kRowOfCores, kCore);
+      if constexpr (P == 64)
+        wgmma_m64n64_rs<1>(o, pf[kk], bd, 1);
+      else
+        wgmma_m64n128_rs<1>(o, pf[kk], bd, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_reg_fence(o);
+    __syncthreads();  // the next iteration loads into the buffers read here
+  }
+  // Stage the output through padded rows (the row stride of store_rows) in the K buffers.
+  bf16* out = static_cast<bf16*>(p.o) + (int64_t(b) * T + t0) * qs + h * P;
+  float* lse = p.lse + (int64_t(b) * H + h) * T;
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
+    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    if ((lane & 3) == 0 && tr[r] < T) lse[tr[r]] = (mx[r] + __log2f(l[r])) * kLn2;
+  }
+  store_rows<P>(o, inv[0], inv[1], sK, r0, out, qs, rows);
+#else
+  (void)p;
+#endif
+}
+
 template <int P, int Bc>
 void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   constexpr int smem = fwd_smem_bytes<P, Bc>();
@@ -192,6 +343,16 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   CUDA_CHECK(cudaGetLastError());
 }
 
+template <int P, int Bc>
+void launch_fwd_wgmma(const AttnParams& p, cudaStream_t stream) {
+  constexpr int smem = wg_smem_bytes<P, Bc>();
+  CUDA_CHECK(cudaFuncSetAttribute(fwd_kernel_wgmma<P, Bc>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.seqlen + kRows - 1) / kRows, p.heads, p.batch);
+  fwd_kernel_wgmma<P, Bc><<<grid, kWgThreads, smem, stream>>>(p);
+  CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 }  // namespace braid::attn
 
@@ -199,10 +360,19 @@ namespace braid {
 
 void attention_fwd_cuda(const AttnParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
-  if (p.head_dim == 64)
+  int device = 0, major = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (p.use_wgmma && major == 9) {
+    if (p.head_dim == 64)
+      attn::launch_fwd_wgmma<64, 64>(p, s);
+    else
+      attn::launch_fwd_wgmma<128, 64>(p, s);
+  } else if (p.head_dim == 64) {
     attn::launch_fwd<64, 64>(p, s);
-  else
+  } else {
     attn::launch_fwd<128, 32>(p, s);
+  }
 }
 
 }  // namespace braid

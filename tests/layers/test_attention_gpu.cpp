@@ -137,7 +137,7 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
   struct Out {
     Tensor o, lse, dq, dk, dv;
   };
-  auto gpu_run = [&](bool deterministic) {
+  auto gpu_run = [&](bool deterministic, bool hopper) {
     Out r{empty(bthp, DType::bf16, Device::cuda, "o"),
           empty({k.b, k.h, k.t}, DType::f32, Device::cuda, "lse"),
           empty(bthp, DType::bf16, Device::cuda, "dq"),
@@ -146,7 +146,7 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
     for (const Tensor* t :
          std::initializer_list<const Tensor*>{&r.o, &r.lse, &r.dq, &r.dk, &r.dv, &ws})
       gpu_->fill(*t, std::nan(""), {});
-    gin.deterministic = deterministic;
+    gin.deterministic = deterministic, gin.hopper = hopper;
     attention_forward(gin, r.o, r.lse);
     attention_backward(gin, go_in, glse_in, gdo, r.dq, r.dk, r.dv);
     return r;
@@ -170,16 +170,20 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
                       << worst_bound << " (naive error " << max_err(naive, ref) << ")";
     std::printf("  %-4s max err %.3g, worst err/bound %.3f\n", what, max_err(got, ref), worst);
   };
-  for (bool det : {true, false}) {
-    SCOPED_TRACE(det ? "deterministic backward" : "backward with atomics");
-    const Out r = gpu_run(det);
+  // Both backward modes, and the forward's sm_80 path besides the Hopper one (where the GPU has
+  // it; elsewhere both run the sm_80 kernel).
+  for (auto [det, hopper] :
+       {std::pair{true, true}, std::pair{false, true}, std::pair{true, false}}) {
+    SCOPED_TRACE(std::string(det ? "deterministic backward" : "backward with atomics") +
+                 (hopper ? ", Hopper forward" : ", sm_80 forward"));
+    const Out r = gpu_run(det, hopper);
     check("o", r.o, o64, o32, true, &mag.o);
     check("lse", r.lse, lse64, lse32, false, nullptr);
     check("dq", r.dq, dq64, dq32, true, &mag.dq);
     check("dk", r.dk, dk64, dk32, true, &mag.dk);
     check("dv", r.dv, dv64, dv32, true, &mag.dv);
     if (det) {  // a second run on the same inputs is bit-identical
-      const Out again = gpu_run(true);
+      const Out again = gpu_run(true, hopper);
       for (auto f : {&Out::o, &Out::lse, &Out::dq, &Out::dk, &Out::dv})
         EXPECT_TRUE(download_bytes(r.*f) == download_bytes(again.*f))
             << (r.*f).name << " differs between runs";
