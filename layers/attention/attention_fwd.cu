@@ -232,27 +232,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   constexpr uint32_t kCore = 128, kRowOfCores = P / 8 * 128;
   const uint64_t q_desc = wgmma_desc(sQ + wg_row0 * P, kCore, kRowOfCores);
 
-  float o[P / 8][4];
+  // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_j-1 V_j-1 together, runs the
+  // softmax of S_j while the second product is in flight, then rescales O once it is done. K_j+1
+  // and V_j are loaded during iteration j into the buffers that iteration j - 1 finished with.
+  // The first S and the last P V are issued alone (prologue, epilogue), so the loop body issues
+  // its products unconditionally.
+  float o[P / 8][4], s[Bc / 8][4], alpha[2];
+  uint32_t pf[Bc / 16][4];
   zero(o);
   float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  for (int j = j0; j <= j1; ++j) {
-    const int buf = (j - j0) & 1;
-    if (j < j1) {
-      const int64_t next = int64_t(j + 1) * Bc * ks;
-      load_rows_cm<P, kWgThreads>(sK + (buf ^ 1) * Bc * P, k + next, ks, Bc, T - (j + 1) * Bc);
-      load_rows_cm<P, kWgThreads>(sV + (buf ^ 1) * Bc * P, v + next, ks, Bc, T - (j + 1) * Bc);
-      cp_async_commit();
-      cp_async_wait_pending<1>();
-    } else {
-      cp_async_wait();
-    }
-    fence_proxy_async();
-    __syncthreads();
-    const bf16* tK = sK + buf * Bc * P;
-    const bf16* tV = sV + buf * Bc * P;
-    float s[Bc / 8][4];
-    wgmma_reg_fence(s);
-    wgmma_fence();
+  auto issue_s = [&](int j) {
+    const bf16* tK = sK + ((j - j0) & 1) * Bc * P;
 #pragma unroll
     for (int kk = 0; kk < P / 16; ++kk) {
       const uint64_t a = q_desc + ((kk * 2 * kCore) >> 4);
@@ -263,9 +253,22 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
         wgmma_m64n128_ss<0>(s, a, bd, kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_reg_fence(s);
-
+  };
+  auto issue_pv = [&](int j) {
+    const bf16* tV = sV + ((j - j0) & 1) * Bc * P;
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk) {
+      // Keys 16 kk .. 16 kk + 15 are two rows of core matrices of the V tile.
+      const uint64_t bd = wgmma_desc(tV + kk * 2 * (P / 8) * 64, kRowOfCores, kCore);
+      if constexpr (P == 64)
+        wgmma_m64n64_rs<1>(o, pf[kk], bd, 1);
+      else
+        wgmma_m64n128_rs<1>(o, pf[kk], bd, 1);
+    }
+    wgmma_commit();
+  };
+  // S_j -> probabilities (in s), the row maxima and sums, and alpha = 2^(m_old - m_new).
+  auto softmax = [&](int j) {
     const int c0 = j * Bc;
     const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
     float x[2] = {-INFINITY, -INFINITY};
@@ -278,10 +281,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
         s[nt][e] = mask && hide ? -INFINITY : s[nt][e] * p.scale_log2;
         x[r] = fmaxf(x[r], s[nt][e]);
       }
-    float base[2], alpha[2], sum[2] = {0.f, 0.f};
+    float base[2], sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float n = fmaxf(mx[r], quad_max(x[r]));
+      // A row with no visible key yet keeps m = -inf: its base is 0, so p and alpha are 0.
       base[r] = n == -INFINITY ? 0.f : n;
       alpha[r] = ex2(mx[r] - base[r]);
       mx[r] = n;
@@ -295,28 +299,53 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+  };
+  auto stage = [&](int j) {  // tiles of iteration j are in; start the loads of iteration j + 1
+    cp_async_wait();
+    fence_proxy_async();
+    __syncthreads();
+    if (j + 1 <= j1)
+      load_rows_cm<P, kWgThreads>(sK + ((j + 1 - j0) & 1) * Bc * P, k + int64_t(j + 1) * Bc * ks,
+                                  ks, Bc, T - (j + 1) * Bc);
+    if (j > j0 && j <= j1)
+      load_rows_cm<P, kWgThreads>(sV + ((j - j0) & 1) * Bc * P, v + int64_t(j) * Bc * ks, ks, Bc,
+                                  T - j * Bc);
+    cp_async_commit();
+  };
+
+  stage(j0);
+  wgmma_reg_fence(s);
+  wgmma_fence();
+  issue_s(j0);
+  wgmma_wait<0>();
+  wgmma_reg_fence(s);
+  softmax(j0);
+  to_afrag<Bc / 8>(s, pf);
+  for (int j = j0 + 1; j <= j1; ++j) {
+    stage(j);
+    wgmma_reg_fence(s);
+    wgmma_reg_fence(o);
+    wgmma_fence();
+    issue_s(j);
+    issue_pv(j - 1);
+    wgmma_wait<1>();
+    wgmma_reg_fence(s);
+    softmax(j);
+    wgmma_wait<0>();  // P_j-1 V_j-1 is in O: rescale, then P_j may replace P_j-1
+    wgmma_reg_fence(o);
 #pragma unroll
     for (int nt = 0; nt < P / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e / 2];
-    uint32_t pf[Bc / 16][4];
     to_afrag<Bc / 8>(s, pf);
-    wgmma_reg_fence(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < Bc / 16; ++kk) {
-      // Keys 16 kk .. 16 kk + 15 are two rows of core matrices of the V tile.
-      const uint64_t bd = wgmma_desc(tV + kk * 2 * (P / 8) * 64, kRowOfCores, kCore);
-      if constexpr (P == 64)
-        wgmma_m64n64_rs<1>(o, pf[kk], bd, 1);
-      else
-        wgmma_m64n128_rs<1>(o, pf[kk], bd, 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_reg_fence(o);
-    __syncthreads();  // the next iteration loads into the buffers read here
   }
+  stage(j1 + 1);
+  wgmma_reg_fence(o);
+  wgmma_fence();
+  issue_pv(j1);
+  wgmma_wait<0>();
+  wgmma_reg_fence(o);
+  __syncthreads();  // the K buffers stage the output
   // Stage the output through padded rows (the row stride of store_rows) in the K buffers.
   bf16* out = static_cast<bf16*>(p.o) + (int64_t(b) * T + t0) * qs + h * P;
   float* lse = p.lse + (int64_t(b) * H + h) * T;

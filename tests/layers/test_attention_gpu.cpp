@@ -11,7 +11,11 @@
 // times the sum of the terms' magnitudes, M:
 //   o_t: sum_s p_ts |v_s| / 1   dv_s: sum_t p_ts |do_t|   dq_t: scale sum_s |ds_ts| |k_s|
 //   dk_s: scale sum_t |ds_ts| |q_t|       (element by element, computed here in f64)
-// and we allow twice that (2^-8 M) for the f32 sums' own reordering. So element by element:
+// and we allow twice that (2^-8 M) for the f32 sums' own reordering. ds_ts also carries the f32
+// error of dp_ts - D_t, which the kernels compute in other orders than the naive path (tensor
+// cores, a separate pass for D): each dot product of P <= 128 terms errs by at most
+// P 2^-24 <= 2^-17 of its terms' magnitudes, so |ds| in M is widened by
+// 2^-9 p_ts (|do_t|.|v_s| + |do_t|.|o_t|) (2^-9 2^-8 = 2^-17). So element by element:
 //   |gpu - f64| <= 2 max|naive - f64| + 2^-8 M + 1e-6 max|f64|.
 // lse is f32 throughout (ex2/lg2 approximations, 2^-22 relative): 2 naive + 4e-6 (1 + |lse|).
 // RoPE: the GPU rotates in f32 with f32 cos/sin (from f64 angles) and rounds to the output dtype,
@@ -56,10 +60,13 @@ Magnitudes magnitudes(const GpuAttnCase& k, const HostTensor& q, const HostTenso
         const double l = lse[(b * k.h + h) * k.t + t];
         for (int64_t s = t; s >= 0 && seq.v[b * k.t + s] == seq.v[b * k.t + t]; --s) {
           const int64_t ki = at_k(b, s, h / grp);
-          double sc = 0, dp = 0;
+          double sc = 0, dp = 0, dp_mag = 0;
           for (int64_t i = 0; i < P; ++i) sc += q.v[qi + i] * kk.v[ki + i];
           for (int64_t i = 0; i < P; ++i) dp += go.v[qi + i] * v.v[ki + i];
-          const double pr = std::exp(sc * scale - l), ds = std::abs(pr * (dp - D));
+          for (int64_t i = 0; i < P; ++i)
+            dp_mag += std::abs(go.v[qi + i]) * (std::abs(v.v[ki + i]) + std::abs(o[qi + i]));
+          const double pr = std::exp(sc * scale - l);
+          const double ds = std::abs(pr * (dp - D)) + std::ldexp(pr * dp_mag, -9);
           for (int64_t i = 0; i < P; ++i) {
             m.o[qi + i] += pr * std::abs(v.v[ki + i]);
             m.dq[qi + i] += scale * ds * std::abs(kk.v[ki + i]);
