@@ -186,8 +186,8 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
 // The Hopper forward (sm_90a): the same algorithm with warpgroup products. One block per
 // (128-query tile, head, batch row) of 2 warpgroups, 64 query rows each. Q, K and V tiles are
 // staged by cp.async in the interleaved layout of cuda_wgmma.cuh (K and V double-buffered); per KV
-// tile a warpgroup computes S = Q K^T (64 x Bc) with both operands in shared memory, runs the
-// online softmax in registers (per warp, its 16 rows, as above) and adds P V with P from
+// tile a warpgroup computes S = Q K^T (64 x Bc) with Q in registers and K in shared memory, runs
+// the online softmax in registers (per warp, its 16 rows, as above) and adds P V with P from
 // registers and V read N-major (transposed by the descriptor).
 constexpr int kWgThreads = 256;
 
@@ -220,7 +220,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   cp_async_commit();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
-  const int wg_row0 = (warp / 4) * 64;  // the warpgroup's first row in the tile
   int tr[2], ds[2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -230,7 +229,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   const int warp_first = t0 + r0, warp_doc = __shfl_sync(0xffffffffu, ds[1], 31);
   // Descriptors: K-major Q and K (LBO one core matrix, SBO a row of core matrices), N-major V.
   constexpr uint32_t kCore = 128, kRowOfCores = P / 8 * 128;
-  const uint64_t q_desc = wgmma_desc(sQ + wg_row0 * P, kCore, kRowOfCores);
 
   // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_j-1 V_j-1 together, runs the
   // softmax of S_j while the second product is in flight, then rescales O once it is done. K_j+1
@@ -238,19 +236,18 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   // The first S and the last P V are issued alone (prologue, epilogue), so the loop body issues
   // its products unconditionally.
   float o[P / 8][4], s[Bc / 8][4], alpha[2];
-  uint32_t pf[Bc / 16][4];
+  uint32_t pf[Bc / 16][4], qf[P / 16][4];
   zero(o);
   float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   auto issue_s = [&](int j) {
     const bf16* tK = sK + ((j - j0) & 1) * Bc * P;
 #pragma unroll
     for (int kk = 0; kk < P / 16; ++kk) {
-      const uint64_t a = q_desc + ((kk * 2 * kCore) >> 4);
       const uint64_t bd = wgmma_desc(tK + kk * 16 * 8, kCore, kRowOfCores);
       if constexpr (Bc == 64)
-        wgmma_m64n64_ss<0>(s, a, bd, kk > 0);
+        wgmma_m64n64_rs<0>(s, qf[kk], bd, kk > 0);
       else
-        wgmma_m64n128_ss<0>(s, a, bd, kk > 0);
+        wgmma_m64n128_rs<0>(s, qf[kk], bd, kk > 0);
     }
     wgmma_commit();
   };
@@ -314,6 +311,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   };
 
   stage(j0);
+  // This warp's 16 rows of Q, as register A operands of S = Q K^T (ldmatrix from the interleaved
+  // tile: each lane names one 16-byte row of a core matrix).
+#pragma unroll
+  for (int kk = 0; kk < P / 16; ++kk)
+    ldsm4(qf[kk], sQ + cm_offset<P>(r0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
   wgmma_reg_fence(s);
   wgmma_fence();
   issue_s(j0);
@@ -394,9 +396,9 @@ void attention_fwd_cuda(const AttnParams& p, void* stream) {
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (p.use_wgmma && major == 9) {
     if (p.head_dim == 64)
-      attn::launch_fwd_wgmma<64, 64>(p, s);
+      attn::launch_fwd_wgmma<64, 128>(p, s);
     else
-      attn::launch_fwd_wgmma<128, 64>(p, s);
+      attn::launch_fwd_wgmma<128, 128>(p, s);
   } else if (p.head_dim == 64) {
     attn::launch_fwd<64, 64>(p, s);
   } else {
