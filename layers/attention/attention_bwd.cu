@@ -163,14 +163,22 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
     zero(s);
     mma_ss<kRows / 8, P, true, true>(s, sK, kLd, r0, 0, tQ, kLd, 0);
     const bool mask = t0 < warp_last || t0 + kRows > warp_end;
+    if (mask) {
 #pragma unroll
-    for (int nt = 0; nt < kRows / 8; ++nt)
+      for (int nt = 0; nt < kRows / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = nt * 8 + 2 * (lane & 3) + (e & 1), t = t0 + c;
-        const bool hide = e < 2 ? (t < sa || t >= ea) : (t < sb || t >= eb);
-        s[nt][e] = mask && hide ? 0.f : ex2(s[nt][e] * p.scale_log2 - tL[c]);
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + 2 * (lane & 3) + (e & 1), t = t0 + c;
+          const bool hide = e < 2 ? (t < sa || t >= ea) : (t < sb || t >= eb);
+          s[nt][e] = hide ? 0.f : ex2(s[nt][e] * p.scale_log2 - tL[c]);
+        }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kRows / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[nt][e] = ex2(s[nt][e] * p.scale_log2 - tL[nt * 8 + 2 * (lane & 3) + (e & 1)]);
+    }
     uint32_t pf[kRows / 16][4];
     to_afrag<kRows / 8>(s, pf);
     mma_rs<P / 8, kRows / 16, false>(dv, pf, tO, kLd);

@@ -110,16 +110,8 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
     const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
 #pragma unroll
     for (int m = 0; m < kMt; ++m) {
-      float x[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = c0 + nt * 8 + 2 * (lane & 3) + (e & 1), r = e / 2;
-          const bool hide = col > tr[m][r] || col < ds[m][r];
-          s[m][nt][e] = mask && hide ? -INFINITY : s[m][nt][e] * p.scale_log2;
-          x[r] = fmaxf(x[r], s[m][nt][e]);
-        }
+      float x[2];
+      scale_mask<Bc / 8>(s[m], mask, c0, tr[m], ds[m], p.scale_log2, x);
       float base[2], alpha[2], sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -268,16 +260,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   auto softmax = [&](int j) {
     const int c0 = j * Bc;
     const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
-    float x[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = c0 + nt * 8 + 2 * (lane & 3) + (e & 1), r = e / 2;
-        const bool hide = col > tr[r] || col < ds[r];
-        s[nt][e] = mask && hide ? -INFINITY : s[nt][e] * p.scale_log2;
-        x[r] = fmaxf(x[r], s[nt][e]);
-      }
+    float x[2];
+    scale_mask<Bc / 8>(s, mask, c0, tr, ds, p.scale_log2, x);
     float base[2], sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

@@ -49,6 +49,36 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
+// Scales a 16 x 8 NT fragment of scores for keys c0 .. c0 + 8 NT - 1 to base 2 (x = s scale)
+// and, when `mask` (tiles that cross the diagonal or a document start), hides (-inf) the keys a
+// row does not see: past the row (row[r]) or before its document (first[r]). x_max gets each
+// row's maximum over this thread's columns.
+template <int NT>
+__device__ __forceinline__ void scale_mask(float (&s)[NT][4], bool mask, int c0,
+                                           const int (&row)[2], const int (&first)[2], float scale,
+                                           float (&x_max)[2]) {
+  const int lane = threadIdx.x & 31;
+  x_max[0] = x_max[1] = -INFINITY;
+  if (mask) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = c0 + nt * 8 + 2 * (lane & 3) + (e & 1), r = e / 2;
+        s[nt][e] = col > row[r] || col < first[r] ? -INFINITY : s[nt][e] * scale;
+        x_max[r] = fmaxf(x_max[r], s[nt][e]);
+      }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] *= scale;
+        x_max[e / 2] = fmaxf(x_max[e / 2], s[nt][e]);
+      }
+  }
+}
+
 // Writes this warp's 16 x W accumulator (rows row0 + {lane / 4, lane / 4 + 8}) times `f` as bf16
 // through the warp's own rows of the shared tile `s` (row stride W + 8), then copies the rows
 // [0, valid) to global memory (row stride gs) with 16-byte stores.
