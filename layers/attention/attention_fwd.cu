@@ -110,30 +110,9 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
     const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
 #pragma unroll
     for (int m = 0; m < kMt; ++m) {
-      float x[2];
-      scale_mask<Bc / 8>(s[m], mask, c0, tr[m], ds[m], p.scale_log2, x);
-      float base[2], alpha[2], sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float n = fmaxf(mx[m][r], quad_max(x[r]));
-        // A row with no visible key yet keeps m = -inf: its base is 0, so p and alpha are 0.
-        base[r] = n == -INFINITY ? 0.f : n;
-        alpha[r] = ex2(mx[m][r] - base[r]);
-        mx[m][r] = n;
-      }
-#pragma unroll
-      for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[m][nt][e] = ex2(s[m][nt][e] - base[e / 2]);
-          sum[e / 2] += s[m][nt][e];
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) l[m][r] = l[m][r] * alpha[r] + sum[r];
-#pragma unroll
-      for (int nt = 0; nt < P / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[m][nt][e] *= alpha[e / 2];
+      float alpha[2];
+      online_softmax<Bc / 8>(s[m], mask, c0, tr[m], ds[m], p.scale_log2, mx[m], l[m], alpha);
+      rescale<P / 8>(o[m], alpha);
     }
 #pragma unroll
     for (int kk = 0; kk < Bc / 16; ++kk) {
@@ -256,30 +235,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
     }
     wgmma_commit();
   };
-  // S_j -> probabilities (in s), the row maxima and sums, and alpha = 2^(m_old - m_new).
+  // S_j -> probabilities (in s), the row maxima and sums, and alpha.
   auto softmax = [&](int j) {
     const int c0 = j * Bc;
     const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
-    float x[2];
-    scale_mask<Bc / 8>(s, mask, c0, tr, ds, p.scale_log2, x);
-    float base[2], sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float n = fmaxf(mx[r], quad_max(x[r]));
-      // A row with no visible key yet keeps m = -inf: its base is 0, so p and alpha are 0.
-      base[r] = n == -INFINITY ? 0.f : n;
-      alpha[r] = ex2(mx[r] - base[r]);
-      mx[r] = n;
-    }
-#pragma unroll
-    for (int nt = 0; nt < Bc / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = ex2(s[nt][e] - base[e / 2]);
-        sum[e / 2] += s[nt][e];
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+    online_softmax<Bc / 8>(s, mask, c0, tr, ds, p.scale_log2, mx, l, alpha);
   };
   auto stage = [&](int j) {  // tiles of iteration j are in; start the loads of iteration j + 1
     cp_async_wait();
@@ -319,10 +279,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
     softmax(j);
     wgmma_wait<0>();  // P_j-1 V_j-1 is in O: rescale, then P_j may replace P_j-1
     wgmma_reg_fence(o);
-#pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e / 2];
+    rescale<P / 8>(o, alpha);
     to_afrag<Bc / 8>(s, pf);
   }
   stage(j1 + 1);

@@ -49,34 +49,63 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
-// Scales a 16 x 8 NT fragment of scores for keys c0 .. c0 + 8 NT - 1 to base 2 (x = s scale)
-// and, when `mask` (tiles that cross the diagonal or a document start), hides (-inf) the keys a
-// row does not see: past the row (row[r]) or before its document (first[r]). x_max gets each
-// row's maximum over this thread's columns.
+// One step of the online softmax on a 16 x 8 NT fragment of raw scores s for keys c0 ..
+// c0 + 8 NT - 1 (rows row[0], row[1] of this thread). When `mask` (tiles that cross the diagonal
+// or a document start) the keys a row does not see (past the row, or before its document's
+// first key first[r]) are hidden. With x = s scale_log2 (base 2), per row:
+//   m' = max(m, max_s x),  alpha = 2^(m - m'),  p = 2^(x - m'),  l' = l alpha + sum_s p
+// computed as one FFMA per score; s becomes p. A row with no visible key yet keeps m = -inf and
+// gets base 0, so its p and alpha are 0.
 template <int NT>
-__device__ __forceinline__ void scale_mask(float (&s)[NT][4], bool mask, int c0,
-                                           const int (&row)[2], const int (&first)[2], float scale,
-                                           float (&x_max)[2]) {
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], bool mask, int c0,
+                                               const int (&row)[2], const int (&first)[2],
+                                               float scale_log2, float (&m)[2], float (&l)[2],
+                                               float (&alpha)[2]) {
   const int lane = threadIdx.x & 31;
-  x_max[0] = x_max[1] = -INFINITY;
+  float x[2] = {-INFINITY, -INFINITY};
   if (mask) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = c0 + nt * 8 + 2 * (lane & 3) + (e & 1), r = e / 2;
-        s[nt][e] = col > row[r] || col < first[r] ? -INFINITY : s[nt][e] * scale;
-        x_max[r] = fmaxf(x_max[r], s[nt][e]);
+        if (col > row[r] || col < first[r]) s[nt][e] = -INFINITY;
+        x[r] = fmaxf(x[r], s[nt][e]);
       }
   } else {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] *= scale;
-        x_max[e / 2] = fmaxf(x_max[e / 2], s[nt][e]);
-      }
+      for (int e = 0; e < 4; ++e) x[e / 2] = fmaxf(x[e / 2], s[nt][e]);
   }
+  float base[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float n = fmaxf(m[r], quad_max(x[r]) * scale_log2);
+    base[r] = n == -INFINITY ? 0.f : n;
+    alpha[r] = ex2(m[r] - base[r]);
+    m[r] = n;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = ex2(fmaf(s[nt][e], scale_log2, -base[e / 2]));
+      sum[e / 2] += s[nt][e];
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+}
+
+// o (16 x 8 NT) *= alpha per row, skipped when no row's maximum moved (alpha = 1), as happens on
+// most tiles far from a row's start.
+template <int NT>
+__device__ __forceinline__ void rescale(float (&o)[NT][4], const float (&alpha)[2]) {
+  if (alpha[0] == 1.f && alpha[1] == 1.f) return;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e / 2];
 }
 
 // Writes this warp's 16 x W accumulator (rows row0 + {lane / 4, lane / 4 + 8}) times `f` as bf16
