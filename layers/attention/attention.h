@@ -37,8 +37,8 @@ struct AttentionInputs {
   // GPU only.
   const Tensor* workspace = nullptr;  // backward: f32, attention_gpu_workspace_elems()
   bool deterministic = true;          // backward: dq summed in a fixed order (else f32 atomics)
-  bool hopper = true;                 // forward: warpgroup products on sm_90 (false: sm_80 path)
-  void* stream = nullptr;             // CUDA stream (null: the default stream)
+  bool hopper = false;     // forward: the warpgroup (wgmma) kernel on sm_90; measured slower so far
+  void* stream = nullptr;  // CUDA stream (null: the default stream)
 };
 
 int64_t attention_gpu_workspace_elems(const AttentionInputs& in);
