@@ -86,8 +86,8 @@ std::vector<Zero1Run> zero1_runs(const ParamSet& params, const Zero1AdamW& opt) 
   const int64_t lo = opt.shard_begin(), hi = lo + opt.shard_size();
   std::vector<Zero1Run> out;
   for (const Param& p : params.all()) {
-    if (!p.trainable) continue;
-    const int64_t off = params.flat_offset(p), a = std::max(off, lo),
+    if (!p.trainable || p.region != opt.region()) continue;
+    const int64_t off = params.region_offset(p), a = std::max(off, lo),
                   b = std::min(off + p.value.numel(), hi);
     out.push_back(a < b ? Zero1Run{&p, a - off, b - a, a - lo} : Zero1Run{&p, 0, 0, 0});
   }
@@ -341,7 +341,9 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,
                                           bool with_params, bool with_replicated) {
   std::vector<CheckpointPiece> out;
-  auto writes = [&](const Param& p) { return with_replicated || !p.boxes.empty(); };
+  auto writes = [&](const Param& p) {
+    return p.region == opt.region() && (with_replicated || !p.boxes.empty());
+  };
   if (with_params)
     for (const Param& p : params.all())
       for (const BoxRun& b : writes(p) ? box_runs(p, 0, p.value.numel()) : std::vector<BoxRun>{})
@@ -897,7 +899,8 @@ std::vector<CheckpointRead> zero1_reads(ParamSet& params, const Zero1AdamW& opt,
   v.assign(opt.shard_size(), 0.f);
   std::vector<CheckpointRead> out;
   for (Param& p : params.all())
-    for (const BoxRun& b : box_runs(p, 0, p.value.numel()))
+    for (const BoxRun& b :
+         p.region == opt.region() ? box_runs(p, 0, p.value.numel()) : std::vector<BoxRun>{})
       out.push_back({"param", p.name, p.value.dtype, p.global_shape, b.start, b.count,
                      static_cast<char*>(p.value.data) + b.at * dtype_size(p.value.dtype), b.off,
                      b.ext});

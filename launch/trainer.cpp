@@ -61,57 +61,96 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
 }
 
 // The optimizer of a run: AdamW on one process, ZeRO-1 AdamW over the data-parallel group.
-// Checkpoints hold the state in logical (unsharded) coordinates either way: a process writes it
-// whole, ZeRO-1 ranks each write their runs of it; either layout resumes from either.
+// Under expert parallelism the expert weights (parameter region 1) get their own ZeRO-1 over the
+// expert-data-parallel group, and the global gradient norm adds both regions (the experts' summed
+// over the expert-parallel ranks, which hold different experts). Checkpoints hold the state in
+// logical (unsharded) coordinates either way: a process writes it whole, ZeRO-1 ranks each write
+// their runs of it; either layout resumes from either.
 class RunOptimizer {
  public:
   // Several ranks (dp and tp groups given) always run ZeRO-1, even over a dp group of one: its
-  // checkpoints are the sharded ones, which tensor-parallel shards need.
+  // checkpoints are the sharded ones, which tensor-parallel shards need. edp and ep: the
+  // expert-data-parallel and expert-parallel groups (expert parallelism only); remote: the
+  // parameters other expert-parallel ranks hold.
   RunOptimizer(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator* dp,
-               Communicator* tp)
-      : params_(params) {
+               Communicator* tp, Communicator* edp = nullptr, Communicator* ep = nullptr,
+               std::vector<RemoteParam> remote = {})
+      : params_(params), ep_(ep), remote_(std::move(remote)) {
     if (dp)
       zero_ = std::make_unique<Zero1AdamW>(params, cfg, backend, *dp, tp);
     else
       adam_ = std::make_unique<AdamW>(params, cfg, backend);
+    if (ep) experts_ = std::make_unique<Zero1AdamW>(params, cfg, backend, *edp, tp, 1);
   }
   // Reduces the gradients over the group (ZeRO-1) and returns the global norm.
   double reduce_and_norm() {
     if (!zero_) return adam_->grad_norm();
     zero_->reduce_gradients();
-    return zero_->grad_norm();
+    if (!experts_) return zero_->grad_norm();
+    experts_->reduce_gradients();
+    double e = experts_->grad_norm_sq();
+    ep_->all_reduce(Tensor::contiguous_view(&e, DType::f64, Device::cpu, {1}, "expert_norm"),
+                    ReduceOp::sum);
+    return std::sqrt(zero_->grad_norm_sq() + e);
   }
-  void step(double lr, double norm) { zero_ ? zero_->step(lr, norm) : adam_->step(lr, norm); }
+  void step(double lr, double norm) {
+    if (!zero_) return adam_->step(lr, norm);
+    zero_->step(lr, norm);
+    if (experts_) experts_->step(lr, norm);
+  }
   bool sharded() const { return zero_ != nullptr; }
   // The whole state of a single process.
   std::vector<CheckpointTensor> checkpoint_state() { return training_state(params_, *adam_); }
-  // Under ZeRO-1, what this rank writes of a sharded checkpoint.
-  std::vector<CheckpointPiece> shard_pieces(bool with_params, bool with_replicated) const {
-    return zero1_pieces(params_, *zero_, with_params, with_replicated);
+  // Under ZeRO-1, what this rank writes of a sharded checkpoint: its runs of the optimizer state,
+  // the parameters when it is the first of its data-parallel group (dense_params) or of its
+  // expert-data-parallel group (expert_params), and those every tp rank holds whole only when
+  // with_replicated.
+  std::vector<CheckpointPiece> shard_pieces(bool dense_params, bool expert_params,
+                                            bool with_replicated) const {
+    std::vector<CheckpointPiece> out = zero1_pieces(params_, *zero_, dense_params, with_replicated);
+    if (experts_)
+      for (CheckpointPiece& p : zero1_pieces(params_, *experts_, expert_params, with_replicated))
+        out.push_back(std::move(p));
+    return out;
   }
-  // Under ZeRO-1 each rank reads only its runs of the masters and moments (and the parameters).
+  // Under ZeRO-1 each rank reads only its runs of the masters and moments (and the parameters it
+  // holds); the other expert-parallel ranks' tensors are named with empty reads (the checkpoint's
+  // keys are checked whole).
   void load(const std::string& dir, int64_t steps) {
     if (!zero_) return load_checkpoint(dir, params_, *adam_);
-    std::vector<float> master, m, v;
-    load_checkpoint_ranges(dir, zero1_reads(params_, *zero_, master, m, v));
+    std::vector<float> master, m, v, e_master, e_m, e_v;
+    std::vector<CheckpointRead> reads = zero1_reads(params_, *zero_, master, m, v);
+    if (experts_) {
+      for (CheckpointRead& r : zero1_reads(params_, *experts_, e_master, e_m, e_v))
+        reads.push_back(std::move(r));
+      const DType t = params_.all().front().value.dtype;
+      for (const RemoteParam& r : remote_)
+        for (auto [kind, dtype] : {std::pair{"param", t},
+                                   {"master", DType::f32},
+                                   {"exp_avg", DType::f32},
+                                   {"exp_avg_sq", DType::f32}})
+          reads.push_back({kind, r.name, dtype, r.shape, 0, 0, nullptr});
+    }
+    load_checkpoint_ranges(dir, reads);
     zero_->load_shard(master, m, v, steps);
+    if (experts_) experts_->load_shard(e_master, e_m, e_v, steps);
   }
 
  private:
   ParamSet& params_;
+  Communicator* ep_;
+  std::vector<RemoteParam> remote_;
   std::unique_ptr<AdamW> adam_;
-  std::unique_ptr<Zero1AdamW> zero_;
+  std::unique_ptr<Zero1AdamW> zero_, experts_;
 };
 
 }  // namespace
 
 TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const Layout layout = resolve_layout(cfg, world ? world->size() : 1);
-  for (auto [name, v] : {std::pair{"pp", layout.pp}, {"ep", layout.ep}})
-    BRAID_REQUIRE(v == 1, "parallel.", name, " = ", v,
-                  ": this build parallelises over data, tensors and context only (pipeline and "
-                  "expert parallelism are not built into training yet); set parallel.",
-                  name, "=1");
+  BRAID_REQUIRE(layout.pp == 1, "parallel.pp = ", layout.pp,
+                ": this build parallelises over data, tensors, context and experts only "
+                "(pipeline parallelism is not built into training yet); set parallel.pp=1");
   BRAID_REQUIRE(layout.etp == 1 || layout.etp == layout.tp, "parallel.etp = ", layout.etp,
                 ": experts are split over the tensor-parallel ranks (etp = tp = ", layout.tp,
                 ") or not at all (etp = 1)");
@@ -122,8 +161,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   // This rank's groups (collective): data parallel (which samples), tensor parallel, context
   // parallel (which shard of each sequence), and data x context parallel, over which the
   // gradients are summed and ZeRO-1 shards the optimizer.
-  std::unique_ptr<Communicator> dp_group, tp_group, cp_group, grad_group;
-  int dp_rank = 0, tp_rank = 0, cp_rank = 0, grad_rank = 0;
+  // Expert parallelism adds the expert-parallel group (which experts) and the expert-data-parallel
+  // group (the ranks holding the same experts, over which their gradients are summed).
+  std::unique_ptr<Communicator> dp_group, tp_group, cp_group, grad_group, ep_group, edp_group;
+  int dp_rank = 0, tp_rank = 0, cp_rank = 0, grad_rank = 0, edp_rank = 0;
   if (world && world->size() > 1) {
     const RankGrid grid(layout, world->size());
     dp_group = make_group(*world, grid, Dim::dp);
@@ -132,6 +173,11 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     grad_group = make_data_group(*world, grid);
     dp_rank = dp_group->rank(), tp_rank = tp_group->rank(), cp_rank = cp_group->rank();
     grad_rank = grad_group->rank();
+    if (layout.ep > 1) {
+      ep_group = make_group(*world, grid, Dim::ep);
+      edp_group = make_group(*world, grid, Dim::edp);
+      edp_rank = edp_group->rank();
+    }
   }
   const bool lead = rank == 0;  // rank 0 prints and writes files
   auto say = [&](const char* fmt, auto... args) {
@@ -161,11 +207,13 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   auto backend = make_cpu_backend();
   // Parameters padded to a multiple of dp x cp elements: ZeRO-1 shards are equal.
+  // Expert weights (expert parallelism) padded to a multiple of the expert-data-parallel size.
   Model model(cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
               TensorParallel{tp_group.get(), layout.sequence_parallel},
-              cp > 1 ? cp_group.get() : nullptr);
+              cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1);
   model.initialize(ts.seed);
-  RunOptimizer opt(model.params(), cfg.adamw, *backend, grad_group.get(), tp_group.get());
+  RunOptimizer opt(model.params(), cfg.adamw, *backend, grad_group.get(), tp_group.get(),
+                   edp_group.get(), ep_group.get(), model.remote_params());
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   BatchBuffers whole(*backend, b, t), shard(*backend, b, t_local);
   const Batch& input = cp > 1 ? shard.batch : whole.batch;
@@ -184,8 +232,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   const MemoryReport mem = model.memory();
   const double flops_tok = model.flops_per_token(t);
-  say("layout: %d ranks, tp %d%s, cp %d, dp %d\n", world ? world->size() : 1, layout.tp,
-      layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", cp, dp);
+  say("layout: %d ranks, tp %d%s, cp %d, dp %d, ep %d (expert data parallel %d)\n",
+      world ? world->size() : 1, layout.tp,
+      layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", cp, dp, layout.ep,
+      edp_group ? edp_group->size() : dp * cp);
   say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
       cfg.model.pattern.c_str(), (long long)model.params().numel(),
       (long long)model.params().numel(true), flops_tok / 1e9);
@@ -257,7 +307,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
     const auto c0 = Clock::now();
     if (opt.sharded()) {  // every rank writes its shard; collective
-      const std::vector<CheckpointPiece> pieces = opt.shard_pieces(grad_rank == 0, tp_rank == 0);
+      const std::vector<CheckpointPiece> pieces =
+          opt.shard_pieces(grad_rank == 0, edp_rank == 0, tp_rank == 0);
       if (cfg.checkpoint.async) {
         sharded_writer.submit(ckpt_dir, meta, pieces, [&](const std::string& dir) {
           if (!lead) return;

@@ -5,10 +5,14 @@
 namespace braid {
 
 Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp,
-                       Communicator* tp)
-    : params_(params), cfg_(cfg), dp_(dp), tp_(tp && tp->size() > 1 ? tp : nullptr) {
+                       Communicator* tp, int region)
+    : params_(params),
+      cfg_(cfg),
+      dp_(dp),
+      tp_(tp && tp->size() > 1 ? tp : nullptr),
+      region_(region) {
   (void)backend;
-  const Tensor flat = params.flat_values();
+  const Tensor flat = params.region_values(region);
   BRAID_CHECK(flat.dtype == DType::f32 && flat.device == Device::cpu,
               "ZeRO-1 AdamW (CPU): parameters must be f32 host tensors, got ", flat.describe());
   BRAID_CHECK(flat.numel() % dp.size() == 0, "ZeRO-1 AdamW: ", flat.numel(),
@@ -19,8 +23,8 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
   mask_.assign(shard_, frozen);
   replicated_.assign(shard_, 0);
   for (const Param& p : params.all()) {
-    if (!p.trainable) continue;
-    const int64_t off = params.flat_offset(p), n = p.value.numel();
+    if (!p.trainable || p.region != region) continue;
+    const int64_t off = params.region_offset(p), n = p.value.numel();
     const int64_t lo = std::max(off, begin_), hi = std::min(off + n, begin_ + shard_);
     for (int64_t i = lo; i < hi; ++i) {
       mask_[i - begin_] = p.weight_decay ? decay : no_decay;
@@ -37,12 +41,12 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
 
 void Zero1AdamW::reduce_gradients() {
   dp_.reduce_scatter(
-      params_.flat_grads(),
+      params_.region_grads(region_),
       Tensor::contiguous_view(grad_.data(), DType::f32, Device::cpu, {shard_}, "grad_shard"),
       ReduceOp::sum);
 }
 
-double Zero1AdamW::grad_norm() {
+double Zero1AdamW::grad_norm_sq() {
   // [sum over tensor-parallel shards, sum over elements every tp rank holds]
   std::vector<double> s{0, 0};
   for (int64_t i = 0; i < shard_; ++i)
@@ -53,7 +57,7 @@ double Zero1AdamW::grad_norm() {
   };
   sum(dp_);
   if (tp_) sum(*tp_);  // the replicated sums are equal on every tp rank: counted once below
-  return std::sqrt(s[0] + (tp_ ? s[1] / tp_->size() : s[1]));
+  return s[0] + (tp_ ? s[1] / tp_->size() : s[1]);
 }
 
 void Zero1AdamW::step(double lr, double norm) {
@@ -74,12 +78,12 @@ void Zero1AdamW::step(double lr, double norm) {
                    step_size * m_[i] / (std::sqrt(v_[i]) * inv_sqrt_bc2 + eps);
       send_[i] = master_[i];
     } else {
-      send_[i] = params_.flat_values().ptr<float>()[begin_ + i];  // frozen: unchanged
+      send_[i] = params_.region_values(region_).ptr<float>()[begin_ + i];  // frozen: unchanged
     }
   }
   dp_.all_gather(
       Tensor::contiguous_view(send_.data(), DType::f32, Device::cpu, {shard_}, "param_shard"),
-      params_.flat_values());
+      params_.region_values(region_));
 }
 
 void Zero1AdamW::gather_state(std::vector<float>& master, std::vector<float>& m,

@@ -7,8 +7,13 @@
 // parameters and alignment gaps are never updated.
 // Under tensor parallelism (tp: the group of ranks holding the other shards of the same
 // parameters), the global norm adds every rank's tensor-parallel shards and counts the
-// parameters every tp rank holds whole (norms) once.
+// parameters every tp rank holds whole (norms) once. An instance covers one region of the
+// ParamSet: the replicated parameters over the data-parallel group, or (expert parallelism) the
+// expert weights over the expert-data-parallel group; the trainer adds the regions' squared
+// norms.
 #pragma once
+
+#include <cmath>
 
 #include <vector>
 
@@ -20,13 +25,17 @@ namespace braid {
 
 class Zero1AdamW {
  public:
+  // Over the parameters of one region of `params` (0: replicated over the data-parallel group,
+  // which is `dp`; 1: the expert weights, with `dp` the expert-data-parallel group).
   Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp,
-             Communicator* tp = nullptr);
+             Communicator* tp = nullptr, int region = 0);
 
   // Sums the gradients over the group into this rank's shard.
   void reduce_gradients();
-  // Global L2 norm of the reduced gradient (f64, fixed order within a rank, then summed).
-  double grad_norm();
+  // Global L2 norm of the reduced gradient (f64, fixed order within a rank, then summed), and its
+  // square (to combine with another region's).
+  double grad_norm() { return std::sqrt(grad_norm_sq()); }
+  double grad_norm_sq();
   // Updates this rank's shard with learning rate lr and all-gathers the parameters.
   void step(double lr, double norm);
 
@@ -37,6 +46,7 @@ class Zero1AdamW {
   void load_shard(const std::vector<float>& master, const std::vector<float>& m,
                   const std::vector<float>& v, int64_t steps_taken);
 
+  int region() const { return region_; }
   int64_t shard_begin() const { return begin_; }
   int64_t shard_size() const { return shard_; }
   // This rank's fp32 master weights and Adam moments, elements [shard_begin, + shard_size) of the
@@ -53,6 +63,7 @@ class Zero1AdamW {
   AdamWConfig cfg_;
   Communicator& dp_;
   Communicator* tp_;
+  int region_ = 0;
   int64_t begin_ = 0, shard_ = 0, t_ = 0;
   std::vector<float> master_, m_, v_, grad_, send_;
   std::vector<uint8_t> mask_;

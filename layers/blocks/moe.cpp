@@ -10,6 +10,7 @@ namespace braid {
 MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, double init_std,
                    double out_std, const TensorParallel& tp, Communicator* ep)
     : cfg_(cfg),
+      prefix_(p),
       tp_(tp),
       ep_(ep && ep->size() > 1 ? ep : nullptr),
       ffn_(cfg.ffn / tp.size()),
@@ -26,10 +27,11 @@ MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, dou
   for (int64_t i = e0_; i < e0_ + local_; ++i) {
     const std::string en = pname(p, "experts." + std::to_string(i));
     const ParamInit in{ParamInit::Kind::normal, init_std}, out{ParamInit::Kind::normal, out_std};
+    const int region = ep_ ? 1 : 0;  // split over ep: replicated only over expert data parallel
     experts_.push_back(
-        {ps.add(pname(en, "gate_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
-         ps.add(pname(en, "up_proj.weight"), {f, d}, in, true, true, tp.shard(0)),
-         ps.add(pname(en, "down_proj.weight"), {d, f}, out, true, true, tp.shard(1))});
+        {ps.add(pname(en, "gate_proj.weight"), {f, d}, in, true, true, tp.shard(0), region),
+         ps.add(pname(en, "up_proj.weight"), {f, d}, in, true, true, tp.shard(0), region),
+         ps.add(pname(en, "down_proj.weight"), {d, f}, out, true, true, tp.shard(1), region)});
   }
   if (cfg.shared_ffn > 0) {
     TensorParallel partial = tp;  // summed with the experts' outputs, once
@@ -37,6 +39,19 @@ MoeBlock::MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& p, dou
     shared_ = std::make_unique<MlpBlock>(MlpConfig{d, cfg.shared_ffn}, ps,
                                          pname(p, "shared_expert"), init_std, out_std, partial);
   }
+}
+
+std::vector<RemoteParam> MoeBlock::remote_params() const {
+  std::vector<RemoteParam> out;
+  const int64_t d = cfg_.d_model, f = cfg_.ffn;
+  for (int64_t i = 0; i < cfg_.experts; ++i) {
+    if (i >= e0_ && i < e0_ + local_) continue;
+    const std::string en = pname(prefix_, "experts." + std::to_string(i));
+    out.push_back({pname(en, "gate_proj.weight"), {f, d}});
+    out.push_back({pname(en, "up_proj.weight"), {f, d}});
+    out.push_back({pname(en, "down_proj.weight"), {d, f}});
+  }
+  return out;
 }
 
 void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {

@@ -60,6 +60,8 @@ class MoeBlock final : public Block {
   // Assignments per expert since the last step ([E] i32); data-parallel runs sum them over the
   // group before after_optimizer_step, so every rank updates the bias identically.
   const Tensor& step_counts() const { return step_counts_; }
+  // Under expert parallelism, the expert weights the other ranks hold (whole-tensor names).
+  std::vector<RemoteParam> remote_params() const;
 
  private:
   struct Expert {
@@ -80,6 +82,7 @@ class MoeBlock final : public Block {
   void to_experts(const Tensor& rows, const Tensor& recv);
   void from_experts(const Tensor& recv, const Tensor& rows);
   MoeConfig cfg_;
+  std::string prefix_;
   TensorParallel tp_;
   Communicator* ep_;
   int64_t e0_ = 0, local_ = 0;  // first expert on this rank, experts on this rank

@@ -136,7 +136,8 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
 }
 
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
-             int64_t pad_elems, const TensorParallel& tp, Communicator* cp)
+             int64_t pad_elems, const TensorParallel& tp, Communicator* cp, Communicator* ep,
+             int64_t expert_pad_elems)
     : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
@@ -182,7 +183,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       case 'E': {
         MoeConfig m = cfg_.moe;
         m.d_model = d;
-        auto blk = std::make_unique<MoeBlock>(m, params_, mp, std, out_std, tp);
+        auto blk = std::make_unique<MoeBlock>(m, params_, mp, std, out_std, tp, ep);
         moe_blocks_.push_back(blk.get());
         blocks_.push_back(std::move(blk));
         break;
@@ -193,7 +194,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   if (!cfg_.tie_embeddings)
     head_ = params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std},
                         true, true, tp.shard(0));
-  params_.allocate(backend, dtype, pad_elems);
+  params_.allocate(backend, dtype, pad_elems, expert_pad_elems);
 
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
   // block's scratch starts at the same offset (blocks run one at a time).
@@ -269,6 +270,13 @@ void Model::forward(const Batch& batch, const BatchMeta& meta) {
                   final_rstd_);
   if (sp_) gather(tp_, final_local_, final_normed_);
   linear_forward(final_normed_, head_ ? head_->value : embed_->value, nullptr, logits_);
+}
+
+std::vector<RemoteParam> Model::remote_params() const {
+  std::vector<RemoteParam> out;
+  for (const MoeBlock* m : moe_blocks_)
+    for (RemoteParam& r : m->remote_params()) out.push_back(std::move(r));
+  return out;
 }
 
 Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale, double aux_scale) {

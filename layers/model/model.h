@@ -69,8 +69,11 @@ class Model {
   // cp: the context-parallel group; the model then holds shard cp.rank() of every sequence (seq
   // is the shard's length; the batch's seq_idx numbers documents over the whole sequence and its
   // positions count from each document's start).
+  // ep: the expert-parallel group (each rank holds E/ep experts of every MoE layer, in parameter
+  // region 1, padded to a multiple of expert_pad_elems: the expert-data-parallel size).
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
-        int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr);
+        int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr,
+        Communicator* ep = nullptr, int64_t expert_pad_elems = 1);
 
   void initialize(uint64_t seed) { params_.initialize(seed); }
   // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the
@@ -92,6 +95,8 @@ class Model {
   std::vector<Tensor> moe_step_counts() const;
 
   ParamSet& params() { return params_; }
+  // The parameters other expert-parallel ranks hold (empty without expert parallelism).
+  std::vector<RemoteParam> remote_params() const;
   const ModelConfig& config() const { return cfg_; }
   MemoryReport memory() const;
   // Model FLOPs (forward + backward) per token at sequence length seq.

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 namespace braid {
 
@@ -12,8 +13,10 @@ uint32_t tensor_id_of(const std::string& name) {
 }
 
 Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit init,
-                     bool weight_decay, bool trainable, ParamShard shard) {
+                     bool weight_decay, bool trainable, ParamShard shard, int region) {
   BRAID_CHECK(find(name) == nullptr, "parameter '", name, "' registered twice");
+  BRAID_CHECK(region == 0 || region == 1, "parameter '", name, "': region ", region,
+              " is not 0 or 1");
   BRAID_CHECK(!backend_, "parameter '", name, "' registered after allocation");
   std::vector<int64_t> local = shape;
   std::vector<ParamBox> boxes;
@@ -46,6 +49,7 @@ Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit ini
                           init,
                           weight_decay,
                           trainable,
+                          region,
                           {},
                           {}});
   return &params_.back();
@@ -68,31 +72,54 @@ int64_t ParamSet::numel(bool trainable_only) const {
   return n;
 }
 
-void ParamSet::allocate(Backend& backend, DType dtype, int64_t pad_elems) {
-  BRAID_CHECK(pad_elems >= 1, "ParamSet::allocate: padding multiple ", pad_elems,
-              " must be positive");
+void ParamSet::allocate(Backend& backend, DType dtype, int64_t pad_elems,
+                        int64_t expert_pad_elems) {
+  BRAID_CHECK(pad_elems >= 1 && expert_pad_elems >= 1, "ParamSet::allocate: padding multiples ",
+              pad_elems, ", ", expert_pad_elems, " must be positive");
+  const size_t esize = dtype_size(dtype);
+  auto round_up = [](size_t x, size_t q) { return (x + q - 1) / q * q; };
+  bool experts = false;
+  for (const Param& p : params_) experts = experts || p.region == 1;
   // Values and gradients share one layout (a non-trainable parameter's gradient slot is reserved
-  // but unused), so the two arenas can be treated as flat vectors element by element.
+  // but unused), so the two arenas can be treated as flat vectors element by element. Region 1
+  // starts at a byte offset that is a multiple of region 0's padding quantum and of the arena
+  // alignment (a filler tensor takes the gap).
+  size_t region1 = 0, total = 0;
   auto bind = [&](Arena& a, bool grads) {
-    for (Param& p : params_) {
-      Tensor t = a.take(p.name + (grads ? ".grad" : ""), dtype, p.shape);
-      if (!grads)
-        p.value = t;
-      else if (p.trainable)
-        p.grad = t;
+    for (int r = 0; r < 2; ++r) {
+      if (r == 1) {
+        if (!experts) break;
+        const size_t start = round_up(a.used(), Arena::kAlign);
+        if (a.is_measuring())
+          region1 = round_up(a.used(), std::lcm(size_t(pad_elems) * esize, Arena::kAlign));
+        a.take("region_padding", DType::u8, {int64_t(region1 - start)});
+      }
+      for (Param& p : params_) {
+        if (p.region != r) continue;
+        Tensor t = a.take(p.name + (grads ? ".grad" : ""), dtype, p.shape);
+        if (!grads)
+          p.value = t;
+        else if (p.trainable)
+          p.grad = t;
+      }
     }
   };
   Arena plan = Arena::measuring("parameters", backend.device());
   bind(plan, false);
-  const size_t quantum = static_cast<size_t>(pad_elems) * dtype_size(dtype);
-  const size_t bytes = (plan.high_water() + quantum - 1) / quantum * quantum;
-  values_ = Arena::allocate("parameters", backend, bytes);
-  grads_ = Arena::allocate("gradients", backend, bytes);
+  if (experts)
+    total = region1 + round_up(plan.high_water() - region1, size_t(expert_pad_elems) * esize);
+  else
+    total = round_up(plan.high_water(), size_t(pad_elems) * esize);
+  values_ = Arena::allocate("parameters", backend, total);
+  grads_ = Arena::allocate("gradients", backend, total);
   // Alignment gaps and padding are zero and stay zero (nothing writes them).
   backend.fill(values_.bytes(), 0.0, {});
   backend.fill(grads_.bytes(), 0.0, {});
   bind(values_, false);
   bind(grads_, true);
+  region_begin_[0] = 0;
+  region_begin_[1] = int64_t((experts ? region1 : total) / esize);
+  region_begin_[2] = int64_t(total / esize);
   dtype_ = dtype;
   backend_ = &backend;
 }
@@ -107,6 +134,18 @@ Tensor ParamSet::flat_grads() const {
   return Tensor::contiguous_view(grads_.bytes().data, dtype_, grads_.device(),
                                  {static_cast<int64_t>(grads_.capacity() / dtype_size(dtype_))},
                                  "gradients");
+}
+
+Tensor ParamSet::region_values(int region) const {
+  const int64_t a = region_begin_[region], b = region_begin_[region + 1];
+  return Tensor::contiguous_view(static_cast<char*>(values_.bytes().data) + a * dtype_size(dtype_),
+                                 dtype_, values_.device(), {b - a}, "parameters");
+}
+
+Tensor ParamSet::region_grads(int region) const {
+  const int64_t a = region_begin_[region], b = region_begin_[region + 1];
+  return Tensor::contiguous_view(static_cast<char*>(grads_.bytes().data) + a * dtype_size(dtype_),
+                                 dtype_, grads_.device(), {b - a}, "gradients");
 }
 
 int64_t ParamSet::flat_offset(const Param& p) const {

@@ -4,6 +4,10 @@
 // tensor): the tensor id is a hash of the name, so any parallel layout initialises the same
 // logical tensor identically. A tensor-parallel rank holds a shard: one of `parts` equal slices
 // of the logical tensor along one dimension (a box of it, in checkpoint terms).
+// Parameters live in one of two regions of the arenas: region 0 holds what every data-parallel
+// rank replicates; region 1 the expert weights under expert parallelism, replicated only over the
+// expert-data-parallel ranks (so ZeRO-1 shards each region over its own group). Each region is
+// padded to its own multiple of elements.
 #pragma once
 
 #include <cstdint>
@@ -57,8 +61,16 @@ struct Param {
   ParamInit init;
   bool weight_decay = true;
   bool trainable = true;  // false: persistent state updated by a rule (MoE balancing bias)
+  int region = 0;         // 0: replicated over data parallelism; 1: expert-parallel weights
   Tensor value;
   Tensor grad;  // undefined when not trainable
+};
+
+// A parameter that other ranks hold (the experts of other expert-parallel ranks): its name and
+// logical shape, so that a checkpoint loader can name every tensor of the model.
+struct RemoteParam {
+  std::string name;
+  std::vector<int64_t> shape;
 };
 
 class ParamSet {
@@ -66,11 +78,11 @@ class ParamSet {
   // Registers a parameter of logical shape `shape` (of which this rank holds `shard`); the
   // returned pointer stays valid for the ParamSet's life.
   Param* add(std::string name, std::vector<int64_t> shape, ParamInit init, bool weight_decay,
-             bool trainable = true, ParamShard shard = {});
+             bool trainable = true, ParamShard shard = {}, int region = 0);
   // Allocates value and gradient arenas (dtype for both, one layout) and binds every Param's
-  // tensors; each arena's element count is a multiple of pad_elems (the data-parallel size, so
-  // the flat vectors split into equal shards).
-  void allocate(Backend& backend, DType dtype, int64_t pad_elems = 1);
+  // tensors, region 0 first; region 0 holds a multiple of pad_elems elements (the data-parallel
+  // size, so its flat vector splits into equal shards), region 1 of expert_pad_elems.
+  void allocate(Backend& backend, DType dtype, int64_t pad_elems = 1, int64_t expert_pad_elems = 1);
   void initialize(uint64_t seed);
   void zero_grads();
 
@@ -83,12 +95,18 @@ class ParamSet {
   Tensor flat_values() const;
   Tensor flat_grads() const;
   int64_t flat_offset(const Param& p) const;
+  // The same per region: its values and gradients as flat vectors, and where a parameter of the
+  // region starts in them (empty vectors for a region without parameters).
+  Tensor region_values(int region) const;
+  Tensor region_grads(int region) const;
+  int64_t region_offset(const Param& p) const { return flat_offset(p) - region_begin_[p.region]; }
   size_t value_bytes() const { return values_.capacity(); }
   size_t grad_bytes() const { return grads_.capacity(); }
 
  private:
   std::deque<Param> params_;
   Arena values_, grads_;
+  int64_t region_begin_[3] = {0, 0, 0};  // element offsets: region 0, region 1, end
   DType dtype_ = DType::f32;
   Backend* backend_ = nullptr;
 };

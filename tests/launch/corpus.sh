@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Sourced by the launch test scripts: prep_corpus BRAID WORK prepares a small corpus (the Python
 # standard library's modules a*-c*) with `braid prep` into WORK/data/{train,valid}.tok;
-# losses METRICS prints a run's training losses, one per step; compare NAME A B checks two
-# lists of losses agree pairwise within 1e-4 relative (the layout tests' tolerance);
+# losses METRICS prints a run's training losses, one per step (grad_norms: the gradient norms);
+# compare NAME A B [TOL] checks two lists agree pairwise within TOL relative (default 1e-4, the
+# layout tests' tolerance);
 # start_layout_test BRAID CONFIG MPIRUN... sets braid, config, mpirun_cmd and a temporary work
 # directory (removed on exit) holding the prepared corpus;
 # layout_args WORK sets `args`, the layout tests' small run (8 steps of the tiny hybrid, MoE
@@ -19,10 +20,11 @@ prep_corpus() {
   "$braid" prep --input "$work/src" --ext .py --out "$work/data" --valid-fraction 0.2
 }
 losses() { grep '"kind": "train"' "$1" | sed 's/.*"loss": \([^,]*\),.*/\1/'; }
+grad_norms() { grep '"kind": "train"' "$1" | sed 's/.*"grad_norm": \([^,]*\),.*/\1/'; }
 compare() {
-  paste <(echo "$2") <(echo "$3") | awk -v name="$1" '{
+  paste <(echo "$2") <(echo "$3") | awk -v name="$1" -v tol="${4:-1e-4}" '{
       d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r; n++ }
-    END { printf "%s: %d steps, largest relative loss difference %.2e\n", name, n, worst; exit !(n > 0 && worst <= 1e-4) }'
+    END { printf "%s: %d steps, largest relative difference %.2e (tolerance %s)\n", name, n, worst, tol; exit !(n > 0 && worst <= tol) }'
 }
 start_layout_test() {
   braid="$1"
