@@ -341,8 +341,8 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1AdamW& opt,
                                           bool with_params, bool with_replicated) {
   std::vector<CheckpointPiece> out;
-  auto writes = [&](const Param& p) {
-    return p.region == opt.region() && (with_replicated || !p.boxes.empty());
+  auto writes = [&](const Param& p) {  // a mirror's original is written by its own stage
+    return p.region == opt.region() && !p.mirror && (with_replicated || !p.boxes.empty());
   };
   if (with_params)
     for (const Param& p : params.all())

@@ -18,6 +18,7 @@
 #include "optim/adamw.h"
 #include "optim/zero1_adamw.h"
 #include "parallel/launch_env.h"
+#include "parallel/pipeline_executor.h"
 
 namespace braid {
 namespace {
@@ -60,6 +61,56 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
                   batch.positions);
 }
 
+// One pipeline stage's part of a training step: the executor (parallel/pipeline_executor.h) runs
+// the schedule's forwards and backwards over the step's microbatches. A stage before the last
+// sends its output after a forward and keeps only its input; its backward recomputes the forward
+// from that input first (full recompute: one microbatch's activations at a time, whatever the
+// schedule's depth). The last stage computes its loss in the backward. Buffers per microbatch:
+// the input and output activations and their gradients ([rows, D] each).
+class StageRun final : public PipeStage {
+ public:
+  StageRun(Model& model, int64_t microbatches, int64_t rows, int64_t d) : model_(model) {
+    for (auto* v : {&in_, &out_, &dout_, &din_})
+      for (int64_t i = 0; i < microbatches; ++i) v->emplace_back(size_t(rows * d), 0.f);
+    shape_ = {rows, d};
+  }
+  // The step's batches (one per microbatch) and loss scales; resets the sums.
+  void start(std::vector<const Batch*> batches, double grad_scale, double aux_scale) {
+    batches_ = std::move(batches), grad_scale_ = grad_scale, aux_scale_ = aux_scale;
+    loss_ = aux_ = 0;
+  }
+  double loss() const { return loss_; }
+  double aux() const { return aux_; }
+  Tensor input(int mb, int) override { return view(in_, mb, "stage_input"); }
+  Tensor output(int mb, int) override { return view(out_, mb, "stage_output"); }
+  Tensor output_grad(int mb, int) override { return view(dout_, mb, "stage_output_grad"); }
+  Tensor input_grad(int mb, int) override { return view(din_, mb, "stage_input_grad"); }
+  void forward(int mb, int) override {
+    if (model_.last_stage()) return;  // its forward runs with its backward
+    const Tensor in = input(mb, 0);
+    model_.forward_only(*batches_[mb], model_.first_stage() ? nullptr : &in);
+    std::memcpy(out_[mb].data(), model_.stage_output().data, out_[mb].size() * sizeof(float));
+  }
+  void backward(int mb, int) override {
+    const Tensor in = input(mb, 0), dout = output_grad(mb, 0), din = input_grad(mb, 0);
+    const bool first = model_.first_stage(), last = model_.last_stage();
+    const Model::StepResult r =
+        model_.forward_backward(*batches_[mb], grad_scale_, aux_scale_, first ? nullptr : &in,
+                                last ? nullptr : &dout, first ? nullptr : &din);
+    loss_ += r.loss.sum, aux_ += r.aux;
+  }
+
+ private:
+  Tensor view(std::vector<std::vector<float>>& v, int mb, const char* name) {
+    return Tensor::contiguous_view(v[mb].data(), DType::f32, Device::cpu, shape_, name);
+  }
+  Model& model_;
+  std::vector<std::vector<float>> in_, out_, dout_, din_;
+  std::vector<int64_t> shape_;
+  std::vector<const Batch*> batches_;
+  double grad_scale_ = 0, aux_scale_ = 0, loss_ = 0, aux_ = 0;
+};
+
 // The optimizer of a run: AdamW on one process, ZeRO-1 AdamW over the data-parallel group.
 // Under expert parallelism the expert weights (parameter region 1) get their own ZeRO-1 over the
 // expert-data-parallel group, and the global gradient norm adds both regions (the experts' summed
@@ -72,10 +123,11 @@ class RunOptimizer {
   // checkpoints are the sharded ones, which tensor-parallel shards need. edp and ep: the
   // expert-data-parallel and expert-parallel groups (expert parallelism only); remote: the
   // parameters other expert-parallel ranks hold.
+  // pp: the pipeline group (its stages hold different parameters: the norm adds them).
   RunOptimizer(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator* dp,
                Communicator* tp, Communicator* edp = nullptr, Communicator* ep = nullptr,
-               std::vector<RemoteParam> remote = {})
-      : params_(params), ep_(ep), remote_(std::move(remote)) {
+               Communicator* pp = nullptr, std::vector<RemoteParam> remote = {})
+      : params_(params), ep_(ep), pp_(pp), remote_(std::move(remote)) {
     if (dp)
       zero_ = std::make_unique<Zero1AdamW>(params, cfg, backend, *dp, tp);
     else
@@ -85,13 +137,20 @@ class RunOptimizer {
   // Reduces the gradients over the group (ZeRO-1) and returns the global norm.
   double reduce_and_norm() {
     if (!zero_) return adam_->grad_norm();
+    auto sum = [](Communicator& c, double& x) {
+      c.all_reduce(Tensor::contiguous_view(&x, DType::f64, Device::cpu, {1}, "grad_norm"),
+                   ReduceOp::sum);
+    };
     zero_->reduce_gradients();
-    if (!experts_) return zero_->grad_norm();
-    experts_->reduce_gradients();
-    double e = experts_->grad_norm_sq();
-    ep_->all_reduce(Tensor::contiguous_view(&e, DType::f64, Device::cpu, {1}, "expert_norm"),
-                    ReduceOp::sum);
-    return std::sqrt(zero_->grad_norm_sq() + e);
+    double sq = zero_->grad_norm_sq();
+    if (experts_) {
+      experts_->reduce_gradients();
+      double e = experts_->grad_norm_sq();
+      sum(*ep_, e);
+      sq += e;
+    }
+    if (pp_) sum(*pp_, sq);
+    return std::sqrt(sq);
   }
   void step(double lr, double norm) {
     if (!zero_) return adam_->step(lr, norm);
@@ -114,8 +173,8 @@ class RunOptimizer {
     return out;
   }
   // Under ZeRO-1 each rank reads only its runs of the masters and moments (and the parameters it
-  // holds); the other expert-parallel ranks' tensors are named with empty reads (the checkpoint's
-  // keys are checked whole).
+  // holds); the other pipeline stages' and expert-parallel ranks' tensors are named with empty
+  // reads (the checkpoint's keys are checked whole).
   void load(const std::string& dir, int64_t steps) {
     if (!zero_) return load_checkpoint(dir, params_, *adam_);
     std::vector<float> master, m, v, e_master, e_m, e_v;
@@ -123,14 +182,15 @@ class RunOptimizer {
     if (experts_) {
       for (CheckpointRead& r : zero1_reads(params_, *experts_, e_master, e_m, e_v))
         reads.push_back(std::move(r));
-      const DType t = params_.all().front().value.dtype;
-      for (const RemoteParam& r : remote_)
-        for (auto [kind, dtype] : {std::pair{"param", t},
-                                   {"master", DType::f32},
-                                   {"exp_avg", DType::f32},
-                                   {"exp_avg_sq", DType::f32}})
-          reads.push_back({kind, r.name, dtype, r.shape, 0, 0, nullptr});
     }
+    const DType t = params_.all().front().value.dtype;
+    for (const RemoteParam& r : remote_)
+      for (auto [kind, dtype] : {std::pair{"param", t},
+                                 {"master", DType::f32},
+                                 {"exp_avg", DType::f32},
+                                 {"exp_avg_sq", DType::f32}})
+        if (r.trainable || std::string(kind) == "param")
+          reads.push_back({kind, r.name, dtype, r.shape, 0, 0, nullptr});
     load_checkpoint_ranges(dir, reads);
     zero_->load_shard(master, m, v, steps);
     if (experts_) experts_->load_shard(e_master, e_m, e_v, steps);
@@ -138,7 +198,7 @@ class RunOptimizer {
 
  private:
   ParamSet& params_;
-  Communicator* ep_;
+  Communicator *ep_, *pp_;
   std::vector<RemoteParam> remote_;
   std::unique_ptr<AdamW> adam_;
   std::unique_ptr<Zero1AdamW> zero_, experts_;
@@ -148,23 +208,26 @@ class RunOptimizer {
 
 TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const Layout layout = resolve_layout(cfg, world ? world->size() : 1);
-  BRAID_REQUIRE(layout.pp == 1, "parallel.pp = ", layout.pp,
-                ": this build parallelises over data, tensors, context and experts only "
-                "(pipeline parallelism is not built into training yet); set parallel.pp=1");
   BRAID_REQUIRE(layout.etp == 1 || layout.etp == layout.tp, "parallel.etp = ", layout.etp,
                 ": experts are split over the tensor-parallel ranks (etp = tp = ", layout.tp,
                 ") or not at all (etp = 1)");
   BRAID_REQUIRE(cfg.train.seq_len % layout.cp == 0, "parallel.cp = ", layout.cp,
                 " must divide train.seq_len = ", cfg.train.seq_len,
                 " (each context-parallel rank holds an equal shard of every sequence)");
-  const int dp = layout.dp, cp = layout.cp, rank = world ? world->rank() : 0;
+  const int dp = layout.dp, cp = layout.cp, pp = layout.pp, rank = world ? world->rank() : 0;
+  BRAID_REQUIRE(pp == 1 || cfg.train.grad_accum >= pp, "parallel.pp = ", pp,
+                " needs train.grad_accum >= pp (the pipeline's microbatches), got ",
+                cfg.train.grad_accum);
   // This rank's groups (collective): data parallel (which samples), tensor parallel, context
   // parallel (which shard of each sequence), and data x context parallel, over which the
   // gradients are summed and ZeRO-1 shards the optimizer.
   // Expert parallelism adds the expert-parallel group (which experts) and the expert-data-parallel
   // group (the ranks holding the same experts, over which their gradients are summed).
-  std::unique_ptr<Communicator> dp_group, tp_group, cp_group, grad_group, ep_group, edp_group;
-  int dp_rank = 0, tp_rank = 0, cp_rank = 0, grad_rank = 0, edp_rank = 0;
+  // Pipeline parallelism adds the pipeline group (stage = its rank) and, with tied embeddings, the
+  // first and last stages' pair that sums the embedding table's gradient.
+  std::unique_ptr<Communicator> dp_group, tp_group, cp_group, grad_group, ep_group, edp_group,
+      pp_group, tied_group;
+  int dp_rank = 0, tp_rank = 0, cp_rank = 0, grad_rank = 0, edp_rank = 0, stage = 0;
   if (world && world->size() > 1) {
     const RankGrid grid(layout, world->size());
     dp_group = make_group(*world, grid, Dim::dp);
@@ -177,6 +240,13 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       ep_group = make_group(*world, grid, Dim::ep);
       edp_group = make_group(*world, grid, Dim::edp);
       edp_rank = edp_group->rank();
+    }
+    if (pp > 1) {
+      pp_group = make_group(*world, grid, Dim::pp);
+      stage = pp_group->rank();
+      const bool ends = stage == 0 || stage == pp - 1;
+      auto pair = pp_group->split(ends ? 0 : 1, stage, "tied_embeddings");
+      if (ends && cfg.model.tie_embeddings) tied_group = std::move(pair);
     }
   }
   const bool lead = rank == 0;  // rank 0 prints and writes files
@@ -210,19 +280,32 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   // Expert weights (expert parallelism) padded to a multiple of the expert-data-parallel size.
   Model model(cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
               TensorParallel{tp_group.get(), layout.sequence_parallel},
-              cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1);
+              cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1,
+              stage, pp);
   model.initialize(ts.seed);
   RunOptimizer opt(model.params(), cfg.adamw, *backend, grad_group.get(), tp_group.get(),
-                   edp_group.get(), ep_group.get(), model.remote_params());
+                   edp_group.get(), ep_group.get(), pp_group.get(), model.remote_params());
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
-  BatchBuffers whole(*backend, b, t), shard(*backend, b, t_local);
-  const Batch& input = cp > 1 ? shard.batch : whole.batch;
-  auto take_shard = [&]() {
+  // Under pipeline parallelism every microbatch of a step is held at once (the schedule
+  // interleaves them).
+  const int64_t held = pp > 1 ? ts.grad_accum : 1;
+  std::vector<std::unique_ptr<BatchBuffers>> wholes, shards;
+  for (int64_t i = 0; i < held; ++i) {
+    wholes.push_back(std::make_unique<BatchBuffers>(*backend, b, t));
+    shards.push_back(std::make_unique<BatchBuffers>(*backend, b, t_local));
+  }
+  auto input_of = [&](int64_t i) -> const Batch& {
+    return cp > 1 ? shards[i]->batch : wholes[i]->batch;
+  };
+  const BatchBuffers& whole = *wholes[0];
+  const Batch& input = input_of(0);
+  auto take_shard = [&](int64_t i = 0) {
     if (cp == 1) return;
-    for (auto [from, to] : {std::pair{&whole.batch.tokens, &shard.batch.tokens},
-                            {&whole.batch.targets, &shard.batch.targets},
-                            {&whole.batch.seq_idx, &shard.batch.seq_idx},
-                            {&whole.batch.positions, &shard.batch.positions}})
+    const Batch &from_b = wholes[i]->batch, &to_b = shards[i]->batch;
+    for (auto [from, to] : {std::pair{&from_b.tokens, &to_b.tokens},
+                            {&from_b.targets, &to_b.targets},
+                            {&from_b.seq_idx, &to_b.seq_idx},
+                            {&from_b.positions, &to_b.positions}})
       for (int64_t r = 0; r < b; ++r)
         std::memcpy(to->ptr<int32_t>() + r * t_local,
                     from->ptr<int32_t>() + r * t + cp_rank * t_local,
@@ -232,10 +315,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   const MemoryReport mem = model.memory();
   const double flops_tok = model.flops_per_token(t);
-  say("layout: %d ranks, tp %d%s, cp %d, dp %d, ep %d (expert data parallel %d)\n",
+  say("layout: %d ranks, tp %d%s, cp %d, dp %d, ep %d (expert data parallel %d), pp %d\n",
       world ? world->size() : 1, layout.tp,
       layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", cp, dp, layout.ep,
-      edp_group ? edp_group->size() : dp * cp);
+      edp_group ? edp_group->size() : dp * cp, pp);
   say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
       cfg.model.pattern.c_str(), (long long)model.params().numel(),
       (long long)model.params().numel(true), flops_tok / 1e9);
@@ -349,14 +432,33 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     std::fflush(stdout);
   };
   const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
+  const int64_t stage_rows =
+      layout.sequence_parallel && layout.tp > 1 ? b * t_local / layout.tp : b * t_local;
+  std::vector<float> eval_buf(size_t(stage_rows * cfg.model.d_model));
+  const Tensor eval_in = Tensor::contiguous_view(eval_buf.data(), DType::f32, Device::cpu,
+                                                 {stage_rows, cfg.model.d_model}, "stage_input");
+  std::unique_ptr<StageRun> stage_run;
+  if (pp > 1)
+    stage_run = std::make_unique<StageRun>(model, ts.grad_accum, stage_rows, cfg.model.d_model);
+  const PipeTable schedule = make_schedule(PipeSchedule::one_f_one_b, pp, int(ts.grad_accum));
   auto evaluate = [&]() {
     double sum = 0;
     int64_t count = 0;
     for (int64_t first = 0; first + b <= std::max(valid_rows, b); first += b) {
       fill(valid_data, valid_sampler, first, whole.batch);
       take_shard();
-      const LossSum l = model.evaluate(input);
+      // Through the pipeline: each stage takes the previous one's output.
+      if (!model.first_stage()) pp_group->recv(eval_in, stage - 1);
+      const LossSum l = model.evaluate(input, model.first_stage() ? nullptr : &eval_in);
+      if (!model.last_stage()) pp_group->send(model.stage_output(), stage + 1);
       sum += l.sum, count += l.count;
+    }
+    if (pp > 1) {  // the last stage's
+      std::vector<double> sums{sum, double(count)};
+      pp_group->all_reduce(
+          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "eval"),
+          ReduceOp::sum);
+      sum = sums[0], count = int64_t(sums[1]);
     }
     if (cp > 1) {  // every shard's tokens
       std::vector<double> sums{sum, double(count)};
@@ -380,14 +482,34 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   for (int64_t step = start_step; step < ts.steps; ++step) {
     model.params().zero_grads();
     double loss_sum = 0, aux = 0;
-    for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
-      fill(train_data, sampler, consumed + dp_rank * b, whole.batch);
-      take_shard();
-      consumed += dp * b;
-      const Model::StepResult r =
-          model.forward_backward(input, 1.0 / double(tokens_per_step), 1.0 / double(ts.grad_accum));
-      loss_sum += r.loss.sum;
-      aux += r.aux / double(ts.grad_accum);
+    if (pp == 1) {
+      for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
+        fill(train_data, sampler, consumed + dp_rank * b, whole.batch);
+        take_shard();
+        consumed += dp * b;
+        const Model::StepResult r = model.forward_backward(input, 1.0 / double(tokens_per_step),
+                                                           1.0 / double(ts.grad_accum));
+        loss_sum += r.loss.sum;
+        aux += r.aux / double(ts.grad_accum);
+      }
+    } else {  // every stage reads the same samples; the schedule runs the microbatches
+      std::vector<const Batch*> batches;
+      for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
+        fill(train_data, sampler, consumed + dp_rank * b, wholes[micro]->batch);
+        take_shard(micro);
+        consumed += dp * b;
+        batches.push_back(&input_of(micro));
+      }
+      stage_run->start(batches, 1.0 / double(tokens_per_step), 1.0 / double(ts.grad_accum));
+      run_pipeline(schedule, *stage_run, *pp_group);
+      std::vector<double> sums{stage_run->loss(), stage_run->aux() / double(ts.grad_accum)};
+      pp_group->all_reduce(  // the last stage's loss, every stage's auxiliary losses
+          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "stage_loss"),
+          ReduceOp::sum);
+      loss_sum = sums[0], aux = sums[1];
+      // Tied embeddings: the table's gradient is the first stage's lookup plus the last stage's
+      // output projection.
+      if (tied_group) tied_group->all_reduce(model.embeddings()->grad, ReduceOp::sum);
     }
     if (dp * cp > 1) {  // the global batch's loss: sum over the data and context ranks
       std::vector<double> sums{loss_sum, aux};

@@ -67,7 +67,7 @@ class Zero1AdamW {
   int64_t begin_ = 0, shard_ = 0, t_ = 0;
   std::vector<float> master_, m_, v_, grad_, send_;
   std::vector<uint8_t> mask_;
-  std::vector<uint8_t> replicated_;  // per element: held whole by every tp rank
+  std::vector<uint8_t> replicated_;  // per element: 1 held whole by every tp rank, 2 a mirror
 };
 
 }  // namespace braid

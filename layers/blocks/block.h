@@ -22,6 +22,9 @@ struct BatchMeta {
   // Context parallelism: the [B,T] tokens are rank r's shard of every sequence of this group
   // (consecutive shards on consecutive ranks); the SSM mixers pass states between the ranks.
   Communicator* cp = nullptr;
+  // false: a forward that is not part of the step's gradient (held-out evaluation, a pipeline
+  // stage's forward before it recomputes it for the backward): MoE routing is not counted.
+  bool count_routing = true;
 };
 
 class Block {

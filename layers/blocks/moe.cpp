@@ -104,7 +104,7 @@ void MoeBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) 
   const RouterLosses ls = router_forward(logits_, bias_ ? &bias_->value : nullptr, router_,
                                          {&scores_, &expert_, &slot_, &weight_, &counts_});
   aux_ = cfg_.aux_loss_coef * ls.aux + cfg_.z_loss_coef * ls.z;
-  router_accumulate_counts(step_counts_, counts_);
+  if (meta.count_routing) router_accumulate_counts(step_counts_, counts_);
   rows_ = moe_dispatch_plan(expert_, slot_, counts_, cap_, offsets_, row_token_);
   moe_gather(x2, row_token_, rows_, xe_);
   if (ep_) {

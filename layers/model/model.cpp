@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "layers/elementwise/elementwise.h"
 #include "layers/embedding/embedding.h"
@@ -135,9 +136,32 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
                 " (set parallel.pp = ", cuts + 1, " or remove the cuts)");
 }
 
+std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages) {
+  const int64_t l = static_cast<int64_t>(pattern_layers(cfg.pattern).size());
+  BRAID_REQUIRE(stages >= 1 && stages <= l, "parallel.pp = ", stages, " must be in [1, ", l,
+                "] (the layers of model.pattern)");
+  std::vector<int64_t> starts{0};
+  if (cfg.pattern.find('|') != std::string::npos) {  // the pattern's own cuts
+    int64_t layer = 0;
+    for (char c : cfg.pattern)
+      if (c == '|')
+        starts.push_back(layer);
+      else
+        ++layer;
+    BRAID_REQUIRE(static_cast<int>(starts.size()) == stages, "model.pattern cuts ", starts.size(),
+                  " pipeline stages with '|', but parallel.pp = ", stages);
+    for (size_t s = 1; s < starts.size(); ++s)
+      BRAID_REQUIRE(starts[s] > starts[s - 1] && starts[s] < l, "model.pattern '", cfg.pattern,
+                    "': pipeline stage ", s - 1, " has no layers");
+    return starts;
+  }
+  for (int s = 1; s < stages; ++s) starts.push_back(s * l / stages);  // as even as the layers go
+  return starts;
+}
+
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
              int64_t pad_elems, const TensorParallel& tp, Communicator* cp, Communicator* ep,
-             int64_t expert_pad_elems)
+             int64_t expert_pad_elems, int stage, int stages)
     : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
@@ -150,68 +174,107 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
                 batch * seq, " tokens of a microbatch do not split over tp = ", tp.size(),
                 " ranks");
   const int64_t d = cfg_.d_model, l = static_cast<int64_t>(layers_.size());
+  const std::vector<int64_t> starts = stage_starts(cfg_, stages);
+  BRAID_CHECK(stage >= 0 && stage < stages, "Model: stage ", stage, " of ", stages);
+  first_ = stage == 0, last_ = stage == stages - 1;
+  layer0_ = starts[stage];
+  const int64_t layer_end = last_ ? l : starts[stage + 1];
   const double std = cfg_.init_std, out_std = std / std::sqrt(double(l));
-  embed_ = params_.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std},
-                       true, true, tp.shard(0));
-  for (int64_t i = 0; i < l; ++i) {
+  // The parameters of the first stage (embeddings), of layer i, and of the last stage (final norm
+  // and output projection; with tied embeddings the last stage of several holds a mirror of the
+  // embedding table, kept equal to the first stage's by summing their gradients).
+  auto add_embeddings = [&](ParamSet& ps, bool mirror) {
+    Param* e = ps.add("embeddings.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std},
+                      true, true, tp.shard(0));
+    e->mirror = mirror;
+    return e;
+  };
+  auto add_layer = [&](ParamSet& ps, int64_t i, std::vector<std::unique_ptr<Block>>& blocks,
+                       std::vector<Param*>& norms, std::vector<MoeBlock*>& moes) {
     const std::string p = "layers." + std::to_string(i);
-    norms_.push_back(params_.add(p + ".norm.weight", {d}, {ParamInit::Kind::constant, 1.0}, false));
+    norms.push_back(ps.add(p + ".norm.weight", {d}, {ParamInit::Kind::constant, 1.0}, false));
     const std::string mp = p + ".mixer";
     switch (layers_[i]) {
       case 'S': {
         Mamba1Config m = cfg_.mamba1;
         m.d_model = d;
-        blocks_.push_back(std::make_unique<Mamba1Mixer>(m, params_, mp, std, out_std, tp));
+        blocks.push_back(std::make_unique<Mamba1Mixer>(m, ps, mp, std, out_std, tp));
         break;
       }
       case 'M': {
         Mamba2Config m = cfg_.mamba2;
         m.d_model = d;
-        blocks_.push_back(std::make_unique<Mamba2Mixer>(m, params_, mp, std, out_std, tp));
+        blocks.push_back(std::make_unique<Mamba2Mixer>(m, ps, mp, std, out_std, tp));
         break;
       }
       case '*': {
         AttentionConfig a = cfg_.attention;
         a.d_model = d;
-        blocks_.push_back(std::make_unique<AttentionBlock>(a, params_, mp, std, out_std, tp));
+        blocks.push_back(std::make_unique<AttentionBlock>(a, ps, mp, std, out_std, tp));
         break;
       }
       case '-':
-        blocks_.push_back(
-            std::make_unique<MlpBlock>(MlpConfig{d, cfg_.mlp.ffn}, params_, mp, std, out_std, tp));
+        blocks.push_back(
+            std::make_unique<MlpBlock>(MlpConfig{d, cfg_.mlp.ffn}, ps, mp, std, out_std, tp));
         break;
       case 'E': {
         MoeConfig m = cfg_.moe;
         m.d_model = d;
-        auto blk = std::make_unique<MoeBlock>(m, params_, mp, std, out_std, tp, ep);
-        moe_blocks_.push_back(blk.get());
-        blocks_.push_back(std::move(blk));
+        auto blk = std::make_unique<MoeBlock>(m, ps, mp, std, out_std, tp, ep);
+        moes.push_back(blk.get());
+        blocks.push_back(std::move(blk));
         break;
       }
     }
+  };
+  auto add_last = [&](ParamSet& ps) {
+    Param* norm = ps.add("norm_f.weight", {d}, {ParamInit::Kind::constant, 1.0}, false);
+    Param* head = cfg_.tie_embeddings
+                      ? nullptr
+                      : ps.add("lm_head.weight", {cfg_.vocab_size, d},
+                               {ParamInit::Kind::normal, std}, true, true, tp.shard(0));
+    return std::pair{norm, head};
+  };
+  if (first_ || (last_ && cfg_.tie_embeddings)) embed_ = add_embeddings(params_, !first_);
+  for (int64_t i = layer0_; i < layer_end; ++i) add_layer(params_, i, blocks_, norms_, moe_blocks_);
+  if (last_) std::tie(norm_f_, head_) = add_last(params_);
+  // What the other stages (and the other expert-parallel ranks) hold, registered into a scratch
+  // set only to name it: a loader names every tensor of the model.
+  {
+    ParamSet others;
+    std::vector<std::unique_ptr<Block>> blocks;
+    std::vector<Param*> norms;
+    std::vector<MoeBlock*> moes;
+    if (!first_ && !(last_ && cfg_.tie_embeddings)) add_embeddings(others, false);
+    for (int64_t i = 0; i < l; ++i)
+      if (i < layer0_ || i >= layer_end) add_layer(others, i, blocks, norms, moes);
+    if (!last_) add_last(others);
+    for (const Param& p : others.all()) remote_.push_back({p.name, p.global_shape, p.trainable});
+    for (const std::vector<MoeBlock*>* set : {&moes, &moe_blocks_})
+      for (const MoeBlock* m : *set)
+        for (RemoteParam& r : m->remote_params()) remote_.push_back(std::move(r));
   }
-  norm_f_ = params_.add("norm_f.weight", {d}, {ParamInit::Kind::constant, 1.0}, false);
-  if (!cfg_.tie_embeddings)
-    head_ = params_.add("lm_head.weight", {cfg_.vocab_size, d}, {ParamInit::Kind::normal, std},
-                        true, true, tp.shard(0));
   params_.allocate(backend, dtype, pad_elems, expert_pad_elems);
 
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
   // block's scratch starts at the same offset (blocks run one at a time).
   const int64_t m = batch * seq, v = cfg_.vocab_size / tp.size();
   const int64_t mr = sp_ ? m / tp.size() : m;  // rows of the residual stream on this rank
+  const int64_t nl = static_cast<int64_t>(blocks_.size());  // this stage's layers
   auto setup = [&](Arena& sv, Arena& sc) {
     resid_.clear(), normed_.clear(), rstd_.clear();
-    for (int64_t i = 0; i <= l; ++i)
+    for (int64_t i = 0; i <= nl; ++i)
       resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {mr, d}));
-    for (int64_t i = 0; i < l; ++i) {
+    for (int64_t i = 0; i < nl; ++i) {
       normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {mr, d}));
       rstd_.push_back(sv.take("rstd." + std::to_string(i), dtype, {mr}));
     }
-    final_normed_ = sv.take("final_normed", dtype, {m, d});
-    final_rstd_ = sv.take("final_rstd", dtype, {mr});
-    if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
-    logits_ = sc.take("logits", dtype, {m, v});
+    if (last_) {
+      final_normed_ = sv.take("final_normed", dtype, {m, d});
+      final_rstd_ = sv.take("final_rstd", dtype, {mr});
+      if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
+      logits_ = sc.take("logits", dtype, {m, v});
+    }
     dresid_ = sc.take("dresid", dtype, {mr, d});
     dnormed_ = sc.take("dnormed", dtype, {mr, d});
     dtmp_ = sc.take("dtmp", dtype, {mr, d});
@@ -248,17 +311,23 @@ void scatter_sum(const TensorParallel& tp, const Tensor& full, const Tensor& row
 }
 }  // namespace
 
-void Model::forward(const Batch& batch, const BatchMeta& meta) {
+void Model::forward(const Batch& batch, const BatchMeta& meta, const Tensor* input) {
   check_shape(batch.tokens, {b_, t_});
   const int64_t m = b_ * t_, d = cfg_.d_model;
   auto bt = [&](const Tensor& x) { return x.reshape({b_, t_, d}); };
-  // Vocabulary-parallel lookup: each rank fills its rows of the vocabulary, the sum is the lookup.
-  embedding_forward(batch.tokens, embed_->value, sp_ ? fout_ : bt(resid_[0]), vocab_start_,
-                    cfg_.vocab_size);
-  if (sp_)
-    scatter_sum(tp_, fout_, resid_[0]);
-  else
-    tp_.sum(resid_[0]);
+  if (first_) {
+    // Vocabulary-parallel lookup: each rank fills its rows of the vocabulary, the sum is the
+    // lookup.
+    embedding_forward(batch.tokens, embed_->value, sp_ ? fout_ : bt(resid_[0]), vocab_start_,
+                      cfg_.vocab_size);
+    if (sp_)
+      scatter_sum(tp_, fout_, resid_[0]);
+    else
+      tp_.sum(resid_[0]);
+  } else {
+    BRAID_CHECK(input, "Model: a later pipeline stage needs its input activations");
+    copy_tensor(*backend_, resid_[0], *input);
+  }
   for (size_t i = 0; i < blocks_.size(); ++i) {
     rmsnorm_forward(resid_[i], norms_[i]->value, cfg_.norm_eps, normed_[i], rstd_[i]);
     blocks_[i]->forward(sp_ ? gather(tp_, normed_[i], xfull_) : bt(normed_[i]), fout_, meta);
@@ -266,36 +335,38 @@ void Model::forward(const Batch& batch, const BatchMeta& meta) {
     copy_tensor(*backend_, resid_[i + 1], resid_[i]);
     add_into(resid_[i + 1], sp_ ? dtmp_ : fout_.reshape({m, d}));
   }
+  if (!last_) return;
   rmsnorm_forward(resid_.back(), norm_f_->value, cfg_.norm_eps, sp_ ? final_local_ : final_normed_,
                   final_rstd_);
   if (sp_) gather(tp_, final_local_, final_normed_);
   linear_forward(final_normed_, head_ ? head_->value : embed_->value, nullptr, logits_);
 }
 
-std::vector<RemoteParam> Model::remote_params() const {
-  std::vector<RemoteParam> out;
-  for (const MoeBlock* m : moe_blocks_)
-    for (RemoteParam& r : m->remote_params()) out.push_back(std::move(r));
-  return out;
-}
-
-Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale, double aux_scale) {
+Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale, double aux_scale,
+                                          const Tensor* input, const Tensor* output_grad,
+                                          const Tensor* input_grad) {
   const BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale, cp_};
-  forward(batch, meta);
+  forward(batch, meta, input);
   StepResult r;
   for (auto& blk : blocks_) r.aux += blk->aux_loss();
   const int64_t m = b_ * t_, d = cfg_.d_model;
   auto bt = [&](const Tensor& x) { return x.reshape({b_, t_, d}); };
-  // The logits buffer receives its own gradient (cross_entropy reads each row before writing it).
-  r.loss = loss(batch, &logits_, grad_scale);
-  const Tensor dfinal = sp_ ? dxfull_.reshape({m, d}) : dtmp_;  // partial over the tp ranks
-  Param* head = head_ ? head_ : embed_;
-  linear_backward(final_normed_, head->value, logits_, &dfinal, head->grad, nullptr);
-  if (sp_)
-    scatter_sum(tp_, dfinal, dtmp_);
-  else
-    tp_.sum(dfinal);
-  rmsnorm_backward(resid_.back(), norm_f_->value, final_rstd_, dtmp_, dresid_, norm_f_->grad);
+  if (last_) {
+    // The logits buffer receives its own gradient (cross_entropy reads each row before writing
+    // it).
+    r.loss = loss(batch, &logits_, grad_scale);
+    const Tensor dfinal = sp_ ? dxfull_.reshape({m, d}) : dtmp_;  // partial over the tp ranks
+    Param* head = head_ ? head_ : embed_;
+    linear_backward(final_normed_, head->value, logits_, &dfinal, head->grad, nullptr);
+    if (sp_)
+      scatter_sum(tp_, dfinal, dtmp_);
+    else
+      tp_.sum(dfinal);
+    rmsnorm_backward(resid_.back(), norm_f_->value, final_rstd_, dtmp_, dresid_, norm_f_->grad);
+  } else {
+    BRAID_CHECK(output_grad, "Model: an earlier pipeline stage needs its output's gradient");
+    copy_tensor(*backend_, dresid_, *output_grad);
+  }
   for (size_t i = blocks_.size(); i-- > 0;) {
     if (sp_) {
       blocks_[i]->backward(gather(tp_, normed_[i], xfull_), gather(tp_, dresid_, fout_), dxfull_,
@@ -307,15 +378,24 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
     rmsnorm_backward(resid_[i], norms_[i]->value, rstd_[i], dnormed_, dtmp_, norms_[i]->grad);
     add_into(dresid_, dtmp_);
   }
-  embedding_backward(batch.tokens, sp_ ? gather(tp_, dresid_, fout_) : bt(dresid_), embed_->grad,
-                     vocab_start_, cfg_.vocab_size);
+  if (first_) {
+    embedding_backward(batch.tokens, sp_ ? gather(tp_, dresid_, fout_) : bt(dresid_), embed_->grad,
+                       vocab_start_, cfg_.vocab_size);
+  } else {
+    BRAID_CHECK(input_grad, "Model: a later pipeline stage returns its input's gradient");
+    copy_tensor(*backend_, *input_grad, dresid_);
+  }
   return r;
 }
 
 void Model::reduce_sequence_parallel_grads() {
   if (!sp_) return;
   for (Param* p : norms_) tp_.sum(p->grad);
-  tp_.sum(norm_f_->grad);
+  if (norm_f_) tp_.sum(norm_f_->grad);
+}
+
+void Model::forward_only(const Batch& batch, const Tensor* input) {
+  forward(batch, {&batch.seq_idx, &batch.positions, 0.0, cp_, false}, input);
 }
 
 LossSum Model::loss(const Batch& batch, const Tensor* dlogits, double grad_scale) {
@@ -325,9 +405,9 @@ LossSum Model::loss(const Batch& batch, const Tensor* dlogits, double grad_scale
                                       cfg_.vocab_size, *tp_.group);
 }
 
-LossSum Model::evaluate(const Batch& batch) {
-  forward(batch, {&batch.seq_idx, &batch.positions, 0.0, cp_});
-  return loss(batch, nullptr, 0.0);
+LossSum Model::evaluate(const Batch& batch, const Tensor* input) {
+  forward_only(batch, input);
+  return last_ ? loss(batch, nullptr, 0.0) : LossSum{};
 }
 
 void Model::after_optimizer_step() {
@@ -346,7 +426,7 @@ MemoryReport Model::memory() const {
 
 double Model::flops_per_token(int64_t seq) const {
   const double d = cfg_.d_model, v = cfg_.vocab_size;
-  double f = 6 * d * v;  // output projection, forward + backward
+  double f = last_ ? 6 * d * v : 0;  // output projection, forward + backward
   for (const auto& blk : blocks_) f += blk->flops_per_token(seq);
   return f;
 }

@@ -71,9 +71,15 @@ class Model {
   // positions count from each document's start).
   // ep: the expert-parallel group (each rank holds E/ep experts of every MoE layer, in parameter
   // region 1, padded to a multiple of expert_pad_elems: the expert-data-parallel size).
+  // stage of stages: the pipeline stage this rank runs (its layers from stage_starts; the first
+  // stage holds the embeddings, the last the final norm and output projection, and with tied
+  // embeddings a mirror of the embedding table).
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
         int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr,
-        Communicator* ep = nullptr, int64_t expert_pad_elems = 1);
+        Communicator* ep = nullptr, int64_t expert_pad_elems = 1, int stage = 0, int stages = 1);
+  // The first layer of each of `stages` pipeline stages: the pattern's '|' cuts, else as even as
+  // the layer count allows (stage s starts at s L / stages).
+  static std::vector<int64_t> stage_starts(const ModelConfig& cfg, int stages);
 
   void initialize(uint64_t seed) { params_.initialize(seed); }
   // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the
@@ -83,8 +89,21 @@ class Model {
     LossSum loss;
     double aux = 0;
   };
-  StepResult forward_backward(const Batch& batch, double grad_scale, double aux_scale);
-  LossSum evaluate(const Batch& batch);
+  // A pipeline stage after the first reads its input activations from `input` ([B T, D] rows,
+  // this rank's under sequence parallelism) and returns their gradient in `input_grad`; a stage
+  // before the last takes its output's gradient from `output_grad`, and its loss is 0.
+  StepResult forward_backward(const Batch& batch, double grad_scale, double aux_scale,
+                              const Tensor* input = nullptr, const Tensor* output_grad = nullptr,
+                              const Tensor* input_grad = nullptr);
+  // The forward alone (a pipeline stage's output is then stage_output()), and the held-out loss
+  // (0 on stages before the last).
+  void forward_only(const Batch& batch, const Tensor* input = nullptr);
+  const Tensor& stage_output() const { return resid_.back(); }
+  LossSum evaluate(const Batch& batch, const Tensor* input = nullptr);
+  bool first_stage() const { return first_; }
+  bool last_stage() const { return last_; }
+  // The embedding table (first stage, and the last one's mirror with tied embeddings), or null.
+  Param* embeddings() { return embed_; }
   // Under sequence parallelism, sums the gradients of the norm weights (each rank saw its rows)
   // over the tensor-parallel group: once per step, after the last microbatch.
   void reduce_sequence_parallel_grads();
@@ -95,8 +114,8 @@ class Model {
   std::vector<Tensor> moe_step_counts() const;
 
   ParamSet& params() { return params_; }
-  // The parameters other expert-parallel ranks hold (empty without expert parallelism).
-  std::vector<RemoteParam> remote_params() const;
+  // The parameters other pipeline stages and expert-parallel ranks hold.
+  const std::vector<RemoteParam>& remote_params() const { return remote_; }
   const ModelConfig& config() const { return cfg_; }
   MemoryReport memory() const;
   // Model FLOPs (forward + backward) per token at sequence length seq.
@@ -105,7 +124,7 @@ class Model {
   int64_t seq() const { return t_; }
 
  private:
-  void forward(const Batch& batch, const BatchMeta& meta);
+  void forward(const Batch& batch, const BatchMeta& meta, const Tensor* input = nullptr);
   // The loss of the last forward's logits (and their gradient into dlogits).
   LossSum loss(const Batch& batch, const Tensor* dlogits, double grad_scale);
 
@@ -116,9 +135,12 @@ class Model {
   bool sp_ = false;          // sequence parallel: the residual stream is split by rows
   int64_t vocab_start_ = 0;  // this rank's first vocabulary row
   std::string layers_;
+  bool first_ = true, last_ = true;  // pipeline stage
+  int64_t layer0_ = 0;               // the stage's first layer
   int64_t b_, t_;
   ParamSet params_;
-  Param *embed_, *head_ = nullptr, *norm_f_;
+  std::vector<RemoteParam> remote_;
+  Param *embed_ = nullptr, *head_ = nullptr, *norm_f_ = nullptr;
   std::vector<Param*> norms_;
   std::vector<std::unique_ptr<Block>> blocks_;
   std::vector<MoeBlock*> moe_blocks_;

@@ -50,6 +50,7 @@ Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit ini
                           weight_decay,
                           trainable,
                           region,
+                          false,
                           {},
                           {}});
   return &params_.back();

@@ -62,6 +62,9 @@ struct Param {
   bool weight_decay = true;
   bool trainable = true;  // false: persistent state updated by a rule (MoE balancing bias)
   int region = 0;         // 0: replicated over data parallelism; 1: expert-parallel weights
+  // A copy of a tensor another pipeline stage owns (tied embeddings on the last stage): updated
+  // like the original (their gradients are summed), left out of checkpoints and of the norm.
+  bool mirror = false;
   Tensor value;
   Tensor grad;  // undefined when not trainable
 };
@@ -71,6 +74,7 @@ struct Param {
 struct RemoteParam {
   std::string name;
   std::vector<int64_t> shape;
+  bool trainable = true;  // false: no optimizer state in checkpoints
 };
 
 class ParamSet {

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Pipeline parallelism end to end: `braid train` on one process and with the tiny hybrid's 7
+# layers cut into pipeline stages, 1F1B over the step's microbatches (each stage before the last
+# recomputes a microbatch's forward before its backward; the tied embedding table lives on the
+# first stage and, mirrored, on the last, their gradients summed): pp=2 (2 ranks), pp=4 (4 ranks),
+# pp=2 x dp=2 and pp=2 x tp=2 (4 ranks), with the same global batches. The losses and gradient
+# norms agree step by step. Resumes across layouts: pp=2 from the one-process step-4
+# checkpoint, one process from the pp=2 x dp=2 one; the sharded checkpoint verifies.
+# Usage: train_pp.sh BRAID CONFIG MPIRUN...
+# Tolerance: as in train_ep.sh (the same derivation): the layouts differ only in how f32 sums
+# are associated (the tied table's two gradient parts, the data-parallel sums), so losses agree
+# within 1e-7 relative and gradient norms within 1e-6.
+set -eu
+# shellcheck source=tests/launch/corpus.sh
+. "$(dirname "$0")/corpus.sh"
+start_layout_test "$@"
+layout_args "$work"
+run_layout a 0 train.micro_batch=4 train.grad_accum=2
+run_layout b 2 train.micro_batch=4 train.grad_accum=2 parallel.pp=2
+run_layout c 4 train.micro_batch=2 train.grad_accum=2 parallel.pp=2
+run_layout d 4 train.micro_batch=4 train.grad_accum=2 parallel.pp=2 parallel.tp=2 parallel.etp=2
+run_layout e 4 train.micro_batch=2 train.grad_accum=4 parallel.pp=4
+grep -q "layout: 4 ranks, tp 1, cp 1, dp 2, ep 1 (expert data parallel 2), pp 2" "$work/c.log" ||
+  { echo "FAIL: c is not pp=2 x dp=2"; cat "$work/c.log"; exit 1; }
+check() {
+  local name=$1 run=$2 n=${3:-8}
+  compare "$name, losses" "$(losses "$work/a/metrics.jsonl" | tail -n "$n")" \
+    "$(losses "$work/$run/metrics.jsonl" | tail -n "$n")" 1e-7
+  compare "$name, gradient norms" "$(grad_norms "$work/a/metrics.jsonl" | tail -n "$n")" \
+    "$(grad_norms "$work/$run/metrics.jsonl" | tail -n "$n")" 1e-6
+}
+check "pp=2 vs one process" b
+check "pp=2 x dp=2 vs one process" c
+check "pp=2 x tp=2 vs one process" d
+check "pp=4 vs one process" e
+"$braid" ckpt verify "$work/c/checkpoints/step_00000008" >/dev/null ||
+  { echo "FAIL: the pp=2 x dp=2 checkpoint does not verify"; exit 1; }
+mkdir -p "$work/f/checkpoints" "$work/g/checkpoints"
+cp -r "$work/a/checkpoints/step_00000004" "$work/f/checkpoints/"
+cp -r "$work/c/checkpoints/step_00000004" "$work/g/checkpoints/"
+run_layout f 2 train.micro_batch=4 train.grad_accum=2 parallel.pp=2 checkpoint.resume=true
+run_layout g 0 train.micro_batch=4 train.grad_accum=2 checkpoint.resume=true
+for r in f g; do
+  grep -q "resumed from .*step_00000004 at step 4" "$work/$r.log" ||
+    { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
+done
+check "pp=2 resumed from a 1-process checkpoint" f 4
+check "1 process resumed from a pp=2 x dp=2 checkpoint" g 4
+echo "pipeline-parallel training passed"
