@@ -169,6 +169,7 @@ const std::map<std::string, Key>& registry() {
       {"parallel.etp", int_key(M(parallel.etp), 1)},
       {"parallel.order", string_key(M(parallel.order))},
       {"parallel.sequence_parallel", bool_key(M(parallel.sequence_parallel))},
+      {"parallel.stage_starts", string_key(M(parallel.stage_starts))},
       {"train.steps", int_key(M(train.steps), 1)},
       {"train.micro_batch", int_key(M(train.micro_batch), 1)},
       {"train.seq_len", int_key(M(train.seq_len), 1)},

@@ -2,12 +2,14 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "checkpoint/async_save.h"
 #include "checkpoint/checkpoint.h"
@@ -54,6 +56,12 @@ struct BatchBuffers {
     batch = take(arena);
   }
 };
+
+std::string ckpt_dir_of(const RunConfig& cfg) {
+  return cfg.checkpoint.dir.empty()
+             ? (std::filesystem::path(cfg.train.out_dir) / "checkpoints").string()
+             : cfg.checkpoint.dir;
+}
 
 void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& batch) {
   for (int64_t r = 0; r < batch.tokens.size(0); ++r)
@@ -268,20 +276,84 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                 "data.valid shards have vocabulary ", valid_data.vocab_size(),
                 ", data.train shards ", train_data.vocab_size());
 
-  const std::string yaml = config_to_yaml(cfg);
+  auto backend = make_cpu_backend();
+  // Pipeline stage cuts: parallel.stage_starts, else those of the checkpoint being resumed (same
+  // pp), else the pattern's '|' cuts, else balanced by per-layer times measured here (averaged
+  // over the ranks, so every rank cuts alike). The resolved configuration records them, so a
+  // resumed or repeated run cuts the same way.
+  RunConfig run_cfg = cfg;
+  std::vector<int64_t> starts{0};
+  if (pp > 1) {
+    std::string given = cfg.parallel.stage_starts;
+    if (given.empty() && cfg.checkpoint.resume) {
+      const std::string latest = latest_valid_checkpoint(ckpt_dir_of(cfg), nullptr);
+      if (!latest.empty()) {
+        const std::map<std::string, std::string> c = read_checkpoint_meta(latest).config;
+        auto get = [&](const std::string& k) {
+          const auto it = c.find(k);
+          std::string v = it == c.end() ? "" : it->second;
+          v.erase(std::remove(v.begin(), v.end(), '"'), v.end());
+          return v;
+        };
+        if (get("parallel.pp") == std::to_string(pp)) given = get("parallel.stage_starts");
+      }
+    }
+    if (!given.empty()) {
+      starts.clear();
+      std::stringstream in(given);
+      for (std::string item; std::getline(in, item, ',');) {
+        char* end = nullptr;
+        const long long v = std::strtoll(item.c_str(), &end, 10);
+        BRAID_REQUIRE(!item.empty() && *end == 0, "parallel.stage_starts = '", given, "': '", item,
+                      "' is not a layer number");
+        starts.push_back(v);
+      }
+      const int64_t layers = static_cast<int64_t>(pattern_layers(cfg.model.pattern).size());
+      bool ok = static_cast<int>(starts.size()) == pp && starts[0] == 0;
+      for (size_t i = 1; ok && i < starts.size(); ++i)
+        ok = starts[i] > starts[i - 1] && starts[i] < layers;
+      BRAID_REQUIRE(ok, "parallel.stage_starts = '", given, "' must list ", pp,
+                    " increasing first layers starting at 0, each below the ", layers, " layers");
+      if (cfg.model.pattern.find('|') != std::string::npos)
+        BRAID_REQUIRE(starts == Model::stage_starts(cfg.model, pp), "parallel.stage_starts = '",
+                      given, "' differs from the cuts of model.pattern '", cfg.model.pattern, "'");
+    } else {
+      std::vector<double> costs;
+      if (cfg.model.pattern.find('|') == std::string::npos) {
+        costs = Model::layer_costs(cfg.model, *backend, b, t_local);
+        world->all_reduce(Tensor::contiguous_view(costs.data(), DType::f64, Device::cpu,
+                                                  {int64_t(costs.size())}, "layer_costs"),
+                          ReduceOp::sum);
+        std::string shown;
+        for (double& c : costs) {
+          c /= world->size();
+          char buf[32];
+          std::snprintf(buf, sizeof(buf), "%s%.2f", shown.empty() ? "" : " ", c * 1e3);
+          shown += buf;
+        }
+        say("pipeline: measured ms per layer (forward + backward of one microbatch): %s\n",
+            shown.c_str());
+      }
+      starts = Model::stage_starts(cfg.model, pp, costs);
+    }
+    std::string text;
+    for (int64_t v : starts) text += (text.empty() ? "" : ",") + std::to_string(v);
+    run_cfg.parallel.stage_starts = text;
+    say("pipeline: %d stages, first layers %s\n", pp, text.c_str());
+  }
+  const std::string yaml = config_to_yaml(run_cfg);
   if (lead) {
     std::filesystem::create_directories(ts.out_dir);
     std::ofstream(std::filesystem::path(ts.out_dir) / "config.yaml") << yaml;
   }
   say("resolved config (also in %s/config.yaml):\n%s", ts.out_dir.c_str(), yaml.c_str());
 
-  auto backend = make_cpu_backend();
   // Parameters padded to a multiple of dp x cp elements: ZeRO-1 shards are equal.
   // Expert weights (expert parallelism) padded to a multiple of the expert-data-parallel size.
   Model model(cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
               TensorParallel{tp_group.get(), layout.sequence_parallel},
               cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1,
-              stage, pp);
+              stage, starts);
   model.initialize(ts.seed);
   RunOptimizer opt(model.params(), cfg.adamw, *backend, grad_group.get(), tp_group.get(),
                    edp_group.get(), ep_group.get(), pp_group.get(), model.remote_params());
@@ -334,9 +406,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   if (lead) std::fflush(stdout);
 
   // Resume from the newest checkpoint when asked and one exists.
-  const std::string ckpt_dir = cfg.checkpoint.dir.empty()
-                                   ? (std::filesystem::path(ts.out_dir) / "checkpoints").string()
-                                   : cfg.checkpoint.dir;
+  const std::string ckpt_dir = ckpt_dir_of(cfg);
   int64_t start_step = 0, consumed = 0;
   if (cfg.checkpoint.resume) {
     std::vector<std::string> skipped;  // corrupt or incomplete, newest first
@@ -387,7 +457,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   AsyncCheckpointWriter writer;              // checkpoint.async, one process
   AsyncShardedWriter sharded_writer(world);  // checkpoint.async, several ranks (collective)
   auto save = [&](int64_t steps_done) {
-    CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(cfg)};
+    CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(run_cfg)};
     const auto c0 = Clock::now();
     if (opt.sharded()) {  // every rank writes its shard; collective
       const std::vector<CheckpointPiece> pieces =

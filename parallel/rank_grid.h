@@ -20,6 +20,9 @@ struct Layout {
   // Megatron-LM's sequence parallelism: with tp > 1, the activations outside the tensor-parallel
   // blocks (residual stream, norms) are split by rows over the tp ranks.
   bool sequence_parallel = false;
+  // The pipeline stages' first layers, e.g. "0,4" (empty: the pattern's '|' cuts, else balanced
+  // by measured per-layer times; a run records what it used).
+  std::string stage_starts;
 };
 
 class RankGrid {

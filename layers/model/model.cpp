@@ -1,13 +1,16 @@
 #include "layers/model/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <map>
 #include <tuple>
 
 #include "layers/elementwise/elementwise.h"
 #include "layers/embedding/embedding.h"
 #include "layers/linear/linear.h"
 #include "layers/rmsnorm/rmsnorm.h"
+#include "parallel/pipeline_schedule.h"
 
 namespace braid {
 
@@ -136,7 +139,8 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
                 " (set parallel.pp = ", cuts + 1, " or remove the cuts)");
 }
 
-std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages) {
+std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages,
+                                         const std::vector<double>& costs) {
   const int64_t l = static_cast<int64_t>(pattern_layers(cfg.pattern).size());
   BRAID_REQUIRE(stages >= 1 && stages <= l, "parallel.pp = ", stages, " must be in [1, ", l,
                 "] (the layers of model.pattern)");
@@ -155,13 +159,53 @@ std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages) {
                     "': pipeline stage ", s - 1, " has no layers");
     return starts;
   }
+  if (!costs.empty()) {
+    BRAID_CHECK(static_cast<int64_t>(costs.size()) == l, "stage_starts: ", costs.size(),
+                " layer costs for ", l, " layers");
+    const std::vector<int> first = balance_stages(costs, stages);
+    return std::vector<int64_t>(first.begin(), first.end());
+  }
   for (int s = 1; s < stages; ++s) starts.push_back(s * l / stages);  // as even as the layers go
   return starts;
 }
 
+std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend, int64_t batch,
+                                       int64_t seq) {
+  const std::string layers = pattern_layers(cfg.pattern);
+  Arena arena =
+      Arena::allocate("cost_batch", backend, 4 * (size_t(batch * seq) * 4 + Arena::kAlign));
+  const Batch in{arena.take("tokens", DType::i32, {batch, seq}),
+                 arena.take("targets", DType::i32, {batch, seq}),
+                 arena.take("seq_idx", DType::i32, {batch, seq}),
+                 arena.take("positions", DType::i32, {batch, seq})};
+  for (const Tensor* t : {&in.tokens, &in.targets, &in.seq_idx}) backend.fill(*t, 1.0, {});
+  for (int64_t i = 0; i < batch * seq; ++i) in.positions.ptr<int32_t>()[i] = int32_t(i % seq);
+  auto seconds = [&](const std::string& pattern) {
+    ModelConfig c = cfg;
+    c.pattern = pattern;
+    Model m(c, DType::f32, backend, batch, seq);
+    m.initialize(1);
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      m.forward_backward(in, 1.0, 1.0);
+      best = std::min(best,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return best;
+  };
+  std::map<char, double> per_type;
+  for (char c : layers)
+    if (!per_type.count(c))
+      per_type[c] = std::max(seconds(std::string(2, c)) - seconds(std::string(1, c)), 1e-9);
+  std::vector<double> out;
+  for (char c : layers) out.push_back(per_type[c]);
+  return out;
+}
+
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
              int64_t pad_elems, const TensorParallel& tp, Communicator* cp, Communicator* ep,
-             int64_t expert_pad_elems, int stage, int stages)
+             int64_t expert_pad_elems, int stage, const std::vector<int64_t>& starts)
     : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
@@ -174,8 +218,9 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
                 batch * seq, " tokens of a microbatch do not split over tp = ", tp.size(),
                 " ranks");
   const int64_t d = cfg_.d_model, l = static_cast<int64_t>(layers_.size());
-  const std::vector<int64_t> starts = stage_starts(cfg_, stages);
-  BRAID_CHECK(stage >= 0 && stage < stages, "Model: stage ", stage, " of ", stages);
+  const int stages = static_cast<int>(starts.size());
+  BRAID_CHECK(stage >= 0 && stage < stages && starts[0] == 0, "Model: stage ", stage, " of ",
+              stages);
   first_ = stage == 0, last_ = stage == stages - 1;
   layer0_ = starts[stage];
   const int64_t layer_end = last_ ? l : starts[stage + 1];

@@ -71,15 +71,23 @@ class Model {
   // positions count from each document's start).
   // ep: the expert-parallel group (each rank holds E/ep experts of every MoE layer, in parameter
   // region 1, padded to a multiple of expert_pad_elems: the expert-data-parallel size).
-  // stage of stages: the pipeline stage this rank runs (its layers from stage_starts; the first
-  // stage holds the embeddings, the last the final norm and output projection, and with tied
-  // embeddings a mirror of the embedding table).
+  // stage: the pipeline stage this rank runs, of those whose first layers are `starts`
+  // (stage_starts; {0}: one stage). The first stage holds the embeddings, the last the final norm
+  // and output projection, and with tied embeddings a mirror of the embedding table.
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
         int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr,
-        Communicator* ep = nullptr, int64_t expert_pad_elems = 1, int stage = 0, int stages = 1);
-  // The first layer of each of `stages` pipeline stages: the pattern's '|' cuts, else as even as
-  // the layer count allows (stage s starts at s L / stages).
-  static std::vector<int64_t> stage_starts(const ModelConfig& cfg, int stages);
+        Communicator* ep = nullptr, int64_t expert_pad_elems = 1, int stage = 0,
+        const std::vector<int64_t>& starts = {0});
+  // The first layer of each of `stages` pipeline stages: the pattern's '|' cuts; else, given
+  // per-layer costs (layer_costs), the contiguous cut with the least expensive slowest stage;
+  // else as even as the layer count allows (stage s starts at s L / stages).
+  static std::vector<int64_t> stage_starts(const ModelConfig& cfg, int stages,
+                                           const std::vector<double>& costs = {});
+  // Measured seconds of one forward + backward of each layer of the pattern on a [batch, seq]
+  // microbatch (one process, f32): per layer type, a two-layer model's time less a one-layer
+  // model's, best of a few runs.
+  static std::vector<double> layer_costs(const ModelConfig& cfg, Backend& backend, int64_t batch,
+                                         int64_t seq);
 
   void initialize(uint64_t seed) { params_.initialize(seed); }
   // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the
