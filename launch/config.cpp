@@ -180,6 +180,7 @@ const std::map<std::string, Key>& registry() {
       {"train.eval_batches", int_key(M(train.eval_batches), 1)},
       {"train.threads", int_key(M(train.threads), 0)},
       {"train.device", string_key(M(train.device))},
+      {"train.recompute", string_key(M(train.recompute))},
       {"train.out_dir", string_key(M(train.out_dir))},
       {"checkpoint.dir", string_key(M(checkpoint.dir))},
       {"checkpoint.interval", int_key(M(checkpoint.interval), 0)},
@@ -308,6 +309,10 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
   } catch (const Error& e) {
     BRAID_REJECT(path, ": ", e.what());
   }
+  BRAID_REQUIRE(
+      c.train.recompute == "none" || c.train.recompute == "ssm" || c.train.recompute == "full",
+      path, ": train.recompute = '", c.train.recompute,
+      "' must be none, ssm (the Mamba mixers) or full");
   BRAID_REQUIRE(c.train.device == "cpu" || c.train.device == "cuda", path, ": train.device = '",
                 c.train.device, "' must be cpu or cuda");
   BRAID_REQUIRE(!c.data.train.empty(), path,

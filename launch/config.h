@@ -28,6 +28,9 @@ struct TrainSettings {
   int64_t eval_batches = 8;
   int64_t threads = 0;  // 0: all cores
   std::string device = "cpu";
+  // Activation recompute: none, ssm (the Mamba mixers) or full (every block): their activations
+  // are recomputed in the backward instead of kept.
+  std::string recompute = "none";
   std::string out_dir = "runs/braid";
 };
 

@@ -261,7 +261,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   Model model(cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
               TensorParallel{tp_group.get(), layout.sequence_parallel},
               cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1,
-              stage, starts);
+              stage, starts, parse_recompute(cfg.train.recompute));
   model.initialize(ts.seed);
   RunOptimizer opt(model.params(), cfg.adamw, *backend, grad_group.get(), tp_group.get(),
                    edp_group.get(), ep_group.get(), pp_group.get(), model.remote_params());

@@ -31,6 +31,9 @@ class Block {
  public:
   virtual ~Block() = default;
   virtual void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) = 0;
+  // State kept across forwards and steps (MoE routing counts), taken before `plan`, from an arena
+  // that activation recompute never shares between blocks.
+  virtual void plan_state(Arena& state) { (void)state; }
   // x, y [B,T,D]
   virtual void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) = 0;
   // x is the forward input; dy, dx [B,T,D]

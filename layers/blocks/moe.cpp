@@ -54,6 +54,10 @@ std::vector<RemoteParam> MoeBlock::remote_params() const {
   return out;
 }
 
+void MoeBlock::plan_state(Arena& state) {
+  step_counts_ = state.take("moe.step_counts", DType::i32, {cfg_.experts});
+}
+
 void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   m_ = batch * seq;
   const int64_t e = cfg_.experts, k = cfg_.top_k, d = cfg_.d_model, f = ffn_, rows = m_ * k;
@@ -65,7 +69,6 @@ void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   slot_ = sv.take("moe.slot", DType::i32, {m_, k});
   weight_ = sv.take("moe.weight", t, {m_, k});
   counts_ = sv.take("moe.counts", DType::i32, {e});
-  step_counts_ = sv.take("moe.step_counts", DType::i32, {e});
   offsets_ = sv.take("moe.offsets", DType::i32, {e + 1});
   row_token_ = sv.take("moe.row_token", DType::i32, {rows});
   // Rows at the experts: this rank's (M K), or under expert parallelism every rank's rows for

@@ -50,6 +50,7 @@ class MoeBlock final : public Block {
   MoeBlock(const MoeConfig& cfg, ParamSet& ps, const std::string& prefix, double init_std,
            double out_std, const TensorParallel& tp = {}, Communicator* ep = nullptr);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
+  void plan_state(Arena& state) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                 const BatchMeta& meta) override;

@@ -169,6 +169,13 @@ std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages,
   return starts;
 }
 
+Recompute parse_recompute(const std::string& s) {
+  if (s == "none") return Recompute::none;
+  if (s == "ssm") return Recompute::ssm;
+  if (s == "full") return Recompute::full;
+  BRAID_FAIL("train.recompute = '", s, "' must be none, ssm (the Mamba mixers) or full");
+}
+
 std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend, int64_t batch,
                                        int64_t seq) {
   const std::string layers = pattern_layers(cfg.pattern);
@@ -205,7 +212,8 @@ std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend,
 
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
              int64_t pad_elems, const TensorParallel& tp, Communicator* cp, Communicator* ep,
-             int64_t expert_pad_elems, int stage, const std::vector<int64_t>& starts)
+             int64_t expert_pad_elems, int stage, const std::vector<int64_t>& starts,
+             Recompute recompute)
     : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
@@ -306,6 +314,11 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   const int64_t m = batch * seq, v = cfg_.vocab_size / tp.size();
   const int64_t mr = sp_ ? m / tp.size() : m;  // rows of the residual stream on this rank
   const int64_t nl = static_cast<int64_t>(blocks_.size());  // this stage's layers
+  for (int64_t i = layer0_; i < layer0_ + nl; ++i) {
+    const char c = layers_[i];
+    recompute_.push_back(recompute == Recompute::full ||
+                         (recompute == Recompute::ssm && (c == 'S' || c == 'M')));
+  }
   auto setup = [&](Arena& sv, Arena& sc) {
     resid_.clear(), normed_.clear(), rstd_.clear();
     for (int64_t i = 0; i <= nl; ++i)
@@ -328,11 +341,24 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       xfull_ = sc.take("block_in", dtype, {batch, seq, d});
       dxfull_ = sc.take("block_dx", dtype, {batch, seq, d});
     }
+    for (auto& blk : blocks_) blk->plan_state(sv);
+    // Kept blocks' saved tensors first; the recomputed blocks' then all start at one offset.
     const size_t base = sc.mark();
-    for (auto& blk : blocks_) {
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (recompute_[i]) continue;
       sc.reset(base);
-      blk->plan(sv, sc, batch, seq);
+      blocks_[i]->plan(sv, sc, batch, seq);
     }
+    const size_t shared = sv.mark();
+    size_t end = shared;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (!recompute_[i]) continue;
+      sc.reset(base);
+      sv.reset(shared);
+      blocks_[i]->plan(sv, sc, batch, seq);
+      end = std::max(end, sv.mark());
+    }
+    sv.reset(end);
   };
   Arena plan_saved = Arena::measuring("activations", backend.device());
   Arena plan_scratch = Arena::measuring("scratch", backend.device());
@@ -413,6 +439,11 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
     copy_tensor(*backend_, dresid_, *output_grad);
   }
   for (size_t i = blocks_.size(); i-- > 0;) {
+    if (recompute_[i]) {  // its saved activations, again (routing not counted twice)
+      BatchMeta again = meta;
+      again.count_routing = false;
+      blocks_[i]->forward(sp_ ? gather(tp_, normed_[i], xfull_) : bt(normed_[i]), fout_, again);
+    }
     if (sp_) {
       blocks_[i]->backward(gather(tp_, normed_[i], xfull_), gather(tp_, dresid_, fout_), dxfull_,
                            meta);

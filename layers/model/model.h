@@ -56,6 +56,11 @@ struct Batch {
   Tensor positions;  // [B,T] i32
 };
 
+// Activation recompute: blocks whose saved activations are not kept from the forward to the
+// backward (they share one region), and are recomputed from their input before their backward.
+enum class Recompute { none, ssm, full };         // ssm: the Mamba-1 and Mamba-2 mixers; full: all
+Recompute parse_recompute(const std::string& s);  // "none", "ssm", "full"; else a named error
+
 struct MemoryReport {
   size_t parameters = 0, gradients = 0, activations = 0, scratch = 0;
 };
@@ -77,7 +82,7 @@ class Model {
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
         int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr,
         Communicator* ep = nullptr, int64_t expert_pad_elems = 1, int stage = 0,
-        const std::vector<int64_t>& starts = {0});
+        const std::vector<int64_t>& starts = {0}, Recompute recompute = Recompute::none);
   // The first layer of each of `stages` pipeline stages: the pattern's '|' cuts; else, given
   // per-layer costs (layer_costs), the contiguous cut with the least expensive slowest stage;
   // else as even as the layer count allows (stage s starts at s L / stages).
@@ -151,6 +156,7 @@ class Model {
   Param *embed_ = nullptr, *head_ = nullptr, *norm_f_ = nullptr;
   std::vector<Param*> norms_;
   std::vector<std::unique_ptr<Block>> blocks_;
+  std::vector<bool> recompute_;  // per block of this stage
   std::vector<MoeBlock*> moe_blocks_;
   Arena saved_, scratch_;
   // saved: residual stream inputs x_l [L+1][M_r,D], normed inputs, RMS scales (M_r = M, or

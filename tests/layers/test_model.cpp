@@ -169,6 +169,49 @@ TEST(Model, StepIsDeterministicAcrossThreadCountsAndAllocatesNothing) {
   EXPECT_EQ(a2, 0);
 }
 
+// Activation recompute computes the same function: the loss, the auxiliary losses and every
+// gradient are bit-identical to keeping the activations (the recomputed forward repeats the same
+// operations in the same order), the MoE routing counts are not doubled, and the activation
+// memory shrinks (ssm: the Mamba mixers share one region; full: every block).
+TEST(Model, RecomputeIsBitIdenticalAndSavesMemory) {
+  ModelConfig cfg = tiny_config("S-M*E-M");
+  cfg.moe.balance_bias = true, cfg.moe.score = RouterScore::sigmoid;
+  Buffers buf;
+  auto be = make_cpu_backend();
+  BatchData bd = make_batch(buf, 2, 12, cfg.vocab_size);
+  const Batch batch{bd.tokens, bd.targets, bd.seq, bd.pos};
+  struct Out {
+    double loss, aux;
+    std::vector<std::vector<double>> grads;
+    std::vector<std::vector<int32_t>> counts;
+    size_t activations;
+  };
+  auto run = [&](Recompute r) {
+    Model m(cfg, DType::f64, *be, 2, 12, 1, {}, nullptr, nullptr, 1, 0, {0}, r);
+    m.initialize(7);
+    m.params().zero_grads();
+    const Model::StepResult res = m.forward_backward(batch, 0.1, 0.5);
+    Out o{res.loss.sum, res.aux, {}, {}, m.memory().activations};
+    for (const Param& p : m.params().all())
+      if (p.trainable)
+        o.grads.emplace_back(p.grad.ptr<double>(), p.grad.ptr<double>() + p.grad.numel());
+    for (const Tensor& c : m.moe_step_counts())
+      o.counts.emplace_back(c.ptr<int32_t>(), c.ptr<int32_t>() + c.numel());
+    return o;
+  };
+  const Out none = run(Recompute::none);
+  for (Recompute r : {Recompute::ssm, Recompute::full}) {
+    const Out o = run(r);
+    EXPECT_EQ(o.loss, none.loss);
+    EXPECT_EQ(o.aux, none.aux);
+    EXPECT_TRUE(o.grads == none.grads) << "gradients differ with recompute";
+    EXPECT_TRUE(o.counts == none.counts) << "routing counts differ with recompute";
+    EXPECT_LT(o.activations, none.activations);
+  }
+  EXPECT_LT(run(Recompute::full).activations, run(Recompute::ssm).activations);
+  EXPECT_THROW(parse_recompute("some"), Error);
+}
+
 TEST(Model, HfStyleParameterNames) {
   auto backend = make_cpu_backend();
   Model model(tiny_config("S-M*E"), DType::f32, *backend, 1, 4);
