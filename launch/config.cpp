@@ -170,6 +170,7 @@ const std::map<std::string, Key>& registry() {
       {"parallel.order", string_key(M(parallel.order))},
       {"parallel.sequence_parallel", bool_key(M(parallel.sequence_parallel))},
       {"parallel.stage_starts", string_key(M(parallel.stage_starts))},
+      {"parallel.virtual_stages", int_key(M(parallel.virtual_stages), 1)},
       {"train.steps", int_key(M(train.steps), 1)},
       {"train.micro_batch", int_key(M(train.micro_batch), 1)},
       {"train.seq_len", int_key(M(train.seq_len), 1)},

@@ -78,9 +78,12 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
 // the input and output activations and their gradients ([rows, D] each).
 class StageRun final : public PipeStage {
  public:
-  StageRun(Model& model, int64_t microbatches, int64_t rows, int64_t d) : model_(model) {
+  // chunks: this stage's model chunks (piece c P + stage is chunks[c]).
+  StageRun(std::vector<Model*> chunks, int64_t microbatches, int64_t rows, int64_t d)
+      : chunks_(std::move(chunks)) {
     for (auto* v : {&in_, &out_, &dout_, &din_})
-      for (int64_t i = 0; i < microbatches; ++i) v->emplace_back(size_t(rows * d), 0.f);
+      for (size_t i = 0; i < microbatches * chunks_.size(); ++i)
+        v->emplace_back(size_t(rows * d), 0.f);
     shape_ = {rows, d};
   }
   // The step's batches (one per microbatch) and loss scales; resets the sums.
@@ -90,30 +93,33 @@ class StageRun final : public PipeStage {
   }
   double loss() const { return loss_; }
   double aux() const { return aux_; }
-  Tensor input(int mb, int) override { return view(in_, mb, "stage_input"); }
-  Tensor output(int mb, int) override { return view(out_, mb, "stage_output"); }
-  Tensor output_grad(int mb, int) override { return view(dout_, mb, "stage_output_grad"); }
-  Tensor input_grad(int mb, int) override { return view(din_, mb, "stage_input_grad"); }
-  void forward(int mb, int) override {
-    if (model_.last_stage()) return;  // its forward runs with its backward
-    const Tensor in = input(mb, 0);
-    model_.forward_only(*batches_[mb], model_.first_stage() ? nullptr : &in);
-    std::memcpy(out_[mb].data(), model_.stage_output().data, out_[mb].size() * sizeof(float));
+  Tensor input(int mb, int c) override { return view(in_, mb, c, "stage_input"); }
+  Tensor output(int mb, int c) override { return view(out_, mb, c, "stage_output"); }
+  Tensor output_grad(int mb, int c) override { return view(dout_, mb, c, "stage_output_grad"); }
+  Tensor input_grad(int mb, int c) override { return view(din_, mb, c, "stage_input_grad"); }
+  void forward(int mb, int c) override {
+    Model& m = *chunks_[c];
+    if (m.last_stage()) return;  // its forward runs with its backward
+    const Tensor in = input(mb, c);
+    m.forward_only(*batches_[mb], m.first_stage() ? nullptr : &in);
+    std::memcpy(output(mb, c).data, m.stage_output().data, size_t(in.numel()) * sizeof(float));
   }
-  void backward(int mb, int) override {
-    const Tensor in = input(mb, 0), dout = output_grad(mb, 0), din = input_grad(mb, 0);
-    const bool first = model_.first_stage(), last = model_.last_stage();
+  void backward(int mb, int c) override {
+    Model& m = *chunks_[c];
+    const Tensor in = input(mb, c), dout = output_grad(mb, c), din = input_grad(mb, c);
+    const bool first = m.first_stage(), last = m.last_stage();
     const Model::StepResult r =
-        model_.forward_backward(*batches_[mb], grad_scale_, aux_scale_, first ? nullptr : &in,
-                                last ? nullptr : &dout, first ? nullptr : &din);
+        m.forward_backward(*batches_[mb], grad_scale_, aux_scale_, first ? nullptr : &in,
+                           last ? nullptr : &dout, first ? nullptr : &din);
     loss_ += r.loss.sum, aux_ += r.aux;
   }
 
  private:
-  Tensor view(std::vector<std::vector<float>>& v, int mb, const char* name) {
-    return Tensor::contiguous_view(v[mb].data(), DType::f32, Device::cpu, shape_, name);
+  Tensor view(std::vector<std::vector<float>>& v, int mb, int c, const char* name) {
+    return Tensor::contiguous_view(v[mb * chunks_.size() + c].data(), DType::f32, Device::cpu,
+                                   shape_, name);
   }
-  Model& model_;
+  std::vector<Model*> chunks_;
   std::vector<std::vector<float>> in_, out_, dout_, din_;
   std::vector<int64_t> shape_;
   std::vector<const Batch*> batches_;
@@ -131,9 +137,15 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                 " must divide train.seq_len = ", cfg.train.seq_len,
                 " (each context-parallel rank holds an equal shard of every sequence)");
   const int dp = layout.dp, cp = layout.cp, pp = layout.pp, rank = world ? world->rank() : 0;
+  const int vs = layout.virtual_stages;
   BRAID_REQUIRE(pp == 1 || cfg.train.grad_accum >= pp, "parallel.pp = ", pp,
                 " needs train.grad_accum >= pp (the pipeline's microbatches), got ",
                 cfg.train.grad_accum);
+  BRAID_REQUIRE(vs >= 1 && (vs == 1 || (pp > 1 && cfg.train.grad_accum % pp == 0)),
+                "parallel.virtual_stages = ", vs,
+                " must be 1, or (interleaved pipeline) at least 2 with parallel.pp > 1 and "
+                "train.grad_accum a multiple of parallel.pp (pp = ",
+                pp, ", grad_accum = ", cfg.train.grad_accum, ")");
   // This rank's groups (collective): data parallel (which samples), tensor parallel, context
   // parallel (which shard of each sequence), and data x context parallel, over which the
   // gradients are summed and ZeRO-1 shards the optimizer.
@@ -203,7 +215,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
           v.erase(std::remove(v.begin(), v.end(), '"'), v.end());
           return v;
         };
-        if (get("parallel.pp") == std::to_string(pp)) given = get("parallel.stage_starts");
+        if (get("parallel.pp") == std::to_string(pp) &&
+            get("parallel.virtual_stages") == std::to_string(vs))
+          given = get("parallel.stage_starts");
       }
     }
     if (!given.empty()) {
@@ -217,14 +231,15 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         starts.push_back(v);
       }
       const int64_t layers = static_cast<int64_t>(pattern_layers(cfg.model.pattern).size());
-      bool ok = static_cast<int>(starts.size()) == pp && starts[0] == 0;
+      bool ok = static_cast<int>(starts.size()) == pp * vs && starts[0] == 0;
       for (size_t i = 1; ok && i < starts.size(); ++i)
         ok = starts[i] > starts[i - 1] && starts[i] < layers;
-      BRAID_REQUIRE(ok, "parallel.stage_starts = '", given, "' must list ", pp,
+      BRAID_REQUIRE(ok, "parallel.stage_starts = '", given, "' must list ", pp * vs,
                     " increasing first layers starting at 0, each below the ", layers, " layers");
       if (cfg.model.pattern.find('|') != std::string::npos)
-        BRAID_REQUIRE(starts == Model::stage_starts(cfg.model, pp), "parallel.stage_starts = '",
-                      given, "' differs from the cuts of model.pattern '", cfg.model.pattern, "'");
+        BRAID_REQUIRE(starts == Model::stage_starts(cfg.model, pp * vs),
+                      "parallel.stage_starts = '", given,
+                      "' differs from the cuts of model.pattern '", cfg.model.pattern, "'");
     } else {
       std::vector<double> costs;
       if (cfg.model.pattern.find('|') == std::string::npos) {
@@ -242,12 +257,12 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         say("pipeline: measured ms per layer (forward + backward of one microbatch): %s\n",
             shown.c_str());
       }
-      starts = Model::stage_starts(cfg.model, pp, costs);
+      starts = Model::stage_starts(cfg.model, pp * vs, costs);
     }
     std::string text;
     for (int64_t v : starts) text += (text.empty() ? "" : ",") + std::to_string(v);
     run_cfg.parallel.stage_starts = text;
-    say("pipeline: %d stages, first layers %s\n", pp, text.c_str());
+    say("pipeline: %d stages x %d chunks, first layers %s\n", pp, vs, text.c_str());
   }
   const std::string yaml = config_to_yaml(run_cfg);
   if (lead) {
@@ -258,13 +273,34 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   // Parameters padded to a multiple of dp x cp elements: ZeRO-1 shards are equal.
   // Expert weights (expert parallelism) padded to a multiple of the expert-data-parallel size.
-  Model model(cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
-              TensorParallel{tp_group.get(), layout.sequence_parallel},
-              cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1,
-              stage, starts, parse_recompute(cfg.train.recompute));
-  model.initialize(ts.seed);
-  RunOptimizer opt(model.params(), cfg.adamw, *backend, grad_group.get(), tp_group.get(),
-                   edp_group.get(), ep_group.get(), pp_group.get(), model.remote_params());
+  // This rank's model chunks: piece c pp + stage for c < virtual_stages (one chunk without
+  // interleaving); `model` is the first.
+  std::vector<std::unique_ptr<Model>> chunks;
+  std::vector<Model*> chunk_ptrs;
+  std::vector<ParamSet*> sets;
+  for (int c = 0; c < vs; ++c) {
+    chunks.push_back(std::make_unique<Model>(
+        cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
+        TensorParallel{tp_group.get(), layout.sequence_parallel}, cp > 1 ? cp_group.get() : nullptr,
+        ep_group.get(), edp_group ? edp_group->size() : 1, c * pp + stage, starts,
+        parse_recompute(cfg.train.recompute)));
+    chunks.back()->initialize(ts.seed);
+    chunk_ptrs.push_back(chunks.back().get());
+    sets.push_back(&chunks.back()->params());
+  }
+  Model& model = *chunks[0];
+  // What the other ranks hold: every chunk's remote parameters less those of this rank's chunks.
+  std::vector<RemoteParam> remote;
+  for (const auto& m : chunks)
+    for (const RemoteParam& r : m->remote_params()) {
+      bool local = false;
+      for (const auto& o : chunks) local = local || o->params().find(r.name) != nullptr;
+      bool seen = false;
+      for (const RemoteParam& x : remote) seen = seen || x.name == r.name;
+      if (!local && !seen) remote.push_back(r);
+    }
+  RunOptimizer opt(sets, cfg.adamw, *backend, grad_group.get(), tp_group.get(), edp_group.get(),
+                   ep_group.get(), pp_group.get(), remote);
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule
   // interleaves them).
@@ -293,19 +329,27 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   };
   Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
 
-  const MemoryReport mem = model.memory();
-  const double flops_tok = model.flops_per_token(t);
+  MemoryReport mem;
+  double flops_tok = 0;
+  int64_t held_params = 0, held_trainable = 0;
+  for (const auto& m : chunks) {
+    const MemoryReport r = m->memory();
+    mem.parameters += r.parameters, mem.gradients += r.gradients;
+    mem.activations += r.activations, mem.scratch += r.scratch;
+    flops_tok += m->flops_per_token(t);
+    held_params += m->params().numel(), held_trainable += m->params().numel(true);
+  }
   say("layout: %d ranks, tp %d%s, cp %d, dp %d, ep %d (expert data parallel %d), pp %d\n",
       world ? world->size() : 1, layout.tp,
       layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", cp, dp, layout.ep,
       edp_group ? edp_group->size() : dp * cp, pp);
   say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
-      cfg.model.pattern.c_str(), (long long)model.params().numel(),
-      (long long)model.params().numel(true), flops_tok / 1e9);
+      cfg.model.pattern.c_str(), (long long)held_params, (long long)held_trainable,
+      flops_tok / 1e9);
   say("memory: parameters %s, gradients %s, optimizer %s, activations %s, scratch %s\n",
       mib(mem.parameters).c_str(), mib(mem.gradients).c_str(),
-      mib(3 * sizeof(float) * size_t(model.params().numel(true))).c_str(),
-      mib(mem.activations).c_str(), mib(mem.scratch).c_str());
+      mib(3 * sizeof(float) * size_t(held_trainable)).c_str(), mib(mem.activations).c_str(),
+      mib(mem.scratch).c_str());
   say("data: %lld train tokens (%lld samples of %lld), %lld held-out tokens; %d threads\n",
       (long long)train_data.num_tokens(), (long long)train_data.num_samples(), (long long)t,
       (long long)valid_data.num_tokens(), omp_get_max_threads());
@@ -417,19 +461,25 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                                                  {stage_rows, cfg.model.d_model}, "stage_input");
   std::unique_ptr<StageRun> stage_run;
   if (pp > 1)
-    stage_run = std::make_unique<StageRun>(model, ts.grad_accum, stage_rows, cfg.model.d_model);
-  const PipeTable schedule = make_schedule(PipeSchedule::one_f_one_b, pp, int(ts.grad_accum));
+    stage_run =
+        std::make_unique<StageRun>(chunk_ptrs, ts.grad_accum, stage_rows, cfg.model.d_model);
+  const PipeTable schedule = make_schedule(
+      vs > 1 ? PipeSchedule::interleaved : PipeSchedule::one_f_one_b, pp, int(ts.grad_accum), vs);
   auto evaluate = [&]() {
     double sum = 0;
     int64_t count = 0;
     for (int64_t first = 0; first + b <= std::max(valid_rows, b); first += b) {
       fill(valid_data, valid_sampler, first, whole.batch);
       take_shard();
-      // Through the pipeline: each stage takes the previous one's output.
-      if (!model.first_stage()) pp_group->recv(eval_in, stage - 1);
-      const LossSum l = model.evaluate(input, model.first_stage() ? nullptr : &eval_in);
-      if (!model.last_stage()) pp_group->send(model.stage_output(), stage + 1);
-      sum += l.sum, count += l.count;
+      // Through the pipeline: piece k (chunk k / pp of stage k % pp) takes piece k - 1's output.
+      for (int k = 0; k < pp * vs; ++k) {
+        if (k % pp != stage) continue;
+        Model& m = *chunks[k / pp];
+        if (k > 0) pp_group->recv(eval_in, (k - 1) % pp);
+        const LossSum l = m.evaluate(input, k > 0 ? &eval_in : nullptr);
+        if (k + 1 < pp * vs) pp_group->send(m.stage_output(), (k + 1) % pp);
+        sum += l.sum, count += l.count;
+      }
     }
     if (pp > 1) {  // the last stage's
       std::vector<double> sums{sum, double(count)};
@@ -458,7 +508,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   double interval_loss = 0;
   int64_t interval_steps = 0;
   for (int64_t step = start_step; step < ts.steps; ++step) {
-    model.params().zero_grads();
+    for (const auto& m : chunks) m->params().zero_grads();
     double loss_sum = 0, aux = 0;
     if (pp == 1) {
       for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
@@ -487,7 +537,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       loss_sum = sums[0], aux = sums[1];
       // Tied embeddings: the table's gradient is the first stage's lookup plus the last stage's
       // output projection.
-      if (tied_group) tied_group->all_reduce(model.embeddings()->grad, ReduceOp::sum);
+      if (tied_group)
+        tied_group->all_reduce((stage == 0 ? chunks.front() : chunks.back())->embeddings()->grad,
+                               ReduceOp::sum);
     }
     if (dp * cp > 1) {  // the global batch's loss: sum over the data and context ranks
       std::vector<double> sums{loss_sum, aux};
@@ -497,7 +549,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       loss_sum = sums[0], aux = sums[1] / (dp * cp);
     }
     const double loss = loss_sum / double(tokens_per_step);
-    model.reduce_sequence_parallel_grads();
+    for (const auto& m : chunks) m->reduce_sequence_parallel_grads();
     const double norm = opt.reduce_and_norm();
     BRAID_REQUIRE(std::isfinite(norm) && std::isfinite(loss), "step ", step + 1,
                   ": non-finite loss (", loss, ") or gradient norm (", norm,
@@ -505,9 +557,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     const double lr = cfg.lr.at(step);
     opt.step(lr, norm);
     if (dp * cp > 1)  // the balancing rule sees the whole global batch on every rank
-      for (const Tensor& counts : model.moe_step_counts())
-        grad_group->all_reduce(counts, ReduceOp::sum);
-    model.after_optimizer_step();
+      for (const auto& m : chunks)
+        for (const Tensor& counts : m->moe_step_counts())
+          grad_group->all_reduce(counts, ReduceOp::sum);
+    for (const auto& m : chunks) m->after_optimizer_step();
     interval_loss += loss, ++interval_steps;
     const auto now = Clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();

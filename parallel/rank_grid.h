@@ -23,6 +23,9 @@ struct Layout {
   // The pipeline stages' first layers, e.g. "0,4" (empty: the pattern's '|' cuts, else balanced
   // by measured per-layer times; a run records what it used).
   std::string stage_starts;
+  // Model chunks per pipeline stage (interleaved schedule, Megatron-LM's virtual stages): the
+  // layers are cut into pp * virtual_stages pieces, piece c pp + s on stage s.
+  int virtual_stages = 1;
 };
 
 class RankGrid {

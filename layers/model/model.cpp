@@ -132,9 +132,10 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
   }
   const int64_t n_layers = static_cast<int64_t>(layers.size());
   const int64_t cuts = static_cast<int64_t>(std::count(c.pattern.begin(), c.pattern.end(), '|'));
-  BRAID_REQUIRE(l.pp <= n_layers, "parallel.pp = ", l.pp, " exceeds the ", n_layers,
-                " layers of model.pattern");
-  BRAID_REQUIRE(cuts == 0 || l.pp == cuts + 1, "model.pattern cuts ", cuts + 1,
+  const int pieces = l.pp * l.virtual_stages;
+  BRAID_REQUIRE(pieces <= n_layers, "parallel.pp x parallel.virtual_stages = ", pieces,
+                " exceeds the ", n_layers, " layers of model.pattern");
+  BRAID_REQUIRE(cuts == 0 || pieces == cuts + 1, "model.pattern cuts ", cuts + 1,
                 " pipeline stages with '|', but parallel.pp = ", l.pp,
                 " (set parallel.pp = ", cuts + 1, " or remove the cuts)");
 }
@@ -152,8 +153,9 @@ std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages,
         starts.push_back(layer);
       else
         ++layer;
-    BRAID_REQUIRE(static_cast<int>(starts.size()) == stages, "model.pattern cuts ", starts.size(),
-                  " pipeline stages with '|', but parallel.pp = ", stages);
+    BRAID_REQUIRE(
+        static_cast<int>(starts.size()) == stages, "model.pattern cuts ", starts.size(),
+        " pipeline pieces with '|', but parallel.pp x parallel.virtual_stages = ", stages);
     for (size_t s = 1; s < starts.size(); ++s)
       BRAID_REQUIRE(starts[s] > starts[s - 1] && starts[s] < l, "model.pattern '", cfg.pattern,
                     "': pipeline stage ", s - 1, " has no layers");

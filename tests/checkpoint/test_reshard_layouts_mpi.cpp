@@ -77,8 +77,8 @@ std::unique_ptr<Run> make_run(Communicator& world, Backend& backend, Layout l) {
                                        run->edp ? run->edp->size() : 1, stage, starts);
   run->model->initialize(3);
   run->opt = std::make_unique<RunOptimizer>(
-      run->model->params(), AdamWConfig{}, backend, run->dp.get(), run->tp.get(), run->edp.get(),
-      run->ep.get(), run->pp.get(), run->model->remote_params());
+      std::vector<ParamSet*>{&run->model->params()}, AdamWConfig{}, backend, run->dp.get(),
+      run->tp.get(), run->edp.get(), run->ep.get(), run->pp.get(), run->model->remote_params());
   return run;
 }
 
