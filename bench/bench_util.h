@@ -1,11 +1,13 @@
-// Helpers of the GPU kernel benchmarks: random device tensors owned by a scope, and the median
-// time of a launch sequence (CUDA events, 3 warm-ups, 20 timed runs).
+// Helpers of the GPU kernel benchmarks: random device tensors owned by a scope, the median time
+// of a launch sequence (CUDA events, 3 warm-ups, 20 timed runs), and the --out JSON file.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "runtime/backend.h"
@@ -37,7 +39,24 @@ class DeviceTensors {
   std::vector<void*> mem_;
 };
 
-double median_ms(const std::function<void()>& f) {
+// The value of `--out PATH` among the arguments ("" without one).
+inline std::string out_path(int argc, char** argv) {
+  std::string out;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--out") out = argv[i + 1];
+  return out;
+}
+
+// Writes `text` and a newline to `path` (nothing for an empty path); false if it cannot.
+inline bool write_text(const std::string& path, const std::string& text) {
+  if (path.empty()) return true;
+  FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) return false;
+  std::fprintf(f, "%s\n", text.c_str());
+  return std::fclose(f) == 0;
+}
+
+inline double median_ms(const std::function<void()>& f) {
   cudaEvent_t e0, e1;
   CUDA_CHECK(cudaEventCreate(&e0));
   CUDA_CHECK(cudaEventCreate(&e1));

@@ -30,9 +30,7 @@ struct Shape {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string out;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::string(argv[i]) == "--out") out = argv[i + 1];
+  const std::string out = bench::out_path(argc, argv);
   auto gpu = make_cuda_backend(0);
   const std::vector<Shape> shapes = {
       {64, 1024, 0, 0, 0, 0},          {64, 2048, 261, 211, 390, 332},
@@ -116,11 +114,5 @@ int main(int argc, char** argv) {
     json += row;
   }
   json += "]";
-  if (!out.empty()) {
-    FILE* f = std::fopen(out.c_str(), "w");
-    if (!f) return 1;
-    std::fprintf(f, "%s\n", json.c_str());
-    std::fclose(f);
-  }
-  return 0;
+  return bench::write_text(out, json) ? 0 : 1;
 }

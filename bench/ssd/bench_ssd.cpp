@@ -35,9 +35,7 @@ struct Shape {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string out;
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::string(argv[i]) == "--out") out = argv[i + 1];
+  const std::string out = bench::out_path(argc, argv);
   auto gpu = make_cuda_backend(0);
   const double mma_ceiling = 758e12, mem_ceiling = 2.97e12;
   const int64_t q = 256;
@@ -160,11 +158,5 @@ int main(int argc, char** argv) {
     json += row;
   }
   json += "]";
-  if (!out.empty()) {
-    FILE* f = std::fopen(out.c_str(), "w");
-    if (!f) return 1;
-    std::fprintf(f, "%s\n", json.c_str());
-    std::fclose(f);
-  }
-  return 0;
+  return bench::write_text(out, json) ? 0 : 1;
 }

@@ -24,6 +24,32 @@ namespace {
 
 constexpr int kRows = 128, kWarps = 4, kThreads = 32 * kWarps, kMt = 2;  // 16-row fragments
 
+// The block's tile: 128 query rows of one head and batch row (launched longest first), and the
+// key tiles of Bc keys it visits, j0 (the first row's document start) to j1 (the diagonal).
+template <int P, int Bc>
+struct QueryTile {
+  int T, t0, rows, j0, j1;
+  int64_t qs, ks;         // row strides of q and o, k and v
+  const bf16 *q, *k, *v;  // the tile's first query row; the batch row's first key and value
+  const int32_t* seq;     // the batch row's document ids (null: one document)
+  bf16* o;                // the tile's first output row
+  float* lse;             // the head's lse row
+  __device__ explicit QueryTile(const AttnParams& p) {
+    const int H = p.heads, Hk = p.kv_heads;
+    const int qb = int(gridDim.x) - 1 - int(blockIdx.x), h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (H / Hk);
+    T = p.seqlen, t0 = qb * kRows, rows = min(kRows, T - t0);
+    qs = int64_t(H) * P, ks = int64_t(Hk) * P;
+    q = static_cast<const bf16*>(p.q) + (int64_t(b) * T + t0) * qs + h * P;
+    k = static_cast<const bf16*>(p.k) + int64_t(b) * T * ks + hk * P;
+    v = static_cast<const bf16*>(p.v) + int64_t(b) * T * ks + hk * P;
+    seq = p.seq_idx ? p.seq_idx + int64_t(b) * T : nullptr;
+    j0 = doc_start(seq, t0) / Bc, j1 = (t0 + rows - 1) / Bc;
+    o = static_cast<bf16*>(p.o) + (int64_t(b) * T + t0) * qs + h * P;
+    lse = p.lse + (int64_t(b) * H + h) * T;
+  }
+};
+
 template <int P, int Bc>
 constexpr int fwd_smem_bytes() {
   return (kRows + 4 * Bc) * (P + 8) * 2;
@@ -36,16 +62,11 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [kRows][kLd]
   bf16* sK = sQ + kRows * kLd;                   // [2][Bc][kLd]
   bf16* sV = sK + 2 * Bc * kLd;                  // [2][Bc][kLd]
-  const int T = p.seqlen, H = p.heads, Hk = p.kv_heads;
-  const int qb = int(gridDim.x) - 1 - int(blockIdx.x), h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (H / Hk);
-  const int t0 = qb * kRows, rows = min(kRows, T - t0);
-  const int64_t qs = int64_t(H) * P, ks = int64_t(Hk) * P;  // row strides
-  const bf16* q = static_cast<const bf16*>(p.q) + (int64_t(b) * T + t0) * qs + h * P;
-  const bf16* k = static_cast<const bf16*>(p.k) + int64_t(b) * T * ks + hk * P;
-  const bf16* v = static_cast<const bf16*>(p.v) + int64_t(b) * T * ks + hk * P;
-  const int32_t* seq = p.seq_idx ? p.seq_idx + int64_t(b) * T : nullptr;
-  const int j0 = doc_start(seq, t0) / Bc, j1 = (t0 + rows - 1) / Bc;
+  const QueryTile<P, Bc> tile(p);
+  const int T = tile.T, t0 = tile.t0, rows = tile.rows, j0 = tile.j0, j1 = tile.j1;
+  const int64_t qs = tile.qs, ks = tile.ks;
+  const bf16 *q = tile.q, *k = tile.k, *v = tile.v;
+  const int32_t* seq = tile.seq;
 
   load_rows<P, kThreads>(sQ, q, qs, kRows, rows);
   load_rows<P, kThreads>(sK, k + int64_t(j0) * Bc * ks, ks, Bc, T - j0 * Bc);
@@ -139,8 +160,8 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
   }
   // Every valid row sees at least its own key, so l >= 1; padded rows are not stored. Each warp
   // stages its output through its own rows of sQ.
-  bf16* out = static_cast<bf16*>(p.o) + (int64_t(b) * T + t0) * qs + h * P;
-  float* lse = p.lse + (int64_t(b) * H + h) * T;
+  bf16* out = tile.o;
+  float* lse = tile.lse;
 #pragma unroll
   for (int m = 0; m < kMt; ++m) {
     float inv[2];
@@ -174,16 +195,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [kRows x P], interleaved
   bf16* sK = sQ + kRows * P;                     // [2][Bc x P]
   bf16* sV = sK + 2 * Bc * P;                    // [2][Bc x P]
-  const int T = p.seqlen, H = p.heads, Hk = p.kv_heads;
-  const int qb = int(gridDim.x) - 1 - int(blockIdx.x), h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (H / Hk);
-  const int t0 = qb * kRows, rows = min(kRows, T - t0);
-  const int64_t qs = int64_t(H) * P, ks = int64_t(Hk) * P;
-  const bf16* q = static_cast<const bf16*>(p.q) + (int64_t(b) * T + t0) * qs + h * P;
-  const bf16* k = static_cast<const bf16*>(p.k) + int64_t(b) * T * ks + hk * P;
-  const bf16* v = static_cast<const bf16*>(p.v) + int64_t(b) * T * ks + hk * P;
-  const int32_t* seq = p.seq_idx ? p.seq_idx + int64_t(b) * T : nullptr;
-  const int j0 = doc_start(seq, t0) / Bc, j1 = (t0 + rows - 1) / Bc;
+  const QueryTile<P, Bc> tile(p);
+  const int T = tile.T, t0 = tile.t0, rows = tile.rows, j0 = tile.j0, j1 = tile.j1;
+  const int64_t qs = tile.qs, ks = tile.ks;
+  const bf16 *q = tile.q, *k = tile.k, *v = tile.v;
+  const int32_t* seq = tile.seq;
 
   load_rows_cm<P, kWgThreads>(sQ, q, qs, kRows, rows);
   load_rows_cm<P, kWgThreads>(sK, k + int64_t(j0) * Bc * ks, ks, Bc, T - j0 * Bc);
@@ -290,8 +306,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   wgmma_reg_fence(o);
   __syncthreads();  // the K buffers stage the output
   // Stage the output through padded rows (the row stride of store_rows) in the K buffers.
-  bf16* out = static_cast<bf16*>(p.o) + (int64_t(b) * T + t0) * qs + h * P;
-  float* lse = p.lse + (int64_t(b) * H + h) * T;
+  bf16* out = tile.o;
+  float* lse = tile.lse;
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -24,31 +24,17 @@
 #include "parallel/communicator.h"
 #include "parallel/launch_env.h"
 #include "parallel/rank_grid.h"
+#include "tests/checkpoint/reshard_util.h"
 
 namespace {
 
 using namespace braid;
 
 ModelConfig config() {
-  ModelConfig c;
-  c.pattern = "M*E";
-  c.d_model = 16;
-  c.vocab_size = 37;
-  c.tie_embeddings = true;
-  c.mamba2.heads = 4, c.mamba2.head_dim = 8, c.mamba2.d_state = 8, c.mamba2.chunk = 8;
-  c.attention = {0, 2, 1, 8, true, 10000.0};
-  c.mlp.ffn = 24;
-  c.moe.experts = 4, c.moe.top_k = 2, c.moe.ffn = 8;
-  return c;
+  return test::reshard_config(true);
 }
 
-// Synthetic gradients that differ per rank and step (each rank's own parameters).
-void fake_grads(ParamSet& params, int rank, int step) {
-  for (Param& p : params.all())
-    if (p.trainable)
-      for (int64_t i = 0; i < p.grad.numel(); ++i)
-        p.grad.ptr<float>()[i] = float(((i + 7 * rank + 13 * step) * 37) % 23 - 11) * 1e-3f;
-}
+using test::fake_grads;
 
 // One rank of a layout: its groups, model and optimizer, built as the trainer builds them.
 struct Run {

@@ -5,7 +5,7 @@
 # compare NAME A B [TOL] checks two lists agree pairwise within TOL relative (default 1e-4, the
 # layout tests' tolerance);
 # start_layout_test BRAID CONFIG MPIRUN... sets braid, config, mpirun_cmd and a temporary work
-# directory (removed on exit) holding the prepared corpus;
+# directory (removed on exit) holding the prepared corpus; check (below) compares a run with run a;
 # layout_args WORK sets `args`, the layout tests' small run (8 steps of the tiny hybrid, MoE
 # auxiliary losses off); run_layout OUT RANKS ARGS... runs it into WORK/OUT (RANKS 0: one process,
 # else through mpirun_cmd), its output in WORK/OUT.log.
@@ -25,6 +25,15 @@ compare() {
   paste <(echo "$2") <(echo "$3") | awk -v name="$1" -v tol="${4:-1e-4}" '{
       d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r; n++ }
     END { printf "%s: %d steps, largest relative difference %.2e (tolerance %s)\n", name, n, worst, tol; exit !(n > 0 && worst <= tol) }'
+}
+# check NAME RUN [N]: run RUN's last N (default 8) losses and gradient norms against run a's, at
+# the tight tolerances of train_ep.sh (losses 1e-7, norms 1e-6 relative).
+check() {
+  local name=$1 run=$2 n=${3:-8}
+  compare "$name, losses" "$(losses "$work/a/metrics.jsonl" | tail -n "$n")" \
+    "$(losses "$work/$run/metrics.jsonl" | tail -n "$n")" 1e-7
+  compare "$name, gradient norms" "$(grad_norms "$work/a/metrics.jsonl" | tail -n "$n")" \
+    "$(grad_norms "$work/$run/metrics.jsonl" | tail -n "$n")" 1e-6
 }
 start_layout_test() {
   braid="$1"
