@@ -133,10 +133,12 @@ void validate_layout_for_model(const ModelConfig& c, const Layout& l) {
   const int64_t n_layers = static_cast<int64_t>(layers.size());
   const int64_t cuts = static_cast<int64_t>(std::count(c.pattern.begin(), c.pattern.end(), '|'));
   const int pieces = l.pp * l.virtual_stages;
-  BRAID_REQUIRE(pieces <= n_layers, "parallel.pp x parallel.virtual_stages = ", pieces,
-                " exceeds the ", n_layers, " layers of model.pattern");
+  const std::string what =
+      l.virtual_stages == 1 ? "parallel.pp" : "parallel.pp x parallel.virtual_stages";
+  BRAID_REQUIRE(pieces <= n_layers, what, " = ", pieces, " exceeds the ", n_layers,
+                " layers of model.pattern");
   BRAID_REQUIRE(cuts == 0 || pieces == cuts + 1, "model.pattern cuts ", cuts + 1,
-                " pipeline stages with '|', but parallel.pp = ", l.pp,
+                " pipeline stages with '|', but ", what, " = ", pieces,
                 " (set parallel.pp = ", cuts + 1, " or remove the cuts)");
 }
 
