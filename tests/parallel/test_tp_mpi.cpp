@@ -50,10 +50,13 @@ std::unique_ptr<Instance> build(const MakeBlock& make, const TensorParallel& tp,
   in->params.allocate(backend, dtype);
   in->params.initialize(11);
   Arena sv = Arena::measuring("saved", Device::cpu), sc = Arena::measuring("scratch", Device::cpu);
+  in->block->plan_state(sv);
   in->block->plan(sv, sc, b, t);
   in->saved = Arena::allocate("saved", backend, sv.high_water());
   in->scratch = Arena::allocate("scratch", backend, sc.high_water());
+  in->block->plan_state(in->saved);
   in->block->plan(in->saved, in->scratch, b, t);
+  backend.fill(in->saved.bytes(), 0.0, {});  // the state (MoE counts) starts at zero
   return in;
 }
 
