@@ -353,16 +353,14 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       sc.reset(base);
       blocks_[i]->plan(sv, sc, batch, seq);
     }
+    // (The arena's high-water mark covers the largest of them: nothing is taken after.)
     const size_t shared = sv.mark();
-    size_t end = shared;
     for (size_t i = 0; i < blocks_.size(); ++i) {
       if (!recompute_[i]) continue;
       sc.reset(base);
       sv.reset(shared);
       blocks_[i]->plan(sv, sc, batch, seq);
-      end = std::max(end, sv.mark());
     }
-    sv.reset(end);
   };
   Arena plan_saved = Arena::measuring("activations", backend.device());
   Arena plan_scratch = Arena::measuring("scratch", backend.device());
