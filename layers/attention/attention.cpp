@@ -1,5 +1,6 @@
 // Shape checks of attention (both devices) and its GPU dispatch: validates GPU tensors, sizes the
 // backward's workspace and builds the kernel Params.
+#include <algorithm>
 #include <cmath>
 
 #include "layers/attention/attention.h"
@@ -54,9 +55,6 @@ AttnParams gpu_params(const AttentionInputs& in, const Tensor& o, const Tensor& 
   require_dtype("attention", DType::f32, {&lse});
   require_gpu("attention", {in.q, in.k, in.v, in.seq_idx, &o, &lse});
   BRAID_CHECK(d.p == 64 || d.p == 128, "attention (CUDA): head dim ", d.p, " must be 64 or 128");
-  BRAID_CHECK(!in.rows,
-              "attention (CUDA): a subset of query rows (context parallelism) is not "
-              "supported on the GPU yet");
   BRAID_CHECK(d.b < 65536 && d.h < 65536, "attention (CUDA): batch ", d.b, " and heads ", d.h,
               " must be below 65536");
   BRAID_CHECK(d.t < (int64_t(1) << 30), "attention (CUDA): sequence length ", d.t,
@@ -68,6 +66,15 @@ AttnParams gpu_params(const AttentionInputs& in, const Tensor& o, const Tensor& 
   p.scale_log2 = float(in.scale * 1.4426950408889634);
   p.q = in.q->data, p.k = in.k->data, p.v = in.v->data;
   p.seq_idx = in.seq_idx ? in.seq_idx->ptr<int32_t>() : nullptr;
+  if (in.rows) {
+    p.rows.active = true;
+    for (int i = 0; i < 2; ++i) {
+      const int64_t lo = in.rows->begin[i], hi = std::max(lo, in.rows->end[i]);  // empty: ok
+      BRAID_CHECK(lo >= 0 && hi <= d.t, "attention: rows [", lo, ", ", hi,
+                  ") outside the sequence of ", d.t);
+      p.rows.begin[i] = int(lo), p.rows.end[i] = int(hi);
+    }
+  }
   p.o = o.data;
   p.lse = lse.ptr<float>();
   p.geo = attention_geometry(d.b, d.t, d.h, d.p);

@@ -162,14 +162,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
     float s[kRows / 8][4];
     zero(s);
     mma_ss<kRows / 8, P, true, true>(s, sK, kLd, r0, 0, tQ, kLd, 0);
-    const bool mask = t0 < warp_last || t0 + kRows > warp_end;
+    const bool mask =
+        t0 < warp_last || t0 + kRows > warp_end || !p.rows.covers(t0, min(t0 + kRows, T));
     if (mask) {
 #pragma unroll
       for (int nt = 0; nt < kRows / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int c = nt * 8 + 2 * (lane & 3) + (e & 1), t = t0 + c;
-          const bool hide = e < 2 ? (t < sa || t >= ea) : (t < sb || t >= eb);
+          const bool hide = (e < 2 ? (t < sa || t >= ea) : (t < sb || t >= eb)) || !p.rows.has(t);
           s[nt][e] = hide ? 0.f : ex2(s[nt][e] * p.scale_log2 - tL[c]);
         }
     } else {
@@ -233,8 +234,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
   }
   bf16* dst_k = static_cast<bf16*>(p.dk) + kv_off;
   bf16* dst_v = static_cast<bf16*>(p.dv) + kv_off;
-  store_rows<P>(dk, p.scale, p.scale, sQ, r0, dst_k, ks, keys);
-  store_rows<P>(dv, 1.f, 1.f, sO, r0, dst_v, ks, keys);
+  auto all = [](int) { return true; };
+  store_rows<P>(dk, p.scale, p.scale, sQ, r0, dst_k, ks, keys, all);
+  store_rows<P>(dv, 1.f, 1.f, sO, r0, dst_v, ks, keys, all);
 }
 
 // dq[b, t, h] = scale dq_acc[b, h, t] as bf16, 8 elements per thread.

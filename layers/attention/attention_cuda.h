@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "layers/attention/attention.h"
+#include "runtime/philox.h"  // BRAID_HD
 
 namespace braid {
 
@@ -24,12 +25,31 @@ struct AttnGeometry {
 };
 AttnGeometry attention_geometry(int64_t b, int64_t t, int64_t h, int64_t p);
 
+// The query rows computed (AttentionRows, context parallelism): [begin[i], end[i]), i = 0, 1;
+// every row when !active.
+struct AttnRowSet {
+  bool active = false;
+  int begin[2] = {0, 0}, end[2] = {0, 0};
+  BRAID_HD bool has(int t) const {
+    return !active || (t >= begin[0] && t < end[0]) || (t >= begin[1] && t < end[1]);
+  }
+  // Rows [a, b) all in the set, or some of them.
+  BRAID_HD bool covers(int a, int b) const {
+    return !active || (a >= begin[0] && b <= end[0]) || (a >= begin[1] && b <= end[1]);
+  }
+  BRAID_HD bool meets(int a, int b) const {
+    return !active || (a < end[0] && b > begin[0]) || (a < end[1] && b > begin[1]);
+  }
+};
+
 struct AttnParams {
   int batch = 0, seqlen = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float scale = 0.f;       // softmax scale
   float scale_log2 = 0.f;  // scale log2(e): the kernels' exponentials are base 2
   const void *q = nullptr, *k = nullptr, *v = nullptr;
   const int32_t* seq_idx = nullptr;
+  AttnRowSet rows;  // the forward writes o and lse of these rows only; the backward's dq is 0
+                    // elsewhere and dk, dv sum these rows' queries only
   void* o = nullptr;
   float* lse = nullptr;
   // Backward.

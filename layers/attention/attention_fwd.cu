@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
   bf16* sK = sQ + kRows * kLd;                   // [2][Bc][kLd]
   bf16* sV = sK + 2 * Bc * kLd;                  // [2][Bc][kLd]
   const QueryTile<P, Bc> tile(p);
+  if (!p.rows.meets(tile.t0, tile.t0 + tile.rows)) return;  // no row of the tile is computed
   const int T = tile.T, t0 = tile.t0, rows = tile.rows, j0 = tile.j0, j1 = tile.j1;
   const int64_t qs = tile.qs, ks = tile.ks;
   const bf16 *q = tile.q, *k = tile.k, *v = tile.v;
@@ -169,9 +170,11 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
     for (int r = 0; r < 2; ++r) {
       l[m][r] = quad_sum(l[m][r]);
       inv[r] = l[m][r] > 0.f ? 1.f / l[m][r] : 0.f;
-      if ((lane & 3) == 0 && tr[m][r] < T) lse[tr[m][r]] = (mx[m][r] + __log2f(l[m][r])) * kLn2;
+      if ((lane & 3) == 0 && tr[m][r] < T && p.rows.has(tr[m][r]))
+        lse[tr[m][r]] = (mx[m][r] + __log2f(l[m][r])) * kLn2;
     }
-    store_rows<P>(o[m], inv[0], inv[1], sQ, r0 + 16 * m, out, qs, rows);
+    store_rows<P>(o[m], inv[0], inv[1], sQ, r0 + 16 * m, out, qs, rows,
+                  [&](int r) { return p.rows.has(t0 + r); });
   }
 }
 
@@ -196,6 +199,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   bf16* sK = sQ + kRows * P;                     // [2][Bc x P]
   bf16* sV = sK + 2 * Bc * P;                    // [2][Bc x P]
   const QueryTile<P, Bc> tile(p);
+  if (!p.rows.meets(tile.t0, tile.t0 + tile.rows)) return;  // no row of the tile is computed
   const int T = tile.T, t0 = tile.t0, rows = tile.rows, j0 = tile.j0, j1 = tile.j1;
   const int64_t qs = tile.qs, ks = tile.ks;
   const bf16 *q = tile.q, *k = tile.k, *v = tile.v;
@@ -313,9 +317,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
   for (int r = 0; r < 2; ++r) {
     l[r] = quad_sum(l[r]);
     inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    if ((lane & 3) == 0 && tr[r] < T) lse[tr[r]] = (mx[r] + __log2f(l[r])) * kLn2;
+    if ((lane & 3) == 0 && tr[r] < T && p.rows.has(tr[r]))
+      lse[tr[r]] = (mx[r] + __log2f(l[r])) * kLn2;
   }
-  store_rows<P>(o, inv[0], inv[1], sK, r0, out, qs, rows);
+  store_rows<P>(o, inv[0], inv[1], sK, r0, out, qs, rows,
+                [&](int r) { return p.rows.has(t0 + r); });
 #else
   (void)p;
 #endif

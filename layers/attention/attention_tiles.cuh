@@ -110,10 +110,11 @@ __device__ __forceinline__ void rescale(float (&o)[NT][4], const float (&alpha)[
 
 // Writes this warp's 16 x W accumulator (rows row0 + {lane / 4, lane / 4 + 8}) times `f` as bf16
 // through the warp's own rows of the shared tile `s` (row stride W + 8), then copies the rows
-// [0, valid) to global memory (row stride gs) with 16-byte stores.
-template <int W>
+// [0, valid) for which keep(row) holds to global memory (row stride gs) with 16-byte stores.
+template <int W, typename Keep>
 __device__ __forceinline__ void store_rows(const float (&acc)[W / 8][4], float fa, float fb,
-                                           bf16* s, int row0, bf16* g, int64_t gs, int valid) {
+                                           bf16* s, int row0, bf16* g, int64_t gs, int valid,
+                                           Keep keep) {
   constexpr int kLd = W + 8;
   const int lane = threadIdx.x & 31, r = row0 + lane / 4, c = 2 * (lane & 3);
 #pragma unroll
@@ -127,7 +128,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[W / 8][4], float f
   constexpr int kVec = W / 8;
   for (int i = lane; i < 16 * kVec; i += 32) {
     const int rr = i / kVec, v = i % kVec;
-    if (row0 + rr < valid)
+    if (row0 + rr < valid && keep(row0 + rr))
       *reinterpret_cast<uint4*>(g + (row0 + rr) * gs + v * 8) =
           *reinterpret_cast<const uint4*>(s + (row0 + rr) * kLd + v * 8);
   }

@@ -33,7 +33,8 @@ namespace {
 
 struct GpuAttnCase {
   int64_t b, t, h, hk, p;
-  int doc_rate;  // per mille chance that a new document starts at a token (0: one document)
+  int doc_rate;         // per mille chance that a new document starts at a token (0: one document)
+  bool subset = false;  // only query rows [T/4, T/2) and [3T/4 + 3, T) (context parallelism)
 };
 
 class GpuAttention : public GpuTest<GpuAttnCase> {};
@@ -44,7 +45,8 @@ struct Magnitudes {
 };
 Magnitudes magnitudes(const GpuAttnCase& k, const HostTensor& q, const HostTensor& kk,
                       const HostTensor& v, const HostTensor& go, const std::vector<double>& o,
-                      const std::vector<double>& lse, const HostTensor& seq, double scale) {
+                      const std::vector<double>& lse, const HostTensor& seq, double scale,
+                      const AttentionRows* rows) {
   Magnitudes m;
   m.o.assign(q.v.size(), 0), m.dq.assign(q.v.size(), 0);
   m.dk.assign(kk.v.size(), 0), m.dv.assign(kk.v.size(), 0);
@@ -54,6 +56,7 @@ Magnitudes magnitudes(const GpuAttnCase& k, const HostTensor& q, const HostTenso
   for (int64_t b = 0; b < k.b; ++b)
     for (int64_t h = 0; h < k.h; ++h)
       for (int64_t t = 0; t < k.t; ++t) {
+        if (rows && !rows->has(t)) continue;
         const int64_t qi = at_q(b, t, h);
         double D = 0;
         for (int64_t i = 0; i < P; ++i) D += go.v[qi + i] * o[qi + i];
@@ -96,6 +99,10 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
       seq.v[i * k.t + j] = double(doc);
     }
   const double scale = 1.0 / std::sqrt(double(k.p));
+  AttentionRows subset;
+  subset.begin[0] = k.t / 4, subset.end[0] = k.t / 2;
+  subset.begin[1] = 3 * k.t / 4 + 3, subset.end[1] = k.t;
+  const AttentionRows* rows = k.subset ? &subset : nullptr;
   const std::vector<int64_t> bthp{k.b, k.t, k.h, k.p}, btkp{k.b, k.t, k.hk, k.p};
 
   // Forward on the CPU in f64 and f32.
@@ -105,7 +112,7 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
     AttentionInputs in;
     in.q = &keep[0], in.k = &keep[1], in.v = &keep[2];
     in.seq_idx = k.doc_rate ? &keep[3] : nullptr;
-    in.scale = scale;
+    in.scale = scale, in.rows = rows;
     o = empty(bthp, t, Device::cpu, "o"), lse = empty({k.b, k.h, k.t}, t, Device::cpu, "lse");
     attention_forward(in, o, lse);
     return in;
@@ -126,7 +133,7 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
   Tensor dq64, dk64, dv64, dq32, dk32, dv32;
   cpu_backward(in64, DType::f64, dq64, dk64, dv64);
   cpu_backward(in32, DType::f32, dq32, dk32, dv32);
-  const Magnitudes mag = magnitudes(k, q, kk, v, go, o_in.v, lse_in.v, seq, scale);
+  const Magnitudes mag = magnitudes(k, q, kk, v, go, o_in.v, lse_in.v, seq, scale, rows);
 
   // GPU: forward, backward (deterministic, then with atomics), outputs poisoned first.
   const Tensor gq = make(q, DType::bf16, Device::cuda, "q"),
@@ -138,7 +145,7 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
                glse_in = make(lse_in, DType::f32, Device::cuda, "lse_in");
   AttentionInputs gin;
   gin.q = &gq, gin.k = &gk, gin.v = &gv, gin.seq_idx = k.doc_rate ? &gseq : nullptr;
-  gin.scale = scale;
+  gin.scale = scale, gin.rows = rows;
   const Tensor ws = empty({attention_gpu_workspace_elems(gin)}, DType::f32, Device::cuda, "ws");
   gin.workspace = &ws;
   struct Out {
@@ -159,14 +166,18 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
     return r;
   };
 
+  // row_of(i): the query row of element i of a [B,T,H,P] or [B,H,T] tensor, for o and lse (rows
+  // outside the subset are not written); null: every element is checked.
   auto check = [&](const char* what, const Tensor& got_t, const Tensor& r64, const Tensor& r32,
-                   bool activation, const std::vector<double>* m) {
+                   bool activation, const std::vector<double>* m,
+                   int64_t (*row_of)(int64_t, const GpuAttnCase&) = nullptr) {
     const std::vector<double> ref = host_values(r64, false), naive = host_values(r32, activation),
                               got = download(got_t);
     const double base = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
     double worst = 0, worst_err = 0, worst_bound = 0;
     int64_t bad = 0;
     for (size_t i = 0; i < ref.size(); ++i) {
+      if (rows && row_of && !rows->has(row_of(int64_t(i), k))) continue;
       const double err = std::isfinite(got[i]) ? std::abs(got[i] - ref[i]) : INFINITY;
       const double bound = base + (m ? std::ldexp((*m)[i], -8) : 4e-6 * (1 + std::abs(ref[i])));
       if (!(err <= bound)) ++bad;
@@ -184,8 +195,10 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
     SCOPED_TRACE(std::string(det ? "deterministic backward" : "backward with atomics") +
                  (hopper ? ", Hopper forward" : ", sm_80 forward"));
     const Out r = gpu_run(det, hopper);
-    check("o", r.o, o64, o32, true, &mag.o);
-    check("lse", r.lse, lse64, lse32, false, nullptr);
+    check("o", r.o, o64, o32, true, &mag.o,
+          [](int64_t i, const GpuAttnCase& c) { return i / (c.h * c.p) % c.t; });
+    check("lse", r.lse, lse64, lse32, false, nullptr,
+          [](int64_t i, const GpuAttnCase& c) { return i % c.t; });
     check("dq", r.dq, dq64, dq32, true, &mag.dq);
     check("dk", r.dk, dk64, dk32, true, &mag.dk);
     check("dv", r.dv, dv64, dv32, true, &mag.dv);
@@ -204,7 +217,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GpuAttention,
                              GpuAttnCase{1, 1, 2, 1, 128, 0}, GpuAttnCase{2, 200, 4, 4, 64, 0},
                              GpuAttnCase{1, 384, 4, 1, 128, 30}, GpuAttnCase{3, 130, 6, 2, 64, 5},
                              GpuAttnCase{1, 1000, 2, 2, 128, 0}, GpuAttnCase{2, 257, 8, 2, 64, 60},
-                             GpuAttnCase{1, 640, 3, 3, 64, 2}));
+                             GpuAttnCase{1, 640, 3, 3, 64, 2},
+                             // a subset of the query rows (context parallelism)
+                             GpuAttnCase{2, 257, 4, 2, 64, 20, true},
+                             GpuAttnCase{1, 640, 2, 2, 128, 0, true}));
 
 class GpuAttentionRefusals : public GpuTest<int> {};
 
