@@ -9,6 +9,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <sstream>
 
 #include "checkpoint/async_save.h"
@@ -126,6 +128,69 @@ class StageRun final : public PipeStage {
   double grad_scale_ = 0, aux_scale_ = 0, loss_ = 0, aux_ = 0;
 };
 
+// The first layer of each pipeline piece (pp x virtual_stages of them): parallel.stage_starts, else
+// those of the checkpoint being resumed (its config, when its pipeline has the same shape), else
+// the pattern's '|' cuts, else balanced by per-layer times measured here and averaged over the
+// ranks (so every rank cuts alike). lead: this rank prints the measured times.
+std::vector<int64_t> pipeline_starts(const RunConfig& cfg,
+                                     const std::map<std::string, std::string>* resumed,
+                                     Backend& backend, int64_t b, int64_t t_local,
+                                     Communicator& world, bool lead) {
+  const int pieces = cfg.parallel.pp * cfg.parallel.virtual_stages;
+  const bool cut = cfg.model.pattern.find('|') != std::string::npos;
+  std::string given = cfg.parallel.stage_starts;
+  if (given.empty() && resumed) {
+    auto get = [&](const std::string& k) {  // a config value without its quotes
+      const auto it = resumed->find(k);
+      std::string v = it == resumed->end() ? "" : it->second;
+      v.erase(std::remove(v.begin(), v.end(), '"'), v.end());
+      return v;
+    };
+    if (get("parallel.pp") == std::to_string(cfg.parallel.pp) &&
+        get("parallel.virtual_stages") == std::to_string(cfg.parallel.virtual_stages))
+      given = get("parallel.stage_starts");
+  }
+  if (given.empty()) {
+    std::vector<double> costs;
+    if (!cut) {
+      costs = Model::layer_costs(cfg.model, backend, b, t_local);
+      world.all_reduce(Tensor::contiguous_view(costs.data(), DType::f64, Device::cpu,
+                                               {int64_t(costs.size())}, "layer_costs"),
+                       ReduceOp::sum);
+      std::string shown;
+      for (double& c : costs) {
+        c /= world.size();
+        char buf[32];
+        std::snprintf(buf, sizeof(buf), "%s%.2f", shown.empty() ? "" : " ", c * 1e3);
+        shown += buf;
+      }
+      if (lead)
+        std::printf("pipeline: measured ms per layer (forward + backward of one microbatch): %s\n",
+                    shown.c_str());
+    }
+    return Model::stage_starts(cfg.model, pieces, costs);
+  }
+  std::vector<int64_t> starts;
+  std::stringstream in(given);
+  for (std::string item; std::getline(in, item, ',');) {
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    BRAID_REQUIRE(!item.empty() && *end == 0, "parallel.stage_starts = '", given, "': '", item,
+                  "' is not a layer number");
+    starts.push_back(v);
+  }
+  const int64_t layers = static_cast<int64_t>(pattern_layers(cfg.model.pattern).size());
+  bool ok = static_cast<int>(starts.size()) == pieces && starts[0] == 0;
+  for (size_t i = 1; ok && i < starts.size(); ++i)
+    ok = starts[i] > starts[i - 1] && starts[i] < layers;
+  BRAID_REQUIRE(ok, "parallel.stage_starts = '", given, "' must list ", pieces,
+                " increasing first layers starting at 0, each below the ", layers, " layers");
+  BRAID_REQUIRE(!cut || starts == Model::stage_starts(cfg.model, pieces),
+                "parallel.stage_starts = '", given, "' differs from the cuts of model.pattern '",
+                cfg.model.pattern, "'");
+  return starts;
+}
+
 }  // namespace
 
 TrainSummary train(const RunConfig& cfg, Communicator* world) {
@@ -197,68 +262,19 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                 ", data.train shards ", train_data.vocab_size());
 
   auto backend = make_cpu_backend();
-  // Pipeline stage cuts: parallel.stage_starts, else those of the checkpoint being resumed (same
-  // pp), else the pattern's '|' cuts, else balanced by per-layer times measured here (averaged
-  // over the ranks, so every rank cuts alike). The resolved configuration records them, so a
-  // resumed or repeated run cuts the same way.
+  // The checkpoint to resume from (checkpoint.resume): the newest that checks out.
+  const std::string ckpt_dir = ckpt_dir_of(cfg);
+  std::vector<std::string> skipped;  // corrupt or incomplete, newest first
+  const std::string latest =
+      cfg.checkpoint.resume ? latest_valid_checkpoint(ckpt_dir, &skipped) : "";
+  const CheckpointMeta resumed = latest.empty() ? CheckpointMeta{} : read_checkpoint_meta(latest);
+  // The resolved configuration records the pipeline's cuts, so a resumed or repeated run cuts the
+  // same way.
   RunConfig run_cfg = cfg;
   std::vector<int64_t> starts{0};
   if (pp > 1) {
-    std::string given = cfg.parallel.stage_starts;
-    if (given.empty() && cfg.checkpoint.resume) {
-      const std::string latest = latest_valid_checkpoint(ckpt_dir_of(cfg), nullptr);
-      if (!latest.empty()) {
-        const std::map<std::string, std::string> c = read_checkpoint_meta(latest).config;
-        auto get = [&](const std::string& k) {
-          const auto it = c.find(k);
-          std::string v = it == c.end() ? "" : it->second;
-          v.erase(std::remove(v.begin(), v.end(), '"'), v.end());
-          return v;
-        };
-        if (get("parallel.pp") == std::to_string(pp) &&
-            get("parallel.virtual_stages") == std::to_string(vs))
-          given = get("parallel.stage_starts");
-      }
-    }
-    if (!given.empty()) {
-      starts.clear();
-      std::stringstream in(given);
-      for (std::string item; std::getline(in, item, ',');) {
-        char* end = nullptr;
-        const long long v = std::strtoll(item.c_str(), &end, 10);
-        BRAID_REQUIRE(!item.empty() && *end == 0, "parallel.stage_starts = '", given, "': '", item,
-                      "' is not a layer number");
-        starts.push_back(v);
-      }
-      const int64_t layers = static_cast<int64_t>(pattern_layers(cfg.model.pattern).size());
-      bool ok = static_cast<int>(starts.size()) == pp * vs && starts[0] == 0;
-      for (size_t i = 1; ok && i < starts.size(); ++i)
-        ok = starts[i] > starts[i - 1] && starts[i] < layers;
-      BRAID_REQUIRE(ok, "parallel.stage_starts = '", given, "' must list ", pp * vs,
-                    " increasing first layers starting at 0, each below the ", layers, " layers");
-      if (cfg.model.pattern.find('|') != std::string::npos)
-        BRAID_REQUIRE(starts == Model::stage_starts(cfg.model, pp * vs),
-                      "parallel.stage_starts = '", given,
-                      "' differs from the cuts of model.pattern '", cfg.model.pattern, "'");
-    } else {
-      std::vector<double> costs;
-      if (cfg.model.pattern.find('|') == std::string::npos) {
-        costs = Model::layer_costs(cfg.model, *backend, b, t_local);
-        world->all_reduce(Tensor::contiguous_view(costs.data(), DType::f64, Device::cpu,
-                                                  {int64_t(costs.size())}, "layer_costs"),
-                          ReduceOp::sum);
-        std::string shown;
-        for (double& c : costs) {
-          c /= world->size();
-          char buf[32];
-          std::snprintf(buf, sizeof(buf), "%s%.2f", shown.empty() ? "" : " ", c * 1e3);
-          shown += buf;
-        }
-        say("pipeline: measured ms per layer (forward + backward of one microbatch): %s\n",
-            shown.c_str());
-      }
-      starts = Model::stage_starts(cfg.model, pp * vs, costs);
-    }
+    starts = pipeline_starts(cfg, latest.empty() ? nullptr : &resumed.config, *backend, b, t_local,
+                             *world, lead);
     std::string text;
     for (int64_t v : starts) text += (text.empty() ? "" : ",") + std::to_string(v);
     run_cfg.parallel.stage_starts = text;
@@ -291,14 +307,12 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   Model& model = *chunks[0];
   // What the other ranks hold: every chunk's remote parameters less those of this rank's chunks.
   std::vector<RemoteParam> remote;
+  std::set<std::string> named;  // this rank's parameters, then the remote ones listed
   for (const auto& m : chunks)
-    for (const RemoteParam& r : m->remote_params()) {
-      bool local = false;
-      for (const auto& o : chunks) local = local || o->params().find(r.name) != nullptr;
-      bool seen = false;
-      for (const RemoteParam& x : remote) seen = seen || x.name == r.name;
-      if (!local && !seen) remote.push_back(r);
-    }
+    for (const Param& p : m->params().all()) named.insert(p.name);
+  for (const auto& m : chunks)
+    for (const RemoteParam& r : m->remote_params())
+      if (named.insert(r.name).second) remote.push_back(r);
   RunOptimizer opt(sets, cfg.adamw, *backend, grad_group.get(), tp_group.get(), edp_group.get(),
                    ep_group.get(), pp_group.get(), remote);
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
@@ -358,17 +372,14 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   if (lead) std::fflush(stdout);
 
   // Resume from the newest checkpoint when asked and one exists.
-  const std::string ckpt_dir = ckpt_dir_of(cfg);
   int64_t start_step = 0, consumed = 0;
   if (cfg.checkpoint.resume) {
-    std::vector<std::string> skipped;  // corrupt or incomplete, newest first
-    const std::string latest = latest_valid_checkpoint(ckpt_dir, &skipped);
     for (const std::string& why : skipped)
       say("warning: skipping a checkpoint that does not check out: %s\n", why.c_str());
     if (latest.empty()) {
       say("checkpoint.resume: no checkpoint in %s, starting at step 0\n", ckpt_dir.c_str());
     } else {
-      const CheckpointMeta meta = read_checkpoint_meta(latest);
+      const CheckpointMeta& meta = resumed;
       // The model, and what defines the sample order, must match; batch sizes may change.
       const std::vector<std::string> diffs =
           config_differences(meta.config, config_entries(cfg),
