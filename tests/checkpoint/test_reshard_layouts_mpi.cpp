@@ -25,6 +25,7 @@
 #include "parallel/launch_env.h"
 #include "parallel/rank_grid.h"
 #include "tests/checkpoint/reshard_util.h"
+#include "tests/mpi_test_util.h"
 
 namespace {
 
@@ -144,12 +145,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rank %d: %s\n", r, e.what());
     mpi_abort(1);
   }
-  int32_t all = failures;
-  world->all_reduce(Tensor::contiguous_view(&all, DType::i32, Device::cpu, {1}, "f"),
-                    ReduceOp::sum);
-  if (r == 0)
-    std::printf(
-        "%s: ep=2 x dp=4 -> ep=4, -> pp=2 x dp=2, pp=2 -> one process: every tensor equal\n",
-        all ? "FAILED" : "passed");
-  return all ? 1 : 0;
+  return test::mpi_test_exit(
+      *world, failures,
+      "reshard ep=2 x dp=4 -> ep=4, -> pp=2 x dp=2, pp=2 -> one process (every tensor bit-equal)");
 }

@@ -18,6 +18,7 @@
 #include "parallel/communicator.h"
 #include "parallel/launch_env.h"
 #include "tests/checkpoint/reshard_util.h"
+#include "tests/mpi_test_util.h"
 
 namespace {
 
@@ -118,11 +119,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "rank %d: %s\n", r, e.what());
     mpi_abort(1);
   }
-  int32_t all = failures;
-  world->all_reduce(Tensor::contiguous_view(&all, DType::i32, Device::cpu, {1}, "f"),
-                    ReduceOp::sum);
-  if (r == 0)
-    std::printf("%s: sharded checkpoint of %d ranks reloaded on 1..%d ranks and by one process\n",
-                all ? "FAILED" : "passed", p, p);
-  return all ? 1 : 0;
+  return test::mpi_test_exit(
+      *world, failures,
+      "reshard: a sharded checkpoint reloaded on 1..P ranks and by one process (bit-equal)");
 }
