@@ -21,14 +21,14 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
   shard_ = flat.numel() / dp.size();
   begin_ = shard_ * dp.rank();
   mask_.assign(shard_, frozen);
-  replicated_.assign(shard_, 0);
+  count_.assign(shard_, sharded);
   for (const Param& p : params.all()) {
     if (!p.trainable || p.region != region) continue;
     const int64_t off = params.region_offset(p), n = p.value.numel();
     const int64_t lo = std::max(off, begin_), hi = std::min(off + n, begin_ + shard_);
     for (int64_t i = lo; i < hi; ++i) {
       mask_[i - begin_] = p.weight_decay ? decay : no_decay;
-      replicated_[i - begin_] = p.mirror ? 2 : p.boxes.empty();
+      count_[i - begin_] = p.mirror ? mirror : p.boxes.empty() ? replicated : sharded;
     }
   }
   const float* v = flat.ptr<float>() + begin_;
@@ -50,8 +50,8 @@ double Zero1AdamW::grad_norm_sq() {
   // [sum over tensor-parallel shards, sum over elements every tp rank holds]
   std::vector<double> s{0, 0};
   for (int64_t i = 0; i < shard_; ++i)
-    if (replicated_[i] != 2)  // a mirror's gradient is its original's: counted there
-      s[tp_ && replicated_[i]] += double(grad_[i]) * double(grad_[i]);
+    if (count_[i] != mirror)
+      s[tp_ && count_[i] == replicated] += double(grad_[i]) * double(grad_[i]);
   auto sum = [&](Communicator& c) {
     c.all_reduce(Tensor::contiguous_view(s.data(), DType::f64, Device::cpu, {2}, "grad_norm"),
                  ReduceOp::sum);

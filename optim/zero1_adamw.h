@@ -67,7 +67,10 @@ class Zero1AdamW {
   int64_t begin_ = 0, shard_ = 0, t_ = 0;
   std::vector<float> master_, m_, v_, grad_, send_;
   std::vector<uint8_t> mask_;
-  std::vector<uint8_t> replicated_;  // per element: 1 held whole by every tp rank, 2 a mirror
+  // How an element counts in the norm: its tp shard (sharded), once though every tp rank holds
+  // it (replicated), or not at all (a mirror: its original counts).
+  enum Count : uint8_t { sharded = 0, replicated = 1, mirror = 2 };
+  std::vector<uint8_t> count_;
 };
 
 }  // namespace braid
