@@ -33,7 +33,7 @@ class RunOptimizer {
                Communicator* dp, Communicator* tp, Communicator* edp = nullptr,
                Communicator* ep = nullptr, Communicator* pp = nullptr,
                std::vector<RemoteParam> remote = {})
-      : sets_(std::move(sets)), ep_(ep), pp_(pp), remote_(std::move(remote)) {
+      : sets_(std::move(sets)), backend_(backend), ep_(ep), pp_(pp), remote_(std::move(remote)) {
     BRAID_CHECK(!sets_.empty() && (dp || sets_.size() == 1),
                 "RunOptimizer: one parameter set per model chunk (one without a group)");
     if (!dp) {
@@ -60,14 +60,26 @@ class RunOptimizer {
     if (pp_) sum(*pp_, sq);
     return std::sqrt(sq);
   }
+  // Updates the parameters (and their compute copies under mixed precision).
   void step(double lr, double norm) {
-    if (adam_) return adam_->step(lr, norm);
+    if (adam_) adam_->step(lr, norm);
     for (auto& z : zeros_) z->step(lr, norm);
     for (auto& z : experts_) z->step(lr, norm);
+    for (ParamSet* ps : sets_) ps->refresh_compute();
   }
   bool sharded() const { return adam_ == nullptr; }
-  // The whole state of a single process.
-  std::vector<CheckpointTensor> checkpoint_state() { return training_state(*sets_[0], *adam_); }
+  // The whole state of a single process, in host memory (a GPU run's is copied to host buffers
+  // kept for the run).
+  std::vector<CheckpointTensor> checkpoint_state() {
+    std::vector<CheckpointTensor> state = training_state(*sets_[0], *adam_);
+    if (backend_.device() == Device::cpu) return state;
+    std::vector<CheckpointTensor> host = host_mirror(state);
+    for (size_t i = 0; i < state.size(); ++i)
+      backend_.copy(host[i].tensor.data, Device::cpu, state[i].tensor.data, Device::cuda,
+                    state[i].tensor.nbytes(), {});
+    backend_.synchronize({});
+    return host;
+  }
   // Under ZeRO-1, what this rank writes of a sharded checkpoint: its runs of the optimizer state,
   // the parameters when it is the first of its data-parallel group (dense_params) or of its
   // expert-data-parallel group (expert_params), and those every tp rank holds whole only when
@@ -89,7 +101,19 @@ class RunOptimizer {
   // holds); the other ranks' tensors are named with empty reads (the checkpoint's keys are
   // checked whole).
   void load(const std::string& dir, int64_t steps) {
-    if (adam_) return load_checkpoint(dir, *sets_[0], *adam_);
+    if (adam_ && backend_.device() == Device::cpu) return load_checkpoint(dir, *sets_[0], *adam_);
+    if (adam_) {  // read into host buffers, then copied to the GPU
+      const std::vector<CheckpointTensor> state = training_state(*sets_[0], *adam_);
+      const std::vector<CheckpointTensor> host = host_mirror(state);
+      load_checkpoint(dir, host);
+      for (size_t i = 0; i < state.size(); ++i)
+        backend_.copy(state[i].tensor.data, Device::cuda, host[i].tensor.data, Device::cpu,
+                      state[i].tensor.nbytes(), {});
+      backend_.synchronize({});
+      adam_->set_steps_taken(steps);
+      sets_[0]->refresh_compute();
+      return;
+    }
     struct Shard {
       Zero1AdamW* opt;
       std::vector<float> master, m, v;
@@ -114,10 +138,31 @@ class RunOptimizer {
           reads.push_back({kind, r.name, dtype, r.shape, 0, 0, nullptr});
     load_checkpoint_ranges(dir, reads);
     for (Shard& sh : shards) sh.opt->load_shard(sh.master, sh.m, sh.v, steps);
+    for (ParamSet* ps : sets_) ps->refresh_compute();
   }
 
  private:
+  // Host tensors of the shapes and dtypes of `state`'s (one buffer, allocated once).
+  std::vector<CheckpointTensor> host_mirror(const std::vector<CheckpointTensor>& state) {
+    size_t total = 0;
+    for (const CheckpointTensor& t : state) total += (t.tensor.nbytes() + 63) / 64 * 64;
+    if (staging_.size() != total) staging_.assign(total, 0);
+    std::vector<CheckpointTensor> out;
+    size_t at = 0;
+    for (const CheckpointTensor& t : state) {
+      const Tensor& g = t.tensor;
+      out.push_back({t.kind, t.name,
+                     Tensor::contiguous_view(
+                         staging_.data() + at, g.dtype, Device::cpu,
+                         std::vector<int64_t>(g.shape.begin(), g.shape.begin() + g.ndim), g.name)});
+      at += (g.nbytes() + 63) / 64 * 64;
+    }
+    return out;
+  }
+
   std::vector<ParamSet*> sets_;
+  Backend& backend_;
+  std::vector<char> staging_;
   Communicator *ep_, *pp_;
   std::vector<RemoteParam> remote_;
   std::unique_ptr<AdamW> adam_;

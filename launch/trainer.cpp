@@ -246,8 +246,12 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   auto say = [&](const char* fmt, auto... args) {
     if (lead) std::printf(fmt, args...);
   };
-  BRAID_REQUIRE(cfg.train.device == "cpu", "train.device = ", cfg.train.device,
-                ": the CUDA training path is not built yet; use train.device=cpu");
+  // On the GPU: one process for now (the NCCL communicators come with multi-GPU training).
+  const bool gpu = cfg.train.device == "cuda";
+  BRAID_REQUIRE(!gpu || !world || world->size() == 1,
+                "train.device = cuda runs one process on one "
+                "GPU for now; got ",
+                world ? world->size() : 1, " ranks");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
   const int64_t b = ts.micro_batch, t = ts.seq_len, t_local = t / cp;
@@ -261,7 +265,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                 "data.valid shards have vocabulary ", valid_data.vocab_size(),
                 ", data.train shards ", train_data.vocab_size());
 
-  auto backend = make_cpu_backend();
+  auto host_backend = make_cpu_backend();
+  auto backend = gpu ? make_cuda_backend(0) : make_cpu_backend();
   // The checkpoint to resume from (checkpoint.resume): the newest that checks out.
   const std::string ckpt_dir = ckpt_dir_of(cfg);
   std::vector<std::string> skipped;  // corrupt or incomplete, newest first
@@ -273,8 +278,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   RunConfig run_cfg = cfg;
   std::vector<int64_t> starts{0};
   if (pp > 1) {
-    starts = pipeline_starts(cfg, latest.empty() ? nullptr : &resumed.config, *backend, b, t_local,
-                             *world, lead);
+    starts = pipeline_starts(cfg, latest.empty() ? nullptr : &resumed.config, *host_backend, b,
+                             t_local, *world, lead);
     std::string text;
     for (int64_t v : starts) text += (text.empty() ? "" : ",") + std::to_string(v);
     run_cfg.parallel.stage_starts = text;
@@ -296,7 +301,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   std::vector<ParamSet*> sets;
   for (int c = 0; c < vs; ++c) {
     chunks.push_back(std::make_unique<Model>(
-        cfg.model, DType::f32, *backend, b, t_local, int64_t(dp) * cp,
+        cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
         TensorParallel{tp_group.get(), layout.sequence_parallel}, cp > 1 ? cp_group.get() : nullptr,
         ep_group.get(), edp_group ? edp_group->size() : 1, c * pp + stage, starts,
         parse_recompute(cfg.train.recompute)));
@@ -319,27 +324,39 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule
   // interleaves them).
   const int64_t held = pp > 1 ? ts.grad_accum : 1;
-  std::vector<std::unique_ptr<BatchBuffers>> wholes, shards;
+  // On the GPU the model reads a device copy of each (device).
+  std::vector<std::unique_ptr<BatchBuffers>> wholes, shards, device;
   for (int64_t i = 0; i < held; ++i) {
-    wholes.push_back(std::make_unique<BatchBuffers>(*backend, b, t));
-    shards.push_back(std::make_unique<BatchBuffers>(*backend, b, t_local));
+    wholes.push_back(std::make_unique<BatchBuffers>(*host_backend, b, t));
+    shards.push_back(std::make_unique<BatchBuffers>(*host_backend, b, t_local));
+    if (gpu) device.push_back(std::make_unique<BatchBuffers>(*backend, b, t_local));
   }
   auto input_of = [&](int64_t i) -> const Batch& {
-    return cp > 1 ? shards[i]->batch : wholes[i]->batch;
+    return gpu ? device[i]->batch : cp > 1 ? shards[i]->batch : wholes[i]->batch;
   };
   const BatchBuffers& whole = *wholes[0];
   const Batch& input = input_of(0);
+  // This rank's shard of whole sample i (context parallel), and its device copy (GPU).
   auto take_shard = [&](int64_t i = 0) {
-    if (cp == 1) return;
-    const Batch &from_b = wholes[i]->batch, &to_b = shards[i]->batch;
-    for (auto [from, to] : {std::pair{&from_b.tokens, &to_b.tokens},
-                            {&from_b.targets, &to_b.targets},
-                            {&from_b.seq_idx, &to_b.seq_idx},
-                            {&from_b.positions, &to_b.positions}})
-      for (int64_t r = 0; r < b; ++r)
-        std::memcpy(to->ptr<int32_t>() + r * t_local,
-                    from->ptr<int32_t>() + r * t + cp_rank * t_local,
-                    size_t(t_local) * sizeof(int32_t));
+    if (cp > 1) {
+      const Batch &from_b = wholes[i]->batch, &to_b = shards[i]->batch;
+      for (auto [from, to] : {std::pair{&from_b.tokens, &to_b.tokens},
+                              {&from_b.targets, &to_b.targets},
+                              {&from_b.seq_idx, &to_b.seq_idx},
+                              {&from_b.positions, &to_b.positions}})
+        for (int64_t r = 0; r < b; ++r)
+          std::memcpy(to->ptr<int32_t>() + r * t_local,
+                      from->ptr<int32_t>() + r * t + cp_rank * t_local,
+                      size_t(t_local) * sizeof(int32_t));
+    }
+    if (gpu) {
+      const Batch &from_b = cp > 1 ? shards[i]->batch : wholes[i]->batch, &to_b = device[i]->batch;
+      for (auto [from, to] : {std::pair{&from_b.tokens, &to_b.tokens},
+                              {&from_b.targets, &to_b.targets},
+                              {&from_b.seq_idx, &to_b.seq_idx},
+                              {&from_b.positions, &to_b.positions}})
+        backend->copy(to->data, Device::cuda, from->data, Device::cpu, from->nbytes(), {});
+    }
   };
   Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
 
@@ -360,10 +377,19 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
       cfg.model.pattern.c_str(), (long long)held_params, (long long)held_trainable,
       flops_tok / 1e9);
+  const size_t optimizer_bytes = 3 * sizeof(float) * size_t(held_trainable);
   say("memory: parameters %s, gradients %s, optimizer %s, activations %s, scratch %s\n",
-      mib(mem.parameters).c_str(), mib(mem.gradients).c_str(),
-      mib(3 * sizeof(float) * size_t(held_trainable)).c_str(), mib(mem.activations).c_str(),
-      mib(mem.scratch).c_str());
+      mib(mem.parameters).c_str(), mib(mem.gradients).c_str(), mib(optimizer_bytes).c_str(),
+      mib(mem.activations).c_str(), mib(mem.scratch).c_str());
+  if (gpu) {  // the plan beside what the device reports (the CUDA context adds its own)
+    const DeviceMemory dm = cuda_memory_info();
+    const size_t planned =
+        mem.parameters + mem.gradients + optimizer_bytes + mem.activations + mem.scratch;
+    say("GPU memory: planned %s, allocated by Braid %s, in use on the device %s of %s "
+        "(cudaMemGetInfo)\n",
+        mib(planned).c_str(), mib(backend->bytes_in_use()).c_str(), mib(dm.total - dm.free).c_str(),
+        mib(dm.total).c_str());
+  }
   say("data: %lld train tokens (%lld samples of %lld), %lld held-out tokens; %d threads\n",
       (long long)train_data.num_tokens(), (long long)train_data.num_samples(), (long long)t,
       (long long)valid_data.num_tokens(), omp_get_max_threads());
@@ -512,6 +538,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   // The global batch: dp ranks x grad_accum microbatches x B samples. Microbatch m of a step takes
   // the next dp * B samples of the global order; rank r takes B of them, from offset r * B.
   const int64_t tokens_per_step = ts.grad_accum * dp * b * t;
+  // Model FLOPs utilisation against the bf16 dense peak of an H100/H200 SXM (GPU runs).
+  constexpr double kPeakFlops = 989e12;
+  const int ranks = world ? world->size() : 1;
   TrainSummary s;
   s.unigram_entropy = entropy;
   const auto t0 = Clock::now();
@@ -578,21 +607,27 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     const double elapsed = std::chrono::duration<double>(now - t0).count();
     last = now;
     if (metrics)
-      metrics->write("train", {{"step", double(step + 1)},
-                               {"loss", loss},
-                               {"aux_loss", aux},
-                               {"lr", lr},
-                               {"grad_norm", norm},
-                               {"tokens_per_s", tokens_per_step / dt},
-                               {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9},
-                               {"elapsed_s", elapsed}});
+      metrics->write("train",
+                     {{"step", double(step + 1)},
+                      {"loss", loss},
+                      {"aux_loss", aux},
+                      {"lr", lr},
+                      {"grad_norm", norm},
+                      {"tokens_per_s", tokens_per_step / dt},
+                      {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9},
+                      {"mfu", gpu ? tokens_per_step * flops_tok / dt / kPeakFlops / ranks : 0.0},
+                      {"elapsed_s", elapsed}});
     if ((step + 1) % ts.log_interval == 0 || step + 1 == ts.steps) {
       s.final_train_loss = interval_loss / double(interval_steps);
       const double per_step = elapsed / double(step + 1 - start_step);
+      char mfu[32] = "";
+      if (gpu)
+        std::snprintf(mfu, sizeof(mfu), " | MFU %.1f%%",
+                      100 * tokens_per_step * flops_tok / per_step / kPeakFlops / ranks);
       say("step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
-          "%.2f GFLOP/s | elapsed %s | remaining %s\n",
+          "%.2f GFLOP/s%s | elapsed %s | remaining %s\n",
           (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
-          tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9,
+          tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9, mfu,
           hms(elapsed).c_str(), hms(per_step * double(ts.steps - step - 1)).c_str());
       if (lead) std::fflush(stdout);
       interval_loss = 0, interval_steps = 0;

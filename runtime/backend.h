@@ -63,6 +63,11 @@ std::unique_ptr<Backend> make_cpu_backend();
 std::unique_ptr<Backend> make_cuda_backend(int device_index);
 // True when Braid was built with CUDA and at least one GPU is visible.
 bool cuda_device_available();
+// The current GPU's memory as cudaMemGetInfo reports it (zeros without CUDA).
+struct DeviceMemory {
+  size_t free = 0, total = 0;
+};
+DeviceMemory cuda_memory_info();
 
 // Copies src into dst (same dtype and element count, both contiguous).
 void copy_tensor(Backend& backend, const Tensor& dst, const Tensor& src, Stream s = {});

@@ -117,6 +117,9 @@ std::unique_ptr<Backend> make_cuda_backend(int) {
 bool cuda_device_available() {
   return false;
 }
+DeviceMemory cuda_memory_info() {
+  return {};
+}
 #endif
 
 }  // namespace braid

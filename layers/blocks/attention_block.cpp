@@ -25,26 +25,30 @@ AttentionBlock::AttentionBlock(const AttentionConfig& cfg, ParamSet& ps, const s
 
 void AttentionBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   b_ = batch, t_ = seq;
-  const DType t = q_->value.dtype;
+  const DType t = q_->compute.dtype, f = q_->value.dtype;
   const int64_t h = h_, hk = hk_, p = cfg_.head_dim;
   qt_ = sv.take("attn.q", t, {batch, seq, h, p});
   kt_ = sv.take("attn.k", t, {batch, seq, hk, p});
   vt_ = sv.take("attn.v", t, {batch, seq, hk, p});
   ot_ = sv.take("attn.o", t, {batch, seq, h, p});
-  lse_ = sv.take("attn.lse", t, {batch, h, seq});
+  lse_ = sv.take("attn.lse", f, {batch, h, seq});
   dq_ = sc.take("attn.dq", t, {batch, seq, h, p});
   dk_ = sc.take("attn.dk", t, {batch, seq, hk, p});
   dv_ = sc.take("attn.dv", t, {batch, seq, hk, p});
   do_ = sc.take("attn.do", t, {batch, seq, h, p});
   dx_tmp_ = sc.take("attn.dx_tmp", t, {batch * seq, cfg_.d_model});
+  const AttentionInputs in{&qt_, &kt_, &vt_};
+  ws_ = sc.take("attn.workspace", f,
+                {qt_.device == Device::cuda ? attention_gpu_workspace_elems(in) : 0});
 }
 
 void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
   const int64_t m = b_ * t_, h = h_, hk = hk_, p = cfg_.head_dim;
   const Tensor x2 = x.reshape({m, cfg_.d_model});
-  linear_forward(x2, q_->value, nullptr, qt_.reshape({m, h * p}));
-  linear_forward(x2, k_->value, nullptr, kt_.reshape({m, hk * p}));
-  linear_forward(x2, v_->value, nullptr, vt_.reshape({m, hk * p}));
+  const GemmContext* gemm = meta.gemm;
+  linear_forward(x2, q_->compute, nullptr, qt_.reshape({m, h * p}), gemm);
+  linear_forward(x2, k_->compute, nullptr, kt_.reshape({m, hk * p}), gemm);
+  linear_forward(x2, v_->compute, nullptr, vt_.reshape({m, hk * p}), gemm);
   if (cfg_.rope) {
     BRAID_CHECK(meta.positions, "attention with RoPE needs the batch's positions");
     rope_forward(qt_, *meta.positions, cfg_.rope_theta, qt_);
@@ -55,7 +59,7 @@ void AttentionBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& 
     attention_forward_cp(in, ot_, lse_, *meta.cp);
   else
     attention_forward(in, ot_, lse_);
-  linear_forward(ot_.reshape({m, h * p}), o_->value, nullptr, y.reshape({m, cfg_.d_model}));
+  linear_forward(ot_.reshape({m, h * p}), o_->compute, nullptr, y.reshape({m, cfg_.d_model}), gemm);
   tp_.reduce_output(y);
 }
 
@@ -63,9 +67,11 @@ void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& d
                               const BatchMeta& meta) {
   const int64_t m = b_ * t_, h = h_, hk = hk_, p = cfg_.head_dim;
   const Tensor do2 = do_.reshape({m, h * p});
-  linear_backward(ot_.reshape({m, h * p}), o_->value, dy.reshape({m, cfg_.d_model}), &do2, o_->grad,
-                  nullptr);
-  const AttentionInputs in{&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))};
+  const GemmContext* gemm = meta.gemm;
+  linear_backward(ot_.reshape({m, h * p}), o_->compute, dy.reshape({m, cfg_.d_model}), &do2,
+                  o_->grad, nullptr, gemm);
+  AttentionInputs in{&qt_, &kt_, &vt_, meta.seq_idx, 1.0 / std::sqrt(double(p))};
+  in.workspace = &ws_;
   if (meta.cp)
     attention_backward_cp(in, ot_, lse_, do_, dq_, dk_, dv_, *meta.cp);
   else
@@ -75,10 +81,10 @@ void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& d
     rope_backward(dk_, *meta.positions, cfg_.rope_theta, dk_);
   }
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
-  linear_backward(x2, q_->value, dq_.reshape({m, h * p}), &dx2, q_->grad, nullptr);
-  linear_backward(x2, k_->value, dk_.reshape({m, hk * p}), &dx_tmp_, k_->grad, nullptr);
+  linear_backward(x2, q_->compute, dq_.reshape({m, h * p}), &dx2, q_->grad, nullptr, gemm);
+  linear_backward(x2, k_->compute, dk_.reshape({m, hk * p}), &dx_tmp_, k_->grad, nullptr, gemm);
   add_into(dx2, dx_tmp_);
-  linear_backward(x2, v_->value, dv_.reshape({m, hk * p}), &dx_tmp_, v_->grad, nullptr);
+  linear_backward(x2, v_->compute, dv_.reshape({m, hk * p}), &dx_tmp_, v_->grad, nullptr, gemm);
   add_into(dx2, dx_tmp_);
   tp_.reduce_output(dx2);
 }

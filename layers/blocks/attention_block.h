@@ -39,6 +39,7 @@ class AttentionBlock final : public Block {
   Param *q_, *k_, *v_, *o_;
   Tensor qt_, kt_, vt_, ot_, lse_;     // saved (q, k after RoPE)
   Tensor dq_, dk_, dv_, do_, dx_tmp_;  // scratch
+  Tensor ws_;                          // scratch: the GPU backward's workspace (empty on the CPU)
 };
 
 }  // namespace braid

@@ -2,6 +2,10 @@
 // Set-up: the constructor registers parameters; plan() takes from `saved` what forward keeps for
 // backward and from `scratch` what it needs only while it runs (scratch is shared by all blocks,
 // which run one at a time). No memory is taken after planning.
+// Precision: activations take the dtype of the parameters' compute copies (Param::compute: bf16
+// under mixed precision), and what the kernels keep in f32 (RMS scales, log-sum-exps, dt, decay
+// rates, workspaces) takes the parameters' own dtype (Param::value: f32, or f64 in gradient
+// checks).
 // Gradient convention: backward writes dx (=) and accumulates parameter gradients (+=).
 #pragma once
 
@@ -14,7 +18,9 @@
 
 namespace braid {
 
-// Per-microbatch metadata of a packed batch.
+class GemmContext;
+
+// Per-microbatch metadata of a packed batch, and what the ops need to run on the device.
 struct BatchMeta {
   const Tensor* seq_idx = nullptr;    // [B,T] i32 document index within each row
   const Tensor* positions = nullptr;  // [B,T] i32 position within the document
@@ -25,6 +31,8 @@ struct BatchMeta {
   // false: a forward that is not part of the step's gradient (held-out evaluation, a pipeline
   // stage's forward before it recomputes it for the backward): MoE routing is not counted.
   bool count_routing = true;
+  // GPU tensors: the cuBLASLt handle, workspace and stream the linear layers use.
+  const GemmContext* gemm = nullptr;
 };
 
 class Block {

@@ -50,23 +50,24 @@ Mamba2Mixer::Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::strin
                  tp.shard(0));
   out_proj_ = ps.add(pname(p, "out_proj.weight"), {d, c}, {ParamInit::Kind::normal, out_std}, true,
                      true, tp.shard(1));
+  conv_b_->cast = true;  // the conv reads its bias in the activation dtype
 }
 
 void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   b_ = batch, t_ = seq;
   const int64_t m = batch * seq, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
-  const DType t = in_proj_->value.dtype;
+  const DType t = in_proj_->compute.dtype, f = in_proj_->value.dtype;
   z_ = sv.take("m2.z", t, {m, c});
   xs_ = sv.take("m2.xs", t, {m, c});
   bs_ = sv.take("m2.Bs", t, {m, gn});
   cs_ = sv.take("m2.Cs", t, {m, gn});
-  dtr_ = sv.take("m2.dt", t, {m, h});
+  dtr_ = sv.take("m2.dt", f, {m, h});
   xc_ = sv.take("m2.xc", t, {m, c});
   bc_ = sv.take("m2.Bc", t, {m, gn});
   cc_ = sv.take("m2.Cc", t, {m, gn});
-  a_ = sv.take("m2.A", t, {h});
+  a_ = sv.take("m2.A", f, {h});
   y_ = sv.take("m2.y", t, {m, c});
-  rstd_ = sv.take("m2.rstd", t, {m, cfg_.groups});
+  rstd_ = sv.take("m2.rstd", f, {m, cfg_.groups});
   g_ = sv.take("m2.gated", t, {m, c});
   dg_ = sc.take("m2.dg", t, {m, c});
   dy_ = sc.take("m2.dy", t, {m, c});
@@ -74,23 +75,27 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   dxc_ = sc.take("m2.dxc", t, {m, c});
   dbc_ = sc.take("m2.dBc", t, {m, gn});
   dcc_ = sc.take("m2.dCc", t, {m, gn});
-  ddt_ = sc.take("m2.ddt", t, {m, h});
-  da_ = sc.take("m2.dA", t, {h});
+  ddt_ = sc.take("m2.ddt", f, {m, h});
+  ddt_c_ = t == f ? ddt_ : sc.take("m2.ddt_act", t, {m, h});
+  da_ = sc.take("m2.dA", f, {h});
   dxs_ = sc.take("m2.dxs", t, {m, c});
   dbs_ = sc.take("m2.dBs", t, {m, gn});
   dcs_ = sc.take("m2.dCs", t, {m, gn});
   dx_tmp_ = sc.take("m2.dx_tmp", t, {m, cfg_.d_model});
-  const int64_t hp = cfg_.heads * cfg_.head_dim * cfg_.d_state;
-  ws_ = sc.take("m2.ssd_bwd_workspace", t,
-                {batch * seq * hp + cfg_.groups * cfg_.head_dim * cfg_.d_state});
-  fws_ = sc.take(
-      "m2.ssd_fwd_workspace", t,
-      {batch * cfg_.heads * (cfg_.head_dim * cfg_.d_state + 2 * std::min(cfg_.chunk, seq))});
-  // The SSD's [B,T,...] views of the saved tensors.
+  // The SSD's [B,T,...] views of the saved tensors, and its workspaces.
   x4_ = xc_.reshape({batch, seq, h, cfg_.head_dim});
   dt3_ = dtr_.reshape({batch, seq, h});
   b4_ = bc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
   c4_ = cc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
+  const SsdInputs in = ssd_inputs(BatchMeta{});
+  ws_ = sc.take("m2.ssd_bwd_workspace", f, {ssd_backward_workspace_elems(in)});
+  fws_ = sc.take("m2.ssd_fwd_workspace", f, {ssd_forward_workspace_elems(in)});
+  {  // the conv's workspace for its widest part (x), the gated norm's
+    const Tensor x3 = xs_.reshape({batch, seq, c}), w = conv_w_->compute.slice(0, 0, c);
+    const Conv1dInputs xpart{&x3, &w, nullptr, nullptr, nullptr, true};
+    conv_ws_ = sc.take("m2.conv_workspace", f, {causal_conv1d_workspace_elems(xpart)});
+    norm_ws_ = sc.take("m2.norm_workspace", f, {gated_rmsnorm_workspace_elems(y_)});
+  }
 }
 
 // Depthwise conv (with SiLU) over channels [ch0, ch0 + ch) of the packed conv weight.
@@ -104,7 +109,7 @@ SsdInputs Mamba2Mixer::ssd_inputs(const BatchMeta& meta) const {
 
 void Mamba2Mixer::conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
                                const BatchMeta& meta) {
-  const Tensor w = conv_w_->value.slice(0, ch0, ch), bias = conv_b_->value.slice(0, ch0, ch);
+  const Tensor w = conv_w_->compute.slice(0, ch0, ch), bias = conv_b_->compute.slice(0, ch0, ch);
   const Tensor in3 = in.reshape({b_, t_, ch}), out3 = out.reshape({b_, t_, ch});
   const Conv1dInputs conv{&in3, &w, &bias, meta.seq_idx, nullptr, true};
   if (meta.cp)
@@ -116,12 +121,13 @@ void Mamba2Mixer::conv_forward(const Tensor& in, const Tensor& out, int64_t ch0,
 void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
   const Tensor x2 = x.reshape({m, cfg_.d_model});
-  const Tensor& w = in_proj_->value;
-  linear_forward(x2, w.slice(0, 0, c), nullptr, z_);
-  linear_forward(x2, w.slice(0, c, c), nullptr, xs_);
-  linear_forward(x2, w.slice(0, 2 * c, gn), nullptr, bs_);
-  linear_forward(x2, w.slice(0, 2 * c + gn, gn), nullptr, cs_);
-  linear_forward(x2, w.slice(0, 2 * c + 2 * gn, h), nullptr, dtr_);
+  const Tensor& w = in_proj_->compute;
+  const GemmContext* gemm = meta.gemm;
+  linear_forward(x2, w.slice(0, 0, c), nullptr, z_, gemm);
+  linear_forward(x2, w.slice(0, c, c), nullptr, xs_, gemm);
+  linear_forward(x2, w.slice(0, 2 * c, gn), nullptr, bs_, gemm);
+  linear_forward(x2, w.slice(0, 2 * c + gn, gn), nullptr, cs_, gemm);
+  linear_forward(x2, w.slice(0, 2 * c + 2 * gn, h), nullptr, dtr_, gemm);
   conv_forward(xs_, xc_, 0, c, meta);
   conv_forward(bs_, bc_, c, gn, meta);
   conv_forward(cs_, cc_, c + gn, gn, meta);
@@ -132,16 +138,18 @@ void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   else
     ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
   gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
-  linear_forward(g_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
+  linear_forward(g_, out_proj_->compute, nullptr, y.reshape({m, cfg_.d_model}), gemm);
   tp_.reduce_output(y);
 }
 
 void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                            const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
-  linear_backward(g_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dg_, out_proj_->grad,
-                  nullptr);
-  gated_rmsnorm_backward(y_, z_, norm_->value, cfg_.groups, rstd_, dg_, dy_, dz_, norm_->grad);
+  const GemmContext* gemm = meta.gemm;
+  linear_backward(g_, out_proj_->compute, dy.reshape({m, cfg_.d_model}), &dg_, out_proj_->grad,
+                  nullptr, gemm);
+  gated_rmsnorm_backward(y_, z_, norm_->value, cfg_.groups, rstd_, dg_, dy_, dz_, norm_->grad,
+                         &norm_ws_);
   const SsdInputs in = ssd_inputs(meta);
   const Tensor dx4 = dxc_.reshape({b_, t_, h, cfg_.head_dim}), ddt3 = ddt_.reshape({b_, t_, h});
   const Tensor db4 = dbc_.reshape({b_, t_, cfg_.groups, cfg_.d_state}),
@@ -160,8 +168,8 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   };
   for (const Part& p : {Part{&xs_, &dxc_, &dxs_, 0, c}, Part{&bs_, &dbc_, &dbs_, c, gn},
                         Part{&cs_, &dcc_, &dcs_, c + gn, gn}}) {
-    const Tensor w = conv_w_->value.slice(0, p.ch0, p.ch),
-                 bias = conv_b_->value.slice(0, p.ch0, p.ch);
+    const Tensor w = conv_w_->compute.slice(0, p.ch0, p.ch),
+                 bias = conv_b_->compute.slice(0, p.ch0, p.ch);
     const Tensor gw = conv_w_->grad.slice(0, p.ch0, p.ch), gb = conv_b_->grad.slice(0, p.ch0, p.ch);
     const Tensor in3 = p.in->reshape({b_, t_, p.ch}), dout3 = p.dout->reshape({b_, t_, p.ch});
     const Tensor din3 = p.din->reshape({b_, t_, p.ch});
@@ -170,20 +178,21 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     if (meta.cp)
       causal_conv1d_backward_cp(conv, dout3, nullptr, cg, *meta.cp);
     else
-      causal_conv1d_backward(conv, dout3, nullptr, cg);
+      causal_conv1d_backward(conv, dout3, nullptr, cg, &conv_ws_);
   }
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
-  const Tensor& w = in_proj_->value;
+  const Tensor& w = in_proj_->compute;
   const Tensor& gw = in_proj_->grad;
+  if (ddt_c_.data != ddt_.data) cast_into(ddt_c_, ddt_);
   struct Rows {
     const Tensor* dout;
     int64_t r0, n;
   };
   bool first = true;
   for (const Rows& r : {Rows{&dz_, 0, c}, Rows{&dxs_, c, c}, Rows{&dbs_, 2 * c, gn},
-                        Rows{&dcs_, 2 * c + gn, gn}, Rows{&ddt_, 2 * c + 2 * gn, h}}) {
+                        Rows{&dcs_, 2 * c + gn, gn}, Rows{&ddt_c_, 2 * c + 2 * gn, h}}) {
     linear_backward(x2, w.slice(0, r.r0, r.n), *r.dout, first ? &dx2 : &dx_tmp_,
-                    gw.slice(0, r.r0, r.n), nullptr);
+                    gw.slice(0, r.r0, r.n), nullptr, gemm);
     if (!first) add_into(dx2, dx_tmp_);
     first = false;
   }

@@ -59,6 +59,9 @@ class Mamba2Mixer final : public Block {
   Tensor x4_, dt3_, b4_, c4_;  // [B,T,H,P], [B,T,H], [B,T,G,N] views of xc_, dtr_, bc_, cc_
   Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, dx_tmp_, ws_,
       fws_;  // scratch
+  // scratch: ddt_c_ ddt in the activation dtype (ddt_ itself when that is the parameters'); the
+  // conv and gated norm backwards' workspaces (empty on the CPU)
+  Tensor ddt_c_, conv_ws_, norm_ws_;
 };
 
 }  // namespace braid

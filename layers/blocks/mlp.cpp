@@ -21,7 +21,7 @@ MlpBlock::MlpBlock(const MlpConfig& cfg, ParamSet& ps, const std::string& prefix
 
 void MlpBlock::plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) {
   const int64_t m = batch * seq, f = ffn_;
-  const DType t = gate_->value.dtype;
+  const DType t = gate_->compute.dtype;
   a_ = saved.take("mlp.gate_act", t, {m, f});
   b_ = saved.take("mlp.up_act", t, {m, f});
   h_ = saved.take("mlp.hidden", t, {m, f});
@@ -31,23 +31,26 @@ void MlpBlock::plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) {
   dx2_ = scratch.take("mlp.dx_up", t, {m, cfg_.d_model});
 }
 
-void MlpBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta&) {
+void MlpBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
   const int64_t m = x.numel() / cfg_.d_model;
   const Tensor x2 = x.reshape({m, cfg_.d_model}), y2 = y.reshape({m, cfg_.d_model});
-  linear_forward(x2, gate_->value, nullptr, a_);
-  linear_forward(x2, up_->value, nullptr, b_);
+  linear_forward(x2, gate_->compute, nullptr, a_, meta.gemm);
+  linear_forward(x2, up_->compute, nullptr, b_, meta.gemm);
   swiglu_forward(a_, b_, h_);
-  linear_forward(h_, down_->value, nullptr, y2);
+  linear_forward(h_, down_->compute, nullptr, y2, meta.gemm);
   tp_.reduce_output(y2);
 }
 
-void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx, const BatchMeta&) {
+void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
+                        const BatchMeta& meta) {
   const int64_t m = x.numel() / cfg_.d_model;
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
-  linear_backward(h_, down_->value, dy.reshape({m, cfg_.d_model}), &dh_, down_->grad, nullptr);
+  const GemmContext* gemm = meta.gemm;
+  linear_backward(h_, down_->compute, dy.reshape({m, cfg_.d_model}), &dh_, down_->grad, nullptr,
+                  gemm);
   swiglu_backward(a_, b_, dh_, da_, db_);
-  linear_backward(x2, gate_->value, da_, &dx2, gate_->grad, nullptr);
-  linear_backward(x2, up_->value, db_, &dx2_, up_->grad, nullptr);
+  linear_backward(x2, gate_->compute, da_, &dx2, gate_->grad, nullptr, gemm);
+  linear_backward(x2, up_->compute, db_, &dx2_, up_->grad, nullptr, gemm);
   add_into(dx2, dx2_);
   tp_.reduce_output(dx2);
 }

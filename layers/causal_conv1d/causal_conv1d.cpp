@@ -59,8 +59,12 @@ void causal_conv1d_backward_gpu(const Conv1dInputs& in, const Tensor& dy,
   if (g.dbias) check_shape(*g.dbias, {d.c});
   for (const Tensor* t : {g.dinitial_state, dfinal_state})
     if (t) check_shape(*t, {d.b, d.c, d.w - 1});
-  for (const Tensor* t : {&dy, g.dx, g.dw, g.dbias, g.dinitial_state, dfinal_state})
+  for (const Tensor* t : {&dy, g.dx, g.dinitial_state, dfinal_state})
     if (t) check_same_dtype(*in.x, *t);
+  p.f32_grads = g.dw->dtype == DType::f32 && in.x->dtype == DType::bf16;
+  for (const Tensor* t : {g.dw, g.dbias})
+    if (t && !p.f32_grads) check_same_dtype(*in.x, *t);
+  if (g.dbias) check_same_dtype(*g.dw, *g.dbias);
   require_gpu("causal_conv1d",
               {&dy, g.dx, g.dw, g.dbias, g.dinitial_state, dfinal_state, workspace});
   const int64_t need = conv1d_partial_elems(d.b, d.t, d.c, d.w);

@@ -9,7 +9,8 @@
 //   initial_state / final_state [B,C,W-1], W in 2..4.
 // Backward: dx (=), dinitial_state (=), dw (+=), dbias (+=); dfinal_state (optional input) is the
 // gradient arriving at final_state. CPU tensors (f32, f64) run the reference; GPU tensors (f32 or
-// bf16, all of one dtype) run the CUDA kernels, whose backward needs an f32 workspace of
+// bf16, all of one dtype, but dw and dbias may be f32 with bf16 tensors) run the CUDA kernels,
+// whose backward needs an f32 workspace of
 // causal_conv1d_workspace_elems elements for its deterministic dw/dbias partial sums.
 #pragma once
 

@@ -1,6 +1,7 @@
 // The CUDA contract of the causal conv1d: one Params struct, built and validated on the host by
 // causal_conv1d.cpp. x, w, bias, the states, y and every gradient share one dtype (f32 or bf16,
-// as the CPU reference); accumulation is f32; seq_idx is i32.
+// as the CPU reference), except that dw and dbias may be f32 with bf16 tensors (mixed precision
+// keeps f32 gradients); accumulation is f32; seq_idx is i32.
 //
 // Work split (both kernels): a thread owns a few consecutive channels (one 8-byte vector in the
 // forward, 4-byte in the backward, where the channel count allows; else one channel) of
@@ -22,6 +23,7 @@ constexpr int kConvTile = 64;  // steps per backward thread (dw partial granular
 struct Conv1dParams {
   int batch = 0, seqlen = 0, channels = 0, width = 0;
   bool bf16 = false, silu = false;
+  bool f32_grads = false;  // dw and dbias are f32 (with bf16 tensors: mixed precision)
   const void *x = nullptr, *w = nullptr, *bias = nullptr, *initial_state = nullptr;
   const int32_t* seq_idx = nullptr;
   void *y = nullptr, *final_state = nullptr;

@@ -286,6 +286,17 @@ __global__ void conv_bwd_finish(const Conv1dParams p, int parts) {
                        : (p.dbias ? static_cast<T*>(p.dbias) + c : nullptr);
   if (dst) *dst = from_float<T>(to_float(*dst) + sum);
 }
+// The finishing kernel for dw and dbias of dtype G: T's, or f32 (Conv1dParams::f32_grads).
+template <typename T>
+void finish(const Conv1dParams& p, int parts, cudaStream_t stream) {
+  const int64_t per = static_cast<int64_t>(p.channels) * (p.width + 1);
+  const auto blocks = static_cast<unsigned>((per + kThreads - 1) / kThreads);
+  if (p.f32_grads)
+    conv_bwd_finish<float><<<blocks, kThreads, 0, stream>>>(p, parts);
+  else
+    conv_bwd_finish<T><<<blocks, kThreads, 0, stream>>>(p, parts);
+  CUDA_CHECK(cudaGetLastError());
+}
 
 template <typename T, int kVec, int kW, bool kBackward>
 void launch(const Conv1dParams& p, cudaStream_t stream) {
@@ -300,11 +311,7 @@ void launch(const Conv1dParams& p, cudaStream_t stream) {
     conv_bwd_kernel<T, kVec, kW>
         <<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
     CUDA_CHECK(cudaGetLastError());
-    const int64_t per = static_cast<int64_t>(p.channels) * (p.width + 1);
-    conv_bwd_finish<T>
-        <<<static_cast<unsigned>((per + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-            p, static_cast<int>(p.batch * tiles));
-    CUDA_CHECK(cudaGetLastError());
+    finish<T>(p, static_cast<int>(p.batch * tiles), stream);
   }
 }
 

@@ -4,6 +4,9 @@
 //   dlogits[m,:] = grad_scale * (softmax(logits[m,:]) - onehot(target_m))   (=; 0 for ignored rows)
 // so a caller averaging over all tokens of all microbatches passes grad_scale = 1 / count_total.
 // Targets outside [-1, V) are errors naming the row.
+// GPU logits (bf16 or f32, dlogits the same dtype and possibly the same memory) go through
+// cross_entropy_rows, which leaves each row's result on the device, and read_row_losses, which
+// brings a microbatch's rows back at once (one synchronisation) and sums them in row order.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +23,19 @@ struct LossSum {
 
 LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor* dlogits,
                       double grad_scale);
+
+// GPU: per row m, row_loss[m] = {loss_m, 1} for a counted row, {0, 0} for an ignored one and
+// {0, -1} for a target outside [-1, V); dlogits as above (f32 math). row_loss [M,2] f32.
+void cross_entropy_rows(const Tensor& logits, const Tensor& targets, const Tensor* dlogits,
+                        double grad_scale, const Tensor& row_loss, void* stream = nullptr);
+// The sum of the counted rows of row_loss [M,2] (on the GPU) and their number; a row whose
+// target was outside the vocabulary is an error naming it.
+LossSum read_row_losses(const Tensor& row_loss, void* stream = nullptr);
+void cross_entropy_rows_cuda(const void* logits, const int32_t* targets, void* dlogits,
+                             float grad_scale, float* row_loss, int64_t m, int64_t v, bool bf16,
+                             void* stream);
+// Copies row_loss [m,2] to host (waiting for the stream).
+void copy_row_losses_cuda(const float* row_loss, float* host, int64_t m, void* stream);
 
 // Vocabulary-parallel form (Megatron-LM's): this rank holds the logits of vocabulary entries
 // [vocab_start, vocab_start + V_r) of vocab_size (logits, dlogits [M,V_r]); the row maxima, the

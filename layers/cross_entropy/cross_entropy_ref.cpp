@@ -80,6 +80,50 @@ LossSum cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor*
   return out;
 }
 
+void cross_entropy_rows(const Tensor& logits, const Tensor& targets, const Tensor* dlogits,
+                        double grad_scale, const Tensor& row_loss, void* stream) {
+  BRAID_CHECK(logits.ndim == 2, "cross_entropy: logits must be [M,V], got ", logits.describe());
+  const int64_t m = logits.size(0), v = logits.size(1);
+  BRAID_CHECK(targets.dtype == DType::i32, "cross_entropy: targets must be i32, got ",
+              targets.describe());
+  check_shape(targets, {m});
+  check_shape(row_loss, {m, 2});
+  BRAID_CHECK(row_loss.dtype == DType::f32, "cross_entropy: row_loss must be f32");
+  BRAID_CHECK(logits.dtype == DType::bf16 || logits.dtype == DType::f32,
+              "cross_entropy (CUDA): logits must be bf16 or f32, got ", logits.describe());
+  if (dlogits) check_shape(*dlogits, {m, v}), check_same_dtype(logits, *dlogits);
+  require_gpu("cross_entropy", {&logits, &targets, dlogits, &row_loss});
+#if defined(BRAID_WITH_CUDA)
+  cross_entropy_rows_cuda(logits.data, targets.ptr<int32_t>(), dlogits ? dlogits->data : nullptr,
+                          float(grad_scale), row_loss.ptr<float>(), m, v,
+                          logits.dtype == DType::bf16, stream);
+#else
+  (void)grad_scale, (void)stream;
+  BRAID_FAIL("cross_entropy: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#endif
+}
+
+LossSum read_row_losses(const Tensor& row_loss, void* stream) {
+  BRAID_CHECK(row_loss.ndim == 2 && row_loss.size(1) == 2 && row_loss.dtype == DType::f32,
+              "cross_entropy: row_loss must be [M,2] f32, got ", row_loss.describe());
+  require_gpu("cross_entropy", {&row_loss});
+  const int64_t m = row_loss.size(0);
+  std::vector<float> host(2 * size_t(m));
+#if defined(BRAID_WITH_CUDA)
+  copy_row_losses_cuda(row_loss.ptr<float>(), host.data(), m, stream);
+#else
+  (void)stream;
+  BRAID_FAIL("cross_entropy: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#endif
+  LossSum out;
+  for (int64_t i = 0; i < m; ++i) {
+    BRAID_CHECK(host[2 * i + 1] >= 0, "cross_entropy: the target of row ", i,
+                " is outside [-1, vocabulary)");
+    if (host[2 * i + 1] > 0) out.sum += host[2 * i], ++out.count;
+  }
+  return out;
+}
+
 LossSum cross_entropy_vocab_parallel(const Tensor& logits, const Tensor& targets,
                                      const Tensor* dlogits, double grad_scale, int64_t vocab_start,
                                      int64_t vocab_size, Communicator& group) {

@@ -34,10 +34,10 @@ __global__ void keys_kernel(const int32_t* tok, int64_t n, int64_t v0, int64_t r
   vals[i] = int32_t(i);
 }
 
-template <typename T>
+template <typename G, typename T>
 __global__ void accumulate_kernel(const int32_t* unique, const int32_t* counts,
                                   const int32_t* offsets, const int32_t* num_runs,
-                                  const int32_t* positions, const T* dy, T* dw, int64_t d,
+                                  const int32_t* positions, const G* dy, T* dw, int64_t d,
                                   int64_t rows) {
   const int run = blockIdx.x;
   if (run >= *num_runs || unique[run] >= rows) return;
@@ -99,7 +99,8 @@ void embedding_forward_cuda(const int32_t* tokens, const void* w, void* y, int64
 }
 
 void embedding_backward_cuda(const int32_t* tokens, const void* dy, void* dw, int64_t n, int64_t d,
-                             int64_t v0, int64_t rows, bool bf16, void* workspace, void* stream) {
+                             int64_t v0, int64_t rows, bool dy_bf16, bool dw_bf16, void* workspace,
+                             void* stream) {
   if (n == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const Layout l = layout(n, rows);
@@ -120,14 +121,20 @@ void embedding_backward_cuda(const int32_t* tokens, const void* dy, void* dw, in
   temp_bytes = l.temp;
   CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, temp_bytes, counts, offsets, int(n), s));
   const unsigned threads = unsigned(d < 256 ? (d + 31) / 32 * 32 : 256);
-  if (bf16)
-    accumulate_kernel<<<unsigned(n), threads, 0, s>>>(unique, counts, offsets, num_runs, positions,
-                                                      static_cast<const __nv_bfloat16*>(dy),
-                                                      static_cast<__nv_bfloat16*>(dw), d, rows);
+  using B = __nv_bfloat16;
+  const unsigned g = unsigned(n);
+  if (dy_bf16 && dw_bf16)
+    accumulate_kernel<<<g, threads, 0, s>>>(unique, counts, offsets, num_runs, positions,
+                                            static_cast<const B*>(dy), static_cast<B*>(dw), d,
+                                            rows);
+  else if (dy_bf16)
+    accumulate_kernel<<<g, threads, 0, s>>>(unique, counts, offsets, num_runs, positions,
+                                            static_cast<const B*>(dy), static_cast<float*>(dw), d,
+                                            rows);
   else
-    accumulate_kernel<<<unsigned(n), threads, 0, s>>>(unique, counts, offsets, num_runs, positions,
-                                                      static_cast<const float*>(dy),
-                                                      static_cast<float*>(dw), d, rows);
+    accumulate_kernel<<<g, threads, 0, s>>>(unique, counts, offsets, num_runs, positions,
+                                            static_cast<const float*>(dy), static_cast<float*>(dw),
+                                            d, rows);
   CUDA_CHECK(cudaGetLastError());
 }
 

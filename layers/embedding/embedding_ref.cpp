@@ -28,17 +28,19 @@ void check_embedding(const Tensor& tokens, const Tensor& w, const Tensor& y, int
 }
 
 // GPU tensors: shapes, dtypes and the row range (the ids stay on the device).
+// y (the lookup's output or the backward's dy) has W's dtype, or is bf16 with an f32 dW when
+// mixed_ok (the backward of mixed precision).
 void check_embedding_gpu(const Tensor& tokens, const Tensor& w, const Tensor& y, int64_t v0,
-                         int64_t vocab) {
+                         int64_t vocab, bool mixed_ok = false) {
 #if !defined(BRAID_WITH_CUDA)
-  (void)tokens, (void)w, (void)y, (void)v0, (void)vocab;
+  (void)tokens, (void)w, (void)y, (void)v0, (void)vocab, (void)mixed_ok;
   BRAID_FAIL("embedding: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 #else
   BRAID_CHECK(tokens.ndim == 2 && tokens.dtype == DType::i32 && w.ndim == 2,
               "embedding: expects tokens [B,T] i32 and W [V,D]; got ", tokens.describe(), ", ",
               w.describe());
   check_shape(y, {tokens.size(0), tokens.size(1), w.size(1)});
-  check_same_dtype(w, y);
+  if (!(mixed_ok && w.dtype == DType::f32 && y.dtype == DType::bf16)) check_same_dtype(w, y);
   BRAID_CHECK(w.dtype == DType::bf16 || w.dtype == DType::f32,
               "embedding (CUDA): W must be bf16 or f32, got ", w.describe());
   require_gpu("embedding", {&tokens, &w, &y});
@@ -94,14 +96,14 @@ void embedding_backward(const Tensor& tokens, const Tensor& dy, const Tensor& dw
                         int64_t vocab_start, int64_t vocab_size, const Tensor* workspace,
                         void* stream) {
   if (dweight.device == Device::cuda) {
-    check_embedding_gpu(tokens, dweight, dy, vocab_start, vocab_size);
+    check_embedding_gpu(tokens, dweight, dy, vocab_start, vocab_size, true);
 #if defined(BRAID_WITH_CUDA)
     const int64_t need = embedding_workspace_bytes(tokens, dweight.size(0));
     BRAID_CHECK(
         workspace && workspace->device == Device::cuda && workspace->nbytes() >= size_t(need),
         "embedding (CUDA): the backward needs a GPU workspace of ", need, " bytes");
     embedding_backward_cuda(tokens.ptr<int32_t>(), dy.data, dweight.data, tokens.numel(),
-                            dweight.size(1), vocab_start, dweight.size(0),
+                            dweight.size(1), vocab_start, dweight.size(0), dy.dtype == DType::bf16,
                             dweight.dtype == DType::bf16, workspace->data, stream);
 #endif
     return;

@@ -14,9 +14,17 @@ void check_linear(const Tensor& x, const Tensor& w, const Tensor* bias, const Te
   check_shape(y, {m, out});
   if (bias) check_shape(*bias, {out});
   check_same_dtype(x, w);
-  check_same_dtype(x, y);
   if (bias) check_same_dtype(x, *bias);
-  if (x.device != Device::cuda) require_host("linear", {&x, &w, bias, &y});
+  if (x.device != Device::cuda) {
+    check_same_dtype(x, y);
+    require_host("linear", {&x, &w, bias, &y});
+  }
+}
+
+// On the GPU, an output (y, dW) may be f32 with bf16 operands (f32 accumulation is kept).
+void check_gpu_output(const Tensor& x, const Tensor& out) {
+  BRAID_CHECK(out.dtype == x.dtype || out.dtype == DType::f32, "linear (CUDA): ", out.describe(),
+              " must be ", dtype_name(x.dtype), " or f32");
 }
 
 }  // namespace
@@ -24,7 +32,12 @@ void check_linear(const Tensor& x, const Tensor& w, const Tensor* bias, const Te
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
                     const GemmContext* gemm) {
   check_linear(x, w, bias, y);
-  if (x.device == Device::cuda) return linear_forward_gpu(x, w, bias, y, gemm);
+  if (x.device == Device::cuda) {
+    check_gpu_output(x, y);
+    BRAID_CHECK(!bias || y.dtype == x.dtype, "linear (CUDA): a bias needs y in ",
+                dtype_name(x.dtype));
+    return linear_forward_gpu(x, w, bias, y, gemm);
+  }
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   dispatch_float(x.dtype, "linear", [&]<typename T>() {
     ref::matmul_nt(x.ptr<T>(), w.ptr<T>(), y.ptr<T>(), m, out, in, false);
@@ -42,7 +55,14 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const T
   check_linear(x, w, dbias, dy);
   check_shape(dw, {w.size(0), w.size(1)});
   if (dx) check_shape(*dx, {x.size(0), x.size(1)});
-  if (x.device == Device::cuda) return linear_backward_gpu(x, w, dy, dx, dw, dbias, gemm);
+  if (x.device == Device::cuda) {
+    check_same_dtype(x, dy);
+    if (dx) check_same_dtype(x, *dx);
+    check_gpu_output(x, dw);
+    return linear_backward_gpu(x, w, dy, dx, dw, dbias, gemm);
+  }
+  check_same_dtype(x, dw);
+  if (dx) check_same_dtype(x, *dx);
   require_host("linear", {&dw, dx});
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   dispatch_float(x.dtype, "linear", [&]<typename T>() {

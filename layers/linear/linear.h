@@ -5,8 +5,9 @@
 //   dW += dy^T x        (+=)     [O, I]
 //   db += sum_m dy      (+=)     [O]
 // The CPU reference splits work over rows with a fixed order of summation, so results do not
-// depend on the thread count. GPU tensors (x, W, y, dy, dx, dW bf16 or f32, one dtype; b, db the
-// same) run cuBLASLt GEMMs with f32 accumulation and need a GemmContext (linear_cuda.h).
+// depend on the thread count. GPU tensors (x, W, dy, dx bf16 or f32, one dtype; y and dW that
+// dtype or f32, as mixed precision keeps f32 gradients; b, db x's dtype) run cuBLASLt GEMMs with
+// f32 accumulation and need a GemmContext (linear_cuda.h).
 #pragma once
 
 #include "runtime/tensor.h"

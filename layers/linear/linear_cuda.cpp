@@ -38,9 +38,10 @@ cudaDataType_t cuda_type(DType t) {
   return t == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
 }
 
-// C (col-major m x n, ld ldc) = alpha op(A) op(B) + beta C, A (lda), B (ldb) col-major views.
-void run_gemm(const GemmContext& g, DType t, bool trans_a, bool trans_b, int64_t m, int64_t n,
-              int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb, void* c,
+// C (col-major m x n, ld ldc) = alpha op(A) op(B) + beta C, A (lda), B (ldb) col-major views;
+// A and B of dtype t, C of dtype ct (t, or f32).
+void run_gemm(const GemmContext& g, DType t, DType ct, bool trans_a, bool trans_b, int64_t m,
+              int64_t n, int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb, void* c,
               int64_t ldc, float beta, const void* bias) {
   cublasLtHandle_t h = static_cast<cublasLtHandle_t>(g.handle());
   cublasLtMatmulDesc_t desc = nullptr;
@@ -63,7 +64,7 @@ void run_gemm(const GemmContext& g, DType t, bool trans_a, bool trans_b, int64_t
   const cudaDataType_t dt = cuda_type(t);
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, dt, trans_a ? k : m, trans_a ? m : k, lda));
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, dt, trans_b ? n : k, trans_b ? k : n, ldb));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, dt, m, n, ldc));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, cuda_type(ct), m, n, ldc));
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   size_t ws = g.workspace_bytes();
@@ -73,7 +74,7 @@ void run_gemm(const GemmContext& g, DType t, bool trans_a, bool trans_b, int64_t
   int found = 0;
   CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(h, desc, la, lb, lc, lc, pref, 1, &result, &found));
   BRAID_CHECK(found > 0, "linear (CUDA): cuBLASLt has no algorithm for a ", m, " x ", n, " x ", k,
-              " ", dtype_name(t), " product");
+              " ", dtype_name(t), " -> ", dtype_name(ct), " product");
   const float alpha = 1.f;
   CUBLAS_CHECK(cublasLtMatmul(h, desc, &alpha, a, la, b, lb, &beta, c, lc, c, lc, &result.algo,
                               g.workspace(), g.workspace_bytes(),
@@ -111,7 +112,7 @@ void linear_forward_gpu(const Tensor& x, const Tensor& w, const Tensor* bias, co
   BRAID_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f32,
               "linear (CUDA): bf16 or f32 tensors, got ", x.describe());
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
-  run_gemm(g, x.dtype, true, false, out, m, in, w.data, in, x.data, in, y.data, out, 0.f,
+  run_gemm(g, x.dtype, y.dtype, true, false, out, m, in, w.data, in, x.data, in, y.data, out, 0.f,
            bias ? bias->data : nullptr);
 }
 
@@ -121,10 +122,10 @@ void linear_backward_gpu(const Tensor& x, const Tensor& w, const Tensor& dy, con
   require_gpu("linear", {&x, &w, &dy, dx, &dw, dbias});
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   if (dx)
-    run_gemm(g, x.dtype, false, false, in, m, out, w.data, in, dy.data, out, dx->data, in, 0.f,
-             nullptr);
-  run_gemm(g, x.dtype, false, true, in, out, m, x.data, in, dy.data, out, dw.data, in, 1.f,
-           nullptr);
+    run_gemm(g, x.dtype, x.dtype, false, false, in, m, out, w.data, in, dy.data, out, dx->data, in,
+             0.f, nullptr);
+  run_gemm(g, x.dtype, dw.dtype, false, true, in, out, m, x.data, in, dy.data, out, dw.data, in,
+           1.f, nullptr);
   if (dbias) {
     const int64_t need = (m + 255) / 256 * out * int64_t(sizeof(float));
     BRAID_CHECK(need <= int64_t(g.workspace_bytes()), "linear (CUDA): the bias gradient needs ",

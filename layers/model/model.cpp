@@ -9,6 +9,7 @@
 #include "layers/elementwise/elementwise.h"
 #include "layers/embedding/embedding.h"
 #include "layers/linear/linear.h"
+#include "layers/linear/linear_cuda.h"
 #include "layers/rmsnorm/rmsnorm.h"
 #include "parallel/pipeline_schedule.h"
 
@@ -220,6 +221,21 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
              Recompute recompute)
     : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
+  const bool gpu = backend.device() == Device::cuda;
+  if (gpu) {
+    const std::string layers = pattern_layers(cfg_.pattern);
+    BRAID_REQUIRE(layers.find('S') == std::string::npos && layers.find('E') == std::string::npos,
+                  "model.pattern '", cfg_.pattern,
+                  "': Mamba-1 (S) and MoE (E) layers do not run on the GPU yet; use "
+                  "train.device=cpu or a pattern of M, *, - layers");
+    BRAID_REQUIRE(tp.size() == 1 && !cp && !ep && starts.size() == 1,
+                  "the GPU model runs on one GPU for now (no tensor, context, expert or pipeline "
+                  "parallelism)");
+    gemm_ = std::make_unique<GemmContext>(backend);
+  }
+  // Mixed precision: bf16 activations and compute copies of the weights, f32 parameters and
+  // gradients (the optimizer's master weights are the f32 values).
+  const DType pdt = dtype == DType::bf16 ? DType::f32 : dtype;
   BRAID_REQUIRE(batch > 0 && seq > 0, "microbatch [", batch, ",", seq, "] must be non-empty");
   layers_ = pattern_layers(cfg_.pattern);
   BRAID_REQUIRE(cfg_.vocab_size % tp.size() == 0, "parallel.tp = ", tp.size(),
@@ -311,7 +327,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       for (const MoeBlock* m : *set)
         for (RemoteParam& r : m->remote_params()) remote_.push_back(std::move(r));
   }
-  params_.allocate(backend, dtype, pad_elems, expert_pad_elems);
+  params_.allocate(backend, pdt, pad_elems, expert_pad_elems, dtype);
 
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
   // block's scratch starts at the same offset (blocks run one at a time).
@@ -323,23 +339,35 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
     recompute_.push_back(recompute == Recompute::full ||
                          (recompute == Recompute::ssm && (c == 'S' || c == 'M')));
   }
+  // The output projection and loss run over row chunks of the logits: all rows at once on the
+  // CPU; on the GPU chunks of about 256 MiB of logits, so the whole [M,V] is never held.
+  head_rows_ = gpu ? std::clamp<int64_t>((int64_t(256) << 20) / (2 * v), 1, m) : m;
   auto setup = [&](Arena& sv, Arena& sc) {
     resid_.clear(), normed_.clear(), rstd_.clear();
     for (int64_t i = 0; i <= nl; ++i)
       resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {mr, d}));
     for (int64_t i = 0; i < nl; ++i) {
       normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {mr, d}));
-      rstd_.push_back(sv.take("rstd." + std::to_string(i), dtype, {mr}));
+      rstd_.push_back(sv.take("rstd." + std::to_string(i), pdt, {mr}));
     }
     if (last_) {
       final_normed_ = sv.take("final_normed", dtype, {m, d});
-      final_rstd_ = sv.take("final_rstd", dtype, {mr});
+      final_rstd_ = sv.take("final_rstd", pdt, {mr});
       if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
-      logits_ = sc.take("logits", dtype, {m, v});
+      logits_ = sc.take("logits", dtype, {head_rows_, v});
+      if (gpu) row_loss_ = sc.take("row_loss", DType::f32, {m, 2});
     }
+
     dresid_ = sc.take("dresid", dtype, {mr, d});
     dnormed_ = sc.take("dnormed", dtype, {mr, d});
     dtmp_ = sc.take("dtmp", dtype, {mr, d});
+    norm_ws_ = sc.take("norm_workspace", pdt, {rmsnorm_workspace_elems(dresid_)});
+    if (first_) {  // the backward's workspace (the tokens' shape and device are what count)
+      const Tensor tokens =
+          Tensor::contiguous_view(nullptr, DType::i32, backend.device(), {batch, seq}, "tokens");
+      embed_ws_ = sc.take("embedding_workspace", DType::u8,
+                          {embedding_workspace_bytes(tokens, embed_->value.size(0))});
+    }
     fout_ = sc.take("block_out", dtype, {batch, seq, d});
     if (sp_) {
       xfull_ = sc.take("block_in", dtype, {batch, seq, d});
@@ -391,7 +419,7 @@ void Model::forward(const Batch& batch, const BatchMeta& meta, const Tensor* inp
   if (first_) {
     // Vocabulary-parallel lookup: each rank fills its rows of the vocabulary, the sum is the
     // lookup.
-    embedding_forward(batch.tokens, embed_->value, sp_ ? fout_ : bt(resid_[0]), vocab_start_,
+    embedding_forward(batch.tokens, embed_->compute, sp_ ? fout_ : bt(resid_[0]), vocab_start_,
                       cfg_.vocab_size);
     if (sp_)
       scatter_sum(tp_, fout_, resid_[0]);
@@ -412,30 +440,27 @@ void Model::forward(const Batch& batch, const BatchMeta& meta, const Tensor* inp
   rmsnorm_forward(resid_.back(), norm_f_->value, cfg_.norm_eps, sp_ ? final_local_ : final_normed_,
                   final_rstd_);
   if (sp_) gather(tp_, final_local_, final_normed_);
-  linear_forward(final_normed_, head_ ? head_->value : embed_->value, nullptr, logits_);
 }
 
 Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale, double aux_scale,
                                           const Tensor* input, const Tensor* output_grad,
                                           const Tensor* input_grad) {
-  const BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale, cp_};
+  BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale, cp_};
+  meta.gemm = gemm_.get();
   forward(batch, meta, input);
   StepResult r;
   for (auto& blk : blocks_) r.aux += blk->aux_loss();
   const int64_t m = b_ * t_, d = cfg_.d_model;
   auto bt = [&](const Tensor& x) { return x.reshape({b_, t_, d}); };
   if (last_) {
-    // The logits buffer receives its own gradient (cross_entropy reads each row before writing
-    // it).
-    r.loss = loss(batch, &logits_, grad_scale);
     const Tensor dfinal = sp_ ? dxfull_.reshape({m, d}) : dtmp_;  // partial over the tp ranks
-    Param* head = head_ ? head_ : embed_;
-    linear_backward(final_normed_, head->value, logits_, &dfinal, head->grad, nullptr);
+    r.loss = head(batch, grad_scale, &dfinal);
     if (sp_)
       scatter_sum(tp_, dfinal, dtmp_);
     else
       tp_.sum(dfinal);
-    rmsnorm_backward(resid_.back(), norm_f_->value, final_rstd_, dtmp_, dresid_, norm_f_->grad);
+    rmsnorm_backward(resid_.back(), norm_f_->value, final_rstd_, dtmp_, dresid_, norm_f_->grad,
+                     &norm_ws_);
   } else {
     BRAID_CHECK(output_grad, "Model: an earlier pipeline stage needs its output's gradient");
     copy_tensor(*backend_, dresid_, *output_grad);
@@ -453,12 +478,13 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
     } else {
       blocks_[i]->backward(bt(normed_[i]), bt(dresid_), bt(dnormed_), meta);
     }
-    rmsnorm_backward(resid_[i], norms_[i]->value, rstd_[i], dnormed_, dtmp_, norms_[i]->grad);
+    rmsnorm_backward(resid_[i], norms_[i]->value, rstd_[i], dnormed_, dtmp_, norms_[i]->grad,
+                     &norm_ws_);
     add_into(dresid_, dtmp_);
   }
   if (first_) {
     embedding_backward(batch.tokens, sp_ ? gather(tp_, dresid_, fout_) : bt(dresid_), embed_->grad,
-                       vocab_start_, cfg_.vocab_size);
+                       vocab_start_, cfg_.vocab_size, &embed_ws_);
   } else {
     BRAID_CHECK(input_grad, "Model: a later pipeline stage returns its input's gradient");
     copy_tensor(*backend_, *input_grad, dresid_);
@@ -473,19 +499,43 @@ void Model::reduce_sequence_parallel_grads() {
 }
 
 void Model::forward_only(const Batch& batch, const Tensor* input) {
-  forward(batch, {&batch.seq_idx, &batch.positions, 0.0, cp_, false}, input);
+  BatchMeta meta{&batch.seq_idx, &batch.positions, 0.0, cp_, false};
+  meta.gemm = gemm_.get();
+  forward(batch, meta, input);
 }
 
-LossSum Model::loss(const Batch& batch, const Tensor* dlogits, double grad_scale) {
-  const Tensor targets = batch.targets.reshape({b_ * t_});
-  if (tp_.size() == 1) return cross_entropy(logits_, targets, dlogits, grad_scale);
-  return cross_entropy_vocab_parallel(logits_, targets, dlogits, grad_scale, vocab_start_,
-                                      cfg_.vocab_size, *tp_.group);
+LossSum Model::head(const Batch& batch, double grad_scale, const Tensor* dfinal) {
+  const int64_t m = b_ * t_;
+  const Tensor targets = batch.targets.reshape({m});
+  const Param* w = head_ ? head_ : embed_;
+  LossSum total;
+  for (int64_t r0 = 0; r0 < m; r0 += head_rows_) {
+    const int64_t n = std::min(head_rows_, m - r0);
+    const Tensor x = final_normed_.slice(0, r0, n), logits = logits_.slice(0, 0, n),
+                 tg = targets.slice(0, r0, n);
+    linear_forward(x, w->compute, nullptr, logits, gemm_.get());
+    // The logits receive their own gradient (each row is read before it is written).
+    const Tensor* dlogits = dfinal ? &logits : nullptr;
+    if (gemm_) {
+      cross_entropy_rows(logits, tg, dlogits, grad_scale, row_loss_.slice(0, r0, n));
+    } else {
+      const LossSum l =
+          tp_.size() == 1 ? cross_entropy(logits, tg, dlogits, grad_scale)
+                          : cross_entropy_vocab_parallel(logits, tg, dlogits, grad_scale,
+                                                         vocab_start_, cfg_.vocab_size, *tp_.group);
+      total.sum += l.sum, total.count += l.count;
+    }
+    if (dfinal) {
+      const Tensor dx = dfinal->slice(0, r0, n);
+      linear_backward(x, w->compute, logits, &dx, w->grad, nullptr, gemm_.get());
+    }
+  }
+  return gemm_ ? read_row_losses(row_loss_) : total;
 }
 
 LossSum Model::evaluate(const Batch& batch, const Tensor* input) {
   forward_only(batch, input);
-  return last_ ? loss(batch, nullptr, 0.0) : LossSum{};
+  return last_ ? head(batch, 0.0, nullptr) : LossSum{};
 }
 
 void Model::after_optimizer_step() {
@@ -499,7 +549,8 @@ std::vector<Tensor> Model::moe_step_counts() const {
 }
 
 MemoryReport Model::memory() const {
-  return {params_.value_bytes(), params_.grad_bytes(), saved_.capacity(), scratch_.capacity()};
+  return {params_.value_bytes() + params_.compute_bytes(), params_.grad_bytes(), saved_.capacity(),
+          scratch_.capacity() + (gemm_ ? gemm_->workspace_bytes() : 0)};
 }
 
 double Model::flops_per_token(int64_t seq) const {

@@ -19,6 +19,7 @@
 #include "layers/blocks/mlp.h"
 #include "layers/blocks/moe.h"
 #include "layers/cross_entropy/cross_entropy.h"
+#include "layers/linear/linear_cuda.h"
 #include "layers/model/params.h"
 #include "parallel/rank_grid.h"
 
@@ -79,6 +80,8 @@ class Model {
   // stage: the pipeline stage this rank runs, of those whose first layers are `starts`
   // (stage_starts; {0}: one stage). The first stage holds the embeddings, the last the final norm
   // and output projection, and with tied embeddings a mirror of the embedding table.
+  // dtype: of the activations; bf16 is mixed precision (f32 parameters and gradients, bf16
+  // compute copies of the weights; GPU only).
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
         int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr,
         Communicator* ep = nullptr, int64_t expert_pad_elems = 1, int stage = 0,
@@ -138,8 +141,10 @@ class Model {
 
  private:
   void forward(const Batch& batch, const BatchMeta& meta, const Tensor* input = nullptr);
-  // The loss of the last forward's logits (and their gradient into dlogits).
-  LossSum loss(const Batch& batch, const Tensor* dlogits, double grad_scale);
+  // The output projection and the loss of the last forward, over row chunks of the logits; with
+  // dfinal, the loss's gradient with respect to the final norm's output (partial over the tp
+  // ranks) into dfinal, and the projection's weight gradient.
+  LossSum head(const Batch& batch, double grad_scale, const Tensor* dfinal);
 
   ModelConfig cfg_;
   Backend* backend_;
@@ -163,9 +168,13 @@ class Model {
   // M / tp rows under sequence parallelism), final norm [M,D] (final_local_: this rank's rows)
   std::vector<Tensor> resid_, normed_, rstd_;
   Tensor final_normed_, final_rstd_, final_local_;
-  // scratch: logits_ [M,V/tp]; dresid_, dnormed_, dtmp_ [M_r,D]; fout_ [B,T,D]; under sequence
-  // parallelism xfull_, dxfull_ [B,T,D] (a block's gathered input, its input gradient)
-  Tensor logits_, dresid_, dnormed_, dtmp_, fout_, xfull_, dxfull_;
+  // scratch: logits_ [head_rows_,V/tp]; dresid_, dnormed_, dtmp_ [M_r,D]; fout_ [B,T,D]; under
+  // sequence parallelism xfull_, dxfull_ [B,T,D] (a block's gathered input, its input gradient);
+  // the norms' and the embedding's backward workspaces; GPU: row_loss_ [M,2] (each row's loss)
+  Tensor logits_, dresid_, dnormed_, dtmp_, fout_, xfull_, dxfull_, norm_ws_, embed_ws_, row_loss_;
+  int64_t head_rows_ = 0;  // rows of a logits chunk
+  // GPU: the cuBLASLt handle and workspace of every linear layer (null on the CPU)
+  std::unique_ptr<GemmContext> gemm_;
 };
 
 }  // namespace braid

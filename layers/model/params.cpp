@@ -1,5 +1,9 @@
 #include "layers/model/params.h"
 
+#include "layers/elementwise/elementwise.h"
+#include "runtime/parallel_for.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -42,6 +46,7 @@ Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit ini
       global0 += g, local0 += g / shard.parts;
     }
   }
+  const bool matrix = shape.size() >= 2;
   params_.push_back(Param{std::move(name),
                           std::move(local),
                           std::move(shape),
@@ -51,6 +56,8 @@ Param* ParamSet::add(std::string name, std::vector<int64_t> shape, ParamInit ini
                           trainable,
                           region,
                           false,
+                          matrix,
+                          {},
                           {},
                           {}});
   return &params_.back();
@@ -73,8 +80,8 @@ int64_t ParamSet::numel(bool trainable_only) const {
   return n;
 }
 
-void ParamSet::allocate(Backend& backend, DType dtype, int64_t pad_elems,
-                        int64_t expert_pad_elems) {
+void ParamSet::allocate(Backend& backend, DType dtype, int64_t pad_elems, int64_t expert_pad_elems,
+                        DType compute_dtype) {
   BRAID_CHECK(pad_elems >= 1 && expert_pad_elems >= 1, "ParamSet::allocate: padding multiples ",
               pad_elems, ", ", expert_pad_elems, " must be positive");
   const size_t esize = dtype_size(dtype);
@@ -118,6 +125,17 @@ void ParamSet::allocate(Backend& backend, DType dtype, int64_t pad_elems,
   backend.fill(grads_.bytes(), 0.0, {});
   bind(values_, false);
   bind(grads_, true);
+  compute_dtype_ = compute_dtype == DType::u8 ? dtype : compute_dtype;
+  auto bind_copies = [&](Arena& a) {
+    for (Param& p : params_)
+      p.compute = p.cast && compute_dtype_ != dtype
+                      ? a.take(p.name + ".compute", compute_dtype_, p.shape)
+                      : p.value;
+  };
+  Arena copies = Arena::measuring("compute_copies", backend.device());
+  bind_copies(copies);
+  compute_ = Arena::allocate("compute_copies", backend, copies.high_water());
+  bind_copies(compute_);
   region_begin_[0] = 0;
   region_begin_[1] = int64_t((experts ? region1 : total) / esize);
   region_begin_[2] = int64_t(total / esize);
@@ -173,35 +191,39 @@ void ParamSet::initialize(uint64_t seed) {
         }
         logical[b.local_start + k] = i;
       }
-    for (int64_t li = 0; li < n; ++li) {
-      const int64_t i = logical[li];
-      const double u = random_value(spec, static_cast<uint64_t>(i));
-      const double a = p.init.a, b = p.init.b;
-      switch (p.init.kind) {
-        case ParamInit::Kind::normal: {
-          const RandomSpec ns{RandomSpec::Kind::normal, seed, spec.tensor_id, 0.0f, float(a)};
-          host[li] = random_value(ns, static_cast<uint64_t>(i));
-          break;
-        }
-        case ParamInit::Kind::uniform:
-          host[li] = a + (b - a) * u;
-          break;
-        case ParamInit::Kind::constant:
-          host[li] = a;
-          break;
-        case ParamInit::Kind::log_arange:
-          host[li] = std::log(double(1 + i % last));
-          break;
-        case ParamInit::Kind::log_uniform:
-          host[li] = std::log(a + (b - a) * u);
-          break;
-        case ParamInit::Kind::dt_bias: {
-          const double dt = std::max(std::exp(std::log(a) + (std::log(b) - std::log(a)) * u), 1e-4);
-          host[li] = dt + std::log(-std::expm1(-dt));
-          break;
+    constexpr int64_t kBlock = 1 << 16;  // elements per task (each value depends on i only)
+    parallel_for((n + kBlock - 1) / kBlock, [&](int64_t blk) {
+      for (int64_t li = blk * kBlock; li < std::min(n, (blk + 1) * kBlock); ++li) {
+        const int64_t i = logical[li];
+        const double u = random_value(spec, static_cast<uint64_t>(i));
+        const double a = p.init.a, b = p.init.b;
+        switch (p.init.kind) {
+          case ParamInit::Kind::normal: {
+            const RandomSpec ns{RandomSpec::Kind::normal, seed, spec.tensor_id, 0.0f, float(a)};
+            host[li] = random_value(ns, static_cast<uint64_t>(i));
+            break;
+          }
+          case ParamInit::Kind::uniform:
+            host[li] = a + (b - a) * u;
+            break;
+          case ParamInit::Kind::constant:
+            host[li] = a;
+            break;
+          case ParamInit::Kind::log_arange:
+            host[li] = std::log(double(1 + i % last));
+            break;
+          case ParamInit::Kind::log_uniform:
+            host[li] = std::log(a + (b - a) * u);
+            break;
+          case ParamInit::Kind::dt_bias: {
+            const double dt =
+                std::max(std::exp(std::log(a) + (std::log(b) - std::log(a)) * u), 1e-4);
+            host[li] = dt + std::log(-std::expm1(-dt));
+            break;
+          }
         }
       }
-    }
+    });
     const Tensor& v = p.value;
     std::vector<char> staged(v.nbytes());
     for (int64_t i = 0; i < n; ++i) {
@@ -221,12 +243,17 @@ void ParamSet::initialize(uint64_t seed) {
     }
     backend_->copy(v.data, v.device, staged.data(), Device::cpu, v.nbytes(), {});
   }
+  refresh_compute();
   backend_->synchronize({});
 }
 
 void ParamSet::zero_grads() {
+  backend_->fill(grads_.bytes(), 0.0, {});  // gaps and padding are zero already
+}
+
+void ParamSet::refresh_compute(void* stream) {
   for (Param& p : params_)
-    if (p.trainable) backend_->fill(p.grad, 0.0, {});
+    if (p.compute.data != p.value.data) cast_into(p.compute, p.value, stream);
 }
 
 }  // namespace braid

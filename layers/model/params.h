@@ -65,8 +65,12 @@ struct Param {
   // A copy of a tensor another pipeline stage owns (tied embeddings on the last stage): updated
   // like the original (their gradients are summed), left out of checkpoints and of the norm.
   bool mirror = false;
+  // Read by kernels in the compute dtype (matrices by default; blocks mark others, such as conv
+  // biases): under mixed precision such a parameter has a low-precision copy in `compute`.
+  bool cast = false;
   Tensor value;
-  Tensor grad;  // undefined when not trainable
+  Tensor grad;     // undefined when not trainable; value's dtype
+  Tensor compute;  // what ops read: value itself, or its copy in the compute dtype (cast)
 };
 
 // A parameter that other ranks hold (the experts of other expert-parallel ranks): its name and
@@ -85,10 +89,17 @@ class ParamSet {
              bool trainable = true, ParamShard shard = {}, int region = 0);
   // Allocates value and gradient arenas (dtype for both, one layout) and binds every Param's
   // tensors, region 0 first; region 0 holds a multiple of pad_elems elements (the data-parallel
-  // size, so its flat vector splits into equal shards), region 1 of expert_pad_elems.
-  void allocate(Backend& backend, DType dtype, int64_t pad_elems = 1, int64_t expert_pad_elems = 1);
+  // size, so its flat vector splits into equal shards), region 1 of expert_pad_elems. Mixed
+  // precision (compute_dtype other than dtype, e.g. f32 values and gradients with bf16 compute):
+  // a third arena holds the compute copies of the parameters marked `cast`.
+  void allocate(Backend& backend, DType dtype, int64_t pad_elems = 1, int64_t expert_pad_elems = 1,
+                DType compute_dtype = DType::u8);
   void initialize(uint64_t seed);
   void zero_grads();
+  // compute <- value (rounded) for every parameter with a copy: after initialisation, an
+  // optimizer step or a load. Nothing to do without mixed precision.
+  void refresh_compute(void* stream = nullptr);
+  DType compute_dtype() const { return compute_dtype_; }
 
   std::deque<Param>& all() { return params_; }
   const std::deque<Param>& all() const { return params_; }
@@ -106,12 +117,13 @@ class ParamSet {
   int64_t region_offset(const Param& p) const { return flat_offset(p) - region_begin_[p.region]; }
   size_t value_bytes() const { return values_.capacity(); }
   size_t grad_bytes() const { return grads_.capacity(); }
+  size_t compute_bytes() const { return compute_.capacity(); }
 
  private:
   std::deque<Param> params_;
-  Arena values_, grads_;
+  Arena values_, grads_, compute_;
   int64_t region_begin_[3] = {0, 0, 0};  // element offsets: region 0, region 1, end
-  DType dtype_ = DType::f32;
+  DType dtype_ = DType::f32, compute_dtype_ = DType::f32;
   Backend* backend_ = nullptr;
 };
 
