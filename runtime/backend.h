@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <unordered_map>
 
 #include "runtime/philox.h"
 #include "runtime/tensor.h"
@@ -54,8 +55,22 @@ class Backend {
   size_t bytes_in_use() const { return bytes_in_use_; }
 
  protected:
+  // Backends call these from allocate and release.
+  void count_allocation(void* p, size_t bytes) {
+    ++allocations_, bytes_in_use_ += bytes;
+    sizes_[p] = bytes;
+  }
+  void count_release(void* p) {
+    const auto it = sizes_.find(p);
+    if (it == sizes_.end()) return;
+    bytes_in_use_ -= it->second;
+    sizes_.erase(it);
+  }
+
+ private:
   int64_t allocations_ = 0;
   size_t bytes_in_use_ = 0;
+  std::unordered_map<void*, size_t> sizes_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

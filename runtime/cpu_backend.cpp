@@ -29,10 +29,13 @@ class CpuBackend final : public Backend {
     const size_t rounded = (bytes + 255) / 256 * 256;
     void* p = std::aligned_alloc(256, rounded == 0 ? 256 : rounded);
     BRAID_CHECK(p != nullptr, "host allocation of ", bytes, " bytes failed");
-    ++allocations_;
+    count_allocation(p, rounded);
     return p;
   }
-  void release(void* p) override { std::free(p); }
+  void release(void* p) override {
+    count_release(p);
+    std::free(p);
+  }
 
   void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
             Stream) override {

@@ -49,10 +49,13 @@ class CudaBackend final : public Backend {
   void* allocate(size_t bytes) override {
     void* p = nullptr;
     CUDA_CHECK(cudaMalloc(&p, bytes == 0 ? 256 : bytes));
-    ++allocations_;
+    count_allocation(p, bytes);
     return p;
   }
-  void release(void* p) override { CUDA_CHECK(cudaFree(p)); }
+  void release(void* p) override {
+    count_release(p);
+    CUDA_CHECK(cudaFree(p));
+  }
 
   void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
             Stream s) override {

