@@ -44,9 +44,13 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
     state_.clear(), tasks.clear();
     for (const Param& p : params.all()) {
       if (!p.trainable) continue;
-      state_.push_back({&p, a.take(p.name + ".master", DType::f32, p.shape),
-                        a.take(p.name + ".exp_avg", DType::f32, p.shape),
-                        a.take(p.name + ".exp_avg_sq", DType::f32, p.shape)});
+      // An f32 parameter is its own master (mixed precision keeps f32 parameters and bf16
+      // copies); a bf16 one gets an f32 master here.
+      state_.push_back(
+          {&p,
+           p.value.dtype == DType::f32 ? p.value : a.take(p.name + ".master", DType::f32, p.shape),
+           a.take(p.name + ".exp_avg", DType::f32, p.shape),
+           a.take(p.name + ".exp_avg_sq", DType::f32, p.shape)});
       const State& st = state_.back();
       for (int64_t b = 0; b < st.master.numel(); b += kAdamChunk)
         tasks.push_back({p.value.data, p.grad.data, st.master.ptr<float>(), st.m.ptr<float>(),
@@ -89,7 +93,7 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
   partials_.resize(static_cast<size_t>(most));
   for (State& s : state_) {
     const float* v = s.param->value.ptr<float>();
-    std::copy(v, v + s.master.numel(), s.master.ptr<float>());
+    if (s.master.data != v) std::copy(v, v + s.master.numel(), s.master.ptr<float>());
   }
 }
 

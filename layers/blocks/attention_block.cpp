@@ -3,7 +3,6 @@
 #include <cmath>
 
 #include "layers/attention/attention_cp.h"
-#include "layers/elementwise/elementwise.h"
 #include "layers/linear/linear.h"
 #include "layers/rope/rope.h"
 
@@ -36,7 +35,6 @@ void AttentionBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   dk_ = sc.take("attn.dk", t, {batch, seq, hk, p});
   dv_ = sc.take("attn.dv", t, {batch, seq, hk, p});
   do_ = sc.take("attn.do", t, {batch, seq, h, p});
-  dx_tmp_ = sc.take("attn.dx_tmp", t, {batch * seq, cfg_.d_model});
   const AttentionInputs in{&qt_, &kt_, &vt_};
   ws_ = sc.take("attn.workspace", f,
                 {qt_.device == Device::cuda ? attention_gpu_workspace_elems(in) : 0});
@@ -82,10 +80,8 @@ void AttentionBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& d
   }
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
   linear_backward(x2, q_->compute, dq_.reshape({m, h * p}), &dx2, q_->grad, nullptr, gemm);
-  linear_backward(x2, k_->compute, dk_.reshape({m, hk * p}), &dx_tmp_, k_->grad, nullptr, gemm);
-  add_into(dx2, dx_tmp_);
-  linear_backward(x2, v_->compute, dv_.reshape({m, hk * p}), &dx_tmp_, v_->grad, nullptr, gemm);
-  add_into(dx2, dx_tmp_);
+  linear_backward(x2, k_->compute, dk_.reshape({m, hk * p}), &dx2, k_->grad, nullptr, gemm, true);
+  linear_backward(x2, v_->compute, dv_.reshape({m, hk * p}), &dx2, v_->grad, nullptr, gemm, true);
   tp_.reduce_output(dx2);
 }
 

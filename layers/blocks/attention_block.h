@@ -37,9 +37,9 @@ class AttentionBlock final : public Block {
   int64_t h_, hk_;  // this rank's query and KV heads
   int64_t b_ = 0, t_ = 0;
   Param *q_, *k_, *v_, *o_;
-  Tensor qt_, kt_, vt_, ot_, lse_;     // saved (q, k after RoPE)
-  Tensor dq_, dk_, dv_, do_, dx_tmp_;  // scratch
-  Tensor ws_;                          // scratch: the GPU backward's workspace (empty on the CPU)
+  Tensor qt_, kt_, vt_, ot_, lse_;  // saved (q, k after RoPE)
+  Tensor dq_, dk_, dv_, do_;        // scratch
+  Tensor ws_;                       // scratch: the GPU backward's workspace (empty on the CPU)
 };
 
 }  // namespace braid

@@ -81,7 +81,6 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   dxs_ = sc.take("m2.dxs", t, {m, c});
   dbs_ = sc.take("m2.dBs", t, {m, gn});
   dcs_ = sc.take("m2.dCs", t, {m, gn});
-  dx_tmp_ = sc.take("m2.dx_tmp", t, {m, cfg_.d_model});
   // The SSD's [B,T,...] views of the saved tensors, and its workspaces.
   x4_ = xc_.reshape({batch, seq, h, cfg_.head_dim});
   dt3_ = dtr_.reshape({batch, seq, h});
@@ -200,9 +199,8 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   bool first = true;
   for (const Rows& r : {Rows{&dz_, 0, c}, Rows{&dxs_, c, c}, Rows{&dbs_, 2 * c, gn},
                         Rows{&dcs_, 2 * c + gn, gn}, Rows{&ddt_c_, 2 * c + 2 * gn, h}}) {
-    linear_backward(x2, w.slice(0, r.r0, r.n), *r.dout, first ? &dx2 : &dx_tmp_,
-                    gw.slice(0, r.r0, r.n), nullptr, gemm);
-    if (!first) add_into(dx2, dx_tmp_);
+    linear_backward(x2, w.slice(0, r.r0, r.n), *r.dout, &dx2, gw.slice(0, r.r0, r.n), nullptr, gemm,
+                    !first);
     first = false;
   }
   tp_.reduce_output(dx2);

@@ -1,6 +1,5 @@
 #include "layers/blocks/mlp.h"
 
-#include "layers/elementwise/elementwise.h"
 #include "layers/linear/linear.h"
 #include "layers/swiglu/swiglu.h"
 
@@ -28,7 +27,6 @@ void MlpBlock::plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) {
   da_ = scratch.take("mlp.d_gate", t, {m, f});
   db_ = scratch.take("mlp.d_up", t, {m, f});
   dh_ = scratch.take("mlp.d_hidden", t, {m, f});
-  dx2_ = scratch.take("mlp.dx_up", t, {m, cfg_.d_model});
 }
 
 void MlpBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
@@ -50,8 +48,7 @@ void MlpBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                   gemm);
   swiglu_backward(a_, b_, dh_, da_, db_);
   linear_backward(x2, gate_->compute, da_, &dx2, gate_->grad, nullptr, gemm);
-  linear_backward(x2, up_->compute, db_, &dx2_, up_->grad, nullptr, gemm);
-  add_into(dx2, dx2_);
+  linear_backward(x2, up_->compute, db_, &dx2, up_->grad, nullptr, gemm, true);
   tp_.reduce_output(dx2);
 }
 

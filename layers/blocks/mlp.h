@@ -28,8 +28,8 @@ class MlpBlock final : public Block {
   TensorParallel tp_;
   int64_t ffn_;  // this rank's hidden width F/tp
   Param *gate_, *up_, *down_;
-  Tensor a_, b_, h_;           // saved [M,F]: gate and up pre-activations, hidden
-  Tensor da_, db_, dh_, dx2_;  // scratch
+  Tensor a_, b_, h_;     // saved [M,F]: gate and up pre-activations, hidden
+  Tensor da_, db_, dh_;  // scratch
 };
 
 }  // namespace braid

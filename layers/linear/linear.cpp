@@ -51,7 +51,8 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const 
 }
 
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
-                     const Tensor& dw, const Tensor* dbias, const GemmContext* gemm) {
+                     const Tensor& dw, const Tensor* dbias, const GemmContext* gemm,
+                     bool accumulate_dx) {
   check_linear(x, w, dbias, dy);
   check_shape(dw, {w.size(0), w.size(1)});
   if (dx) check_shape(*dx, {x.size(0), x.size(1)});
@@ -59,14 +60,14 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const T
     check_same_dtype(x, dy);
     if (dx) check_same_dtype(x, *dx);
     check_gpu_output(x, dw);
-    return linear_backward_gpu(x, w, dy, dx, dw, dbias, gemm);
+    return linear_backward_gpu(x, w, dy, dx, dw, dbias, gemm, accumulate_dx);
   }
   check_same_dtype(x, dw);
   if (dx) check_same_dtype(x, *dx);
   require_host("linear", {&dw, dx});
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   dispatch_float(x.dtype, "linear", [&]<typename T>() {
-    if (dx) ref::matmul_nn(dy.ptr<T>(), w.ptr<T>(), dx->ptr<T>(), m, in, out);
+    if (dx) ref::matmul_nn(dy.ptr<T>(), w.ptr<T>(), dx->ptr<T>(), m, in, out, accumulate_dx);
     ref::matmul_tn_acc(dy.ptr<T>(), x.ptr<T>(), dw.ptr<T>(), out, in, m);
     if (dbias) {
       T* db = dbias->ptr<T>();

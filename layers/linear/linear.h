@@ -18,24 +18,28 @@ class GemmContext;
 
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
                     const GemmContext* gemm = nullptr);
-// dx may be undefined (skipped) when the input needs no gradient.
+// dx may be null (skipped) when the input needs no gradient. accumulate_dx: dx += dy W instead
+// (the sum of several projections' input gradients without a temporary; the GPU's GEMM adds it).
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
-                     const Tensor& dw, const Tensor* dbias, const GemmContext* gemm = nullptr);
+                     const Tensor& dw, const Tensor* dbias, const GemmContext* gemm = nullptr,
+                     bool accumulate_dx = false);
 
 // The GPU side (linear_cuda.cpp), after the shape checks.
 void linear_forward_gpu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
                         const GemmContext* gemm);
 void linear_backward_gpu(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
-                         const Tensor& dw, const Tensor* dbias, const GemmContext* gemm);
+                         const Tensor& dw, const Tensor* dbias, const GemmContext* gemm,
+                         bool accumulate_dx);
 
 namespace ref {
 // Row-major matrix products on raw pointers, used by several references:
 //   nt: C[m,n] (=|+=) sum_k A[m,k] B[n,k]     nn: C[m,n] = sum_k A[m,k] B[k,n]
-//   tn: C[m,n] += sum_k A[k,m] B[k,n]
+//   tn: C[m,n] += sum_k A[k,m] B[k,n]     (nn with accumulate: C[m,n] += ...)
 template <typename T>
 void matmul_nt(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k, bool accumulate);
 template <typename T>
-void matmul_nn(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k);
+void matmul_nn(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k,
+               bool accumulate = false);
 template <typename T>
 void matmul_tn_acc(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k);
 }  // namespace ref

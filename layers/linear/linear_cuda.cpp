@@ -117,13 +117,14 @@ void linear_forward_gpu(const Tensor& x, const Tensor& w, const Tensor* bias, co
 }
 
 void linear_backward_gpu(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor* dx,
-                         const Tensor& dw, const Tensor* dbias, const GemmContext* gemm) {
+                         const Tensor& dw, const Tensor* dbias, const GemmContext* gemm,
+                         bool accumulate_dx) {
   const GemmContext& g = context(gemm);
   require_gpu("linear", {&x, &w, &dy, dx, &dw, dbias});
   const int64_t m = x.size(0), in = x.size(1), out = w.size(0);
   if (dx)
     run_gemm(g, x.dtype, x.dtype, false, false, in, m, out, w.data, in, dy.data, out, dx->data, in,
-             0.f, nullptr);
+             accumulate_dx ? 1.f : 0.f, nullptr);
   run_gemm(g, x.dtype, dw.dtype, false, true, in, out, m, x.data, in, dy.data, out, dw.data, in,
            1.f, nullptr);
   if (dbias) {
@@ -147,7 +148,7 @@ void linear_forward_gpu(const Tensor&, const Tensor&, const Tensor*, const Tenso
   BRAID_FAIL("linear: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 }
 void linear_backward_gpu(const Tensor&, const Tensor&, const Tensor&, const Tensor*, const Tensor&,
-                         const Tensor*, const GemmContext*) {
+                         const Tensor*, const GemmContext*, bool) {
   BRAID_FAIL("linear: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 }
 

@@ -58,10 +58,10 @@ void matmul_nt(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k, bo
 }
 
 template <typename T>
-void matmul_nn(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k) {
+void matmul_nn(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k, bool accumulate) {
   parallel_for(m, [&](int64_t i) {
     T* cr = c + i * n;
-    std::memset(cr, 0, sizeof(T) * n);
+    if (!accumulate) std::memset(cr, 0, sizeof(T) * n);
     const T* ar = a + i * k;
     for (int64_t p = 0; p < k; ++p) {
       const T av = ar[p];
@@ -86,8 +86,9 @@ void matmul_tn_acc(const T* a, const T* b, T* c, int64_t m, int64_t n, int64_t k
 template void matmul_nt<float>(const float*, const float*, float*, int64_t, int64_t, int64_t, bool);
 template void matmul_nt<double>(const double*, const double*, double*, int64_t, int64_t, int64_t,
                                 bool);
-template void matmul_nn<float>(const float*, const float*, float*, int64_t, int64_t, int64_t);
-template void matmul_nn<double>(const double*, const double*, double*, int64_t, int64_t, int64_t);
+template void matmul_nn<float>(const float*, const float*, float*, int64_t, int64_t, int64_t, bool);
+template void matmul_nn<double>(const double*, const double*, double*, int64_t, int64_t, int64_t,
+                                bool);
 template void matmul_tn_acc<float>(const float*, const float*, float*, int64_t, int64_t, int64_t);
 template void matmul_tn_acc<double>(const double*, const double*, double*, int64_t, int64_t,
                                     int64_t);
