@@ -39,14 +39,16 @@ __global__ void accumulate_kernel(const int32_t* unique, const int32_t* counts,
                                   const int32_t* offsets, const int32_t* num_runs,
                                   const int32_t* positions, const G* dy, T* dw, int64_t d,
                                   int64_t rows) {
+  // Block (run, column block): each thread one column of one vocabulary row, its rows' dy added
+  // in position order (loads unrolled so that a frequent token's long run keeps many in flight).
   const int run = blockIdx.x;
-  if (run >= *num_runs || unique[run] >= rows) return;
+  const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (run >= *num_runs || unique[run] >= rows || j >= d) return;
   const int64_t key = unique[run], first = offsets[run], count = counts[run];
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-    float s = 0.f;
-    for (int64_t k = 0; k < count; ++k) s += to_float(dy[int64_t(positions[first + k]) * d + j]);
-    dw[key * d + j] = from_float<T>(to_float(dw[key * d + j]) + s);
-  }
+  float s = 0.f;
+#pragma unroll 8
+  for (int64_t k = 0; k < count; ++k) s += to_float(dy[int64_t(positions[first + k]) * d + j]);
+  dw[key * d + j] = from_float<T>(to_float(dw[key * d + j]) + s);
 }
 
 int key_bits(int64_t rows) {
@@ -122,7 +124,7 @@ void embedding_backward_cuda(const int32_t* tokens, const void* dy, void* dw, in
   CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, temp_bytes, counts, offsets, int(n), s));
   const unsigned threads = unsigned(d < 256 ? (d + 31) / 32 * 32 : 256);
   using B = __nv_bfloat16;
-  const unsigned g = unsigned(n);
+  const dim3 g(unsigned(n), unsigned((d + threads - 1) / threads));
   if (dy_bf16 && dw_bf16)
     accumulate_kernel<<<g, threads, 0, s>>>(unique, counts, offsets, num_runs, positions,
                                             static_cast<const B*>(dy), static_cast<B*>(dw), d,
