@@ -3,12 +3,11 @@
 // as the CPU reference), except that dw and dbias may be f32 with bf16 tensors (mixed precision
 // keeps f32 gradients); accumulation is f32; seq_idx is i32.
 //
-// Work split (both kernels): a thread owns a few consecutive channels (one 8-byte vector in the
-// forward, 4-byte in the backward, where the channel count allows; else one channel) of
-// kConvSteps consecutive steps, and reads
-// the W - 1 steps before them as a halo. The backward thread walks kConvTile steps (several such
-// groups) and leaves its dw and dbias sums in a per-(batch row, tile) partial that a finishing
-// kernel adds in a fixed order.
+// Work split: a thread owns a few consecutive channels (one 4-byte vector where the channel count
+// allows; else one channel). In the forward it computes kConvSteps consecutive steps, reading the
+// W - 1 steps before them as a halo. In the backward it walks kConvTile steps once, keeping the
+// last W input rows and output gradients in registers, and leaves its dw and dbias sums in a
+// per-(batch row, tile) partial that a finishing kernel adds in a fixed order.
 #pragma once
 
 #include <cstdint>

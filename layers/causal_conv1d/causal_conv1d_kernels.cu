@@ -1,5 +1,5 @@
 // Causal conv1d forward and backward on the GPU (work split in causal_conv1d_cuda.h). Memory-
-// bound: each thread loads its rows as 16-byte vectors, keeps them in registers and computes in
+// bound: each thread loads its rows as 4-byte vectors, keeps them in registers and computes in
 // f32. Document resets: an input step s contributes to output t only when seq[s] == seq[t]
 // (steps before 0 are the initial state and belong to the document of step 0).
 #include <cuda_bf16.h>
@@ -128,7 +128,7 @@ __device__ __forceinline__ float pre_activation(const float (&x)[kRows][kVec],
 }
 
 template <typename T, int kVec, int kW>
-__global__ void __launch_bounds__(kThreads, 2) conv_fwd_kernel(const Conv1dParams p) {
+__global__ void __launch_bounds__(kThreads, 4) conv_fwd_kernel(const Conv1dParams p) {
   Cell cell;
   if (!cell_of<kVec>(p, kConvSteps, cell)) return;
   const int b = cell.b, c0 = cell.c0, t0 = cell.tile * kConvSteps;
@@ -170,98 +170,110 @@ __global__ void __launch_bounds__(kThreads, 2) conv_fwd_kernel(const Conv1dParam
   }
 }
 
+// The backward walks its tile's outputs t = t0 .. t1 + W - 2 once, keeping the last W input rows
+// (x, document) and the last W pre-activation gradients in registers (ring slots fixed at compile
+// time by the unrolled loop): at output t it loads x[t] and dy[t], forms dpre[t] (adding its dw
+// and dbias terms when t is the tile's own), and then finishes dx[t - W + 1] (or, in the first
+// tile, the initial state's gradient) from the W gradients that reach it.
 template <typename T, int kVec, int kW>
-__global__ void __launch_bounds__(kThreads, 2) conv_bwd_kernel(const Conv1dParams p) {
+__global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParams p) {
   Cell cell;
   if (!cell_of<kVec>(p, kConvTile, cell)) return;
   const int b = cell.b, c0 = cell.c0, tile = cell.tile;
   const int tiles = (p.seqlen + kConvTile - 1) / kConvTile;
-  // x rows t0 - W + 1 .. t0 + kConvSteps + W - 2 (for pre and dx); dpre for t0 .. t0 + S + W - 2.
-  constexpr int kRows = kConvSteps + 2 * (kW - 1), kOut = kConvSteps + kW - 1;
+  const int t0 = tile * kConvTile, t1 = min(p.seqlen, t0 + kConvTile);
   float w[kVec][kW], bias[kVec], dw[kVec][kW] = {}, db[kVec] = {};
   load_weights<T, kVec, kW>(p, c0, w, bias);
+  const T* xs = static_cast<const T*>(p.x);
+  const T* init = static_cast<const T*>(p.initial_state);
   const T* dys = static_cast<const T*>(p.dy);
   const T* dfs = static_cast<const T*>(p.dfinal_state);
   T* dxs = static_cast<T*>(p.dx);
+  const int32_t* seq = p.seq_idx ? p.seq_idx + static_cast<int64_t>(b) * p.seqlen : nullptr;
   const int last = p.seqlen - 1;
-  const int sq_last = p.seq_idx ? p.seq_idx[static_cast<int64_t>(b) * p.seqlen + last] : 0;
-  for (int t0 = tile * kConvTile; t0 < min(p.seqlen, (tile + 1) * kConvTile); t0 += kConvSteps) {
-    float x[kRows][kVec], dp[kOut][kVec];
-    int sq[kRows];
-    load_rows<T, kVec, kW, kRows>(p, b, c0, t0, x, sq);
+  const int sq_last = seq ? seq[last] : 0;
+  const int64_t row0 = static_cast<int64_t>(b) * p.seqlen;
+  // Ring slot of input row / output t: (t - t0 + kW - 1) % kW (compile-time in the loop below).
+  float x[kW][kVec], dp[kW][kVec];
+  int sq[kW];
+  auto load_x = [&](int s, float(&v)[kVec], int& d) {
+    if (s >= 0 && s < p.seqlen) {
+      load_vec<T, kVec>(xs + (row0 + s) * p.channels + c0, v);
+    } else {
 #pragma unroll
-    for (int m = 0; m < kOut; ++m) {
-      const int t = t0 + m;
-      float g[kVec];
-      if (t < p.seqlen)
-        load_vec<T, kVec>(dys + (static_cast<int64_t>(b) * p.seqlen + t) * p.channels + c0, g);
+      for (int c = 0; c < kVec; ++c)
+        v[c] = s < 0 && init
+                   ? to_float(init[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
+                                   (kW - 1 + s)])
+                   : 0.f;
+    }
+    d = seq ? seq[s < 0 ? 0 : (s < p.seqlen ? s : last)] : 0;
+  };
 #pragma unroll
-      for (int c = 0; c < kVec; ++c) {
-        if (t >= p.seqlen) {
-          dp[m][c] = 0.f;
-          continue;
-        }
-        float gp = g[c];
+  for (int i = 0; i < kW - 1; ++i) {  // rows t0 - W + 1 .. t0 - 1
+    load_x(t0 - (kW - 1) + i, x[i], sq[i]);
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) dp[i][c] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < kConvTile + kW - 1; ++j) {
+    const int t = t0 + j;
+    if (t > t1 + kW - 2) break;
+    constexpr int kSlots = kW;
+    const int cur = (j + kW - 1) % kSlots;  // slot of row / output t
+    load_x(t, x[cur], sq[cur]);
+    float g[kVec];
+    if (t < p.seqlen) load_vec<T, kVec>(dys + (row0 + t) * p.channels + c0, g);
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) {
+      float gp = 0.f;
+      if (t < p.seqlen) {
+        gp = g[c];
         if (p.silu) {
-          const float acc = pre_activation<kVec, kW, kRows>(x, sq, w, bias[c], m, c);
-          const float s = sigmoid(acc);
-          gp *= s * (1.f + acc * (1.f - s));
+          float acc = bias[c];
+#pragma unroll
+          for (int k = 0; k < kW; ++k) {
+            const int slot = (j + k) % kSlots;  // row t - W + 1 + k
+            if (sq[slot] == sq[cur]) acc += w[c][k] * x[slot][c];
+          }
+          const float sg = sigmoid(acc);
+          gp *= sg * (1.f + acc * (1.f - sg));
         }
-        dp[m][c] = gp;
       }
-    }
-    // Own steps: dx, and the dw / dbias sums over their outputs.
-#pragma unroll
-    for (int j = 0; j < kConvSteps; ++j) {
-      const int s = t0 + j;
-      if (s >= p.seqlen) break;
-      const int i_s = j + kW - 1;  // row of step s
-      float dx[kVec] = {};
-#pragma unroll
-      for (int k = 0; k < kW; ++k) {
-        const int m = j + kW - 1 - k;  // output t = s + W - 1 - k
-        if (t0 + m < p.seqlen && sq[i_s] == sq[m + kW - 1])
-#pragma unroll
-          for (int c = 0; c < kVec; ++c) dx[c] += dp[m][c] * w[c][k];
-      }
-      if (dfs && s > last - (kW - 1) && sq[i_s] == sq_last)
-#pragma unroll
-        for (int c = 0; c < kVec; ++c)
-          dx[c] += to_float(dfs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
-                                (s - last + kW - 2)]);
-      store_vec<T, kVec>(dxs + (static_cast<int64_t>(b) * p.seqlen + s) * p.channels + c0, dx);
-#pragma unroll
-      for (int c = 0; c < kVec; ++c) {
-        db[c] += dp[j][c];
-#pragma unroll
-        for (int k = 0; k < kW; ++k)
-          if (sq[j + k] == sq[j + kW - 1]) dw[c][k] += dp[j][c] * x[j + k][c];
-      }
-    }
-    // The initial state's gradient: steps s = -(W - 1) .. -1, row s + W - 1, document of step 0.
-    if (t0 == 0 && p.dinitial_state) {
-      T* di = static_cast<T*>(p.dinitial_state);
-#pragma unroll
-      for (int s = -(kW - 1); s < 0; ++s) {
-        float acc[kVec] = {};
+      dp[cur][c] = gp;
+      if (t < t1) {  // the tile's own output: its dw and dbias terms
+        db[c] += gp;
 #pragma unroll
         for (int k = 0; k < kW; ++k) {
-          const int t = s + kW - 1 - k;
-          if (t >= 0 && t < p.seqlen && sq[s + kW - 1] == sq[t + kW - 1])
-#pragma unroll
-            for (int c = 0; c < kVec; ++c) acc[c] += dp[t][c] * w[c][k];
-        }
-        const bool from_final = dfs && s > last - (kW - 1) && sq[s + kW - 1] == sq_last;
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) {
-          const int64_t at =
-              (static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + kW - 1 + s;
-          if (from_final)
-            acc[c] += to_float(dfs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
-                                   (s - last + kW - 2)]);
-          di[at] = from_float<T>(acc[c]);
+          const int slot = (j + k) % kSlots;
+          if (sq[slot] == sq[cur]) dw[c][k] += gp * x[slot][c];
         }
       }
+    }
+    // Input step s = t - W + 1 (slot of row s: (j % kW)) now has every output gradient.
+    const int s = t - (kW - 1), is = j % kSlots;
+    if (s >= t1 || (s < t0 && !(s < 0 && p.dinitial_state))) continue;
+    float dx[kVec] = {};
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+      const int o = s + kW - 1 - k, slot = (j + kW - 1 - k) % kSlots;  // output o's slot
+      if (o >= 0 && o < p.seqlen && sq[is] == sq[slot])
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) dx[c] += dp[slot][c] * w[c][k];
+    }
+    if (dfs && s > last - (kW - 1) && sq[is] == sq_last)
+#pragma unroll
+      for (int c = 0; c < kVec; ++c)
+        dx[c] += to_float(
+            dfs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + (s - last + kW - 2)]);
+    if (s >= 0) {
+      store_vec<T, kVec>(dxs + (row0 + s) * p.channels + c0, dx);
+    } else {
+      T* di = static_cast<T*>(p.dinitial_state);
+#pragma unroll
+      for (int c = 0; c < kVec; ++c)
+        di[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + kW - 1 + s] =
+            from_float<T>(dx[c]);
     }
   }
   float* part = p.partial + (static_cast<int64_t>(b) * tiles + tile) * p.channels * (kW + 1);
@@ -327,12 +339,13 @@ void launch_width(const Conv1dParams& p, cudaStream_t stream) {
   }
 }
 
-// Vectors of 8 bytes (forward) or 4 bytes (backward, which holds about twice the rows) when every
-// row starts aligned to them, single channels otherwise: few enough registers for 16 warps
-// per SM, which a memory-bound kernel needs to keep loads in flight.
+// Vectors of 4 bytes when every row starts aligned to them, single channels otherwise: few enough
+// registers for 32 (forward) or 24 (backward) warps per SM, which a memory-bound kernel needs to
+// keep loads in flight (with 8-byte vectors the forward held 100 registers and 16 warps, and ran
+// at 21% of the memory bandwidth on an H100).
 template <typename T, bool kBackward>
 void launch_type(const Conv1dParams& p, cudaStream_t stream) {
-  constexpr int kVec = (kBackward ? 4 : 8) / sizeof(T);
+  constexpr int kVec = 4 / sizeof(T);
   if (p.channels % kVec == 0)
     launch_width<T, kVec, kBackward>(p, stream);
   else
