@@ -1,5 +1,6 @@
 #include "layers/blocks/mamba1_mixer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "layers/causal_conv1d/causal_conv1d.h"
@@ -54,13 +55,14 @@ Mamba1Mixer::Mamba1Mixer(const Mamba1Config& cfg, ParamSet& ps, const std::strin
     b_norm_ = ps.add(pname(p, "b_layernorm.weight"), {n}, {ParamInit::Kind::constant, 1.0}, false);
     c_norm_ = ps.add(pname(p, "c_layernorm.weight"), {n}, {ParamInit::Kind::constant, 1.0}, false);
   }
+  conv_b_->cast = true;  // the conv reads its bias in the activation dtype
 }
 
 void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   b_ = batch, t_ = seq;
   const int64_t m = batch * seq, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank,
                 gn = cfg_.groups * n;
-  const DType t = in_proj_->value.dtype;
+  const DType t = in_proj_->compute.dtype, f = in_proj_->value.dtype;
   xs_ = sv.take("m1.xs", t, {m, c});
   z_ = sv.take("m1.z", t, {m, c});
   xc_ = sv.take("m1.xc", t, {m, c});
@@ -71,14 +73,14 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
     dtn_ = sv.take("m1.dt_normed", t, {m, r});
     bn_ = sv.take("m1.B_normed", t, {m, gn});
     cn_ = sv.take("m1.C_normed", t, {m, gn});
-    rs_dt_ = sv.take("m1.rstd_dt", t, {m});
-    rs_b_ = sv.take("m1.rstd_B", t, {m * cfg_.groups});
-    rs_c_ = sv.take("m1.rstd_C", t, {m * cfg_.groups});
+    rs_dt_ = sv.take("m1.rstd_dt", f, {m});
+    rs_b_ = sv.take("m1.rstd_B", f, {m * cfg_.groups});
+    rs_c_ = sv.take("m1.rstd_C", f, {m * cfg_.groups});
   } else {
     dtn_ = dtr_, bn_ = bp_, cn_ = cp_;
   }
   delta_ = sv.take("m1.delta", t, {m, c});
-  a_ = sv.take("m1.A", t, {c, n});
+  a_ = sv.take("m1.A", f, {c, n});
   y_ = sv.take("m1.y", t, {m, c});
   dy_in_ = sc.take("m1.dy_scan", t, {m, c});
   dxc_ = sc.take("m1.dxc", t, {m, c});
@@ -86,7 +88,7 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   dz_ = sc.take("m1.dz", t, {m, c});
   dbn_ = sc.take("m1.dB", t, {m, gn});
   dcn_ = sc.take("m1.dC", t, {m, gn});
-  da_ = sc.take("m1.dA", t, {c, n});
+  da_ = sc.take("m1.dA", f, {c, n});
   ddtn_ = sc.take("m1.ddt", t, {m, r});
   if (cfg_.dt_bc_norm) {
     ddtr_ = sc.take("m1.ddt_raw", t, {m, r});
@@ -96,15 +98,24 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
     ddtr_ = ddtn_, dbp_ = dbn_, dcp_ = dcn_;
   }
   dxs_ = sc.take("m1.dxs", t, {m, c});
-  dtmp_c_ = sc.take("m1.dtmp", t, {m, c});
-  dx_tmp_ = sc.take("m1.dx_tmp", t, {m, cfg_.d_model});
-  ws_ = sc.take("m1.scan_workspace", t, {batch * seq * c * n});
-  // The scan's [B,T,...] views of the saved tensors.
+  // The scan's [B,T,...] views of the saved tensors, and its workspace: on the GPU the forward
+  // leaves chunk states there for the backward (saved); on the CPU the backward's scratch.
   xc3_ = xc_.reshape({batch, seq, c});
   delta3_ = delta_.reshape({batch, seq, c});
   z3_ = z_.reshape({batch, seq, c});
   b4_ = bn_.reshape({batch, seq, cfg_.groups, n});
   c4_ = cn_.reshape({batch, seq, cfg_.groups, n});
+  const int64_t ws = selective_scan_workspace_elems(scan_inputs(BatchMeta{}));
+  ws_ = xc_.device == Device::cuda ? sv.take("m1.scan_workspace", f, {ws})
+                                   : sc.take("m1.scan_workspace", t, {ws});
+  // The conv's and the dt/B/C norms' backward workspaces (empty on the CPU).
+  const Conv1dInputs conv{&xc3_, &conv_w_->compute, nullptr, nullptr, nullptr, true};
+  conv_ws_ = sc.take("m1.conv_workspace", f, {causal_conv1d_workspace_elems(conv)});
+  int64_t norm_ws = 0;
+  if (cfg_.dt_bc_norm)
+    for (const Tensor& x : {dtr_, bp_.reshape({m * cfg_.groups, n})})
+      norm_ws = std::max(norm_ws, rmsnorm_workspace_elems(x));
+  norm_ws_ = sc.take("m1.norm_workspace", f, {norm_ws});
 }
 
 ScanInputs Mamba1Mixer::scan_inputs(const BatchMeta& meta) const {
@@ -115,19 +126,20 @@ ScanInputs Mamba1Mixer::scan_inputs(const BatchMeta& meta) const {
 void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank, g = cfg_.groups;
   const Tensor x2 = x.reshape({m, cfg_.d_model});
-  const Tensor& w_in = in_proj_->value;
-  linear_forward(x2, w_in.slice(0, 0, c), nullptr, xs_);
-  linear_forward(x2, w_in.slice(0, c, c), nullptr, z_);
+  const Tensor& w_in = in_proj_->compute;
+  const GemmContext* gemm = meta.gemm;
+  linear_forward(x2, w_in.slice(0, 0, c), nullptr, xs_, gemm);
+  linear_forward(x2, w_in.slice(0, c, c), nullptr, z_, gemm);
   const Tensor xs3 = xs_.reshape({b_, t_, c});
-  const Conv1dInputs conv{&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true};
+  const Conv1dInputs conv{&xs3, &conv_w_->compute, &conv_b_->compute, meta.seq_idx, nullptr, true};
   if (meta.cp)
     causal_conv1d_forward_cp(conv, xc3_, nullptr, *meta.cp);
   else
     causal_conv1d_forward(conv, xc3_, nullptr);
-  const Tensor& wx = x_proj_->value;
-  linear_forward(xc_, wx.slice(0, 0, r), nullptr, dtr_);
-  linear_forward(xc_, wx.slice(0, r, g * n), nullptr, bp_);
-  linear_forward(xc_, wx.slice(0, r + g * n, g * n), nullptr, cp_);
+  const Tensor& wx = x_proj_->compute;
+  linear_forward(xc_, wx.slice(0, 0, r), nullptr, dtr_, gemm);
+  linear_forward(xc_, wx.slice(0, r, g * n), nullptr, bp_, gemm);
+  linear_forward(xc_, wx.slice(0, r + g * n, g * n), nullptr, cp_, gemm);
   for (const Tensor* t : {&dtr_, &bp_, &cp_}) tp_.sum(*t);  // the x_proj reduction
   if (cfg_.dt_bc_norm) {
     rmsnorm_forward(dtr_, dt_norm_->value, cfg_.norm_eps, dtn_, rs_dt_);
@@ -136,21 +148,22 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
     rmsnorm_forward(cp_.reshape({m * g, n}), c_norm_->value, cfg_.norm_eps, cn_.reshape({m * g, n}),
                     rs_c_);
   }
-  linear_forward(dtn_, dt_w_->value, nullptr, delta_);
+  linear_forward(dtn_, dt_w_->compute, nullptr, delta_, gemm);
   neg_exp(a_log_->value, a_);
   if (meta.cp)
     selective_scan_forward_cp(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, ws_, *meta.cp);
   else
     selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, &ws_);
-  linear_forward(y_, out_proj_->value, nullptr, y.reshape({m, cfg_.d_model}));
+  linear_forward(y_, out_proj_->compute, nullptr, y.reshape({m, cfg_.d_model}), gemm);
   tp_.reduce_output(y);
 }
 
 void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                            const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank, g = cfg_.groups;
-  linear_backward(y_, out_proj_->value, dy.reshape({m, cfg_.d_model}), &dy_in_, out_proj_->grad,
-                  nullptr);
+  const GemmContext* gemm = meta.gemm;
+  linear_backward(y_, out_proj_->compute, dy.reshape({m, cfg_.d_model}), &dy_in_, out_proj_->grad,
+                  nullptr, gemm);
   const ScanInputs in = scan_inputs(meta);
   const Tensor dxc3 = dxc_.reshape({b_, t_, c}), ddelta3 = ddelta_.reshape({b_, t_, c}),
                dz3 = dz_.reshape({b_, t_, c});
@@ -163,39 +176,36 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   else
     selective_scan_backward(in, dy_in_.reshape({b_, t_, c}), nullptr, sg, ws_);
   neg_exp_backward(a_, da_, a_log_->grad);
-  linear_backward(dtn_, dt_w_->value, ddelta_, &ddtn_, dt_w_->grad, nullptr);
+  linear_backward(dtn_, dt_w_->compute, ddelta_, &ddtn_, dt_w_->grad, nullptr, gemm);
   // [dtr | Bp | Cp] was used whole by every rank: its gradient is the sum over the group.
   for (const Tensor* t : {&ddtn_, &dbn_, &dcn_}) tp_.sum(*t);
   if (cfg_.dt_bc_norm) {
-    rmsnorm_backward(dtr_, dt_norm_->value, rs_dt_, ddtn_, ddtr_, dt_norm_->grad);
+    rmsnorm_backward(dtr_, dt_norm_->value, rs_dt_, ddtn_, ddtr_, dt_norm_->grad, &norm_ws_);
     rmsnorm_backward(bp_.reshape({m * g, n}), b_norm_->value, rs_b_, dbn_.reshape({m * g, n}),
-                     dbp_.reshape({m * g, n}), b_norm_->grad);
+                     dbp_.reshape({m * g, n}), b_norm_->grad, &norm_ws_);
     rmsnorm_backward(cp_.reshape({m * g, n}), c_norm_->value, rs_c_, dcn_.reshape({m * g, n}),
-                     dcp_.reshape({m * g, n}), c_norm_->grad);
+                     dcp_.reshape({m * g, n}), c_norm_->grad, &norm_ws_);
   }
   // x_proj: three row slices of one weight, each adding into dxc.
-  const Tensor& wx = x_proj_->value;
+  const Tensor& wx = x_proj_->compute;
   const Tensor& gx = x_proj_->grad;
-  linear_backward(xc_, wx.slice(0, 0, r), ddtr_, &dtmp_c_, gx.slice(0, 0, r), nullptr);
-  add_into(dxc_, dtmp_c_);
-  linear_backward(xc_, wx.slice(0, r, g * n), dbp_, &dtmp_c_, gx.slice(0, r, g * n), nullptr);
-  add_into(dxc_, dtmp_c_);
-  linear_backward(xc_, wx.slice(0, r + g * n, g * n), dcp_, &dtmp_c_, gx.slice(0, r + g * n, g * n),
-                  nullptr);
-  add_into(dxc_, dtmp_c_);
+  linear_backward(xc_, wx.slice(0, 0, r), ddtr_, &dxc_, gx.slice(0, 0, r), nullptr, gemm, true);
+  linear_backward(xc_, wx.slice(0, r, g * n), dbp_, &dxc_, gx.slice(0, r, g * n), nullptr, gemm,
+                  true);
+  linear_backward(xc_, wx.slice(0, r + g * n, g * n), dcp_, &dxc_, gx.slice(0, r + g * n, g * n),
+                  nullptr, gemm, true);
   const Tensor xs3 = xs_.reshape({b_, t_, c}), dxs3 = dxs_.reshape({b_, t_, c});
-  const Conv1dInputs conv{&xs3, &conv_w_->value, &conv_b_->value, meta.seq_idx, nullptr, true};
+  const Conv1dInputs conv{&xs3, &conv_w_->compute, &conv_b_->compute, meta.seq_idx, nullptr, true};
   const Conv1dGrads cg{&dxs3, &conv_w_->grad, &conv_b_->grad, nullptr};
   if (meta.cp)
     causal_conv1d_backward_cp(conv, dxc3, nullptr, cg, *meta.cp);
   else
-    causal_conv1d_backward(conv, dxc3, nullptr, cg);
+    causal_conv1d_backward(conv, dxc3, nullptr, cg, &conv_ws_);
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});
-  const Tensor& w_in = in_proj_->value;
+  const Tensor& w_in = in_proj_->compute;
   const Tensor& g_in = in_proj_->grad;
-  linear_backward(x2, w_in.slice(0, 0, c), dxs_, &dx2, g_in.slice(0, 0, c), nullptr);
-  linear_backward(x2, w_in.slice(0, c, c), dz_, &dx_tmp_, g_in.slice(0, c, c), nullptr);
-  add_into(dx2, dx_tmp_);
+  linear_backward(x2, w_in.slice(0, 0, c), dxs_, &dx2, g_in.slice(0, 0, c), nullptr, gemm);
+  linear_backward(x2, w_in.slice(0, c, c), dz_, &dx2, g_in.slice(0, c, c), nullptr, gemm, true);
   tp_.reduce_output(dx2);
 }
 

@@ -56,8 +56,9 @@ class Mamba1Mixer final : public Block {
   Tensor xs_, z_, xc_, dtr_, bp_, cp_, dtn_, bn_, cn_, rs_dt_, rs_b_, rs_c_, delta_, a_, y_;
   Tensor xc3_, delta3_, z3_, b4_, c4_;  // [B,T,C] and [B,T,G,N] views for the scan
   // scratch
-  Tensor dy_in_, dxc_, ddelta_, dz_, dbn_, dcn_, da_, ddtn_, ddtr_, dbp_, dcp_, dxs_, dtmp_c_,
-      dx_tmp_, ws_;
+  Tensor dy_in_, dxc_, ddelta_, dz_, dbn_, dcn_, da_, ddtn_, ddtr_, dbp_, dcp_, dxs_, conv_ws_,
+      norm_ws_;
+  Tensor ws_;  // the scan's workspace (saved on the GPU, scratch on the CPU)
 };
 
 }  // namespace braid

@@ -224,10 +224,9 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   const bool gpu = backend.device() == Device::cuda;
   if (gpu) {
     const std::string layers = pattern_layers(cfg_.pattern);
-    BRAID_REQUIRE(layers.find('S') == std::string::npos && layers.find('E') == std::string::npos,
-                  "model.pattern '", cfg_.pattern,
-                  "': Mamba-1 (S) and MoE (E) layers do not run on the GPU yet; use "
-                  "train.device=cpu or a pattern of M, *, - layers");
+    BRAID_REQUIRE(layers.find('E') == std::string::npos, "model.pattern '", cfg_.pattern,
+                  "': MoE (E) layers do not run on the GPU yet; use train.device=cpu or a pattern "
+                  "of S, M, *, - layers");
     BRAID_REQUIRE(tp.size() == 1 && !cp && !ep && starts.size() == 1,
                   "the GPU model runs on one GPU for now (no tensor, context, expert or pipeline "
                   "parallelism)");
