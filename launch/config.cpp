@@ -185,6 +185,7 @@ const std::map<std::string, Key>& registry() {
       {"train.out_dir", string_key(M(train.out_dir))},
       {"checkpoint.dir", string_key(M(checkpoint.dir))},
       {"checkpoint.interval", int_key(M(checkpoint.interval), 0)},
+      {"checkpoint.save_final", bool_key(M(checkpoint.save_final))},
       {"checkpoint.keep", int_key(M(checkpoint.keep), 1)},
       {"checkpoint.keep_every", int_key(M(checkpoint.keep_every), 0)},
       {"checkpoint.resume", bool_key(M(checkpoint.resume))},

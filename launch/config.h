@@ -37,6 +37,7 @@ struct TrainSettings {
 struct CheckpointSettings {
   std::string dir;           // "" = <train.out_dir>/checkpoints
   int64_t interval = 0;      // save every N steps (0: only at the end)
+  bool save_final = true;    // save when the run ends (false: benchmark runs that keep nothing)
   int64_t keep = 3;          // newest committed checkpoints kept
   int64_t keep_every = 0;    // also kept forever: steps that are multiples of it (0: none)
   bool resume = false;       // continue from the newest checkpoint in dir, if any

@@ -642,7 +642,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       if (lead) std::fflush(stdout);
     }
     const bool saved = (cfg.checkpoint.interval > 0 && (step + 1) % cfg.checkpoint.interval == 0) ||
-                       step + 1 == ts.steps;
+                       (step + 1 == ts.steps && cfg.checkpoint.save_final);
     if (saved) save(step + 1);
     sharded_writer.poll();  // commits a background save once every rank has written its file
     if (step + 1 < ts.steps && stop_requested(world)) {  // collective, every step
