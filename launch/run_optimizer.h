@@ -68,6 +68,12 @@ class RunOptimizer {
     for (ParamSet* ps : sets_) ps->refresh_compute();
   }
   bool sharded() const { return adam_ == nullptr; }
+  size_t state_bytes() const {
+    size_t n = adam_ ? adam_->state_bytes() : 0;
+    for (const auto* set : {&zeros_, &experts_})
+      for (const auto& z : *set) n += z->state_bytes();
+    return n;
+  }
   // The whole state of a single process, in host memory (a GPU run's is copied to host buffers
   // kept for the run).
   std::vector<CheckpointTensor> checkpoint_state() {

@@ -377,7 +377,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   say("model: pattern %s, %lld parameters (%lld trainable), %.3g GFLOP per token (fwd+bwd)\n",
       cfg.model.pattern.c_str(), (long long)held_params, (long long)held_trainable,
       flops_tok / 1e9);
-  const size_t optimizer_bytes = 3 * sizeof(float) * size_t(held_trainable);
+  const size_t optimizer_bytes = opt.state_bytes();
   say("memory: parameters %s, gradients %s, optimizer %s, activations %s, scratch %s\n",
       mib(mem.parameters).c_str(), mib(mem.gradients).c_str(), mib(optimizer_bytes).c_str(),
       mib(mem.activations).c_str(), mib(mem.scratch).c_str());

@@ -33,10 +33,12 @@ class AdamW {
   // One update with learning rate lr and the clipping coefficient implied by `norm`.
   void step(double lr, double norm);
   int64_t steps_taken() const { return t_; }
+  // Bytes of optimizer memory: the moments, the masters of non-f32 parameters, the chunk table.
+  size_t state_bytes() const { return arena_.capacity(); }
 
   struct State {
     const Param* param;
-    Tensor master, m, v;  // fp32, same shape as the parameter
+    Tensor master, m, v;  // fp32, same shape as the parameter (master: the parameter itself if f32)
   };
   const std::vector<State>& state() const { return state_; }
   // For loading a checkpoint: the number of steps already taken (sets the bias correction).

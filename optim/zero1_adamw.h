@@ -56,6 +56,8 @@ class Zero1AdamW {
   const std::vector<float>& shard_exp_avg_sq() const { return v_; }
   const std::vector<float>& shard_grad() const { return grad_; }
   int64_t steps_taken() const { return t_; }
+  // Bytes of this rank's optimizer state (masters and moments of its shard).
+  size_t state_bytes() const { return sizeof(float) * (master_.size() + m_.size() + v_.size()); }
 
  private:
   enum Mask : uint8_t { frozen = 0, no_decay = 1, decay = 2 };  // per element of the shard
