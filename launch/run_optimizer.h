@@ -60,9 +60,10 @@ class RunOptimizer {
     if (pp_) sum(*pp_, sq);
     return std::sqrt(sq);
   }
-  // Updates the parameters (and their compute copies under mixed precision).
+  // Updates the parameters and their compute copies under mixed precision (the GPU AdamW writes
+  // them in its update).
   void step(double lr, double norm) {
-    if (adam_) adam_->step(lr, norm);
+    if (adam_) return adam_->step(lr, norm);
     for (auto& z : zeros_) z->step(lr, norm);
     for (auto& z : experts_) z->step(lr, norm);
     for (ParamSet* ps : sets_) ps->refresh_compute();

@@ -53,9 +53,13 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
            a.take(p.name + ".exp_avg_sq", DType::f32, p.shape)});
       const State& st = state_.back();
       for (int64_t b = 0; b < st.master.numel(); b += kAdamChunk)
-        tasks.push_back({p.value.data, p.grad.data, st.master.ptr<float>(), st.m.ptr<float>(),
-                         st.v.ptr<float>(), b, std::min(kAdamChunk, st.master.numel() - b),
-                         p.weight_decay ? 1 : 0, p.value.dtype == DType::bf16 ? 1 : 0});
+        tasks.push_back({p.value.data,
+                         p.compute.data != p.value.data && p.compute.dtype == DType::bf16
+                             ? p.compute.data
+                             : nullptr,
+                         p.grad.data, st.master.ptr<float>(), st.m.ptr<float>(), st.v.ptr<float>(),
+                         b, std::min(kAdamChunk, st.master.numel() - b), p.weight_decay ? 1 : 0,
+                         p.value.dtype == DType::bf16 ? 1 : 0});
     }
     if (gpu_) {
       n_tasks_ = static_cast<int>(tasks.size());
@@ -74,6 +78,11 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
     const DType dt = s.param->value.dtype;
     BRAID_CHECK(s.param->value.device == backend.device(), "AdamW: parameter ", s.param->name,
                 " is not on the optimizer's device");
+    BRAID_CHECK(s.param->compute.data == s.param->value.data ||
+                    (gpu_ && s.param->compute.dtype == DType::bf16),
+                "AdamW: parameter ", s.param->name, " has a compute copy of dtype ",
+                dtype_name(s.param->compute.dtype),
+                "; the optimizer writes bf16 copies on the GPU");
     BRAID_CHECK(dt == DType::f32 || (gpu_ && dt == DType::bf16), "AdamW: parameter ", s.param->name,
                 " has dtype ", dtype_name(dt),
                 gpu_ ? "; the GPU optimizer trains f32 or bf16 parameters"

@@ -2,9 +2,10 @@
 //   p <- p - lr * wd * p   (only parameters flagged for decay: not norms, biases, A_log, D, dt
 //   bias) m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2 p <- p - lr * (m / (1 - b1^t)) /
 //   (sqrt(v / (1 - b2^t)) + eps)
-// then the model's parameter tensor is written from the master. The CPU path trains f32
-// parameters; on the GPU (parameters on a CUDA backend) f32 or bf16 parameters and gradients
-// (the parameter rounded from the master), every parameter in one launch (adamw_kernels.cu).
+// then the model's parameter tensor (and its bf16 compute copy, if it has one) is written from the
+// master; an f32 parameter is its own master. The CPU path trains f32 parameters; on the GPU
+// (parameters on a CUDA backend) f32 or bf16 parameters and gradients (the parameter rounded from
+// the master), every parameter in one launch (adamw_kernels.cu).
 // Gradients are first multiplied by clip_coef = min(1, max_norm / (||g|| + 1e-6)) where ||g|| is
 // the global L2 norm over all trainable parameters, summed in f64 in a fixed order.
 #pragma once

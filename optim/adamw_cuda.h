@@ -11,7 +11,8 @@ constexpr int64_t kAdamChunk = 65536;
 
 // One chunk of one parameter: elements [begin, begin + count) of its tensors.
 struct AdamTask {
-  void* value = nullptr;       // the parameter (bf16 or f32, as bf16 says)
+  void* value = nullptr;       // the parameter (bf16 or f32, as bf16 says; f32: may be the master)
+  void* compute = nullptr;     // its bf16 compute copy, rounded from the master (or null)
   const void* grad = nullptr;  // its gradient (the same dtype)
   float *master = nullptr, *m = nullptr, *v = nullptr;
   int64_t begin = 0, count = 0;

@@ -58,8 +58,9 @@ __global__ void step_kernel(const AdamTask* tasks, AdamStep s) {
     t.m[i] = m, t.v[i] = v, t.master[i] = p;
     if (t.bf16)
       static_cast<__nv_bfloat16*>(t.value)[i] = __float2bfloat16_rn(p);
-    else
+    else if (t.value != t.master)
       static_cast<float*>(t.value)[i] = p;
+    if (t.compute) static_cast<__nv_bfloat16*>(t.compute)[i] = __float2bfloat16_rn(p);
   }
 }
 
