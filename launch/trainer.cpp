@@ -300,11 +300,18 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   std::vector<Model*> chunk_ptrs;
   std::vector<ParamSet*> sets;
   for (int c = 0; c < vs; ++c) {
-    chunks.push_back(std::make_unique<Model>(
-        cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
-        TensorParallel{tp_group.get(), layout.sequence_parallel}, cp > 1 ? cp_group.get() : nullptr,
-        ep_group.get(), edp_group ? edp_group->size() : 1, c * pp + stage, starts,
-        parse_recompute(cfg.train.recompute)));
+    try {
+      chunks.push_back(std::make_unique<Model>(
+          cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
+          TensorParallel{tp_group.get(), layout.sequence_parallel},
+          cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1,
+          c * pp + stage, starts, parse_recompute(cfg.train.recompute)));
+    } catch (const Error& e) {  // out of GPU memory: what to change
+      if (!gpu || std::string(e.what()).find("out of memory") == std::string::npos) throw;
+      BRAID_REJECT(e.what(),
+                   "; lower train.micro_batch or train.seq_len, or set train.recompute to "
+                   "ssm or full");
+    }
     chunks.back()->initialize(ts.seed);
     chunk_ptrs.push_back(chunks.back().get());
     sets.push_back(&chunks.back()->params());

@@ -19,7 +19,12 @@ Arena Arena::allocate(std::string name, Backend& backend, size_t bytes) {
   a.backend_ = &backend;
   a.capacity_ = bytes;
   a.measuring_ = false;
-  a.base_ = static_cast<char*>(backend.allocate(bytes));
+  try {
+    a.base_ = static_cast<char*>(backend.allocate(bytes));
+  } catch (const Error& e) {
+    BRAID_FAIL("memory for '", a.name_, "' (", bytes >> 20, " MiB on ", device_name(a.device_),
+               "): ", e.what());
+  }
   return a;
 }
 

@@ -48,7 +48,17 @@ class CudaBackend final : public Backend {
 
   void* allocate(size_t bytes) override {
     void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, bytes == 0 ? 256 : bytes));
+    const cudaError_t err = cudaMalloc(&p, bytes == 0 ? 256 : bytes);
+    if (err == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();  // clears the error: the process goes on to report it
+      size_t free = 0, total = 0;
+      CUDA_CHECK(cudaMemGetInfo(&free, &total));
+      auto mib = [](size_t b) { return std::to_string(b >> 20); };
+      BRAID_FAIL("GPU ", device_index_, " is out of memory: ", mib(bytes), " MiB asked, ",
+                 mib(free), " MiB free of ", mib(total), " (Braid holds ", mib(bytes_in_use()),
+                 " MiB)");
+    }
+    CUDA_CHECK(err);
     count_allocation(p, bytes);
     return p;
   }

@@ -117,10 +117,7 @@ int main(int argc, char** argv) {
     whole = median_s(*gpu, [&] { model.forward_backward(batch, gs, 1.0); });
     whole_flops = model.flops_per_token(t) * double(m);
     AdamW opt(model.params(), run.adamw, *gpu);
-    opt_s = median_s(*gpu, [&] {
-      opt.step(1e-5, opt.grad_norm());
-      model.params().refresh_compute();
-    });
+    opt_s = median_s(*gpu, [&] { opt.step(1e-5, opt.grad_norm()); });
   }
   double predicted = opt_s;
   for (const Row& r : rows) predicted += r.n * r.seconds;
