@@ -60,6 +60,19 @@ struct BatchBuffers {
   }
 };
 
+// f(), with what to change in the config added to an out-of-GPU-memory error.
+template <typename F>
+auto with_memory_hint(bool gpu, F&& f) {
+  try {
+    return f();
+  } catch (const Error& e) {
+    if (!gpu || std::string(e.what()).find("out of memory") == std::string::npos) throw;
+    BRAID_REJECT(
+        e.what(),
+        "; lower train.micro_batch or train.seq_len, or set train.recompute to ssm or full");
+  }
+}
+
 std::string ckpt_dir_of(const RunConfig& cfg) {
   return cfg.checkpoint.dir.empty()
              ? (std::filesystem::path(cfg.train.out_dir) / "checkpoints").string()
@@ -300,18 +313,13 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   std::vector<Model*> chunk_ptrs;
   std::vector<ParamSet*> sets;
   for (int c = 0; c < vs; ++c) {
-    try {
-      chunks.push_back(std::make_unique<Model>(
+    chunks.push_back(with_memory_hint(gpu, [&] {
+      return std::make_unique<Model>(
           cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
           TensorParallel{tp_group.get(), layout.sequence_parallel},
           cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1,
-          c * pp + stage, starts, parse_recompute(cfg.train.recompute)));
-    } catch (const Error& e) {  // out of GPU memory: what to change
-      if (!gpu || std::string(e.what()).find("out of memory") == std::string::npos) throw;
-      BRAID_REJECT(e.what(),
-                   "; lower train.micro_batch or train.seq_len, or set train.recompute to "
-                   "ssm or full");
-    }
+          c * pp + stage, starts, parse_recompute(cfg.train.recompute));
+    }));
     chunks.back()->initialize(ts.seed);
     chunk_ptrs.push_back(chunks.back().get());
     sets.push_back(&chunks.back()->params());
@@ -325,8 +333,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   for (const auto& m : chunks)
     for (const RemoteParam& r : m->remote_params())
       if (named.insert(r.name).second) remote.push_back(r);
-  RunOptimizer opt(sets, cfg.adamw, *backend, grad_group.get(), tp_group.get(), edp_group.get(),
-                   ep_group.get(), pp_group.get(), remote);
+  RunOptimizer opt = with_memory_hint(gpu, [&] {
+    return RunOptimizer(sets, cfg.adamw, *backend, grad_group.get(), tp_group.get(),
+                        edp_group.get(), ep_group.get(), pp_group.get(), remote);
+  });
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule
   // interleaves them).
