@@ -13,6 +13,10 @@
 #   checkpoint holds f32 parameters and Adam state: either device reads it).
 # Usage: train_gpu.sh BRAID CONFIG (configs/tiny_gpu.yaml)
 set -eu
+if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
+  echo "no GPU visible: GPU training test skipped"
+  exit 77
+fi
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
 braid=$1 config=$2
