@@ -30,16 +30,23 @@ GatedNormParams make_params(const Tensor& x, const Tensor& z, const Tensor& w, i
 
 void gated_rmsnorm_forward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                                double eps, const Tensor& y, const Tensor& rstd, void* stream,
-                               bool gated) {
+                               bool gated, const Tensor* residual, const Tensor* sum) {
 #if !defined(BRAID_WITH_CUDA)
   (void)x, (void)z, (void)w, (void)groups, (void)eps, (void)y, (void)rstd, (void)stream,
-      (void)gated;
+      (void)gated, (void)residual, (void)sum;
   BRAID_FAIL("gated_rmsnorm: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 #else
   GatedNormParams p = make_params(x, z, w, groups, y, rstd);
   p.eps = float(eps);
   if (!gated) p.z = nullptr;
   p.y = y.data, p.rstd = rstd.ptr<float>();
+  if (residual) {
+    BRAID_CHECK(!gated && sum, "gated_rmsnorm: a residual needs the plain norm and a sum output");
+    for (const Tensor* t : {residual, sum})
+      check_shape(*t, {x.size(0), x.size(1)}), check_same_dtype(x, *t);
+    require_gpu("rmsnorm", {residual, sum});
+    p.residual = residual->data, p.sum = sum->data;
+  }
   gated_rmsnorm_fwd_cuda(p, stream);
 #endif
 }
@@ -47,10 +54,10 @@ void gated_rmsnorm_forward_gpu(const Tensor& x, const Tensor& z, const Tensor& w
 void gated_rmsnorm_backward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                                 const Tensor& rstd, const Tensor& dy, const Tensor& dx,
                                 const Tensor& dz, const Tensor& dw, const Tensor* workspace,
-                                void* stream, bool gated) {
+                                void* stream, bool gated, bool accumulate_dx) {
 #if !defined(BRAID_WITH_CUDA)
   (void)x, (void)z, (void)w, (void)groups, (void)rstd, (void)dy, (void)dx, (void)dz, (void)dw,
-      (void)workspace, (void)stream, (void)gated;
+      (void)workspace, (void)stream, (void)gated, (void)accumulate_dx;
   BRAID_FAIL("gated_rmsnorm: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 #else
   GatedNormParams p = make_params(x, z, w, groups, dy, rstd);
@@ -70,6 +77,8 @@ void gated_rmsnorm_backward_gpu(const Tensor& x, const Tensor& z, const Tensor& 
   p.dy = dy.data, p.rstd_in = rstd.ptr<float>();
   p.dx = dx.data, p.dz = dz.data, p.dw = dw.ptr<float>();
   p.partial = workspace->ptr<float>();
+  BRAID_CHECK(!accumulate_dx || !gated, "gated_rmsnorm: accumulate_dx is for the plain norm");
+  p.accumulate_dx = accumulate_dx;
   gated_rmsnorm_bwd_cuda(p, stream);
 #endif
 }

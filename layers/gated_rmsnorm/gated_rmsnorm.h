@@ -38,10 +38,11 @@ inline int64_t gated_rmsnorm_row_blocks(int64_t rows) {
 // the plain RMSNorm (layers/rmsnorm/).
 void gated_rmsnorm_forward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                                double eps, const Tensor& y, const Tensor& rstd, void* stream,
-                               bool gated = true);
+                               bool gated = true, const Tensor* residual = nullptr,
+                               const Tensor* sum = nullptr);
 void gated_rmsnorm_backward_gpu(const Tensor& x, const Tensor& z, const Tensor& w, int64_t groups,
                                 const Tensor& rstd, const Tensor& dy, const Tensor& dx,
                                 const Tensor& dz, const Tensor& dw, const Tensor* workspace,
-                                void* stream, bool gated = true);
+                                void* stream, bool gated = true, bool accumulate_dx = false);
 
 }  // namespace braid

@@ -17,6 +17,11 @@ struct GatedNormParams {
   void *y = nullptr, *dx = nullptr, *dz = nullptr;
   float *rstd = nullptr, *dw = nullptr;
   float* partial = nullptr;  // [row blocks, D]: the backward's dw partial sums
+  // Plain RMSNorm only: the forward normalises x + residual and stores that sum (rounded to the
+  // activation dtype) in `sum`; the backward adds its dx into dx (accumulate_dx).
+  const void* residual = nullptr;
+  void* sum = nullptr;
+  bool accumulate_dx = false;
 };
 
 // Launch on `stream` (a cudaStream_t; null for the default stream).

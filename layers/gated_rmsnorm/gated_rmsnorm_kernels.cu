@@ -52,6 +52,13 @@ __global__ void gated_fwd_kernel(GatedNormParams p) {
   if (!sg.init(p)) return;
   const T* x = static_cast<const T*>(p.x) + sg.off;
   const T* z = p.z ? static_cast<const T*>(p.z) + sg.off : nullptr;
+  if (p.residual) {  // x + residual, stored; the passes below read it back (this thread's writes)
+    const T* res = static_cast<const T*>(p.residual) + sg.off;
+    T* sum = static_cast<T*>(p.sum) + sg.off;
+    for (int j = sg.lane; j < sg.size; j += 32)
+      sum[j] = from_float<T>(to_float(x[j]) + to_float(res[j]));
+    x = sum;
+  }
   float ss = 0.f;
   for (int j = sg.lane; j < sg.size; j += 32) {
     const float g = gated(p, x, z, j);
@@ -81,7 +88,7 @@ __global__ void gated_bwd_kernel(GatedNormParams p) {
   for (int j = sg.lane; j < sg.size; j += 32) {
     const float xv = to_float(x[j]), zv = z ? to_float(z[j]) : 0.f, zs = gate(p, zv);
     const float dg = r * p.w[sg.col0 + j] * to_float(dy[j]) - c * xv * zs;
-    dx[j] = from_float<T>(dg * zs);
+    dx[j] = from_float<T>(p.accumulate_dx ? to_float(dx[j]) + dg * zs : dg * zs);
     if (z) {
       const float s = sigmoid(zv);
       dz[j] = from_float<T>(dg * xv * s * (1.f + zv * (1.f - s)));

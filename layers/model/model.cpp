@@ -428,16 +428,31 @@ void Model::forward(const Batch& batch, const BatchMeta& meta, const Tensor* inp
     BRAID_CHECK(input, "Model: a later pipeline stage needs its input activations");
     copy_tensor(*backend_, resid_[0], *input);
   }
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    rmsnorm_forward(resid_[i], norms_[i]->value, cfg_.norm_eps, normed_[i], rstd_[i]);
+  // Without sequence parallelism the residual add is fused with the next norm (the next layer's,
+  // or the final one): x_{l+1} = x_l + f_l and its norm in one pass.
+  const bool fuse = !sp_;
+  const size_t n = blocks_.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (!fuse || i == 0)
+      rmsnorm_forward(resid_[i], norms_[i]->value, cfg_.norm_eps, normed_[i], rstd_[i]);
     blocks_[i]->forward(sp_ ? gather(tp_, normed_[i], xfull_) : bt(normed_[i]), fout_, meta);
     if (sp_) scatter_sum(tp_, fout_, dtmp_);  // this rank's rows of the block's output
-    copy_tensor(*backend_, resid_[i + 1], resid_[i]);
-    add_into(resid_[i + 1], sp_ ? dtmp_ : fout_.reshape({m, d}));
+    const Tensor out = sp_ ? dtmp_ : fout_.reshape({m, d});
+    if (fuse && i + 1 < n) {
+      add_rmsnorm_forward(resid_[i], out, norms_[i + 1]->value, cfg_.norm_eps, resid_[i + 1],
+                          normed_[i + 1], rstd_[i + 1]);
+    } else if (fuse && last_) {
+      add_rmsnorm_forward(resid_[i], out, norm_f_->value, cfg_.norm_eps, resid_[i + 1],
+                          final_normed_, final_rstd_);
+    } else {
+      copy_tensor(*backend_, resid_[i + 1], resid_[i]);
+      add_into(resid_[i + 1], out);
+    }
   }
   if (!last_) return;
-  rmsnorm_forward(resid_.back(), norm_f_->value, cfg_.norm_eps, sp_ ? final_local_ : final_normed_,
-                  final_rstd_);
+  if (!fuse || n == 0)
+    rmsnorm_forward(resid_.back(), norm_f_->value, cfg_.norm_eps,
+                    sp_ ? final_local_ : final_normed_, final_rstd_);
   if (sp_) gather(tp_, final_local_, final_normed_);
 }
 
@@ -477,9 +492,8 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
     } else {
       blocks_[i]->backward(bt(normed_[i]), bt(dresid_), bt(dnormed_), meta);
     }
-    rmsnorm_backward(resid_[i], norms_[i]->value, rstd_[i], dnormed_, dtmp_, norms_[i]->grad,
-                     &norm_ws_);
-    add_into(dresid_, dtmp_);
+    rmsnorm_backward(resid_[i], norms_[i]->value, rstd_[i], dnormed_, dresid_, norms_[i]->grad,
+                     &norm_ws_, nullptr, true);  // dresid += the norm's input gradient
   }
   if (first_) {
     embedding_backward(batch.tokens, sp_ ? gather(tp_, dresid_, fout_) : bt(dresid_), embed_->grad,

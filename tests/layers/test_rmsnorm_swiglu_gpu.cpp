@@ -73,6 +73,59 @@ TEST_P(GpuRmsNormSwiglu, RmsNormMatchesReference) {
         << (rg.*f).name << " differs between runs";
 }
 
+// The residual add fused with the norm: s = a + b is the one rounding of the f32 sum (exact);
+// y and rstd are the norm of that s (the reference runs on the GPU's s); the backward adding into
+// dx matches the reference's dx0 + dx under the same bound.
+TEST_P(GpuRmsNormSwiglu, AddRmsNormAndAccumulateMatchReference) {
+  const RowsCase k = GetParam();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 g(seed);
+  const HostTensor a = random_tensor({k.m, k.d}, -2, 2, k.bf16, g),
+                   b = random_tensor({k.m, k.d}, -2, 2, k.bf16, g),
+                   dy = random_tensor({k.m, k.d}, -1, 1, k.bf16, g),
+                   dx0 = random_tensor({k.m, k.d}, -1, 1, k.bf16, g),
+                   w = random_tensor({k.d}, 0.5, 1.5, false, g),
+                   dw0 = random_tensor({k.d}, -1, 1, false, g);
+  const DType act = k.bf16 ? DType::bf16 : DType::f32;
+  const Tensor ga = make(a, act, Device::cuda, "a"), gb = make(b, act, Device::cuda, "b"),
+               gw = make(w, DType::f32, Device::cuda, "w"),
+               gs = empty({k.m, k.d}, act, Device::cuda, "s"),
+               gy = empty({k.m, k.d}, act, Device::cuda, "y"),
+               grs = empty({k.m}, DType::f32, Device::cuda, "rstd");
+  for (const Tensor* t : {&gs, &gy, &grs}) gpu_->fill(*t, std::nan(""), {});
+  add_rmsnorm_forward(ga, gb, gw, 1e-5, gs, gy, grs);
+  const std::vector<double> s = download(gs);
+  for (int64_t i = 0; i < k.m * k.d; ++i) {
+    const float sum = float(a.v[i]) + float(b.v[i]);
+    ASSERT_EQ(s[i], k.bf16 ? double(from_bf16(to_bf16(sum))) : double(sum)) << "s at " << i;
+  }
+  const HostTensor sh{{k.m, k.d}, s};
+  struct Run {
+    Tensor x, w, y, rstd, dy, dx, dw, ws;
+  };
+  auto run = [&](DType t, Run& r) {  // the CPU reference on the GPU's s
+    r.x = make(sh, t, Device::cpu, "s"), r.w = make(w, t, Device::cpu, "w");
+    r.dy = make(dy, t, Device::cpu, "dy"), r.dx = make(dx0, t, Device::cpu, "dx");
+    r.dw = make(dw0, t, Device::cpu, "dw");
+    r.y = empty({k.m, k.d}, t, Device::cpu, "y"), r.rstd = empty({k.m}, t, Device::cpu, "rstd");
+    rmsnorm_forward(r.x, r.w, 1e-5, r.y, r.rstd);
+    rmsnorm_backward(r.x, r.w, r.rstd, r.dy, r.dx, r.dw, nullptr, nullptr, true);
+  };
+  Run r64, r32;
+  run(DType::f64, r64);
+  run(DType::f32, r32);
+  const Tensor gdy = make(dy, act, Device::cuda, "dy"), gdx = make(dx0, act, Device::cuda, "dx"),
+               gdw = make(dw0, DType::f32, Device::cuda, "dw"),
+               ws = empty({std::max<int64_t>(rmsnorm_workspace_elems(gs), 1)}, DType::f32,
+                          Device::cuda, "ws");
+  rmsnorm_backward(gs, gw, grs, gdy, gdx, gdw, &ws, nullptr, true);
+  expect_within("y", r64.y, r32.y, gy, true);
+  expect_within("rstd", r64.rstd, r32.rstd, grs, false);
+  expect_within("dx (accumulated)", r64.dx, r32.dx, gdx, true);
+  expect_within("dw", r64.dw, r32.dw, gdw, false);
+}
+
 TEST_P(GpuRmsNormSwiglu, SwigluMatchesReference) {
   const RowsCase k = GetParam();
   const uint64_t seed = std::random_device{}();
