@@ -281,6 +281,25 @@ SaveFaults& save_faults() {
 
 }  // namespace
 
+std::vector<CheckpointTensor> host_layout(const std::vector<CheckpointTensor>& tensors,
+                                          std::vector<char>& buffer) {
+  auto padded = [](const Tensor& t) { return (t.nbytes() + 63) / 64 * 64; };
+  size_t total = 0;
+  for (const CheckpointTensor& t : tensors) total += padded(t.tensor);
+  buffer.resize(total);
+  std::vector<CheckpointTensor> out;
+  size_t at = 0;
+  for (const CheckpointTensor& t : tensors) {
+    const Tensor& x = t.tensor;
+    out.push_back({t.kind, t.name,
+                   Tensor::contiguous_view(
+                       buffer.data() + at, x.dtype, Device::cpu,
+                       std::vector<int64_t>(x.shape.begin(), x.shape.begin() + x.ndim), x.name)});
+    at += padded(x);
+  }
+  return out;
+}
+
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt) {
   std::vector<CheckpointTensor> out;
   for (const Param& p : params.all()) {

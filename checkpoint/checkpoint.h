@@ -46,6 +46,11 @@ struct CheckpointTensor {
   Tensor tensor;
 };
 
+// Host tensors of the kinds, names, dtypes and shapes of `tensors`, laid out in `buffer` (resized
+// to hold them, each at a 64-byte boundary): where a save stages the state it writes.
+std::vector<CheckpointTensor> host_layout(const std::vector<CheckpointTensor>& tensors,
+                                          std::vector<char>& buffer);
+
 // The training state of a single-process run: every parameter, and the fp32 master weights and
 // Adam moments of every trainable one.
 std::vector<CheckpointTensor> training_state(const ParamSet& params, const AdamW& opt);

@@ -80,11 +80,8 @@ class RunOptimizer {
   std::vector<CheckpointTensor> checkpoint_state() {
     std::vector<CheckpointTensor> state = training_state(*sets_[0], *adam_);
     if (backend_.device() == Device::cpu) return state;
-    std::vector<CheckpointTensor> host = host_mirror(state);
-    for (size_t i = 0; i < state.size(); ++i)
-      backend_.copy(host[i].tensor.data, Device::cpu, state[i].tensor.data, Device::cuda,
-                    state[i].tensor.nbytes(), {});
-    backend_.synchronize({});
+    std::vector<CheckpointTensor> host = host_layout(state, staging_);
+    copy_all(host, state);
     return host;
   }
   // Under ZeRO-1, what this rank writes of a sharded checkpoint: its runs of the optimizer state,
@@ -111,12 +108,9 @@ class RunOptimizer {
     if (adam_ && backend_.device() == Device::cpu) return load_checkpoint(dir, *sets_[0], *adam_);
     if (adam_) {  // read into host buffers, then copied to the GPU
       const std::vector<CheckpointTensor> state = training_state(*sets_[0], *adam_);
-      const std::vector<CheckpointTensor> host = host_mirror(state);
+      const std::vector<CheckpointTensor> host = host_layout(state, staging_);
       load_checkpoint(dir, host);
-      for (size_t i = 0; i < state.size(); ++i)
-        backend_.copy(state[i].tensor.data, Device::cuda, host[i].tensor.data, Device::cpu,
-                      state[i].tensor.nbytes(), {});
-      backend_.synchronize({});
+      copy_all(state, host);
       adam_->set_steps_taken(steps);
       sets_[0]->refresh_compute();
       return;
@@ -149,27 +143,18 @@ class RunOptimizer {
   }
 
  private:
-  // Host tensors of the shapes and dtypes of `state`'s (one buffer, allocated once).
-  std::vector<CheckpointTensor> host_mirror(const std::vector<CheckpointTensor>& state) {
-    size_t total = 0;
-    for (const CheckpointTensor& t : state) total += (t.tensor.nbytes() + 63) / 64 * 64;
-    if (staging_.size() != total) staging_.assign(total, 0);
-    std::vector<CheckpointTensor> out;
-    size_t at = 0;
-    for (const CheckpointTensor& t : state) {
-      const Tensor& g = t.tensor;
-      out.push_back({t.kind, t.name,
-                     Tensor::contiguous_view(
-                         staging_.data() + at, g.dtype, Device::cpu,
-                         std::vector<int64_t>(g.shape.begin(), g.shape.begin() + g.ndim), g.name)});
-      at += (g.nbytes() + 63) / 64 * 64;
-    }
-    return out;
+  // dst[i] <- src[i] between host and device, then waits for the copies.
+  void copy_all(const std::vector<CheckpointTensor>& dst,
+                const std::vector<CheckpointTensor>& src) {
+    for (size_t i = 0; i < dst.size(); ++i)
+      backend_.copy(dst[i].tensor.data, dst[i].tensor.device, src[i].tensor.data,
+                    src[i].tensor.device, src[i].tensor.nbytes(), {});
+    backend_.synchronize({});
   }
 
   std::vector<ParamSet*> sets_;
   Backend& backend_;
-  std::vector<char> staging_;
+  std::vector<char> staging_;  // a GPU run's state in host memory, for saves and loads
   Communicator *ep_, *pp_;
   std::vector<RemoteParam> remote_;
   std::unique_ptr<AdamW> adam_;

@@ -60,13 +60,18 @@ struct BatchBuffers {
   }
 };
 
-// f(), with what to change in the config added to an out-of-GPU-memory error.
+// The f-th of a batch's four [B,T] tensors (tokens, targets, seq_idx, positions).
+const Tensor& field(const Batch& batch, int f) {
+  const Tensor* all[4] = {&batch.tokens, &batch.targets, &batch.seq_idx, &batch.positions};
+  return *all[f];
+}
+
+// f(), with what to change in the config added to an out-of-memory error.
 template <typename F>
-auto with_memory_hint(bool gpu, F&& f) {
+auto with_memory_hint(F&& f) {
   try {
     return f();
-  } catch (const Error& e) {
-    if (!gpu || std::string(e.what()).find("out of memory") == std::string::npos) throw;
+  } catch (const OutOfMemory& e) {
     BRAID_REJECT(
         e.what(),
         "; lower train.micro_batch or train.seq_len, or set train.recompute to ssm or full");
@@ -313,7 +318,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   std::vector<Model*> chunk_ptrs;
   std::vector<ParamSet*> sets;
   for (int c = 0; c < vs; ++c) {
-    chunks.push_back(with_memory_hint(gpu, [&] {
+    chunks.push_back(with_memory_hint([&] {
       return std::make_unique<Model>(
           cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
           TensorParallel{tp_group.get(), layout.sequence_parallel},
@@ -333,7 +338,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   for (const auto& m : chunks)
     for (const RemoteParam& r : m->remote_params())
       if (named.insert(r.name).second) remote.push_back(r);
-  RunOptimizer opt = with_memory_hint(gpu, [&] {
+  RunOptimizer opt = with_memory_hint([&] {
     return RunOptimizer(sets, cfg.adamw, *backend, grad_group.get(), tp_group.get(),
                         edp_group.get(), ep_group.get(), pp_group.get(), remote);
   });
@@ -355,25 +360,20 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const Batch& input = input_of(0);
   // This rank's shard of whole sample i (context parallel), and its device copy (GPU).
   auto take_shard = [&](int64_t i = 0) {
-    if (cp > 1) {
-      const Batch &from_b = wholes[i]->batch, &to_b = shards[i]->batch;
-      for (auto [from, to] : {std::pair{&from_b.tokens, &to_b.tokens},
-                              {&from_b.targets, &to_b.targets},
-                              {&from_b.seq_idx, &to_b.seq_idx},
-                              {&from_b.positions, &to_b.positions}})
+    if (cp > 1)
+      for (int f = 0; f < 4; ++f) {
+        const Tensor &from = field(wholes[i]->batch, f), &to = field(shards[i]->batch, f);
         for (int64_t r = 0; r < b; ++r)
-          std::memcpy(to->ptr<int32_t>() + r * t_local,
-                      from->ptr<int32_t>() + r * t + cp_rank * t_local,
+          std::memcpy(to.ptr<int32_t>() + r * t_local,
+                      from.ptr<int32_t>() + r * t + cp_rank * t_local,
                       size_t(t_local) * sizeof(int32_t));
-    }
-    if (gpu) {
-      const Batch &from_b = cp > 1 ? shards[i]->batch : wholes[i]->batch, &to_b = device[i]->batch;
-      for (auto [from, to] : {std::pair{&from_b.tokens, &to_b.tokens},
-                              {&from_b.targets, &to_b.targets},
-                              {&from_b.seq_idx, &to_b.seq_idx},
-                              {&from_b.positions, &to_b.positions}})
-        backend->copy(to->data, Device::cuda, from->data, Device::cpu, from->nbytes(), {});
-    }
+      }
+    if (gpu)
+      for (int f = 0; f < 4; ++f) {
+        const Tensor &from = field(cp > 1 ? shards[i]->batch : wholes[i]->batch, f),
+                     &to = field(device[i]->batch, f);
+        backend->copy(to.data, Device::cuda, from.data, Device::cpu, from.nbytes(), {});
+      }
   };
   Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
 

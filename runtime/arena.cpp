@@ -21,9 +21,9 @@ Arena Arena::allocate(std::string name, Backend& backend, size_t bytes) {
   a.measuring_ = false;
   try {
     a.base_ = static_cast<char*>(backend.allocate(bytes));
-  } catch (const Error& e) {
-    BRAID_FAIL("memory for '", a.name_, "' (", bytes >> 20, " MiB on ", device_name(a.device_),
-               "): ", e.what());
+  } catch (const OutOfMemory& e) {
+    throw OutOfMemory("memory for '" + a.name_ + "' (" + std::to_string(bytes >> 20) + " MiB on " +
+                      std::string(device_name(a.device_)) + "): " + e.what());
   }
   return a;
 }

@@ -13,6 +13,11 @@ class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
+// A device allocation that does not fit (the message says how much was asked and free).
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
+};
 
 namespace detail {
 template <typename... Args>

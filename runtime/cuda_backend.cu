@@ -54,9 +54,9 @@ class CudaBackend final : public Backend {
       size_t free = 0, total = 0;
       CUDA_CHECK(cudaMemGetInfo(&free, &total));
       auto mib = [](size_t b) { return std::to_string(b >> 20); };
-      BRAID_FAIL("GPU ", device_index_, " is out of memory: ", mib(bytes), " MiB asked, ",
-                 mib(free), " MiB free of ", mib(total), " (Braid holds ", mib(bytes_in_use()),
-                 " MiB)");
+      throw OutOfMemory("GPU " + std::to_string(device_index_) + " is out of memory: " +
+                        mib(bytes) + " MiB asked, " + mib(free) + " MiB free of " + mib(total) +
+                        " (Braid holds " + mib(bytes_in_use()) + " MiB)");
     }
     CUDA_CHECK(err);
     count_allocation(p, bytes);
