@@ -1,10 +1,24 @@
 #include "checkpoint/async_save.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstring>
 #include <utility>
 
 namespace braid {
+namespace {
+
+// The writing thread (and the threads it starts to hash pieces, which inherit it) runs at the
+// lowest priority: the hashing may take every core, and the training thread must keep one to
+// launch its kernels.
+void lower_priority() {
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
+}
+
+}  // namespace
 
 AsyncCheckpointWriter::~AsyncCheckpointWriter() {
   if (thread_.joinable()) thread_.join();
@@ -26,9 +40,19 @@ void AsyncCheckpointWriter::submit(const std::string& root, const CheckpointMeta
 #pragma omp parallel for schedule(dynamic)
   for (size_t i = 0; i < tensors.size(); ++i)
     std::memcpy(staged[i].tensor.data, tensors[i].tensor.data, tensors[i].tensor.nbytes());
-  thread_ = std::thread([this, root, meta, staged = std::move(staged), done = std::move(done)] {
+  submit_staged(root, meta, std::move(staged), nullptr, std::move(done));
+}
+
+void AsyncCheckpointWriter::submit_staged(const std::string& root, const CheckpointMeta& meta,
+                                          std::vector<CheckpointTensor> staged,
+                                          std::function<void()> ready, Done done) {
+  wait();
+  thread_ = std::thread([this, root, meta, staged = std::move(staged), ready = std::move(ready),
+                         done = std::move(done)] {
+    lower_priority();
     try {
       const auto t0 = std::chrono::steady_clock::now();
+      if (ready) ready();
       const std::string dir = save_checkpoint(root, meta, staged);
       done(dir, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     } catch (...) {
@@ -44,7 +68,6 @@ AsyncShardedWriter::~AsyncShardedWriter() {
 void AsyncShardedWriter::submit(const std::string& root, const CheckpointMeta& meta,
                                 const std::vector<CheckpointPiece>& pieces, Done done) {
   finish();  // at most one save in flight
-  save_ = begin_sharded_save(root, meta, world_);
   // Stage this rank's pieces (the caller's next optimizer step may change the originals).
   size_t total = 0;
   std::vector<size_t> offsets;
@@ -60,10 +83,20 @@ void AsyncShardedWriter::submit(const std::string& root, const CheckpointMeta& m
                 pieces[i].count * dtype_size(pieces[i].dtype));
     staged[i].data = staging_.data() + offsets[i];
   }
+  submit_staged(root, meta, std::move(staged), nullptr, std::move(done));
+}
+
+void AsyncShardedWriter::submit_staged(const std::string& root, const CheckpointMeta& meta,
+                                       std::vector<CheckpointPiece> staged,
+                                       std::function<void()> ready, Done done) {
+  finish();
+  save_ = begin_sharded_save(root, meta, world_);
   done_ = std::move(done);
   pending_ = true, written_ = false, error_ = nullptr;
-  thread_ = std::thread([this, staged = std::move(staged)] {
+  thread_ = std::thread([this, staged = std::move(staged), ready = std::move(ready)] {
+    lower_priority();
     try {
+      if (ready) ready();
       report_ = write_rank_file(save_, staged);
     } catch (...) {
       error_ = std::current_exception();

@@ -28,6 +28,11 @@ class AsyncCheckpointWriter {
   // the caller was blocked.
   void submit(const std::string& root, const CheckpointMeta& meta,
               const std::vector<CheckpointTensor>& tensors, Done done);
+  // The tensors are already staged in host memory that stays untouched until the write is done
+  // (DeviceStaging, whose copies may still be under way): the thread first runs `ready` (which
+  // waits for them), then writes. Call wait() before staging the next save into that memory.
+  void submit_staged(const std::string& root, const CheckpointMeta& meta,
+                     std::vector<CheckpointTensor> tensors, std::function<void()> ready, Done done);
   void wait();
 
  private:
@@ -53,6 +58,11 @@ class AsyncShardedWriter {
 
   void submit(const std::string& root, const CheckpointMeta& meta,
               const std::vector<CheckpointPiece>& pieces, Done done);
+  // As submit, for pieces already staged in host memory left untouched until the save commits
+  // (DeviceStaging): the thread first runs `ready`, then writes. Call finish() before staging the
+  // next save into that memory.
+  void submit_staged(const std::string& root, const CheckpointMeta& meta,
+                     std::vector<CheckpointPiece> pieces, std::function<void()> ready, Done done);
   void poll();
   void finish();
   bool pending() const { return pending_; }

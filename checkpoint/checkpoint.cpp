@@ -373,11 +373,11 @@ std::vector<CheckpointPiece> zero1_pieces(const ParamSet& params, const Zero1Ada
     if (r.count == 0 || !writes(*r.param)) continue;
     const Param& p = *r.param;
     for (auto [kind, vec] :
-         {std::pair{"master", &opt.shard_master()}, std::pair{"exp_avg", &opt.shard_exp_avg()},
-          std::pair{"exp_avg_sq", &opt.shard_exp_avg_sq()}})
+         {std::pair{"master", opt.shard_master()}, std::pair{"exp_avg", opt.shard_exp_avg()},
+          std::pair{"exp_avg_sq", opt.shard_exp_avg_sq()}})
       for (const BoxRun& b : box_runs(p, r.start, r.count))
         out.push_back({kind, p.name, DType::f32, p.global_shape, b.start, b.count,
-                       vec->data() + r.shard_off + b.at, b.off, b.ext});
+                       vec + r.shard_off + b.at, b.off, b.ext});
   }
   return out;
 }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "checkpoint/checkpoint.h"
+#include "checkpoint/device_staging.h"
 #include "layers/model/params.h"
 #include "optim/adamw.h"
 #include "optim/zero1_adamw.h"
@@ -63,6 +64,7 @@ class RunOptimizer {
   // Updates the parameters and their compute copies under mixed precision (the GPU AdamW writes
   // them in its update).
   void step(double lr, double norm) {
+    if (staging_gpu_) staging_gpu_->fence();  // a checkpoint's copies read this step's inputs
     if (adam_) return adam_->step(lr, norm);
     for (auto& z : zeros_) z->step(lr, norm);
     for (auto& z : experts_) z->step(lr, norm);
@@ -75,31 +77,32 @@ class RunOptimizer {
       for (const auto& z : *set) n += z->state_bytes();
     return n;
   }
-  // The whole state of a single process, in host memory (a GPU run's is copied to host buffers
-  // kept for the run).
+  // The whole state of a single process, in host memory. A GPU run's is staged: copied into
+  // page-locked host mirrors kept for the run (DeviceStaging), asynchronously; call wait_staged()
+  // before reading it, and stage again only after its writer is done.
   std::vector<CheckpointTensor> checkpoint_state() {
     std::vector<CheckpointTensor> state = training_state(*sets_[0], *adam_);
     if (backend_.device() == Device::cpu) return state;
-    std::vector<CheckpointTensor> host = host_layout(state, staging_);
-    copy_all(host, state);
-    return host;
+    staging().stage(state);
+    return state;
   }
   // Under ZeRO-1, what this rank writes of a sharded checkpoint: its runs of the optimizer state,
   // the parameters when it is the first of its data-parallel group (dense_params) or of its
   // expert-data-parallel group (expert_params), and those every tp rank holds whole only when
-  // with_replicated.
+  // with_replicated. On the GPU they are staged as checkpoint_state's are.
   std::vector<CheckpointPiece> shard_pieces(bool dense_params, bool expert_params,
-                                            bool with_replicated) const {
-    std::vector<CheckpointPiece> out;
-    for (size_t i = 0; i < sets_.size(); ++i) {
-      for (CheckpointPiece& p : zero1_pieces(*sets_[i], *zeros_[i], dense_params, with_replicated))
-        out.push_back(std::move(p));
-      if (!experts_.empty())
-        for (CheckpointPiece& p :
-             zero1_pieces(*sets_[i], *experts_[i], expert_params, with_replicated))
-          out.push_back(std::move(p));
-    }
+                                            bool with_replicated) {
+    std::vector<CheckpointPiece> out = host_pieces(dense_params, expert_params, with_replicated);
+    if (backend_.device() == Device::cuda) staging().stage(out);
     return out;
+  }
+  // A GPU run's host mirrors, made before the first save so that it does not wait for them.
+  void prepare_checkpoints() {
+    if (backend_.device() == Device::cuda) staging();
+  }
+  // Blocks until a GPU run's staged state is in host memory (a writer's first act).
+  void wait_staged() {
+    if (staging_gpu_) staging_gpu_->wait_copied();
   }
   // Under ZeRO-1 each rank reads only its runs of the masters and moments (and the parameters it
   // holds); the other ranks' tensors are named with empty reads (the checkpoint's keys are
@@ -137,12 +140,28 @@ class RunOptimizer {
                                  {"exp_avg_sq", DType::f32}})
         if (r.trainable || std::string(kind) == "param")
           reads.push_back({kind, r.name, dtype, r.shape, 0, 0, nullptr});
+    const bool gpu = backend_.device() == Device::cuda;
+    if (gpu) staging().unstage(reads);  // the parameters: through the host mirror
     load_checkpoint_ranges(dir, reads);
+    if (gpu) staging().upload();
     for (Shard& sh : shards) sh.opt->load_shard(sh.master, sh.m, sh.v, steps);
     for (ParamSet* ps : sets_) ps->refresh_compute();
   }
 
  private:
+  std::vector<CheckpointPiece> host_pieces(bool dense_params, bool expert_params,
+                                           bool with_replicated) const {
+    std::vector<CheckpointPiece> out;
+    for (size_t i = 0; i < sets_.size(); ++i) {
+      for (CheckpointPiece& p : zero1_pieces(*sets_[i], *zeros_[i], dense_params, with_replicated))
+        out.push_back(std::move(p));
+      if (!experts_.empty())
+        for (CheckpointPiece& p :
+             zero1_pieces(*sets_[i], *experts_[i], expert_params, with_replicated))
+          out.push_back(std::move(p));
+    }
+    return out;
+  }
   // dst[i] <- src[i] between host and device, then waits for the copies.
   void copy_all(const std::vector<CheckpointTensor>& dst,
                 const std::vector<CheckpointTensor>& src) {
@@ -154,7 +173,36 @@ class RunOptimizer {
 
   std::vector<ParamSet*> sets_;
   Backend& backend_;
-  std::vector<char> staging_;  // a GPU run's state in host memory, for saves and loads
+  // The device regions a GPU run's checkpoints read (parameter values, optimizer state), with
+  // their host mirrors; made at the first save or sharded load.
+  DeviceStaging& staging() {
+    if (!staging_gpu_) {
+      std::vector<DeviceStaging::Region> regions;
+      auto add = [&](const void* p, size_t bytes) {
+        for (const auto& r : regions)
+          if (r.data == p) return;  // an f32 parameter is its own master
+        regions.push_back({p, bytes});
+      };
+      if (adam_) {
+        for (const CheckpointTensor& c : training_state(*sets_[0], *adam_))
+          add(c.tensor.data, c.tensor.nbytes());
+      } else {
+        for (size_t i = 0; i < sets_.size(); ++i) {
+          const Tensor values = sets_[i]->flat_values();
+          add(values.data, values.nbytes());
+          for (const auto* z : {zeros_[i].get(), experts_.empty() ? nullptr : experts_[i].get()})
+            if (z)
+              for (const float* p : {z->shard_exp_avg(), z->shard_exp_avg_sq()})
+                add(p, size_t(z->shard_size()) * sizeof(float));
+        }
+      }
+      staging_gpu_ = std::make_unique<DeviceStaging>(backend_, std::move(regions));
+    }
+    return *staging_gpu_;
+  }
+
+  std::vector<char> staging_;  // a GPU run's state in host memory, for loads
+  std::unique_ptr<DeviceStaging> staging_gpu_;
   Communicator *ep_, *pp_;
   std::vector<RemoteParam> remote_;
   std::unique_ptr<AdamW> adam_;

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -27,6 +28,19 @@
 
 namespace braid {
 namespace {
+
+// The GPU of this rank: its local rank on its node (one rank per GPU), or the only GPU it sees
+// (a launcher that gives each rank its own through CUDA_VISIBLE_DEVICES).
+int gpu_of_rank(int rank) {
+  const int n = cuda_device_count();
+  BRAID_REQUIRE(n > 0, "train.device = cuda: no GPU is visible (or Braid was built without CUDA)");
+  const LaunchEnv env = read_launch_env();
+  if (env.world_size == 1 || n == 1) return 0;
+  BRAID_REQUIRE(env.local_rank < n, "train.device = cuda: rank ", rank, " is local rank ",
+                env.local_rank, " of its node (", env.source, "), but only ", n,
+                " GPUs are visible; run one rank per GPU");
+  return env.local_rank;
+}
 
 using Clock = std::chrono::steady_clock;
 
@@ -264,12 +278,14 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   auto say = [&](const char* fmt, auto... args) {
     if (lead) std::printf(fmt, args...);
   };
-  // On the GPU: one process for now (the NCCL communicators come with multi-GPU training).
+  // On GPUs: one rank per GPU, data parallel (ZeRO-1 over NCCL); the other dimensions are not
+  // built for GPUs yet.
   const bool gpu = cfg.train.device == "cuda";
-  BRAID_REQUIRE(!gpu || !world || world->size() == 1,
-                "train.device = cuda runs one process on one "
-                "GPU for now; got ",
-                world ? world->size() : 1, " ranks");
+  BRAID_REQUIRE(!gpu || (layout.tp == 1 && cp == 1 && pp == 1 && layout.ep == 1),
+                "train.device = cuda runs data parallelism only for now (one rank per GPU); got "
+                "parallel.tp = ",
+                layout.tp, ", cp = ", cp, ", pp = ", pp, ", ep = ", layout.ep,
+                " (each must be 1 on GPUs)");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
   const int64_t b = ts.micro_batch, t = ts.seq_len, t_local = t / cp;
@@ -284,7 +300,12 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                 ", data.train shards ", train_data.vocab_size());
 
   auto host_backend = make_cpu_backend();
-  auto backend = gpu ? make_cuda_backend(0) : make_cpu_backend();
+  auto backend = gpu ? make_cuda_backend(gpu_of_rank(rank)) : make_cpu_backend();
+  // The gradients' reduction and ZeRO-1 over NCCL (GPU tensors); grad_group stays the MPI group
+  // for host values (losses, counts).
+  std::unique_ptr<Communicator> grad_nccl;
+  if (gpu && grad_group && grad_group->size() > 1)
+    grad_nccl = make_nccl(*grad_group, "data parallel (NCCL)", comm_timeout_from_env(600));
   // The checkpoint to resume from (checkpoint.resume): the newest that checks out.
   const std::string ckpt_dir = ckpt_dir_of(cfg);
   std::vector<std::string> skipped;  // corrupt or incomplete, newest first
@@ -339,8 +360,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     for (const RemoteParam& r : m->remote_params())
       if (named.insert(r.name).second) remote.push_back(r);
   RunOptimizer opt = with_memory_hint([&] {
-    return RunOptimizer(sets, cfg.adamw, *backend, grad_group.get(), tp_group.get(),
-                        edp_group.get(), ep_group.get(), pp_group.get(), remote);
+    return RunOptimizer(sets, cfg.adamw, *backend, grad_nccl ? grad_nccl.get() : grad_group.get(),
+                        tp_group.get(), edp_group.get(), ep_group.get(), pp_group.get(), remote);
   });
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule
@@ -434,10 +455,12 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                     ": the configuration differs: ", all);
       BRAID_REQUIRE(meta.step < ts.steps, "checkpoint ", latest, " is at step ", meta.step,
                     ", not before train.steps = ", ts.steps, ": nothing to train");
+      const auto l0 = Clock::now();
       opt.load(latest, meta.step);
       start_step = meta.step, consumed = meta.consumed_samples;
-      say("resumed from %s at step %lld (%lld samples consumed)\n", latest.c_str(),
-          (long long)start_step, (long long)consumed);
+      say("resumed from %s at step %lld (%lld samples consumed; loaded in %.2f s)\n",
+          latest.c_str(), (long long)start_step, (long long)consumed,
+          std::chrono::duration<double>(Clock::now() - l0).count());
     }
   }
   // The crash-loop guard: rank 0 counts this run's start; every rank learns the verdict.
@@ -462,48 +485,83 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         (std::filesystem::path(ts.out_dir) / "metrics.jsonl").string(), start_step > 0);
   AsyncCheckpointWriter writer;              // checkpoint.async, one process
   AsyncShardedWriter sharded_writer(world);  // checkpoint.async, several ranks (collective)
+  // A GPU run's state is staged into host mirrors (RunOptimizer::checkpoint_state): the copies
+  // overlap the next step, and the writer waits for them (ready).
+  // copied: seconds from staging to the end of the copies (a GPU run's, for the save's message).
+  std::atomic<double> copied{0};
+  Clock::time_point staged_at;
+  auto ready = [&] {
+    opt.wait_staged();
+    copied = std::chrono::duration<double>(Clock::now() - staged_at).count();
+  };
+  if (cfg.checkpoint.interval > 0 || cfg.checkpoint.save_final) opt.prepare_checkpoints();
+  auto gb = [](size_t bytes) { return double(bytes) / 1e9; };
   auto save = [&](int64_t steps_done) {
     CheckpointMeta meta{steps_done, consumed, ts.seed, config_entries(run_cfg)};
     const auto c0 = Clock::now();
+    writer.wait();  // the previous save is done with the staging memory
+    sharded_writer.finish();
+    staged_at = Clock::now();
     if (opt.sharded()) {  // every rank writes its shard; collective
       const std::vector<CheckpointPiece> pieces =
           opt.shard_pieces(grad_rank == 0, edp_rank == 0, tp_rank == 0);
+      size_t bytes = 0;  // this rank's
+      for (const CheckpointPiece& p : pieces) bytes += size_t(p.count) * dtype_size(p.dtype);
       if (cfg.checkpoint.async) {
-        sharded_writer.submit(ckpt_dir, meta, pieces, [&](const std::string& dir) {
+        auto done = [&](const std::string& dir) {
           if (!lead) return;
           prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
           say("saved checkpoint %s (%d ranks wrote their shards in the background)\n", dir.c_str(),
               world->size());
           std::fflush(stdout);
-        });
+        };
+        if (gpu)
+          sharded_writer.submit_staged(ckpt_dir, meta, pieces, ready, done);
+        else
+          sharded_writer.submit(ckpt_dir, meta, pieces, done);
         say("checkpoint of step %lld staged in %.3f s (training blocked); every rank writes its "
             "shard in the background\n",
             (long long)steps_done, std::chrono::duration<double>(Clock::now() - c0).count());
         return;
       }
+      ready();
       const std::string dir = save_checkpoint_sharded(ckpt_dir, meta, pieces, world);
       if (!lead) return;
       prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
-      say("saved checkpoint %s (%d ranks wrote their shards, %.2f s)\n", dir.c_str(), world->size(),
-          std::chrono::duration<double>(Clock::now() - c0).count());
+      const double secs = std::chrono::duration<double>(Clock::now() - c0).count();
+      say("saved checkpoint %s (%d ranks wrote their shards, rank 0 %.2f GB; %.2f s, %.2f GB/s "
+          "for rank 0)\n",
+          dir.c_str(), world->size(), gb(bytes), secs, gb(bytes) / secs);
       std::fflush(stdout);
       return;
     }
     const std::vector<CheckpointTensor> state = opt.checkpoint_state();
+    size_t bytes = 0;
+    for (const CheckpointTensor& c : state) bytes += c.tensor.nbytes();
     if (cfg.checkpoint.async) {
-      writer.submit(ckpt_dir, meta, state, [&](const std::string& dir, double secs) {
+      auto done = [&, bytes](const std::string& dir, double secs) {
         prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
-        say("saved checkpoint %s (written in the background in %.2f s)\n", dir.c_str(), secs);
+        char copy[64] = "";
+        if (gpu)
+          std::snprintf(copy, sizeof(copy), "; copied from the GPU in %.2f s", copied.load());
+        say("saved checkpoint %s (%.2f GB written in the background in %.2f s, %.2f GB/s%s)\n",
+            dir.c_str(), gb(bytes), secs, gb(bytes) / secs, copy);
         std::fflush(stdout);
-      });
+      };
+      if (gpu)
+        writer.submit_staged(ckpt_dir, meta, state, ready, done);
+      else
+        writer.submit(ckpt_dir, meta, state, done);
       say("checkpoint of step %lld staged in %.3f s (training blocked); writing in the "
           "background\n",
           (long long)steps_done, std::chrono::duration<double>(Clock::now() - c0).count());
     } else {
+      ready();
       const std::string dir = save_checkpoint(ckpt_dir, meta, state);
       prune_checkpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every);
-      say("saved checkpoint %s (%.2f s)\n", dir.c_str(),
-          std::chrono::duration<double>(Clock::now() - c0).count());
+      const double secs = std::chrono::duration<double>(Clock::now() - c0).count();
+      say("saved checkpoint %s (%.2f GB in %.2f s, %.2f GB/s)\n", dir.c_str(), gb(bytes), secs,
+          gb(bytes) / secs);
     }
     std::fflush(stdout);
   };

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "optim/adamw_cuda.h"
+
 namespace braid {
 
 Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend, Communicator& dp,
@@ -10,16 +12,22 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
       cfg_(cfg),
       dp_(dp),
       tp_(tp && tp->size() > 1 ? tp : nullptr),
-      region_(region) {
-  (void)backend;
+      region_(region),
+      gpu_(backend.device() == Device::cuda),
+      backend_(backend) {
   const Tensor flat = params.region_values(region);
-  BRAID_CHECK(flat.dtype == DType::f32 && flat.device == Device::cpu,
-              "ZeRO-1 AdamW (CPU): parameters must be f32 host tensors, got ", flat.describe());
+  BRAID_CHECK(flat.dtype == DType::f32 && flat.device == backend.device(),
+              "ZeRO-1 AdamW: parameters must be f32 tensors on the optimizer's device, got ",
+              flat.describe());
   BRAID_CHECK(flat.numel() % dp.size() == 0, "ZeRO-1 AdamW: ", flat.numel(),
               " parameter elements do not split over ", dp.size(),
               " ranks (allocate with pad_elems = dp size)");
   shard_ = flat.numel() / dp.size();
   begin_ = shard_ * dp.rank();
+  if (gpu_) {
+    init_gpu();
+    return;
+  }
   mask_.assign(shard_, frozen);
   count_.assign(shard_, sharded);
   for (const Param& p : params.all()) {
@@ -39,14 +47,68 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
   send_.assign(shard_, 0.f);
 }
 
+void Zero1AdamW::init_gpu() {
+  BRAID_CHECK(!tp_, "ZeRO-1 AdamW on the GPU: tensor parallelism is not supported");
+  // The chunk table: every kAdamChunk elements of each trainable parameter's part of the shard.
+  // All pointers are the shard's bases (the values at begin_, the moments, the gradient shard);
+  // a task is a range of shard elements.
+  std::vector<AdamTask> tasks;
+  auto take_all = [&](Arena& a) {
+    gpu_m_ = a.take("zero1.exp_avg", DType::f32, {shard_});
+    gpu_v_ = a.take("zero1.exp_avg_sq", DType::f32, {shard_});
+    gpu_grad_ = a.take("zero1.grad_shard", DType::f32, {shard_});
+    tasks.clear(), runs_.clear();
+    float* values = params_.region_values(region_).ptr<float>();
+    for (const Param& p : params_.all()) {
+      if (!p.trainable || p.region != region_) continue;
+      BRAID_CHECK(!p.mirror, "ZeRO-1 AdamW on the GPU: mirrored parameter ", p.name,
+                  " is not supported");
+      const int64_t off = params_.region_offset(p), n = p.value.numel();
+      const int64_t lo = std::max(off, begin_), hi = std::min(off + n, begin_ + shard_);
+      if (lo >= hi) continue;
+      runs_.push_back({lo - begin_, hi - lo});
+      for (int64_t b = lo - begin_; b < hi - begin_; b += kAdamChunk)
+        tasks.push_back({values ? values + begin_ : nullptr, nullptr, gpu_grad_.data,
+                         values ? values + begin_ : nullptr, gpu_m_.ptr<float>(),
+                         gpu_v_.ptr<float>(), b, std::min(kAdamChunk, hi - begin_ - b),
+                         p.weight_decay ? 1 : 0, 0});
+    }
+    n_tasks_ = static_cast<int>(tasks.size());
+    const int64_t words = (int64_t(tasks.size()) * int64_t(sizeof(AdamTask)) + 7) / 8;
+    tasks_ = a.take("zero1.tasks", DType::i64, {std::max<int64_t>(words, 1)});
+    partials_ = a.take("zero1.partials", DType::f64, {std::max(n_tasks_, 1)});
+    total_ = a.take("zero1.total", DType::f64, {1});
+  };
+  Arena plan = Arena::measuring("optimizer", Device::cuda);
+  take_all(plan);
+  arena_ = Arena::allocate("optimizer", backend_, plan.high_water());
+  take_all(arena_);
+  backend_.fill(arena_.bytes(), 0.0, {});
+  backend_.copy(tasks_.data, Device::cuda, tasks.data(), Device::cpu,
+                tasks.size() * sizeof(AdamTask), {});
+  backend_.synchronize({});
+}
+
 void Zero1AdamW::reduce_gradients() {
   dp_.reduce_scatter(
       params_.region_grads(region_),
-      Tensor::contiguous_view(grad_.data(), DType::f32, Device::cpu, {shard_}, "grad_shard"),
+      gpu_ ? gpu_grad_
+           : Tensor::contiguous_view(grad_.data(), DType::f32, Device::cpu, {shard_}, "grad_shard"),
       ReduceOp::sum);
 }
 
 double Zero1AdamW::grad_norm_sq() {
+  if (gpu_) {  // per-chunk f64 partials added in order, then summed over the group
+    double total = 0;
+#if defined(BRAID_WITH_CUDA)
+    adamw_grad_sq_cuda(static_cast<const AdamTask*>(tasks_.data), n_tasks_, partials_.ptr<double>(),
+                       total_.ptr<double>(), nullptr);
+    dp_.all_reduce(total_, ReduceOp::sum);
+    backend_.copy(&total, Device::cpu, total_.data, Device::cuda, sizeof(double), {});
+    backend_.synchronize({});
+#endif
+    return total;
+  }
   // [sum over tensor-parallel shards, sum over elements every tp rank holds]
   std::vector<double> s{0, 0};
   for (int64_t i = 0; i < shard_; ++i)
@@ -70,6 +132,17 @@ void Zero1AdamW::step(double lr, double norm) {
               c = float(clip);
   const float step_size = float(lr / bc1), inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
   const float decay_factor = float(1.0 - lr * cfg_.weight_decay);
+  const Tensor values = params_.region_values(region_);
+  if (gpu_) {  // the shard updated in place, then the other ranks' shards gathered around it
+#if defined(BRAID_WITH_CUDA)
+    adamw_step_cuda(static_cast<const AdamTask*>(tasks_.data), n_tasks_,
+                    {c, b1, b2, eps, step_size, inv_sqrt_bc2, decay_factor}, nullptr);
+#endif
+    dp_.all_gather(Tensor::contiguous_view(values.ptr<float>() + begin_, DType::f32, Device::cuda,
+                                           {shard_}, "param_shard"),
+                   values);
+    return;
+  }
   for (int64_t i = 0; i < shard_; ++i) {
     if (mask_[i] != frozen) {  // the same arithmetic as AdamW::step
       const float gi = grad_[i] * c;
@@ -79,16 +152,17 @@ void Zero1AdamW::step(double lr, double norm) {
                    step_size * m_[i] / (std::sqrt(v_[i]) * inv_sqrt_bc2 + eps);
       send_[i] = master_[i];
     } else {
-      send_[i] = params_.region_values(region_).ptr<float>()[begin_ + i];  // frozen: unchanged
+      send_[i] = values.ptr<float>()[begin_ + i];  // frozen: unchanged
     }
   }
   dp_.all_gather(
       Tensor::contiguous_view(send_.data(), DType::f32, Device::cpu, {shard_}, "param_shard"),
-      params_.region_values(region_));
+      values);
 }
 
 void Zero1AdamW::gather_state(std::vector<float>& master, std::vector<float>& m,
                               std::vector<float>& v) {
+  BRAID_CHECK(!gpu_, "Zero1AdamW::gather_state: host state only");
   const int64_t n = shard_ * dp_.size();
   for (auto [shard, full] :
        {std::pair{&master_, &master}, std::pair{&m_, &m}, std::pair{&v_, &v}}) {
@@ -104,8 +178,18 @@ void Zero1AdamW::load_shard(const std::vector<float>& master, const std::vector<
   BRAID_CHECK(int64_t(master.size()) == shard_ && int64_t(m.size()) == shard_ &&
                   int64_t(v.size()) == shard_,
               "Zero1AdamW::load_shard: expected ", shard_, " elements");
-  master_ = master, m_ = m, v_ = v;
   t_ = steps_taken;
+  if (gpu_) {  // the master into the values' trainable runs (the rest of the shard is kept)
+    float* values = params_.region_values(region_).ptr<float>() + begin_;
+    for (auto [at, n] : runs_)
+      backend_.copy(values + at, Device::cuda, master.data() + at, Device::cpu, n * sizeof(float),
+                    {});
+    backend_.copy(gpu_m_.data, Device::cuda, m.data(), Device::cpu, shard_ * sizeof(float), {});
+    backend_.copy(gpu_v_.data, Device::cuda, v.data(), Device::cpu, shard_ * sizeof(float), {});
+    backend_.synchronize({});
+    return;
+  }
+  master_ = master, m_ = m, v_ = v;
 }
 
 }  // namespace braid

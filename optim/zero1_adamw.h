@@ -11,6 +11,11 @@
 // ParamSet: the replicated parameters over the data-parallel group, or (expert parallelism) the
 // expert weights over the expert-data-parallel group; the trainer adds the regions' squared
 // norms.
+// On the GPU (parameters on a CUDA backend, the group an NCCL communicator), the f32 parameters
+// are their own masters: the update writes this rank's shard of the flat values in place (one
+// launch over a chunk table, adamw_kernels.cu) and the all-gather fills in the other shards; the
+// moments and the gradient shard live on the device. Tensor parallelism and mirrors are not
+// supported there (the norm counts every element once).
 #pragma once
 
 #include <cmath>
@@ -20,6 +25,7 @@
 #include "layers/model/params.h"
 #include "optim/adamw.h"
 #include "parallel/communicator.h"
+#include "runtime/arena.h"
 
 namespace braid {
 
@@ -50,16 +56,23 @@ class Zero1AdamW {
   int64_t shard_begin() const { return begin_; }
   int64_t shard_size() const { return shard_; }
   // This rank's fp32 master weights and Adam moments, elements [shard_begin, + shard_size) of the
-  // flat parameter vector.
-  const std::vector<float>& shard_master() const { return master_; }
-  const std::vector<float>& shard_exp_avg() const { return m_; }
-  const std::vector<float>& shard_exp_avg_sq() const { return v_; }
-  const std::vector<float>& shard_grad() const { return grad_; }
+  // flat parameter vector, on state_device() (the GPU's master is its shard of the values).
+  const float* shard_master() const {
+    return gpu_ ? params_.region_values(region_).ptr<float>() + begin_ : master_.data();
+  }
+  const float* shard_exp_avg() const { return gpu_ ? gpu_m_.ptr<float>() : m_.data(); }
+  const float* shard_exp_avg_sq() const { return gpu_ ? gpu_v_.ptr<float>() : v_.data(); }
+  Device state_device() const { return gpu_ ? Device::cuda : Device::cpu; }
+  const std::vector<float>& shard_grad() const { return grad_; }  // CPU only
   int64_t steps_taken() const { return t_; }
-  // Bytes of this rank's optimizer state (masters and moments of its shard).
-  size_t state_bytes() const { return sizeof(float) * (master_.size() + m_.size() + v_.size()); }
+  // Bytes of this rank's optimizer state (masters and moments of its shard; on the GPU the
+  // moments, the gradient shard and the chunk table).
+  size_t state_bytes() const {
+    return gpu_ ? arena_.capacity() : sizeof(float) * (master_.size() + m_.size() + v_.size());
+  }
 
  private:
+  void init_gpu();
   enum Mask : uint8_t { frozen = 0, no_decay = 1, decay = 2 };  // per element of the shard
   ParamSet& params_;
   AdamWConfig cfg_;
@@ -73,6 +86,14 @@ class Zero1AdamW {
   // it (replicated), or not at all (a mirror: its original counts).
   enum Count : uint8_t { sharded = 0, replicated = 1, mirror = 2 };
   std::vector<uint8_t> count_;
+  // GPU: the moments and gradient shard, the chunk table (AdamTask) and its norm partials, and
+  // the shard's trainable runs (offset in the shard, count) that a loaded master fills.
+  bool gpu_ = false;
+  Backend& backend_;
+  Arena arena_;
+  Tensor gpu_m_, gpu_v_, gpu_grad_, tasks_, partials_, total_;
+  int n_tasks_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> runs_;
 };
 
 }  // namespace braid

@@ -1,8 +1,10 @@
 // The NCCL backend of Communicator: GPU tensors of the current device, one rank per GPU. Each call
-// is enqueued on the communicator's stream and waited for, so it has the MPI backend's semantics
-// (the data is in place when the call returns). The wait is the watchdog: it polls the stream and
-// NCCL's asynchronous error state, and a call that has not finished within the timeout aborts the
-// NCCL communicator and ends the job with the rank, the group and the operation named.
+// is enqueued on the communicator's stream after the work already queued on the default stream
+// (where Braid's kernels run: a call sees the tensors they wrote) and waited for, so it has the
+// MPI backend's semantics (the data is in place when the call returns). The wait is the watchdog:
+// it polls the stream and NCCL's asynchronous error state, and a call that has not finished within
+// the timeout aborts the NCCL communicator and ends the job with the rank, the group and the
+// operation named.
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -51,10 +53,12 @@ class NcclCommunicator final : public Communicator {
     NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
     NCCL_CHECK(ncclCommCount(comm_, &size_));
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreateWithFlags(&queued_, cudaEventDisableTiming));
     CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)));
   }
   ~NcclCommunicator() override {
     cudaFree(scratch_);
+    cudaEventDestroy(queued_);
     cudaStreamDestroy(stream_);
     ncclCommDestroy(comm_);
   }
@@ -64,6 +68,7 @@ class NcclCommunicator final : public Communicator {
 
   void all_reduce(const Tensor& t, ReduceOp op) override {
     check(t, "all_reduce");
+    after_queued();
     NCCL_CHECK(
         ncclAllReduce(t.data, t.data, t.numel(), nccl_type(t.dtype), nccl_op(op), comm_, stream_));
     wait("all_reduce");
@@ -73,6 +78,7 @@ class NcclCommunicator final : public Communicator {
     check(out, "reduce_scatter");
     BRAID_CHECK(in.dtype == out.dtype && in.numel() == out.numel() * size_,
                 "reduce_scatter: ", in.describe(), " must hold ", size_, " x ", out.describe());
+    after_queued();
     NCCL_CHECK(ncclReduceScatter(in.data, out.data, out.numel(), nccl_type(in.dtype), nccl_op(op),
                                  comm_, stream_));
     wait("reduce_scatter");
@@ -82,6 +88,7 @@ class NcclCommunicator final : public Communicator {
     check(out, "all_gather");
     BRAID_CHECK(in.dtype == out.dtype && out.numel() == in.numel() * size_,
                 "all_gather: ", out.describe(), " must hold ", size_, " x ", in.describe());
+    after_queued();
     NCCL_CHECK(ncclAllGather(in.data, out.data, in.numel(), nccl_type(in.dtype), comm_, stream_));
     wait("all_gather");
   }
@@ -100,6 +107,7 @@ class NcclCommunicator final : public Communicator {
     BRAID_CHECK(so <= in.numel() && ro <= out.numel(), "all_to_all_v: counts (", so, " sent, ", ro,
                 " received) exceed ", in.describe(), " / ", out.describe());
     const size_t es = dtype_size(in.dtype);
+    after_queued();
     NCCL_CHECK(ncclGroupStart());
     so = 0, ro = 0;
     for (int p = 0; p < size_; ++p) {
@@ -116,11 +124,13 @@ class NcclCommunicator final : public Communicator {
   }
   void send(const Tensor& t, int peer) override {
     check(t, "send");
+    after_queued();
     NCCL_CHECK(ncclSend(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
     wait("send");
   }
   void recv(const Tensor& t, int peer) override {
     check(t, "recv");
+    after_queued();
     NCCL_CHECK(ncclRecv(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
     wait("recv");
   }
@@ -138,6 +148,7 @@ class NcclCommunicator final : public Communicator {
                "parallelism on GPUs) are not built yet");
   }
   void barrier() override {
+    after_queued();
     NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_));
     wait("barrier");
   }
@@ -150,6 +161,11 @@ class NcclCommunicator final : public Communicator {
 
  private:
   static ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::sum ? ncclSum : ncclMax; }
+  // The communicator's stream waits for what the default stream has queued so far.
+  void after_queued() {
+    CUDA_CHECK(cudaEventRecord(queued_, cudaStreamLegacy));
+    CUDA_CHECK(cudaStreamWaitEvent(stream_, queued_, 0));
+  }
   void check(const Tensor& t, const char* op) const {
     BRAID_CHECK(t.device == Device::cuda && t.is_contiguous(), op, " on group '", name_,
                 "': ", t.describe(),
@@ -187,7 +203,8 @@ class NcclCommunicator final : public Communicator {
   int world_rank_;
   int rank_ = 0, size_ = 1;
   cudaStream_t stream_ = nullptr;
-  void* scratch_ = nullptr;  // barrier's one float
+  cudaEvent_t queued_ = nullptr;  // recorded on the default stream before each call
+  void* scratch_ = nullptr;       // barrier's one float
 };
 
 }  // namespace

@@ -37,6 +37,10 @@ class Backend {
 
   virtual void* allocate(size_t bytes) = 0;
   virtual void release(void* p) = 0;
+  // Host memory that this backend's copies read and write at full speed, asynchronously (CUDA:
+  // page-locked; CPU: plain). Not counted in bytes_in_use.
+  virtual void* allocate_host(size_t bytes) = 0;
+  virtual void release_host(void* p) = 0;
   // Copies bytes between any two devices (one side must be this backend's or the host).
   virtual void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
                     Stream s) = 0;
@@ -50,6 +54,8 @@ class Backend {
   virtual void record(Event e, Stream s) = 0;
   virtual void wait(Stream s, Event e) = 0;
   virtual void synchronize(Stream s) = 0;
+  // Whether the work before the event's record has finished (does not wait).
+  virtual bool finished(Event e) = 0;
 
   int64_t allocation_count() const { return allocations_; }
   size_t bytes_in_use() const { return bytes_in_use_; }
@@ -76,8 +82,9 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // Throws a braid::Error if Braid was built without CUDA or no GPU is visible.
 std::unique_ptr<Backend> make_cuda_backend(int device_index);
-// True when Braid was built with CUDA and at least one GPU is visible.
+// True when Braid was built with CUDA and at least one GPU is visible; how many are.
 bool cuda_device_available();
+int cuda_device_count();
 // The current GPU's memory as cudaMemGetInfo reports it (zeros without CUDA).
 struct DeviceMemory {
   size_t free = 0, total = 0;

@@ -36,6 +36,12 @@ class CpuBackend final : public Backend {
     count_release(p);
     std::free(p);
   }
+  void* allocate_host(size_t bytes) override {
+    void* p = std::malloc(bytes == 0 ? 1 : bytes);
+    BRAID_CHECK(p != nullptr, "host allocation of ", bytes, " bytes failed");
+    return p;
+  }
+  void release_host(void* p) override { std::free(p); }
 
   void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
             Stream) override {
@@ -97,6 +103,7 @@ class CpuBackend final : public Backend {
   void record(Event, Stream) override {}
   void wait(Stream, Event) override {}
   void synchronize(Stream) override {}
+  bool finished(Event) override { return true; }
 };
 
 }  // namespace
@@ -116,6 +123,9 @@ void copy_tensor(Backend& backend, const Tensor& dst, const Tensor& src, Stream 
 #if !defined(BRAID_WITH_CUDA)
 std::unique_ptr<Backend> make_cuda_backend(int) {
   BRAID_FAIL("this build of Braid has no CUDA backend (configure with -DBRAID_CUDA=ON)");
+}
+int cuda_device_count() {
+  return 0;
 }
 bool cuda_device_available() {
   return false;

@@ -66,6 +66,18 @@ class CudaBackend final : public Backend {
     count_release(p);
     CUDA_CHECK(cudaFree(p));
   }
+  void* allocate_host(size_t bytes) override {
+    void* p = nullptr;
+    const cudaError_t err = cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocDefault);
+    if (err == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();
+      throw OutOfMemory("page-locked host memory of " + std::to_string(bytes >> 20) +
+                        " MiB could not be allocated");
+    }
+    CUDA_CHECK(err);
+    return p;
+  }
+  void release_host(void* p) override { CUDA_CHECK(cudaFreeHost(p)); }
 
   void copy(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
             Stream s) override {
@@ -158,6 +170,12 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaStreamWaitEvent(as_cuda(s), static_cast<cudaEvent_t>(e.handle), 0));
   }
   void synchronize(Stream s) override { CUDA_CHECK(cudaStreamSynchronize(as_cuda(s))); }
+  bool finished(Event e) override {
+    const cudaError_t q = cudaEventQuery(static_cast<cudaEvent_t>(e.handle));
+    if (q == cudaErrorNotReady) return false;
+    CUDA_CHECK(q);
+    return true;
+  }
 
  private:
   int device_index_;
@@ -169,9 +187,13 @@ std::unique_ptr<Backend> make_cuda_backend(int device_index) {
   return std::make_unique<CudaBackend>(device_index);
 }
 
-bool cuda_device_available() {
+int cuda_device_count() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+bool cuda_device_available() {
+  return cuda_device_count() > 0;
 }
 
 DeviceMemory cuda_memory_info() {

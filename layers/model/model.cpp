@@ -228,8 +228,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
                   "': MoE (E) layers do not run on the GPU yet; use train.device=cpu or a pattern "
                   "of S, M, *, - layers");
     BRAID_REQUIRE(tp.size() == 1 && !cp && !ep && starts.size() == 1,
-                  "the GPU model runs on one GPU for now (no tensor, context, expert or pipeline "
-                  "parallelism)");
+                  "the GPU model has no tensor, context, expert or pipeline parallelism yet "
+                  "(data parallelism only)");
     gemm_ = std::make_unique<GemmContext>(backend);
   }
   // Mixed precision: bf16 activations and compute copies of the weights, f32 parameters and
