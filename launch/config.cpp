@@ -171,6 +171,7 @@ const std::map<std::string, Key>& registry() {
       {"parallel.sequence_parallel", bool_key(M(parallel.sequence_parallel))},
       {"parallel.stage_starts", string_key(M(parallel.stage_starts))},
       {"parallel.virtual_stages", int_key(M(parallel.virtual_stages), 1)},
+      {"parallel.grad_bucket_mb", double_key(M(parallel.grad_bucket_mb))},
       {"train.steps", int_key(M(train.steps), 1)},
       {"train.micro_batch", int_key(M(train.micro_batch), 1)},
       {"train.seq_len", int_key(M(train.seq_len), 1)},
@@ -317,6 +318,9 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
       "' must be none, ssm (the Mamba mixers) or full");
   BRAID_REQUIRE(c.train.device == "cpu" || c.train.device == "cuda", path, ": train.device = '",
                 c.train.device, "' must be cpu or cuda");
+  BRAID_REQUIRE(std::isfinite(c.parallel.grad_bucket_mb) && c.parallel.grad_bucket_mb >= 0, path,
+                ": parallel.grad_bucket_mb = ", c.parallel.grad_bucket_mb,
+                " must be 0 (reduce after the backward) or a positive size in MB");
   BRAID_REQUIRE(!c.data.train.empty(), path,
                 ": data.train is empty: give the training shard file(s)");
   BRAID_REQUIRE(!c.data.valid.empty(), path,

@@ -46,15 +46,23 @@ class RunOptimizer {
       if (ep) experts_.push_back(std::make_unique<Zero1AdamW>(*ps, cfg, backend, *edp, tp, 1));
     }
   }
-  // Reduces the gradients over the group (ZeRO-1) and returns the global norm.
-  double reduce_and_norm() {
+  // Reduces the gradients over the group (ZeRO-1) and returns the global norm. dense_reduced: the
+  // replicated parameters' gradients (region 0) are already summed over the group whole
+  // (GradBuckets), and each rank takes its shard.
+  double reduce_and_norm(bool dense_reduced = false) {
     if (adam_) return adam_->grad_norm();
     auto sum = [](Communicator& c, double& x) {
       c.all_reduce(Tensor::contiguous_view(&x, DType::f64, Device::cpu, {1}, "grad_norm"),
                    ReduceOp::sum);
     };
     double sq = 0, e = 0;
-    for (auto& z : zeros_) z->reduce_gradients(), sq += z->grad_norm_sq();
+    for (auto& z : zeros_) {
+      if (dense_reduced)
+        z->use_reduced_gradients();
+      else
+        z->reduce_gradients();
+      sq += z->grad_norm_sq();
+    }
     for (auto& z : experts_) z->reduce_gradients(), e += z->grad_norm_sq();
     if (ep_) sum(*ep_, e);
     sq += e;

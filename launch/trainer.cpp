@@ -23,6 +23,7 @@
 #include "layers/model/model.h"
 #include "optim/adamw.h"
 #include "optim/zero1_adamw.h"
+#include "parallel/grad_buckets.h"
 #include "parallel/launch_env.h"
 #include "parallel/pipeline_executor.h"
 
@@ -622,6 +623,17 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   auto last = t0;
   double interval_loss = 0;
   int64_t interval_steps = 0;
+  // Gradient buckets: the replicated parameters' gradients summed over the data group while the
+  // last microbatch's backward goes on (pipeline runs reduce after their schedule).
+  Communicator* data_comm = grad_nccl ? grad_nccl.get() : grad_group.get();
+  std::unique_ptr<GradBuckets> buckets;
+  if (pp == 1 && data_comm && data_comm->size() > 1 && layout.grad_bucket_mb > 0) {
+    const Tensor grads = model.params().region_grads(0);
+    buckets = std::make_unique<GradBuckets>(
+        grads, *data_comm, std::max<int64_t>(1, int64_t(layout.grad_bucket_mb * 1e6 / 4)));
+    say("gradients: %d buckets of about %.3g MB summed during the backward\n", buckets->buckets(),
+        double(grads.nbytes()) / buckets->buckets() / 1e6);
+  }
   for (int64_t step = start_step; step < ts.steps; ++step) {
     for (const auto& m : chunks) m->params().zero_grads();
     double loss_sum = 0, aux = 0;
@@ -630,8 +642,11 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         fill(train_data, sampler, consumed + dp_rank * b, whole.batch);
         take_shard();
         consumed += dp * b;
+        if (buckets && micro + 1 == ts.grad_accum)
+          model.set_grads_ready([&](int64_t offset) { buckets->ready_from(offset); });
         const Model::StepResult r = model.forward_backward(input, 1.0 / double(tokens_per_step),
                                                            1.0 / double(ts.grad_accum));
+        model.set_grads_ready(nullptr);
         loss_sum += r.loss.sum;
         aux += r.aux / double(ts.grad_accum);
       }
@@ -664,8 +679,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       loss_sum = sums[0], aux = sums[1] / (dp * cp);
     }
     const double loss = loss_sum / double(tokens_per_step);
+    if (buckets) buckets->finish();  // before anything else writes the gradients
     for (const auto& m : chunks) m->reduce_sequence_parallel_grads();
-    const double norm = opt.reduce_and_norm();
+    const double norm = opt.reduce_and_norm(buckets != nullptr);
     BRAID_REQUIRE(std::isfinite(norm) && std::isfinite(loss), "step ", step + 1,
                   ": non-finite loss (", loss, ") or gradient norm (", norm,
                   "); lower optim.lr or check the data");

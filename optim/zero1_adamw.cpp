@@ -50,15 +50,15 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
 void Zero1AdamW::init_gpu() {
   BRAID_CHECK(!tp_, "ZeRO-1 AdamW on the GPU: tensor parallelism is not supported");
   // The chunk table: every kAdamChunk elements of each trainable parameter's part of the shard.
-  // All pointers are the shard's bases (the values at begin_, the moments, the gradient shard);
-  // a task is a range of shard elements.
+  // All pointers are the shard's bases (the values and gradients at begin_, the moments); a task
+  // is a range of shard elements.
   std::vector<AdamTask> tasks;
   auto take_all = [&](Arena& a) {
     gpu_m_ = a.take("zero1.exp_avg", DType::f32, {shard_});
     gpu_v_ = a.take("zero1.exp_avg_sq", DType::f32, {shard_});
-    gpu_grad_ = a.take("zero1.grad_shard", DType::f32, {shard_});
     tasks.clear(), runs_.clear();
     float* values = params_.region_values(region_).ptr<float>();
+    float* grads = params_.region_grads(region_).ptr<float>();
     for (const Param& p : params_.all()) {
       if (!p.trainable || p.region != region_) continue;
       BRAID_CHECK(!p.mirror, "ZeRO-1 AdamW on the GPU: mirrored parameter ", p.name,
@@ -68,10 +68,9 @@ void Zero1AdamW::init_gpu() {
       if (lo >= hi) continue;
       runs_.push_back({lo - begin_, hi - lo});
       for (int64_t b = lo - begin_; b < hi - begin_; b += kAdamChunk)
-        tasks.push_back({values ? values + begin_ : nullptr, nullptr, gpu_grad_.data,
-                         values ? values + begin_ : nullptr, gpu_m_.ptr<float>(),
-                         gpu_v_.ptr<float>(), b, std::min(kAdamChunk, hi - begin_ - b),
-                         p.weight_decay ? 1 : 0, 0});
+        tasks.push_back({values + begin_, nullptr, grads + begin_, values + begin_,
+                         gpu_m_.ptr<float>(), gpu_v_.ptr<float>(), b,
+                         std::min(kAdamChunk, hi - begin_ - b), p.weight_decay ? 1 : 0, 0});
     }
     n_tasks_ = static_cast<int>(tasks.size());
     const int64_t words = (int64_t(tasks.size()) * int64_t(sizeof(AdamTask)) + 7) / 8;
@@ -90,11 +89,18 @@ void Zero1AdamW::init_gpu() {
 }
 
 void Zero1AdamW::reduce_gradients() {
+  const Tensor grads = params_.region_grads(region_);
+  if (gpu_)  // in place: this rank's shard of the gradient vector
+    return dp_.reduce_scatter(grads, grads.slice(0, begin_, shard_), ReduceOp::sum);
   dp_.reduce_scatter(
-      params_.region_grads(region_),
-      gpu_ ? gpu_grad_
-           : Tensor::contiguous_view(grad_.data(), DType::f32, Device::cpu, {shard_}, "grad_shard"),
+      grads, Tensor::contiguous_view(grad_.data(), DType::f32, Device::cpu, {shard_}, "grad_shard"),
       ReduceOp::sum);
+}
+
+void Zero1AdamW::use_reduced_gradients() {
+  if (gpu_) return;  // the tasks read the shard in the gradient vector
+  const float* g = params_.region_grads(region_).ptr<float>() + begin_;
+  std::copy(g, g + shard_, grad_.begin());
 }
 
 double Zero1AdamW::grad_norm_sq() {

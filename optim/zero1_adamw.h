@@ -14,8 +14,8 @@
 // On the GPU (parameters on a CUDA backend, the group an NCCL communicator), the f32 parameters
 // are their own masters: the update writes this rank's shard of the flat values in place (one
 // launch over a chunk table, adamw_kernels.cu) and the all-gather fills in the other shards; the
-// moments and the gradient shard live on the device. Tensor parallelism and mirrors are not
-// supported there (the norm counts every element once).
+// moments live on the device, and the gradient shard is reduced in place in the gradient vector.
+// Tensor parallelism and mirrors are not supported there (the norm counts every element once).
 #pragma once
 
 #include <cmath>
@@ -38,6 +38,8 @@ class Zero1AdamW {
 
   // Sums the gradients over the group into this rank's shard.
   void reduce_gradients();
+  // Takes this rank's shard of gradients already summed over the group whole (GradBuckets).
+  void use_reduced_gradients();
   // Global L2 norm of the reduced gradient (f64, fixed order within a rank, then summed), and its
   // square (to combine with another region's).
   double grad_norm() { return std::sqrt(grad_norm_sq()); }
@@ -86,12 +88,12 @@ class Zero1AdamW {
   // it (replicated), or not at all (a mirror: its original counts).
   enum Count : uint8_t { sharded = 0, replicated = 1, mirror = 2 };
   std::vector<uint8_t> count_;
-  // GPU: the moments and gradient shard, the chunk table (AdamTask) and its norm partials, and
-  // the shard's trainable runs (offset in the shard, count) that a loaded master fills.
+  // GPU: the moments, the chunk table (AdamTask) and its norm partials, and the shard's
+  // trainable runs (offset in the shard, count) that a loaded master fills.
   bool gpu_ = false;
   Backend& backend_;
   Arena arena_;
-  Tensor gpu_m_, gpu_v_, gpu_grad_, tasks_, partials_, total_;
+  Tensor gpu_m_, gpu_v_, tasks_, partials_, total_;
   int n_tasks_ = 0;
   std::vector<std::pair<int64_t, int64_t>> runs_;
 };

@@ -35,6 +35,9 @@ class Communicator {
 
   // t = reduce over ranks of t (in place).
   virtual void all_reduce(const Tensor& t, ReduceOp op) = 0;
+  // The same, returning at once (NCCL: queued after the default stream's work so far); t is
+  // reduced when the returned transfer's wait() returns, and must stay untouched until then.
+  virtual std::unique_ptr<PendingTransfer> iall_reduce(const Tensor& t, ReduceOp op) = 0;
   // in [size * n] -> out [n]: out on rank r = reduce over ranks of in[r*n, (r+1)*n).
   virtual void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) = 0;
   // in [n] -> out [size * n]: out[r*n, (r+1)*n) = in of rank r.

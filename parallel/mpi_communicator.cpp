@@ -118,6 +118,13 @@ class MpiCommunicator final : public Communicator {
     Scope s(*this, "all_reduce");
     MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, t.data, count(t), mpi_type(t.dtype), mpi_op(op), comm_));
   }
+  std::unique_ptr<PendingTransfer> iall_reduce(const Tensor& t, ReduceOp op) override {
+    check(t, "iall_reduce", true);
+    auto p = std::make_unique<Pending>(*this, "iall_reduce");
+    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, t.data, count(t), mpi_type(t.dtype), mpi_op(op), comm_,
+                             &p->request));
+    return p;
+  }
   void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override {
     check(in, "reduce_scatter", true);
     check(out, "reduce_scatter", true);

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <thread>
+#include <utility>
 
 #include "parallel/communicator.h"
 #include "runtime/check.h"
@@ -72,6 +73,23 @@ class NcclCommunicator final : public Communicator {
     NCCL_CHECK(
         ncclAllReduce(t.data, t.data, t.numel(), nccl_type(t.dtype), nccl_op(op), comm_, stream_));
     wait("all_reduce");
+  }
+  // Waited for by waiting for the stream (its calls finish in order).
+  struct Queued : PendingTransfer {
+    NcclCommunicator& c;
+    bool done = false;
+    explicit Queued(NcclCommunicator& comm) : c(comm) {}
+    ~Queued() override { wait(); }
+    void wait() override {
+      if (!std::exchange(done, true)) c.wait("iall_reduce");
+    }
+  };
+  std::unique_ptr<PendingTransfer> iall_reduce(const Tensor& t, ReduceOp op) override {
+    check(t, "iall_reduce");
+    after_queued();
+    NCCL_CHECK(
+        ncclAllReduce(t.data, t.data, t.numel(), nccl_type(t.dtype), nccl_op(op), comm_, stream_));
+    return std::make_unique<Queued>(*this);
   }
   void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override {
     check(in, "reduce_scatter");

@@ -26,6 +26,9 @@ struct Layout {
   // Model chunks per pipeline stage (interleaved schedule, Megatron-LM's virtual stages): the
   // layers are cut into pp * virtual_stages pieces, piece c pp + s on stage s.
   int virtual_stages = 1;
+  // Data-parallel gradient buckets of about this many MB of f32 gradients, summed while the
+  // backward goes on (GradBuckets); 0: the gradients are reduced after the backward.
+  double grad_bucket_mb = 25;
 };
 
 class RankGrid {

@@ -494,10 +494,13 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
     }
     rmsnorm_backward(resid_[i], norms_[i]->value, rstd_[i], dnormed_, dresid_, norms_[i]->grad,
                      &norm_ws_, nullptr, true);  // dresid += the norm's input gradient
+    // Layer i's parameters start with its norm; later layers and the head come after it.
+    if (grads_ready_) grads_ready_(params_.region_offset(*norms_[i]));
   }
   if (first_) {
     embedding_backward(batch.tokens, sp_ ? gather(tp_, dresid_, fout_) : bt(dresid_), embed_->grad,
                        vocab_start_, cfg_.vocab_size, &embed_ws_);
+    if (grads_ready_) grads_ready_(0);
   } else {
     BRAID_CHECK(input_grad, "Model: a later pipeline stage returns its input's gradient");
     copy_tensor(*backend_, *input_grad, dresid_);

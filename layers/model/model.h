@@ -8,6 +8,7 @@
 // for microbatches of [B,T]: a step allocates nothing.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -111,6 +112,10 @@ class Model {
   StepResult forward_backward(const Batch& batch, double grad_scale, double aux_scale,
                               const Tensor* input = nullptr, const Tensor* output_grad = nullptr,
                               const Tensor* input_grad = nullptr);
+  // Called during forward_backward's backward (when set) with x as the gradients at flat offset x
+  // and above become final for this microbatch: after each layer, and 0 after the embeddings (a
+  // data-parallel run sums the finished ones while the backward goes on: GradBuckets).
+  void set_grads_ready(std::function<void(int64_t)> f) { grads_ready_ = std::move(f); }
   // The forward alone (a pipeline stage's output is then stage_output()), and the held-out loss
   // (0 on stages before the last).
   void forward_only(const Batch& batch, const Tensor* input = nullptr);
@@ -150,8 +155,9 @@ class Model {
   Backend* backend_;
   TensorParallel tp_;
   Communicator* cp_ = nullptr;
-  bool sp_ = false;          // sequence parallel: the residual stream is split by rows
-  int64_t vocab_start_ = 0;  // this rank's first vocabulary row
+  bool sp_ = false;  // sequence parallel: the residual stream is split by rows
+  std::function<void(int64_t)> grads_ready_;  // set_grads_ready
+  int64_t vocab_start_ = 0;                   // this rank's first vocabulary row
   std::string layers_;
   bool first_ = true, last_ = true;  // pipeline stage
   int64_t layer0_ = 0;               // the stage's first layer

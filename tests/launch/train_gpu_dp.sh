@@ -2,6 +2,8 @@
 # Data parallelism on GPUs (a machine with 2 or more GPUs only): the tiny GPU hybrid on one GPU
 # with train.grad_accum=4 against 2 ranks x 2 GPUs (NCCL, ZeRO-1) with grad_accum=2 (the same
 # samples in every step), and checkpoints saved on one layout resumed on the other.
+# - Gradients summed in buckets during the backward (NCCL, beside the backward's kernels) and
+#   after it give bit-identical losses (each element is the same sum of two numbers).
 # - A 2-GPU run resumed from its own (async, pinned-staged) step-10 checkpoint repeats steps
 #   11-20 bit for bit: the staged copy holds step 10's state, not a later step's.
 # - 1 GPU vs 2 GPUs: each microbatch is the same computation on the same weights; only the f32
@@ -47,13 +49,19 @@ seed_from() {  # seed_from RUN FROM: RUN starts with FROM's step-10 checkpoint
   cp -r "$work/$2/checkpoints/step_00000010" "$work/$1/checkpoints/"
 }
 run one 1 train.grad_accum=4
-run two 2 train.grad_accum=2 checkpoint.async=true
+run two 2 train.grad_accum=2 checkpoint.async=true parallel.grad_bucket_mb=1
 grep -q "layout: 2 ranks" "$work/two.log" || { echo "FAIL: not 2 ranks"; cat "$work/two.log"; exit 1; }
+grep -q "gradients: [0-9]* buckets" "$work/two.log" || { echo "FAIL: no buckets"; cat "$work/two.log"; exit 1; }
+# Gradient buckets summed during the backward (1 MB: several) against the reduction after it:
+# the same two numbers added per element, bit-identical losses.
+run two_after 2 train.grad_accum=2 parallel.grad_bucket_mb=0
+compare "2 GPUs, gradients summed in buckets during the backward vs after it, losses" \
+  "$(losses "$work/two/metrics.jsonl")" "$(losses "$work/two_after/metrics.jsonl")" 0
 "$braid" ckpt verify "$work/two/checkpoints/step_00000010" >/dev/null
 seed_from two_resumed two
 seed_from one_from_two two
 seed_from two_from_one one
-run two_resumed 2 train.grad_accum=2 checkpoint.resume=true
+run two_resumed 2 train.grad_accum=2 checkpoint.resume=true parallel.grad_bucket_mb=1
 run one_from_two 1 train.grad_accum=4 checkpoint.resume=true
 run two_from_one 2 train.grad_accum=2 checkpoint.resume=true
 for r in two_resumed one_from_two two_from_one; do
