@@ -72,16 +72,23 @@ void DeviceStaging::stage(std::vector<CheckpointPiece>& pieces) {
   backend_.destroy_event(queued);  // released once its pending wait has resolved
 }
 
+namespace {
+
+// The host view at `host` of a device tensor's elements.
+Tensor host_view(const Tensor& t, const void* host) {
+  return Tensor::contiguous_view(const_cast<void*>(host), t.dtype, Device::cpu, t.shape.data(),
+                                 t.ndim, t.name);
+}
+
+}  // namespace
+
 void DeviceStaging::stage(std::vector<CheckpointTensor>& tensors) {
   std::vector<CheckpointPiece> pieces;
   for (const CheckpointTensor& t : tensors)
     pieces.push_back({t.kind, t.name, t.tensor.dtype, {}, 0, t.tensor.numel(), t.tensor.data});
   stage(pieces);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    Tensor& t = tensors[i].tensor;
-    t = Tensor::contiguous_view(const_cast<void*>(pieces[i].data), t.dtype, Device::cpu,
-                                t.shape.data(), t.ndim, t.name);
-  }
+  for (size_t i = 0; i < tensors.size(); ++i)
+    tensors[i].tensor = host_view(tensors[i].tensor, pieces[i].data);
 }
 
 // Polls and sleeps rather than spinning in cudaStreamSynchronize beside the training thread.
@@ -98,6 +105,16 @@ void DeviceStaging::unstage(std::vector<CheckpointRead>& reads) {
   for (CheckpointRead& r : reads)
     if (r.count > 0 && r.dst)
       if (char* host = host_of(r.dst, size_t(r.count) * dtype_size(r.dtype), loaded_)) r.dst = host;
+}
+
+void DeviceStaging::unstage(std::vector<CheckpointTensor>& tensors) {
+  loaded_.clear();
+  for (CheckpointTensor& t : tensors) {
+    const char* host = host_of(t.tensor.data, t.tensor.nbytes(), loaded_);
+    BRAID_CHECK(host, "checkpoint staging: ", t.kind, "/", t.name,
+                " lies outside the device regions it mirrors");
+    t.tensor = host_view(t.tensor, host);
+  }
 }
 
 void DeviceStaging::upload() {

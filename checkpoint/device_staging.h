@@ -41,6 +41,7 @@ class DeviceStaging {
   // they are), and after the load (upload) copies the bytes they read back to the device and
   // waits.
   void unstage(std::vector<CheckpointRead>& reads);
+  void unstage(std::vector<CheckpointTensor>& tensors);  // each must lie in a region
   void upload();
   size_t host_bytes() const { return total_; }
 

@@ -117,11 +117,11 @@ class RunOptimizer {
   // checked whole).
   void load(const std::string& dir, int64_t steps) {
     if (adam_ && backend_.device() == Device::cpu) return load_checkpoint(dir, *sets_[0], *adam_);
-    if (adam_) {  // read into host buffers, then copied to the GPU
-      const std::vector<CheckpointTensor> state = training_state(*sets_[0], *adam_);
-      const std::vector<CheckpointTensor> host = host_layout(state, staging_);
-      load_checkpoint(dir, host);
-      copy_all(state, host);
+    if (adam_) {  // read into the host mirror, then copied to the GPU
+      std::vector<CheckpointTensor> state = training_state(*sets_[0], *adam_);
+      staging().unstage(state);
+      load_checkpoint(dir, state);
+      staging().upload();
       adam_->set_steps_taken(steps);
       sets_[0]->refresh_compute();
       return;
@@ -170,19 +170,11 @@ class RunOptimizer {
     }
     return out;
   }
-  // dst[i] <- src[i] between host and device, then waits for the copies.
-  void copy_all(const std::vector<CheckpointTensor>& dst,
-                const std::vector<CheckpointTensor>& src) {
-    for (size_t i = 0; i < dst.size(); ++i)
-      backend_.copy(dst[i].tensor.data, dst[i].tensor.device, src[i].tensor.data,
-                    src[i].tensor.device, src[i].tensor.nbytes(), {});
-    backend_.synchronize({});
-  }
 
   std::vector<ParamSet*> sets_;
   Backend& backend_;
   // The device regions a GPU run's checkpoints read (parameter values, optimizer state), with
-  // their host mirrors; made at the first save or sharded load.
+  // their host mirrors; made at set-up (prepare_checkpoints) or the first load.
   DeviceStaging& staging() {
     if (!staging_gpu_) {
       std::vector<DeviceStaging::Region> regions;
@@ -209,7 +201,6 @@ class RunOptimizer {
     return *staging_gpu_;
   }
 
-  std::vector<char> staging_;  // a GPU run's state in host memory, for loads
   std::unique_ptr<DeviceStaging> staging_gpu_;
   Communicator *ep_, *pp_;
   std::vector<RemoteParam> remote_;
