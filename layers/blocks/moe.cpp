@@ -140,7 +140,7 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     experts_backward(xe_, doe_, dxe_);
   }
   zero_fill(dx2);
-  moe_gather_backward(dxe_, row_token_, rows_, dx2);
+  moe_gather_backward(dxe_, expert_, slot_, offsets_, dx2);
   router_backward(logits_, router_, {&scores_, &expert_, &slot_, &weight_, &counts_}, dweight_,
                   cfg_.aux_loss_coef * meta.aux_loss_scale, cfg_.z_loss_coef * meta.aux_loss_scale,
                   dlogits_);

@@ -1,6 +1,12 @@
 #include <algorithm>
 #include <cstring>
 
+#if defined(BRAID_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "runtime/cuda_check.h"
+#endif
+
 #include "layers/common/op_common.h"
 #include "layers/moe_dispatch/moe_dispatch.h"
 #include "runtime/parallel_for.h"
@@ -13,7 +19,26 @@ void check_routes(const Tensor& expert, const Tensor& slot) {
               "moe_dispatch: expert and slot must be [M,K] i32; got ", expert.describe(), ", ",
               slot.describe());
   check_shape(slot, {expert.size(0), expert.size(1)});
-  require_host("moe_dispatch", {&expert, &slot});
+  if (expert.device == Device::cuda)
+    require_gpu("moe_dispatch", {&expert, &slot});
+  else
+    require_host("moe_dispatch", {&expert, &slot});
+}
+
+// GPU rows (x, xe, oe, y, dy, doe, dx): bf16 or f32, one dtype; weights f32.
+bool gpu_rows(const char* op, std::initializer_list<const Tensor*> rows,
+              std::initializer_list<const Tensor*> weights) {
+  require_gpu(op, rows);
+  require_gpu(op, weights);
+  const DType t = (*rows.begin())->dtype;
+  BRAID_CHECK(t == DType::bf16 || t == DType::f32, op,
+              ": rows must be bf16 or f32 on the GPU, got ", (*rows.begin())->describe());
+  require_dtype(op, t, rows);
+  require_dtype(op, DType::f32, weights);
+#if !defined(BRAID_WITH_CUDA)
+  BRAID_FAIL(op, ": GPU tensors, but this build has no CUDA");
+#endif
+  return t == DType::bf16;
 }
 
 int64_t row_of(const int32_t* ex, const int32_t* sl, const int32_t* off, int64_t i) {
@@ -23,11 +48,25 @@ int64_t row_of(const int32_t* ex, const int32_t* sl, const int32_t* off, int64_t
 }  // namespace
 
 int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor& counts,
-                          int64_t capacity, const Tensor& offsets, const Tensor& row_token) {
+                          int64_t capacity, const Tensor& offsets, const Tensor& row_token,
+                          std::vector<int32_t>* host_offsets) {
   check_routes(expert, slot);
   const int64_t m = expert.size(0), k = expert.size(1), e = counts.numel();
   check_shape(offsets, {e + 1});
   check_shape(row_token, {m * k});
+  if (expert.device == Device::cuda) {
+    require_gpu("moe_dispatch", {&counts, &offsets, &row_token});
+    std::vector<int32_t> off(size_t(e + 1), 0);
+#if defined(BRAID_WITH_CUDA)
+    moe_dispatch_plan_cuda(expert.ptr<int32_t>(), slot.ptr<int32_t>(), counts.ptr<int32_t>(), m,
+                           int(k), int(e), capacity, offsets.ptr<int32_t>(),
+                           row_token.ptr<int32_t>(), nullptr);
+    CUDA_CHECK(
+        cudaMemcpy(off.data(), offsets.data, off.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+#endif
+    if (host_offsets) *host_offsets = off;
+    return off[e];
+  }
   require_host("moe_dispatch", {&counts, &offsets, &row_token});
   const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(),
                 *cnt = counts.ptr<int32_t>();
@@ -43,6 +82,7 @@ int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor
     const int64_t r = row_of(ex, sl, off, i);
     if (r >= 0) tok[r] = int32_t(i / k);
   }
+  if (host_offsets) host_offsets->assign(off, off + e + 1);
   return off[e];
 }
 
@@ -51,8 +91,17 @@ void moe_gather(const Tensor& x, const Tensor& row_token, int64_t rows, const Te
               "moe_gather: x [M,D], xe [R,D] with rows <= R; got ", x.describe(), ", ",
               xe.describe());
   check_same_dtype(x, xe);
-  require_host("moe_gather", {&x, &row_token, &xe});
   const int64_t d = x.size(1);
+  if (x.device == Device::cuda) {
+    const bool bf16 = gpu_rows("moe_gather", {&x, &xe}, {});
+    require_gpu("moe_gather", {&row_token});
+#if defined(BRAID_WITH_CUDA)
+    moe_gather_cuda(x.data, row_token.ptr<int32_t>(), rows, d, bf16, xe.data, nullptr);
+#endif
+    (void)bf16;
+    return;
+  }
+  require_host("moe_gather", {&x, &row_token, &xe});
   const size_t es = dtype_size(x.dtype);
   const int32_t* tok = row_token.ptr<int32_t>();
   parallel_for(rows, [&](int64_t r) {
@@ -61,15 +110,37 @@ void moe_gather(const Tensor& x, const Tensor& row_token, int64_t rows, const Te
   });
 }
 
-void moe_gather_backward(const Tensor& dxe, const Tensor& row_token, int64_t rows,
-                         const Tensor& dx) {
-  BRAID_CHECK(dx.ndim == 2 && dxe.ndim == 2 && dxe.size(1) == dx.size(1),
+void moe_gather_backward(const Tensor& dxe, const Tensor& expert, const Tensor& slot,
+                         const Tensor& offsets, const Tensor& dx) {
+  check_routes(expert, slot);
+  const int64_t m = expert.size(0), k = expert.size(1);
+  BRAID_CHECK(dx.ndim == 2 && dxe.ndim == 2 && dxe.size(1) == dx.size(1) && dx.size(0) == m,
               "moe_gather_backward: shapes ", dxe.describe(), ", ", dx.describe());
   check_same_dtype(dx, dxe);
-  require_host("moe_gather_backward", {&dxe, &row_token, &dx});
   const int64_t d = dx.size(1);
+  if (dx.device == Device::cuda) {
+    const bool bf16 = gpu_rows("moe_gather_backward", {&dxe, &dx}, {});
+    require_gpu("moe_gather_backward", {&offsets});
+#if defined(BRAID_WITH_CUDA)
+    moe_token_sum_cuda(dxe.data, expert.ptr<int32_t>(), slot.ptr<int32_t>(), offsets.ptr<int32_t>(),
+                       nullptr, m, int(k), d, true, bf16, dx.data, nullptr);
+#endif
+    (void)bf16;
+    return;
+  }
+  require_host("moe_gather_backward", {&dxe, &offsets, &dx});
+  const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(),
+                *off = offsets.ptr<int32_t>();
   dispatch_float(dx.dtype, "moe_gather_backward", [&]<typename T>() {
-    scatter_add_rows(dxe.ptr<T>(), row_token.ptr<int32_t>(), rows, d, dx.ptr<T>());
+    const T* g = dxe.ptr<T>();
+    T* out = dx.ptr<T>();
+    parallel_for(m, [&](int64_t i) {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const int64_t r = row_of(ex, sl, off, i * k + kk);
+        if (r < 0) continue;
+        for (int64_t c = 0; c < d; ++c) out[i * d + c] += g[r * d + c];
+      }
+    });
   });
 }
 
@@ -80,6 +151,16 @@ void moe_combine(const Tensor& oe, const Tensor& expert, const Tensor& slot, con
   check_shape(weight, {m, k});
   check_shape(y, {m, d});
   check_same_dtype(oe, y);
+  if (y.device == Device::cuda) {
+    const bool bf16 = gpu_rows("moe_combine", {&oe, &y}, {&weight});
+    require_gpu("moe_combine", {&offsets});
+#if defined(BRAID_WITH_CUDA)
+    moe_token_sum_cuda(oe.data, expert.ptr<int32_t>(), slot.ptr<int32_t>(), offsets.ptr<int32_t>(),
+                       weight.ptr<float>(), m, int(k), d, false, bf16, y.data, nullptr);
+#endif
+    (void)bf16;
+    return;
+  }
   check_same_dtype(weight, y);
   require_host("moe_combine", {&oe, &offsets, &weight, &y});
   const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(),
@@ -106,6 +187,17 @@ void moe_combine_backward(const Tensor& dy, const Tensor& oe, const Tensor& expe
   const int64_t m = expert.size(0), k = expert.size(1), d = dy.size(1);
   check_shape(dweight, {m, k});
   check_same_dtype(dy, doe);
+  if (dy.device == Device::cuda) {
+    const bool bf16 = gpu_rows("moe_combine_backward", {&dy, &oe, &doe}, {&weight, &dweight});
+    require_gpu("moe_combine_backward", {&offsets});
+#if defined(BRAID_WITH_CUDA)
+    moe_combine_backward_cuda(dy.data, oe.data, expert.ptr<int32_t>(), slot.ptr<int32_t>(),
+                              offsets.ptr<int32_t>(), weight.ptr<float>(), m, int(k), d, bf16,
+                              doe.data, dweight.ptr<float>(), nullptr);
+#endif
+    (void)bf16;
+    return;
+  }
   require_host("moe_combine_backward", {&dy, &oe, &offsets, &weight, &doe, &dweight});
   const int32_t *ex = expert.ptr<int32_t>(), *sl = slot.ptr<int32_t>(),
                 *off = offsets.ptr<int32_t>();

@@ -12,6 +12,11 @@
 //   logits, scores [M,E]; bias, counts [E]; expert, slot [M,K] i32; weight [M,K].
 // Backward: dlogits (=) from dweight [M,K] and the multipliers aux_grad, z_grad (the derivative
 // of the total loss with respect to aux and zloss, coefficients included).
+// On the GPU (every tensor on the device; logits, scores, weight, bias, dweight, dlogits f32) the
+// same arithmetic runs in f32: a thread per token chooses its experts, a block per expert numbers
+// its assignments in (m, k) order (slots, counts), and the two loss sums are per-block f64
+// partials added in order (workspace), read back to the host with one small copy and a wait.
+// Deterministic: no atomics.
 #pragma once
 
 #include <cstdint>
@@ -30,12 +35,15 @@ struct RouterConfig {
 };
 
 struct RouterOutputs {
-  const Tensor* scores = nullptr;  // [M,E]
-  const Tensor* expert = nullptr;  // [M,K] i32 chosen expert
-  const Tensor* slot = nullptr;    // [M,K] i32 row in that expert's buffer, -1 when dropped
-  const Tensor* weight = nullptr;  // [M,K]
-  const Tensor* counts = nullptr;  // [E] i32 assignments per expert before dropping
+  const Tensor* scores = nullptr;     // [M,E]
+  const Tensor* expert = nullptr;     // [M,K] i32 chosen expert
+  const Tensor* slot = nullptr;       // [M,K] i32 row in that expert's buffer, -1 when dropped
+  const Tensor* weight = nullptr;     // [M,K]
+  const Tensor* counts = nullptr;     // [E] i32 assignments per expert before dropping
+  const Tensor* workspace = nullptr;  // GPU: f64 [router_workspace_elems()] for the loss sums
 };
+
+int64_t router_workspace_elems();
 
 struct RouterLosses {
   double aux = 0;
@@ -56,5 +64,18 @@ void router_accumulate_counts(const Tensor& acc, const Tensor& counts);
 
 void router_backward(const Tensor& logits, const RouterConfig& cfg, const RouterOutputs& saved,
                      const Tensor& dweight, double aux_grad, double z_grad, const Tensor& dlogits);
+
+// The CUDA side (moe_router_kernels.cu), after the checks. sums: the last 2 of the workspace.
+int64_t router_loss_workspace_elems_cuda();
+void router_forward_cuda(const float* logits, const float* bias, int64_t m, int e, int k,
+                         int64_t cap, bool sigmoid_scores, bool normalize, float* scores,
+                         int32_t* expert, int32_t* slot, float* weight, int32_t* counts,
+                         double* workspace, double* sums, void* stream);
+void router_backward_cuda(const float* logits, const float* scores, const int32_t* expert,
+                          const int32_t* counts, const float* dweight, int64_t m, int e, int k,
+                          bool sigmoid_scores, bool normalize, float aux_c, float z_grad,
+                          float* dlogits, void* stream);
+void router_update_bias_cuda(float* bias, int32_t* counts, int e, float rate, void* stream);
+void router_accumulate_counts_cuda(int32_t* acc, const int32_t* counts, int e, void* stream);
 
 }  // namespace braid

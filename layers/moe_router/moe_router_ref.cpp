@@ -1,5 +1,11 @@
 #include <cmath>
 
+#if defined(BRAID_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "runtime/cuda_check.h"
+#endif
+
 #include "layers/common/op_common.h"
 #include "layers/moe_router/moe_router.h"
 #include "runtime/parallel_for.h"
@@ -24,8 +30,36 @@ void check_router(const Tensor& logits, const RouterConfig& cfg, const RouterOut
       "moe_router: expert, slot and counts must be i32");
   check_same_dtype(logits, *o.scores);
   check_same_dtype(logits, *o.weight);
-  require_host("moe_router", {&logits, o.scores, o.expert, o.slot, o.weight, o.counts});
+  if (logits.device == Device::cuda) {
+    require_gpu("moe_router", {&logits, o.scores, o.expert, o.slot, o.weight, o.counts});
+    require_dtype("moe_router", DType::f32, {&logits, o.scores, o.weight});
+  } else {
+    require_host("moe_router", {&logits, o.scores, o.expert, o.slot, o.weight, o.counts});
+  }
 }
+
+#if defined(BRAID_WITH_CUDA)
+RouterLosses router_forward_gpu(const Tensor& logits, const Tensor* bias, const RouterConfig& cfg,
+                                const RouterOutputs& o) {
+  const int64_t m = logits.size(0), e = logits.size(1), k = cfg.top_k;
+  BRAID_CHECK(o.workspace && o.workspace->device == Device::cuda &&
+                  o.workspace->dtype == DType::f64 &&
+                  o.workspace->numel() >= router_workspace_elems(),
+              "moe_router on the GPU: a f64 workspace of ", router_workspace_elems(),
+              " elements is required");
+  if (bias) require_gpu("moe_router", {bias}), require_dtype("moe_router", DType::f32, {bias});
+  double* ws = o.workspace->ptr<double>();
+  double* sums = ws + router_workspace_elems() - 2;
+  router_forward_cuda(logits.ptr<float>(), bias ? bias->ptr<float>() : nullptr, m, int(e), int(k),
+                      router_capacity(cfg, m, e), cfg.score == RouterScore::sigmoid,
+                      cfg.normalize_topk, o.scores->ptr<float>(), o.expert->ptr<int32_t>(),
+                      o.slot->ptr<int32_t>(), o.weight->ptr<float>(), o.counts->ptr<int32_t>(), ws,
+                      sums, nullptr);
+  double host[2] = {0, 0};
+  CUDA_CHECK(cudaMemcpy(host, sums, sizeof(host), cudaMemcpyDeviceToHost));
+  return {host[0] * double(e) / (double(k) * double(m) * double(m)), host[1] / double(m)};
+}
+#endif
 
 template <typename T>
 T logsumexp(const T* row, int64_t n) {
@@ -45,9 +79,24 @@ int64_t router_capacity(const RouterConfig& cfg, int64_t tokens, int64_t experts
   return std::min<int64_t>(tokens, static_cast<int64_t>(cap));
 }
 
+int64_t router_workspace_elems() {
+#if defined(BRAID_WITH_CUDA)
+  return router_loss_workspace_elems_cuda();
+#else
+  return 0;
+#endif
+}
+
 RouterLosses router_forward(const Tensor& logits, const Tensor* bias, const RouterConfig& cfg,
                             const RouterOutputs& o) {
   check_router(logits, cfg, o);
+  if (logits.device == Device::cuda) {
+#if defined(BRAID_WITH_CUDA)
+    return router_forward_gpu(logits, bias, cfg, o);
+#else
+    BRAID_FAIL("moe_router: GPU tensors, but this build has no CUDA");
+#endif
+  }
   const int64_t m = logits.size(0), e = logits.size(1), k = cfg.top_k;
   if (bias)
     check_shape(*bias, {e}), check_same_dtype(logits, *bias), require_host("moe_router", {bias});
@@ -119,6 +168,18 @@ void router_backward(const Tensor& logits, const RouterConfig& cfg, const Router
   const int64_t m = logits.size(0), e = logits.size(1), k = cfg.top_k;
   check_shape(dweight, {m, k});
   check_shape(dlogits, {m, e});
+  if (logits.device == Device::cuda) {
+    require_gpu("moe_router", {&dweight, &dlogits});
+    require_dtype("moe_router", DType::f32, {&dweight, &dlogits});
+#if defined(BRAID_WITH_CUDA)
+    router_backward_cuda(logits.ptr<float>(), sv.scores->ptr<float>(), sv.expert->ptr<int32_t>(),
+                         sv.counts->ptr<int32_t>(), dweight.ptr<float>(), m, int(e), int(k),
+                         cfg.score == RouterScore::sigmoid, cfg.normalize_topk,
+                         float(aux_grad * double(e) / (double(k) * double(m) * double(m))),
+                         float(z_grad), dlogits.ptr<float>(), nullptr);
+#endif
+    return;
+  }
   require_host("moe_router", {&dweight, &dlogits});
   dispatch_float(logits.dtype, "moe_router", [&]<typename T>() {
     const T *lg = logits.ptr<T>(), *sc = sv.scores->ptr<T>(), *gw = dweight.ptr<T>();
@@ -165,6 +226,14 @@ void router_update_bias(const Tensor& bias, const Tensor& counts, double rate) {
   const int64_t e = counts.numel();
   check_shape(bias, {e});
   BRAID_CHECK(counts.dtype == DType::i32, "router_update_bias: counts must be i32");
+  if (bias.device == Device::cuda) {
+    require_gpu("router_update_bias", {&bias, &counts});
+    require_dtype("router_update_bias", DType::f32, {&bias});
+#if defined(BRAID_WITH_CUDA)
+    router_update_bias_cuda(bias.ptr<float>(), counts.ptr<int32_t>(), int(e), float(rate), nullptr);
+#endif
+    return;
+  }
   require_host("router_update_bias", {&bias, &counts});
   int32_t* c = counts.ptr<int32_t>();
   double mean = 0;
@@ -182,6 +251,14 @@ void router_accumulate_counts(const Tensor& acc, const Tensor& counts) {
   BRAID_CHECK(
       acc.dtype == DType::i32 && counts.dtype == DType::i32 && acc.numel() == counts.numel(),
       "router_accumulate_counts: i32 tensors of one size expected");
+  if (acc.device == Device::cuda) {
+    require_gpu("router_accumulate_counts", {&acc, &counts});
+#if defined(BRAID_WITH_CUDA)
+    router_accumulate_counts_cuda(acc.ptr<int32_t>(), counts.ptr<int32_t>(), int(acc.numel()),
+                                  nullptr);
+#endif
+    return;
+  }
   require_host("router_accumulate_counts", {&acc, &counts});
   for (int64_t j = 0; j < acc.numel(); ++j) acc.ptr<int32_t>()[j] += counts.ptr<int32_t>()[j];
 }
