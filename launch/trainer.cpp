@@ -690,7 +690,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     if (dp * cp > 1)  // the balancing rule sees the whole global batch on every rank
       for (const auto& m : chunks)
         for (const Tensor& counts : m->moe_step_counts())
-          grad_group->all_reduce(counts, ReduceOp::sum);
+          data_comm->all_reduce(counts, ReduceOp::sum);
     for (const auto& m : chunks) m->after_optimizer_step();
     interval_loss += loss, ++interval_steps;
     const auto now = Clock::now();

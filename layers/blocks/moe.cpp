@@ -62,12 +62,14 @@ void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   m_ = batch * seq;
   const int64_t e = cfg_.experts, k = cfg_.top_k, d = cfg_.d_model, f = ffn_, rows = m_ * k;
   cap_ = router_capacity(router_, m_, e);
-  const DType t = router_w_->value.dtype;
-  logits_ = sv.take("moe.logits", t, {m_, e});
-  scores_ = sv.take("moe.scores", t, {m_, e});
+  // The token rows in the compute dtype; the router in f32 under mixed precision, else the same.
+  const DType t = router_w_->compute.dtype,
+              r = t == DType::bf16 || t == DType::f16 ? DType::f32 : t;
+  logits_ = sv.take("moe.logits", r, {m_, e});
+  scores_ = sv.take("moe.scores", r, {m_, e});
   expert_ = sv.take("moe.expert", DType::i32, {m_, k});
   slot_ = sv.take("moe.slot", DType::i32, {m_, k});
-  weight_ = sv.take("moe.weight", t, {m_, k});
+  weight_ = sv.take("moe.weight", r, {m_, k});
   counts_ = sv.take("moe.counts", DType::i32, {e});
   offsets_ = sv.take("moe.offsets", DType::i32, {e + 1});
   row_token_ = sv.take("moe.row_token", DType::i32, {rows});
@@ -85,14 +87,16 @@ void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
     dor_ = sc.take("moe.dout_rows_at_experts", t, {at_experts, d});
     dxr_ = sc.take("moe.dx_rows_at_experts", t, {at_experts, d});
   }
-  dweight_ = sc.take("moe.dweight", t, {m_, k});
-  dlogits_ = sc.take("moe.dlogits", t, {m_, e});
+  dweight_ = sc.take("moe.dweight", r, {m_, k});
+  dlogits_ = sc.take("moe.dlogits", r, {m_, e});
+  dlogits_c_ = t == r ? dlogits_ : sc.take("moe.dlogits_compute", t, {m_, e});
+  if (router_w_->value.device == Device::cuda)
+    router_ws_ = sc.take("moe.router_ws", DType::f64, {router_workspace_elems()});
   doe_ = sc.take("moe.dout_rows", t, {rows, d});
   dhe_ = sc.take("moe.dhidden", t, {at_experts, f});
   dga_ = sc.take("moe.dgate", t, {at_experts, f});
   dua_ = sc.take("moe.dup", t, {at_experts, f});
   dxe_ = sc.take("moe.dx_rows", t, {rows, d});
-  dxe2_ = sc.take("moe.dx_rows2", t, {at_experts, d});
   dx_tmp_ = sc.take("moe.dx_tmp", t, {m_, d});
   if (shared_) {
     shared_out_ = sc.take("moe.shared_out", t, {m_, d});
@@ -103,20 +107,21 @@ void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
 void MoeBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
   const int64_t d = cfg_.d_model;
   const Tensor x2 = x.reshape({m_, d}), y2 = y.reshape({m_, d});
-  linear_forward(x2, router_w_->value, nullptr, logits_);
-  const RouterLosses ls = router_forward(logits_, bias_ ? &bias_->value : nullptr, router_,
-                                         {&scores_, &expert_, &slot_, &weight_, &counts_});
+  linear_forward(x2, router_w_->compute, nullptr, logits_, meta.gemm);
+  const RouterLosses ls =
+      router_forward(logits_, bias_ ? &bias_->value : nullptr, router_,
+                     {&scores_, &expert_, &slot_, &weight_, &counts_, &router_ws_});
   aux_ = cfg_.aux_loss_coef * ls.aux + cfg_.z_loss_coef * ls.z;
   if (meta.count_routing) router_accumulate_counts(step_counts_, counts_);
-  rows_ = moe_dispatch_plan(expert_, slot_, counts_, cap_, offsets_, row_token_);
+  rows_ = moe_dispatch_plan(expert_, slot_, counts_, cap_, offsets_, row_token_, &host_offsets_);
   moe_gather(x2, row_token_, rows_, xe_);
   if (ep_) {
     exchange_counts();
     to_experts(xe_, xr_);
-    experts_forward(xr_, or_);
+    experts_forward(xr_, or_, meta.gemm);
     from_experts(or_, oe_);
   } else {
-    experts_forward(xe_, oe_);
+    experts_forward(xe_, oe_, meta.gemm);
   }
   moe_combine(oe_, expert_, slot_, offsets_, weight_, y2);
   if (shared_) {
@@ -134,17 +139,19 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   tp_.sum(dweight_);  // <dy, expert output>: each rank holds a part of the expert outputs
   if (ep_) {
     to_experts(doe_, dor_);
-    experts_backward(xr_, dor_, dxr_);
+    experts_backward(xr_, dor_, dxr_, meta.gemm);
     from_experts(dxr_, dxe_);
   } else {
-    experts_backward(xe_, doe_, dxe_);
+    experts_backward(xe_, doe_, dxe_, meta.gemm);
   }
   zero_fill(dx2);
   moe_gather_backward(dxe_, expert_, slot_, offsets_, dx2);
   router_backward(logits_, router_, {&scores_, &expert_, &slot_, &weight_, &counts_}, dweight_,
                   cfg_.aux_loss_coef * meta.aux_loss_scale, cfg_.z_loss_coef * meta.aux_loss_scale,
                   dlogits_);
-  linear_backward(x2, router_w_->value, dlogits_, &dx_tmp_, router_w_->grad, nullptr);
+  if (dlogits_c_.data != dlogits_.data) cast_into(dlogits_c_, dlogits_);
+  linear_backward(x2, router_w_->compute, dlogits_c_, &dx_tmp_, router_w_->grad, nullptr,
+                  meta.gemm);
   // The router's input gradient is whole on every rank: one of them adds it to the partial sum.
   if (tp_.rank() == 0) add_into(dx2, dx_tmp_);
   if (shared_) {
@@ -157,7 +164,7 @@ void MoeBlock::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
 std::vector<MoeBlock::Segment> MoeBlock::segments() const {
   std::vector<Segment> out;
   if (!ep_) {
-    const int32_t* off = offsets_.ptr<int32_t>();
+    const int32_t* off = host_offsets_.data();
     for (int e = 0; e < int(cfg_.experts); ++e)
       if (off[e + 1] > off[e]) out.push_back({off[e], off[e + 1] - off[e], e});
     return out;
@@ -172,39 +179,38 @@ std::vector<MoeBlock::Segment> MoeBlock::segments() const {
   return out;
 }
 
-void MoeBlock::experts_forward(const Tensor& x_rows, const Tensor& out_rows) {
+void MoeBlock::experts_forward(const Tensor& x_rows, const Tensor& out_rows,
+                               const GemmContext* gemm) {
   for (const Segment& g : segments()) {
     const Expert& ex = experts_[g.e];
     const Tensor ga = ga_.slice(0, g.r0, g.n), ua = ua_.slice(0, g.r0, g.n),
                  he = he_.slice(0, g.r0, g.n), xs = x_rows.slice(0, g.r0, g.n);
-    linear_forward(xs, ex.gate->value, nullptr, ga);
-    linear_forward(xs, ex.up->value, nullptr, ua);
+    linear_forward(xs, ex.gate->compute, nullptr, ga, gemm);
+    linear_forward(xs, ex.up->compute, nullptr, ua, gemm);
     swiglu_forward(ga, ua, he);
-    linear_forward(he, ex.down->value, nullptr, out_rows.slice(0, g.r0, g.n));
+    linear_forward(he, ex.down->compute, nullptr, out_rows.slice(0, g.r0, g.n), gemm);
   }
 }
 
 void MoeBlock::experts_backward(const Tensor& x_rows, const Tensor& dout_rows,
-                                const Tensor& dx_rows) {
+                                const Tensor& dx_rows, const GemmContext* gemm) {
   for (const Segment& g : segments()) {
     const Expert& ex = experts_[g.e];
     const int64_t r0 = g.r0, n = g.n;
-    const Tensor xs = x_rows.slice(0, r0, n), dxs = dx_rows.slice(0, r0, n),
-                 dxs2 = dxe2_.slice(0, r0, n);
+    const Tensor xs = x_rows.slice(0, r0, n), dxs = dx_rows.slice(0, r0, n);
     const Tensor dga = dga_.slice(0, r0, n), dua = dua_.slice(0, r0, n), dhe = dhe_.slice(0, r0, n);
-    linear_backward(he_.slice(0, r0, n), ex.down->value, dout_rows.slice(0, r0, n), &dhe,
-                    ex.down->grad, nullptr);
+    linear_backward(he_.slice(0, r0, n), ex.down->compute, dout_rows.slice(0, r0, n), &dhe,
+                    ex.down->grad, nullptr, gemm);
     swiglu_backward(ga_.slice(0, r0, n), ua_.slice(0, r0, n), dhe, dga, dua);
-    linear_backward(xs, ex.gate->value, dga, &dxs, ex.gate->grad, nullptr);
-    linear_backward(xs, ex.up->value, dua, &dxs2, ex.up->grad, nullptr);
-    add_into(dxs, dxs2);
+    linear_backward(xs, ex.gate->compute, dga, &dxs, ex.gate->grad, nullptr, gemm);
+    linear_backward(xs, ex.up->compute, dua, &dxs, ex.up->grad, nullptr, gemm, true);
   }
 }
 
 void MoeBlock::exchange_counts() {
   const int peers = ep_->size();
   const int64_t d = cfg_.d_model;
-  const int32_t* off = offsets_.ptr<int32_t>();
+  const int32_t* off = host_offsets_.data();
   std::vector<int64_t> mine(cfg_.experts);
   for (int64_t e = 0; e < cfg_.experts; ++e) mine[e] = off[e + 1] - off[e];
   recv_expert_rows_.assign(size_t(peers) * local_, 0);

@@ -19,6 +19,10 @@
 // its experts over the rows it received, and a second all-to-all-v brings the outputs back to the
 // tokens' ranks (backward: the same exchanges for the gradients). Expert weights' gradients are
 // complete on their rank; everything else is data parallel as before.
+// Precision: the token rows and the experts run in the compute dtype; the router (logits, scores,
+// weights and their gradients) too, or f32 under mixed precision (bf16 compute on the GPU). On the
+// GPU the routing plan's offsets are read back to the host once per forward (the expert GEMMs are
+// sized there).
 #pragma once
 
 #include <memory>
@@ -75,8 +79,9 @@ class MoeBlock final : public Block {
   };
   std::vector<Segment> segments() const;
   // Expert forward / backward over the expert-side rows (xe_ or the rows received).
-  void experts_forward(const Tensor& x_rows, const Tensor& out_rows);
-  void experts_backward(const Tensor& x_rows, const Tensor& dout_rows, const Tensor& dx_rows);
+  void experts_forward(const Tensor& x_rows, const Tensor& out_rows, const GemmContext* gemm);
+  void experts_backward(const Tensor& x_rows, const Tensor& dout_rows, const Tensor& dx_rows,
+                        const GemmContext* gemm);
   // Expert parallel: the rows per local expert every rank sends this one (forward, after the
   // routing), then rows from the tokens' order to the experts' ranks, or back.
   void exchange_counts();
@@ -95,6 +100,7 @@ class MoeBlock final : public Block {
   std::unique_ptr<MlpBlock> shared_;
   int64_t m_ = 0, rows_ = 0, cap_ = 0;
   double aux_ = 0;
+  std::vector<int32_t> host_offsets_;  // offsets_ on the host (the plan's)
   // saved
   Tensor logits_, scores_, expert_, slot_, weight_, counts_, offsets_, row_token_, xe_, ga_, ua_,
       he_, oe_, step_counts_;
@@ -102,8 +108,10 @@ class MoeBlock final : public Block {
   // per (peer, local expert); xr_, or_ [ep M K, D] the rows at the experts (saved)
   std::vector<int64_t> send_rows_, recv_rows_, recv_expert_rows_;
   Tensor xr_, or_;
-  // scratch
-  Tensor dor_, dxr_, dweight_, dlogits_, doe_, dhe_, dga_, dua_, dxe_, dxe2_, dx_tmp_, shared_out_;
+  // scratch (router_ws_: the GPU router's loss sums; dlogits_c_: dlogits in the compute dtype for
+  // the gate's GEMM, when that is not f32)
+  Tensor dor_, dxr_, dweight_, dlogits_, dlogits_c_, router_ws_, doe_, dhe_, dga_, dua_, dxe_,
+      dx_tmp_, shared_out_;
 };
 
 }  // namespace braid
