@@ -6,8 +6,9 @@
 //   async save  the time submit() blocks the caller (copying the state; the first save also
 //               allocates the staging buffer, later ones reuse it), and the background write
 //               until the commit.
-// The model is built on the CPU in f32 (as `braid train` on the CPU holds it); a GPU run holds
-// bf16 parameters, 1/8 less data. Usage: bench_checkpoint CONFIG DIR [--out results.json]
+// The model is built on the CPU in f32; a GPU run's state is the same f32 tensors (its bf16
+// compute copies are not saved), staged through page-locked memory (checkpoint/device_staging.h).
+// Usage: bench_checkpoint CONFIG DIR [--out results.json]
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
