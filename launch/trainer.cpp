@@ -302,11 +302,16 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
 
   auto host_backend = make_cpu_backend();
   auto backend = gpu ? make_cuda_backend(gpu_of_rank(rank)) : make_cpu_backend();
-  // The gradients' reduction and ZeRO-1 over NCCL (GPU tensors); grad_group stays the MPI group
-  // for host values (losses, counts).
+  // The gradients' reduction and ZeRO-1 over NCCL (GPU tensors; a group of one too, as ZeRO-1
+  // runs on every multi-rank layout); grad_group stays the MPI group for host values.
   std::unique_ptr<Communicator> grad_nccl;
-  if (gpu && grad_group && grad_group->size() > 1)
+  if (gpu && grad_group)
     grad_nccl = make_nccl(*grad_group, "data parallel (NCCL)", comm_timeout_from_env(600));
+  // Tensor parallelism on GPUs: the blocks' and the optimizer's collectives over NCCL.
+  std::unique_ptr<Communicator> tp_nccl;
+  if (gpu && tp_group && tp_group->size() > 1)
+    tp_nccl = make_nccl(*tp_group, "tensor parallel (NCCL)", comm_timeout_from_env(600));
+  Communicator* tp_comm = tp_nccl ? tp_nccl.get() : tp_group.get();
   // The checkpoint to resume from (checkpoint.resume): the newest that checks out.
   const std::string ckpt_dir = ckpt_dir_of(cfg);
   std::vector<std::string> skipped;  // corrupt or incomplete, newest first
@@ -343,9 +348,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     chunks.push_back(with_memory_hint([&] {
       return std::make_unique<Model>(
           cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
-          TensorParallel{tp_group.get(), layout.sequence_parallel},
-          cp > 1 ? cp_group.get() : nullptr, ep_group.get(), edp_group ? edp_group->size() : 1,
-          c * pp + stage, starts, parse_recompute(cfg.train.recompute));
+          TensorParallel{tp_comm, layout.sequence_parallel}, cp > 1 ? cp_group.get() : nullptr,
+          ep_group.get(), edp_group ? edp_group->size() : 1, c * pp + stage, starts,
+          parse_recompute(cfg.train.recompute));
     }));
     chunks.back()->initialize(ts.seed);
     chunk_ptrs.push_back(chunks.back().get());
@@ -362,7 +367,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       if (named.insert(r.name).second) remote.push_back(r);
   RunOptimizer opt = with_memory_hint([&] {
     return RunOptimizer(sets, cfg.adamw, *backend, grad_nccl ? grad_nccl.get() : grad_group.get(),
-                        tp_group.get(), edp_group.get(), ep_group.get(), pp_group.get(), remote);
+                        tp_comm, edp_group.get(), ep_group.get(), pp_group.get(), remote);
   });
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule

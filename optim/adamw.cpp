@@ -66,7 +66,7 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
       const int64_t words = (int64_t(tasks.size()) * int64_t(sizeof(AdamTask)) + 7) / 8;
       tasks_ = a.take("adamw.tasks", DType::i64, {std::max<int64_t>(words, 1)});
       gpu_partials_ = a.take("adamw.partials", DType::f64, {std::max(n_tasks_, 1)});
-      gpu_total_ = a.take("adamw.total", DType::f64, {1});
+      gpu_total_ = a.take("adamw.total", DType::f64, {2});
     }
   };
   Arena plan = Arena::measuring("optimizer", backend.device());
@@ -108,7 +108,7 @@ AdamW::AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backend)
 
 double AdamW::grad_norm() const {
   if (gpu_) {
-    double total = 0;
+    double total = 0;  // the tasks are all of norm group 0
 #if defined(BRAID_WITH_CUDA)
     adamw_grad_sq_cuda(static_cast<const AdamTask*>(tasks_.data), n_tasks_,
                        gpu_partials_.ptr<double>(), gpu_total_.ptr<double>(), nullptr);

@@ -41,10 +41,11 @@ __global__ void grad_sq_kernel(const AdamTask* tasks, double* partials) {
   if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
 }
 
-__global__ void sum_in_order_kernel(const double* partials, int n, double* total) {
-  double s = 0;
-  for (int i = 0; i < n; ++i) s += partials[i];
-  total[0] = s;
+__global__ void sum_in_order_kernel(const AdamTask* tasks, const double* partials, int n,
+                                    double* total) {
+  double s[2] = {0, 0};
+  for (int i = 0; i < n; ++i) s[tasks[i].norm_group] += partials[i];
+  total[0] = s[0], total[1] = s[1];
 }
 
 __global__ void step_kernel(const AdamTask* tasks, AdamStep s) {
@@ -76,7 +77,7 @@ void adamw_grad_sq_cuda(const AdamTask* tasks, int n_tasks, double* partials, do
                         void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (n_tasks > 0) grad_sq_kernel<<<n_tasks, kThreads, 0, st>>>(tasks, partials);
-  sum_in_order_kernel<<<1, 1, 0, st>>>(partials, n_tasks, total);
+  sum_in_order_kernel<<<1, 1, 0, st>>>(tasks, partials, n_tasks, total);
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -48,7 +48,6 @@ Zero1AdamW::Zero1AdamW(ParamSet& params, const AdamWConfig& cfg, Backend& backen
 }
 
 void Zero1AdamW::init_gpu() {
-  BRAID_CHECK(!tp_, "ZeRO-1 AdamW on the GPU: tensor parallelism is not supported");
   // The chunk table: every kAdamChunk elements of each trainable parameter's part of the shard.
   // All pointers are the shard's bases (the values and gradients at begin_, the moments); a task
   // is a range of shard elements.
@@ -67,16 +66,18 @@ void Zero1AdamW::init_gpu() {
       const int64_t lo = std::max(off, begin_), hi = std::min(off + n, begin_ + shard_);
       if (lo >= hi) continue;
       runs_.push_back({lo - begin_, hi - lo});
+      // Norm group 1: a parameter every tp rank holds whole (counted once over the tp group).
+      const int group = tp_ && p.boxes.empty() ? 1 : 0;
       for (int64_t b = lo - begin_; b < hi - begin_; b += kAdamChunk)
         tasks.push_back({values + begin_, nullptr, grads + begin_, values + begin_,
                          gpu_m_.ptr<float>(), gpu_v_.ptr<float>(), b,
-                         std::min(kAdamChunk, hi - begin_ - b), p.weight_decay ? 1 : 0, 0});
+                         std::min(kAdamChunk, hi - begin_ - b), p.weight_decay ? 1 : 0, 0, group});
     }
     n_tasks_ = static_cast<int>(tasks.size());
     const int64_t words = (int64_t(tasks.size()) * int64_t(sizeof(AdamTask)) + 7) / 8;
     tasks_ = a.take("zero1.tasks", DType::i64, {std::max<int64_t>(words, 1)});
     partials_ = a.take("zero1.partials", DType::f64, {std::max(n_tasks_, 1)});
-    total_ = a.take("zero1.total", DType::f64, {1});
+    total_ = a.take("zero1.total", DType::f64, {2});
   };
   Arena plan = Arena::measuring("optimizer", Device::cuda);
   take_all(plan);
@@ -104,16 +105,17 @@ void Zero1AdamW::use_reduced_gradients() {
 }
 
 double Zero1AdamW::grad_norm_sq() {
-  if (gpu_) {  // per-chunk f64 partials added in order, then summed over the group
-    double total = 0;
+  if (gpu_) {              // per-chunk f64 partials added in order, then summed over the groups
+    double s[2] = {0, 0};  // as below: tensor-parallel shards, parameters every tp rank holds
 #if defined(BRAID_WITH_CUDA)
     adamw_grad_sq_cuda(static_cast<const AdamTask*>(tasks_.data), n_tasks_, partials_.ptr<double>(),
                        total_.ptr<double>(), nullptr);
     dp_.all_reduce(total_, ReduceOp::sum);
-    backend_.copy(&total, Device::cpu, total_.data, Device::cuda, sizeof(double), {});
+    if (tp_) tp_->all_reduce(total_, ReduceOp::sum);
+    backend_.copy(s, Device::cpu, total_.data, Device::cuda, sizeof(s), {});
     backend_.synchronize({});
 #endif
-    return total;
+    return s[0] + (tp_ ? s[1] / tp_->size() : s[1]);
   }
   // [sum over tensor-parallel shards, sum over elements every tp rank holds]
   std::vector<double> s{0, 0};

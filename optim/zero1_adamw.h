@@ -15,7 +15,7 @@
 // are their own masters: the update writes this rank's shard of the flat values in place (one
 // launch over a chunk table, adamw_kernels.cu) and the all-gather fills in the other shards; the
 // moments live on the device, and the gradient shard is reduced in place in the gradient vector.
-// Tensor parallelism and mirrors are not supported there (the norm counts every element once).
+// Mirrors are not supported there; under tensor parallelism `tp` must then be an NCCL group too.
 #pragma once
 
 #include <cmath>

@@ -44,5 +44,20 @@ void copy_row_losses_cuda(const float* row_loss, float* host, int64_t m, void* s
 LossSum cross_entropy_vocab_parallel(const Tensor& logits, const Tensor& targets,
                                      const Tensor* dlogits, double grad_scale, int64_t vocab_start,
                                      int64_t vocab_size, Communicator& group);
+// The same on the GPU, per row as cross_entropy_rows (row_loss [M,2] on every rank): each rank's
+// row maxima, sums of exponentials and target logits (stats, f32 [4,M] workspace) are combined
+// over `group` (GPU tensors: NCCL) by an all-reduce of the maxima and one of the rescaled sums
+// with the target logits; f32 math.
+void cross_entropy_rows_vocab_parallel(const Tensor& logits, const Tensor& targets,
+                                       const Tensor* dlogits, double grad_scale,
+                                       const Tensor& row_loss, int64_t vocab_start,
+                                       int64_t vocab_size, Communicator& group,
+                                       const Tensor& stats);
+void ce_vocab_parallel_stats_cuda(const void* logits, const int32_t* targets, int64_t m, int64_t v,
+                                  int64_t v0, bool bf16, float* stats, void* stream);
+void ce_vocab_parallel_rescale_cuda(float* stats, int64_t m, void* stream);
+void ce_vocab_parallel_finish_cuda(const void* logits, const int32_t* targets, void* dlogits,
+                                   float grad_scale, const float* stats, float* row_loss, int64_t m,
+                                   int64_t v, int64_t v0, int64_t vocab, bool bf16, void* stream);
 
 }  // namespace braid

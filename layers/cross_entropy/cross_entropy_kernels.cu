@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <type_traits>
 
 #include "layers/cross_entropy/cross_entropy.h"
 #include "runtime/cuda_check.h"
@@ -23,13 +24,9 @@ __device__ __forceinline__ void merge(float& mx, float& se, float mx2, float se2
   mx = m;
 }
 
+// The row's (max, sum of exp(x - max)) over the block, every thread getting the result.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    ce_rows_kernel(const T* logits, const int32_t* targets, T* dlogits, float scale,
-                   float* row_loss, int64_t v) {
-  const int64_t row = blockIdx.x;
-  const T* x = logits + row * v;
-  const int32_t tgt = targets[row];
+__device__ void row_max_sumexp(const T* x, int64_t v, float& mx_out, float& se_out) {
   float mx = -FLT_MAX, se = 0.f;
   for (int64_t j = threadIdx.x; j < v; j += kThreads) {
     const float xv = to_float(x[j]);
@@ -48,6 +45,18 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   mx = smx[0], se = sse[0];
   for (int w = 1; w < kThreads / 32; ++w) merge(mx, se, smx[w], sse[w]);
+  mx_out = mx, se_out = se;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_rows_kernel(const T* logits, const int32_t* targets, T* dlogits, float scale,
+                   float* row_loss, int64_t v) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * v;
+  const int32_t tgt = targets[row];
+  float mx, se;
+  row_max_sumexp(x, v, mx, se);
   const float lse = mx + logf(se);
   const bool bad = tgt < -1 || tgt >= v, counted = tgt >= 0 && !bad;
   if (threadIdx.x == 0) {
@@ -63,7 +72,92 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Vocabulary-parallel rows: stats [4,M] = local max, global max (the local one until the
+// all-reduce), sum of exp(x - local max), target logit (0 when the target is another rank's).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_vp_stats_kernel(const T* logits, const int32_t* targets, int64_t v, int64_t v0, int64_t m,
+                       float* stats) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * v;
+  float mx, se;
+  row_max_sumexp(x, v, mx, se);
+  if (threadIdx.x == 0) {
+    const int64_t t = int64_t(targets[row]) - v0;
+    stats[row] = mx, stats[m + row] = mx, stats[2 * m + row] = se;
+    stats[3 * m + row] = t >= 0 && t < v ? to_float(x[t]) : 0.f;
+  }
+}
+
+// The sums of exponentials moved to the global maximum, before they are added over the ranks.
+__global__ void ce_vp_rescale_kernel(float* stats, int64_t m) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < m) stats[2 * m + i] *= __expf(stats[i] - stats[m + i]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    ce_vp_finish_kernel(const T* logits, const int32_t* targets, T* dlogits, float scale,
+                        const float* stats, float* row_loss, int64_t v, int64_t v0, int64_t vocab,
+                        int64_t m) {
+  const int64_t row = blockIdx.x;
+  const int32_t tgt = targets[row];
+  const float lse = stats[m + row] + logf(stats[2 * m + row]);
+  const bool bad = tgt < -1 || tgt >= vocab, counted = tgt >= 0 && !bad;
+  if (threadIdx.x == 0) {
+    row_loss[2 * row] = counted ? lse - stats[3 * m + row] : 0.f;
+    row_loss[2 * row + 1] = bad ? -1.f : counted ? 1.f : 0.f;
+  }
+  if (!dlogits) return;
+  const T* x = logits + row * v;
+  T* d = dlogits + row * v;
+  const int64_t t = int64_t(tgt) - v0;
+  for (int64_t j = threadIdx.x; j < v; j += kThreads) {
+    const float g = counted ? scale * (__expf(to_float(x[j]) - lse) - (j == t ? 1.f : 0.f)) : 0.f;
+    d[j] = from_float<T>(g);
+  }
+}
+
+template <typename F>
+void by_dtype(bool bf16, F f) {
+  if (bf16)
+    f(static_cast<__nv_bfloat16*>(nullptr));
+  else
+    f(static_cast<float*>(nullptr));
+}
+
 }  // namespace
+
+void ce_vocab_parallel_stats_cuda(const void* logits, const int32_t* targets, int64_t m, int64_t v,
+                                  int64_t v0, bool bf16, float* stats, void* stream) {
+  if (m == 0) return;
+  by_dtype(bf16, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    ce_vp_stats_kernel<T><<<unsigned(m), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), targets, v, v0, m, stats);
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void ce_vocab_parallel_rescale_cuda(float* stats, int64_t m, void* stream) {
+  if (m == 0) return;
+  ce_vp_rescale_kernel<<<unsigned((m + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      stats, m);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void ce_vocab_parallel_finish_cuda(const void* logits, const int32_t* targets, void* dlogits,
+                                   float grad_scale, const float* stats, float* row_loss, int64_t m,
+                                   int64_t v, int64_t v0, int64_t vocab, bool bf16, void* stream) {
+  if (m == 0) return;
+  by_dtype(bf16, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    ce_vp_finish_kernel<T><<<unsigned(m), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), targets, static_cast<T*>(dlogits), grad_scale, stats,
+        row_loss, v, v0, vocab, m);
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
 
 void cross_entropy_rows_cuda(const void* logits, const int32_t* targets, void* dlogits,
                              float grad_scale, float* row_loss, int64_t m, int64_t v, bool bf16,

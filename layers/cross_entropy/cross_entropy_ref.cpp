@@ -103,6 +103,42 @@ void cross_entropy_rows(const Tensor& logits, const Tensor& targets, const Tenso
 #endif
 }
 
+void cross_entropy_rows_vocab_parallel(const Tensor& logits, const Tensor& targets,
+                                       const Tensor* dlogits, double grad_scale,
+                                       const Tensor& row_loss, int64_t vocab_start,
+                                       int64_t vocab_size, Communicator& group,
+                                       const Tensor& stats) {
+  BRAID_CHECK(logits.ndim == 2, "cross_entropy: logits must be [M,V], got ", logits.describe());
+  const int64_t m = logits.size(0), v = logits.size(1), v0 = vocab_start;
+  BRAID_CHECK(targets.dtype == DType::i32, "cross_entropy: targets must be i32, got ",
+              targets.describe());
+  check_shape(targets, {m});
+  check_shape(row_loss, {m, 2});
+  check_shape(stats, {4, m});
+  BRAID_CHECK(row_loss.dtype == DType::f32 && stats.dtype == DType::f32,
+              "cross_entropy: row_loss and stats must be f32");
+  BRAID_CHECK(logits.dtype == DType::bf16 || logits.dtype == DType::f32,
+              "cross_entropy (CUDA): logits must be bf16 or f32, got ", logits.describe());
+  BRAID_CHECK(v0 >= 0 && v0 + v <= vocab_size, "cross_entropy: columns [", v0, ", ", v0 + v,
+              ") are outside the vocabulary [0, ", vocab_size, ")");
+  if (dlogits) check_shape(*dlogits, {m, v}), check_same_dtype(logits, *dlogits);
+  require_gpu("cross_entropy", {&logits, &targets, dlogits, &row_loss, &stats});
+#if defined(BRAID_WITH_CUDA)
+  const bool bf16 = logits.dtype == DType::bf16;
+  float* st = stats.ptr<float>();
+  ce_vocab_parallel_stats_cuda(logits.data, targets.ptr<int32_t>(), m, v, v0, bf16, st, nullptr);
+  group.all_reduce(stats.slice(0, 1, 1), ReduceOp::max);  // the global maxima
+  ce_vocab_parallel_rescale_cuda(st, m, nullptr);
+  group.all_reduce(stats.slice(0, 2, 2), ReduceOp::sum);  // sums of exponentials, target logits
+  ce_vocab_parallel_finish_cuda(logits.data, targets.ptr<int32_t>(),
+                                dlogits ? dlogits->data : nullptr, float(grad_scale), st,
+                                row_loss.ptr<float>(), m, v, v0, vocab_size, bf16, nullptr);
+#else
+  (void)grad_scale, (void)group;
+  BRAID_FAIL("cross_entropy: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
+#endif
+}
+
 LossSum read_row_losses(const Tensor& row_loss, void* stream) {
   BRAID_CHECK(row_loss.ndim == 2 && row_loss.size(1) == 2 && row_loss.dtype == DType::f32,
               "cross_entropy: row_loss must be [M,2] f32, got ", row_loss.describe());

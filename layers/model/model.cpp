@@ -355,6 +355,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
       logits_ = sc.take("logits", dtype, {head_rows_, v});
       if (gpu) row_loss_ = sc.take("row_loss", DType::f32, {m, 2});
+      if (gpu && tp.size() > 1) ce_stats_ = sc.take("ce_stats", DType::f32, {4, head_rows_});
     }
 
     dresid_ = sc.take("dresid", dtype, {mr, d});
@@ -532,7 +533,12 @@ LossSum Model::head(const Batch& batch, double grad_scale, const Tensor* dfinal)
     linear_forward(x, w->compute, nullptr, logits, gemm_.get());
     // The logits receive their own gradient (each row is read before it is written).
     const Tensor* dlogits = dfinal ? &logits : nullptr;
-    if (gemm_) {
+    if (gemm_ && tp_.size() > 1) {
+      cross_entropy_rows_vocab_parallel(
+          logits, tg, dlogits, grad_scale, row_loss_.slice(0, r0, n), vocab_start_, cfg_.vocab_size,
+          *tp_.group,
+          Tensor::contiguous_view(ce_stats_.data, DType::f32, Device::cuda, {4, n}, "ce_stats"));
+    } else if (gemm_) {
       cross_entropy_rows(logits, tg, dlogits, grad_scale, row_loss_.slice(0, r0, n));
     } else {
       const LossSum l =

@@ -177,7 +177,9 @@ class Model {
   // scratch: logits_ [head_rows_,V/tp]; dresid_, dnormed_, dtmp_ [M_r,D]; fout_ [B,T,D]; under
   // sequence parallelism xfull_, dxfull_ [B,T,D] (a block's gathered input, its input gradient);
   // the norms' and the embedding's backward workspaces; GPU: row_loss_ [M,2] (each row's loss)
-  Tensor logits_, dresid_, dnormed_, dtmp_, fout_, xfull_, dxfull_, norm_ws_, embed_ws_, row_loss_;
+  // and, vocabulary-parallel, ce_stats_ (the head's row statistics, f32 [4, head rows])
+  Tensor logits_, dresid_, dnormed_, dtmp_, fout_, xfull_, dxfull_, norm_ws_, embed_ws_, row_loss_,
+      ce_stats_;
   int64_t head_rows_ = 0;  // rows of a logits chunk
   // GPU: the cuBLASLt handle and workspace of every linear layer (null on the CPU)
   std::unique_ptr<GemmContext> gemm_;
