@@ -15,7 +15,7 @@ if [ -n "${BRAID_DEPS_PREFIX:-}" ]; then
 fi
 export PATH="/usr/local/cuda/bin:$PATH"
 start=$(date +%s)
-gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu test_ssd_gpu test_attention_gpu test_gated_rmsnorm_gpu test_rmsnorm_swiglu_gpu test_adamw_gpu test_embedding_gpu test_linear_gpu test_small_ops_gpu test_model_gpu braid bench_selective_scan bench_ssd bench_attention bench_model_gpu"  # gpu tests (train_gpu.sh runs braid) + benchmarks
+gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu test_ssd_gpu test_attention_gpu test_gated_rmsnorm_gpu test_rmsnorm_swiglu_gpu test_adamw_gpu test_embedding_gpu test_linear_gpu test_small_ops_gpu test_moe_gpu test_model_gpu braid bench_selective_scan bench_ssd bench_attention bench_model_gpu"  # gpu tests (train_gpu.sh runs braid) + benchmarks
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBRAID_CUDA=ON -DBRAID_WERROR=ON "${prefix_args[@]}" \
   >"$out/gpu_build.log" 2>&1 && cmake --build build-gpu --target $gpu_targets >>"$out/gpu_build.log" 2>&1
 build_rc=$?
@@ -32,7 +32,7 @@ for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test
   build-gpu/tests/layers/test_gated_rmsnorm_gpu build-gpu/tests/layers/test_rmsnorm_swiglu_gpu \
   build-gpu/tests/optim/test_adamw_gpu build-gpu/tests/layers/test_embedding_gpu \
   build-gpu/tests/layers/test_linear_gpu build-gpu/tests/layers/test_small_ops_gpu \
-  build-gpu/tests/layers/test_model_gpu; do
+  build-gpu/tests/layers/test_moe_gpu build-gpu/tests/layers/test_model_gpu; do
   for tool in memcheck racecheck; do
     log="$out/sanitizer_$(basename "$bin")_${tool}.log"
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" >"$log" 2>&1
