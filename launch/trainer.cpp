@@ -307,6 +307,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   std::unique_ptr<Communicator> grad_nccl;
   if (gpu && grad_group)
     grad_nccl = make_nccl(*grad_group, "data parallel (NCCL)", comm_timeout_from_env(600));
+  Communicator* data_comm = grad_nccl ? grad_nccl.get() : grad_group.get();
   // Tensor parallelism on GPUs: the blocks' and the optimizer's collectives over NCCL.
   std::unique_ptr<Communicator> tp_nccl;
   if (gpu && tp_group && tp_group->size() > 1)
@@ -366,8 +367,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     for (const RemoteParam& r : m->remote_params())
       if (named.insert(r.name).second) remote.push_back(r);
   RunOptimizer opt = with_memory_hint([&] {
-    return RunOptimizer(sets, cfg.adamw, *backend, grad_nccl ? grad_nccl.get() : grad_group.get(),
-                        tp_comm, edp_group.get(), ep_group.get(), pp_group.get(), remote);
+    return RunOptimizer(sets, cfg.adamw, *backend, data_comm, tp_comm, edp_group.get(),
+                        ep_group.get(), pp_group.get(), remote);
   });
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule
@@ -630,7 +631,6 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   int64_t interval_steps = 0;
   // Gradient buckets: the replicated parameters' gradients summed over the data group while the
   // last microbatch's backward goes on (pipeline runs reduce after their schedule).
-  Communicator* data_comm = grad_nccl ? grad_nccl.get() : grad_group.get();
   std::unique_ptr<GradBuckets> buckets;
   if (pp == 1 && data_comm && data_comm->size() > 1 && layout.grad_bucket_mb > 0) {
     const Tensor grads = model.params().region_grads(0);

@@ -36,4 +36,14 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// Host side: calls f with a null pointer of the row type (bf16 or f32) a kernel is launched for,
+// f(static_cast<T*>(nullptr)); the lambda names it as std::remove_pointer_t<decltype(p)>.
+template <typename F>
+void for_row_dtype(bool bf16, F f) {
+  if (bf16)
+    f(static_cast<__nv_bfloat16*>(nullptr));
+  else
+    f(static_cast<float*>(nullptr));
+}
+
 }  // namespace braid

@@ -118,20 +118,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename F>
-void by_dtype(bool bf16, F f) {
-  if (bf16)
-    f(static_cast<__nv_bfloat16*>(nullptr));
-  else
-    f(static_cast<float*>(nullptr));
-}
-
 }  // namespace
 
 void ce_vocab_parallel_stats_cuda(const void* logits, const int32_t* targets, int64_t m, int64_t v,
                                   int64_t v0, bool bf16, float* stats, void* stream) {
   if (m == 0) return;
-  by_dtype(bf16, [&](auto* p) {
+  for_row_dtype(bf16, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     ce_vp_stats_kernel<T><<<unsigned(m), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(logits), targets, v, v0, m, stats);
@@ -150,7 +142,7 @@ void ce_vocab_parallel_finish_cuda(const void* logits, const int32_t* targets, v
                                    float grad_scale, const float* stats, float* row_loss, int64_t m,
                                    int64_t v, int64_t v0, int64_t vocab, bool bf16, void* stream) {
   if (m == 0) return;
-  by_dtype(bf16, [&](auto* p) {
+  for_row_dtype(bf16, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
     ce_vp_finish_kernel<T><<<unsigned(m), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(logits), targets, static_cast<T*>(dlogits), grad_scale, stats,
@@ -163,15 +155,11 @@ void cross_entropy_rows_cuda(const void* logits, const int32_t* targets, void* d
                              float grad_scale, float* row_loss, int64_t m, int64_t v, bool bf16,
                              void* stream) {
   if (m == 0) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  using B = __nv_bfloat16;
-  if (bf16)
-    ce_rows_kernel<<<unsigned(m), kThreads, 0, s>>>(
-        static_cast<const B*>(logits), targets, static_cast<B*>(dlogits), grad_scale, row_loss, v);
-  else
-    ce_rows_kernel<<<unsigned(m), kThreads, 0, s>>>(static_cast<const float*>(logits), targets,
-                                                    static_cast<float*>(dlogits), grad_scale,
-                                                    row_loss, v);
+  for_row_dtype(bf16, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    ce_rows_kernel<T><<<unsigned(m), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), targets, static_cast<T*>(dlogits), grad_scale, row_loss, v);
+  });
   CUDA_CHECK(cudaGetLastError());
 }
 

@@ -81,14 +81,6 @@ __global__ void combine_backward_kernel(const T* dy, const T* oe, const int32_t*
   }
 }
 
-template <typename F>
-void by_dtype(bool bf16, F f) {
-  if (bf16)
-    f(static_cast<__nv_bfloat16*>(nullptr));
-  else
-    f(static_cast<float*>(nullptr));
-}
-
 cudaStream_t as_stream(void* s) {
   return static_cast<cudaStream_t>(s);
 }
@@ -109,7 +101,7 @@ void moe_dispatch_plan_cuda(const int32_t* expert, const int32_t* slot, const in
 void moe_gather_cuda(const void* x, const int32_t* row_token, int64_t rows, int64_t d, bool bf16,
                      void* xe, void* stream) {
   if (rows == 0) return;
-  by_dtype(bf16, [&](auto* t) {
+  for_row_dtype(bf16, [&](auto* t) {
     using T = std::remove_pointer_t<decltype(t)>;
     gather_kernel<T><<<unsigned(rows), kThreads, 0, as_stream(stream)>>>(
         static_cast<const T*>(x), row_token, d, static_cast<T*>(xe));
@@ -121,7 +113,7 @@ void moe_token_sum_cuda(const void* rows, const int32_t* expert, const int32_t* 
                         const int32_t* offsets, const float* weight, int64_t m, int k, int64_t d,
                         bool accumulate, bool bf16, void* out, void* stream) {
   if (m == 0) return;
-  by_dtype(bf16, [&](auto* t) {
+  for_row_dtype(bf16, [&](auto* t) {
     using T = std::remove_pointer_t<decltype(t)>;
     token_sum_kernel<T><<<unsigned(m), kThreads, 0, as_stream(stream)>>>(
         static_cast<const T*>(rows), expert, slot, offsets, weight, k, d, accumulate ? 1 : 0,
@@ -135,7 +127,7 @@ void moe_combine_backward_cuda(const void* dy, const void* oe, const int32_t* ex
                                int64_t m, int k, int64_t d, bool bf16, void* doe, float* dweight,
                                void* stream) {
   if (m == 0) return;
-  by_dtype(bf16, [&](auto* t) {
+  for_row_dtype(bf16, [&](auto* t) {
     using T = std::remove_pointer_t<decltype(t)>;
     combine_backward_kernel<T><<<unsigned(m), kThreads, 0, as_stream(stream)>>>(
         static_cast<const T*>(dy), static_cast<const T*>(oe), expert, slot, offsets, weight, k, d,
