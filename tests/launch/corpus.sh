@@ -8,7 +8,9 @@
 # directory (removed on exit) holding the prepared corpus; check (below) compares a run with run a;
 # layout_args WORK sets `args`, the layout tests' small run (8 steps of the tiny hybrid, MoE
 # auxiliary losses off); run_layout OUT RANKS ARGS... runs it into WORK/OUT (RANKS 0: one process,
-# else through mpirun_cmd), its output in WORK/OUT.log.
+# else through mpirun_cmd), its output in WORK/OUT.log; seed_from RUN FROM STEP copies run FROM's
+# checkpoint of STEP (8 digits) into run RUN's, for RUN to resume from; skip_without_gpus N exits
+# 77 (skipped) unless N GPUs are visible.
 prep_corpus() {
   local braid=$1 work=$2 python_dir=""
   for d in /usr/lib/python3.*/; do
@@ -60,5 +62,17 @@ run_layout() {
   else
     "${mpirun_cmd[@]}" -np "$np" "$braid" train --config "$config" "${args[@]}" \
       train.out_dir="$work/$out" "$@" >"$work/$out.log"
+  fi
+}
+seed_from() {
+  mkdir -p "$work/$1/checkpoints"
+  cp -r "$work/$2/checkpoints/step_$3" "$work/$1/checkpoints/"
+}
+skip_without_gpus() {
+  local n
+  n=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  if [ "${n:-0}" -lt "$1" ]; then
+    echo "fewer than $1 GPU(s) visible: $(basename "$0") skipped"
+    exit 77
   fi
 }

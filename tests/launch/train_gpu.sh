@@ -13,31 +13,17 @@
 #   checkpoint holds f32 parameters and Adam state: either device reads it).
 # Usage: train_gpu.sh BRAID CONFIG (configs/tiny_gpu.yaml)
 set -eu
-if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
-  echo "no GPU visible: GPU training test skipped"
-  exit 77
-fi
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-braid=$1 config=$2
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-prep_corpus "$braid" "$work" >/dev/null
+skip_without_gpus 1
+start_layout_test "$@"
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=20
       checkpoint.interval=10 train.log_interval=5 train.eval_interval=20)
-run() {
-  local out=$1
-  shift
-  "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/$out" "$@" >"$work/$out.log"
-}
-run gpu
-run cpu train.device=cpu
-for r in gpu_resumed cpu_resumed; do
-  mkdir -p "$work/$r/checkpoints"
-  cp -r "$work/gpu/checkpoints/step_00000010" "$work/$r/checkpoints/"
-done
-run gpu_resumed checkpoint.resume=true
-run cpu_resumed checkpoint.resume=true train.device=cpu
+run_layout gpu 0
+run_layout cpu 0 train.device=cpu
+for r in gpu_resumed cpu_resumed; do seed_from "$r" gpu 00000010; done
+run_layout gpu_resumed 0 checkpoint.resume=true
+run_layout cpu_resumed 0 checkpoint.resume=true train.device=cpu
 for r in gpu_resumed cpu_resumed; do
   grep -q "resumed from .*step_00000010 at step 10" "$work/$r.log" ||
     { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }

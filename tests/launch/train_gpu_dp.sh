@@ -17,53 +17,29 @@
 #   tolerance; the 2-GPU checkpoint passes `braid ckpt verify`.
 # Usage: train_gpu_dp.sh BRAID CONFIG (configs/tiny_gpu.yaml) MPIRUN...
 set -eu
-gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-if [ "${gpus:-0}" -lt 2 ]; then
-  echo "fewer than 2 GPUs visible: multi-GPU training test skipped"
-  exit 77
-fi
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-braid=$1 config=$2
+skip_without_gpus 2
+start_layout_test "$@"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-shift 2
-mpirun_cmd=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-prep_corpus "$braid" "$work" >/dev/null
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=20
       checkpoint.interval=10 train.log_interval=5 train.eval_interval=20)
-run() {
-  local out=$1 np=$2
-  shift 2
-  if [ "$np" -eq 1 ]; then
-    "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/$out" "$@" \
-      >"$work/$out.log"
-  else
-    "${mpirun_cmd[@]}" -np "$np" "$braid" train --config "$config" "${args[@]}" \
-      train.out_dir="$work/$out" "$@" >"$work/$out.log"
-  fi
-}
-seed_from() {  # seed_from RUN FROM: RUN starts with FROM's step-10 checkpoint
-  mkdir -p "$work/$1/checkpoints"
-  cp -r "$work/$2/checkpoints/step_00000010" "$work/$1/checkpoints/"
-}
-run one 1 train.grad_accum=4
-run two 2 train.grad_accum=2 checkpoint.async=true parallel.grad_bucket_mb=1
+run_layout one 0 train.grad_accum=4
+run_layout two 2 train.grad_accum=2 checkpoint.async=true parallel.grad_bucket_mb=1
 grep -q "layout: 2 ranks" "$work/two.log" || { echo "FAIL: not 2 ranks"; cat "$work/two.log"; exit 1; }
 grep -q "gradients: [0-9]* buckets" "$work/two.log" || { echo "FAIL: no buckets"; cat "$work/two.log"; exit 1; }
 # Gradient buckets summed during the backward (1 MB: several) against the reduction after it:
 # the same two numbers added per element, bit-identical losses.
-run two_after 2 train.grad_accum=2 parallel.grad_bucket_mb=0
+run_layout two_after 2 train.grad_accum=2 parallel.grad_bucket_mb=0
 compare "2 GPUs, gradients summed in buckets during the backward vs after it, losses" \
   "$(losses "$work/two/metrics.jsonl")" "$(losses "$work/two_after/metrics.jsonl")" 0
 "$braid" ckpt verify "$work/two/checkpoints/step_00000010" >/dev/null
-seed_from two_resumed two
-seed_from one_from_two two
-seed_from two_from_one one
-run two_resumed 2 train.grad_accum=2 checkpoint.resume=true parallel.grad_bucket_mb=1
-run one_from_two 1 train.grad_accum=4 checkpoint.resume=true
-run two_from_one 2 train.grad_accum=2 checkpoint.resume=true
+seed_from two_resumed two 00000010
+seed_from one_from_two two 00000010
+seed_from two_from_one one 00000010
+run_layout two_resumed 2 train.grad_accum=2 checkpoint.resume=true parallel.grad_bucket_mb=1
+run_layout one_from_two 0 train.grad_accum=4 checkpoint.resume=true
+run_layout two_from_one 2 train.grad_accum=2 checkpoint.resume=true
 for r in two_resumed one_from_two two_from_one; do
   grep -q "resumed from .*step_00000010 at step 10" "$work/$r.log" ||
     { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }

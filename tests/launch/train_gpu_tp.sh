@@ -10,49 +10,25 @@
 # - Resumes 1 GPU -> tp=2 and tp=2 -> 1 GPU track the runs they continue within the same tolerance.
 # Usage: train_gpu_tp.sh BRAID CONFIG (configs/tiny_gpu.yaml) MPIRUN...
 set -eu
-gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-if [ "${gpus:-0}" -lt 2 ]; then
-  echo "fewer than 2 GPUs visible: tensor-parallel GPU training test skipped"
-  exit 77
-fi
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-braid=$1 config=$2
+skip_without_gpus 2
+start_layout_test "$@"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-shift 2
-mpirun_cmd=("$@")
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-prep_corpus "$braid" "$work" >/dev/null
 # Two Mamba-2 groups, so that tp=2 can split them.
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=20
       checkpoint.interval=10 train.log_interval=5 train.eval_interval=20 mamba2.groups=2)
-run() {
-  local out=$1 np=$2
-  shift 2
-  if [ "$np" -eq 1 ]; then
-    "$braid" train --config "$config" "${args[@]}" train.out_dir="$work/$out" "$@" \
-      >"$work/$out.log"
-  else
-    "${mpirun_cmd[@]}" -np "$np" "$braid" train --config "$config" "${args[@]}" \
-      train.out_dir="$work/$out" "$@" >"$work/$out.log"
-  fi
-}
-seed_from() {  # seed_from RUN FROM: RUN starts with FROM's step-10 checkpoint
-  mkdir -p "$work/$1/checkpoints"
-  cp -r "$work/$2/checkpoints/step_00000010" "$work/$1/checkpoints/"
-}
-run one 1
-run tp 2 parallel.tp=2
-run tp_sp 2 parallel.tp=2 parallel.sequence_parallel=true
+run_layout one 0
+run_layout tp 2 parallel.tp=2
+run_layout tp_sp 2 parallel.tp=2 parallel.sequence_parallel=true
 grep -q "layout: 2 ranks, tp 2" "$work/tp.log" || { echo "FAIL: not tp=2"; cat "$work/tp.log"; exit 1; }
 "$braid" ckpt verify "$work/tp/checkpoints/step_00000010" >/dev/null
-seed_from tp_resumed tp
-seed_from one_from_tp tp
-seed_from tp_from_one one
-run tp_resumed 2 parallel.tp=2 checkpoint.resume=true
-run one_from_tp 1 checkpoint.resume=true
-run tp_from_one 2 parallel.tp=2 checkpoint.resume=true
+seed_from tp_resumed tp 00000010
+seed_from one_from_tp tp 00000010
+seed_from tp_from_one one 00000010
+run_layout tp_resumed 2 parallel.tp=2 checkpoint.resume=true
+run_layout one_from_tp 0 checkpoint.resume=true
+run_layout tp_from_one 2 parallel.tp=2 checkpoint.resume=true
 tol=0.03125
 compare "tp=2 resumed from its step-10 checkpoint vs straight through, losses" \
   "$(losses "$work/tp/metrics.jsonl" | tail -n 10)" \
