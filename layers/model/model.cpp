@@ -223,10 +223,6 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   validate_model_config(cfg_);
   const bool gpu = backend.device() == Device::cuda;
   if (gpu) {
-    const std::string layers = pattern_layers(cfg_.pattern);
-    BRAID_REQUIRE(layers.find('E') == std::string::npos, "model.pattern '", cfg_.pattern,
-                  "': MoE (E) layers do not run on the GPU yet; use train.device=cpu or a pattern "
-                  "of S, M, *, - layers");
     BRAID_REQUIRE(tp.size() == 1 && !cp && !ep && starts.size() == 1,
                   "the GPU model has no tensor, context, expert or pipeline parallelism yet "
                   "(data parallelism only)");

@@ -1,8 +1,15 @@
 // The whole model on the GPU in mixed precision (bf16 activations and weight copies, f32
 // parameters and gradients) against the same model on the CPU in f32: the loss and every
 // parameter's gradient after one forward + backward, for patterns of Mamba-2, attention and MLP
-// layers, and of Mamba-1 (with the dt/B/C norms), MLP and attention, with packed documents and a
-// length that is no multiple of the SSD chunk or the attention tiles. Also: two GPU runs are
+// layers, of Mamba-1 (with the dt/B/C norms), MLP and attention, and of both with MoE layers
+// (softmax router; sigmoid router with normalised top-k and the balancing bias), with packed
+// documents and a length that is no multiple of the SSD chunk or the attention tiles. The GPU
+// router computes in f32 from bf16 activations, so a token whose K-th and (K+1)-th scores lie
+// within that rounding (a chance of about 2^-9 per token) may choose another expert than on the
+// CPU. Such a token's gradient term replaces another; the n ~ M K / E = 200 terms of an expert's
+// gradient add up like random vectors, so one moved term changes it by about 1/sqrt(n) = 7%, and
+// it reaches the layers below through the input gradient (measured: up to 9.2% for experts, 11%
+// for a router). The 2^-3 below holds one such token per expert. Also: two GPU runs are
 // bit-identical, and a step allocates nothing. Tolerance: every activation and weight a kernel
 // reads is rounded to bf16 (relative error u = 2^-9), once per op. An error of a few u per op, over
 // the ~10 ops a layer applies and the 5 layers plus the head, stays within 2^-6 of the loss
@@ -32,6 +39,10 @@ ModelConfig gpu_config(const std::string& pattern) {
   c.mlp.ffn = 256;
   c.mamba1.d_inner = 256, c.mamba1.d_state = 16, c.mamba1.dt_rank = 8, c.mamba1.d_conv = 4;
   c.mamba1.dt_bc_norm = true;
+  c.moe.experts = 4, c.moe.top_k = 2, c.moe.ffn = 128, c.moe.aux_loss_coef = 0.01;
+  c.moe.z_loss_coef = 0.001;
+  if (pattern.find('S') != std::string::npos)  // the sigmoid router with its balancing bias
+    c.moe.score = RouterScore::sigmoid, c.moe.normalize_topk = true, c.moe.balance_bias = true;
   return c;
 }
 
@@ -81,6 +92,7 @@ TEST_P(GpuModel, MatchesCpuAndRepeats) {
   std::vector<std::vector<double>> grads;
   double worst = 0;
   for (const Param& p : gpu.params().all()) {
+    if (!p.trainable) continue;  // the MoE balancing bias: no gradient
     const Param* q = ref.params().find(p.name);
     ASSERT_NE(q, nullptr) << p.name;
     const std::vector<double> g = download(p.grad), want = host_values(q->grad, false);
@@ -104,13 +116,14 @@ TEST_P(GpuModel, MatchesCpuAndRepeats) {
   EXPECT_EQ(again.sum, lg.sum);
   size_t k = 0;
   for (const Param& p : gpu.params().all()) {
+    if (!p.trainable) continue;
     const std::vector<double> g = download(p.grad);
     EXPECT_EQ(g, grads[k]) << p.name << ": gradients differ between two identical runs";
     ++k;
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Hybrid, GpuModel, ::testing::Values("M*-M-", "S-*S-"));
+INSTANTIATE_TEST_SUITE_P(Hybrid, GpuModel, ::testing::Values("M*-M-", "S-*S-", "M*EME", "SE*S-"));
 
 }  // namespace
 }  // namespace braid
