@@ -279,14 +279,13 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   auto say = [&](const char* fmt, auto... args) {
     if (lead) std::printf(fmt, args...);
   };
-  // On GPUs: one rank per GPU, data parallel (ZeRO-1 over NCCL); the other dimensions are not
-  // built for GPUs yet.
+  // On GPUs: one rank per GPU, data, tensor and expert parallel over NCCL; context and pipeline
+  // parallelism are not built for GPUs yet.
   const bool gpu = cfg.train.device == "cuda";
-  BRAID_REQUIRE(!gpu || (layout.tp == 1 && cp == 1 && pp == 1 && layout.ep == 1),
-                "train.device = cuda runs data parallelism only for now (one rank per GPU); got "
-                "parallel.tp = ",
-                layout.tp, ", cp = ", cp, ", pp = ", pp, ", ep = ", layout.ep,
-                " (each must be 1 on GPUs)");
+  BRAID_REQUIRE(!gpu || (cp == 1 && pp == 1),
+                "train.device = cuda has no context or pipeline parallelism yet; got parallel.cp "
+                "= ",
+                cp, ", pp = ", pp, " (each must be 1 on GPUs)");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
   const int64_t b = ts.micro_batch, t = ts.seq_len, t_local = t / cp;
@@ -313,6 +312,15 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   if (gpu && tp_group && tp_group->size() > 1)
     tp_nccl = make_nccl(*tp_group, "tensor parallel (NCCL)", comm_timeout_from_env(600));
   Communicator* tp_comm = tp_nccl ? tp_nccl.get() : tp_group.get();
+  // Expert parallelism on GPUs: the token rows' all-to-all and the experts' ZeRO-1 over NCCL; the
+  // MPI ep group keeps the host sums (the experts' gradient norm).
+  std::unique_ptr<Communicator> ep_nccl, edp_nccl;
+  if (gpu && ep_group) {
+    ep_nccl = make_nccl(*ep_group, "expert parallel (NCCL)", comm_timeout_from_env(600));
+    edp_nccl = make_nccl(*edp_group, "expert data parallel (NCCL)", comm_timeout_from_env(600));
+  }
+  Communicator* ep_comm = ep_nccl ? ep_nccl.get() : ep_group.get();
+  Communicator* edp_comm = edp_nccl ? edp_nccl.get() : edp_group.get();
   // The checkpoint to resume from (checkpoint.resume): the newest that checks out.
   const std::string ckpt_dir = ckpt_dir_of(cfg);
   std::vector<std::string> skipped;  // corrupt or incomplete, newest first
@@ -350,7 +358,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       return std::make_unique<Model>(
           cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
           TensorParallel{tp_comm, layout.sequence_parallel}, cp > 1 ? cp_group.get() : nullptr,
-          ep_group.get(), edp_group ? edp_group->size() : 1, c * pp + stage, starts,
+          ep_comm, edp_group ? edp_group->size() : 1, c * pp + stage, starts,
           parse_recompute(cfg.train.recompute));
     }));
     chunks.back()->initialize(ts.seed);
@@ -367,8 +375,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     for (const RemoteParam& r : m->remote_params())
       if (named.insert(r.name).second) remote.push_back(r);
   RunOptimizer opt = with_memory_hint([&] {
-    return RunOptimizer(sets, cfg.adamw, *backend, data_comm, tp_comm, edp_group.get(),
-                        ep_group.get(), pp_group.get(), remote);
+    return RunOptimizer(sets, cfg.adamw, *backend, data_comm, tp_comm, edp_comm, ep_group.get(),
+                        pp_group.get(), remote);
   });
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule

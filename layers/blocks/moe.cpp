@@ -86,6 +86,7 @@ void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
     or_ = sv.take("moe.out_rows_at_experts", t, {at_experts, d});
     dor_ = sc.take("moe.dout_rows_at_experts", t, {at_experts, d});
     dxr_ = sc.take("moe.dx_rows_at_experts", t, {at_experts, d});
+    ep_counts_ = sc.take("moe.ep_counts", DType::i64, {2 * e});  // sent [E], received [ep local]
   }
   dweight_ = sc.take("moe.dweight", r, {m_, k});
   dlogits_ = sc.take("moe.dlogits", r, {m_, e});
@@ -213,14 +214,12 @@ void MoeBlock::exchange_counts() {
   const int32_t* off = host_offsets_.data();
   std::vector<int64_t> mine(cfg_.experts);
   for (int64_t e = 0; e < cfg_.experts; ++e) mine[e] = off[e + 1] - off[e];
-  recv_expert_rows_.assign(size_t(peers) * local_, 0);
   const std::vector<int64_t> per_peer(peers, local_);
-  ep_->all_to_all_v(
-      Tensor::contiguous_view(mine.data(), DType::i64, Device::cpu, {cfg_.experts}, "counts"),
-      per_peer,
-      Tensor::contiguous_view(recv_expert_rows_.data(), DType::i64, Device::cpu,
-                              {int64_t(recv_expert_rows_.size())}, "recv_counts"),
-      per_peer);
+  const Tensor sent = ep_counts_.slice(0, 0, cfg_.experts),
+               received = ep_counts_.slice(0, cfg_.experts, peers * local_);
+  moe_counts_store(mine, sent);
+  ep_->all_to_all_v(sent, per_peer, received, per_peer);
+  recv_expert_rows_ = moe_counts_load(received);
   send_rows_.assign(peers, 0), recv_rows_.assign(peers, 0);  // elements (rows x D)
   for (int q = 0; q < peers; ++q)
     for (int64_t j = 0; j < local_; ++j) {

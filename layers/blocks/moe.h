@@ -109,9 +109,9 @@ class MoeBlock final : public Block {
   std::vector<int64_t> send_rows_, recv_rows_, recv_expert_rows_;
   Tensor xr_, or_;
   // scratch (router_ws_: the GPU router's loss sums; dlogits_c_: dlogits in the compute dtype for
-  // the gate's GEMM, when that is not f32)
+  // the gate's GEMM, when that is not f32; ep_counts_: the row counts the ep ranks exchange)
   Tensor dor_, dxr_, dweight_, dlogits_, dlogits_c_, router_ws_, doe_, dhe_, dga_, dua_, dxe_,
-      dx_tmp_, shared_out_;
+      dx_tmp_, shared_out_, ep_counts_;
 };
 
 }  // namespace braid

@@ -223,9 +223,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   validate_model_config(cfg_);
   const bool gpu = backend.device() == Device::cuda;
   if (gpu) {
-    BRAID_REQUIRE(tp.size() == 1 && !cp && !ep && starts.size() == 1,
-                  "the GPU model has no tensor, context, expert or pipeline parallelism yet "
-                  "(data parallelism only)");
+    BRAID_REQUIRE(!cp && starts.size() == 1,
+                  "the GPU model has no context or pipeline parallelism yet");
     gemm_ = std::make_unique<GemmContext>(backend);
   }
   // Mixed precision: bf16 activations and compute copies of the weights, f32 parameters and

@@ -9,8 +9,8 @@
 //            dropped)
 //   expert, slot [M,K] i32 (from the router); offsets [E+1] i32; row_token [M*K] i32.
 // On the GPU (every tensor on the device; x, xe, oe, y, dy, doe, dx bf16 or f32, one dtype; weight
-// and dweight f32) the plan runs on the device and rows_on_host reads back offsets (E+1 i32, one
-// small copy and a wait: the expert GEMMs are sized on the host); every kernel is deterministic
+// and dweight f32) the plan runs on the device and reads offsets back into host_offsets (E+1 i32,
+// one small copy and a wait: the expert GEMMs are sized on the host); every kernel is deterministic
 // (each output element is written by one thread, sums in a fixed order).
 #pragma once
 
@@ -32,6 +32,10 @@ void moe_combine(const Tensor& oe, const Tensor& expert, const Tensor& slot, con
 void moe_combine_backward(const Tensor& dy, const Tensor& oe, const Tensor& expert,
                           const Tensor& slot, const Tensor& offsets, const Tensor& weight,
                           const Tensor& doe, const Tensor& dweight);
+// The expert-parallel exchange of row counts moves them in a tensor of the device in use (over
+// NCCL on GPUs): host values into a contiguous i64 tensor, and back (a GPU copy is waited for).
+void moe_counts_store(const std::vector<int64_t>& host, const Tensor& t);
+std::vector<int64_t> moe_counts_load(const Tensor& t);
 
 // The CUDA side (moe_dispatch_kernels.cu), after the checks. token_sum: out[m] (+)= sum_k
 // w[m,k] rows[row(m,k)] (w null: 1), the combine and the gather's backward.

@@ -86,6 +86,35 @@ int64_t moe_dispatch_plan(const Tensor& expert, const Tensor& slot, const Tensor
   return off[e];
 }
 
+void moe_counts_store(const std::vector<int64_t>& host, const Tensor& t) {
+  BRAID_CHECK(t.dtype == DType::i64 && t.is_contiguous() && t.numel() == int64_t(host.size()),
+              "moe_counts_store: ", t.describe(), " must be a contiguous i64 tensor of ",
+              host.size(), " elements");
+  const size_t bytes = host.size() * sizeof(int64_t);
+  if (t.device == Device::cuda) {
+#if defined(BRAID_WITH_CUDA)
+    CUDA_CHECK(cudaMemcpy(t.data, host.data(), bytes, cudaMemcpyHostToDevice));
+#endif
+    return;
+  }
+  std::memcpy(t.data, host.data(), bytes);
+}
+
+std::vector<int64_t> moe_counts_load(const Tensor& t) {
+  BRAID_CHECK(t.dtype == DType::i64 && t.is_contiguous(), "moe_counts_load: ", t.describe(),
+              " must be a contiguous i64 tensor");
+  std::vector<int64_t> host(size_t(t.numel()));
+  const size_t bytes = host.size() * sizeof(int64_t);
+  if (t.device == Device::cuda) {
+#if defined(BRAID_WITH_CUDA)
+    CUDA_CHECK(cudaMemcpy(host.data(), t.data, bytes, cudaMemcpyDeviceToHost));
+#endif
+    return host;
+  }
+  std::memcpy(host.data(), t.data, bytes);
+  return host;
+}
+
 void moe_gather(const Tensor& x, const Tensor& row_token, int64_t rows, const Tensor& xe) {
   BRAID_CHECK(x.ndim == 2 && xe.ndim == 2 && xe.size(1) == x.size(1) && rows <= xe.size(0),
               "moe_gather: x [M,D], xe [R,D] with rows <= R; got ", x.describe(), ", ",
