@@ -633,9 +633,19 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const int ranks = world ? world->size() : 1;
   TrainSummary s;
   s.unigram_entropy = entropy;
+  // The seconds this rank's communicators held up the step (call_seconds), summed over the
+  // distinct groups.
+  auto comm_seconds = [&, groups = std::set<const Communicator*>{
+                              world, data_comm, tp_comm, cp_group.get(), ep_comm, edp_comm,
+                              ep_group.get(), grad_group.get(), pp_group.get(), tied_group.get()}] {
+    double sum = 0;
+    for (const Communicator* c : groups)
+      if (c) sum += c->call_seconds();
+    return sum;
+  };
   const auto t0 = Clock::now();
   auto last = t0;
-  double interval_loss = 0;
+  double interval_loss = 0, interval_comm = 0, comm_before = comm_seconds();
   int64_t interval_steps = 0;
   // Gradient buckets: the replicated parameters' gradients summed over the data group while the
   // last microbatch's backward goes on (pipeline runs reduce after their schedule).
@@ -705,7 +715,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         for (const Tensor& counts : m->moe_step_counts())
           data_comm->all_reduce(counts, ReduceOp::sum);
     for (const auto& m : chunks) m->after_optimizer_step();
-    interval_loss += loss, ++interval_steps;
+    const double comm_now = comm_seconds(), comm = comm_now - comm_before;
+    comm_before = comm_now;
+    interval_loss += loss, interval_comm += comm, ++interval_steps;
     const auto now = Clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();
     const double elapsed = std::chrono::duration<double>(now - t0).count();
@@ -720,21 +732,25 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                       {"tokens_per_s", tokens_per_step / dt},
                       {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9},
                       {"mfu", gpu ? tokens_per_step * flops_tok / dt / kPeakFlops / ranks : 0.0},
+                      {"comm_s", comm},
                       {"elapsed_s", elapsed}});
     if ((step + 1) % ts.log_interval == 0 || step + 1 == ts.steps) {
       s.final_train_loss = interval_loss / double(interval_steps);
       const double per_step = elapsed / double(step + 1 - start_step);
-      char mfu[32] = "";
+      char mfu[64] = "";
       if (gpu)
         std::snprintf(mfu, sizeof(mfu), " | MFU %.1f%%",
                       100 * tokens_per_step * flops_tok / per_step / kPeakFlops / ranks);
+      if (ranks > 1)  // rank 0's communication time per step over the interval
+        std::snprintf(mfu + std::strlen(mfu), sizeof(mfu) - std::strlen(mfu), " | comm %.0f ms",
+                      1e3 * interval_comm / double(interval_steps));
       say("step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
           "%.2f GFLOP/s%s | elapsed %s | remaining %s\n",
           (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
           tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9, mfu,
           hms(elapsed).c_str(), hms(per_step * double(ts.steps - step - 1)).c_str());
       if (lead) std::fflush(stdout);
-      interval_loss = 0, interval_steps = 0;
+      interval_loss = 0, interval_comm = 0, interval_steps = 0;
     }
     if ((step + 1) % ts.eval_interval == 0 || step + 1 == ts.steps) {
       s.final_valid_loss = evaluate();

@@ -32,6 +32,11 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual const std::string& name() const = 0;
+  // Seconds spent in this communicator's transfers since it was made, where they held up the
+  // caller: MPI, the host time in blocking calls and waits; NCCL, the GPU time between the start
+  // and the end of each blocking call's transfer (nothing else is queued for the step while it
+  // runs). NCCL's asynchronous all-reduce (gradient buckets, beside the backward) is not counted.
+  virtual double call_seconds() const = 0;
 
   // t = reduce over ranks of t (in place).
   virtual void all_reduce(const Tensor& t, ReduceOp op) = 0;

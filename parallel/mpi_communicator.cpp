@@ -112,6 +112,7 @@ class MpiCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
+  double call_seconds() const override { return seconds_; }
 
   void all_reduce(const Tensor& t, ReduceOp op) override {
     check(t, "all_reduce", true);
@@ -222,8 +223,12 @@ class MpiCommunicator final : public Communicator {
   };
   struct Scope {
     MpiCommunicator& c;
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
     Scope(MpiCommunicator& comm, const char* op) : c(comm) { c.watchdog_->begin(op); }
-    ~Scope() { c.watchdog_->end(); }
+    ~Scope() {
+      c.watchdog_->end();
+      c.seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
   };
   void check(const Tensor& t, const char* op, bool reducible) const {
     BRAID_CHECK(t.device == Device::cpu && t.is_contiguous(), op, " on group '", name_,
@@ -242,6 +247,7 @@ class MpiCommunicator final : public Communicator {
   bool owned_;
   int rank_ = 0, size_ = 1;
   std::unique_ptr<Watchdog> watchdog_;
+  double seconds_ = 0;  // call_seconds()
 };
 
 }  // namespace

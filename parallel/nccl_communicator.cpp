@@ -55,24 +55,29 @@ class NcclCommunicator final : public Communicator {
     NCCL_CHECK(ncclCommCount(comm_, &size_));
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUDA_CHECK(cudaEventCreateWithFlags(&queued_, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreate(&began_));
+    CUDA_CHECK(cudaEventCreate(&ended_));
     CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)));
   }
   ~NcclCommunicator() override {
     cudaFree(scratch_);
     cudaEventDestroy(queued_);
+    cudaEventDestroy(began_);
+    cudaEventDestroy(ended_);
     cudaStreamDestroy(stream_);
     ncclCommDestroy(comm_);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
+  double call_seconds() const override { return seconds_; }
 
   void all_reduce(const Tensor& t, ReduceOp op) override {
     check(t, "all_reduce");
-    after_queued();
-    NCCL_CHECK(
-        ncclAllReduce(t.data, t.data, t.numel(), nccl_type(t.dtype), nccl_op(op), comm_, stream_));
-    wait("all_reduce");
+    timed("all_reduce", [&] {
+      NCCL_CHECK(ncclAllReduce(t.data, t.data, t.numel(), nccl_type(t.dtype), nccl_op(op), comm_,
+                               stream_));
+    });
   }
   // Waited for by waiting for the stream (its calls finish in order).
   struct Queued : PendingTransfer {
@@ -96,19 +101,19 @@ class NcclCommunicator final : public Communicator {
     check(out, "reduce_scatter");
     BRAID_CHECK(in.dtype == out.dtype && in.numel() == out.numel() * size_,
                 "reduce_scatter: ", in.describe(), " must hold ", size_, " x ", out.describe());
-    after_queued();
-    NCCL_CHECK(ncclReduceScatter(in.data, out.data, out.numel(), nccl_type(in.dtype), nccl_op(op),
-                                 comm_, stream_));
-    wait("reduce_scatter");
+    timed("reduce_scatter", [&] {
+      NCCL_CHECK(ncclReduceScatter(in.data, out.data, out.numel(), nccl_type(in.dtype), nccl_op(op),
+                                   comm_, stream_));
+    });
   }
   void all_gather(const Tensor& in, const Tensor& out) override {
     check(in, "all_gather");
     check(out, "all_gather");
     BRAID_CHECK(in.dtype == out.dtype && out.numel() == in.numel() * size_,
                 "all_gather: ", out.describe(), " must hold ", size_, " x ", in.describe());
-    after_queued();
-    NCCL_CHECK(ncclAllGather(in.data, out.data, in.numel(), nccl_type(in.dtype), comm_, stream_));
-    wait("all_gather");
+    timed("all_gather", [&] {
+      NCCL_CHECK(ncclAllGather(in.data, out.data, in.numel(), nccl_type(in.dtype), comm_, stream_));
+    });
   }
   void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_counts, const Tensor& out,
                     const std::vector<int64_t>& recv_counts) override {
@@ -125,32 +130,32 @@ class NcclCommunicator final : public Communicator {
     BRAID_CHECK(so <= in.numel() && ro <= out.numel(), "all_to_all_v: counts (", so, " sent, ", ro,
                 " received) exceed ", in.describe(), " / ", out.describe());
     const size_t es = dtype_size(in.dtype);
-    after_queued();
-    NCCL_CHECK(ncclGroupStart());
-    so = 0, ro = 0;
-    for (int p = 0; p < size_; ++p) {
-      if (send_counts[p] > 0)
-        NCCL_CHECK(ncclSend(static_cast<const char*>(in.data) + so * es, send_counts[p],
-                            nccl_type(in.dtype), p, comm_, stream_));
-      if (recv_counts[p] > 0)
-        NCCL_CHECK(ncclRecv(static_cast<char*>(out.data) + ro * es, recv_counts[p],
-                            nccl_type(out.dtype), p, comm_, stream_));
-      so += send_counts[p], ro += recv_counts[p];
-    }
-    NCCL_CHECK(ncclGroupEnd());
-    wait("all_to_all_v");
+    timed("all_to_all_v", [&] {
+      NCCL_CHECK(ncclGroupStart());
+      int64_t sent = 0, received = 0;
+      for (int p = 0; p < size_; ++p) {
+        if (send_counts[p] > 0)
+          NCCL_CHECK(ncclSend(static_cast<const char*>(in.data) + sent * es, send_counts[p],
+                              nccl_type(in.dtype), p, comm_, stream_));
+        if (recv_counts[p] > 0)
+          NCCL_CHECK(ncclRecv(static_cast<char*>(out.data) + received * es, recv_counts[p],
+                              nccl_type(out.dtype), p, comm_, stream_));
+        sent += send_counts[p], received += recv_counts[p];
+      }
+      NCCL_CHECK(ncclGroupEnd());
+    });
   }
   void send(const Tensor& t, int peer) override {
     check(t, "send");
-    after_queued();
-    NCCL_CHECK(ncclSend(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
-    wait("send");
+    timed("send", [&] {
+      NCCL_CHECK(ncclSend(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
+    });
   }
   void recv(const Tensor& t, int peer) override {
     check(t, "recv");
-    after_queued();
-    NCCL_CHECK(ncclRecv(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
-    wait("recv");
+    timed("recv", [&] {
+      NCCL_CHECK(ncclRecv(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
+    });
   }
   // Pipeline transfers need both directions of a pair batched in one NCCL group call (a stream's
   // sends and receives otherwise match only in order, and two ranks sending to each other first
@@ -179,6 +184,19 @@ class NcclCommunicator final : public Communicator {
 
  private:
   static ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::sum ? ncclSum : ncclMax; }
+  // A blocking call: queued after the default stream's work, timed between events on the
+  // communicator's stream, and waited for.
+  template <class F>
+  void timed(const char* op, F enqueue) {
+    after_queued();
+    CUDA_CHECK(cudaEventRecord(began_, stream_));
+    enqueue();
+    CUDA_CHECK(cudaEventRecord(ended_, stream_));
+    wait(op);
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, began_, ended_));
+    seconds_ += 1e-3 * ms;
+  }
   // The communicator's stream waits for what the default stream has queued so far.
   void after_queued() {
     CUDA_CHECK(cudaEventRecord(queued_, cudaStreamLegacy));
@@ -222,7 +240,9 @@ class NcclCommunicator final : public Communicator {
   int rank_ = 0, size_ = 1;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t queued_ = nullptr;  // recorded on the default stream before each call
-  void* scratch_ = nullptr;       // barrier's one float
+  cudaEvent_t began_ = nullptr, ended_ = nullptr;  // around a blocking call's transfer
+  double seconds_ = 0;                             // call_seconds()
+  void* scratch_ = nullptr;                        // barrier's one float
 };
 
 }  // namespace
