@@ -657,6 +657,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     say("gradients: %d buckets of about %.3g MB summed during the backward\n", buckets->buckets(),
         double(grads.nbytes()) / buckets->buckets() / 1e6);
   }
+  // The auxiliary (MoE) losses of the step are the mean of every microbatch's on every data and
+  // context rank (as logged), and the gradients are summed over those ranks: each microbatch's
+  // auxiliary gradient is scaled by 1 / (grad_accum dp cp).
+  const double aux_scale = 1.0 / double(ts.grad_accum * dp * cp);
   for (int64_t step = start_step; step < ts.steps; ++step) {
     for (const auto& m : chunks) m->params().zero_grads();
     double loss_sum = 0, aux = 0;
@@ -667,8 +671,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         consumed += dp * b;
         if (buckets && micro + 1 == ts.grad_accum)
           model.set_grads_ready([&](int64_t offset) { buckets->ready_from(offset); });
-        const Model::StepResult r = model.forward_backward(input, 1.0 / double(tokens_per_step),
-                                                           1.0 / double(ts.grad_accum));
+        const Model::StepResult r =
+            model.forward_backward(input, 1.0 / double(tokens_per_step), aux_scale);
         model.set_grads_ready(nullptr);
         loss_sum += r.loss.sum;
         aux += r.aux / double(ts.grad_accum);
@@ -681,7 +685,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         consumed += dp * b;
         batches.push_back(&input_of(micro));
       }
-      stage_run->start(batches, 1.0 / double(tokens_per_step), 1.0 / double(ts.grad_accum));
+      stage_run->start(batches, 1.0 / double(tokens_per_step), aux_scale);
       run_pipeline(schedule, *stage_run, *pp_group);
       std::vector<double> sums{stage_run->loss(), stage_run->aux() / double(ts.grad_accum)};
       pp_group->all_reduce(  // the last stage's loss, every stage's auxiliary losses

@@ -55,4 +55,15 @@ done
 check "ep=2 x dp=4 resumed from a 1-process checkpoint" f 4
 check "1 process resumed from an ep=2 x dp=4 checkpoint" g 4
 check "ep=4 resumed from an ep=2 x tp=2 checkpoint" h 4
+# The auxiliary losses on, and the same microbatches on both layouts (one process: 2
+# microbatches of 2 samples; ep=2: one of 2 on each rank): each microbatch's auxiliary gradient
+# counts once in the step's sum over the ranks, so the losses agree as tightly as above. (A
+# gradient scaled per rank rather than per global batch counted them dp times: 5e-4 apart.)
+aux=(moe.aux_loss_coef=0.01 moe.z_loss_coef=0.001 train.micro_batch=2)
+run_layout i 0 "${aux[@]}" train.grad_accum=2
+run_layout j 2 "${aux[@]}" train.grad_accum=1 parallel.ep=2
+compare "ep=2 vs one process with the auxiliary losses, losses" \
+  "$(losses "$work/i/metrics.jsonl")" "$(losses "$work/j/metrics.jsonl")" 1e-7
+compare "ep=2 vs one process with the auxiliary losses, gradient norms" \
+  "$(grad_norms "$work/i/metrics.jsonl")" "$(grad_norms "$work/j/metrics.jsonl")" 1e-6
 echo "expert-parallel training passed"
