@@ -182,6 +182,7 @@ const std::map<std::string, Key>& registry() {
       {"train.eval_batches", int_key(M(train.eval_batches), 1)},
       {"train.threads", int_key(M(train.threads), 0)},
       {"train.device", string_key(M(train.device))},
+      {"train.precision", string_key(M(train.precision))},
       {"train.recompute", string_key(M(train.recompute))},
       {"train.out_dir", string_key(M(train.out_dir))},
       {"checkpoint.dir", string_key(M(checkpoint.dir))},
@@ -318,6 +319,11 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
       "' must be none, ssm (the Mamba mixers) or full");
   BRAID_REQUIRE(c.train.device == "cpu" || c.train.device == "cuda", path, ": train.device = '",
                 c.train.device, "' must be cpu or cuda");
+  if (c.train.precision.empty()) c.train.precision = c.train.device == "cuda" ? "bf16" : "fp32";
+  BRAID_REQUIRE(c.train.precision == "bf16" || c.train.precision == "fp32", path,
+                ": train.precision = '", c.train.precision, "' must be bf16 or fp32");
+  BRAID_REQUIRE(c.train.device == "cuda" || c.train.precision == "fp32", path,
+                ": train.precision = bf16 needs train.device = cuda (the CPU runs in fp32)");
   BRAID_REQUIRE(std::isfinite(c.parallel.grad_bucket_mb) && c.parallel.grad_bucket_mb >= 0, path,
                 ": parallel.grad_bucket_mb = ", c.parallel.grad_bucket_mb,
                 " must be 0 (reduce after the backward) or a positive size in MB");

@@ -28,6 +28,11 @@ struct TrainSettings {
   int64_t eval_batches = 8;
   int64_t threads = 0;  // 0: all cores
   std::string device = "cpu";
+  // Arithmetic of a GPU run: bf16 (mixed precision: bf16 activations and weight copies, f32
+  // parameters, gradients and AdamW state) or fp32 (every tensor f32: the GPU-vs-CPU check; SSD
+  // and attention then run simple f32 kernels, not the fast ones). The CPU runs in fp32; empty:
+  // bf16 on GPUs, fp32 on the CPU.
+  std::string precision;
   // Activation recompute: none, ssm (the Mamba mixers) or full (every block): their activations
   // are recomputed in the backward instead of kept.
   std::string recompute = "none";

@@ -356,10 +356,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   for (int c = 0; c < vs; ++c) {
     chunks.push_back(with_memory_hint([&] {
       return std::make_unique<Model>(
-          cfg.model, gpu ? DType::bf16 : DType::f32, *backend, b, t_local, int64_t(dp) * cp,
-          TensorParallel{tp_comm, layout.sequence_parallel}, cp > 1 ? cp_group.get() : nullptr,
-          ep_comm, edp_group ? edp_group->size() : 1, c * pp + stage, starts,
-          parse_recompute(cfg.train.recompute));
+          cfg.model, cfg.train.precision == "bf16" ? DType::bf16 : DType::f32, *backend, b, t_local,
+          int64_t(dp) * cp, TensorParallel{tp_comm, layout.sequence_parallel},
+          cp > 1 ? cp_group.get() : nullptr, ep_comm, edp_group ? edp_group->size() : 1,
+          c * pp + stage, starts, parse_recompute(cfg.train.recompute));
     }));
     chunks.back()->initialize(ts.seed);
     chunk_ptrs.push_back(chunks.back().get());

@@ -51,7 +51,10 @@ namespace {
 
 AttnParams gpu_params(const AttentionInputs& in, const Tensor& o, const Tensor& lse) {
   const AttentionDims d = attention_dims(in, o, lse);
-  require_dtype("attention", DType::bf16, {in.q, in.k, in.v, &o});
+  BRAID_CHECK(in.q->dtype == DType::bf16 || in.q->dtype == DType::f32,
+              "attention (CUDA): q must be bf16 or f32 (the f32 path: attention_f32.cu), got ",
+              in.q->describe());
+  require_dtype("attention", in.q->dtype, {in.k, in.v, &o});
   require_dtype("attention", DType::f32, {&lse});
   require_gpu("attention", {in.q, in.k, in.v, in.seq_idx, &o, &lse});
   BRAID_CHECK(d.p == 64 || d.p == 128, "attention (CUDA): head dim ", d.p, " must be 64 or 128");
@@ -92,7 +95,11 @@ void attention_forward_gpu(const AttentionInputs& in, const Tensor& o, const Ten
   BRAID_FAIL("attention: tensors are on the GPU but this build has no CUDA (-DBRAID_CUDA=ON)");
 #else
   const AttnParams p = gpu_params(in, o, lse);
-  if (p.seqlen > 0) attention_fwd_cuda(p, in.stream);
+  if (p.seqlen == 0) return;
+  if (in.q->dtype == DType::f32)
+    attention_fwd_f32_cuda(p, in.stream);
+  else
+    attention_fwd_cuda(p, in.stream);
 #endif
 }
 
@@ -108,7 +115,7 @@ void attention_backward_gpu(const AttentionInputs& in, const Tensor& o, const Te
   check_shape(dq, {p.batch, p.seqlen, p.heads, p.head_dim});
   check_shape(dk, {p.batch, p.seqlen, p.kv_heads, p.head_dim});
   check_shape(dv, {p.batch, p.seqlen, p.kv_heads, p.head_dim});
-  require_dtype("attention", DType::bf16, {&dout, &dq, &dk, &dv});
+  require_dtype("attention", in.q->dtype, {&dout, &dq, &dk, &dv});
   require_gpu("attention", {&dout, &dq, &dk, &dv});
   BRAID_CHECK(in.workspace, "attention (CUDA): the backward needs a workspace of ", p.geo.total,
               " f32 elements (attention_gpu_workspace_elems)");
@@ -118,7 +125,11 @@ void attention_backward_gpu(const AttentionInputs& in, const Tensor& o, const Te
               in.workspace->describe(), " smaller than ", p.geo.total, " elements");
   p.dout = dout.data, p.dq = dq.data, p.dk = dk.data, p.dv = dv.data;
   p.ws = in.workspace->ptr<float>();
-  if (p.seqlen > 0) attention_bwd_cuda(p, in.stream);
+  if (p.seqlen == 0) return;
+  if (in.q->dtype == DType::f32)
+    attention_bwd_f32_cuda(p, in.stream);
+  else
+    attention_bwd_cuda(p, in.stream);
 #endif
 }
 

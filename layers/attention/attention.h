@@ -8,9 +8,10 @@
 // The reference works one query row at a time (flash-style, no T x T matrix) and sums dk/dv over
 // the query heads of a group in a fixed order.
 // CPU tensors (f32, f64, one dtype) run the reference. GPU tensors run the CUDA kernels
-// (attention_fwd.cu, attention_bwd.cu): q, k, v, o, dout, dq, dk, dv bf16, lse f32, P in
-// {64, 128}, seq_idx non-decreasing along T (documents are contiguous runs, as the packer
-// writes them); the backward needs a f32 workspace of attention_gpu_workspace_elems() elements.
+// (attention_fwd.cu, attention_bwd.cu): q, k, v, o, dout, dq, dk, dv bf16 (or all f32: the
+// simple f32 kernels of attention_f32.cu, for f32 runs), lse f32, P in {64, 128}, seq_idx
+// non-decreasing along T (documents are contiguous runs, as the packer writes them); the backward
+// needs a f32 workspace of attention_gpu_workspace_elems() elements.
 #pragma once
 
 #include "runtime/tensor.h"

@@ -73,8 +73,11 @@ void attention_backward_gpu(const AttentionInputs& in, const Tensor& o, const Te
                             const Tensor& dout, const Tensor& dq, const Tensor& dk,
                             const Tensor& dv);
 
-// The kernels' launches (attention_fwd.cu, attention_bwd.cu).
+// The kernels' launches (attention_fwd.cu, attention_bwd.cu), and the f32 path's
+// (attention_f32.cu: every tensor that is bf16 above f32, the workspace's first B H T elements).
 void attention_fwd_cuda(const AttnParams& p, void* stream);
 void attention_bwd_cuda(const AttnParams& p, void* stream);
+void attention_fwd_f32_cuda(const AttnParams& p, void* stream);
+void attention_bwd_f32_cuda(const AttnParams& p, void* stream);
 
 }  // namespace braid

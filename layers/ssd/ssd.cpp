@@ -50,8 +50,16 @@ SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, 
 #if defined(BRAID_WITH_CUDA)
 namespace {
 
+// x, B, C and every tensor of their rows bf16 (the chunked kernels) or f32 (ssd_f32.cu).
+bool f32_rows(const SsdInputs& in) {
+  BRAID_CHECK(in.x->dtype == DType::bf16 || in.x->dtype == DType::f32,
+              "ssd (CUDA): x must be bf16 or f32 (the f32 path: ssd_f32.cu), got ",
+              in.x->describe());
+  return in.x->dtype == DType::f32;
+}
+
 SsdParams forward_params(const SsdInputs& in, const SsdDims& d) {
-  require_dtype("ssd", DType::bf16, {in.x, in.B, in.C});
+  require_dtype("ssd", in.x->dtype, {in.B, in.C});
   require_dtype("ssd", DType::f32, {in.dt, in.A, in.D, in.dt_bias, in.initial_state});
   require_gpu("ssd",
               {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx, in.initial_state});
@@ -77,11 +85,11 @@ SsdParams forward_params(const SsdInputs& in, const SsdDims& d) {
   return p;
 }
 
-void check_workspace(const Tensor& ws, const SsdParams& p) {
+void check_workspace(const Tensor& ws, int64_t elems) {
   require_dtype("ssd", DType::f32, {&ws});
   require_gpu("ssd", {&ws});
-  BRAID_CHECK(ws.numel() >= p.geo.total, "ssd (CUDA): workspace ", ws.describe(), " smaller than ",
-              p.geo.total, " elements");
+  BRAID_CHECK(ws.numel() >= elems, "ssd (CUDA): workspace ", ws.describe(), " smaller than ", elems,
+              " elements");
 }
 
 }  // namespace
@@ -89,6 +97,7 @@ void check_workspace(const Tensor& ws, const SsdParams& p) {
 
 int64_t ssd_gpu_workspace_elems(const SsdInputs& in) {
   const SsdDims d = ssd_dims(in);
+  if (in.x->dtype == DType::f32) return ssd_f32_layout(d.b, d.t, d.h, d.p, d.n).total;
   const int64_t q = std::max<int64_t>(in.chunk, 1);
   return ssd_geometry(d.b, d.t, d.h, d.p, d.g, d.n, q, in.D && in.D->ndim == 2).total;
 }
@@ -101,16 +110,20 @@ void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_s
 #else
   const SsdDims d = ssd_dims(in);
   SsdParams p = forward_params(in, d);
+  const bool f32 = f32_rows(in);
   check_shape(y, {d.b, d.t, d.h, d.p});
-  require_dtype("ssd", DType::bf16, {&y});
+  require_dtype("ssd", in.x->dtype, {&y});
   require_dtype("ssd", DType::f32, {final_state});
   if (final_state) check_shape(*final_state, {d.b, d.h, d.p, d.n});
   require_gpu("ssd", {&y, final_state});
-  check_workspace(workspace, p);
+  check_workspace(workspace, ssd_gpu_workspace_elems(in));
   p.y = y.data;
   p.final_state = final_state ? final_state->ptr<float>() : nullptr;
   p.ws = workspace.ptr<float>();
-  ssd_fwd_cuda(p, in.stream);
+  if (f32)
+    ssd_fwd_f32_cuda(p, in.stream);
+  else
+    ssd_fwd_cuda(p, in.stream);
 #endif
 }
 
@@ -122,16 +135,17 @@ void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfina
 #else
   const SsdDims d = ssd_dims(in);
   SsdParams p = forward_params(in, d);
+  const bool f32 = f32_rows(in);
   check_ssd_grads(in, d, dy, dfinal_state, gr);
-  require_dtype("ssd", DType::bf16, {&dy, gr.dx, gr.dB, gr.dC});
+  require_dtype("ssd", in.x->dtype, {&dy, gr.dx, gr.dB, gr.dC});
   require_dtype("ssd", DType::f32,
                 {gr.ddt, gr.dA, gr.dD, gr.ddt_bias, gr.dinitial_state, dfinal_state});
   require_gpu("ssd", {&dy, gr.dx, gr.ddt, gr.dA, gr.dB, gr.dC, gr.dD, gr.ddt_bias,
                       gr.dinitial_state, dfinal_state});
-  check_workspace(workspace, p);
+  check_workspace(workspace, ssd_gpu_workspace_elems(in));
   p.ws = workspace.ptr<float>();
   p.dy = dy.data;
-  if (in.out) {
+  if (in.out && !f32) {
     check_shape(*in.out, {d.b, d.t, d.h, d.p});
     require_dtype("ssd", DType::bf16, {in.out});
     require_gpu("ssd", {in.out});
@@ -143,7 +157,10 @@ void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfina
   p.dD = gr.dD ? gr.dD->ptr<float>() : nullptr;
   p.ddt_bias = gr.ddt_bias ? gr.ddt_bias->ptr<float>() : nullptr;
   p.dinitial_state = gr.dinitial_state ? gr.dinitial_state->ptr<float>() : nullptr;
-  ssd_bwd_cuda(p, in.stream);
+  if (f32)
+    ssd_bwd_f32_cuda(p, in.stream);
+  else
+    ssd_bwd_cuda(p, in.stream);
 #endif
 }
 

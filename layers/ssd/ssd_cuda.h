@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "runtime/philox.h"  // BRAID_HD
 #include "runtime/tensor.h"
 
 namespace braid {
@@ -75,6 +76,29 @@ struct SsdParams {
 // Launch on `stream` (a cudaStream_t; null for the default stream).
 void ssd_fwd_cuda(const SsdParams& p, void* stream);
 void ssd_bwd_cuda(const SsdParams& p, void* stream);
+// The f32 path (ssd_f32.cu: x, B, C, y, dy, dx, dB, dC f32 too; geo unused): the recurrence step
+// by step, for f32 runs. Its workspace (f32 elements): the states entering each segment of
+// kSsdF32Seg tokens [B,H,nseg,P,N], one segment's states [B,H,kSsdF32Seg,P,N], dB and dC per
+// head [B,T,H,N] each, dA and ddt_bias partial sums [B,H] each, dD partial sums [B,H,P].
+constexpr int kSsdF32Seg = 64;
+struct SsdF32Layout {
+  int64_t nseg = 0, ckpt = 0, seg = 0, dbh = 0, dch = 0, pa = 0, pbias = 0, pd = 0, total = 0;
+};
+BRAID_HD SsdF32Layout ssd_f32_layout(int64_t b, int64_t t, int64_t h, int64_t p, int64_t n) {
+  SsdF32Layout s;
+  s.nseg = (t + kSsdF32Seg - 1) / kSsdF32Seg;
+  s.ckpt = 0;
+  s.seg = s.ckpt + b * h * s.nseg * p * n;
+  s.dbh = s.seg + b * h * kSsdF32Seg * p * n;
+  s.dch = s.dbh + b * t * h * n;
+  s.pa = s.dch + b * t * h * n;
+  s.pbias = s.pa + b * h;
+  s.pd = s.pbias + b * h;
+  s.total = s.pd + b * h * p;
+  return s;
+}
+void ssd_fwd_f32_cuda(const SsdParams& p, void* stream);
+void ssd_bwd_f32_cuda(const SsdParams& p, void* stream);
 
 struct SsdInputs;
 struct SsdGrads;

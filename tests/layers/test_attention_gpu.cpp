@@ -18,6 +18,8 @@
 // 2^-9 p_ts (|do_t|.|v_s| + |do_t|.|o_t|) (2^-9 2^-8 = 2^-17). So element by element:
 //   |gpu - f64| <= 2 max|naive - f64| + 2^-8 M + 1e-6 max|f64|.
 // lse is f32 throughout (ex2/lg2 approximations, 2^-22 relative): 2 naive + 4e-6 (1 + |lse|).
+// The f32 path (attention_f32.cu, every tensor f32) is checked the same way with 2^-14 M, as the
+// comment at `check` derives.
 // RoPE: the GPU rotates in f32 with f32 cos/sin (from f64 angles) and rounds to the output dtype,
 // as the naive path does: 2 naive + 2^-20 (|x_i| + |x_i+P/2|).
 #include <cmath>
@@ -135,43 +137,54 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
   cpu_backward(in32, DType::f32, dq32, dk32, dv32);
   const Magnitudes mag = magnitudes(k, q, kk, v, go, o_in.v, lse_in.v, seq, scale, rows);
 
-  // GPU: forward, backward (deterministic, then with atomics), outputs poisoned first.
-  const Tensor gq = make(q, DType::bf16, Device::cuda, "q"),
-               gk = make(kk, DType::bf16, Device::cuda, "k"),
-               gv = make(v, DType::bf16, Device::cuda, "v"),
-               gseq = make(seq, DType::i32, Device::cuda, "seq"),
-               gdo = make(go, DType::bf16, Device::cuda, "do"),
-               go_in = make(o_in, DType::bf16, Device::cuda, "o_in"),
-               glse_in = make(lse_in, DType::f32, Device::cuda, "lse_in");
-  AttentionInputs gin;
-  gin.q = &gq, gin.k = &gk, gin.v = &gv, gin.seq_idx = k.doc_rate ? &gseq : nullptr;
-  gin.scale = scale, gin.rows = rows;
-  const Tensor ws = empty({attention_gpu_workspace_elems(gin)}, DType::f32, Device::cuda, "ws");
-  gin.workspace = &ws;
+  // GPU: forward, backward (deterministic, then with atomics), outputs poisoned first; bf16
+  // tensors (the tensor-core kernels) or f32 ones (attention_f32.cu).
+  struct GpuInputs {
+    Tensor q, k, v, seq, dout, o_in, lse_in, ws;
+    AttentionInputs in;
+  };
+  auto gpu_inputs = [&](DType act) {
+    auto r = std::make_unique<GpuInputs>();
+    r->q = make(q, act, Device::cuda, "q"), r->k = make(kk, act, Device::cuda, "k");
+    r->v = make(v, act, Device::cuda, "v"), r->seq = make(seq, DType::i32, Device::cuda, "seq");
+    r->dout = make(go, act, Device::cuda, "do"), r->o_in = make(o_in, act, Device::cuda, "o_in");
+    r->lse_in = make(lse_in, DType::f32, Device::cuda, "lse_in");
+    r->in.q = &r->q, r->in.k = &r->k, r->in.v = &r->v;
+    r->in.seq_idx = k.doc_rate ? &r->seq : nullptr;
+    r->in.scale = scale, r->in.rows = rows;
+    r->ws = empty({attention_gpu_workspace_elems(r->in)}, DType::f32, Device::cuda, "ws");
+    r->in.workspace = &r->ws;
+    return r;
+  };
   struct Out {
     Tensor o, lse, dq, dk, dv;
   };
-  auto gpu_run = [&](bool deterministic, bool hopper) {
-    Out r{empty(bthp, DType::bf16, Device::cuda, "o"),
+  auto gpu_run = [&](GpuInputs& gi, bool deterministic, bool hopper) {
+    const DType act = gi.q.dtype;
+    Out r{empty(bthp, act, Device::cuda, "o"),
           empty({k.b, k.h, k.t}, DType::f32, Device::cuda, "lse"),
-          empty(bthp, DType::bf16, Device::cuda, "dq"),
-          empty(btkp, DType::bf16, Device::cuda, "dk"),
-          empty(btkp, DType::bf16, Device::cuda, "dv")};
+          empty(bthp, act, Device::cuda, "dq"), empty(btkp, act, Device::cuda, "dk"),
+          empty(btkp, act, Device::cuda, "dv")};
     for (const Tensor* t :
-         std::initializer_list<const Tensor*>{&r.o, &r.lse, &r.dq, &r.dk, &r.dv, &ws})
+         std::initializer_list<const Tensor*>{&r.o, &r.lse, &r.dq, &r.dk, &r.dv, &gi.ws})
       gpu_->fill(*t, std::nan(""), {});
-    gin.deterministic = deterministic, gin.hopper = hopper;
-    attention_forward(gin, r.o, r.lse);
-    attention_backward(gin, go_in, glse_in, gdo, r.dq, r.dk, r.dv);
+    gi.in.deterministic = deterministic, gi.in.hopper = hopper;
+    attention_forward(gi.in, r.o, r.lse);
+    attention_backward(gi.in, gi.o_in, gi.lse_in, gi.dout, r.dq, r.dk, r.dv);
     return r;
   };
 
   // row_of(i): the query row of element i of a [B,T,H,P] or [B,H,T] tensor, for o and lse (rows
   // outside the subset are not written); null: every element is checked.
+  // rounding: log2 of the extra error per unit of magnitude, -8 for bf16 (see the header), -14
+  // for f32 (no bf16 rounding, outputs not rounded in the naive error either: only the order of
+  // the f32 sums differs, at most T = 1000 keys of P = 128-term products, 2^17 roundings of 2^-24
+  // adding like a random walk, 2^-15.5; twice that).
   auto check = [&](const char* what, const Tensor& got_t, const Tensor& r64, const Tensor& r32,
-                   bool activation, const std::vector<double>* m,
+                   bool activation, const std::vector<double>* m, int rounding,
                    int64_t (*row_of)(int64_t, const GpuAttnCase&) = nullptr) {
-    const std::vector<double> ref = host_values(r64, false), naive = host_values(r32, activation),
+    const std::vector<double> ref = host_values(r64, false),
+                              naive = host_values(r32, activation && rounding == -8),
                               got = download(got_t);
     const double base = 2 * max_err(naive, ref) + 1e-6 * max_abs(ref);
     double worst = 0, worst_err = 0, worst_bound = 0;
@@ -179,7 +192,8 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
     for (size_t i = 0; i < ref.size(); ++i) {
       if (rows && row_of && !rows->has(row_of(int64_t(i), k))) continue;
       const double err = std::isfinite(got[i]) ? std::abs(got[i] - ref[i]) : INFINITY;
-      const double bound = base + (m ? std::ldexp((*m)[i], -8) : 4e-6 * (1 + std::abs(ref[i])));
+      const double bound =
+          base + (m ? std::ldexp((*m)[i], rounding) : 4e-6 * (1 + std::abs(ref[i])));
       if (!(err <= bound)) ++bad;
       if (!(err / bound <= worst)) worst = err / bound, worst_err = err, worst_bound = bound;
     }
@@ -189,21 +203,26 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
     std::printf("  %-4s max err %.3g, worst err/bound %.3f\n", what, max_err(got, ref), worst);
   };
   // Both backward modes, and the forward's sm_80 path besides the Hopper one (where the GPU has
-  // it; elsewhere both run the sm_80 kernel).
-  for (auto [det, hopper] :
-       {std::pair{true, true}, std::pair{false, true}, std::pair{true, false}}) {
-    SCOPED_TRACE(std::string(det ? "deterministic backward" : "backward with atomics") +
-                 (hopper ? ", Hopper forward" : ", sm_80 forward"));
-    const Out r = gpu_run(det, hopper);
-    check("o", r.o, o64, o32, true, &mag.o,
+  // it; elsewhere both run the sm_80 kernel); then the f32 path.
+  const auto bf16_in = gpu_inputs(DType::bf16), f32_in = gpu_inputs(DType::f32);
+  for (auto [gi, det, hopper] :
+       {std::tuple{bf16_in.get(), true, true}, std::tuple{bf16_in.get(), false, true},
+        std::tuple{bf16_in.get(), true, false}, std::tuple{f32_in.get(), true, false}}) {
+    const int rounding = gi == f32_in.get() ? -14 : -8;
+    SCOPED_TRACE(gi == f32_in.get()
+                     ? std::string("f32")
+                     : std::string(det ? "deterministic backward" : "backward with atomics") +
+                           (hopper ? ", Hopper forward" : ", sm_80 forward"));
+    const Out r = gpu_run(*gi, det, hopper);
+    check("o", r.o, o64, o32, true, &mag.o, rounding,
           [](int64_t i, const GpuAttnCase& c) { return i / (c.h * c.p) % c.t; });
-    check("lse", r.lse, lse64, lse32, false, nullptr,
+    check("lse", r.lse, lse64, lse32, false, nullptr, rounding,
           [](int64_t i, const GpuAttnCase& c) { return i % c.t; });
-    check("dq", r.dq, dq64, dq32, true, &mag.dq);
-    check("dk", r.dk, dk64, dk32, true, &mag.dk);
-    check("dv", r.dv, dv64, dv32, true, &mag.dv);
+    check("dq", r.dq, dq64, dq32, true, &mag.dq, rounding);
+    check("dk", r.dk, dk64, dk32, true, &mag.dk, rounding);
+    check("dv", r.dv, dv64, dv32, true, &mag.dv, rounding);
     if (det) {  // a second run on the same inputs is bit-identical
-      const Out again = gpu_run(true, hopper);
+      const Out again = gpu_run(*gi, true, hopper);
       for (auto f : {&Out::o, &Out::lse, &Out::dq, &Out::dk, &Out::dv})
         EXPECT_TRUE(download_bytes(r.*f) == download_bytes(again.*f))
             << (r.*f).name << " differs between runs";
@@ -243,7 +262,7 @@ TEST_P(GpuAttentionRefusals, UnsupportedInputIsNamed) {
   };
   EXPECT_NE(message(32, DType::bf16, false).find("head dim 32 must be 64 or 128"),
             std::string::npos);
-  EXPECT_NE(message(64, DType::f32, false).find("must be bf16"), std::string::npos);
+  EXPECT_NE(message(64, DType::f64, false).find("q must be bf16 or f32"), std::string::npos);
   EXPECT_NE(message(64, DType::bf16, true).find("needs a workspace"), std::string::npos);
 }
 
