@@ -66,6 +66,8 @@ void MoeBlock::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   const DType t = router_w_->compute.dtype,
               r = t == DType::bf16 || t == DType::f16 ? DType::f32 : t;
   logits_ = sv.take("moe.logits", r, {m_, e});
+  if (router_w_->value.device == Device::cuda)
+    loss_sums_ = sv.take("moe.loss_sums", DType::f64, {2});
   scores_ = sv.take("moe.scores", r, {m_, e});
   expert_ = sv.take("moe.expert", DType::i32, {m_, k});
   slot_ = sv.take("moe.slot", DType::i32, {m_, k});
@@ -109,9 +111,9 @@ void MoeBlock::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) 
   const int64_t d = cfg_.d_model;
   const Tensor x2 = x.reshape({m_, d}), y2 = y.reshape({m_, d});
   linear_forward(x2, router_w_->compute, nullptr, logits_, meta.gemm);
-  const RouterLosses ls =
-      router_forward(logits_, bias_ ? &bias_->value : nullptr, router_,
-                     {&scores_, &expert_, &slot_, &weight_, &counts_, &router_ws_});
+  const RouterLosses ls = router_forward(logits_, bias_ ? &bias_->value : nullptr, router_,
+                                         {&scores_, &expert_, &slot_, &weight_, &counts_,
+                                          &router_ws_, loss_sums_.data ? &loss_sums_ : nullptr});
   aux_ = cfg_.aux_loss_coef * ls.aux + cfg_.z_loss_coef * ls.z;
   if (meta.count_routing) router_accumulate_counts(step_counts_, counts_);
   rows_ = moe_dispatch_plan(expert_, slot_, counts_, cap_, offsets_, row_token_, &host_offsets_);
@@ -234,6 +236,12 @@ void MoeBlock::to_experts(const Tensor& rows, const Tensor& recv) {
 
 void MoeBlock::from_experts(const Tensor& recv, const Tensor& rows) {
   ep_->all_to_all_v(recv, recv_rows_, rows, send_rows_);
+}
+
+double MoeBlock::aux_loss() const {
+  if (!loss_sums_.data) return aux_;
+  const RouterLosses ls = router_losses(loss_sums_, m_, cfg_.experts, cfg_.top_k);
+  return cfg_.aux_loss_coef * ls.aux + cfg_.z_loss_coef * ls.z;
 }
 
 void MoeBlock::after_optimizer_step() {

@@ -58,7 +58,9 @@ class MoeBlock final : public Block {
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
                 const BatchMeta& meta) override;
-  double aux_loss() const override { return aux_; }
+  // The last forward's auxiliary losses, coefficients applied (GPU: read from the device here,
+  // so that the forward does not wait for them).
+  double aux_loss() const override;
   double flops_per_token(int64_t seq) const override;
   // Applies the balancing-bias rule with the counts gathered since the last call.
   void after_optimizer_step();
@@ -99,7 +101,8 @@ class MoeBlock final : public Block {
   std::vector<Expert> experts_;
   std::unique_ptr<MlpBlock> shared_;
   int64_t m_ = 0, rows_ = 0, cap_ = 0;
-  double aux_ = 0;
+  double aux_ = 0;                     // CPU: the last forward's auxiliary losses
+  Tensor loss_sums_;                   // GPU: the router's loss sums, f64 [2] (saved)
   std::vector<int32_t> host_offsets_;  // offsets_ on the host (the plan's)
   // saved
   Tensor logits_, scores_, expert_, slot_, weight_, counts_, offsets_, row_token_, xe_, ga_, ua_,

@@ -349,7 +349,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       final_rstd_ = sv.take("final_rstd", pdt, {mr});
       if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
       logits_ = sc.take("logits", dtype, {head_rows_, v});
-      if (gpu) row_loss_ = sc.take("row_loss", DType::f32, {m, 2});
+      if (gpu) row_loss_ = sv.take("row_loss", DType::f32, {m, 2});
       if (gpu && tp.size() > 1) ce_stats_ = sc.take("ce_stats", DType::f32, {4, head_rows_});
     }
 
@@ -459,12 +459,11 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
   meta.gemm = gemm_.get();
   forward(batch, meta, input);
   StepResult r;
-  for (auto& blk : blocks_) r.aux += blk->aux_loss();
   const int64_t m = b_ * t_, d = cfg_.d_model;
   auto bt = [&](const Tensor& x) { return x.reshape({b_, t_, d}); };
   if (last_) {
     const Tensor dfinal = sp_ ? dxfull_.reshape({m, d}) : dtmp_;  // partial over the tp ranks
-    r.loss = head(batch, grad_scale, &dfinal);
+    r.loss = head(batch, grad_scale, &dfinal, false);
     if (sp_)
       scatter_sum(tp_, dfinal, dtmp_);
     else
@@ -501,6 +500,10 @@ Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale,
     BRAID_CHECK(input_grad, "Model: a later pipeline stage returns its input's gradient");
     copy_tensor(*backend_, *input_grad, dresid_);
   }
+  // Read last, once the whole step is queued (GPU: the one wait of the step besides the MoE
+  // layers' row counts): the loss and the auxiliary losses.
+  if (last_ && gemm_) r.loss = read_row_losses(row_loss_);
+  for (auto& blk : blocks_) r.aux += blk->aux_loss();
   return r;
 }
 
@@ -516,7 +519,7 @@ void Model::forward_only(const Batch& batch, const Tensor* input) {
   forward(batch, meta, input);
 }
 
-LossSum Model::head(const Batch& batch, double grad_scale, const Tensor* dfinal) {
+LossSum Model::head(const Batch& batch, double grad_scale, const Tensor* dfinal, bool read) {
   const int64_t m = b_ * t_;
   const Tensor targets = batch.targets.reshape({m});
   const Param* w = head_ ? head_ : embed_;
@@ -547,7 +550,7 @@ LossSum Model::head(const Batch& batch, double grad_scale, const Tensor* dfinal)
       linear_backward(x, w->compute, logits, &dx, w->grad, nullptr, gemm_.get());
     }
   }
-  return gemm_ ? read_row_losses(row_loss_) : total;
+  return gemm_ && read ? read_row_losses(row_loss_) : total;
 }
 
 LossSum Model::evaluate(const Batch& batch, const Tensor* input) {

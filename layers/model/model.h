@@ -149,7 +149,9 @@ class Model {
   // The output projection and the loss of the last forward, over row chunks of the logits; with
   // dfinal, the loss's gradient with respect to the final norm's output (partial over the tp
   // ranks) into dfinal, and the projection's weight gradient.
-  LossSum head(const Batch& batch, double grad_scale, const Tensor* dfinal);
+  // On the GPU the loss is read from the rows' losses (a wait) when `read`, else left in row_loss_
+  // for forward_backward to read at its end.
+  LossSum head(const Batch& batch, double grad_scale, const Tensor* dfinal, bool read = true);
 
   ModelConfig cfg_;
   Backend* backend_;
@@ -176,8 +178,9 @@ class Model {
   Tensor final_normed_, final_rstd_, final_local_;
   // scratch: logits_ [head_rows_,V/tp]; dresid_, dnormed_, dtmp_ [M_r,D]; fout_ [B,T,D]; under
   // sequence parallelism xfull_, dxfull_ [B,T,D] (a block's gathered input, its input gradient);
-  // the norms' and the embedding's backward workspaces; GPU: row_loss_ [M,2] (each row's loss)
-  // and, vocabulary-parallel, ce_stats_ (the head's row statistics, f32 [4, head rows])
+  // the norms' and the embedding's backward workspaces; GPU: row_loss_ [M,2] (each row's loss,
+  // saved: read at the end of forward_backward) and, vocabulary-parallel, ce_stats_ (the head's
+  // row statistics, f32 [4, head rows])
   Tensor logits_, dresid_, dnormed_, dtmp_, fout_, xfull_, dxfull_, norm_ws_, embed_ws_, row_loss_,
       ce_stats_;
   int64_t head_rows_ = 0;  // rows of a logits chunk

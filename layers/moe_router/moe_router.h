@@ -15,7 +15,8 @@
 // On the GPU (every tensor on the device; logits, scores, weight, bias, dweight, dlogits f32) the
 // same arithmetic runs in f32: a thread per token chooses its experts, a block per expert numbers
 // its assignments in (m, k) order (slots, counts), and the two loss sums are per-block f64
-// partials added in order (workspace), read back to the host with one small copy and a wait.
+// partials added in order (workspace), read back to the host with one small copy and a wait, or
+// left on the device (loss_sums) for router_losses to read later: the forward then does not wait.
 // Deterministic: no atomics.
 #pragma once
 
@@ -41,6 +42,7 @@ struct RouterOutputs {
   const Tensor* weight = nullptr;     // [M,K]
   const Tensor* counts = nullptr;     // [E] i32 assignments per expert before dropping
   const Tensor* workspace = nullptr;  // GPU: f64 [router_workspace_elems()] for the loss sums
+  const Tensor* loss_sums = nullptr;  // GPU, optional: f64 [2], the sums kept here, not read back
 };
 
 int64_t router_workspace_elems();
@@ -53,8 +55,11 @@ struct RouterLosses {
 // Rows per expert buffer: the capacity, or M when dropless.
 int64_t router_capacity(const RouterConfig& cfg, int64_t tokens, int64_t experts);
 
+// Returns the losses; on the GPU with out.loss_sums, zeros (router_losses reads them later).
 RouterLosses router_forward(const Tensor& logits, const Tensor* bias, const RouterConfig& cfg,
                             const RouterOutputs& out);
+// The losses of a forward of M tokens, E experts, top-K from its loss_sums (one copy and a wait).
+RouterLosses router_losses(const Tensor& loss_sums, int64_t m, int64_t e, int64_t k);
 // Balancing-bias rule (DeepSeek-V3 auxiliary-loss-free balancing), applied after an optimizer
 // step: bias[e] += rate * sign(mean_j counts[j] - counts[e]); counts [E] i32 are the step's
 // assignments per expert, zeroed afterwards.

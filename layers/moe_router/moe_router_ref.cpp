@@ -49,15 +49,19 @@ RouterLosses router_forward_gpu(const Tensor& logits, const Tensor* bias, const 
               " elements is required");
   if (bias) require_gpu("moe_router", {bias}), require_dtype("moe_router", DType::f32, {bias});
   double* ws = o.workspace->ptr<double>();
-  double* sums = ws + router_workspace_elems() - 2;
+  if (o.loss_sums)
+    BRAID_CHECK(o.loss_sums->device == Device::cuda && o.loss_sums->dtype == DType::f64 &&
+                    o.loss_sums->numel() == 2,
+                "moe_router: loss_sums ", o.loss_sums->describe(), " must be f64 [2] on the GPU");
+  double* sums = o.loss_sums ? o.loss_sums->ptr<double>() : ws + router_workspace_elems() - 2;
   router_forward_cuda(logits.ptr<float>(), bias ? bias->ptr<float>() : nullptr, m, int(e), int(k),
                       router_capacity(cfg, m, e), cfg.score == RouterScore::sigmoid,
                       cfg.normalize_topk, o.scores->ptr<float>(), o.expert->ptr<int32_t>(),
                       o.slot->ptr<int32_t>(), o.weight->ptr<float>(), o.counts->ptr<int32_t>(), ws,
                       sums, nullptr);
-  double host[2] = {0, 0};
-  CUDA_CHECK(cudaMemcpy(host, sums, sizeof(host), cudaMemcpyDeviceToHost));
-  return {host[0] * double(e) / (double(k) * double(m) * double(m)), host[1] / double(m)};
+  if (o.loss_sums) return {};
+  const Tensor view = Tensor::contiguous_view(sums, DType::f64, Device::cuda, {2}, "loss_sums");
+  return router_losses(view, m, e, k);
 }
 #endif
 
@@ -85,6 +89,17 @@ int64_t router_workspace_elems() {
 #else
   return 0;
 #endif
+}
+
+RouterLosses router_losses(const Tensor& loss_sums, int64_t m, int64_t e, int64_t k) {
+  BRAID_CHECK(
+      loss_sums.device == Device::cuda && loss_sums.dtype == DType::f64 && loss_sums.numel() == 2,
+      "router_losses: ", loss_sums.describe(), " must be f64 [2] on the GPU");
+  double host[2] = {0, 0};
+#if defined(BRAID_WITH_CUDA)
+  CUDA_CHECK(cudaMemcpy(host, loss_sums.data, sizeof(host), cudaMemcpyDeviceToHost));
+#endif
+  return {host[0] * double(e) / (double(k) * double(m) * double(m)), host[1] / double(m)};
 }
 
 RouterLosses router_forward(const Tensor& logits, const Tensor* bias, const RouterConfig& cfg,
