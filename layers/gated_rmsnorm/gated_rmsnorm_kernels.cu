@@ -6,6 +6,11 @@
 // 256-row block and writes its partial sum; a second kernel adds the blocks in order
 // (deterministic, no atomics). Memory-bound: the forward reads x and z and writes y (6 bytes per
 // bf16 element); the backward reads x, z, dy twice (the dw pass) and writes dx and dz.
+// Groups of 256, 512, 1024 or 2048 elements with 16-byte aligned rows take the vector kernels:
+// each lane moves 8 consecutive elements per access (16 bytes of bf16), the forward keeps its
+// gated values in registers (one read of x, z and the residual), the backward reads its row twice
+// in 8-element vectors. Scalar accesses of 2 bytes ran the plain RMSNorm of a [16384, 2048] bf16
+// tensor at a quarter of the H100's memory bandwidth (207 us forward with the residual add).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -122,19 +127,145 @@ __global__ void gated_dw_sum_kernel(GatedNormParams p, int blocks) {
   p.dw[col] += s;
 }
 
+// kV vectors of 8 per lane: the group's element (c 32 + lane) 8 + i is vector c's element i.
+template <typename T, int kV>
+__global__ void gated_fwd_vec_kernel(GatedNormParams p) {
+  Segment sg;
+  if (!sg.init(p)) return;
+  float g[kV][8];
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < kV; ++c) {
+    const int64_t e = sg.off + (c * 32 + sg.lane) * 8;
+    load8(static_cast<const T*>(p.x) + e, g[c]);
+    if (p.residual) {  // x + residual, stored rounded; normalised as stored
+      float r[8];
+      load8(static_cast<const T*>(p.residual) + e, r);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) g[c][i] = to_float(from_float<T>(g[c][i] + r[i]));
+      store8(static_cast<T*>(p.sum) + e, g[c]);
+    }
+    if (p.z) {
+      float zv[8];
+      load8(static_cast<const T*>(p.z) + e, zv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) g[c][i] *= zv[i] * sigmoid(zv[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) ss += g[c][i] * g[c][i];
+  }
+  const float r = rsqrtf(warp_sum(ss) / float(sg.size) + p.eps);
+  if (sg.lane == 0) p.rstd[sg.id] = r;
+#pragma unroll
+  for (int c = 0; c < kV; ++c) {
+    const int col = (c * 32 + sg.lane) * 8;
+    float w[8];
+    load8(p.w + sg.col0 + col, w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) g[c][i] *= r * w[i];
+    store8(static_cast<T*>(p.y) + sg.off + col, g[c]);
+  }
+}
+
+template <typename T, int kV>
+__global__ void gated_bwd_vec_kernel(GatedNormParams p) {
+  Segment sg;
+  if (!sg.init(p)) return;
+  const float r = p.rstd_in[sg.id];
+  auto at = [&](const void* base, int c) {
+    return static_cast<const T*>(base) + sg.off + (c * 32 + sg.lane) * 8;
+  };
+  float dot = 0.f;
+#pragma unroll
+  for (int c = 0; c < kV; ++c) {
+    float xv[8], dy[8], w[8], zv[8];
+    load8(at(p.x, c), xv);
+    load8(at(p.dy, c), dy);
+    load8(p.w + sg.col0 + (c * 32 + sg.lane) * 8, w);
+    if (p.z) load8(at(p.z, c), zv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dot += dy[i] * w[i] * xv[i] * (p.z ? zv[i] * sigmoid(zv[i]) : 1.f);
+  }
+  const float k = warp_sum(dot) * r * r * r / float(sg.size);
+#pragma unroll
+  for (int c = 0; c < kV; ++c) {
+    const int64_t e = sg.off + (c * 32 + sg.lane) * 8;
+    float xv[8], dy[8], w[8], zv[8], dx[8], dz[8];
+    load8(at(p.x, c), xv);
+    load8(at(p.dy, c), dy);
+    load8(p.w + sg.col0 + (c * 32 + sg.lane) * 8, w);
+    if (p.z) load8(at(p.z, c), zv);
+    if (p.accumulate_dx) load8(static_cast<const T*>(p.dx) + e, dx);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float s = p.z ? sigmoid(zv[i]) : 1.f, zs = p.z ? zv[i] * s : 1.f;
+      const float dg = r * w[i] * dy[i] - k * xv[i] * zs;
+      dx[i] = p.accumulate_dx ? dx[i] + dg * zs : dg * zs;
+      if (p.z) dz[i] = dg * xv[i] * s * (1.f + zv[i] * (1.f - s));
+    }
+    store8(static_cast<T*>(p.dx) + e, dx);
+    if (p.z) store8(static_cast<T*>(p.dz) + e, dz);
+  }
+}
+
 unsigned warp_blocks(const GatedNormParams& p) {
   return unsigned((p.rows * p.groups + kWarps - 1) / kWarps);
 }
 
 }  // namespace
 
+// The vector kernels' kV (vectors of 8 per lane) for this call, or 0 for the scalar kernels: a
+// group of 256 kV elements (kV = 1, 2, 4, 8) and every row 16-byte aligned.
+int vectors(const GatedNormParams& p) {
+  const int size = p.width / p.groups, v = size / 256;
+  if (size % 256 != 0 || (v != 1 && v != 2 && v != 4 && v != 8)) return 0;
+  const void* ptrs[] = {p.x, p.z, p.dy, p.residual, p.sum, p.y, p.dx, p.dz, p.w};
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 16 != 0) return 0;
+  return v;
+}
+
+template <typename T>
+void launch_fwd(const GatedNormParams& p, cudaStream_t stream) {
+  const unsigned blocks = warp_blocks(p), threads = kWarps * 32;
+  switch (vectors(p)) {
+    case 1:
+      return gated_fwd_vec_kernel<T, 1><<<blocks, threads, 0, stream>>>(p);
+    case 2:
+      return gated_fwd_vec_kernel<T, 2><<<blocks, threads, 0, stream>>>(p);
+    case 4:
+      return gated_fwd_vec_kernel<T, 4><<<blocks, threads, 0, stream>>>(p);
+    case 8:
+      return gated_fwd_vec_kernel<T, 8><<<blocks, threads, 0, stream>>>(p);
+    default:
+      return gated_fwd_kernel<T><<<blocks, threads, 0, stream>>>(p);
+  }
+}
+
+template <typename T>
+void launch_bwd(const GatedNormParams& p, cudaStream_t stream) {
+  const unsigned blocks = warp_blocks(p), threads = kWarps * 32;
+  switch (vectors(p)) {
+    case 1:
+      return gated_bwd_vec_kernel<T, 1><<<blocks, threads, 0, stream>>>(p);
+    case 2:
+      return gated_bwd_vec_kernel<T, 2><<<blocks, threads, 0, stream>>>(p);
+    case 4:
+      return gated_bwd_vec_kernel<T, 4><<<blocks, threads, 0, stream>>>(p);
+    case 8:
+      return gated_bwd_vec_kernel<T, 8><<<blocks, threads, 0, stream>>>(p);
+    default:
+      return gated_bwd_kernel<T><<<blocks, threads, 0, stream>>>(p);
+  }
+}
+
 void gated_rmsnorm_fwd_cuda(const GatedNormParams& p, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.rows == 0) return;
   if (p.bf16)
-    gated_fwd_kernel<__nv_bfloat16><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+    launch_fwd<__nv_bfloat16>(p, stream);
   else
-    gated_fwd_kernel<float><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+    launch_fwd<float>(p, stream);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -144,10 +275,10 @@ void gated_rmsnorm_bwd_cuda(const GatedNormParams& p, void* stream_ptr) {
   const unsigned cols = unsigned((p.width + 255) / 256);
   if (p.rows > 0) {
     if (p.bf16) {
-      gated_bwd_kernel<__nv_bfloat16><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+      launch_bwd<__nv_bfloat16>(p, stream);
       gated_dw_partial_kernel<__nv_bfloat16><<<dim3(cols, unsigned(blocks)), 256, 0, stream>>>(p);
     } else {
-      gated_bwd_kernel<float><<<warp_blocks(p), kWarps * 32, 0, stream>>>(p);
+      launch_bwd<float>(p, stream);
       gated_dw_partial_kernel<float><<<dim3(cols, unsigned(blocks)), 256, 0, stream>>>(p);
     }
     CUDA_CHECK(cudaGetLastError());

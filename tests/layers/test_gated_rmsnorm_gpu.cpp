@@ -76,7 +76,11 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GpuGatedNorm,
                          ::testing::Values(GatedCase{1, 64, 1, false}, GatedCase{300, 512, 8, true},
                                            GatedCase{1000, 4096, 1, true},
                                            GatedCase{257, 96, 3, false},
-                                           GatedCase{513, 2048, 4, true}));
+                                           GatedCase{513, 2048, 4, true},
+                                           // groups of 2048, 256, 1024: the vector kernels
+                                           GatedCase{130, 2048, 1, true},
+                                           GatedCase{77, 1024, 4, false},
+                                           GatedCase{64, 4096, 4, false}));
 
 }  // namespace
 }  // namespace braid

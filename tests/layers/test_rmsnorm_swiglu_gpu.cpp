@@ -163,7 +163,8 @@ TEST_P(GpuRmsNormSwiglu, SwigluMatchesReference) {
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuRmsNormSwiglu,
                          ::testing::Values(RowsCase{1, 64, false}, RowsCase{300, 512, true},
                                            RowsCase{1000, 4096, true}, RowsCase{257, 96, false},
-                                           RowsCase{3, 5, true}));
+                                           RowsCase{3, 5, true}, RowsCase{129, 2048, true},
+                                           RowsCase{65, 1024, false}, RowsCase{40, 256, true}));
 
 }  // namespace
 }  // namespace braid
