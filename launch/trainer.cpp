@@ -83,13 +83,11 @@ const Tensor& field(const Batch& batch, int f) {
 
 // f(), with what to change in the config added to an out-of-memory error.
 template <typename F>
-auto with_memory_hint(F&& f) {
+auto with_memory_hint(const std::string& hint, F&& f) {
   try {
     return f();
   } catch (const OutOfMemory& e) {
-    BRAID_REJECT(
-        e.what(),
-        "; lower train.micro_batch or train.seq_len, or set train.recompute to ssm or full");
+    BRAID_REJECT(e.what(), "; ", hint);
   }
 }
 
@@ -354,7 +352,11 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   std::vector<Model*> chunk_ptrs;
   std::vector<ParamSet*> sets;
   for (int c = 0; c < vs; ++c) {
-    chunks.push_back(with_memory_hint([&] {
+    const std::string hint =
+        std::string("lower train.micro_batch or train.seq_len") +
+        (cfg.train.recompute == "full" ? "" : ", set train.recompute to ssm or full") +
+        ", or split the model over more GPUs (parallel.tp, parallel.pp)";
+    chunks.push_back(with_memory_hint(hint, [&] {
       return std::make_unique<Model>(
           cfg.model, cfg.train.precision == "bf16" ? DType::bf16 : DType::f32, *backend, b, t_local,
           int64_t(dp) * cp, TensorParallel{tp_comm, layout.sequence_parallel},
@@ -374,10 +376,14 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   for (const auto& m : chunks)
     for (const RemoteParam& r : m->remote_params())
       if (named.insert(r.name).second) remote.push_back(r);
-  RunOptimizer opt = with_memory_hint([&] {
-    return RunOptimizer(sets, cfg.adamw, *backend, data_comm, tp_comm, edp_comm, ep_group.get(),
-                        pp_group.get(), remote);
-  });
+  RunOptimizer opt = with_memory_hint(
+      "the optimizer state (f32 master values and Adam moments of every parameter held) does not "
+      "fit beside the model: shard it over more GPUs (ZeRO-1 over data-parallel ranks, "
+      "parallel.tp, parallel.pp, parallel.ep) or train a smaller model",
+      [&] {
+        return RunOptimizer(sets, cfg.adamw, *backend, data_comm, tp_comm, edp_comm, ep_group.get(),
+                            pp_group.get(), remote);
+      });
   // Whole samples, and (context parallel) this rank's shard of them, which the model reads.
   // Under pipeline parallelism every microbatch of a step is held at once (the schedule
   // interleaves them).
