@@ -64,6 +64,19 @@ run_layout() {
       train.out_dir="$work/$out" "$@" >"$work/$out.log"
   fi
 }
+# expect_resumed RUN...: each run's log says it resumed from its step-10 checkpoint.
+expect_resumed() {
+  local r
+  for r in "$@"; do
+    grep -q "resumed from .*step_00000010 at step 10" "$work/$r.log" ||
+      { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
+  done
+}
+# compare_tail NAME A B TOL: the last 10 losses of runs A and B.
+compare_tail() {
+  compare "$1" "$(losses "$work/$2/metrics.jsonl" | tail -n 10)" \
+    "$(losses "$work/$3/metrics.jsonl" | tail -n 10)" "$4"
+}
 seed_from() {
   mkdir -p "$work/$1/checkpoints"
   cp -r "$work/$2/checkpoints/step_$3" "$work/$1/checkpoints/"

@@ -30,13 +30,8 @@ run_layout gpu_fp32 0 train.precision=fp32
 for r in gpu_resumed cpu_resumed; do seed_from "$r" gpu 00000010; done
 run_layout gpu_resumed 0 checkpoint.resume=true
 run_layout cpu_resumed 0 checkpoint.resume=true train.device=cpu
-for r in gpu_resumed cpu_resumed; do
-  grep -q "resumed from .*step_00000010 at step 10" "$work/$r.log" ||
-    { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
-done
-compare "GPU resumed from its step-10 checkpoint vs straight through, losses" \
-  "$(losses "$work/gpu/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/gpu_resumed/metrics.jsonl" | tail -n 10)" 0
+expect_resumed gpu_resumed cpu_resumed
+compare_tail "GPU resumed from its step-10 checkpoint vs straight through, losses" gpu gpu_resumed 0
 compare "GPU resumed from its step-10 checkpoint vs straight through, gradient norms" \
   "$(grad_norms "$work/gpu/metrics.jsonl" | tail -n 10)" \
   "$(grad_norms "$work/gpu_resumed/metrics.jsonl" | tail -n 10)" 0
@@ -44,7 +39,5 @@ compare "GPU (mixed precision) vs CPU (f32), losses" "$(losses "$work/gpu/metric
   "$(losses "$work/cpu/metrics.jsonl")" 0.03125
 compare "GPU in f32 vs CPU (f32), losses" "$(losses "$work/gpu_fp32/metrics.jsonl")" \
   "$(losses "$work/cpu/metrics.jsonl")" 0.000244140625
-compare "GPU checkpoint resumed on the CPU vs the GPU run, losses" \
-  "$(losses "$work/gpu/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/cpu_resumed/metrics.jsonl" | tail -n 10)" 0.03125
+compare_tail "GPU checkpoint resumed on the CPU vs the GPU run, losses" gpu cpu_resumed 0.03125
 echo "GPU training passed"

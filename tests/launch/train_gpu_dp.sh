@@ -40,23 +40,14 @@ seed_from two_from_one one 00000010
 run_layout two_resumed 2 train.grad_accum=2 checkpoint.resume=true parallel.grad_bucket_mb=1
 run_layout one_from_two 0 train.grad_accum=4 checkpoint.resume=true
 run_layout two_from_one 2 train.grad_accum=2 checkpoint.resume=true
-for r in two_resumed one_from_two two_from_one; do
-  grep -q "resumed from .*step_00000010 at step 10" "$work/$r.log" ||
-    { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
-done
+expect_resumed two_resumed one_from_two two_from_one
 tol=0.0009765625
-compare "2 GPUs resumed from their step-10 checkpoint vs straight through, losses" \
-  "$(losses "$work/two/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/two_resumed/metrics.jsonl" | tail -n 10)" 0
+compare_tail "2 GPUs resumed from their step-10 checkpoint vs straight through, losses" two two_resumed 0
 compare "2 GPUs resumed from their step-10 checkpoint vs straight through, gradient norms" \
   "$(grad_norms "$work/two/metrics.jsonl" | tail -n 10)" \
   "$(grad_norms "$work/two_resumed/metrics.jsonl" | tail -n 10)" 0
 compare "2 GPUs vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/two/metrics.jsonl")" $tol
-compare "1 GPU resumed from the 2-GPU checkpoint vs the 2-GPU run, losses" \
-  "$(losses "$work/two/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/one_from_two/metrics.jsonl" | tail -n 10)" $tol
-compare "2 GPUs resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" \
-  "$(losses "$work/one/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/two_from_one/metrics.jsonl" | tail -n 10)" $tol
+compare_tail "1 GPU resumed from the 2-GPU checkpoint vs the 2-GPU run, losses" two one_from_two $tol
+compare_tail "2 GPUs resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" one two_from_one $tol
 echo "multi-GPU training passed"

@@ -36,20 +36,11 @@ seed_from ep_from_one one 00000010
 run_layout ep_resumed 2 train.grad_accum=2 parallel.ep=2 checkpoint.resume=true
 run_layout one_from_ep 0 train.grad_accum=4 checkpoint.resume=true
 run_layout ep_from_one 2 train.grad_accum=2 parallel.ep=2 checkpoint.resume=true
-for r in ep_resumed one_from_ep ep_from_one; do
-  grep -q "resumed from .*step_00000010 at step 10" "$work/$r.log" ||
-    { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
-done
+expect_resumed ep_resumed one_from_ep ep_from_one
 tol=0.00390625
-compare "ep=2 resumed from its step-10 checkpoint vs straight through, losses" \
-  "$(losses "$work/ep/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/ep_resumed/metrics.jsonl" | tail -n 10)" 0
+compare_tail "ep=2 resumed from its step-10 checkpoint vs straight through, losses" ep ep_resumed 0
 compare "ep=2 vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/ep/metrics.jsonl")" $tol
-compare "1 GPU resumed from the ep=2 checkpoint vs the ep=2 run, losses" \
-  "$(losses "$work/ep/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/one_from_ep/metrics.jsonl" | tail -n 10)" $tol
-compare "ep=2 resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" \
-  "$(losses "$work/one/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/ep_from_one/metrics.jsonl" | tail -n 10)" $tol
+compare_tail "1 GPU resumed from the ep=2 checkpoint vs the ep=2 run, losses" ep one_from_ep $tol
+compare_tail "ep=2 resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" one ep_from_one $tol
 echo "expert-parallel GPU training passed"

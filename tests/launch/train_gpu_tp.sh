@@ -29,18 +29,13 @@ seed_from tp_from_one one 00000010
 run_layout tp_resumed 2 parallel.tp=2 checkpoint.resume=true
 run_layout one_from_tp 0 checkpoint.resume=true
 run_layout tp_from_one 2 parallel.tp=2 checkpoint.resume=true
+expect_resumed tp_resumed one_from_tp tp_from_one
 tol=0.03125
-compare "tp=2 resumed from its step-10 checkpoint vs straight through, losses" \
-  "$(losses "$work/tp/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/tp_resumed/metrics.jsonl" | tail -n 10)" 0
+compare_tail "tp=2 resumed from its step-10 checkpoint vs straight through, losses" tp tp_resumed 0
 compare "tp=2 vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/tp/metrics.jsonl")" $tol
 compare "tp=2 with sequence parallelism vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/tp_sp/metrics.jsonl")" $tol
-compare "1 GPU resumed from the tp=2 checkpoint vs the tp=2 run, losses" \
-  "$(losses "$work/tp/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/one_from_tp/metrics.jsonl" | tail -n 10)" $tol
-compare "tp=2 resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" \
-  "$(losses "$work/one/metrics.jsonl" | tail -n 10)" \
-  "$(losses "$work/tp_from_one/metrics.jsonl" | tail -n 10)" $tol
+compare_tail "1 GPU resumed from the tp=2 checkpoint vs the tp=2 run, losses" tp one_from_tp $tol
+compare_tail "tp=2 resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" one tp_from_one $tol
 echo "tensor-parallel GPU training passed"
