@@ -15,7 +15,7 @@ if [ -n "${BRAID_DEPS_PREFIX:-}" ]; then
 fi
 export PATH="/usr/local/cuda/bin:$PATH"
 start=$(date +%s)
-gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu test_ssd_gpu test_attention_gpu test_gated_rmsnorm_gpu test_rmsnorm_swiglu_gpu test_adamw_gpu test_embedding_gpu test_linear_gpu test_small_ops_gpu test_moe_gpu test_model_gpu braid bench_selective_scan bench_ssd bench_attention bench_model_gpu"  # gpu tests (train_gpu.sh runs braid) + benchmarks
+gpu_targets="test_cuda_backend test_selective_scan_gpu test_conv1d_gpu test_ssd_gpu test_attention_gpu test_gated_rmsnorm_gpu test_rmsnorm_swiglu_gpu test_adamw_gpu test_embedding_gpu test_linear_gpu test_small_ops_gpu test_moe_gpu test_model_gpu braid bench_selective_scan bench_ssd bench_attention bench_moe_gemm bench_model_gpu"  # gpu tests (train_gpu.sh runs braid) + benchmarks
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBRAID_CUDA=ON -DBRAID_WERROR=ON "${prefix_args[@]}" \
   >"$out/gpu_build.log" 2>&1 && cmake --build build-gpu --target $gpu_targets >>"$out/gpu_build.log" 2>&1
 build_rc=$?
@@ -42,7 +42,7 @@ for bin in build-gpu/tests/runtime/test_cuda_backend build-gpu/tests/layers/test
   done
 done
 bench_rc=0
-benches="selective_scan ssd attention"
+benches="selective_scan ssd attention moe_gemm"
 if [ "$build_rc" -eq 0 ]; then
   for b in $benches; do
     build-gpu/bench/bench_$b --out "$out/bench_$b.raw.json" | tee "$out/bench_$b.txt"

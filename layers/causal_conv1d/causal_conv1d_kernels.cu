@@ -114,23 +114,36 @@ __device__ __forceinline__ bool cell_of(const Conv1dParams& p, int steps, Cell& 
   return true;
 }
 
+// Whether a document starts inside steps [lo, hi] of batch row b (clamped to the sequence; steps
+// before 0 belong to step 0's document): seq_idx is non-decreasing, so its ends tell. Where none
+// does (most tiles), the kernels run a copy of their loop without the per-tap document checks.
+__device__ __forceinline__ bool has_boundary(const Conv1dParams& p, int b, int lo, int hi) {
+  if (!p.seq_idx) return false;
+  const int32_t* seq = p.seq_idx + static_cast<int64_t>(b) * p.seqlen;
+  return seq[max(lo, 0)] != seq[min(hi, p.seqlen - 1)];
+}
+
+// Same document (kDocs: checked; else known).
+template <bool kDocs>
+__device__ __forceinline__ bool same_doc(int a, int b) {
+  return !kDocs || a == b;
+}
+
 // The pre-activation of channel slot c at the output whose window starts at row `row`: bias plus
 // the taps whose input is in the output's document.
-template <int kVec, int kW, int kRows>
+template <int kVec, int kW, int kRows, bool kDocs>
 __device__ __forceinline__ float pre_activation(const float (&x)[kRows][kVec],
                                                 const int (&sq)[kRows], const float (&w)[kVec][kW],
                                                 float bias, int row, int c) {
   float acc = bias;
 #pragma unroll
   for (int k = 0; k < kW; ++k)
-    if (sq[row + k] == sq[row + kW - 1]) acc += w[c][k] * x[row + k][c];
+    if (same_doc<kDocs>(sq[row + k], sq[row + kW - 1])) acc += w[c][k] * x[row + k][c];
   return acc;
 }
 
-template <typename T, int kVec, int kW>
-__global__ void __launch_bounds__(kThreads, 4) conv_fwd_kernel(const Conv1dParams p) {
-  Cell cell;
-  if (!cell_of<kVec>(p, kConvSteps, cell)) return;
+template <typename T, int kVec, int kW, bool kDocs>
+__device__ __forceinline__ void conv_fwd_body(const Conv1dParams& p, const Cell& cell) {
   const int b = cell.b, c0 = cell.c0, t0 = cell.tile * kConvSteps;
   constexpr int kRows = kConvSteps + kW - 1;
   float x[kRows][kVec], w[kVec][kW], bias[kVec];
@@ -145,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 4) conv_fwd_kernel(const Conv1dParam
     float out[kVec];
 #pragma unroll
     for (int c = 0; c < kVec; ++c) {
-      const float acc = pre_activation<kVec, kW, kRows>(x, sq, w, bias[c], j, c);
+      const float acc = pre_activation<kVec, kW, kRows, kDocs>(x, sq, w, bias[c], j, c);
       out[c] = p.silu ? acc * sigmoid(acc) : acc;
     }
     store_vec<T, kVec>(y + (static_cast<int64_t>(b) * p.seqlen + t) * p.channels + c0, out);
@@ -164,10 +177,21 @@ __global__ void __launch_bounds__(kThreads, 4) conv_fwd_kernel(const Conv1dParam
 #pragma unroll
         for (int c = 0; c < kVec; ++c)
           fs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + jj] =
-              from_float<T>(sq[ii] == sq[i_last] ? x[ii][c] : 0.f);
+              from_float<T>(same_doc<kDocs>(sq[ii], sq[i_last]) ? x[ii][c] : 0.f);
       }
     }
   }
+}
+
+template <typename T, int kVec, int kW>
+__global__ void __launch_bounds__(kThreads, 4) conv_fwd_kernel(const Conv1dParams p) {
+  Cell cell;
+  if (!cell_of<kVec>(p, kConvSteps, cell)) return;
+  const int t0 = cell.tile * kConvSteps;
+  if (has_boundary(p, cell.b, t0 - (kW - 1), t0 + kConvSteps - 1))
+    conv_fwd_body<T, kVec, kW, true>(p, cell);
+  else
+    conv_fwd_body<T, kVec, kW, false>(p, cell);
 }
 
 // The backward walks its tile's outputs t = t0 .. t1 + W - 2 once, keeping the last W input rows
@@ -175,10 +199,8 @@ __global__ void __launch_bounds__(kThreads, 4) conv_fwd_kernel(const Conv1dParam
 // time by the unrolled loop): at output t it loads x[t] and dy[t], forms dpre[t] (adding its dw
 // and dbias terms when t is the tile's own), and then finishes dx[t - W + 1] (or, in the first
 // tile, the initial state's gradient) from the W gradients that reach it.
-template <typename T, int kVec, int kW>
-__global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParams p) {
-  Cell cell;
-  if (!cell_of<kVec>(p, kConvTile, cell)) return;
+template <typename T, int kVec, int kW, bool kDocs>
+__device__ __forceinline__ void conv_bwd_body(const Conv1dParams& p, const Cell& cell) {
   const int b = cell.b, c0 = cell.c0, tile = cell.tile;
   const int tiles = (p.seqlen + kConvTile - 1) / kConvTile;
   const int t0 = tile * kConvTile, t1 = min(p.seqlen, t0 + kConvTile);
@@ -234,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParam
 #pragma unroll
           for (int k = 0; k < kW; ++k) {
             const int slot = (j + k) % kSlots;  // row t - W + 1 + k
-            if (sq[slot] == sq[cur]) acc += w[c][k] * x[slot][c];
+            if (same_doc<kDocs>(sq[slot], sq[cur])) acc += w[c][k] * x[slot][c];
           }
           const float sg = sigmoid(acc);
           gp *= sg * (1.f + acc * (1.f - sg));
@@ -246,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParam
 #pragma unroll
         for (int k = 0; k < kW; ++k) {
           const int slot = (j + k) % kSlots;
-          if (sq[slot] == sq[cur]) dw[c][k] += gp * x[slot][c];
+          if (same_doc<kDocs>(sq[slot], sq[cur])) dw[c][k] += gp * x[slot][c];
         }
       }
     }
@@ -257,11 +279,11 @@ __global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParam
 #pragma unroll
     for (int k = 0; k < kW; ++k) {
       const int o = s + kW - 1 - k, slot = (j + kW - 1 - k) % kSlots;  // output o's slot
-      if (o >= 0 && o < p.seqlen && sq[is] == sq[slot])
+      if (o >= 0 && o < p.seqlen && same_doc<kDocs>(sq[is], sq[slot]))
 #pragma unroll
         for (int c = 0; c < kVec; ++c) dx[c] += dp[slot][c] * w[c][k];
     }
-    if (dfs && s > last - (kW - 1) && sq[is] == sq_last)
+    if (dfs && s > last - (kW - 1) && same_doc<kDocs>(sq[is], sq_last))
 #pragma unroll
       for (int c = 0; c < kVec; ++c)
         dx[c] += to_float(
@@ -283,6 +305,17 @@ __global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParam
     for (int k = 0; k < kW; ++k) part[(c0 + c) * (kW + 1) + k] = dw[c][k];
     part[(c0 + c) * (kW + 1) + kW] = db[c];
   }
+}
+
+template <typename T, int kVec, int kW>
+__global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParams p) {
+  Cell cell;
+  if (!cell_of<kVec>(p, kConvTile, cell)) return;
+  const int t0 = cell.tile * kConvTile, t1 = min(p.seqlen, t0 + kConvTile);
+  if (has_boundary(p, cell.b, t0 - (kW - 1), t1 + kW - 2))
+    conv_bwd_body<T, kVec, kW, true>(p, cell);
+  else
+    conv_bwd_body<T, kVec, kW, false>(p, cell);
 }
 
 // dw, dbias += the sums of the (batch row, tile) partials, in order.
