@@ -67,6 +67,11 @@ TEST(Config, LoadsDerivesAndOverrides) {
   EXPECT_EQ(c.lr.total, 50);
   EXPECT_EQ(c.data.train, (std::vector<std::string>{"a.tok", "b.tok"}));
   EXPECT_EQ(c.data.valid, (std::vector<std::string>{"x.tok", "y.tok"}));
+  // train.precision: bf16 on GPUs and fp32 on the CPU unless given.
+  EXPECT_EQ(c.train.precision, "fp32");
+  EXPECT_EQ(load_config(f.path(), {"train.device=cuda"}).train.precision, "bf16");
+  EXPECT_EQ(load_config(f.path(), {"train.device=cuda", "train.precision=fp32"}).train.precision,
+            "fp32");
 }
 
 TEST(Config, ResolvedYamlLoadsToTheSameConfig) {
@@ -105,6 +110,11 @@ TEST(Config, BadValuesNameTheKey) {
   EXPECT_NE(error_of(f.path(), {"optim.warmup=80"}).find("optim.warmup = 80"), std::string::npos);
   EXPECT_NE(error_of(f.path(), {"model.pattern=M?"}).find("symbol '?'"), std::string::npos);
   EXPECT_NE(error_of(f.path(), {"novalue"}).find("is not key=value"), std::string::npos);
+  EXPECT_NE(error_of(f.path(), {"train.precision=fp16"}).find("must be bf16 or fp32"),
+            std::string::npos);
+  EXPECT_NE(error_of(f.path(), {"train.precision=bf16"})
+                .find("train.precision = bf16 needs train.device = cuda"),
+            std::string::npos);
   EXPECT_NE(error_of("/nonexistent/braid.yaml").find("cannot open the config file"),
             std::string::npos);
   ConfigFile broken("model: [unclosed\n");

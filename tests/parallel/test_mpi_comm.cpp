@@ -2,10 +2,12 @@
 // collective against values computed locally, groups split from a RankGrid, and the failure
 // count all-reduced so a failure on any rank fails the test. With --hang, rank 0 skips a barrier
 // and the watchdog must end the job (tests/parallel/watchdog.sh).
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -111,6 +113,19 @@ int run_checks(Communicator& world) {
     int64_t want = 0;
     for (int m : grid.group(r, Dim::dp)) want += m;
     expect(w[0] == want, "all_reduce within the dp group");
+  }
+  // call_seconds counts the time spent waiting in calls: rank 0 arrives at a barrier 100 ms
+  // late, so every other rank waits there at least that long (a lower bound: waiting can only
+  // take longer); the count never decreases.
+  {
+    const double before = world.call_seconds();
+    if (r == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    world.barrier();
+    const double waited = world.call_seconds() - before;
+    expect(before > 0 && waited >= 0, "call_seconds grows");
+    if (r != 0)
+      expect(waited >= 0.09, "call_seconds holds the barrier's wait (" + std::to_string(waited) +
+                                 " s for a 100 ms late rank)");
   }
   // Misuse is an error, not a crash.
   {
