@@ -9,8 +9,10 @@
 # layout_args WORK sets `args`, the layout tests' small run (8 steps of the tiny hybrid, MoE
 # auxiliary losses off); run_layout OUT RANKS ARGS... runs it into WORK/OUT (RANKS 0: one process,
 # else through mpirun_cmd), its output in WORK/OUT.log; seed_from RUN FROM STEP copies run FROM's
-# checkpoint of STEP (8 digits) into run RUN's, for RUN to resume from; skip_without_gpus N exits
-# 77 (skipped) unless N GPUs are visible.
+# checkpoint of STEP (8 digits) into run RUN's, for RUN to resume from; expect_resumed RUN...
+# checks that each run resumed from its step-10 checkpoint; compare_tail NAME A B TOL compares
+# the last 10 losses of runs A and B; skip_without_gpus N exits 77 (skipped) unless N GPUs are
+# visible.
 prep_corpus() {
   local braid=$1 work=$2 python_dir=""
   for d in /usr/lib/python3.*/; do
