@@ -10,12 +10,14 @@
 //     dq_t = scale sum_s p_ts (do_t . v_s - D_t) k_s.
 //   backward 2, a warp per (b, KV head, key s): dk_s and dv_s summed over the query heads of the
 //     group, then over the queries t >= s of s's document, in that order (deterministic).
-// Documents are contiguous runs of seq_idx (non-decreasing): a query's first key is found by
-// binary search. Rows outside p.rows keep o and lse, get dq = 0 and add nothing to dk, dv.
-// Workspace: D, f32 [B,H,T] (the bf16 path's workspace is larger, so either size serves).
+// Documents are contiguous runs of seq_idx (non-decreasing): a query's first key and a key's
+// last query are found by binary search (attention_tiles.cuh). Rows outside p.rows keep o and lse,
+// get dq = 0 and add nothing to dk, dv. Workspace: D, f32 [B,H,T] (the bf16 path's workspace is
+// larger, so either size serves).
 #include <cuda_runtime.h>
 
 #include "layers/attention/attention_cuda.h"
+#include "layers/attention/attention_tiles.cuh"
 #include "layers/common/cuda_fast_math.cuh"
 #include "runtime/cuda_check.h"
 
@@ -24,36 +26,9 @@ namespace {
 
 constexpr int kWarpsF32 = 8;  // warps per block
 
-// The first position of t's document in row b.
-__device__ int doc_start(const AttnParams& p, int b, int t) {
-  if (!p.seq_idx) return 0;
-  const int32_t* s = p.seq_idx + int64_t(b) * p.seqlen;
-  const int doc = s[t];
-  int lo = 0, hi = t;  // the first index in [lo, hi] with s == doc
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (s[mid] < doc)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
-// One past the last position of s's document in row b.
-__device__ int doc_end(const AttnParams& p, int b, int s) {
-  if (!p.seq_idx) return p.seqlen;
-  const int32_t* q = p.seq_idx + int64_t(b) * p.seqlen;
-  const int doc = q[s];
-  int lo = s + 1, hi = p.seqlen;  // the first index in [lo, hi] with q > doc (hi: none)
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (q[mid] <= doc)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
+// The document bounds of position t in row b (attention_tiles.cuh).
+__device__ const int32_t* seq_row(const AttnParams& p, int b) {
+  return p.seq_idx ? p.seq_idx + int64_t(b) * p.seqlen : nullptr;
 }
 
 template <int L>  // elements per lane: P / 32
@@ -86,7 +61,7 @@ __global__ __launch_bounds__(32 * kWarpsF32) void attn_f32_fwd_kernel(AttnParams
 #pragma unroll
   for (int i = 0; i < L; ++i) acc.v[i] = 0.f;
   float m = -__int_as_float(0x7f800000), l = 0.f;  // -inf
-  for (int s = doc_start(p, b, t); s <= t; ++s) {
+  for (int s = attn::doc_start(seq_row(p, b), t); s <= t; ++s) {
     const int64_t kv = ((int64_t(b) * T + s) * Hk + hk) * P;
     kr.load(k + kv, lane);
     vr.load(v + kv, lane);
@@ -123,7 +98,7 @@ __global__ __launch_bounds__(32 * kWarpsF32) void attn_f32_dq_kernel(AttnParams 
   if (p.rows.has(t)) {
     qr.load(q + at, lane);
     const float lse = p.lse[lane_t];
-    for (int s = doc_start(p, b, t); s <= t; ++s) {
+    for (int s = attn::doc_start(seq_row(p, b), t); s <= t; ++s) {
       const int64_t kv = ((int64_t(b) * T + s) * Hk + hk) * P;
       kr.load(k + kv, lane);
       vr.load(v + kv, lane);
@@ -153,7 +128,7 @@ __global__ __launch_bounds__(32 * kWarpsF32) void attn_f32_dkv_kernel(AttnParams
   vr.load(static_cast<const float*>(p.v) + kv, lane);
 #pragma unroll
   for (int i = 0; i < L; ++i) dk.v[i] = 0.f, dv.v[i] = 0.f;
-  const int end = doc_end(p, b, s);
+  const int end = attn::doc_end(seq_row(p, b), s, p.seqlen);
   for (int h = hk * group; h < (hk + 1) * group; ++h)
     for (int t = s; t < end; ++t) {
       if (!p.rows.has(t)) continue;

@@ -12,7 +12,7 @@
 # checkpoint of STEP (8 digits) into run RUN's, for RUN to resume from; expect_resumed RUN...
 # checks that each run resumed from its step-10 checkpoint; compare_tail NAME A B TOL compares
 # the last 10 losses of runs A and B; skip_without_gpus N exits 77 (skipped) unless N GPUs are
-# visible.
+# visible; start_gpu_layout_test N ... starts a multi-GPU script.
 prep_corpus() {
   local braid=$1 work=$2 python_dir=""
   for d in /usr/lib/python3.*/; do
@@ -82,6 +82,14 @@ compare_tail() {
 seed_from() {
   mkdir -p "$work/$1/checkpoints"
   cp -r "$work/$2/checkpoints/step_$3" "$work/$1/checkpoints/"
+}
+# start_gpu_layout_test N BRAID CONFIG MPIRUN...: a multi-GPU script's start: skipped unless N
+# GPUs are visible, then start_layout_test, with NVLink multicast off in NCCL.
+start_gpu_layout_test() {
+  skip_without_gpus "$1"
+  shift
+  start_layout_test "$@"
+  export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 }
 skip_without_gpus() {
   local n

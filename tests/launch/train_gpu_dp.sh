@@ -19,9 +19,7 @@
 set -eu
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-skip_without_gpus 2
-start_layout_test "$@"
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+start_gpu_layout_test 2 "$@"
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=20
       checkpoint.interval=10 train.log_interval=5 train.eval_interval=20)
 run_layout one 0 train.grad_accum=4

@@ -12,9 +12,7 @@
 set -eu
 # shellcheck source=tests/launch/corpus.sh
 . "$(dirname "$0")/corpus.sh"
-skip_without_gpus 4
-start_layout_test "$@"
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+start_gpu_layout_test 4 "$@"
 args=(data.train="[$work/data/train.tok]" data.valid="[$work/data/valid.tok]" train.steps=20
       checkpoint.interval=10 train.log_interval=5 train.eval_interval=20 model.pattern=M*EME
       mamba2.groups=2 moe.experts=4 moe.top_k=2 moe.ffn=256)
