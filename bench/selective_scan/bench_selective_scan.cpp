@@ -116,13 +116,18 @@ int main(int argc, char** argv) {
     json += row;
   }
   json += "]";
-  // The causal conv1d of the same Mamba-1 layers (width 4, SiLU, bias, bf16): memory floor =
-  // x read and y written (forward), x and dy read and dx written (backward).
+  // The causal conv1d of the same Mamba-1 layers, and of hybrid_1b.yaml's Mamba-2 layers (x: 4096
+  // channels, B and C: 1024 each), width 4, SiLU, bias, bf16: memory floor = x read and y written
+  // (forward), x and dy read and dx written (backward).
+  const std::vector<Shape> conv_shapes = {{4, 4096, 2048, 16},
+                                          {2, 4096, 8192, 16},
+                                          {4, 5120, 2048, 16},
+                                          {4, 4096, 4096, 0},
+                                          {4, 1024, 4096, 0}};
   std::string conv_json = "[";
   std::printf("\n%-20s %8s %8s %7s %8s %8s %7s\n", "conv1d B, C, T", "fwd ms", "GB/s", "%floor",
               "bwd ms", "GB/s", "%floor");
-  for (const Shape& s : shapes) {
-    if (s.n != 16) continue;  // the conv does not depend on d_state
+  for (const Shape& s : conv_shapes) {
     DeviceTensors mem(*gpu);
     auto alloc = [&](std::vector<int64_t> shape, DType t, const char* name, RandomSpec spec) {
       return mem.random(std::move(shape), t, name, spec);

@@ -3,11 +3,11 @@
 // as the CPU reference), except that dw and dbias may be f32 with bf16 tensors (mixed precision
 // keeps f32 gradients); accumulation is f32; seq_idx is i32.
 //
-// Work split: a thread owns a few consecutive channels (one 4-byte vector where the channel count
-// allows; else one channel). In the forward it computes kConvSteps consecutive steps, reading the
-// W - 1 steps before them as a halo. In the backward it walks kConvTile steps once, keeping the
-// last W input rows and output gradients in registers, and leaves its dw and dbias sums in a
-// per-(batch row, tile) partial that a finishing kernel adds in a fixed order.
+// Work split: a block owns one 128-byte line of channels (64 bf16 or 32 f32) of one batch row and
+// kConvTile steps. It stages its input rows (with the W - 1 steps before them, and in the backward
+// the W - 1 outputs after them) in shared memory, computes there, and writes back whole lines. The
+// backward leaves its dw and dbias sums in a per-(batch row, tile) partial that a finishing kernel
+// adds in a fixed order.
 #pragma once
 
 #include <cstdint>
@@ -16,8 +16,7 @@
 
 namespace braid {
 
-constexpr int kConvSteps = 8;  // steps per thread group
-constexpr int kConvTile = 64;  // steps per backward thread (dw partial granularity)
+constexpr int kConvTile = 64;  // steps per block (and dw partial granularity)
 
 struct Conv1dParams {
   int batch = 0, seqlen = 0, channels = 0, width = 0;

@@ -1,10 +1,15 @@
 // Causal conv1d forward and backward on the GPU (work split in causal_conv1d_cuda.h). Memory-
-// bound: each thread loads its rows as 4-byte vectors, keeps them in registers and computes in
-// f32. Document resets: an input step s contributes to output t only when seq[s] == seq[t]
-// (steps before 0 are the initial state and belong to the document of step 0).
+// bound: a block stages its tile's input rows in shared memory by cp.async (all of them in flight
+// at once, so the loads' latency is paid once per tile and not once per step), computes in f32
+// from there, and writes its outputs back through shared memory as 16-byte vectors. Document
+// resets: an input step s contributes to output t only when seq[s] == seq[t] (steps before 0 are
+// the initial state and belong to the document of step 0).
 #include <cuda_bf16.h>
 
+#include <cstdint>
+
 #include "layers/causal_conv1d/causal_conv1d_cuda.h"
+#include "layers/common/cuda_fast_math.cuh"
 #include "runtime/cuda_check.h"
 #include "runtime/cuda_convert.cuh"
 
@@ -12,310 +17,265 @@ namespace braid {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kRowBytes = 128;  // a block's channels span one 128-byte line of a row
 
-template <typename T, int kVec>
-__device__ __forceinline__ void load_vec(const T* src, float (&v)[kVec]) {
-  if constexpr (kVec * sizeof(T) == 16) {
-    alignas(16) T raw[kVec];
-    *reinterpret_cast<uint4*>(raw) = __ldg(reinterpret_cast<const uint4*>(src));
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) v[c] = to_float(raw[c]);
-  } else if constexpr (kVec * sizeof(T) == 8) {
-    alignas(8) T raw[kVec];
-    *reinterpret_cast<uint2*>(raw) = __ldg(reinterpret_cast<const uint2*>(src));
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) v[c] = to_float(raw[c]);
-  } else if constexpr (kVec * sizeof(T) == 4 && kVec > 1) {
-    alignas(4) T raw[kVec];
-    *reinterpret_cast<unsigned*>(raw) = __ldg(reinterpret_cast<const unsigned*>(src));
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) v[c] = to_float(raw[c]);
-  } else {
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) v[c] = to_float(src[c]);
-  }
-}
-template <typename T, int kVec>
-__device__ __forceinline__ void store_vec(T* dst, const float (&v)[kVec]) {
-  if constexpr (kVec * sizeof(T) == 16) {
-    alignas(16) T raw[kVec];
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) raw[c] = from_float<T>(v[c]);
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(raw);
-  } else if constexpr (kVec * sizeof(T) == 8) {
-    alignas(8) T raw[kVec];
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) raw[c] = from_float<T>(v[c]);
-    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(raw);
-  } else if constexpr (kVec * sizeof(T) == 4 && kVec > 1) {
-    alignas(4) T raw[kVec];
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) raw[c] = from_float<T>(v[c]);
-    *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(raw);
-  } else {
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) dst[c] = from_float<T>(v[c]);
-  }
-}
-__device__ __forceinline__ float sigmoid(float x) {
+// A block's channels (kCh: 64 bf16 or 32 f32), its 16-byte vectors, and the step groups its
+// threads form: thread i owns channel i % kCh and the group i / kCh of the tile's steps.
+template <typename T>
+struct Shape {
+  static constexpr int kCh = kRowBytes / sizeof(T);
+  static constexpr int kVec = 16 / sizeof(T);
+  static constexpr int kGroups = kThreads / kCh;
+};
+
+__device__ __forceinline__ float silu_sigmoid(float x) {
   return 1.f / (1.f + expf(-x));
 }
 
-// Rows t0 - W + 1 .. t0 - W + 1 + kRows - 1 of this thread's channels: x (the initial state
-// before step 0, zero past the end) and their seq values (seq[0] before step 0).
-template <typename T, int kVec, int kW, int kRows>
-__device__ __forceinline__ void load_rows(const Conv1dParams& p, int b, int c0, int t0,
-                                          float (&x)[kRows][kVec], int (&sq)[kRows]) {
-  const T* xs = static_cast<const T*>(p.x);
-  const T* init = static_cast<const T*>(p.initial_state);
-  const int32_t* seq = p.seq_idx ? p.seq_idx + static_cast<int64_t>(b) * p.seqlen : nullptr;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int s = t0 - (kW - 1) + i;
-    if (s >= 0 && s < p.seqlen) {
-      load_vec<T, kVec>(xs + (static_cast<int64_t>(b) * p.seqlen + s) * p.channels + c0, x[i]);
-    } else {
-#pragma unroll
-      for (int c = 0; c < kVec; ++c)
-        x[i][c] = s < 0 && init
-                      ? to_float(init[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
-                                      (kW - 1 + s)])
-                      : 0.f;
-    }
-    sq[i] = seq ? seq[s < 0 ? 0 : (s < p.seqlen ? s : p.seqlen - 1)] : 0;
-  }
-}
-
-template <typename T, int kVec, int kW>
-__device__ __forceinline__ void load_weights(const Conv1dParams& p, int c0, float (&w)[kVec][kW],
-                                             float (&bias)[kVec]) {
-  const T* ws = static_cast<const T*>(p.w);
-  const T* bs = static_cast<const T*>(p.bias);
-#pragma unroll
-  for (int c = 0; c < kVec; ++c) {
-#pragma unroll
-    for (int k = 0; k < kW; ++k) w[c][k] = to_float(ws[(c0 + c) * kW + k]);
-    bias[c] = bs ? to_float(bs[c0 + c]) : 0.f;
-  }
-}
-
-// This thread's batch row, first channel and tile of `steps` steps (channel vectors fastest, so
-// a warp reads consecutive vectors of one row); false past the end.
-struct Cell {
+// This block's batch row, first channel and tile of kConvTile steps (channel blocks fastest).
+struct Block {
   int b, c0, tile;
 };
-template <int kVec>
-__device__ __forceinline__ bool cell_of(const Conv1dParams& p, int steps, Cell& cell) {
-  const int nvec = p.channels / kVec, tiles = (p.seqlen + steps - 1) / steps;
-  const int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  if (v >= static_cast<int64_t>(p.batch) * tiles * nvec) return false;
-  cell = {static_cast<int>(v / nvec / tiles), static_cast<int>(v % nvec) * kVec,
-          static_cast<int>((v / nvec) % tiles)};
-  return true;
+template <typename T>
+__device__ __forceinline__ Block block_of(const Conv1dParams& p) {
+  const int64_t cblocks = (p.channels + Shape<T>::kCh - 1) / Shape<T>::kCh;
+  const int64_t tiles = (p.seqlen + kConvTile - 1) / kConvTile, i = blockIdx.x;
+  return {static_cast<int>(i / cblocks / tiles), static_cast<int>(i % cblocks) * Shape<T>::kCh,
+          static_cast<int>((i / cblocks) % tiles)};
 }
 
-// Whether a document starts inside steps [lo, hi] of batch row b (clamped to the sequence; steps
-// before 0 belong to step 0's document): seq_idx is non-decreasing, so its ends tell. Where none
-// does (most tiles), the kernels run a copy of their loop without the per-tap document checks.
-__device__ __forceinline__ bool has_boundary(const Conv1dParams& p, int b, int lo, int hi) {
-  if (!p.seq_idx) return false;
-  const int32_t* seq = p.seq_idx + static_cast<int64_t>(b) * p.seqlen;
-  return seq[max(lo, 0)] != seq[min(hi, p.seqlen - 1)];
+// Whether a [B, T, C] tensor's rows start on 16-byte boundaries, so that whole vectors move.
+template <typename T>
+__device__ __forceinline__ bool vectors_aligned(const Conv1dParams& p, const T* base) {
+  return p.channels % Shape<T>::kVec == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
 }
 
-// Same document (kDocs: checked; else known).
-template <bool kDocs>
-__device__ __forceinline__ bool same_doc(int a, int b) {
-  return !kDocs || a == b;
+// Stages steps s0 .. s0 + rows - 1 of the block's channels of a [B, T, C] tensor into shared
+// [rows][kCh]: whole vectors by cp.async (zero-filled past the sequence's end), element by
+// element at the channels' end or where rows are unaligned; steps before 0 are before(s, c),
+// channels past the end 0. The caller commits and waits.
+template <typename T, typename Before>
+__device__ __forceinline__ void stage_rows(const Conv1dParams& p, const T* src, const Block& k,
+                                           int s0, int rows, T* dst, Before before) {
+  using S = Shape<T>;
+  constexpr int kVecs = S::kCh / S::kVec;
+  const bool aligned = vectors_aligned(p, src);
+  const int64_t row0 = static_cast<int64_t>(k.b) * p.seqlen;
+  for (int i = threadIdx.x; i < rows * kVecs; i += kThreads) {
+    const int r = i / kVecs, cv = (i % kVecs) * S::kVec, s = s0 + r, c = k.c0 + cv;
+    T* d = dst + r * S::kCh + cv;
+    if (s >= 0 && aligned && c < p.channels) {
+      const bool in = s < p.seqlen;
+      cp_async16(d, in ? src + (row0 + s) * p.channels + c : src, in);
+      continue;
+    }
+#pragma unroll
+    for (int e = 0; e < S::kVec; ++e) {
+      const int ce = c + e;
+      d[e] = ce >= p.channels ? from_float<T>(0.f)
+             : s < 0          ? before(s, ce)
+             : s < p.seqlen   ? src[(row0 + s) * p.channels + ce]
+                              : from_float<T>(0.f);
+    }
+  }
 }
 
-// The pre-activation of channel slot c at the output whose window starts at row `row`: bias plus
-// the taps whose input is in the output's document.
-template <int kVec, int kW, int kRows, bool kDocs>
-__device__ __forceinline__ float pre_activation(const float (&x)[kRows][kVec],
-                                                const int (&sq)[kRows], const float (&w)[kVec][kW],
-                                                float bias, int row, int c) {
+// Writes shared [rows][kCh] to steps s0 .. s0 + rows - 1 of the block's channels of dst.
+template <typename T>
+__device__ __forceinline__ void store_rows(const Conv1dParams& p, T* dst, const Block& k, int s0,
+                                           int rows, const T* src) {
+  using S = Shape<T>;
+  constexpr int kVecs = S::kCh / S::kVec;
+  const bool aligned = vectors_aligned(p, dst);
+  const int64_t row0 = static_cast<int64_t>(k.b) * p.seqlen;
+  for (int i = threadIdx.x; i < rows * kVecs; i += kThreads) {
+    const int r = i / kVecs, cv = (i % kVecs) * S::kVec, c = k.c0 + cv;
+    if (c >= p.channels) continue;
+    T* g = dst + (row0 + s0 + r) * p.channels + c;
+    const T* s = src + r * S::kCh + cv;
+    if (aligned) {
+      *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(s);
+    } else {
+      for (int e = 0; e < S::kVec && c + e < p.channels; ++e) g[e] = s[e];
+    }
+  }
+}
+
+// seq of steps s0 .. s0 + rows - 1 into shared (clamped: steps before 0 take step 0's, steps
+// past the end the last step's; all 0 without documents).
+__device__ __forceinline__ void stage_seq(const Conv1dParams& p, int b, int s0, int rows,
+                                          int* dst) {
+  const int32_t* seq = p.seq_idx ? p.seq_idx + static_cast<int64_t>(b) * p.seqlen : nullptr;
+  for (int r = threadIdx.x; r < rows; r += kThreads)
+    dst[r] = seq ? seq[min(max(s0 + r, 0), p.seqlen - 1)] : 0;
+}
+
+// The initial state's element of channel c at step s < 0 (zero without one).
+template <typename T, int kW>
+__device__ __forceinline__ T initial(const Conv1dParams& p, int b, int s, int c) {
+  const T* init = static_cast<const T*>(p.initial_state);
+  return init ? init[(static_cast<int64_t>(b) * p.channels + c) * (kW - 1) + (kW - 1 + s)]
+              : from_float<T>(0.f);
+}
+
+// This thread's channel's taps and bias (zero past the channels' end).
+template <typename T, int kW>
+__device__ __forceinline__ void load_weights(const Conv1dParams& p, int c, float (&w)[kW],
+                                             float& bias) {
+  const bool in = c < p.channels;
+#pragma unroll
+  for (int k = 0; k < kW; ++k) w[k] = in ? to_float(static_cast<const T*>(p.w)[c * kW + k]) : 0.f;
+  bias = in && p.bias ? to_float(static_cast<const T*>(p.bias)[c]) : 0.f;
+}
+
+// The pre-activation of the output whose x rows (shared, stride kCh) are r .. r + W - 1: bias
+// plus the taps whose input is in the output's document.
+template <typename T, int kW>
+__device__ __forceinline__ float pre_activation(const T* xs, const int* sq, const float (&w)[kW],
+                                                float bias, int r, int cl) {
   float acc = bias;
 #pragma unroll
   for (int k = 0; k < kW; ++k)
-    if (same_doc<kDocs>(sq[row + k], sq[row + kW - 1])) acc += w[c][k] * x[row + k][c];
+    if (sq[r + k] == sq[r + kW - 1]) acc += w[k] * to_float(xs[(r + k) * Shape<T>::kCh + cl]);
   return acc;
 }
 
-template <typename T, int kVec, int kW, bool kDocs>
-__device__ __forceinline__ void conv_fwd_body(const Conv1dParams& p, const Cell& cell) {
-  const int b = cell.b, c0 = cell.c0, t0 = cell.tile * kConvSteps;
-  constexpr int kRows = kConvSteps + kW - 1;
-  float x[kRows][kVec], w[kVec][kW], bias[kVec];
-  int sq[kRows];
-  load_rows<T, kVec, kW, kRows>(p, b, c0, t0, x, sq);
-  load_weights<T, kVec, kW>(p, c0, w, bias);
-  T* y = static_cast<T*>(p.y);
-#pragma unroll
-  for (int j = 0; j < kConvSteps; ++j) {
-    const int t = t0 + j;
-    if (t >= p.seqlen) break;
-    float out[kVec];
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) {
-      const float acc = pre_activation<kVec, kW, kRows, kDocs>(x, sq, w, bias[c], j, c);
-      out[c] = p.silu ? acc * sigmoid(acc) : acc;
-    }
-    store_vec<T, kVec>(y + (static_cast<int64_t>(b) * p.seqlen + t) * p.channels + c0, out);
+// Forward: a block computes kConvTile steps of kCh channels from its x rows t0 - W + 1 ..
+// t0 + kConvTile - 1; thread (channel, group) computes kConvTile / kGroups consecutive steps.
+template <typename T, int kW>
+__global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const Conv1dParams p) {
+  using S = Shape<T>;
+  constexpr int kRows = kConvTile + kW - 1;
+  __shared__ alignas(16) T xs[kRows * S::kCh];
+  __shared__ alignas(16) T ys[kConvTile * S::kCh];
+  __shared__ int sq[kRows];
+  const Block k = block_of<T>(p);
+  const int t0 = k.tile * kConvTile, s0 = t0 - (kW - 1);
+  stage_rows(p, static_cast<const T*>(p.x), k, s0, kRows, xs,
+             [&](int s, int c) { return initial<T, kW>(p, k.b, s, c); });
+  cp_async_commit();
+  stage_seq(p, k.b, s0, kRows, sq);
+  const int cl = threadIdx.x % S::kCh, g = threadIdx.x / S::kCh, c = k.c0 + cl;
+  float w[kW], bias;
+  load_weights<T, kW>(p, c, w, bias);
+  cp_async_wait();
+  __syncthreads();
+  constexpr int kPer = kConvTile / S::kGroups;
+#pragma unroll 4
+  for (int j = g * kPer; j < (g + 1) * kPer; ++j) {
+    const float acc = pre_activation<T, kW>(xs, sq, w, bias, j, cl);
+    ys[j * S::kCh + cl] = from_float<T>(p.silu ? acc * silu_sigmoid(acc) : acc);
   }
   // final_state[j] = input step T - W + 1 + j if it is in the document of step T - 1, else 0.
   const int last = p.seqlen - 1;
-  if (p.final_state && last >= t0 && last < t0 + kConvSteps) {
-    T* fs = static_cast<T*>(p.final_state);
-    const int i_last = last - t0 + kW - 1;
+  if (p.final_state && g == 0 && c < p.channels && last >= t0 && last < t0 + kConvTile) {
+    T* fs =
+        static_cast<T*>(p.final_state) + (static_cast<int64_t>(k.b) * p.channels + c) * (kW - 1);
+    const int r_last = last - s0;
 #pragma unroll
-    for (int jj = 0; jj < kW - 1; ++jj) {
-      const int i = i_last - (kW - 2) + jj;  // row of step T - W + 1 + jj
-#pragma unroll
-      for (int ii = 0; ii < kRows; ++ii) {
-        if (ii != i) continue;
-#pragma unroll
-        for (int c = 0; c < kVec; ++c)
-          fs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + jj] =
-              from_float<T>(same_doc<kDocs>(sq[ii], sq[i_last]) ? x[ii][c] : 0.f);
-      }
+    for (int j = 0; j < kW - 1; ++j) {
+      const int r = r_last - (kW - 2) + j;
+      fs[j] = sq[r] == sq[r_last] ? xs[r * S::kCh + cl] : from_float<T>(0.f);
     }
   }
+  __syncthreads();
+  store_rows(p, static_cast<T*>(p.y), k, t0, min(kConvTile, p.seqlen - t0), ys);
 }
 
-template <typename T, int kVec, int kW>
-__global__ void __launch_bounds__(kThreads, 4) conv_fwd_kernel(const Conv1dParams p) {
-  Cell cell;
-  if (!cell_of<kVec>(p, kConvSteps, cell)) return;
-  const int t0 = cell.tile * kConvSteps;
-  if (has_boundary(p, cell.b, t0 - (kW - 1), t0 + kConvSteps - 1))
-    conv_fwd_body<T, kVec, kW, true>(p, cell);
-  else
-    conv_fwd_body<T, kVec, kW, false>(p, cell);
-}
+// Backward: a block stages x for steps t0 - W + 1 .. t0 + kConvTile + W - 2 and dy for the
+// outputs t0 .. t0 + kConvTile + W - 2 (the next tile's first W - 1 outputs reach this tile's
+// inputs). Phase 1: each thread forms the pre-activation gradients dp of its share of those
+// outputs (into shared memory) and sums the dw and dbias terms of the tile's own outputs. Phase
+// 2: dx of the tile's steps (and, in the first tile, the initial state's gradient) from the W
+// gradients that reach each; the groups' dw and dbias sums are added in group order into the
+// (batch row, tile) partial.
+template <typename T, int kW>
+__global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const Conv1dParams p) {
+  using S = Shape<T>;
+  constexpr int kXRows = kConvTile + 2 * (kW - 1), kGRows = kConvTile + kW - 1;
+  __shared__ alignas(16) T xs[kXRows * S::kCh];  // x rows; then dx of the tile's steps
+  __shared__ alignas(16) T dys[kGRows * S::kCh];
+  __shared__ float dps[kGRows * S::kCh];
+  __shared__ float sums[S::kGroups * S::kCh * (kW + 1)];
+  __shared__ int sq[kXRows];
+  const Block k = block_of<T>(p);
+  const int t0 = k.tile * kConvTile, t1 = min(p.seqlen, t0 + kConvTile), s0 = t0 - (kW - 1);
+  stage_rows(p, static_cast<const T*>(p.x), k, s0, kXRows, xs,
+             [&](int s, int c) { return initial<T, kW>(p, k.b, s, c); });
+  stage_rows(p, static_cast<const T*>(p.dy), k, t0, kGRows, dys,
+             [](int, int) { return from_float<T>(0.f); });
+  cp_async_commit();
+  stage_seq(p, k.b, s0, kXRows, sq);
+  const int cl = threadIdx.x % S::kCh, g = threadIdx.x / S::kCh, c = k.c0 + cl;
+  float w[kW], bias, dw[kW] = {}, db = 0.f;
+  load_weights<T, kW>(p, c, w, bias);
+  cp_async_wait();
+  __syncthreads();
 
-// The backward walks its tile's outputs t = t0 .. t1 + W - 2 once, keeping the last W input rows
-// (x, document) and the last W pre-activation gradients in registers (ring slots fixed at compile
-// time by the unrolled loop): at output t it loads x[t] and dy[t], forms dpre[t] (adding its dw
-// and dbias terms when t is the tile's own), and then finishes dx[t - W + 1] (or, in the first
-// tile, the initial state's gradient) from the W gradients that reach it.
-template <typename T, int kVec, int kW, bool kDocs>
-__device__ __forceinline__ void conv_bwd_body(const Conv1dParams& p, const Cell& cell) {
-  const int b = cell.b, c0 = cell.c0, tile = cell.tile;
-  const int tiles = (p.seqlen + kConvTile - 1) / kConvTile;
-  const int t0 = tile * kConvTile, t1 = min(p.seqlen, t0 + kConvTile);
-  float w[kVec][kW], bias[kVec], dw[kVec][kW] = {}, db[kVec] = {};
-  load_weights<T, kVec, kW>(p, c0, w, bias);
-  const T* xs = static_cast<const T*>(p.x);
-  const T* init = static_cast<const T*>(p.initial_state);
-  const T* dys = static_cast<const T*>(p.dy);
-  const T* dfs = static_cast<const T*>(p.dfinal_state);
-  T* dxs = static_cast<T*>(p.dx);
-  const int32_t* seq = p.seq_idx ? p.seq_idx + static_cast<int64_t>(b) * p.seqlen : nullptr;
-  const int last = p.seqlen - 1;
-  const int sq_last = seq ? seq[last] : 0;
-  const int64_t row0 = static_cast<int64_t>(b) * p.seqlen;
-  // Ring slot of input row / output t: (t - t0 + kW - 1) % kW (compile-time in the loop below).
-  float x[kW][kVec], dp[kW][kVec];
-  int sq[kW];
-  auto load_x = [&](int s, float(&v)[kVec], int& d) {
-    if (s >= 0 && s < p.seqlen) {
-      load_vec<T, kVec>(xs + (row0 + s) * p.channels + c0, v);
-    } else {
-#pragma unroll
-      for (int c = 0; c < kVec; ++c)
-        v[c] = s < 0 && init
-                   ? to_float(init[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) +
-                                   (kW - 1 + s)])
-                   : 0.f;
-    }
-    d = seq ? seq[s < 0 ? 0 : (s < p.seqlen ? s : last)] : 0;
-  };
-#pragma unroll
-  for (int i = 0; i < kW - 1; ++i) {  // rows t0 - W + 1 .. t0 - 1
-    load_x(t0 - (kW - 1) + i, x[i], sq[i]);
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) dp[i][c] = 0.f;
-  }
-#pragma unroll
-  for (int j = 0; j < kConvTile + kW - 1; ++j) {
+  // Phase 1: output t0 + j reads x rows j .. j + W - 1; its document is sq[j + W - 1].
+  constexpr int kPer1 = (kGRows + S::kGroups - 1) / S::kGroups;
+  for (int j = g * kPer1; j < min((g + 1) * kPer1, kGRows); ++j) {
     const int t = t0 + j;
-    if (t > t1 + kW - 2) break;
-    constexpr int kSlots = kW;
-    const int cur = (j + kW - 1) % kSlots;  // slot of row / output t
-    load_x(t, x[cur], sq[cur]);
-    float g[kVec];
-    if (t < p.seqlen) load_vec<T, kVec>(dys + (row0 + t) * p.channels + c0, g);
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) {
-      float gp = 0.f;
-      if (t < p.seqlen) {
-        gp = g[c];
-        if (p.silu) {
-          float acc = bias[c];
-#pragma unroll
-          for (int k = 0; k < kW; ++k) {
-            const int slot = (j + k) % kSlots;  // row t - W + 1 + k
-            if (same_doc<kDocs>(sq[slot], sq[cur])) acc += w[c][k] * x[slot][c];
-          }
-          const float sg = sigmoid(acc);
-          gp *= sg * (1.f + acc * (1.f - sg));
-        }
-      }
-      dp[cur][c] = gp;
-      if (t < t1) {  // the tile's own output: its dw and dbias terms
-        db[c] += gp;
-#pragma unroll
-        for (int k = 0; k < kW; ++k) {
-          const int slot = (j + k) % kSlots;
-          if (same_doc<kDocs>(sq[slot], sq[cur])) dw[c][k] += gp * x[slot][c];
-        }
+    float gp = 0.f;
+    if (t < p.seqlen) {
+      gp = to_float(dys[j * S::kCh + cl]);
+      if (p.silu) {
+        const float acc = pre_activation<T, kW>(xs, sq, w, bias, j, cl), sg = silu_sigmoid(acc);
+        gp *= sg * (1.f + acc * (1.f - sg));
       }
     }
-    // Input step s = t - W + 1 (slot of row s: (j % kW)) now has every output gradient.
-    const int s = t - (kW - 1), is = j % kSlots;
-    if (s >= t1 || (s < t0 && !(s < 0 && p.dinitial_state))) continue;
-    float dx[kVec] = {};
+    dps[j * S::kCh + cl] = gp;
+    if (t < t1) {  // the tile's own output: its dw and dbias terms
+      db += gp;
 #pragma unroll
-    for (int k = 0; k < kW; ++k) {
-      const int o = s + kW - 1 - k, slot = (j + kW - 1 - k) % kSlots;  // output o's slot
-      if (o >= 0 && o < p.seqlen && same_doc<kDocs>(sq[is], sq[slot]))
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) dx[c] += dp[slot][c] * w[c][k];
-    }
-    if (dfs && s > last - (kW - 1) && same_doc<kDocs>(sq[is], sq_last))
-#pragma unroll
-      for (int c = 0; c < kVec; ++c)
-        dx[c] += to_float(
-            dfs[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + (s - last + kW - 2)]);
-    if (s >= 0) {
-      store_vec<T, kVec>(dxs + (row0 + s) * p.channels + c0, dx);
-    } else {
-      T* di = static_cast<T*>(p.dinitial_state);
-#pragma unroll
-      for (int c = 0; c < kVec; ++c)
-        di[(static_cast<int64_t>(b) * p.channels + c0 + c) * (kW - 1) + kW - 1 + s] =
-            from_float<T>(dx[c]);
+      for (int q = 0; q < kW; ++q)
+        if (sq[j + q] == sq[j + kW - 1]) dw[q] += gp * to_float(xs[(j + q) * S::kCh + cl]);
     }
   }
-  float* part = p.partial + (static_cast<int64_t>(b) * tiles + tile) * p.channels * (kW + 1);
+  float* my = sums + (g * S::kCh + cl) * (kW + 1);
 #pragma unroll
-  for (int c = 0; c < kVec; ++c) {
-#pragma unroll
-    for (int k = 0; k < kW; ++k) part[(c0 + c) * (kW + 1) + k] = dw[c][k];
-    part[(c0 + c) * (kW + 1) + kW] = db[c];
-  }
-}
+  for (int q = 0; q < kW; ++q) my[q] = dw[q];
+  my[kW] = db;
+  __syncthreads();
 
-template <typename T, int kVec, int kW>
-__global__ void __launch_bounds__(kThreads, 3) conv_bwd_kernel(const Conv1dParams p) {
-  Cell cell;
-  if (!cell_of<kVec>(p, kConvTile, cell)) return;
-  const int t0 = cell.tile * kConvTile, t1 = min(p.seqlen, t0 + kConvTile);
-  if (has_boundary(p, cell.b, t0 - (kW - 1), t1 + kW - 2))
-    conv_bwd_body<T, kVec, kW, true>(p, cell);
-  else
-    conv_bwd_body<T, kVec, kW, false>(p, cell);
+  // Phase 2: input step s = t0 + i (x row i + W - 1) receives output s + W - 1 - q (gradient
+  // row i + W - 1 - q, x row i + 2 (W - 1) - q) through tap q.
+  const int last = p.seqlen - 1;
+  const int sq_last = p.seq_idx ? p.seq_idx[static_cast<int64_t>(k.b) * p.seqlen + last] : 0;
+  const T* dfs = static_cast<const T*>(p.dfinal_state);
+  const int64_t state0 = (static_cast<int64_t>(k.b) * p.channels + c) * (kW - 1);
+  constexpr int kPer2 = kConvTile / S::kGroups;
+  const bool dinit = t0 == 0 && g == 0 && p.dinitial_state;  // steps -(W - 1) .. -1 too
+  for (int i = dinit ? -(kW - 1) : g * kPer2; i < (g + 1) * kPer2; ++i) {
+    const int s = t0 + i;
+    if (s >= t1) break;
+    const int r = i + kW - 1;
+    float dx = 0.f;
+#pragma unroll
+    for (int q = 0; q < kW; ++q) {
+      const int o = s + kW - 1 - q;
+      if (o >= 0 && o < p.seqlen && sq[r] == sq[r + kW - 1 - q])
+        dx += dps[(i + kW - 1 - q) * S::kCh + cl] * w[q];
+    }
+    if (dfs && c < p.channels && s > last - (kW - 1) && sq[r] == sq_last)
+      dx += to_float(dfs[state0 + (s - last + kW - 2)]);
+    if (s >= 0)
+      xs[i * S::kCh + cl] = from_float<T>(dx);
+    else if (c < p.channels)
+      static_cast<T*>(p.dinitial_state)[state0 + kW - 1 + s] = from_float<T>(dx);
+  }
+  if (g == 0 && c < p.channels) {
+    const int tiles = (p.seqlen + kConvTile - 1) / kConvTile;
+    float* part =
+        p.partial + ((static_cast<int64_t>(k.b) * tiles + k.tile) * p.channels + c) * (kW + 1);
+    for (int q = 0; q <= kW; ++q) {
+      float sum = 0.f;
+      for (int h = 0; h < S::kGroups; ++h) sum += sums[(h * S::kCh + cl) * (kW + 1) + q];
+      part[q] = sum;
+    }
+  }
+  __syncthreads();
+  store_rows(p, static_cast<T*>(p.dx), k, t0, t1 - t0, xs);
 }
 
 // dw, dbias += the sums of the (batch row, tile) partials, in order.
@@ -343,55 +303,39 @@ void finish(const Conv1dParams& p, int parts, cudaStream_t stream) {
   CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T, int kVec, int kW, bool kBackward>
+template <typename T, int kW, bool kBackward>
 void launch(const Conv1dParams& p, cudaStream_t stream) {
-  const int64_t nvec = p.channels / kVec;
+  const int64_t tiles = (p.seqlen + kConvTile - 1) / kConvTile;
+  const int64_t blocks = p.batch * tiles * ((p.channels + Shape<T>::kCh - 1) / Shape<T>::kCh);
   if constexpr (!kBackward) {
-    const int64_t n = p.batch * ((p.seqlen + kConvSteps - 1) / kConvSteps) * nvec;
-    conv_fwd_kernel<T, kVec, kW>
-        <<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+    conv_fwd_kernel<T, kW><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
     CUDA_CHECK(cudaGetLastError());
   } else {
-    const int64_t tiles = (p.seqlen + kConvTile - 1) / kConvTile, n = p.batch * tiles * nvec;
-    conv_bwd_kernel<T, kVec, kW>
-        <<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+    conv_bwd_kernel<T, kW><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
     CUDA_CHECK(cudaGetLastError());
     finish<T>(p, static_cast<int>(p.batch * tiles), stream);
   }
 }
 
-template <typename T, int kVec, bool kBackward>
+template <typename T, bool kBackward>
 void launch_width(const Conv1dParams& p, cudaStream_t stream) {
   switch (p.width) {
     case 2:
-      return launch<T, kVec, 2, kBackward>(p, stream);
+      return launch<T, 2, kBackward>(p, stream);
     case 3:
-      return launch<T, kVec, 3, kBackward>(p, stream);
+      return launch<T, 3, kBackward>(p, stream);
     default:
-      return launch<T, kVec, 4, kBackward>(p, stream);
+      return launch<T, 4, kBackward>(p, stream);
   }
-}
-
-// Vectors of 4 bytes when every row starts aligned to them, single channels otherwise: few enough
-// registers for 32 (forward) or 24 (backward) warps per SM, which a memory-bound kernel needs to
-// keep loads in flight (with 8-byte vectors the forward held 100 registers and 16 warps, and ran
-// at 21% of the memory bandwidth on an H100).
-template <typename T, bool kBackward>
-void launch_type(const Conv1dParams& p, cudaStream_t stream) {
-  constexpr int kVec = 4 / sizeof(T);
-  if (p.channels % kVec == 0)
-    launch_width<T, kVec, kBackward>(p, stream);
-  else
-    launch_width<T, 1, kBackward>(p, stream);
 }
 
 template <bool kBackward>
 void dispatch(const Conv1dParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.bf16)
-    launch_type<__nv_bfloat16, kBackward>(p, s);
+    launch_width<__nv_bfloat16, kBackward>(p, s);
   else
-    launch_type<float, kBackward>(p, s);
+    launch_width<float, kBackward>(p, s);
 }
 
 }  // namespace

@@ -4,8 +4,8 @@
 // against fp64): the reference runs in f64 (the truth) and in f32 on the same inputs (bf16
 // cases: inputs rounded to bf16, outputs rounded to bf16 as a bf16 kernel must); the GPU's
 // largest error must be at most twice the naive error plus 1e-6 of the output scale (the GPU
-// uses expf for SiLU, within 2 ulp of libm's, and sums dw over the batch rows and 64-step tiles
-// in a different order than the naive sequential loop, whose error bound is no larger).
+// uses expf for SiLU, within 2 ulp of libm's, and sums dw over step groups, 64-step tiles and batch
+// rows in a different order than the naive sequential loop, whose error bound is no larger).
 #include <random>
 
 #include "layers/causal_conv1d/causal_conv1d.h"
@@ -104,7 +104,9 @@ INSTANTIATE_TEST_SUITE_P(
                       GpuConvCase{1, 200, 13, 2, true, true, true, false, false},
                       GpuConvCase{2, 333, 40, 4, false, true, true, true, true},
                       GpuConvCase{4, 1000, 256, 4, true, true, true, true, true},
-                      GpuConvCase{2, 65, 6, 3, true, true, false, true, true}));
+                      GpuConvCase{2, 65, 6, 3, true, true, false, true, true},
+                      GpuConvCase{2, 300, 200, 4, true, true, true, true, true},
+                      GpuConvCase{1, 130, 100, 4, false, false, true, true, false}));
 
 }  // namespace
 }  // namespace braid
