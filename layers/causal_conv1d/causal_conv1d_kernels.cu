@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "layers/causal_conv1d/causal_conv1d_cuda.h"
 #include "layers/common/cuda_fast_math.cuh"
@@ -27,10 +28,6 @@ struct Shape {
   static constexpr int kVec = 16 / sizeof(T);
   static constexpr int kGroups = kThreads / kCh;
 };
-
-__device__ __forceinline__ float silu_sigmoid(float x) {
-  return 1.f / (1.f + expf(-x));
-}
 
 // This block's batch row, first channel and tile of kConvTile steps (channel blocks fastest).
 struct Block {
@@ -128,24 +125,44 @@ __device__ __forceinline__ void load_weights(const Conv1dParams& p, int c, float
   bias = in && p.bias ? to_float(static_cast<const T*>(p.bias)[c]) : 0.f;
 }
 
-// The pre-activation of the output whose x rows (shared, stride kCh) are r .. r + W - 1: bias
-// plus the taps whose input is in the output's document.
-template <typename T, int kW>
-__device__ __forceinline__ float pre_activation(const T* xs, const int* sq, const float (&w)[kW],
-                                                float bias, int r, int cl) {
+// W consecutive rows of one channel in registers, oldest first: values and documents.
+template <int kW>
+struct Window {
+  float v[kW] = {};
+  int d[kW] = {};
+  __device__ __forceinline__ void push(float x, int doc) {
+#pragma unroll
+    for (int q = 0; q + 1 < kW; ++q) v[q] = v[q + 1], d[q] = d[q + 1];
+    v[kW - 1] = x, d[kW - 1] = doc;
+  }
+};
+
+// The pre-activation of the output whose inputs are the window: bias plus the taps whose input is
+// in the output's (the last row's) document; kDocs false: the block holds one document.
+template <int kW, bool kDocs>
+__device__ __forceinline__ float pre_activation(const Window<kW>& x, const float (&w)[kW],
+                                                float bias) {
   float acc = bias;
 #pragma unroll
-  for (int k = 0; k < kW; ++k)
-    if (sq[r + k] == sq[r + kW - 1]) acc += w[k] * to_float(xs[(r + k) * Shape<T>::kCh + cl]);
+  for (int q = 0; q < kW; ++q)
+    if (!kDocs || x.d[q] == x.d[kW - 1]) acc += w[q] * x.v[q];
   return acc;
 }
 
+// Whether the block's staged steps (documents sq[0 .. rows - 1], visible to all threads) span
+// more than one document; then the kernels check documents per tap, else they skip the checks.
+__device__ __forceinline__ bool block_has_documents(const int* sq, int rows) {
+  return __syncthreads_or(static_cast<int>(threadIdx.x) < rows && sq[threadIdx.x] != sq[0]);
+}
+
 // Forward: a block computes kConvTile steps of kCh channels from its x rows t0 - W + 1 ..
-// t0 + kConvTile - 1; thread (channel, group) computes kConvTile / kGroups consecutive steps.
+// t0 + kConvTile - 1; thread (channel, group) walks kConvTile / kGroups consecutive steps,
+// keeping its last W inputs in registers.
 template <typename T, int kW>
 __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const Conv1dParams p) {
   using S = Shape<T>;
   constexpr int kRows = kConvTile + kW - 1;
+  static_assert(kRows <= kThreads);
   __shared__ alignas(16) T xs[kRows * S::kCh];
   __shared__ alignas(16) T ys[kConvTile * S::kCh];
   __shared__ int sq[kRows];
@@ -160,12 +177,24 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const Conv1dParams p
   load_weights<T, kW>(p, c, w, bias);
   cp_async_wait();
   __syncthreads();
-  constexpr int kPer = kConvTile / S::kGroups;
+  auto walk = [&](auto docs) {
+    constexpr bool kDocs = decltype(docs)::value;
+    constexpr int kPer = kConvTile / S::kGroups;
+    const int j0 = g * kPer;  // output t0 + j reads x rows j .. j + W - 1
+    Window<kW> x;
+#pragma unroll
+    for (int q = 0; q + 1 < kW; ++q) x.push(to_float(xs[(j0 + q) * S::kCh + cl]), sq[j0 + q]);
 #pragma unroll 4
-  for (int j = g * kPer; j < (g + 1) * kPer; ++j) {
-    const float acc = pre_activation<T, kW>(xs, sq, w, bias, j, cl);
-    ys[j * S::kCh + cl] = from_float<T>(p.silu ? acc * silu_sigmoid(acc) : acc);
-  }
+    for (int j = j0; j < j0 + kPer; ++j) {
+      x.push(to_float(xs[(j + kW - 1) * S::kCh + cl]), sq[j + kW - 1]);
+      const float acc = pre_activation<kW, kDocs>(x, w, bias);
+      ys[j * S::kCh + cl] = from_float<T>(p.silu ? acc * sigmoid(acc) : acc);
+    }
+  };
+  if (block_has_documents(sq, kRows))
+    walk(std::true_type{});
+  else
+    walk(std::false_type{});
   // final_state[j] = input step T - W + 1 + j if it is in the document of step T - 1, else 0.
   const int last = p.seqlen - 1;
   if (p.final_state && g == 0 && c < p.channels && last >= t0 && last < t0 + kConvTile) {
@@ -184,15 +213,17 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const Conv1dParams p
 
 // Backward: a block stages x for steps t0 - W + 1 .. t0 + kConvTile + W - 2 and dy for the
 // outputs t0 .. t0 + kConvTile + W - 2 (the next tile's first W - 1 outputs reach this tile's
-// inputs). Phase 1: each thread forms the pre-activation gradients dp of its share of those
-// outputs (into shared memory) and sums the dw and dbias terms of the tile's own outputs. Phase
-// 2: dx of the tile's steps (and, in the first tile, the initial state's gradient) from the W
-// gradients that reach each; the groups' dw and dbias sums are added in group order into the
+// inputs). Phase 1: each thread walks its share of those outputs with its last W inputs in
+// registers, forms their pre-activation gradients dp (into shared memory) and sums the dw and
+// dbias terms of the tile's own outputs. Phase 2: each thread walks its share of the tile's steps
+// (and, in the first tile, the initial state's) with the W gradients that reach each in
+// registers, and forms dx; the groups' dw and dbias sums are added in group order into the
 // (batch row, tile) partial.
 template <typename T, int kW>
 __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const Conv1dParams p) {
   using S = Shape<T>;
   constexpr int kXRows = kConvTile + 2 * (kW - 1), kGRows = kConvTile + kW - 1;
+  static_assert(kXRows <= kThreads);
   __shared__ alignas(16) T xs[kXRows * S::kCh];  // x rows; then dx of the tile's steps
   __shared__ alignas(16) T dys[kGRows * S::kCh];
   __shared__ float dps[kGRows * S::kCh];
@@ -207,63 +238,79 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const Conv1dParams p
   cp_async_commit();
   stage_seq(p, k.b, s0, kXRows, sq);
   const int cl = threadIdx.x % S::kCh, g = threadIdx.x / S::kCh, c = k.c0 + cl;
-  float w[kW], bias, dw[kW] = {}, db = 0.f;
+  float w[kW], bias;
   load_weights<T, kW>(p, c, w, bias);
   cp_async_wait();
   __syncthreads();
-
-  // Phase 1: output t0 + j reads x rows j .. j + W - 1; its document is sq[j + W - 1].
-  constexpr int kPer1 = (kGRows + S::kGroups - 1) / S::kGroups;
-  for (int j = g * kPer1; j < min((g + 1) * kPer1, kGRows); ++j) {
-    const int t = t0 + j;
-    float gp = 0.f;
-    if (t < p.seqlen) {
-      gp = to_float(dys[j * S::kCh + cl]);
-      if (p.silu) {
-        const float acc = pre_activation<T, kW>(xs, sq, w, bias, j, cl), sg = silu_sigmoid(acc);
-        gp *= sg * (1.f + acc * (1.f - sg));
-      }
-    }
-    dps[j * S::kCh + cl] = gp;
-    if (t < t1) {  // the tile's own output: its dw and dbias terms
-      db += gp;
-#pragma unroll
-      for (int q = 0; q < kW; ++q)
-        if (sq[j + q] == sq[j + kW - 1]) dw[q] += gp * to_float(xs[(j + q) * S::kCh + cl]);
-    }
-  }
-  float* my = sums + (g * S::kCh + cl) * (kW + 1);
-#pragma unroll
-  for (int q = 0; q < kW; ++q) my[q] = dw[q];
-  my[kW] = db;
-  __syncthreads();
-
-  // Phase 2: input step s = t0 + i (x row i + W - 1) receives output s + W - 1 - q (gradient
-  // row i + W - 1 - q, x row i + 2 (W - 1) - q) through tap q.
   const int last = p.seqlen - 1;
   const int sq_last = p.seq_idx ? p.seq_idx[static_cast<int64_t>(k.b) * p.seqlen + last] : 0;
   const T* dfs = static_cast<const T*>(p.dfinal_state);
   const int64_t state0 = (static_cast<int64_t>(k.b) * p.channels + c) * (kW - 1);
-  constexpr int kPer2 = kConvTile / S::kGroups;
-  const bool dinit = t0 == 0 && g == 0 && p.dinitial_state;  // steps -(W - 1) .. -1 too
-  for (int i = dinit ? -(kW - 1) : g * kPer2; i < (g + 1) * kPer2; ++i) {
-    const int s = t0 + i;
-    if (s >= t1) break;
-    const int r = i + kW - 1;
-    float dx = 0.f;
+  auto walk = [&](auto docs) {
+    constexpr bool kDocs = decltype(docs)::value;
+    // Phase 1: output t0 + j reads x rows j .. j + W - 1; its document is sq[j + W - 1].
+    constexpr int kPer1 = (kGRows + S::kGroups - 1) / S::kGroups;
+    const int j0 = g * kPer1, j1 = min(j0 + kPer1, kGRows);
+    float dw[kW] = {}, db = 0.f;
+    Window<kW> x;
 #pragma unroll
-    for (int q = 0; q < kW; ++q) {
-      const int o = s + kW - 1 - q;
-      if (o >= 0 && o < p.seqlen && sq[r] == sq[r + kW - 1 - q])
-        dx += dps[(i + kW - 1 - q) * S::kCh + cl] * w[q];
+    for (int q = 0; q + 1 < kW; ++q) x.push(to_float(xs[(j0 + q) * S::kCh + cl]), sq[j0 + q]);
+#pragma unroll 2
+    for (int j = j0; j < j1; ++j) {
+      x.push(to_float(xs[(j + kW - 1) * S::kCh + cl]), sq[j + kW - 1]);
+      const int t = t0 + j;
+      float gp = 0.f;
+      if (t < p.seqlen) {
+        gp = to_float(dys[j * S::kCh + cl]);
+        if (p.silu) {
+          const float acc = pre_activation<kW, kDocs>(x, w, bias), sg = sigmoid(acc);
+          gp *= sg * (1.f + acc * (1.f - sg));
+        }
+      }
+      dps[j * S::kCh + cl] = gp;
+      if (t < t1) {  // the tile's own output: its dw and dbias terms
+        db += gp;
+#pragma unroll
+        for (int q = 0; q < kW; ++q)
+          if (!kDocs || x.d[q] == x.d[kW - 1]) dw[q] += gp * x.v[q];
+      }
     }
-    if (dfs && c < p.channels && s > last - (kW - 1) && sq[r] == sq_last)
-      dx += to_float(dfs[state0 + (s - last + kW - 2)]);
-    if (s >= 0)
-      xs[i * S::kCh + cl] = from_float<T>(dx);
-    else if (c < p.channels)
-      static_cast<T*>(p.dinitial_state)[state0 + kW - 1 + s] = from_float<T>(dx);
-  }
+    float* my = sums + (g * S::kCh + cl) * (kW + 1);
+#pragma unroll
+    for (int q = 0; q < kW; ++q) my[q] = dw[q];
+    my[kW] = db;
+    __syncthreads();
+
+    // Phase 2: input step s = t0 + i receives, through tap q, the gradient of output
+    // s + W - 1 - q (gradient row i + W - 1 - q; none before step 0). The window holds gradient
+    // rows i .. i + W - 1 and their outputs' documents; row i's output has the input's document.
+    constexpr int kPer2 = kConvTile / S::kGroups;
+    const bool dinit = t0 == 0 && g == 0 && p.dinitial_state;  // steps -(W - 1) .. -1 too
+    const int i0 = dinit ? -(kW - 1) : g * kPer2, i1 = min((g + 1) * kPer2, t1 - t0);
+    auto grad_row = [&](int m) { return m < 0 ? 0.f : dps[m * S::kCh + cl]; };
+    Window<kW> dp;
+#pragma unroll
+    for (int q = 0; q + 1 < kW; ++q) dp.push(grad_row(i0 + q), sq[i0 + q + kW - 1]);
+#pragma unroll 2
+    for (int i = i0; i < i1; ++i) {
+      dp.push(grad_row(i + kW - 1), sq[i + 2 * (kW - 1)]);
+      const int s = t0 + i;
+      float dx = 0.f;
+#pragma unroll
+      for (int q = 0; q < kW; ++q)
+        if (!kDocs || dp.d[kW - 1 - q] == dp.d[0]) dx += dp.v[kW - 1 - q] * w[q];
+      if (dfs && c < p.channels && s > last - (kW - 1) && sq[i + kW - 1] == sq_last)
+        dx += to_float(dfs[state0 + (s - last + kW - 2)]);
+      if (s >= 0)
+        xs[i * S::kCh + cl] = from_float<T>(dx);
+      else if (c < p.channels)
+        static_cast<T*>(p.dinitial_state)[state0 + kW - 1 + s] = from_float<T>(dx);
+    }
+  };
+  if (block_has_documents(sq, kXRows))
+    walk(std::true_type{});
+  else
+    walk(std::false_type{});
   if (g == 0 && c < p.channels) {
     const int tiles = (p.seqlen + kConvTile - 1) / kConvTile;
     float* part =
