@@ -1,7 +1,7 @@
 // AdamW on the GPU: every parameter in one launch, a block per chunk (adamw_cuda.h); f32 master
 // weights and moments; the same arithmetic as the CPU loop (adamw.cpp), IEEE division and square
 // root. The gradient norm's partial sums are per chunk in f64 (each thread's strided sum, then a
-// fixed tree), added in chunk order by one thread: the same bits every run.
+// fixed tree), then summed by one block in a fixed order: the same bits every run.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -41,11 +41,21 @@ __global__ void grad_sq_kernel(const AdamTask* tasks, double* partials) {
   if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
 }
 
+// The per-chunk partials summed by norm group: each thread's strided sum, then a fixed tree (one
+// block; a single thread walking 20,000 chunks took 5.8 ms on an H100).
 __global__ void sum_in_order_kernel(const AdamTask* tasks, const double* partials, int n,
                                     double* total) {
+  __shared__ double sh[2][kThreads];
   double s[2] = {0, 0};
-  for (int i = 0; i < n; ++i) s[tasks[i].norm_group] += partials[i];
-  total[0] = s[0], total[1] = s[1];
+  for (int i = threadIdx.x; i < n; i += kThreads) s[tasks[i].norm_group] += partials[i];
+  sh[0][threadIdx.x] = s[0], sh[1][threadIdx.x] = s[1];
+  __syncthreads();
+  for (int off = kThreads / 2; off > 0; off /= 2) {
+    if (threadIdx.x < off)
+      for (int k = 0; k < 2; ++k) sh[k][threadIdx.x] += sh[k][threadIdx.x + off];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) total[0] = sh[0][0], total[1] = sh[1][0];
 }
 
 __global__ void step_kernel(const AdamTask* tasks, AdamStep s) {
@@ -77,7 +87,7 @@ void adamw_grad_sq_cuda(const AdamTask* tasks, int n_tasks, double* partials, do
                         void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (n_tasks > 0) grad_sq_kernel<<<n_tasks, kThreads, 0, st>>>(tasks, partials);
-  sum_in_order_kernel<<<1, 1, 0, st>>>(tasks, partials, n_tasks, total);
+  sum_in_order_kernel<<<1, kThreads, 0, st>>>(tasks, partials, n_tasks, total);
   CUDA_CHECK(cudaGetLastError());
 }
 
