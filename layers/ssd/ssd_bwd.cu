@@ -46,9 +46,12 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel(SsdParams p) {
   TokenInfo& ri = *reinterpret_cast<TokenInfo*>(ss + P * ldv);
   TokenInfo& si = *(&ri + 1);
   const int T = p.seqlen, H = p.heads, G = p.groups, N = p.d_state, hpg = H / G;
-  const int split = blockIdx.x % p.geo.splits, cg = blockIdx.x / p.geo.splits;
-  const int g = cg % G, c = cg / G, b = blockIdx.z;
-  const int rb = blockIdx.y / (N / NB), n0 = (blockIdx.y % (N / NB)) * NB;
+  // The tiles of one (chunk, group, split) are adjacent blocks: they run together and share
+  // their partner tiles through L2.
+  const int per_cg = p.chunk / kRows * (N / NB), ty = blockIdx.x % per_cg;
+  const int split = (blockIdx.x / per_cg) % p.geo.splits, cg = blockIdx.x / per_cg / p.geo.splits;
+  const int g = cg % G, c = cg / G, b = blockIdx.y;
+  const int rb = ty / (N / NB), n0 = (ty % (N / NB)) * NB;
   const int64_t c0 = int64_t(c) * p.chunk, tr = c0 + rb * kRows;
   if (tr >= T) return;
   const int valid_r = int(min(int64_t(kRows), T - tr));
@@ -66,7 +69,16 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel(SsdParams p) {
   zero(acc);
   const int h_begin = g * hpg + split * int(p.geo.heads_per_split);
   const int h_end = min(h_begin + int(p.geo.heads_per_split), (g + 1) * hpg);
+  // Off the diagonal tile the weight factors as in chunk_scan (ssd_fwd.cu), about a reference
+  // token of tile r (dB: its last, dC: its first): w_rs = f_r c_s with
+  //   dB (row j, column i >= j): f_j = [doc_j = doc_ref] e^(a_ref - a_j) dt_j,
+  //                              c_i = [doc_i = doc_ref] e^(a_i - a_ref);
+  //   dC (row i, column j <= i): f_i = [doc_i = doc_ref] e^(a_i - a_ref),
+  //                              c_j = [doc_j = doc_ref] e^(a_ref - a_j) dt_j,
+  // both exponents <= 0; so those tiles take two multiplications per score element.
+  const int ref = kDB ? valid_r - 1 : 0, doc_ref = doc_at(p, b, tr + ref);
   for (int h = h_begin; h < h_end; ++h) {
+    const float a_ref = p.ws[p.geo.acs + (int64_t(b) * H + h) * p.geo.tpad + tr + ref];
     load_tile<P>(ls, L + ((int64_t(b) * T + tr) * H + h) * P, x_stride, kRows, valid_r);
     if (has_state)
       load_tile<NB>(ss, S + ((int64_t(b) * p.geo.chunks + c) * H + h) * P * N + n0, N, P, P);
@@ -86,6 +98,14 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel(SsdParams p) {
       }
       mma_ss<NB / 8, P, true, false, true>(acc, ls, ldp, warp_row0(), 0, ss, ldv, 0, f[0], f[1]);
     }
+    float fr[2];  // the rows' factors f
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = r0 + half * 8;
+      fr[half] = ri.doc[row] != doc_ref ? 0.f
+                 : kDB                  ? ex2((a_ref - ri.a[row]) * kLog2e) * ri.dt[row]
+                                        : ex2((ri.a[row] - a_ref) * kLog2e);
+    }
     const int s_begin = kDB ? rb : 0, s_end = kDB ? nvb : rb + 1;
     for (int sb = s_begin; sb < s_end; ++sb) {
       const int64_t ts = c0 + sb * kRows;
@@ -95,25 +115,41 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel(SsdParams p) {
       load_tile<NB>(vs, V + ((int64_t(b) * T + ts) * G + g) * N + n0, bc_stride, kRows, valid_s);
       cp_async_commit();
       load_info(si, p, b, h, ts);
+      if (threadIdx.x < kRows) {  // c, from this thread's own entries
+        const int i = threadIdx.x;
+        si.w[i] = si.doc[i] != doc_ref ? 0.f
+                  : kDB                ? ex2((si.a[i] - a_ref) * kLog2e)
+                                       : ex2((a_ref - si.a[i]) * kLog2e) * si.dt[i];
+      }
       cp_async_wait();
       __syncthreads();
       float u[8][4];  // L_r . R_s, rows r, columns s
       zero(u);
       mma_ss<8, P, true, true>(u, ls, ldp, warp_row0(), 0, rs, ldp, 0);
+      if (sb != rb) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = r0 + (e >> 1) * 8, col = nt * 8 + 2 * (l & 3) + (e & 1);
-          float w = 0.f;
-          if (ri.doc[row] == si.doc[col]) {
-            if (kDB && (sb > rb || col >= row))  // row j, column i
-              w = ex2((si.a[col] - ri.a[row]) * kLog2e) * ri.dt[row];
-            if (!kDB && (sb < rb || col <= row))  // row i, column j
-              w = ex2((ri.a[row] - si.a[col]) * kLog2e) * si.dt[col];
-          }
-          u[nt][e] *= w;
+        for (int nt = 0; nt < 8; ++nt) {
+          const int col = nt * 8 + 2 * (l & 3);
+          const float c0w = si.w[col], c1w = si.w[col + 1];
+          u[nt][0] *= fr[0] * c0w, u[nt][1] *= fr[0] * c1w;
+          u[nt][2] *= fr[1] * c0w, u[nt][3] *= fr[1] * c1w;
         }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = r0 + (e >> 1) * 8, col = nt * 8 + 2 * (l & 3) + (e & 1);
+            float w = 0.f;
+            if (ri.doc[row] == si.doc[col]) {
+              if (kDB && col >= row)  // row j, column i
+                w = ex2((si.a[col] - ri.a[row]) * kLog2e) * ri.dt[row];
+              if (!kDB && col <= row)  // row i, column j
+                w = ex2((ri.a[row] - si.a[col]) * kLog2e) * si.dt[col];
+            }
+            u[nt][e] *= w;
+          }
+      }
       uint32_t uf[4][4];
       to_afrag(u, uf);
       mma_rs<NB / 8, 4, false>(acc, uf, vs, ldv);
@@ -246,8 +282,9 @@ void launch_dbc(const SsdParams& p, cudaStream_t stream) {
       (2 * kRows * (P + kPad) + (kRows + P) * (NB + kPad)) * sizeof(bf16) + 2 * sizeof(TokenInfo);
   CUDA_CHECK(cudaFuncSetAttribute(
       dbc_kernel<P, NB, kDB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(unsigned(p.geo.chunks * p.groups * p.geo.splits),
-                  unsigned(p.chunk / kRows * (p.d_state / NB)), unsigned(p.batch));
+  const dim3 grid(
+      unsigned(p.geo.chunks * p.groups * p.geo.splits * (p.chunk / kRows) * (p.d_state / NB)),
+      unsigned(p.batch));
   dbc_kernel<P, NB, kDB><<<grid, kThreads, smem, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
 }

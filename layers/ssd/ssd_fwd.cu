@@ -11,7 +11,10 @@
 //      tiles C_i B_j^T (j <= i, K = N) made once for the block's heads and kept in shared memory;
 //      per head the state term e^(a_i) C_i S_c^T (K = N, S_c streamed in 64-column slices), then
 //      every score tile weighted by the head's e^(a_i - a_j) dt_j (and the causal and document
-//      masks) in registers and multiplied by x_j (K = 64); D x_i is added and y written. The
+//      masks) in registers and multiplied by x_j (K = 64): off the diagonal the weight factors
+//      into a column weight (applied to the score tile) and a row factor (applied once to the
+//      accumulator), so only the diagonal tile weighs element by element, and only up to the
+//      causal edge; D x_i is added and y written. The
 //      same kernel gives the backward dy_i . (y_i - D x_i) (when the forward's output is not
 //      at hand) and dx (ssd_bwd.cu).
 // FLOPs per (chunk, head): 2 Q P N (chunk_state) + 2 Q N P (state term) + Q^2 P (the causal half
@@ -211,9 +214,12 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
   bf16* buf = st + P * ldn;  // partner B/C [64][ldn] (prologue); partner tiles 2 x [64][ldp]
   TokenInfo* info = reinterpret_cast<TokenInfo*>(buf + kBuf);  // self, partner x 2
   const int T = p.seqlen, H = p.heads, G = p.groups, hpg = H / G;
-  const int split = blockIdx.x % p.geo.splits, cg = blockIdx.x / p.geo.splits;
-  const int g = cg % G, c = cg / G, b = blockIdx.z;
-  const int sb = kDx ? blockIdx.y : tiles_per_chunk - 1 - blockIdx.y;  // the longest first
+  // The tiles of one (chunk, group, split) are adjacent blocks: they run together and read the
+  // same x (dy) tiles and states, which L2 then serves once.
+  const int ty = blockIdx.x % tiles_per_chunk, rest = blockIdx.x / tiles_per_chunk;
+  const int split = rest % p.geo.splits, cg = rest / p.geo.splits;
+  const int g = cg % G, c = cg / G, b = blockIdx.y;
+  const int sb = kDx ? ty : tiles_per_chunk - 1 - ty;  // the longest first
   const int64_t c0 = int64_t(c) * p.chunk, ts = c0 + sb * kRows;
   if (ts >= T) return;
   const int valid_s = int(min(int64_t(kRows), T - ts));
@@ -258,13 +264,38 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
   auto xbuf = [&](int k) { return buf + (k & 1) * kRows * ldp; };
   const int h_begin = g * hpg + split * int(p.geo.heads_per_split);
   const int h_end = min(h_begin + int(p.geo.heads_per_split), (g + 1) * hpg);
+  // Weights relative to a reference token of the self tile (kY, kR: its first; kDx: its last):
+  // with documents non-decreasing, the weight of partner j for row i in another tile factors as
+  //   kY, kR: [doc_j = doc_i] e^(a_i - a_j) dt_j = r_i c_j,  r_i = [doc_i = doc_ref] e^(a_i -
+  //   a_ref),
+  //           c_j = [doc_j = doc_ref] e^(a_ref - a_j) dt_j  (j before the tile: both exponents <=
+  //           0),
+  //   kDx:    [doc_i = doc_j] e^(a_i - a_j) = r_j c_i,  r_j = [doc_j = doc_ref] e^(a_ref - a_j),
+  //           c_i = [doc_i = doc_ref] e^(a_i - a_ref)  (i after the tile),
+  // and the state term's row factor is r times one scalar. So the partner tiles off the diagonal
+  // scale their score columns by c (from shared memory), the accumulator's rows are scaled by r
+  // once, and only the diagonal tile weighs each score element (with the causal and document
+  // masks), after that scaling and with the sub-tiles past the diagonal skipped.
+  const int ref = kDx ? valid_s - 1 : 0;
+  const int doc_ref = doc_at(p, b, ts + ref);
   for (int h = h_begin; h < h_end; ++h) {
+    const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
+    const float a_ref = p.ws[p.geo.acs + lane_off + ts + ref];
+    // Partner order: the diagonal tile (kY, kR: the last partner; kDx: the first) goes last.
+    auto partner = [&](int k) { return kDx ? first + (k + 1) % count : first + k; };
     auto stage = [&](int k) {
-      const int64_t tp = c0 + (first + k) * kRows;
+      const int64_t tp = c0 + partner(k) * kRows;
       load_tile<P>(xbuf(k), x_at(partner_x, tp, h), x_stride, kRows,
                    int(min(int64_t(kRows), T - tp)));
       cp_async_commit();
-      load_info(info[1 + (k & 1)], p, b, h, tp);
+      TokenInfo& in = info[1 + (k & 1)];
+      load_info(in, p, b, h, tp);
+      if (threadIdx.x < kRows) {  // c, from this thread's own entries
+        const int i = threadIdx.x;
+        in.w[i] = in.doc[i] != doc_ref ? 0.f
+                  : kDx                ? ex2((in.a[i] - a_ref) * kLog2e)
+                                       : ex2((a_ref - in.a[i]) * kLog2e) * in.dt[i];
+      }
     };
     if (has_state)
       load_tile<N>(st, states + ((int64_t(b) * p.geo.chunks + c) * H + h) * P * N, N, P, P);
@@ -277,18 +308,15 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
     zero(acc);
     if (has_state) {
       mma_ss<P / 8, N, true, true>(acc, self, ldn, warp_row0(), 0, st, ldn, 0);
-      const float a_last = p.ws[p.geo.acs + (int64_t(b) * H + h) * p.geo.tpad + last];
-      float f[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = r0 + half * 8;
-        f[half] = kDx ? (ri.doc[row] == doc_last ? ex2((a_last - ri.a[row]) * kLog2e) : 0.f)
-                      : (ri.doc[row] == doc_state ? ex2(ri.a[row] * kLog2e) : 0.f);
-      }
+      const float a_last = p.ws[p.geo.acs + lane_off + last];
+      const float f = kDx ? (doc_ref == doc_last ? ex2((a_last - a_ref) * kLog2e) : 0.f)
+                          : (doc_ref == doc_state ? ex2(a_ref * kLog2e) : 0.f);
 #pragma unroll
       for (int nt = 0; nt < P / 8; ++nt)
-        acc[nt][0] *= f[0], acc[nt][1] *= f[0], acc[nt][2] *= f[1], acc[nt][3] *= f[1];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] *= f;
     }
+    const int warp = threadIdx.x >> 5;
     for (int k = 0; k < count; ++k) {
       if (k + 1 < count) {
         stage(k + 1);
@@ -298,32 +326,52 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
       }
       __syncthreads();
       const TokenInfo& pi = info[1 + (k & 1)];
-      const int pb = first + k;
-      const bf16* tile = sc + k * kRows * ldq;
+      const bool diag = k == count - 1;
+      const bf16* tile = sc + (partner(k) - first) * kRows * ldq;
+      if (diag) {  // the rows' factor r, for everything accumulated so far
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = r0 + half * 8;
+          const float r = ri.doc[row] != doc_ref ? 0.f
+                          : kDx                  ? ex2((a_ref - ri.a[row]) * kLog2e)
+                                                 : ex2((ri.a[row] - a_ref) * kLog2e);
+#pragma unroll
+          for (int nt = 0; nt < P / 8; ++nt) acc[nt][2 * half] *= r, acc[nt][2 * half + 1] *= r;
+        }
+      }
 #pragma unroll
       for (int kt = 0; kt < 4; ++kt) {
+        // Diagonal sub-tiles past the causal edge (all weights zero) are skipped (warp-uniform).
+        if (diag && (kDx ? kt < warp : kt > warp)) continue;
         uint32_t af[4];
         load_a<true>(af, tile, ldq, warp_row0(), kt * 16);
-        // The head's weights of the score elements (rows r0, r0 + 8; columns col, col + 1,
-        // col + 8, col + 9): causal mask and documents, e^(a_i - a_j), dt_j (kY, kR).
-        float wv[2][4];
+        const int cb = kt * 16 + 2 * (l & 3);  // this thread's columns cb, cb + 1, cb + 8, cb + 9
+        if (!diag) {
+          af[0] = scale_bf16x2(af[0], pi.w[cb], pi.w[cb + 1]);
+          af[1] = scale_bf16x2(af[1], pi.w[cb], pi.w[cb + 1]);
+          af[2] = scale_bf16x2(af[2], pi.w[cb + 8], pi.w[cb + 9]);
+          af[3] = scale_bf16x2(af[3], pi.w[cb + 8], pi.w[cb + 9]);
+        } else {
+          // The head's weights of the score elements (rows r0, r0 + 8; columns cb, cb + 1,
+          // cb + 8, cb + 9): causal mask and documents, e^(a_i - a_j), dt_j (kY, kR).
+          float wv[2][4];
 #pragma unroll
-        for (int half = 0; half < 2; ++half)
+          for (int half = 0; half < 2; ++half)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = r0 + half * 8, col = kt * 16 + 2 * (l & 3) + (e & 1) + (e >> 1) * 8;
-            float w = 0.f;
-            if (ri.doc[row] == pi.doc[col]) {
-              if (kDx && (pb > sb || col >= row)) w = ex2((pi.a[col] - ri.a[row]) * kLog2e);
-              if (!kDx && (pb < sb || col <= row))
-                w = ex2((ri.a[row] - pi.a[col]) * kLog2e) * pi.dt[col];
+            for (int e = 0; e < 4; ++e) {
+              const int row = r0 + half * 8, col = cb + (e & 1) + (e >> 1) * 8;
+              float w = 0.f;
+              if (ri.doc[row] == pi.doc[col]) {
+                if (kDx && col >= row) w = ex2((pi.a[col] - ri.a[row]) * kLog2e);
+                if (!kDx && col <= row) w = ex2((ri.a[row] - pi.a[col]) * kLog2e) * pi.dt[col];
+              }
+              wv[half][e] = w;
             }
-            wv[half][e] = w;
-          }
-        af[0] = scale_bf16x2(af[0], wv[0][0], wv[0][1]);
-        af[1] = scale_bf16x2(af[1], wv[1][0], wv[1][1]);
-        af[2] = scale_bf16x2(af[2], wv[0][2], wv[0][3]);
-        af[3] = scale_bf16x2(af[3], wv[1][2], wv[1][3]);
+          af[0] = scale_bf16x2(af[0], wv[0][0], wv[0][1]);
+          af[1] = scale_bf16x2(af[1], wv[1][0], wv[1][1]);
+          af[2] = scale_bf16x2(af[2], wv[0][2], wv[0][3]);
+          af[3] = scale_bf16x2(af[3], wv[1][2], wv[1][3]);
+        }
 #pragma unroll
         for (int nt = 0; nt < P / 8; nt += 2) {
           uint32_t bf[4];
@@ -334,7 +382,6 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
       }
       __syncthreads();
     }
-    const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
     if (kMode == ScanMode::y) {  // y = acc + D x (the last partner tile was x_i)
       const bf16* xs = xbuf(count - 1);
       bf16* y = static_cast<bf16*>(p.y);
@@ -442,7 +489,7 @@ void launch_scan(const SsdParams& p, ScanMode mode, cudaStream_t stream) {
                                       : chunk_scan_kernel<P, N, ScanMode::dx>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));
-  const dim3 grid(unsigned(p.geo.chunks * p.groups * p.geo.splits), unsigned(p.chunk / kRows),
+  const dim3 grid(unsigned(p.geo.chunks * p.groups * p.geo.splits * (p.chunk / kRows)),
                   unsigned(p.batch));
   kernel<<<grid, kThreads, smem, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());

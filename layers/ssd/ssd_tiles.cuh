@@ -35,11 +35,12 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, int64_t gs, in
 }
 
 // The scalars of one 64-token tile of a (b, h) lane: a (the chunk's cumulative dt A), dt and the
-// document id (the tokens past the end repeat the last token's).
+// document id (the tokens past the end repeat the last token's); w: a kernel's per-token weight.
 struct TokenInfo {
   float a[kRows];
   float dt[kRows];
   int doc[kRows];
+  float w[kRows];
 };
 __device__ __forceinline__ int doc_at(const SsdParams& p, int b, int64_t t) {
   if (!p.seq_idx) return 0;

@@ -5,7 +5,9 @@
 // rounded to bf16 first, bf16 outputs rounded to bf16 as a bf16 kernel must): the naive error.
 // The kernels also round to bf16 what the tensor cores multiply and a naive f32 path keeps in
 // f32: the weighted B tile (w_j B_j), the state S_c and its gradient, the score tiles
-// (C_i . B_j) e^(a_i - a_j) dt_j and their backward counterparts, and the row-scaled operands of
+// (C_i . B_j) e^(a_i - a_j) dt_j (off the diagonal tile: (C_i . B_j) times its column factor
+// e^(a_ref - a_j) dt_j, the row factor e^(a_i - a_ref) applied in f32) and their backward
+// counterparts, and the row-scaled operands of
 // the dB/dC state terms. Each term of an output goes through at most four such roundings (a
 // dB/dC state term: the chunk-state weight, the stored state, the row scale; the dx state term:
 // two), each within 2^-9 of the term, so the extra error of an output is at most
