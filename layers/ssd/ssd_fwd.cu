@@ -11,10 +11,11 @@
 //      tiles C_i B_j^T (j <= i, K = N) made once for the block's heads and kept in shared memory;
 //      per head the state term e^(a_i) C_i S_c^T (K = N, S_c streamed in 64-column slices), then
 //      every score tile weighted by the head's e^(a_i - a_j) dt_j (and the causal and document
-//      masks) in registers and multiplied by x_j (K = 64): off the diagonal the weight factors
-//      into a column weight (applied to the score tile) and a row factor (applied once to the
-//      accumulator), so only the diagonal tile weighs element by element, and only up to the
-//      causal edge; D x_i is added and y written. The
+//      masks) in registers and multiplied by x_j (K = 64): the weight factors into a column
+//      weight (applied to the score tile) and a row factor (applied once to the accumulator),
+//      off the diagonal always and on it where the tile holds one document and a bounded decay
+//      span (else the diagonal tile weighs element by element); sub-tiles past the causal edge
+//      are skipped; D x_i is added and y written. The
 //      same kernel gives the backward dy_i . (y_i - D x_i) (when the forward's output is not
 //      at hand) and dx (ssd_bwd.cu).
 // FLOPs per (chunk, head): 2 Q P N (chunk_state) + 2 Q N P (state term) + Q^2 P (the causal half
@@ -317,6 +318,24 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
         for (int e = 0; e < 4; ++e) acc[nt][e] *= f;
     }
     const int warp = threadIdx.x >> 5;
+    // The diagonal tile factors too where the self tile holds one document and its decay span
+    // |a_first - a_last| is at most 60: its column factors are then at most e^60 (exponents of
+    // either sign), far inside f32 and bf16, and only the sub-tile on the causal edge needs a
+    // mask; the rows' factor r is applied after it. Else r is applied before the diagonal tile,
+    // whose weights are formed element by element.
+    const bool factored =
+        ri.doc[0] == ri.doc[kRows - 1] && fabsf(ri.a[0] - ri.a[kRows - 1]) <= 60.f;
+    auto scale_rows = [&]() {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = r0 + half * 8;
+        const float r = ri.doc[row] != doc_ref ? 0.f
+                        : kDx                  ? ex2((a_ref - ri.a[row]) * kLog2e)
+                                               : ex2((ri.a[row] - a_ref) * kLog2e);
+#pragma unroll
+        for (int nt = 0; nt < P / 8; ++nt) acc[nt][2 * half] *= r, acc[nt][2 * half + 1] *= r;
+      }
+    };
     for (int k = 0; k < count; ++k) {
       if (k + 1 < count) {
         stage(k + 1);
@@ -326,19 +345,9 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
       }
       __syncthreads();
       const TokenInfo& pi = info[1 + (k & 1)];
-      const bool diag = k == count - 1;
+      const bool diag = k == count - 1, exact = diag && !factored;
       const bf16* tile = sc + (partner(k) - first) * kRows * ldq;
-      if (diag) {  // the rows' factor r, for everything accumulated so far
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = r0 + half * 8;
-          const float r = ri.doc[row] != doc_ref ? 0.f
-                          : kDx                  ? ex2((a_ref - ri.a[row]) * kLog2e)
-                                                 : ex2((ri.a[row] - a_ref) * kLog2e);
-#pragma unroll
-          for (int nt = 0; nt < P / 8; ++nt) acc[nt][2 * half] *= r, acc[nt][2 * half + 1] *= r;
-        }
-      }
+      if (exact) scale_rows();  // for everything accumulated so far
 #pragma unroll
       for (int kt = 0; kt < 4; ++kt) {
         // Diagonal sub-tiles past the causal edge (all weights zero) are skipped (warp-uniform).
@@ -346,11 +355,27 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
         uint32_t af[4];
         load_a<true>(af, tile, ldq, warp_row0(), kt * 16);
         const int cb = kt * 16 + 2 * (l & 3);  // this thread's columns cb, cb + 1, cb + 8, cb + 9
-        if (!diag) {
-          af[0] = scale_bf16x2(af[0], pi.w[cb], pi.w[cb + 1]);
-          af[1] = scale_bf16x2(af[1], pi.w[cb], pi.w[cb + 1]);
-          af[2] = scale_bf16x2(af[2], pi.w[cb + 8], pi.w[cb + 9]);
-          af[3] = scale_bf16x2(af[3], pi.w[cb + 8], pi.w[cb + 9]);
+        if (!exact) {
+          float cw[4] = {pi.w[cb], pi.w[cb + 1], pi.w[cb + 8], pi.w[cb + 9]};
+          if (diag && kt == warp) {  // the causal edge: rows r0 (half 0) and r0 + 8 (half 1)
+            float m[2][4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int row = r0 + half * 8, col = cb + (e & 1) + (e >> 1) * 8;
+                m[half][e] = (kDx ? col >= row : col <= row) ? cw[e] : 0.f;
+              }
+            af[0] = scale_bf16x2(af[0], m[0][0], m[0][1]);
+            af[1] = scale_bf16x2(af[1], m[1][0], m[1][1]);
+            af[2] = scale_bf16x2(af[2], m[0][2], m[0][3]);
+            af[3] = scale_bf16x2(af[3], m[1][2], m[1][3]);
+          } else {
+            af[0] = scale_bf16x2(af[0], cw[0], cw[1]);
+            af[1] = scale_bf16x2(af[1], cw[0], cw[1]);
+            af[2] = scale_bf16x2(af[2], cw[2], cw[3]);
+            af[3] = scale_bf16x2(af[3], cw[2], cw[3]);
+          }
         } else {
           // The head's weights of the score elements (rows r0, r0 + 8; columns cb, cb + 1,
           // cb + 8, cb + 9): causal mask and documents, e^(a_i - a_j), dt_j (kY, kR).
@@ -382,25 +407,26 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
       }
       __syncthreads();
     }
+    if (factored) scale_rows();
     if (kMode == ScanMode::y) {  // y = acc + D x (the last partner tile was x_i)
       const bf16* xs = xbuf(count - 1);
-      bf16* y = static_cast<bf16*>(p.y);
+      bf16* y = static_cast<bf16*>(p.y) + ((int64_t(b) * T + ts) * H + h) * P;
+      const float dh = p.D && !p.d_per_channel ? p.D[h] : 0.f;
 #pragma unroll
-      for (int nt = 0; nt < P / 8; ++nt)
+      for (int nt = 0; nt < P / 8; ++nt) {
+        const int col = nt * 8 + 2 * (l & 3);
+        const float d0 = p.d_per_channel ? p.D[h * P + col] : dh,
+                    d1 = p.d_per_channel ? p.D[h * P + col + 1] : dh;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int row = r0 + half * 8, col = nt * 8 + 2 * (l & 3);
+          const int row = r0 + half * 8;
           if (row >= valid_s) continue;
-          float d0 = 0.f, d1 = 0.f;
-          if (p.D) {
-            d0 = p.d_per_channel ? p.D[h * P + col] : p.D[h];
-            d1 = p.d_per_channel ? p.D[h * P + col + 1] : p.D[h];
-          }
           const float2 xv =
               __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + row * ldp + col));
-          *reinterpret_cast<uint32_t*>(y + ((int64_t(b) * T + ts + row) * H + h) * P + col) =
+          *reinterpret_cast<uint32_t*>(y + int64_t(row) * x_stride + col) =
               pack_bf16(acc[nt][2 * half] + d0 * xv.x, acc[nt][2 * half + 1] + d1 * xv.y);
         }
+      }
     } else if (kMode == ScanMode::r) {  // R_i = dy_i . (y_i - D x_i)
       const bf16* dys = xbuf(count);
       load_tile<P>(xbuf(count), x_at(p.dy, ts, h), x_stride, kRows, valid_s);
