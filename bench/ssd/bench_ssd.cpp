@@ -9,7 +9,7 @@
 //   forward  per head 4 Q P N + Q^2 P (chunk state, state term, weighted scores x x); per group
 //            Q^2 N
 //   backward per head 8 Q P N + 3 Q^2 P + 2 Q^2 N (state gradient, dx, dB, dC); per group Q^2 N
-//            (the backward given the forward's output; recomputing dy.(y - Dx) adds a forward
+//            (the backward given the forward's y - D x; recomputing dy.(y - Dx) adds a forward
 //            scan)
 // Bytes: each input read and each output written once (the memory floor; the chunk states'
 // traffic comes on top).
@@ -64,6 +64,7 @@ int main(int argc, char** argv) {
     const Tensor D = alloc({s.h}, DType::f32, "D", {K::normal, 1, 6, 0, 1});
     const Tensor bias = alloc({s.h}, DType::f32, "bias", {K::uniform, 1, 7, -1, 0});
     const Tensor y = alloc(bthp, DType::bf16, "y", {K::normal, 1, 8, 0, 1});
+    const Tensor y_scan = alloc(bthp, DType::bf16, "y_scan", {K::normal, 1, 18, 0, 1});
     const Tensor dy = alloc(bthp, DType::bf16, "dy", {K::normal, 1, 9, 0, 1});
     const Tensor dx = alloc(bthp, DType::bf16, "dx", {K::normal, 1, 10, 0, 1});
     const Tensor ddt = alloc({s.b, s.t, s.h}, DType::f32, "ddt", {K::normal, 1, 11, 0, 1});
@@ -78,16 +79,16 @@ int main(int argc, char** argv) {
     const Tensor ws =
         alloc({ssd_forward_workspace_elems(in)}, DType::f32, "workspace", {K::normal, 1, 17, 0, 1});
     const SsdGrads gr{&dx, &ddt, &dA, &dB, &dC, &dD, &dbias, nullptr};
-    // The backward as in training, given the forward's output (as mamba_ssm's is), and
-    // recomputing dy . (y - D x) instead.
-    SsdInputs with_out = in;
-    with_out.out = &y;
+    // As in training: the forward also writes y - D x, from which the backward reads
+    // dy . (y - D x); and the backward recomputing that instead. "fwd" is the plain forward.
+    SsdInputs with_scan = in;
+    with_scan.y_scan = &y_scan;
     const double fwd = median_ms([&] { ssd_forward(in, y, nullptr, ws); });
-    const double bwd = median_ms([&] { ssd_backward(with_out, dy, nullptr, gr, ws); });
+    const double bwd = median_ms([&] { ssd_backward(with_scan, dy, nullptr, gr, ws); });
     const double bwd_recompute = median_ms([&] { ssd_backward(in, dy, nullptr, gr, ws); });
     const double both = median_ms([&] {
-      ssd_forward(in, y, nullptr, ws);
-      ssd_backward(with_out, dy, nullptr, gr, ws);
+      ssd_forward(with_scan, y, nullptr, ws);
+      ssd_backward(with_scan, dy, nullptr, gr, ws);
     });
     const double chunks = double(s.b) * ((s.t + q - 1) / q);
     const double qpn = double(q) * s.p * s.n, qqp = double(q) * q * s.p, qqn = double(q) * q * s.n;

@@ -85,6 +85,16 @@ SsdParams forward_params(const SsdInputs& in, const SsdDims& d) {
   return p;
 }
 
+// y_scan's pointer, checked (bf16 [B,T,H,P] on the GPU; the f32 path has none); null if absent.
+void* y_scan_params(const SsdInputs& in, const SsdDims& d, bool f32) {
+  if (!in.y_scan) return nullptr;
+  BRAID_CHECK(!f32, "ssd (CUDA): y_scan is for bf16 tensors; the f32 path recomputes it");
+  check_shape(*in.y_scan, {d.b, d.t, d.h, d.p});
+  require_dtype("ssd", DType::bf16, {in.y_scan});
+  require_gpu("ssd", {in.y_scan});
+  return in.y_scan->data;
+}
+
 void check_workspace(const Tensor& ws, int64_t elems) {
   require_dtype("ssd", DType::f32, {&ws});
   require_gpu("ssd", {&ws});
@@ -118,6 +128,7 @@ void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_s
   require_gpu("ssd", {&y, final_state});
   check_workspace(workspace, ssd_gpu_workspace_elems(in));
   p.y = y.data;
+  p.y_scan = y_scan_params(in, d, f32);
   p.final_state = final_state ? final_state->ptr<float>() : nullptr;
   p.ws = workspace.ptr<float>();
   if (f32)
@@ -145,12 +156,7 @@ void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfina
   check_workspace(workspace, ssd_gpu_workspace_elems(in));
   p.ws = workspace.ptr<float>();
   p.dy = dy.data;
-  if (in.out && !f32) {
-    check_shape(*in.out, {d.b, d.t, d.h, d.p});
-    require_dtype("ssd", DType::bf16, {in.out});
-    require_gpu("ssd", {in.out});
-    p.out = in.out->data;
-  }
+  p.y_scan = y_scan_params(in, d, f32);
   p.dfinal_state = dfinal_state ? dfinal_state->ptr<float>() : nullptr;
   p.dx = gr.dx->data, p.dB = gr.dB->data, p.dC = gr.dC->data;
   p.ddt = gr.ddt->ptr<float>(), p.dA = gr.dA->ptr<float>();

@@ -39,9 +39,10 @@ struct SsdInputs {
   double dt_min = 0.0;
   double dt_max = std::numeric_limits<double>::infinity();
   int64_t chunk = 256;
-  // Optional, backward only: the forward's output y. The GPU backward then reads
-  // dy . (y - D x) from it instead of running the chunk scan again (the CPU ignores it).
-  const Tensor* out = nullptr;
+  // Optional, GPU and bf16 only: y - D x [B,T,H,P], the scan's part of y. The forward writes it;
+  // the backward then reads dy . (y - D x) from it instead of running the chunk scan again. (Not
+  // from y itself: y - D x from the bf16 y cancels badly where D x dominates.)
+  const Tensor* y_scan = nullptr;
   void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 

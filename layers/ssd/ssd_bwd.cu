@@ -16,7 +16,7 @@
 // every term); then ddt_k = x_k . X'_k + A sum_{i >= k} da_i (a reverse scan in the chunk),
 // dA = sum_k dt_k sum_{i >= k} da_i, and ddt_raw = ddt through the clamp and softplus.
 //
-// Kernels: dy_i . (y_i - D x_i) from the forward's output when given (else chunk_scan again
+// Kernels: dy_i . (y_i - D x_i) from the forward's y_scan when given (else chunk_scan again
 // with dy); chunk_state with (dy, C) and the
 // reverse state pass (dS_c+1 in bf16, <dS_c+1, S_c+1>, dinitial_state); dx (per 64-token tile
 // j: the state term then the tiles i >= j, like the forward's scan transposed); dbc (dB and dC,
@@ -168,29 +168,21 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel(SsdParams p) {
   }
 }
 
-// R = dy . (y - D x) per (batch row, token, head) from the forward's output: one warp per row of
+// R = dy . (y - D x) per (batch row, token, head) from the forward's y_scan: one warp per row of
 // P elements, in pairs.
-__global__ void r_from_output_kernel(SsdParams p) {
+__global__ void r_from_scan_kernel(SsdParams p) {
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (row >= int64_t(p.batch) * p.seqlen * p.heads) return;
   const int lane = threadIdx.x & 31, P = p.head_dim, h = int(row % p.heads);
   const int64_t bt = row / p.heads, b = bt / p.seqlen, t = bt % p.seqlen;
   const __nv_bfloat162* dy =
       reinterpret_cast<const __nv_bfloat162*>(static_cast<const bf16*>(p.dy) + row * P);
-  const __nv_bfloat162* y =
-      reinterpret_cast<const __nv_bfloat162*>(static_cast<const bf16*>(p.out) + row * P);
-  const __nv_bfloat162* x =
-      reinterpret_cast<const __nv_bfloat162*>(static_cast<const bf16*>(p.x) + row * P);
+  const __nv_bfloat162* ys =
+      reinterpret_cast<const __nv_bfloat162*>(static_cast<const bf16*>(p.y_scan) + row * P);
   float v = 0.f;
   for (int i = lane; i < P / 2; i += 32) {
-    const float2 g = __bfloat1622float2(dy[i]), yv = __bfloat1622float2(y[i]),
-                 xv = __bfloat1622float2(x[i]);
-    float d0 = 0.f, d1 = 0.f;
-    if (p.D) {
-      d0 = p.d_per_channel ? p.D[h * P + 2 * i] : p.D[h];
-      d1 = p.d_per_channel ? p.D[h * P + 2 * i + 1] : p.D[h];
-    }
-    v += g.x * (yv.x - d0 * xv.x) + g.y * (yv.y - d1 * xv.y);
+    const float2 g = __bfloat1622float2(dy[i]), yv = __bfloat1622float2(ys[i]);
+    v += g.x * yv.x + g.y * yv.y;
   }
   v = warp_sum(v);
   if (lane == 0) p.ws[p.geo.r + (b * p.heads + h) * p.geo.tpad + t] = v;
@@ -302,9 +294,9 @@ void launch_products(const SsdParams& p, cudaStream_t stream) {
 void ssd_bwd_cuda(const SsdParams& p, void* stream_ptr) {
   using namespace ssd;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (p.out) {
+  if (p.y_scan) {
     const int64_t rows = int64_t(p.batch) * p.seqlen * p.heads;
-    r_from_output_kernel<<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p);
+    r_from_scan_kernel<<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p);
     CUDA_CHECK(cudaGetLastError());
   } else {
     launch_chunk_scan(p, ScanMode::r, stream);

@@ -62,11 +62,11 @@ struct SsdParams {
   const int32_t* seq_idx = nullptr;      // [B,T]
   const float* initial_state = nullptr;  // [B,H,P,N]
   void* y = nullptr;
+  void* y_scan = nullptr;        // y - D x (optional): the forward writes it, the backward reads it
   float* final_state = nullptr;  // [B,H,P,N]
   float* ws = nullptr;           // the workspace (geo.total elements)
   // Backward: dy in; dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=).
   const void* dy = nullptr;
-  const void* out = nullptr;  // the forward's y (optional)
   const float* dfinal_state = nullptr;
   void *dx = nullptr, *dB = nullptr, *dC = nullptr;
   float *ddt = nullptr, *dA = nullptr, *dD = nullptr, *ddt_bias = nullptr;

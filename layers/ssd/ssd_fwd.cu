@@ -15,8 +15,8 @@
 //      weight (applied to the score tile) and a row factor (applied once to the accumulator),
 //      off the diagonal always and on it where the tile holds one document and a bounded decay
 //      span (else the diagonal tile weighs element by element); sub-tiles past the causal edge
-//      are skipped; D x_i is added and y written. The
-//      same kernel gives the backward dy_i . (y_i - D x_i) (when the forward's output is not
+//      are skipped; D x_i is added and y written (and, when asked, y - D x). The
+//      same kernel gives the backward dy_i . (y_i - D x_i) (when the forward's y_scan is not
 //      at hand) and dx (ssd_bwd.cu).
 // FLOPs per (chunk, head): 2 Q P N (chunk_state) + 2 Q N P (state term) + Q^2 P (the causal half
 // of the tile products, the diagonal tiles computed whole) + Q^2 N per (chunk, group) for the
@@ -411,6 +411,8 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
     if (kMode == ScanMode::y) {  // y = acc + D x (the last partner tile was x_i)
       const bf16* xs = xbuf(count - 1);
       bf16* y = static_cast<bf16*>(p.y) + ((int64_t(b) * T + ts) * H + h) * P;
+      bf16* y_scan =
+          p.y_scan ? static_cast<bf16*>(p.y_scan) + ((int64_t(b) * T + ts) * H + h) * P : nullptr;
       const float dh = p.D && !p.d_per_channel ? p.D[h] : 0.f;
 #pragma unroll
       for (int nt = 0; nt < P / 8; ++nt) {
@@ -425,6 +427,9 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
               __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + row * ldp + col));
           *reinterpret_cast<uint32_t*>(y + int64_t(row) * x_stride + col) =
               pack_bf16(acc[nt][2 * half] + d0 * xv.x, acc[nt][2 * half + 1] + d1 * xv.y);
+          if (y_scan)
+            *reinterpret_cast<uint32_t*>(y_scan + int64_t(row) * x_stride + col) =
+                pack_bf16(acc[nt][2 * half], acc[nt][2 * half + 1]);
         }
       }
     } else if (kMode == ScanMode::r) {  // R_i = dy_i . (y_i - D x_i)

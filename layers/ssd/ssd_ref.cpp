@@ -142,6 +142,7 @@ int64_t ssd_backward_workspace_elems(const SsdInputs& in) {
 void ssd_forward(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                  const Tensor& workspace) {
   if (in.x && in.x->device == Device::cuda) return ssd_forward_gpu(in, y, final_state, workspace);
+  BRAID_CHECK(!in.y_scan, "ssd: y_scan is for GPU tensors; the CPU backward recomputes it");
   const Dims d = check_ssd(in);
   check_outputs(in, d, y, final_state);
   const int64_t q = std::min(in.chunk, d.t), per_lane = d.p * d.n + 2 * q;
@@ -262,6 +263,7 @@ void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_st
                   const SsdGrads& gr, const Tensor& workspace) {
   if (in.x && in.x->device == Device::cuda)
     return ssd_backward_gpu(in, dy, dfinal_state, gr, workspace);
+  BRAID_CHECK(!in.y_scan, "ssd: y_scan is for GPU tensors; the CPU backward recomputes it");
   const Dims d = check_ssd(in);
   check_ssd_grads(in, d, dy, dfinal_state, gr);
   const int64_t lane = d.t * d.p * d.n;

@@ -1,6 +1,8 @@
 // Mamba-2 SSD: the chunked form equals the quadratic form (chunk sizes that do and do not divide
 // T, documents, initial state, D per head or per channel), f64 gradients against finite
 // differences, dt limits, and the split-run property.
+#include <string>
+
 #include "layers/ssd/ssd.h"
 #include "tests/test_util.h"
 
@@ -157,6 +159,22 @@ TEST(Ssd, DtLimitsClampAndStopGradient) {
   int64_t zeros = 0;
   for (int64_t i = 0; i < ddt.numel(); ++i) zeros += test::at(ddt, i) == 0.0;
   EXPECT_GT(zeros, 0) << "some dt should be clamped for these inputs";
+}
+
+TEST(Ssd, CpuRefusesYScan) {  // y - D x is a GPU-only saved tensor; the CPU recomputes it
+  const SsdCase c{1, 6, 2, 2, 1, 2, 4, false, false};
+  test::reseed(3);
+  Buffers buf;
+  SsdData d = make_ssd(buf, c);
+  SsdInputs in = inputs(d, c);
+  Tensor y = buf.like(d.x, "y"), ys = buf.like(d.x, "y_scan");
+  in.y_scan = &ys;
+  try {
+    ssd_forward(in, y, nullptr, forward_ws(buf, in));
+    ADD_FAILURE() << "ssd_forward accepted y_scan on the CPU";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("y_scan"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Ssd, SplitRunEqualsFullRun) {

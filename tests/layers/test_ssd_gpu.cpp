@@ -87,7 +87,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
   struct Run {
     std::vector<Tensor> keep;
     SsdInputs in;
-    Tensor y, state, dx, ddt, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
+    Tensor y, y_scan, state, dx, ddt, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
   };
   // act: x, B, C, y, dy and their gradients; par: the rest. magnitude: every input replaced by
   // its absolute value (the tolerance's M).
@@ -121,8 +121,12 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     if (dev == Device::cuda)  // poison: an unwritten (=) output or workspace read fails
       for (const Tensor* t : {&r.y, &r.state, &r.dx, &r.ddt, &r.dB, &r.dC, &r.dinit, &r.ws})
         gpu_->fill(*t, std::nan(""), {});
+    if (with_out) {  // the forward also writes y - D x; the backward reads dy . (y - D x) there
+      r.y_scan = empty(bthp, act, dev, "y_scan");
+      gpu_->fill(r.y_scan, std::nan(""), {});
+      r.in.y_scan = &r.y_scan;
+    }
     ssd_forward(r.in, r.y, &r.state, r.ws);
-    if (with_out) r.in.out = &r.y;  // the backward reads dy . (y - D x) from the output
     ssd_backward(r.in, r.dy, k.dfinal ? &r.dfinal : nullptr,
                  {&r.dx, &r.ddt, &r.dA, &r.dB, &r.dC, &r.dD, &r.dbias, &r.dinit}, r.ws);
   };
@@ -135,7 +139,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
   for (const auto& [act, with_out] : {std::pair{DType::bf16, false}, std::pair{DType::bf16, true},
                                       std::pair{DType::f32, false}}) {
     SCOPED_TRACE(act == DType::f32 ? "f32"
-                 : with_out        ? "backward given the output"
+                 : with_out        ? "backward given y - D x"
                                    : "backward recomputing");
     const int rounding = act == DType::f32 ? -14 : -7;  // see the header
     Run rg;
