@@ -1,7 +1,8 @@
 // The NCCL backend of Communicator: GPU tensors of the current device, one rank per GPU. Each call
 // is enqueued on the communicator's stream after the work already queued on the default stream
 // (where Braid's kernels run: a call sees the tensors they wrote) and waited for, so it has the
-// MPI backend's semantics (the data is in place when the call returns). The wait is the watchdog:
+// MPI backend's semantics (the data is in place when the call returns); the point-to-point
+// isend and irecv are the exception (see there). The wait is the watchdog:
 // it polls the stream and NCCL's asynchronous error state, and a call that has not finished within
 // the timeout aborts the NCCL communicator and ends the job with the rank, the group and the
 // operation named.
@@ -10,8 +11,10 @@
 
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "parallel/communicator.h"
 #include "runtime/check.h"
@@ -157,18 +160,26 @@ class NcclCommunicator final : public Communicator {
       NCCL_CHECK(ncclRecv(t.data, t.numel(), nccl_type(t.dtype), peer, comm_, stream_));
     });
   }
-  // Pipeline transfers need both directions of a pair batched in one NCCL group call (a stream's
-  // sends and receives otherwise match only in order, and two ranks sending to each other first
-  // would wait for each other): not built yet.
-  std::unique_ptr<PendingTransfer> isend(const Tensor&, int, int) override {
-    BRAID_FAIL("group '", name_,
-               "': asynchronous point-to-point transfers over NCCL (pipeline "
-               "parallelism on GPUs) are not built yet");
+  // Point-to-point transfers. NCCL has no tags: it matches a pair's sends and receives in the
+  // order they are issued, so both ends must post a pair's messages in the same order (the
+  // pipeline executor checks its table for that). And two ranks that each send to the other
+  // before receiving wait for each other unless the sends and receives sit in one NCCL group. So a
+  // receive is held back until the next send, or until it is waited for, and issued in one group
+  // with it (Megatron-LM's send-forward-receive-backward pairing: the executor posts an action's
+  // receive before the previous action's send). A group runs on the communicator's stream after
+  // the work queued on the default stream so far (a send reads finished data; a receive does not
+  // overwrite a buffer still being read). wait() makes the default stream wait for the transfer
+  // without blocking the host; a transfer that never completes holds up the next blocking call,
+  // whose watchdog ends the job. These transfers are not in call_seconds().
+  std::unique_ptr<PendingTransfer> isend(const Tensor& t, int peer, int tag) override {
+    post(t, peer, tag, true, "isend");
+    auto transfer = std::make_unique<Transfer>(*this, open_);
+    flush();
+    return transfer;
   }
-  std::unique_ptr<PendingTransfer> irecv(const Tensor&, int, int) override {
-    BRAID_FAIL("group '", name_,
-               "': asynchronous point-to-point transfers over NCCL (pipeline "
-               "parallelism on GPUs) are not built yet");
+  std::unique_ptr<PendingTransfer> irecv(const Tensor& t, int peer, int tag) override {
+    post(t, peer, tag, false, "irecv");
+    return std::make_unique<Transfer>(*this, open_);
   }
   void barrier() override {
     after_queued();
@@ -183,6 +194,57 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // The transfers posted since the last group was issued, and the group they will form (its
+  // event, recorded on the stream after the group, is what waiting transfers wait for).
+  struct Group {
+    cudaEvent_t done = nullptr;
+    bool issued = false;
+    Group() { CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming)); }
+    ~Group() { cudaEventDestroy(done); }
+  };
+  struct Op {
+    Tensor t;
+    int peer;
+    bool send;
+  };
+  struct Transfer : PendingTransfer {
+    NcclCommunicator& c;
+    std::shared_ptr<Group> group;
+    bool done = false;
+    Transfer(NcclCommunicator& comm, std::shared_ptr<Group> g) : c(comm), group(std::move(g)) {}
+    ~Transfer() override { wait(); }
+    void wait() override {
+      if (std::exchange(done, true)) return;
+      if (!group->issued) c.flush();
+      CUDA_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, group->done, 0));
+    }
+  };
+  void post(const Tensor& t, int peer, int tag, bool send, const char* op) {
+    check(t, op);
+    BRAID_CHECK(peer >= 0 && peer < size_ && peer != rank_, op, " on group '", name_, "': peer ",
+                peer, " is not another rank of the ", size_, "-rank group");
+    BRAID_CHECK(tag >= 0 && tag <= 32767, op, " on group '", name_, "': tag ", tag,
+                " outside [0, 32767]");
+    if (!open_) open_ = std::make_shared<Group>();
+    pending_.push_back({t, peer, send});
+  }
+  // Issues the pending transfers as one NCCL group.
+  void flush() {
+    if (pending_.empty()) return;
+    after_queued();
+    NCCL_CHECK(ncclGroupStart());
+    for (const Op& o : pending_) {
+      if (o.send)
+        NCCL_CHECK(ncclSend(o.t.data, o.t.numel(), nccl_type(o.t.dtype), o.peer, comm_, stream_));
+      else
+        NCCL_CHECK(ncclRecv(o.t.data, o.t.numel(), nccl_type(o.t.dtype), o.peer, comm_, stream_));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+    CUDA_CHECK(cudaEventRecord(open_->done, stream_));
+    open_->issued = true;
+    open_.reset();
+    pending_.clear();
+  }
   static ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::sum ? ncclSum : ncclMax; }
   // A blocking call: queued after the default stream's work, timed between events on the
   // communicator's stream, and waited for.
@@ -243,6 +305,8 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t began_ = nullptr, ended_ = nullptr;  // around a blocking call's transfer
   double seconds_ = 0;                             // call_seconds()
   void* scratch_ = nullptr;                        // barrier's one float
+  std::vector<Op> pending_;                        // posted point-to-point transfers not yet issued
+  std::shared_ptr<Group> open_;                    // the group they will form
 };
 
 }  // namespace

@@ -73,6 +73,9 @@ PipeRunStats run_pipeline(const PipeTable& table, PipeStage& stage, Communicator
       const int c = to / p_n;
       const Tensor dst =
           a.forward ? stage.input(a.microbatch, c) : stage.output_grad(a.microbatch, c);
+      BRAID_CHECK(out.device == Device::cpu && dst.device == Device::cpu,
+                  "pipeline: one stage holding consecutive pieces (pp = 1 with virtual stages) "
+                  "hands them over on the host only");
       BRAID_CHECK(dst.nbytes() == out.nbytes(), "pipeline: piece ", k, " passes ", out.describe(),
                   " to ", dst.describe());
       std::memcpy(dst.data, out.data, out.nbytes());

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "runtime/check.h"
 
@@ -81,6 +83,27 @@ void check_table(const PipeTable& t) {
         "pipeline table: stage ", s, " runs ", fwd_at.size(), " forwards and ", bwd_at.size(),
         " backwards, not ", t.microbatches * t.chunks, " of each");
   }
+  // The messages between stages, per (sender, receiver, direction), in the order each end meets
+  // them: the sender after the action that produces one (forward of piece k: to piece k + 1;
+  // backward: to piece k - 1), the receiver before the action that consumes it.
+  const int p = t.stages, pieces = t.stages * t.chunks;
+  std::map<std::tuple<int, int, bool>, std::vector<std::pair<int, int>>> sent, received;
+  for (int s = 0; s < p; ++s)
+    for (const PipeAction& x : t.actions[s]) {
+      const int k = x.chunk * p + s, to = x.forward ? k + 1 : k - 1,
+                from = x.forward ? k - 1 : k + 1;
+      if (from >= 0 && from < pieces && from % p != s)
+        received[{from % p, s, x.forward}].push_back({x.microbatch, k});
+      if (to >= 0 && to < pieces && to % p != s)
+        sent[{s, to % p, x.forward}].push_back({x.microbatch, to});
+    }
+  for (const auto* m : {&sent, &received})
+    for (const auto& entry : *m) {
+      const auto& [from, to, forward] = entry.first;
+      BRAID_REQUIRE(sent[entry.first] == received[entry.first], "pipeline table: stage ", from,
+                    " sends its ", forward ? "activations" : "gradients", " to stage ", to,
+                    " in another order (or number) than that stage takes them");
+    }
 }
 
 PipeSimulation simulate(const PipeTable& t, double t_fwd, double t_bwd) {

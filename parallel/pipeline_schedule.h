@@ -38,7 +38,9 @@ struct PipeTable {
 PipeTable make_schedule(PipeSchedule kind, int stages, int microbatches, int chunks = 1);
 
 // Every stage runs the forward and the backward of every (microbatch, chunk) exactly once, the
-// forward first; throws naming the stage and action otherwise.
+// forward first; and for every two stages and direction, the sender's actions produce their
+// messages in the order the receiver's actions consume them (NCCL, which has no tags, matches a
+// pair's messages in order); throws naming the stage and action, or the two stages, otherwise.
 void check_table(const PipeTable& table);
 
 struct PipeSimulation {

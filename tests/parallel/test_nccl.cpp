@@ -1,17 +1,26 @@
 // The NCCL communicator (under mpirun, one rank per GPU; exit 77 when there are fewer GPUs than
 // ranks): every collective and point-to-point call of the interface on GPU tensors against the
 // values computed on the host, with small integers so that every sum is exact in f32, bf16 and
-// i64; and a split into two groups. Fresh values per rank and call.
+// i64; and a split into two groups. Fresh values per rank and call. Then the asynchronous
+// transfers: a ring in which every rank receives before it sends (64 MiB, more than NCCL buffers),
+// and the pipeline executor over NCCL: the chain of tests/pipeline_chain.h with its activations and
+// gradients in GPU memory under the 1F1B and interleaved tables, against the whole chain on one
+// process (f64, the same sums in at most another order of the microbatches: 1e-12 relative).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "parallel/communicator.h"
 #include "parallel/launch_env.h"
+#include "parallel/pipeline_executor.h"
 #include "runtime/dtype.h"
 #include "tests/mpi_test_util.h"
+#include "tests/pipeline_chain.h"
 
 namespace {
 
@@ -45,6 +54,77 @@ struct Dev {
 
 float value(int rank, int64_t i) {
   return float((i * 7 + rank * 3) % 11 - 5);
+}
+
+// The chain's pieces of one stage with the tensors the executor moves in GPU memory: each action
+// takes its input (or output gradient) from the GPU, runs the host chain, and puts its output (or
+// input gradient) back.
+class GpuChain : public PipeStage {
+ public:
+  GpuChain(int stage, int stages, int chunks, int microbatches)
+      : host(stage, stages, chunks, microbatches), v_(chunks), last_(stages * chunks - 1) {
+    n_ = size_t(microbatches) * chunks;
+    cudaMalloc(&buf_, 4 * n_ * kElems * sizeof(double));
+  }
+  ~GpuChain() override { cudaFree(buf_); }
+  Tensor input(int mb, int c) override { return view(0, mb, c); }
+  Tensor output(int mb, int c) override { return view(1, mb, c); }
+  Tensor output_grad(int mb, int c) override { return view(2, mb, c); }
+  Tensor input_grad(int mb, int c) override { return view(3, mb, c); }
+  void forward(int mb, int c) override {
+    if (host.piece(c) != 0) copy(host.input(mb, c), input(mb, c), cudaMemcpyDeviceToHost);
+    host.forward(mb, c);
+    copy(output(mb, c), host.output(mb, c), cudaMemcpyHostToDevice);
+  }
+  void backward(int mb, int c) override {
+    if (host.piece(c) != last_)
+      copy(host.output_grad(mb, c), output_grad(mb, c), cudaMemcpyDeviceToHost);
+    host.backward(mb, c);
+    copy(input_grad(mb, c), host.input_grad(mb, c), cudaMemcpyHostToDevice);
+  }
+  test::ChainStage host;
+
+ private:
+  static constexpr size_t kElems = size_t(test::kRows) * test::kDim;
+  Tensor view(int which, int mb, int c) {
+    double* p = static_cast<double*>(buf_) + ((which * n_) + size_t(mb) * v_ + c) * kElems;
+    return Tensor::contiguous_view(p, DType::f64, Device::cuda, {test::kRows, test::kDim}, "act");
+  }
+  static void copy(const Tensor& dst, const Tensor& src, cudaMemcpyKind kind) {
+    cudaMemcpy(dst.data, src.data, kElems * sizeof(double), kind);  // after the queued work
+  }
+  int v_, last_;
+  size_t n_ = 0;
+  void* buf_ = nullptr;
+};
+
+bool near_all(const double* got, const double* want, int n) {
+  double err = 0, scale = 1;
+  for (int i = 0; i < n; ++i)
+    err = std::max(err, std::fabs(got[i] - want[i])), scale = std::max(scale, std::fabs(want[i]));
+  return err <= 1e-12 * scale;
+}
+
+void check_pipeline(PipeSchedule kind, int chunks, int microbatches, Communicator& pp,
+                    Communicator& world) {
+  const int s = pp.rank(), p_n = pp.size();
+  GpuChain mine(s, p_n, chunks, microbatches);
+  run_pipeline(make_schedule(kind, p_n, microbatches, chunks), mine, pp);
+  cudaDeviceSynchronize();
+  test::ChainStage whole(0, 1, p_n * chunks, microbatches);
+  const std::unique_ptr<Communicator> self = world.split(world.rank(), 0, "self");
+  run_pipeline(make_schedule(PipeSchedule::interleaved, 1, microbatches, p_n * chunks), whole,
+               *self);
+  const std::string what = "pipeline over NCCL, P " + std::to_string(p_n) + ", V " +
+                           std::to_string(chunks) + ", M " + std::to_string(microbatches);
+  bool ok = true;
+  for (int c = 0; c < chunks; ++c)
+    ok = ok && near_all(mine.host.dw(c), whole.dw(mine.host.piece(c)), test::kDim * test::kDim);
+  if (s == 0)
+    for (int mb = 0; mb < microbatches; ++mb)
+      ok = ok && near_all(mine.host.first_input_grad(mb), whole.first_input_grad(mb),
+                          test::kRows * test::kDim);
+  expect(ok, what.c_str(), s);
 }
 
 }  // namespace
@@ -145,6 +225,28 @@ int main(int argc, char** argv) {
       expect(a.host() == std::vector<float>(5, want) && half->size() == (p - r % 2 + 1) / 2,
              "split + all_reduce", r);
       half->barrier();
+    }
+    {
+      // Every rank posts a receive from r - 1, then sends to r + 1, three rounds in a row.
+      const int next = (r + 1) % p, prev = (r + p - 1) % p;
+      const int64_t m = int64_t(16) << 20;  // floats: 64 MiB
+      std::vector<std::unique_ptr<Dev<float>>> out, in;
+      std::vector<std::unique_ptr<PendingTransfer>> pending;
+      for (int round = 0; round < 3; ++round) {
+        in.push_back(std::make_unique<Dev<float>>(std::vector<float>(m, -7.f), DType::f32));
+        out.push_back(std::make_unique<Dev<float>>(std::vector<float>(m, float(1000 * round + r)),
+                                                   DType::f32));
+        pending.push_back(nccl->irecv(in.back()->t, prev, round));
+        pending.push_back(nccl->isend(out.back()->t, next, round));
+      }
+      for (auto& t : pending) t->wait();
+      for (int round = 0; round < 3; ++round)
+        expect(in[round]->host() == std::vector<float>(m, float(1000 * round + prev)),
+               ("isend/irecv ring, round " + std::to_string(round)).c_str(), r);
+    }
+    for (int mb : {p, 3 * p}) {
+      check_pipeline(PipeSchedule::one_f_one_b, 1, mb, *nccl, *world);
+      check_pipeline(PipeSchedule::interleaved, 2, mb, *nccl, *world);
     }
     nccl->barrier();
   } catch (const std::exception& e) {
