@@ -107,18 +107,24 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
 // the schedule's forwards and backwards over the step's microbatches. A stage before the last
 // sends its output after a forward and keeps only its input; its backward recomputes the forward
 // from that input first (full recompute: one microbatch's activations at a time, whatever the
-// schedule's depth). The last stage computes its loss in the backward. Buffers per microbatch:
-// the input and output activations and their gradients ([rows, D] each).
+// schedule's depth). The last stage computes its loss in the backward. Buffers per microbatch
+// and chunk, on the model's device in its activation dtype: the input and output activations and
+// their gradients ([rows, D] each); and one input for the held-out forward.
 class StageRun final : public PipeStage {
  public:
   // chunks: this stage's model chunks (piece c P + stage is chunks[c]).
-  StageRun(std::vector<Model*> chunks, int64_t microbatches, int64_t rows, int64_t d)
-      : chunks_(std::move(chunks)) {
-    for (auto* v : {&in_, &out_, &dout_, &din_})
-      for (size_t i = 0; i < microbatches * chunks_.size(); ++i)
-        v->emplace_back(size_t(rows * d), 0.f);
-    shape_ = {rows, d};
+  StageRun(Backend& backend, std::vector<Model*> chunks, int64_t microbatches, int64_t rows,
+           int64_t d)
+      : backend_(backend), chunks_(std::move(chunks)), shape_{rows, d} {
+    dtype_ = chunks_.front()->stage_output().dtype;
+    per_ = size_t(rows * d) * dtype_size(dtype_);
+    count_ = size_t(microbatches) * chunks_.size();
+    data_ = static_cast<char*>(backend_.allocate(bytes()));
   }
+  ~StageRun() override { backend_.release(data_); }
+  StageRun(const StageRun&) = delete;
+  StageRun& operator=(const StageRun&) = delete;
+  size_t bytes() const { return (4 * count_ + 1) * per_; }
   // The step's batches (one per microbatch) and loss scales; resets the sums.
   void start(std::vector<const Batch*> batches, double grad_scale, double aux_scale) {
     batches_ = std::move(batches), grad_scale_ = grad_scale, aux_scale_ = aux_scale;
@@ -126,16 +132,20 @@ class StageRun final : public PipeStage {
   }
   double loss() const { return loss_; }
   double aux() const { return aux_; }
-  Tensor input(int mb, int c) override { return view(in_, mb, c, "stage_input"); }
-  Tensor output(int mb, int c) override { return view(out_, mb, c, "stage_output"); }
-  Tensor output_grad(int mb, int c) override { return view(dout_, mb, c, "stage_output_grad"); }
-  Tensor input_grad(int mb, int c) override { return view(din_, mb, c, "stage_input_grad"); }
+  Tensor input(int mb, int c) override { return view(0, mb, c, "stage_input"); }
+  Tensor output(int mb, int c) override { return view(1, mb, c, "stage_output"); }
+  Tensor output_grad(int mb, int c) override { return view(2, mb, c, "stage_output_grad"); }
+  Tensor input_grad(int mb, int c) override { return view(3, mb, c, "stage_input_grad"); }
+  Tensor eval_input() {
+    return Tensor::contiguous_view(data_ + 4 * count_ * per_, dtype_, backend_.device(), shape_,
+                                   "eval_stage_input");
+  }
   void forward(int mb, int c) override {
     Model& m = *chunks_[c];
     if (m.last_stage()) return;  // its forward runs with its backward
     const Tensor in = input(mb, c);
     m.forward_only(*batches_[mb], m.first_stage() ? nullptr : &in);
-    std::memcpy(output(mb, c).data, m.stage_output().data, size_t(in.numel()) * sizeof(float));
+    copy_tensor(backend_, output(mb, c), m.stage_output());
   }
   void backward(int mb, int c) override {
     Model& m = *chunks_[c];
@@ -148,13 +158,16 @@ class StageRun final : public PipeStage {
   }
 
  private:
-  Tensor view(std::vector<std::vector<float>>& v, int mb, int c, const char* name) {
-    return Tensor::contiguous_view(v[mb * chunks_.size() + c].data(), DType::f32, Device::cpu,
-                                   shape_, name);
+  Tensor view(int which, int mb, int c, const char* name) {
+    const size_t i = which * count_ + size_t(mb) * chunks_.size() + c;
+    return Tensor::contiguous_view(data_ + i * per_, dtype_, backend_.device(), shape_, name);
   }
+  Backend& backend_;
   std::vector<Model*> chunks_;
-  std::vector<std::vector<float>> in_, out_, dout_, din_;
   std::vector<int64_t> shape_;
+  DType dtype_ = DType::f32;
+  size_t per_ = 0, count_ = 0;
+  char* data_ = nullptr;
   std::vector<const Batch*> batches_;
   double grad_scale_ = 0, aux_scale_ = 0, loss_ = 0, aux_ = 0;
 };
@@ -162,10 +175,11 @@ class StageRun final : public PipeStage {
 // The first layer of each pipeline piece (pp x virtual_stages of them): parallel.stage_starts, else
 // those of the checkpoint being resumed (its config, when its pipeline has the same shape), else
 // the pattern's '|' cuts, else balanced by per-layer times measured here and averaged over the
-// ranks (so every rank cuts alike). lead: this rank prints the measured times.
+// ranks (so every rank cuts alike), on the training device and dtype. lead: this rank prints
+// the measured times.
 std::vector<int64_t> pipeline_starts(const RunConfig& cfg,
                                      const std::map<std::string, std::string>* resumed,
-                                     Backend& backend, int64_t b, int64_t t_local,
+                                     Backend& backend, DType dtype, int64_t b, int64_t t_local,
                                      Communicator& world, bool lead) {
   const int pieces = cfg.parallel.pp * cfg.parallel.virtual_stages;
   const bool cut = cfg.model.pattern.find('|') != std::string::npos;
@@ -184,7 +198,7 @@ std::vector<int64_t> pipeline_starts(const RunConfig& cfg,
   if (given.empty()) {
     std::vector<double> costs;
     if (!cut) {
-      costs = Model::layer_costs(cfg.model, backend, b, t_local);
+      costs = Model::layer_costs(cfg.model, backend, dtype, b, t_local);
       world.all_reduce(Tensor::contiguous_view(costs.data(), DType::f64, Device::cpu,
                                                {int64_t(costs.size())}, "layer_costs"),
                        ReduceOp::sum);
@@ -277,13 +291,12 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   auto say = [&](const char* fmt, auto... args) {
     if (lead) std::printf(fmt, args...);
   };
-  // On GPUs: one rank per GPU, data, tensor and expert parallel over NCCL; context and pipeline
-  // parallelism are not built for GPUs yet.
+  // On GPUs: one rank per GPU, data, tensor, expert and pipeline parallel over NCCL; context
+  // parallelism is not built for GPUs yet.
   const bool gpu = cfg.train.device == "cuda";
-  BRAID_REQUIRE(!gpu || (cp == 1 && pp == 1),
-                "train.device = cuda has no context or pipeline parallelism yet; got parallel.cp "
-                "= ",
-                cp, ", pp = ", pp, " (each must be 1 on GPUs)");
+  BRAID_REQUIRE(!gpu || cp == 1,
+                "train.device = cuda has no context parallelism yet; got parallel.cp = ", cp,
+                " (it must be 1 on GPUs)");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
   const int64_t b = ts.micro_batch, t = ts.seq_len, t_local = t / cp;
@@ -319,6 +332,17 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   }
   Communicator* ep_comm = ep_nccl ? ep_nccl.get() : ep_group.get();
   Communicator* edp_comm = edp_nccl ? edp_nccl.get() : edp_group.get();
+  // Pipeline parallelism on GPUs: the activations and their gradients between the stages, and the
+  // tied embedding table's gradient, over NCCL; the MPI pp group keeps the host sums (the losses,
+  // the gradient norm).
+  std::unique_ptr<Communicator> pp_nccl, tied_nccl;
+  if (gpu && pp_group) {
+    pp_nccl = make_nccl(*pp_group, "pipeline (NCCL)", comm_timeout_from_env(600));
+    if (tied_group)
+      tied_nccl = make_nccl(*tied_group, "tied embeddings (NCCL)", comm_timeout_from_env(600));
+  }
+  Communicator* pp_comm = pp_nccl ? pp_nccl.get() : pp_group.get();
+  Communicator* tied_comm = tied_nccl ? tied_nccl.get() : tied_group.get();
   // The checkpoint to resume from (checkpoint.resume): the newest that checks out.
   const std::string ckpt_dir = ckpt_dir_of(cfg);
   std::vector<std::string> skipped;  // corrupt or incomplete, newest first
@@ -330,8 +354,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   RunConfig run_cfg = cfg;
   std::vector<int64_t> starts{0};
   if (pp > 1) {
-    starts = pipeline_starts(cfg, latest.empty() ? nullptr : &resumed.config, *host_backend, b,
-                             t_local, *world, lead);
+    starts = pipeline_starts(cfg, latest.empty() ? nullptr : &resumed.config, *backend,
+                             cfg.train.precision == "bf16" ? DType::bf16 : DType::f32, b, t_local,
+                             *world, lead);
     std::string text;
     for (int64_t v : starts) text += (text.empty() ? "" : ",") + std::to_string(v);
     run_cfg.parallel.stage_starts = text;
@@ -419,7 +444,19 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   };
   Sampler sampler(train_data, ts.seed, true), valid_sampler(valid_data, ts.seed, false);
 
+  // Pipeline stages hold every microbatch's stage input, output and their gradients (activations).
+  const int64_t stage_rows =
+      layout.sequence_parallel && layout.tp > 1 ? b * t_local / layout.tp : b * t_local;
+  std::unique_ptr<StageRun> stage_run;
+  if (pp > 1)
+    stage_run = with_memory_hint(
+        "the pipeline's stage buffers do not fit: lower train.grad_accum or train.micro_batch",
+        [&] {
+          return std::make_unique<StageRun>(*backend, chunk_ptrs, ts.grad_accum, stage_rows,
+                                            cfg.model.d_model);
+        });
   MemoryReport mem;
+  if (stage_run) mem.activations += stage_run->bytes();
   double flops_tok = 0;
   int64_t held_params = 0, held_trainable = 0;
   for (const auto& m : chunks) {
@@ -429,6 +466,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     flops_tok += m->flops_per_token(t);
     held_params += m->params().numel(), held_trainable += m->params().numel(true);
   }
+  if (pp > 1)  // the whole model's FLOPs per token (MFU): the stages' pieces summed
+    pp_group->all_reduce(Tensor::contiguous_view(&flops_tok, DType::f64, Device::cpu, {1}, "flops"),
+                         ReduceOp::sum);
   say("layout: %d ranks, tp %d%s, cp %d, dp %d, ep %d (expert data parallel %d), pp %d\n",
       world ? world->size() : 1, layout.tp,
       layout.tp > 1 && layout.sequence_parallel ? " (sequence parallel)" : "", cp, dp, layout.ep,
@@ -587,15 +627,6 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     std::fflush(stdout);
   };
   const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
-  const int64_t stage_rows =
-      layout.sequence_parallel && layout.tp > 1 ? b * t_local / layout.tp : b * t_local;
-  std::vector<float> eval_buf(size_t(stage_rows * cfg.model.d_model));
-  const Tensor eval_in = Tensor::contiguous_view(eval_buf.data(), DType::f32, Device::cpu,
-                                                 {stage_rows, cfg.model.d_model}, "stage_input");
-  std::unique_ptr<StageRun> stage_run;
-  if (pp > 1)
-    stage_run =
-        std::make_unique<StageRun>(chunk_ptrs, ts.grad_accum, stage_rows, cfg.model.d_model);
   const PipeTable schedule = make_schedule(
       vs > 1 ? PipeSchedule::interleaved : PipeSchedule::one_f_one_b, pp, int(ts.grad_accum), vs);
   auto evaluate = [&]() {
@@ -608,9 +639,10 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       for (int k = 0; k < pp * vs; ++k) {
         if (k % pp != stage) continue;
         Model& m = *chunks[k / pp];
-        if (k > 0) pp_group->recv(eval_in, (k - 1) % pp);
+        const Tensor eval_in = k > 0 ? stage_run->eval_input() : Tensor{};
+        if (k > 0) pp_comm->recv(eval_in, (k - 1) % pp);
         const LossSum l = m.evaluate(input, k > 0 ? &eval_in : nullptr);
-        if (k + 1 < pp * vs) pp_group->send(m.stage_output(), (k + 1) % pp);
+        if (k + 1 < pp * vs) pp_comm->send(m.stage_output(), (k + 1) % pp);
         sum += l.sum, count += l.count;
       }
     }
@@ -641,14 +673,15 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   s.unigram_entropy = entropy;
   // The seconds this rank's communicators held up the step (call_seconds), summed over the
   // distinct groups.
-  auto comm_seconds = [&, groups = std::set<const Communicator*>{
-                              world, data_comm, tp_comm, cp_group.get(), ep_comm, edp_comm,
-                              ep_group.get(), grad_group.get(), pp_group.get(), tied_group.get()}] {
-    double sum = 0;
-    for (const Communicator* c : groups)
-      if (c) sum += c->call_seconds();
-    return sum;
-  };
+  auto comm_seconds =
+      [&, groups = std::set<const Communicator*>{world, data_comm, tp_comm, cp_group.get(), ep_comm,
+                                                 edp_comm, ep_group.get(), grad_group.get(),
+                                                 pp_group.get(), pp_comm, tied_comm}] {
+        double sum = 0;
+        for (const Communicator* c : groups)
+          if (c) sum += c->call_seconds();
+        return sum;
+      };
   const auto t0 = Clock::now();
   auto last = t0;
   double interval_loss = 0, interval_comm = 0, comm_before = comm_seconds();
@@ -692,7 +725,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         batches.push_back(&input_of(micro));
       }
       stage_run->start(batches, 1.0 / double(tokens_per_step), aux_scale);
-      run_pipeline(schedule, *stage_run, *pp_group);
+      run_pipeline(schedule, *stage_run, *pp_comm);
       std::vector<double> sums{stage_run->loss(), stage_run->aux() / double(ts.grad_accum)};
       pp_group->all_reduce(  // the last stage's loss, every stage's auxiliary losses
           Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "stage_loss"),
@@ -700,9 +733,9 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       loss_sum = sums[0], aux = sums[1];
       // Tied embeddings: the table's gradient is the first stage's lookup plus the last stage's
       // output projection.
-      if (tied_group)
-        tied_group->all_reduce((stage == 0 ? chunks.front() : chunks.back())->embeddings()->grad,
-                               ReduceOp::sum);
+      if (tied_comm)
+        tied_comm->all_reduce((stage == 0 ? chunks.front() : chunks.back())->embeddings()->grad,
+                              ReduceOp::sum);
     }
     if (dp * cp > 1) {  // the global batch's loss: sum over the data and context ranks
       std::vector<double> sums{loss_sum, aux};

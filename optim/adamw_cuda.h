@@ -18,7 +18,9 @@ struct AdamTask {
   int64_t begin = 0, count = 0;
   int decay = 0;  // decoupled weight decay applies
   int bf16 = 0;
-  int norm_group = 0;  // which of the norm's sums its squares join (total[norm_group])
+  // Which of the norm's sums its squares join (total[norm_group]); 2: none (a mirror, whose
+  // original is counted where it lives).
+  int norm_group = 0;
 };
 
 struct AdamStep {
@@ -29,7 +31,7 @@ struct AdamStep {
 // The tasks are in device memory. master <- value (once, at set-up).
 void adamw_init_master_cuda(const AdamTask* tasks, int n_tasks, void* stream);
 // partials[t] = sum of squares of task t's gradient (f64); then total[g] = the sum, in task order,
-// of the partials of the tasks of norm group g (g = 0, 1; total holds 2).
+// of the partials of the tasks of norm group g (g = 0, 1; total holds 2; group 2 is left out).
 void adamw_grad_sq_cuda(const AdamTask* tasks, int n_tasks, double* partials, double* total,
                         void* stream);
 void adamw_step_cuda(const AdamTask* tasks, int n_tasks, const AdamStep& s, void* stream);

@@ -47,7 +47,8 @@ __global__ void sum_in_order_kernel(const AdamTask* tasks, const double* partial
                                     double* total) {
   __shared__ double sh[2][kThreads];
   double s[2] = {0, 0};
-  for (int i = threadIdx.x; i < n; i += kThreads) s[tasks[i].norm_group] += partials[i];
+  for (int i = threadIdx.x; i < n; i += kThreads)
+    if (tasks[i].norm_group < 2) s[tasks[i].norm_group] += partials[i];
   sh[0][threadIdx.x] = s[0], sh[1][threadIdx.x] = s[1];
   __syncthreads();
   for (int off = kThreads / 2; off > 0; off /= 2) {

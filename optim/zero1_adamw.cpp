@@ -60,14 +60,13 @@ void Zero1AdamW::init_gpu() {
     float* grads = params_.region_grads(region_).ptr<float>();
     for (const Param& p : params_.all()) {
       if (!p.trainable || p.region != region_) continue;
-      BRAID_CHECK(!p.mirror, "ZeRO-1 AdamW on the GPU: mirrored parameter ", p.name,
-                  " is not supported");
       const int64_t off = params_.region_offset(p), n = p.value.numel();
       const int64_t lo = std::max(off, begin_), hi = std::min(off + n, begin_ + shard_);
       if (lo >= hi) continue;
       runs_.push_back({lo - begin_, hi - lo});
-      // Norm group 1: a parameter every tp rank holds whole (counted once over the tp group).
-      const int group = tp_ && p.boxes.empty() ? 1 : 0;
+      // Norm group 1: a parameter every tp rank holds whole (counted once over the tp group); 2:
+      // a mirror (not counted: its original is, on the rank that holds it).
+      const int group = p.mirror ? 2 : tp_ && p.boxes.empty() ? 1 : 0;
       for (int64_t b = lo - begin_; b < hi - begin_; b += kAdamChunk)
         tasks.push_back({values + begin_, nullptr, grads + begin_, values + begin_,
                          gpu_m_.ptr<float>(), gpu_v_.ptr<float>(), b,

@@ -181,8 +181,8 @@ Recompute parse_recompute(const std::string& s) {
   BRAID_FAIL("train.recompute = '", s, "' must be none, ssm (the Mamba mixers) or full");
 }
 
-std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend, int64_t batch,
-                                       int64_t seq) {
+std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend, DType dtype,
+                                       int64_t batch, int64_t seq) {
   const std::string layers = pattern_layers(cfg.pattern);
   Arena arena =
       Arena::allocate("cost_batch", backend, 4 * (size_t(batch * seq) * 4 + Arena::kAlign));
@@ -191,16 +191,20 @@ std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend,
                  arena.take("seq_idx", DType::i32, {batch, seq}),
                  arena.take("positions", DType::i32, {batch, seq})};
   for (const Tensor* t : {&in.tokens, &in.targets, &in.seq_idx}) backend.fill(*t, 1.0, {});
-  for (int64_t i = 0; i < batch * seq; ++i) in.positions.ptr<int32_t>()[i] = int32_t(i % seq);
+  std::vector<int32_t> positions(size_t(batch * seq));
+  for (int64_t i = 0; i < batch * seq; ++i) positions[i] = int32_t(i % seq);
+  backend.copy(in.positions.data, backend.device(), positions.data(), Device::cpu,
+               in.positions.nbytes(), {});
   auto seconds = [&](const std::string& pattern) {
     ModelConfig c = cfg;
     c.pattern = pattern;
-    Model m(c, DType::f32, backend, batch, seq);
+    Model m(c, dtype, backend, batch, seq);
     m.initialize(1);
     double best = 1e30;
     for (int rep = 0; rep < 3; ++rep) {
       const auto t0 = std::chrono::steady_clock::now();
       m.forward_backward(in, 1.0, 1.0);
+      backend.synchronize({});
       best = std::min(best,
                       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
@@ -223,8 +227,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   validate_model_config(cfg_);
   const bool gpu = backend.device() == Device::cuda;
   if (gpu) {
-    BRAID_REQUIRE(!cp && starts.size() == 1,
-                  "the GPU model has no context or pipeline parallelism yet");
+    BRAID_REQUIRE(!cp, "the GPU model has no context parallelism yet");
     gemm_ = std::make_unique<GemmContext>(backend);
   }
   // Mixed precision: bf16 activations and compute copies of the weights, f32 parameters and

@@ -93,10 +93,10 @@ class Model {
   static std::vector<int64_t> stage_starts(const ModelConfig& cfg, int stages,
                                            const std::vector<double>& costs = {});
   // Measured seconds of one forward + backward of each layer of the pattern on a [batch, seq]
-  // microbatch (one process, f32): per layer type, a two-layer model's time less a one-layer
-  // model's, best of a few runs.
-  static std::vector<double> layer_costs(const ModelConfig& cfg, Backend& backend, int64_t batch,
-                                         int64_t seq);
+  // microbatch (one process, in `dtype` on `backend`): per layer type, a two-layer model's time
+  // less a one-layer model's, best of a few runs.
+  static std::vector<double> layer_costs(const ModelConfig& cfg, Backend& backend, DType dtype,
+                                         int64_t batch, int64_t seq);
 
   void initialize(uint64_t seed) { params_.initialize(seed); }
   // Forward and backward of one microbatch; gradients accumulate. grad_scale multiplies the
