@@ -74,6 +74,29 @@ expect_resumed() {
       { echo "FAIL: $r did not resume"; cat "$work/$r.log"; exit 1; }
   done
 }
+# resume_across RUN NP TOL ARGS...: the resumes around run RUN (NP ranks, ARGS) and run one (one
+# process, the array one_args): RUN's step-10 checkpoint verifies; RUN resumed from it repeats its
+# last 10 losses exactly; one process resumed from it tracks RUN, and RUN's layout resumed from
+# one's step-10 checkpoint tracks one, within TOL (relative).
+# shellcheck disable=SC2154 # one_args: set by the calling script
+resume_across() {
+  local run=$1 np=$2 tol=$3
+  shift 3
+  "$braid" ckpt verify "$work/$run/checkpoints/step_00000010" >/dev/null
+  seed_from "${run}_resumed" "$run" 00000010
+  seed_from "one_from_$run" "$run" 00000010
+  seed_from "${run}_from_one" one 00000010
+  run_layout "${run}_resumed" "$np" "$@" checkpoint.resume=true
+  run_layout "one_from_$run" 0 ${one_args[@]+"${one_args[@]}"} checkpoint.resume=true
+  run_layout "${run}_from_one" "$np" "$@" checkpoint.resume=true
+  expect_resumed "${run}_resumed" "one_from_$run" "${run}_from_one"
+  compare_tail "$run resumed from its step-10 checkpoint vs straight through, losses" "$run" \
+    "${run}_resumed" 0
+  compare_tail "1 GPU resumed from the $run checkpoint vs the $run run, losses" "$run" \
+    "one_from_$run" "$tol"
+  compare_tail "$run resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" one \
+    "${run}_from_one" "$tol"
+}
 # compare_tail NAME A B TOL: the last 10 losses of runs A and B.
 compare_tail() {
   compare "$1" "$(losses "$work/$2/metrics.jsonl" | tail -n 10)" \

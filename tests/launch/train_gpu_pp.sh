@@ -25,20 +25,11 @@ grep -q "layout: 2 ranks, tp 1, cp 1, dp 1, ep 1 (expert data parallel 1), pp 2"
   { echo "FAIL: not pp=2"; cat "$work/pp.log"; exit 1; }
 grep -q "pipeline: 2 stages x 2 chunks" "$work/ppv.log" ||
   { echo "FAIL: ppv is not interleaved"; cat "$work/ppv.log"; exit 1; }
-"$braid" ckpt verify "$work/pp/checkpoints/step_00000010" >/dev/null
-seed_from pp_resumed pp 00000010
-seed_from one_from_pp pp 00000010
-seed_from pp_from_one one 00000010
-run_layout pp_resumed 2 parallel.pp=2 checkpoint.resume=true
-run_layout one_from_pp 0 checkpoint.resume=true
-run_layout pp_from_one 2 parallel.pp=2 checkpoint.resume=true
-expect_resumed pp_resumed one_from_pp pp_from_one
 tol=0.03125
-compare_tail "pp=2 resumed from its step-10 checkpoint vs straight through, losses" pp pp_resumed 0
 compare "pp=2 vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/pp/metrics.jsonl")" $tol
 compare "pp=2 interleaved (2 chunks per stage) vs 1 GPU, losses" \
   "$(losses "$work/one/metrics.jsonl")" "$(losses "$work/ppv/metrics.jsonl")" $tol
-compare_tail "1 GPU resumed from the pp=2 checkpoint vs the pp=2 run, losses" pp one_from_pp $tol
-compare_tail "pp=2 resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" one pp_from_one $tol
+one_args=()
+resume_across pp 2 $tol parallel.pp=2
 echo "pipeline-parallel GPU training passed"

@@ -20,20 +20,11 @@ run_layout one 0
 run_layout tp 2 parallel.tp=2
 run_layout tp_sp 2 parallel.tp=2 parallel.sequence_parallel=true
 grep -q "layout: 2 ranks, tp 2" "$work/tp.log" || { echo "FAIL: not tp=2"; cat "$work/tp.log"; exit 1; }
-"$braid" ckpt verify "$work/tp/checkpoints/step_00000010" >/dev/null
-seed_from tp_resumed tp 00000010
-seed_from one_from_tp tp 00000010
-seed_from tp_from_one one 00000010
-run_layout tp_resumed 2 parallel.tp=2 checkpoint.resume=true
-run_layout one_from_tp 0 checkpoint.resume=true
-run_layout tp_from_one 2 parallel.tp=2 checkpoint.resume=true
-expect_resumed tp_resumed one_from_tp tp_from_one
 tol=0.03125
-compare_tail "tp=2 resumed from its step-10 checkpoint vs straight through, losses" tp tp_resumed 0
 compare "tp=2 vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/tp/metrics.jsonl")" $tol
 compare "tp=2 with sequence parallelism vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/tp_sp/metrics.jsonl")" $tol
-compare_tail "1 GPU resumed from the tp=2 checkpoint vs the tp=2 run, losses" tp one_from_tp $tol
-compare_tail "tp=2 resumed from the 1-GPU checkpoint vs the 1-GPU run, losses" one tp_from_one $tol
+one_args=()
+resume_across tp 2 $tol parallel.tp=2
 echo "tensor-parallel GPU training passed"
