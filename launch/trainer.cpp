@@ -26,6 +26,7 @@
 #include "parallel/grad_buckets.h"
 #include "parallel/launch_env.h"
 #include "parallel/pipeline_executor.h"
+#include "runtime/arena.h"
 
 namespace braid {
 namespace {
@@ -115,16 +116,18 @@ class StageRun final : public PipeStage {
   // chunks: this stage's model chunks (piece c P + stage is chunks[c]).
   StageRun(Backend& backend, std::vector<Model*> chunks, int64_t microbatches, int64_t rows,
            int64_t d)
-      : backend_(backend), chunks_(std::move(chunks)), shape_{rows, d} {
-    dtype_ = chunks_.front()->stage_output().dtype;
-    per_ = size_t(rows * d) * dtype_size(dtype_);
-    count_ = size_t(microbatches) * chunks_.size();
-    data_ = static_cast<char*>(backend_.allocate(bytes()));
+      : backend_(backend), chunks_(std::move(chunks)) {
+    const DType dtype = chunks_.front()->stage_output().dtype;
+    const size_t n = 4 * size_t(microbatches) * chunks_.size() + 1;
+    arena_ = Arena::allocate("pipeline_stage", backend,
+                             n * (size_t(rows * d) * dtype_size(dtype) + Arena::kAlign));
+    for (const char* name :
+         {"stage_input", "stage_output", "stage_output_grad", "stage_input_grad"})
+      for (int64_t i = 0; i < microbatches * int64_t(chunks_.size()); ++i)
+        buffers_.push_back(arena_.take(name, dtype, {rows, d}));
+    eval_input_ = arena_.take("eval_stage_input", dtype, {rows, d});
   }
-  ~StageRun() override { backend_.release(data_); }
-  StageRun(const StageRun&) = delete;
-  StageRun& operator=(const StageRun&) = delete;
-  size_t bytes() const { return (4 * count_ + 1) * per_; }
+  size_t bytes() const { return arena_.capacity(); }
   // The step's batches (one per microbatch) and loss scales; resets the sums.
   void start(std::vector<const Batch*> batches, double grad_scale, double aux_scale) {
     batches_ = std::move(batches), grad_scale_ = grad_scale, aux_scale_ = aux_scale;
@@ -132,14 +135,11 @@ class StageRun final : public PipeStage {
   }
   double loss() const { return loss_; }
   double aux() const { return aux_; }
-  Tensor input(int mb, int c) override { return view(0, mb, c, "stage_input"); }
-  Tensor output(int mb, int c) override { return view(1, mb, c, "stage_output"); }
-  Tensor output_grad(int mb, int c) override { return view(2, mb, c, "stage_output_grad"); }
-  Tensor input_grad(int mb, int c) override { return view(3, mb, c, "stage_input_grad"); }
-  Tensor eval_input() {
-    return Tensor::contiguous_view(data_ + 4 * count_ * per_, dtype_, backend_.device(), shape_,
-                                   "eval_stage_input");
-  }
+  Tensor input(int mb, int c) override { return buffer(0, mb, c); }
+  Tensor output(int mb, int c) override { return buffer(1, mb, c); }
+  Tensor output_grad(int mb, int c) override { return buffer(2, mb, c); }
+  Tensor input_grad(int mb, int c) override { return buffer(3, mb, c); }
+  const Tensor& eval_input() const { return eval_input_; }
   void forward(int mb, int c) override {
     Model& m = *chunks_[c];
     if (m.last_stage()) return;  // its forward runs with its backward
@@ -158,16 +158,16 @@ class StageRun final : public PipeStage {
   }
 
  private:
-  Tensor view(int which, int mb, int c, const char* name) {
-    const size_t i = which * count_ + size_t(mb) * chunks_.size() + c;
-    return Tensor::contiguous_view(data_ + i * per_, dtype_, backend_.device(), shape_, name);
+  // Buffer `which` (input, output, output gradient, input gradient) of (microbatch, chunk).
+  const Tensor& buffer(int which, int mb, int c) const {
+    const size_t per = buffers_.size() / 4;
+    return buffers_[which * per + size_t(mb) * chunks_.size() + c];
   }
   Backend& backend_;
   std::vector<Model*> chunks_;
-  std::vector<int64_t> shape_;
-  DType dtype_ = DType::f32;
-  size_t per_ = 0, count_ = 0;
-  char* data_ = nullptr;
+  Arena arena_;
+  std::vector<Tensor> buffers_;
+  Tensor eval_input_;
   std::vector<const Batch*> batches_;
   double grad_scale_ = 0, aux_scale_ = 0, loss_ = 0, aux_ = 0;
 };
@@ -300,6 +300,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
   const int64_t b = ts.micro_batch, t = ts.seq_len, t_local = t / cp;
+  const DType act_dtype = ts.precision == "bf16" ? DType::bf16 : DType::f32;  // the activations'
 
   Dataset train_data(cfg.data.train, t), valid_data(cfg.data.valid, t);
   BRAID_REQUIRE(cfg.model.vocab_size >= int64_t(train_data.vocab_size()),
@@ -354,9 +355,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   RunConfig run_cfg = cfg;
   std::vector<int64_t> starts{0};
   if (pp > 1) {
-    starts = pipeline_starts(cfg, latest.empty() ? nullptr : &resumed.config, *backend,
-                             cfg.train.precision == "bf16" ? DType::bf16 : DType::f32, b, t_local,
-                             *world, lead);
+    starts = pipeline_starts(cfg, latest.empty() ? nullptr : &resumed.config, *backend, act_dtype,
+                             b, t_local, *world, lead);
     std::string text;
     for (int64_t v : starts) text += (text.empty() ? "" : ",") + std::to_string(v);
     run_cfg.parallel.stage_starts = text;
@@ -382,11 +382,11 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         (cfg.train.recompute == "full" ? "" : ", set train.recompute to ssm or full") +
         ", or split the model over more GPUs (parallel.tp, parallel.pp)";
     chunks.push_back(with_memory_hint(hint, [&] {
-      return std::make_unique<Model>(
-          cfg.model, cfg.train.precision == "bf16" ? DType::bf16 : DType::f32, *backend, b, t_local,
-          int64_t(dp) * cp, TensorParallel{tp_comm, layout.sequence_parallel},
-          cp > 1 ? cp_group.get() : nullptr, ep_comm, edp_group ? edp_group->size() : 1,
-          c * pp + stage, starts, parse_recompute(cfg.train.recompute));
+      return std::make_unique<Model>(cfg.model, act_dtype, *backend, b, t_local, int64_t(dp) * cp,
+                                     TensorParallel{tp_comm, layout.sequence_parallel},
+                                     cp > 1 ? cp_group.get() : nullptr, ep_comm,
+                                     edp_group ? edp_group->size() : 1, c * pp + stage, starts,
+                                     parse_recompute(cfg.train.recompute));
     }));
     chunks.back()->initialize(ts.seed);
     chunk_ptrs.push_back(chunks.back().get());
@@ -639,9 +639,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       for (int k = 0; k < pp * vs; ++k) {
         if (k % pp != stage) continue;
         Model& m = *chunks[k / pp];
-        const Tensor eval_in = k > 0 ? stage_run->eval_input() : Tensor{};
-        if (k > 0) pp_comm->recv(eval_in, (k - 1) % pp);
-        const LossSum l = m.evaluate(input, k > 0 ? &eval_in : nullptr);
+        if (k > 0) pp_comm->recv(stage_run->eval_input(), (k - 1) % pp);
+        const LossSum l = m.evaluate(input, k > 0 ? &stage_run->eval_input() : nullptr);
         if (k + 1 < pp * vs) pp_comm->send(m.stage_output(), (k + 1) % pp);
         sum += l.sum, count += l.count;
       }

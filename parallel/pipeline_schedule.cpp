@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <set>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -97,13 +98,15 @@ void check_table(const PipeTable& t) {
       if (to >= 0 && to < pieces && to % p != s)
         sent[{s, to % p, x.forward}].push_back({x.microbatch, to});
     }
+  std::set<std::tuple<int, int, bool>> pairs;
   for (const auto* m : {&sent, &received})
-    for (const auto& entry : *m) {
-      const auto& [from, to, forward] = entry.first;
-      BRAID_REQUIRE(sent[entry.first] == received[entry.first], "pipeline table: stage ", from,
-                    " sends its ", forward ? "activations" : "gradients", " to stage ", to,
-                    " in another order (or number) than that stage takes them");
-    }
+    for (const auto& entry : *m) pairs.insert(entry.first);
+  for (const auto& key : pairs) {
+    const auto& [from, to, forward] = key;
+    BRAID_REQUIRE(sent[key] == received[key], "pipeline table: stage ", from, " sends its ",
+                  forward ? "activations" : "gradients", " to stage ", to,
+                  " in another order (or number) than that stage takes them");
+  }
 }
 
 PipeSimulation simulate(const PipeTable& t, double t_fwd, double t_bwd) {

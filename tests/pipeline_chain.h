@@ -4,7 +4,9 @@
 // values per microbatch; the executor fills the other pieces' inputs and output gradients.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "parallel/pipeline_executor.h"
@@ -76,5 +78,32 @@ class ChainStage : public PipeStage {
   int s_, p_, v_, m_, last_;
   std::vector<double> in_, out_, gout_, gin_, dw_;
 };
+
+// Where a stage's gradients (each chunk's dW; on the stage holding piece 0, each microbatch's
+// input gradient) first differ from the whole chain's by more than 1e-12 relative (the same sums
+// in at most another order of the microbatches), with the error; empty when they agree.
+inline std::string chain_mismatch(const ChainStage& mine, int chunks, int microbatches,
+                                  const ChainStage& whole) {
+  auto check = [](const std::string& what, const double* got, const double* want, int n) {
+    double err = 0, scale = 0;
+    for (int i = 0; i < n; ++i)
+      err = std::max(err, std::fabs(got[i] - want[i])), scale = std::max(scale, std::fabs(want[i]));
+    if (err <= 1e-12 * std::max(scale, 1.0)) return std::string();
+    return what + ": error " + std::to_string(err) + " (scale " + std::to_string(scale) + ")";
+  };
+  for (int c = 0; c < chunks; ++c) {
+    const std::string bad = check("dW of piece " + std::to_string(mine.piece(c)), mine.dw(c),
+                                  whole.dw(mine.piece(c)), kDim * kDim);
+    if (!bad.empty()) return bad;
+  }
+  if (mine.piece(0) == 0)
+    for (int mb = 0; mb < microbatches; ++mb) {
+      const std::string bad =
+          check("dx of microbatch " + std::to_string(mb), mine.first_input_grad(mb),
+                whole.first_input_grad(mb), kRows * kDim);
+      if (!bad.empty()) return bad;
+    }
+  return "";
+}
 
 }  // namespace braid::test

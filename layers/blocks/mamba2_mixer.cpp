@@ -67,7 +67,8 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   cc_ = sv.take("m2.Cc", t, {m, gn});
   a_ = sv.take("m2.A", f, {h});
   y_ = sv.take("m2.y", t, {m, c});
-  if (xc_.device == Device::cuda && t == DType::bf16) y_scan_ = sv.take("m2.y_scan", t, {m, c});
+  if (xc_.device == Device::cuda && t == DType::bf16)
+    y_scan_ = sv.take("m2.y_scan", t, {batch, seq, h, cfg_.head_dim});
   rstd_ = sv.take("m2.rstd", f, {m, cfg_.groups});
   g_ = sv.take("m2.gated", t, {m, c});
   dg_ = sc.take("m2.dg", t, {m, c});
@@ -87,7 +88,6 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   dt3_ = dtr_.reshape({batch, seq, h});
   b4_ = bc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
   c4_ = cc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
-  if (y_scan_.data) y_scan4_ = y_scan_.reshape({batch, seq, h, cfg_.head_dim});
   // On the GPU the forward leaves in its workspace what the backward reads (dt, decays, chunk
   // states): one workspace, saved; the CPU's are scratch.
   const SsdInputs in = ssd_inputs(BatchMeta{});
@@ -112,7 +112,7 @@ SsdInputs Mamba2Mixer::ssd_inputs(const BatchMeta& meta) const {
   in.x = &x4_, in.dt = &dt3_, in.A = &a_, in.B = &b4_, in.C = &c4_, in.D = &d_->value;
   in.dt_bias = &dt_bias_->value, in.seq_idx = meta.seq_idx, in.dt_softplus = true;
   in.dt_min = cfg_.dt_limit_min, in.dt_max = cfg_.dt_limit_max, in.chunk = cfg_.chunk;
-  if (y_scan4_.data) in.y_scan = &y_scan4_;
+  if (y_scan_.data) in.y_scan = &y_scan_;
   return in;
 }
 

@@ -56,9 +56,8 @@ class Mamba2Mixer final : public Block {
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *dt_bias_, *a_log_, *d_, *norm_, *out_proj_;
   Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;  // saved
-  Tensor y_scan_;              // saved on GPUs in bf16: the SSD's y - D x (ssd.h), empty elsewhere
+  Tensor y_scan_;  // saved on GPUs in bf16: the SSD's y - D x [B,T,H,P] (ssd.h), else empty
   Tensor x4_, dt3_, b4_, c4_;  // [B,T,H,P], [B,T,H], [B,T,G,N] views of xc_, dtr_, bc_, cc_
-  Tensor y_scan4_;             // [B,T,H,P] view of y_scan_
   Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, ws_,
       fws_;  // scratch
   // scratch: ddt_c_ ddt in the activation dtype (ddt_ itself when that is the parameters'); the

@@ -98,13 +98,6 @@ class GpuChain : public PipeStage {
   void* buf_ = nullptr;
 };
 
-bool near_all(const double* got, const double* want, int n) {
-  double err = 0, scale = 1;
-  for (int i = 0; i < n; ++i)
-    err = std::max(err, std::fabs(got[i] - want[i])), scale = std::max(scale, std::fabs(want[i]));
-  return err <= 1e-12 * scale;
-}
-
 void check_pipeline(PipeSchedule kind, int chunks, int microbatches, Communicator& pp,
                     Communicator& world) {
   const int s = pp.rank(), p_n = pp.size();
@@ -117,14 +110,8 @@ void check_pipeline(PipeSchedule kind, int chunks, int microbatches, Communicato
                *self);
   const std::string what = "pipeline over NCCL, P " + std::to_string(p_n) + ", V " +
                            std::to_string(chunks) + ", M " + std::to_string(microbatches);
-  bool ok = true;
-  for (int c = 0; c < chunks; ++c)
-    ok = ok && near_all(mine.host.dw(c), whole.dw(mine.host.piece(c)), test::kDim * test::kDim);
-  if (s == 0)
-    for (int mb = 0; mb < microbatches; ++mb)
-      ok = ok && near_all(mine.host.first_input_grad(mb), whole.first_input_grad(mb),
-                          test::kRows * test::kDim);
-  expect(ok, what.c_str(), s);
+  const std::string bad = test::chain_mismatch(mine.host, chunks, microbatches, whole);
+  expect(bad.empty(), (what + (bad.empty() ? "" : ": " + bad)).c_str(), s);
 }
 
 }  // namespace
