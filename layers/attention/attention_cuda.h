@@ -58,7 +58,7 @@ struct AttnParams {
   float* ws = nullptr;
   AttnGeometry geo;
   bool deterministic = true;
-  bool use_wgmma = false;  // the forward uses Hopper's warpgroup products on sm_90 devices
+  bool use_wgmma = false;  // the forward uses the Hopper kernel (TMA, wgmma) on sm_90 devices
 };
 
 // Sizes of an attention call, its tensors' shapes checked (any device and dtype).

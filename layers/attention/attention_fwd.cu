@@ -1,5 +1,7 @@
-// Flash attention forward on the tensor cores (mma.sync m16n8k16: bf16 operands, f32
-// accumulation), for sm_80 and later.
+// Flash attention forward on the tensor cores, two kernels: on sm_90 (the default there) a
+// warp-specialised one with the tensor copy engine and warpgroup products (described below, at
+// fwd_kernel_tma), and for sm_80 and later one with mma.sync m16n8k16 (bf16 operands, f32
+// accumulation), described here.
 //
 // One block per (128-query tile, query head, batch row), 4 warps of 32 query rows (two 16-row
 // fragments, so every K and V fragment read from shared memory feeds two products; two blocks
@@ -15,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "layers/attention/attention_tiles.cuh"
+#include "layers/common/cuda_tma.cuh"
 #include "layers/common/cuda_wgmma.cuh"
 #include "runtime/check.h"
 #include "runtime/cuda_check.h"
@@ -178,39 +181,79 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p) {
   }
 }
 
-// The Hopper forward (sm_90a): the same algorithm with warpgroup products. One block per
-// (128-query tile, head, batch row) of 2 warpgroups, 64 query rows each. Q, K and V tiles are
-// staged by cp.async in the interleaved layout of cuda_wgmma.cuh (K and V double-buffered); per KV
-// tile a warpgroup computes S = Q K^T (64 x Bc) with Q in registers and K in shared memory, runs
-// the online softmax in registers (per warp, its 16 rows, as above) and adds P V with P from
-// registers and V read N-major (transposed by the descriptor).
-constexpr int kWgThreads = 256;
+// The Hopper forward (sm_90a), warp-specialised: one block per (128-query tile, head, batch row)
+// of 3 warpgroups. Warpgroup 0 produces: one thread loads the Q tile once and the K and V tiles of
+// kBcTma keys through the tensor copy engine (TMA, 128-byte swizzle) into two stages each, each
+// copy completing on its stage's "full" mbarrier; the consumers hand a stage back by arriving on
+// its "empty" mbarrier. Warpgroups 1 and 2 consume, 64 query rows each: per KV tile S = Q K^T (Q
+// and K from shared memory), the online softmax in registers (per warp, its 16 rows, as above) and
+// O += P V (P from registers, V read N-major). Within a warpgroup, S_j and P_j-1 V_j-1 are issued
+// together and the softmax of S_j runs while P_j-1 V_j-1 is in flight; between the two
+// warpgroups a pair of named barriers hands the tensor cores over in turn, so that one
+// warpgroup's products run while the other computes its softmax (ping-pong).
+constexpr int kTmaThreads = 384, kBcTma = 128;
 
-template <int P, int Bc>
-constexpr int wg_smem_bytes() {
-  return (kRows + 4 * Bc) * P * 2;
+template <int P>
+constexpr int tma_smem_bytes() {
+  // Q, K x 2, V x 2, 9 mbarriers, and up to 1023 bytes to align the tiles to 1024.
+  return (kRows + 4 * kBcTma) * P * 2 + 9 * 8 + 1024;
 }
 
-template <int P, int Bc>
-__global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnParams p) {
+template <int P>
+__global__ void __launch_bounds__(kTmaThreads, 1)
+    fwd_kernel_tma(const __grid_constant__ CUtensorMap tm_q,
+                   const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v, const AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);  // [kRows x P], interleaved
-  bf16* sK = sQ + kRows * P;                     // [2][Bc x P]
-  bf16* sV = sK + 2 * Bc * P;                    // [2][Bc x P]
+  constexpr int Bc = kBcTma, kPanels = P / 64, kTileBytes = Bc * P * 2;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  bf16* sQ = reinterpret_cast<bf16*>(base);  // [kPanels][kRows][64] swizzled
+  bf16* sK = sQ + kRows * P;                 // [2][kPanels][Bc][64]
+  bf16* sV = sK + 2 * Bc * P;                // [2][kPanels][Bc][64]
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(sV + 2 * Bc * P);
+  uint64_t *k_full = q_full + 1, *v_full = q_full + 3, *k_empty = q_full + 5, *v_empty = q_full + 7;
   const QueryTile<P, Bc> tile(p);
   if (!p.rows.meets(tile.t0, tile.t0 + tile.rows)) return;  // no row of the tile is computed
-  const int T = tile.T, t0 = tile.t0, rows = tile.rows, j0 = tile.j0, j1 = tile.j1;
-  const int64_t qs = tile.qs, ks = tile.ks;
-  const bf16 *q = tile.q, *k = tile.k, *v = tile.v;
+  const int T = tile.T, t0 = tile.t0, j0 = tile.j0, j1 = tile.j1, n_tiles = j1 - j0 + 1;
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(k_full + s, 1), mbar_init(v_full + s, 1);
+      mbar_init(k_empty + s, 8), mbar_init(v_empty + s, 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  // The warpgroup's role, warp-uniform as the compiler sees it (read through a shuffle), so that
+  // the products below are not taken for a divergent path (which serialises them).
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    if (threadIdx.x == 0) {
+      const int h = blockIdx.y, hk = h / (p.heads / p.kv_heads), row0 = blockIdx.z * T;
+      mbar_arrive_expect_tx(q_full, kRows * P * 2);
+      for (int c = 0; c < kPanels; ++c)
+        tma_load_3d(sQ + c * kRows * 64, &tm_q, c * 64, h, row0 + t0, q_full);
+      for (int i = 0; i < n_tiles; ++i) {
+        const int st = i & 1, row = row0 + (j0 + i) * Bc;
+        if (i >= 2) mbar_wait(k_empty + st, ((i >> 1) - 1) & 1);
+        mbar_arrive_expect_tx(k_full + st, kTileBytes);
+        for (int c = 0; c < kPanels; ++c)
+          tma_load_3d(sK + (st * kPanels + c) * Bc * 64, &tm_k, c * 64, hk, row, k_full + st);
+        if (i >= 2) mbar_wait(v_empty + st, ((i >> 1) - 1) & 1);
+        mbar_arrive_expect_tx(v_full + st, kTileBytes);
+        for (int c = 0; c < kPanels; ++c)
+          tma_load_3d(sV + (st * kPanels + c) * Bc * 64, &tm_v, c * 64, hk, row, v_full + st);
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<240>();
+  const int cw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int r0 = cw * 64 + warp * 16;  // this warp's first row of the tile
   const int32_t* seq = tile.seq;
-
-  load_rows_cm<P, kWgThreads>(sQ, q, qs, kRows, rows);
-  load_rows_cm<P, kWgThreads>(sK, k + int64_t(j0) * Bc * ks, ks, Bc, T - j0 * Bc);
-  load_rows_cm<P, kWgThreads>(sV, v + int64_t(j0) * Bc * ks, ks, Bc, T - j0 * Bc);
-  cp_async_commit();
-
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
   int tr[2], ds[2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -218,112 +261,113 @@ __global__ void __launch_bounds__(kWgThreads, 1) fwd_kernel_wgmma(const AttnPara
     ds[e] = doc_start(seq, min(tr[e], T - 1));
   }
   const int warp_first = t0 + r0, warp_doc = __shfl_sync(0xffffffffu, ds[1], 31);
-  // Descriptors: K-major Q and K (LBO one core matrix, SBO a row of core matrices), N-major V.
-  constexpr uint32_t kCore = 128, kRowOfCores = P / 8 * 128;
 
-  // Software pipeline: iteration j issues S_j = Q K_j^T and O += P_j-1 V_j-1 together, runs the
-  // softmax of S_j while the second product is in flight, then rescales O once it is done. K_j+1
-  // and V_j are loaded during iteration j into the buffers that iteration j - 1 finished with.
-  // The first S and the last P V are issued alone (prologue, epilogue), so the loop body issues
-  // its products unconditionally.
-  float o[P / 8][4], s[Bc / 8][4], alpha[2];
-  uint32_t pf[Bc / 16][4], qf[P / 16][4];
+  // Descriptors of the 16-wide K slice kk: of this warpgroup's 64 rows of Q, of the K tile of
+  // stage st (both K-major), and of keys 16 kk .. 16 kk + 15 of the V tile (N-major, the next 64
+  // columns a panel further).
+  auto q_desc = [&](int kk) {
+    return wgmma_desc_sw128(sQ + ((kk / 4) * kRows + cw * 64) * 64 + (kk % 4) * 16, 16);
+  };
+  auto k_desc = [&](int st, int kk) {
+    return wgmma_desc_sw128(sK + (st * kPanels + kk / 4) * Bc * 64 + (kk % 4) * 16, 16);
+  };
+  auto v_desc = [&](int st, int kk) {
+    return wgmma_desc_sw128(sV + st * kPanels * Bc * 64 + kk * 16 * 64, Bc * 128);
+  };
+  float o[P / 8][4], s[Bc / 8][4], alpha[2], mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  uint32_t pf[Bc / 16][4];
   zero(o);
-  float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  auto issue_s = [&](int j) {
-    const bf16* tK = sK + ((j - j0) & 1) * Bc * P;
+  auto issue_s = [&](int st) {
 #pragma unroll
-    for (int kk = 0; kk < P / 16; ++kk) {
-      const uint64_t bd = wgmma_desc(tK + kk * 16 * 8, kCore, kRowOfCores);
-      if constexpr (Bc == 64)
-        wgmma_m64n64_rs<0>(s, qf[kk], bd, kk > 0);
-      else
-        wgmma_m64n128_rs<0>(s, qf[kk], bd, kk > 0);
-    }
+    for (int kk = 0; kk < P / 16; ++kk) wgmma_m64n128_ss<0>(s, q_desc(kk), k_desc(st, kk), kk > 0);
     wgmma_commit();
   };
-  auto issue_pv = [&](int j) {
-    const bf16* tV = sV + ((j - j0) & 1) * Bc * P;
+  auto issue_pv = [&](int st) {
 #pragma unroll
     for (int kk = 0; kk < Bc / 16; ++kk) {
-      // Keys 16 kk .. 16 kk + 15 are two rows of core matrices of the V tile.
-      const uint64_t bd = wgmma_desc(tV + kk * 2 * (P / 8) * 64, kRowOfCores, kCore);
       if constexpr (P == 64)
-        wgmma_m64n64_rs<1>(o, pf[kk], bd, 1);
+        wgmma_m64n64_rs<1>(o, pf[kk], v_desc(st, kk), 1);
       else
-        wgmma_m64n128_rs<1>(o, pf[kk], bd, 1);
+        wgmma_m64n128_rs<1>(o, pf[kk], v_desc(st, kk), 1);
     }
     wgmma_commit();
   };
-  // S_j -> probabilities (in s), the row maxima and sums, and alpha.
-  auto softmax = [&](int j) {
-    const int c0 = j * Bc;
-    const bool mask = c0 + Bc - 1 > warp_first || c0 < warp_doc;
-    online_softmax<Bc / 8>(s, mask, c0, tr, ds, p.scale_log2, mx, l, alpha);
+  // Hands a stage back once this warp's products that read it are done.
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
   };
-  auto stage = [&](int j) {  // tiles of iteration j are in; start the loads of iteration j + 1
-    cp_async_wait();
-    fence_proxy_async();
-    __syncthreads();
-    if (j + 1 <= j1)
-      load_rows_cm<P, kWgThreads>(sK + ((j + 1 - j0) & 1) * Bc * P, k + int64_t(j + 1) * Bc * ks,
-                                  ks, Bc, T - (j + 1) * Bc);
-    if (j > j0 && j <= j1)
-      load_rows_cm<P, kWgThreads>(sV + ((j - j0) & 1) * Bc * P, v + int64_t(j) * Bc * ks, ks, Bc,
-                                  T - j * Bc);
-    cp_async_commit();
-  };
-
-  stage(j0);
-  // This warp's 16 rows of Q, as register A operands of S = Q K^T (ldmatrix from the interleaved
-  // tile: each lane names one 16-byte row of a core matrix).
-#pragma unroll
-  for (int kk = 0; kk < P / 16; ++kk)
-    ldsm4(qf[kk], sQ + cm_offset<P>(r0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-  wgmma_reg_fence(s);
-  wgmma_fence();
-  issue_s(j0);
-  wgmma_wait<0>();
-  wgmma_reg_fence(s);
-  softmax(j0);
-  to_afrag<Bc / 8>(s, pf);
-  for (int j = j0 + 1; j <= j1; ++j) {
-    stage(j);
+  // Ping-pong: warpgroup cw issues after named barrier 1 + cw, then lets the other one issue.
+  // Warpgroup 1 starts; each sync meets one arrival of the other warpgroup (n_tiles each).
+  if (cw == 1) named_arrive(1, 256);
+  // S_i to probabilities (in pf), the row maxima and sums, and alpha; K stage st handed back.
+  auto softmax = [&](int i, int st) {
     wgmma_reg_fence(s);
+    release(k_empty + st);
+    const int c0 = (j0 + i) * Bc;
+    online_softmax<Bc / 8>(s, c0 + Bc - 1 > warp_first || c0 < warp_doc, c0, tr, ds, p.scale_log2,
+                           mx, l, alpha);
+  };
+  // The first tile alone (S only), so that the loop body below issues and waits unconditionally
+  // (products waited for on a branch the compiler cannot follow get serialised).
+  mbar_wait(q_full, 0);
+  mbar_wait(k_full, 0);
+  named_sync(1 + cw, 256);
+  wgmma_fence();
+  issue_s(0);
+  if (cw == 0 || n_tiles > 1) named_arrive(2 - cw, 256);
+  wgmma_wait<0>();
+  softmax(0, 0);
+  to_afrag<Bc / 8>(s, pf);
+  for (int i = 1; i < n_tiles; ++i) {
+    const int st = i & 1, prev = st ^ 1;
+    mbar_wait(k_full + st, (i >> 1) & 1);
+    named_sync(1 + cw, 256);
+    wgmma_reg_fence(s);
+    wgmma_fence();
+    issue_s(st);
+    scale_rows<P / 8>(o, alpha);  // O holds P_i-2 V_i-2 (waited below); scale before P_i-1 V_i-1
+    mbar_wait(v_full + prev, ((i - 1) >> 1) & 1);
     wgmma_reg_fence(o);
     wgmma_fence();
-    issue_s(j);
-    issue_pv(j - 1);
+    issue_pv(prev);
+    if (cw == 0 || i + 1 < n_tiles) named_arrive(2 - cw, 256);
     wgmma_wait<1>();
-    wgmma_reg_fence(s);
-    softmax(j);
-    wgmma_wait<0>();  // P_j-1 V_j-1 is in O: rescale, then P_j may replace P_j-1
+    softmax(i, st);
+    wgmma_wait<0>();
     wgmma_reg_fence(o);
-    rescale<P / 8>(o, alpha);
+    release(v_empty + prev);
     to_afrag<Bc / 8>(s, pf);
   }
-  stage(j1 + 1);
+  scale_rows<P / 8>(o, alpha);
+  mbar_wait(v_full + ((n_tiles - 1) & 1), ((n_tiles - 1) >> 1) & 1);
   wgmma_reg_fence(o);
   wgmma_fence();
-  issue_pv(j1);
+  issue_pv((n_tiles - 1) & 1);
   wgmma_wait<0>();
   wgmma_reg_fence(o);
-  __syncthreads();  // the K buffers stage the output
-  // Stage the output through padded rows (the row stride of store_rows) in the K buffers.
-  bf16* out = tile.o;
-  float* lse = tile.lse;
+
+  // Every valid row sees at least its own key, so l >= 1; rows past T or outside p.rows are not
+  // stored. Each quad writes 16 contiguous bytes of a row per column tile.
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] = quad_sum(l[r]);
     inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
     if ((lane & 3) == 0 && tr[r] < T && p.rows.has(tr[r]))
-      lse[tr[r]] = (mx[r] + __log2f(l[r])) * kLn2;
+      tile.lse[tr[r]] = (mx[r] + __log2f(l[r])) * kLn2;
   }
-  store_rows<P>(o, inv[0], inv[1], sK, r0, out, qs, rows,
-                [&](int r) { return p.rows.has(t0 + r); });
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (tr[r] >= T || !p.rows.has(tr[r])) continue;
+    bf16* out = tile.o + (tr[r] - t0) * tile.qs + 2 * (lane & 3);
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(out + nt * 8) =
+          pack_bf16(o[nt][2 * r] * inv[r], o[nt][2 * r + 1] * inv[r]);
+  }
 #else
-  (void)p;
+  (void)tm_q, (void)tm_k, (void)tm_v, (void)p;
 #endif
 }
 
@@ -337,13 +381,17 @@ void launch_fwd(const AttnParams& p, cudaStream_t stream) {
   CUDA_CHECK(cudaGetLastError());
 }
 
-template <int P, int Bc>
-void launch_fwd_wgmma(const AttnParams& p, cudaStream_t stream) {
-  constexpr int smem = wg_smem_bytes<P, Bc>();
-  CUDA_CHECK(cudaFuncSetAttribute(fwd_kernel_wgmma<P, Bc>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+template <int P>
+void launch_fwd_tma(const AttnParams& p, cudaStream_t stream) {
+  constexpr int smem = tma_smem_bytes<P>();
+  const int64_t rows = int64_t(p.batch) * p.seqlen;
+  const CUtensorMap tq = tma_panel_map(p.q, rows, p.heads, P, kRows);
+  const CUtensorMap tk = tma_panel_map(p.k, rows, p.kv_heads, P, kBcTma);
+  const CUtensorMap tv = tma_panel_map(p.v, rows, p.kv_heads, P, kBcTma);
+  CUDA_CHECK(
+      cudaFuncSetAttribute(fwd_kernel_tma<P>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seqlen + kRows - 1) / kRows, p.heads, p.batch);
-  fwd_kernel_wgmma<P, Bc><<<grid, kWgThreads, smem, stream>>>(p);
+  fwd_kernel_tma<P><<<grid, kTmaThreads, smem, stream>>>(tq, tk, tv, p);
   CUDA_CHECK(cudaGetLastError());
 }
 
@@ -359,9 +407,9 @@ void attention_fwd_cuda(const AttnParams& p, void* stream) {
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (p.use_wgmma && major == 9) {
     if (p.head_dim == 64)
-      attn::launch_fwd_wgmma<64, 128>(p, s);
+      attn::launch_fwd_tma<64>(p, s);
     else
-      attn::launch_fwd_wgmma<128, 128>(p, s);
+      attn::launch_fwd_tma<128>(p, s);
   } else if (p.head_dim == 64) {
     attn::launch_fwd<64, 64>(p, s);
   } else {

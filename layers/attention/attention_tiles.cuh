@@ -97,15 +97,20 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], bool mask, int
   for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
 }
 
-// o (16 x 8 NT) *= alpha per row, skipped when no row's maximum moved (alpha = 1), as happens on
-// most tiles far from a row's start.
+// o (16 x 8 NT) *= alpha per row.
 template <int NT>
-__device__ __forceinline__ void rescale(float (&o)[NT][4], const float (&alpha)[2]) {
-  if (alpha[0] == 1.f && alpha[1] == 1.f) return;
+__device__ __forceinline__ void scale_rows(float (&o)[NT][4], const float (&alpha)[2]) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e / 2];
+}
+// scale_rows, skipped when no row's maximum moved (alpha = 1), as happens on most tiles far from a
+// row's start (not before warpgroup products, for which a branch on data serialises them).
+template <int NT>
+__device__ __forceinline__ void rescale(float (&o)[NT][4], const float (&alpha)[2]) {
+  if (alpha[0] == 1.f && alpha[1] == 1.f) return;
+  scale_rows<NT>(o, alpha);
 }
 
 // Writes this warp's 16 x W accumulator (rows row0 + {lane / 4, lane / 4 + 8}) times `f` as bf16

@@ -3,12 +3,13 @@
 // (no swizzle), or A in registers. A warpgroup (4 consecutive warps, the first a multiple of 4)
 // issues each product together.
 //
-// Shared tiles use the interleaved ("core matrix") layout: a tile of R rows x W columns is cut
-// into 8 x 8 core matrices, each 128 contiguous bytes (8 rows of 16 bytes); core matrix
-// (row / 8, col / 8) starts at element ((row / 8) (W / 8) + col / 8) 64. As a K-major operand
-// (rows are M or N, columns K) its descriptor has LBO = 128 bytes (next 8 columns) and
-// SBO = W / 8 * 128 bytes (next 8 rows). As an MN-major operand (rows are K, columns N) LBO =
-// W / 8 * 128 bytes (next 8 rows of K) and SBO = 128 bytes (next 8 columns of N).
+// Shared tiles use the 128-byte swizzled layout that the tensor copy engine writes with
+// CU_TENSOR_MAP_SWIZZLE_128B: a tile is cut into column panels 64 bf16 (128 bytes) wide, each panel
+// R rows of 128 bytes; the 16-byte chunk c of row r is stored at chunk c ^ (r % 8). Panels start
+// on 1024-byte boundaries, where the pattern repeats. As a K-major operand (rows are M or N) the
+// descriptor's SBO is 1024 bytes (the next 8 rows) and its LBO is unused; the 16-wide K slice kk
+// of a panel starts 32 kk bytes into it. As an MN-major operand (rows are K) SBO is 1024 bytes
+// (the next 8 rows of K) and LBO the distance to the next panel (the next 64 columns of N).
 //
 // The accumulator of m64nN: warp w of the group holds rows 16 w + lane / 4 (elements 4 i, 4 i + 1)
 // and 16 w + lane / 4 + 8 (elements 4 i + 2, 4 i + 3) at columns 8 i + 2 (lane % 4) + {0, 1}:
@@ -22,30 +23,11 @@
 
 namespace braid {
 
-// Element offset of (row, col) in an interleaved tile W columns wide.
-template <int W>
-__device__ __forceinline__ int cm_offset(int row, int col) {
-  return ((row >> 3) * (W / 8) + (col >> 3)) * 64 + (row & 7) * 8 + (col & 7);
-}
-
-// Stages rows [0, rows) x columns [0, W) of a bf16 matrix (row stride gs elements) into an
-// interleaved shared tile by cp.async from kThreads threads: 8 consecutive threads fill one core
-// matrix (bank-conflict free). Rows at or past `valid` are zero-filled.
-template <int W, int kThreads>
-__device__ __forceinline__ void load_rows_cm(__nv_bfloat16* s, const __nv_bfloat16* g, int64_t gs,
-                                             int rows, int valid) {
-  constexpr int kChunks = W / 8;
-  for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
-    const int r8 = i & 7, rest = i >> 3, c = rest % kChunks, rb = rest / kChunks;
-    const int r = rb * 8 + r8;
-    const bool ok = r < valid;
-    cp_async16(s + (rb * kChunks + c) * 64 + r8 * 8, ok ? g + r * gs + c * 8 : g, ok);
-  }
-}
-
-__device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
+// Descriptor of a swizzled operand starting at `smem` (see above); lbo is unused for K-major.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem, uint32_t lbo) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  return uint64_t((a & 0x3FFFF) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32);
+  return uint64_t((a & 0x3FFFF) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -68,12 +50,6 @@ __device__ __forceinline__ void wgmma_reg_fence(float (&d)[N][4]) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
 }
-// Writes shared memory made by ordinary stores or cp.async visible to the products (each writing
-// thread, before the barrier that precedes the products).
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // d (64 x 64) (+)= A (64 x 16, descriptor, K-major) B (16 x 64, descriptor; MN-major when
 // kTransB); accumulate = 0 overwrites d.
 template <int kTransB>
