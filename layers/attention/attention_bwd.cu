@@ -23,6 +23,8 @@
 #include <cuda_runtime.h>
 
 #include "layers/attention/attention_tiles.cuh"
+#include "layers/common/cuda_tma.cuh"
+#include "layers/common/cuda_wgmma.cuh"
 #include "runtime/check.h"
 #include "runtime/cuda_check.h"
 
@@ -70,6 +72,13 @@ __device__ __forceinline__ int ld_acquire(const int* ptr) {
   return v;
 }
 
+// The block's dq additions of a query tile are done: one more on its counter, by one thread after a
+// barrier that follows every thread's additions. The release orders them (cumulatively, through
+// the barrier) before the count, as the waiting block's acquire load expects.
+__device__ __forceinline__ void count_added(int* sem) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(sem) : "memory");
+}
+
 // dst[0, 1] += (a, b) without a return value (one vector reduction on sm_90).
 __device__ __forceinline__ void red_add2(float* dst, float a, float b) {
 #if __CUDA_ARCH__ >= 900
@@ -79,6 +88,46 @@ __device__ __forceinline__ void red_add2(float* dst, float a, float b) {
   atomicAdd(dst, a);
   atomicAdd(dst + 1, b);
 #endif
+}
+
+// The queries that see this thread's two keys of a 16-key fragment starting at key k0 (rows
+// lane / 4 and lane / 4 + 8): [s, end of s's document); keys past T are seen by none.
+struct KeysSeen {
+  int sa, sb, ea, eb;
+  __device__ KeysSeen(const int32_t* seq, int k0, int T) {
+    sa = k0 + (threadIdx.x & 31) / 4, sb = sa + 8;
+    ea = sa < T ? doc_end(seq, sa, T) : 0, eb = sb < T ? doc_end(seq, sb, T) : 0;
+  }
+  // The first document end among the fragment's keys (past it a query tile needs masks).
+  __device__ int warp_end() const {
+    return min(__shfl_sync(0xffffffffu, ea, 0), __shfl_sync(0xffffffffu, eb, 31));
+  }
+};
+
+// A 16-key x 8 NT-query fragment of raw scores s (queries t0 + column) becomes
+// P^T = 2^(s scale log2 e - lse_t log2 e) (tL: lse log2 e of the tile's queries), 0 where `mask`
+// (tiles that cross the diagonal, a document end or the computed rows) hides the pair.
+template <int NT>
+__device__ __forceinline__ void probs_t(float (&s)[NT][4], bool mask, int t0, const float* tL,
+                                        const KeysSeen& ks, const AttnParams& p) {
+  const int lane = threadIdx.x & 31;
+  if (mask) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + 2 * (lane & 3) + (e & 1), t = t0 + c;
+        const bool hide =
+            (e < 2 ? (t < ks.sa || t >= ks.ea) : (t < ks.sb || t >= ks.eb)) || !p.rows.has(t);
+        s[nt][e] = hide ? 0.f : ex2(s[nt][e] * p.scale_log2 - tL[c]);
+      }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[nt][e] = ex2(s[nt][e] * p.scale_log2 - tL[nt * 8 + 2 * (lane & 3) + (e & 1)]);
+  }
 }
 
 template <int P, bool kDet>
@@ -129,10 +178,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
   // This thread's keys (a: lane / 4, b: lane / 4 + 8) are seen by queries [s, end of s's
   // document); keys past T by none. The warp needs masks only on query tiles that start before
   // its last key or reach past its first key's document.
-  const int sa = s0 + r0 + lane / 4, sb = sa + 8;
-  const int ea = sa < T ? doc_end(seq, sa, T) : 0, eb = sb < T ? doc_end(seq, sb, T) : 0;
-  const int warp_last = s0 + r0 + 15;
-  const int warp_end = min(__shfl_sync(0xffffffffu, ea, 0), __shfl_sync(0xffffffffu, eb, 31));
+  const KeysSeen keys_seen(seq, s0 + r0, T);
+  const int warp_last = s0 + r0 + 15, warp_end = keys_seen.warp_end();
 
   float dk[P / 8][4], dv[P / 8][4];
   zero(dk);
@@ -150,8 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
     // The previous step's additions were all issued before this barrier: count them now, a
     // step late, so the fence waits for reductions long done instead of stalling the block.
     if (kDet && threadIdx.x == 0 && prev_sem) {
-      __threadfence();
-      atomicAdd(prev_sem, 1);
+      count_added(prev_sem);
     }
     const int h = hk * group + step / n_i, i = i_lo + step % n_i, t0 = i * kRows;
     const bf16* tQ = sQ + buf * kRows * kLd;
@@ -162,24 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
     float s[kRows / 8][4];
     zero(s);
     mma_ss<kRows / 8, P, true, true>(s, sK, kLd, r0, 0, tQ, kLd, 0);
-    const bool mask =
-        t0 < warp_last || t0 + kRows > warp_end || !p.rows.covers(t0, min(t0 + kRows, T));
-    if (mask) {
-#pragma unroll
-      for (int nt = 0; nt < kRows / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = nt * 8 + 2 * (lane & 3) + (e & 1), t = t0 + c;
-          const bool hide = (e < 2 ? (t < sa || t >= ea) : (t < sb || t >= eb)) || !p.rows.has(t);
-          s[nt][e] = hide ? 0.f : ex2(s[nt][e] * p.scale_log2 - tL[c]);
-        }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < kRows / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[nt][e] = ex2(s[nt][e] * p.scale_log2 - tL[nt * 8 + 2 * (lane & 3) + (e & 1)]);
-    }
+    probs_t(s, t0 < warp_last || t0 + kRows > warp_end || !p.rows.covers(t0, min(t0 + kRows, T)),
+            t0, tL, keys_seen, p);
     uint32_t pf[kRows / 16][4];
     to_afrag<kRows / 8>(s, pf);
     mma_rs<P / 8, kRows / 16, false>(dv, pf, tO, kLd);
@@ -229,14 +259,243 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
   }
   __syncthreads();  // sQ and sO are reused to stage dK and dV; the last additions were issued
   if (kDet && threadIdx.x == 0 && prev_sem) {
-    __threadfence();
-    atomicAdd(prev_sem, 1);
+    count_added(prev_sem);
   }
   bf16* dst_k = static_cast<bf16*>(p.dk) + kv_off;
   bf16* dst_v = static_cast<bf16*>(p.dv) + kv_off;
   auto all = [](int) { return true; };
   store_rows<P>(dk, p.scale, p.scale, sQ, r0, dst_k, ks, keys, all);
   store_rows<P>(dv, 1.f, 1.f, sO, r0, dst_v, ks, keys, all);
+}
+
+// The Hopper backward (sm_90a), warp-specialised like the forward: one block per (128-key tile,
+// KV head, batch row) of 2 warpgroups (a third, producer, warpgroup would cap the registers at
+// 168, too few for dK and dV), steps in the order above. Thread 0 loads K and V once and, one step
+// ahead, each step's Q and dO (TMA, 128-byte swizzle) and lse log2 e and D (bulk copies) into two
+// stages on mbarriers. Warpgroup c owns keys 64 c .. 64 c + 63 and per
+// step computes, keys as rows,
+//   S^T = K Q^T and dP^T = V dO^T (operands from shared memory), P^T and dS^T in registers,
+//   dV += P^T dO and dK += dS^T Q (P^T, dS^T from registers; dO and Q read N-major);
+// both write dS^T (bf16) to a shared tile (one per stage), and after a barrier of the two the dQ
+// tile dS K (dS read M-major, K N-major) is computed, warpgroup c columns c P / 2 .. (c + 1) P / 2
+// - 1, and added into the f32 accumulator as in the sm_80 kernel (deterministic order by
+// default). For P = 64 the K operand of a warpgroup starts 64 bytes into the swizzled rows; the
+// swizzle applies to the whole address, as for the K slices of a K-major operand.
+constexpr int kBwdTmaThreads = 256;
+
+template <int P>
+constexpr int bwd_tma_smem_bytes() {
+  // K, V; Q and dO x 2 stages; dS^T x 2; lse and D x 2; 5 mbarriers; slack to align to 1024.
+  return (2 * kKeys * P + 4 * kRows * P + 2 * kKeys * kRows) * 2 + 4 * kRows * 4 + 5 * 8 + 1024;
+}
+
+template <int P, bool kDet>
+__global__ void __launch_bounds__(kBwdTmaThreads, 1)
+    bwd_kernel_tma(const __grid_constant__ CUtensorMap tm_q,
+                   const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v,
+                   const __grid_constant__ CUtensorMap tm_do, const AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(kRows == 64, "a dS^T row is one 128-byte swizzled panel");
+  constexpr int kPanels = P / 64, kDqCols = P / 2;  // dQ columns per warpgroup
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  bf16* sK = reinterpret_cast<bf16*>(base);                      // [kPanels][kKeys][64], swizzled
+  bf16* sV = sK + kKeys * P;                                     // [kPanels][kKeys][64]
+  bf16* sQ = sV + kKeys * P;                                     // [2][kPanels][kRows][64]
+  bf16* sO = sQ + 2 * kRows * P;                                 // dO, [2][kPanels][kRows][64]
+  bf16* sS = sO + 2 * kRows * P;                                 // dS^T, [2][kKeys][kRows]
+  float* sL = reinterpret_cast<float*>(sS + 2 * kKeys * kRows);  // lse log2 e, [2][kRows]
+  float* sD = sL + 2 * kRows;                                    // D, [2][kRows]
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(sD + 2 * kRows);
+  uint64_t *full = kv_full + 1, *empty = kv_full + 3;
+
+  const int T = p.seqlen, H = p.heads, group = H / p.kv_heads;
+  const int j = int(gridDim.x) - 1 - int(blockIdx.x), hk = blockIdx.y, b = blockIdx.z;
+  const int s0 = j * kKeys, keys = min(kKeys, T - s0);
+  const int32_t* seq = p.seq_idx ? p.seq_idx + int64_t(b) * T : nullptr;
+  const int i_lo = s0 / kRows, i_hi = (doc_end(seq, s0 + keys - 1, T) - 1) / kRows;
+  const int n_i = i_hi - i_lo + 1, steps = group * n_i;
+  const int64_t tq = p.geo.tq;
+  if (threadIdx.x == 0) {
+    mbar_init(kv_full, 1);
+    for (int st = 0; st < 2; ++st) mbar_init(full + st, 1), mbar_init(empty + st, 8);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  // Thread 0 also loads: K and V, and each step's tiles one step ahead, into the stage that the
+  // step before last handed back.
+  const int row0 = b * T;
+  auto load_step = [&](int step) {
+    const int st = step & 1, h = hk * group + step / n_i, t0 = (i_lo + step % n_i) * kRows;
+    if (step >= 2) mbar_wait(empty + st, ((step >> 1) - 1) & 1);
+    mbar_arrive_expect_tx(full + st, 2 * kRows * P * 2 + 2 * kRows * 4);
+    for (int c = 0; c < kPanels; ++c) {
+      tma_load_3d(sQ + (st * kPanels + c) * kRows * 64, &tm_q, c * 64, h, row0 + t0, full + st);
+      tma_load_3d(sO + (st * kPanels + c) * kRows * 64, &tm_do, c * 64, h, row0 + t0, full + st);
+    }
+    const int64_t lane_off = (int64_t(b) * H + h) * tq + t0;
+    bulk_load(sL + st * kRows, p.ws + p.geo.lse2 + lane_off, kRows * 4, full + st);
+    bulk_load(sD + st * kRows, p.ws + p.geo.delta + lane_off, kRows * 4, full + st);
+  };
+  if (threadIdx.x == 0) {
+    mbar_arrive_expect_tx(kv_full, 2 * kKeys * P * 2);
+    for (int c = 0; c < kPanels; ++c) {
+      tma_load_3d(sK + c * kKeys * 64, &tm_k, c * 64, hk, row0 + s0, kv_full);
+      tma_load_3d(sV + c * kKeys * 64, &tm_v, c * 64, hk, row0 + s0, kv_full);
+    }
+    load_step(0);
+  }
+  const int cw = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // warp-uniform
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int r0 = cw * 64 + warp * 16;  // this warp's first key of the tile
+  const KeysSeen keys_seen(seq, s0 + r0, T);
+  const int warp_last = s0 + r0 + 15, warp_end = keys_seen.warp_end();
+  // Descriptors: K slice kk of rows row0 .. row0 + 63 of a K-major [kPanels][rows][64] tile; rows
+  // 16 kk .. 16 kk + 15 (the K of the product) of an N- or M-major [kPanels][rows][64] tile.
+  auto k_major = [](const bf16* tile, int rows, int row0, int kk) {
+    return wgmma_desc_sw128(tile + ((kk / 4) * rows + row0) * 64 + (kk % 4) * 16, 16);
+  };
+  auto mn_major = [](const bf16* tile, int rows, int kk) {
+    return wgmma_desc_sw128(tile + kk * 16 * 64, rows * 128);
+  };
+  // Hands a stage back once this warp's products that read it are done.
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  float dk[P / 8][4], dv[P / 8][4];
+  zero(dk);
+  zero(dv);
+  int* prev_sem = nullptr;  // the query tile's counter of the previous step
+  mbar_wait(kv_full, 0);
+  for (int step = 0; step < steps; ++step) {
+    const int st = step & 1, h = hk * group + step / n_i, i = i_lo + step % n_i, t0 = i * kRows;
+    const bf16* tQ = sQ + st * kRows * P;
+    const bf16* tO = sO + st * kRows * P;
+    bf16* tS = sS + st * kKeys * kRows;
+    if (threadIdx.x == 0 && step + 1 < steps) load_step(step + 1);
+    mbar_wait(full + st, (step >> 1) & 1);
+    float s[kRows / 8][4], dp[kRows / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < P / 16; ++kk)
+      wgmma_m64n64_ss<0, 0>(s, k_major(sK, kKeys, cw * 64, kk), k_major(tQ, kRows, 0, kk), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < P / 16; ++kk)
+      wgmma_m64n64_ss<0, 0>(dp, k_major(sV, kKeys, cw * 64, kk), k_major(tO, kRows, 0, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<1>();  // S^T is in
+    wgmma_reg_fence(s);
+    probs_t(s, t0 < warp_last || t0 + kRows > warp_end || !p.rows.covers(t0, min(t0 + kRows, T)),
+            t0, sL + st * kRows, keys_seen, p);
+    uint32_t pf[kRows / 16][4];
+    to_afrag<kRows / 8>(s, pf);
+    wgmma_reg_fence(dv);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      if constexpr (P == 64)
+        wgmma_m64n64_rs<1>(dv, pf[kk], mn_major(tO, kRows, kk), 1);
+      else
+        wgmma_m64n128_rs<1>(dv, pf[kk], mn_major(tO, kRows, kk), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T is in (dV may still run)
+    wgmma_reg_fence(dp);
+    const float* tD = sD + st * kRows;
+#pragma unroll
+    for (int nt = 0; nt < kRows / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] *= dp[nt][e] - tD[nt * 8 + 2 * (lane & 3) + (e & 1)];
+    uint32_t sf[kRows / 16][4];
+    to_afrag<kRows / 8>(s, sf);
+    wgmma_reg_fence(dk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      if constexpr (P == 64)
+        wgmma_m64n64_rs<1>(dk, sf[kk], mn_major(tQ, kRows, kk), 1);
+      else
+        wgmma_m64n128_rs<1>(dk, sf[kk], mn_major(tQ, kRows, kk), 1);
+    }
+    wgmma_commit();
+    {  // dS^T into the swizzled tile: key row r holds queries c, c + 1 at chunk c / 8 ^ r % 8
+      auto put = [&](int r, int c, uint32_t v) {
+        *reinterpret_cast<uint32_t*>(tS + r * 64 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7))) = v;
+      };
+      const int r = r0 + lane / 4, c = 2 * (lane & 3);
+#pragma unroll
+      for (int t = 0; t < kRows / 16; ++t) {
+        put(r, 16 * t + c, sf[t][0]);
+        put(r + 8, 16 * t + c, sf[t][1]);
+        put(r, 16 * t + 8 + c, sf[t][2]);
+        put(r + 8, 16 * t + 8 + c, sf[t][3]);
+      }
+    }
+    fence_proxy_async();
+    __syncthreads();  // both dS^T halves are in; the previous step's additions were issued
+    if (kDet && threadIdx.x == 0 && prev_sem) {  // count them, a step late (as in sm_80)
+      count_added(prev_sem);
+    }
+    float dq[kDqCols / 8][4];
+    const int col0 = cw * kDqCols, col_panel = col0 / 64 * kKeys * 64 + col0 % 64;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint64_t a = mn_major(tS, kKeys, kk), bk = mn_major(sK + col_panel, kKeys, kk);
+      if constexpr (kDqCols == 64)
+        wgmma_m64n64_ss<1, 1>(dq, a, bk, kk > 0);
+      else
+        wgmma_m64n32_ss<1, 1>(dq, a, bk, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_reg_fence(dq);
+    wgmma_reg_fence(dk);
+    wgmma_reg_fence(dv);
+    release(empty + st);
+    int* sem = reinterpret_cast<int*>(p.ws + p.geo.sem) + (int64_t(b) * H + h) * (tq / kRows) + i;
+    if (kDet) {
+      const int before = min(t0 + kRows - 1, T - 1) / kKeys - j;  // key tiles that add first
+      if (lane == 0)
+        while (ld_acquire(sem) != before) {
+        }
+      __syncwarp();
+    }
+    float* acc =
+        p.ws + p.geo.dq_acc + ((int64_t(b) * H + h) * tq + t0 + warp * 16) * P + cw * kDqCols;
+    const int ra = lane / 4, c = 2 * (lane & 3);
+#pragma unroll
+    for (int nt = 0; nt < kDqCols / 8; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        red_add2(acc + (ra + 8 * half) * P + nt * 8 + c, dq[nt][2 * half], dq[nt][2 * half + 1]);
+    prev_sem = sem;
+  }
+  __syncthreads();  // the last additions were issued
+  if (kDet && threadIdx.x == 0 && prev_sem) {
+    count_added(prev_sem);
+  }
+  const int64_t ks = int64_t(p.kv_heads) * P, kv_off = (int64_t(b) * T + s0) * ks + hk * P;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = r0 + lane / 4 + 8 * half;
+    if (r >= keys) continue;
+    bf16* dst_k = static_cast<bf16*>(p.dk) + kv_off + r * ks + 2 * (lane & 3);
+    bf16* dst_v = static_cast<bf16*>(p.dv) + kv_off + r * ks + 2 * (lane & 3);
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dst_k + nt * 8) =
+          pack_bf16(dk[nt][2 * half] * p.scale, dk[nt][2 * half + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dst_v + nt * 8) =
+          pack_bf16(dv[nt][2 * half], dv[nt][2 * half + 1]);
+    }
+  }
+#else
+  (void)tm_q, (void)tm_k, (void)tm_v, (void)tm_do, (void)p;
+#endif
 }
 
 // dq[b, t, h] = scale dq_acc[b, h, t] as bf16, 8 elements per thread.
@@ -259,7 +518,7 @@ __global__ void final_kernel(const AttnParams p) {
 }
 
 template <int P>
-void launch_bwd(const AttnParams& p, cudaStream_t stream) {
+void launch_bwd(const AttnParams& p, bool hopper, cudaStream_t stream) {
   const int64_t rows = int64_t(p.batch) * p.heads * p.geo.tq;
   prep_kernel<P><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
@@ -267,11 +526,23 @@ void launch_bwd(const AttnParams& p, cudaStream_t stream) {
   if (p.deterministic)
     CUDA_CHECK(cudaMemsetAsync(
         p.ws + p.geo.sem, 0, sizeof(int) * size_t(p.batch) * p.heads * (p.geo.tq / kRows), stream));
-  constexpr int smem = bwd_smem_bytes<P>();
-  auto kernel = p.deterministic ? bwd_kernel<P, true> : bwd_kernel<P, false>;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.seqlen + kKeys - 1) / kKeys, p.kv_heads, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  if (hopper) {
+    constexpr int smem = bwd_tma_smem_bytes<P>();
+    const int64_t rows = int64_t(p.batch) * p.seqlen;
+    const CUtensorMap tq = tma_panel_map(p.q, rows, p.heads, P, kRows);
+    const CUtensorMap tk = tma_panel_map(p.k, rows, p.kv_heads, P, kKeys);
+    const CUtensorMap tv = tma_panel_map(p.v, rows, p.kv_heads, P, kKeys);
+    const CUtensorMap tdo = tma_panel_map(p.dout, rows, p.heads, P, kRows);
+    auto kernel = p.deterministic ? bwd_kernel_tma<P, true> : bwd_kernel_tma<P, false>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kBwdTmaThreads, smem, stream>>>(tq, tk, tv, tdo, p);
+  } else {
+    constexpr int smem = bwd_smem_bytes<P>();
+    auto kernel = p.deterministic ? bwd_kernel<P, true> : bwd_kernel<P, false>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+  }
   CUDA_CHECK(cudaGetLastError());
   const int64_t vecs = int64_t(p.batch) * p.seqlen * p.heads * (P / 8);
   final_kernel<P><<<unsigned((vecs + 255) / 256), 256, 0, stream>>>(p);
@@ -285,10 +556,14 @@ namespace braid {
 
 void attention_bwd_cuda(const AttnParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
+  int device = 0, major = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const bool hopper = p.use_wgmma && major == 9;
   if (p.head_dim == 64)
-    attn::launch_bwd<64>(p, s);
+    attn::launch_bwd<64>(p, hopper, s);
   else
-    attn::launch_bwd<128>(p, s);
+    attn::launch_bwd<128>(p, hopper, s);
 }
 
 }  // namespace braid

@@ -248,123 +248,124 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
           tma_load_3d(sV + (st * kPanels + c) * Bc * 64, &tm_v, c * 64, hk, row, v_full + st);
       }
     }
-    return;
-  }
-  setmaxnreg_inc<240>();
-  const int cw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int r0 = cw * 64 + warp * 16;  // this warp's first row of the tile
-  const int32_t* seq = tile.seq;
-  int tr[2], ds[2];
+  } else {
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int r0 = cw * 64 + warp * 16;  // this warp's first row of the tile
+    const int32_t* seq = tile.seq;
+    int tr[2], ds[2];
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    tr[e] = t0 + r0 + lane / 4 + 8 * e;
-    ds[e] = doc_start(seq, min(tr[e], T - 1));
-  }
-  const int warp_first = t0 + r0, warp_doc = __shfl_sync(0xffffffffu, ds[1], 31);
-
-  // Descriptors of the 16-wide K slice kk: of this warpgroup's 64 rows of Q, of the K tile of
-  // stage st (both K-major), and of keys 16 kk .. 16 kk + 15 of the V tile (N-major, the next 64
-  // columns a panel further).
-  auto q_desc = [&](int kk) {
-    return wgmma_desc_sw128(sQ + ((kk / 4) * kRows + cw * 64) * 64 + (kk % 4) * 16, 16);
-  };
-  auto k_desc = [&](int st, int kk) {
-    return wgmma_desc_sw128(sK + (st * kPanels + kk / 4) * Bc * 64 + (kk % 4) * 16, 16);
-  };
-  auto v_desc = [&](int st, int kk) {
-    return wgmma_desc_sw128(sV + st * kPanels * Bc * 64 + kk * 16 * 64, Bc * 128);
-  };
-  float o[P / 8][4], s[Bc / 8][4], alpha[2], mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  uint32_t pf[Bc / 16][4];
-  zero(o);
-  auto issue_s = [&](int st) {
-#pragma unroll
-    for (int kk = 0; kk < P / 16; ++kk) wgmma_m64n128_ss<0>(s, q_desc(kk), k_desc(st, kk), kk > 0);
-    wgmma_commit();
-  };
-  auto issue_pv = [&](int st) {
-#pragma unroll
-    for (int kk = 0; kk < Bc / 16; ++kk) {
-      if constexpr (P == 64)
-        wgmma_m64n64_rs<1>(o, pf[kk], v_desc(st, kk), 1);
-      else
-        wgmma_m64n128_rs<1>(o, pf[kk], v_desc(st, kk), 1);
+    for (int e = 0; e < 2; ++e) {
+      tr[e] = t0 + r0 + lane / 4 + 8 * e;
+      ds[e] = doc_start(seq, min(tr[e], T - 1));
     }
-    wgmma_commit();
-  };
-  // Hands a stage back once this warp's products that read it are done.
-  auto release = [&](uint64_t* bar) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar);
-  };
-  // Ping-pong: warpgroup cw issues after named barrier 1 + cw, then lets the other one issue.
-  // Warpgroup 1 starts; each sync meets one arrival of the other warpgroup (n_tiles each).
-  if (cw == 1) named_arrive(1, 256);
-  // S_i to probabilities (in pf), the row maxima and sums, and alpha; K stage st handed back.
-  auto softmax = [&](int i, int st) {
-    wgmma_reg_fence(s);
-    release(k_empty + st);
-    const int c0 = (j0 + i) * Bc;
-    online_softmax<Bc / 8>(s, c0 + Bc - 1 > warp_first || c0 < warp_doc, c0, tr, ds, p.scale_log2,
-                           mx, l, alpha);
-  };
-  // The first tile alone (S only), so that the loop body below issues and waits unconditionally
-  // (products waited for on a branch the compiler cannot follow get serialised).
-  mbar_wait(q_full, 0);
-  mbar_wait(k_full, 0);
-  named_sync(1 + cw, 256);
-  wgmma_fence();
-  issue_s(0);
-  if (cw == 0 || n_tiles > 1) named_arrive(2 - cw, 256);
-  wgmma_wait<0>();
-  softmax(0, 0);
-  to_afrag<Bc / 8>(s, pf);
-  for (int i = 1; i < n_tiles; ++i) {
-    const int st = i & 1, prev = st ^ 1;
-    mbar_wait(k_full + st, (i >> 1) & 1);
+    const int warp_first = t0 + r0, warp_doc = __shfl_sync(0xffffffffu, ds[1], 31);
+
+    // Descriptors of the 16-wide K slice kk: of this warpgroup's 64 rows of Q, of the K tile of
+    // stage st (both K-major), and of keys 16 kk .. 16 kk + 15 of the V tile (N-major, the next 64
+    // columns a panel further).
+    auto q_desc = [&](int kk) {
+      return wgmma_desc_sw128(sQ + ((kk / 4) * kRows + cw * 64) * 64 + (kk % 4) * 16, 16);
+    };
+    auto k_desc = [&](int st, int kk) {
+      return wgmma_desc_sw128(sK + (st * kPanels + kk / 4) * Bc * 64 + (kk % 4) * 16, 16);
+    };
+    auto v_desc = [&](int st, int kk) {
+      return wgmma_desc_sw128(sV + st * kPanels * Bc * 64 + kk * 16 * 64, Bc * 128);
+    };
+    float o[P / 8][4], s[Bc / 8][4], alpha[2], mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    uint32_t pf[Bc / 16][4];
+    zero(o);
+    auto issue_s = [&](int st) {
+#pragma unroll
+      for (int kk = 0; kk < P / 16; ++kk)
+        wgmma_m64n128_ss<0, 0>(s, q_desc(kk), k_desc(st, kk), kk > 0);
+      wgmma_commit();
+    };
+    auto issue_pv = [&](int st) {
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk) {
+        if constexpr (P == 64)
+          wgmma_m64n64_rs<1>(o, pf[kk], v_desc(st, kk), 1);
+        else
+          wgmma_m64n128_rs<1>(o, pf[kk], v_desc(st, kk), 1);
+      }
+      wgmma_commit();
+    };
+    // Hands a stage back once this warp's products that read it are done.
+    auto release = [&](uint64_t* bar) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar);
+    };
+    // Ping-pong: warpgroup cw issues after named barrier 1 + cw, then lets the other one issue.
+    // Warpgroup 1 starts; each sync meets one arrival of the other warpgroup (n_tiles each).
+    if (cw == 1) named_arrive(1, 256);
+    // S_i to probabilities (in pf), the row maxima and sums, and alpha; K stage st handed back.
+    auto softmax = [&](int i, int st) {
+      wgmma_reg_fence(s);
+      release(k_empty + st);
+      const int c0 = (j0 + i) * Bc;
+      online_softmax<Bc / 8>(s, c0 + Bc - 1 > warp_first || c0 < warp_doc, c0, tr, ds, p.scale_log2,
+                             mx, l, alpha);
+    };
+    // The first tile alone (S only), so that the loop body below issues and waits unconditionally
+    // (products waited for on a branch the compiler cannot follow get serialised).
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full, 0);
     named_sync(1 + cw, 256);
-    wgmma_reg_fence(s);
     wgmma_fence();
-    issue_s(st);
-    scale_rows<P / 8>(o, alpha);  // O holds P_i-2 V_i-2 (waited below); scale before P_i-1 V_i-1
-    mbar_wait(v_full + prev, ((i - 1) >> 1) & 1);
+    issue_s(0);
+    if (cw == 0 || n_tiles > 1) named_arrive(2 - cw, 256);
+    wgmma_wait<0>();
+    softmax(0, 0);
+    to_afrag<Bc / 8>(s, pf);
+    for (int i = 1; i < n_tiles; ++i) {
+      const int st = i & 1, prev = st ^ 1;
+      mbar_wait(k_full + st, (i >> 1) & 1);
+      named_sync(1 + cw, 256);
+      wgmma_reg_fence(s);
+      wgmma_fence();
+      issue_s(st);
+      scale_rows<P / 8>(o, alpha);  // O holds P_i-2 V_i-2 (waited below); scale before P_i-1 V_i-1
+      mbar_wait(v_full + prev, ((i - 1) >> 1) & 1);
+      wgmma_reg_fence(o);
+      wgmma_fence();
+      issue_pv(prev);
+      if (cw == 0 || i + 1 < n_tiles) named_arrive(2 - cw, 256);
+      wgmma_wait<1>();
+      softmax(i, st);
+      wgmma_wait<0>();
+      wgmma_reg_fence(o);
+      release(v_empty + prev);
+      to_afrag<Bc / 8>(s, pf);
+    }
+    scale_rows<P / 8>(o, alpha);
+    mbar_wait(v_full + ((n_tiles - 1) & 1), ((n_tiles - 1) >> 1) & 1);
     wgmma_reg_fence(o);
     wgmma_fence();
-    issue_pv(prev);
-    if (cw == 0 || i + 1 < n_tiles) named_arrive(2 - cw, 256);
-    wgmma_wait<1>();
-    softmax(i, st);
+    issue_pv((n_tiles - 1) & 1);
     wgmma_wait<0>();
     wgmma_reg_fence(o);
-    release(v_empty + prev);
-    to_afrag<Bc / 8>(s, pf);
-  }
-  scale_rows<P / 8>(o, alpha);
-  mbar_wait(v_full + ((n_tiles - 1) & 1), ((n_tiles - 1) >> 1) & 1);
-  wgmma_reg_fence(o);
-  wgmma_fence();
-  issue_pv((n_tiles - 1) & 1);
-  wgmma_wait<0>();
-  wgmma_reg_fence(o);
 
-  // Every valid row sees at least its own key, so l >= 1; rows past T or outside p.rows are not
-  // stored. Each quad writes 16 contiguous bytes of a row per column tile.
-  float inv[2];
+    // Every valid row sees at least its own key, so l >= 1; rows past T or outside p.rows are not
+    // stored. Each quad writes 16 contiguous bytes of a row per column tile.
+    float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] = quad_sum(l[r]);
-    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    if ((lane & 3) == 0 && tr[r] < T && p.rows.has(tr[r]))
-      tile.lse[tr[r]] = (mx[r] + __log2f(l[r])) * kLn2;
-  }
+    for (int r = 0; r < 2; ++r) {
+      l[r] = quad_sum(l[r]);
+      inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      if ((lane & 3) == 0 && tr[r] < T && p.rows.has(tr[r]))
+        tile.lse[tr[r]] = (mx[r] + __log2f(l[r])) * kLn2;
+    }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (tr[r] >= T || !p.rows.has(tr[r])) continue;
-    bf16* out = tile.o + (tr[r] - t0) * tile.qs + 2 * (lane & 3);
+    for (int r = 0; r < 2; ++r) {
+      if (tr[r] >= T || !p.rows.has(tr[r])) continue;
+      bf16* out = tile.o + (tr[r] - t0) * tile.qs + 2 * (lane & 3);
 #pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(out + nt * 8) =
-          pack_bf16(o[nt][2 * r] * inv[r], o[nt][2 * r + 1] * inv[r]);
+      for (int nt = 0; nt < P / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(out + nt * 8) =
+            pack_bf16(o[nt][2 * r] * inv[r], o[nt][2 * r + 1] * inv[r]);
+    }
   }
 #else
   (void)tm_q, (void)tm_k, (void)tm_v, (void)p;
