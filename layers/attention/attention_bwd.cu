@@ -386,6 +386,14 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
     for (int kk = 0; kk < P / 16; ++kk)
       wgmma_m64n64_ss<0, 0>(dp, k_major(sV, kKeys, cw * 64, kk), k_major(tO, kRows, 0, kk), kk > 0);
     wgmma_commit();
+    int* sem = reinterpret_cast<int*>(p.ws + p.geo.sem) + (int64_t(b) * H + h) * (tq / kRows) + i;
+    if (kDet) {  // wait for the key tiles that add to this query tile first, under the products
+      const int before = min(t0 + kRows - 1, T - 1) / kKeys - j;
+      if (lane == 0)
+        while (ld_acquire(sem) != before) {
+        }
+      __syncwarp();
+    }
     wgmma_wait<1>();  // S^T is in
     wgmma_reg_fence(s);
     probs_t(s, t0 < warp_last || t0 + kRows > warp_end || !p.rows.covers(t0, min(t0 + kRows, T)),
@@ -456,14 +464,6 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
     wgmma_reg_fence(dk);
     wgmma_reg_fence(dv);
     release(empty + st);
-    int* sem = reinterpret_cast<int*>(p.ws + p.geo.sem) + (int64_t(b) * H + h) * (tq / kRows) + i;
-    if (kDet) {
-      const int before = min(t0 + kRows - 1, T - 1) / kKeys - j;  // key tiles that add first
-      if (lane == 0)
-        while (ld_acquire(sem) != before) {
-        }
-      __syncwarp();
-    }
     float* acc =
         p.ws + p.geo.dq_acc + ((int64_t(b) * H + h) * tq + t0 + warp * 16) * P + cw * kDqCols;
     const int ra = lane / 4, c = 2 * (lane & 3);
