@@ -684,6 +684,11 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const auto t0 = Clock::now();
   auto last = t0;
   double interval_loss = 0, interval_comm = 0, comm_before = comm_seconds();
+  // Pipeline runs: the step's bubble, 1 - the stages' busy time / their total time (each measured
+  // with events on its stream), and the schedule's in theory (equal stages).
+  double bubble = 0, interval_bubble = 0;
+  const double bubble_theory =
+      pp > 1 ? theoretical_bubble(pp, int(ts.grad_accum), schedule.chunks) : 0.0;
   int64_t interval_steps = 0;
   // Gradient buckets: the replicated parameters' gradients summed over the data group while the
   // last microbatch's backward goes on (pipeline runs reduce after their schedule).
@@ -724,12 +729,14 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
         batches.push_back(&input_of(micro));
       }
       stage_run->start(batches, 1.0 / double(tokens_per_step), aux_scale);
-      run_pipeline(schedule, *stage_run, *pp_comm);
-      std::vector<double> sums{stage_run->loss(), stage_run->aux() / double(ts.grad_accum)};
-      pp_group->all_reduce(  // the last stage's loss, every stage's auxiliary losses
-          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {2}, "stage_loss"),
+      const PipeRunStats run = run_pipeline(schedule, *stage_run, *pp_comm, *backend);
+      std::vector<double> sums{stage_run->loss(), stage_run->aux() / double(ts.grad_accum),
+                               run.busy_s, run.total_s};
+      pp_group->all_reduce(  // the last stage's loss, every stage's auxiliary losses and times
+          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {4}, "stage_loss"),
           ReduceOp::sum);
       loss_sum = sums[0], aux = sums[1];
+      bubble = sums[3] > 0 ? 1.0 - sums[2] / sums[3] : 0.0;
       // Tied embeddings: the table's gradient is the first stage's lookup plus the last stage's
       // output projection.
       if (tied_comm)
@@ -759,7 +766,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     for (const auto& m : chunks) m->after_optimizer_step();
     const double comm_now = comm_seconds(), comm = comm_now - comm_before;
     comm_before = comm_now;
-    interval_loss += loss, interval_comm += comm, ++interval_steps;
+    interval_loss += loss, interval_comm += comm, interval_bubble += bubble, ++interval_steps;
     const auto now = Clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();
     const double elapsed = std::chrono::duration<double>(now - t0).count();
@@ -775,24 +782,30 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
                       {"gflops_per_s", tokens_per_step * flops_tok / dt / 1e9},
                       {"mfu", gpu ? tokens_per_step * flops_tok / dt / kPeakFlops / ranks : 0.0},
                       {"comm_s", comm},
+                      {"pp_bubble", bubble},
+                      {"pp_bubble_theory", bubble_theory},
                       {"elapsed_s", elapsed}});
     if ((step + 1) % ts.log_interval == 0 || step + 1 == ts.steps) {
       s.final_train_loss = interval_loss / double(interval_steps);
       const double per_step = elapsed / double(step + 1 - start_step);
-      char mfu[64] = "";
+      char mfu[128] = "";
       if (gpu)
         std::snprintf(mfu, sizeof(mfu), " | MFU %.1f%%",
                       100 * tokens_per_step * flops_tok / per_step / kPeakFlops / ranks);
       if (ranks > 1)  // rank 0's communication time per step over the interval
         std::snprintf(mfu + std::strlen(mfu), sizeof(mfu) - std::strlen(mfu), " | comm %.0f ms",
                       1e3 * interval_comm / double(interval_steps));
+      if (pp > 1)
+        std::snprintf(mfu + std::strlen(mfu), sizeof(mfu) - std::strlen(mfu),
+                      " | bubble %.1f%% (theory %.1f%%)",
+                      100 * interval_bubble / double(interval_steps), 100 * bubble_theory);
       say("step %5lld/%lld | loss %.4f | aux %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
           "%.2f GFLOP/s%s | elapsed %s | remaining %s\n",
           (long long)(step + 1), (long long)ts.steps, s.final_train_loss, aux, lr, norm,
           tokens_per_step / per_step, tokens_per_step * flops_tok / per_step / 1e9, mfu,
           hms(elapsed).c_str(), hms(per_step * double(ts.steps - step - 1)).c_str());
       if (lead) std::fflush(stdout);
-      interval_loss = 0, interval_comm = 0, interval_steps = 0;
+      interval_loss = 0, interval_comm = 0, interval_bubble = 0, interval_steps = 0;
     }
     if ((step + 1) % ts.eval_interval == 0 || step + 1 == ts.steps) {
       s.final_valid_loss = evaluate();

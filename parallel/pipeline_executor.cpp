@@ -1,22 +1,13 @@
 #include "parallel/pipeline_executor.h"
 
-#include <chrono>
 #include <cstring>
 #include <memory>
 #include <vector>
 
 namespace braid {
-namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
-
-}  // namespace
-
-PipeRunStats run_pipeline(const PipeTable& table, PipeStage& stage, Communicator& pp) {
+PipeRunStats run_pipeline(const PipeTable& table, PipeStage& stage, Communicator& pp,
+                          Backend& timer) {
   check_table(table);
   BRAID_CHECK(pp.size() == table.stages, "pipeline: the pp group has ", pp.size(),
               " ranks, the schedule ", table.stages, " stages");
@@ -49,21 +40,23 @@ PipeRunStats run_pipeline(const PipeTable& table, PipeStage& stage, Communicator
     return pp.irecv(buffer_of(a), n.peer, n.tag);
   };
   std::vector<std::unique_ptr<PendingTransfer>> sends;
+  // Events: the start, the end, and each action's begin and end.
+  std::vector<Event> ev(2 + 2 * acts.size());
+  for (Event& e : ev) e = timer.create_event(true);
   pp.barrier();
-  const auto start = Clock::now();
-  PipeRunStats st;
+  timer.record(ev[0], {});
   std::unique_ptr<PendingTransfer> next = acts.empty() ? nullptr : post(acts[0]);
   for (size_t i = 0; i < acts.size(); ++i) {
     const PipeAction& a = acts[i];
     std::unique_ptr<PendingTransfer> mine = std::move(next);
     if (mine) mine->wait();
     if (i + 1 < acts.size()) next = post(acts[i + 1]);
-    const auto t0 = Clock::now();
+    timer.record(ev[2 + 2 * i], {});
     if (a.forward)
       stage.forward(a.microbatch, a.chunk);
     else
       stage.backward(a.microbatch, a.chunk);
-    st.busy_s += seconds(t0, Clock::now());
+    timer.record(ev[3 + 2 * i], {});
     // Pass the result on: forward to piece k + 1, backward to piece k - 1.
     const int k = a.chunk * p_n + s, to = a.forward ? k + 1 : k - 1;
     if (to < 0 || to >= pieces) continue;
@@ -84,7 +77,12 @@ PipeRunStats run_pipeline(const PipeTable& table, PipeStage& stage, Communicator
     }
   }
   for (auto& t : sends) t->wait();
-  st.total_s = seconds(start, Clock::now());
+  timer.record(ev[1], {});
+  PipeRunStats st;
+  st.total_s = timer.elapsed_ms(ev[0], ev[1]) / 1e3;
+  for (size_t i = 0; i < acts.size(); ++i)
+    st.busy_s += timer.elapsed_ms(ev[2 + 2 * i], ev[3 + 2 * i]) / 1e3;
+  for (Event& e : ev) timer.destroy_event(e);
   return st;
 }
 

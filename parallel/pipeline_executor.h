@@ -10,6 +10,7 @@
 
 #include "parallel/communicator.h"
 #include "parallel/pipeline_schedule.h"
+#include "runtime/backend.h"
 
 namespace braid {
 
@@ -30,12 +31,15 @@ class PipeStage {
   virtual void backward(int microbatch, int chunk) = 0;
 };
 
+// Times of one run on this stage, measured with `timer`'s events on its default stream (on a
+// GPU the kernels' time, including the waits for arriving transfers between them).
 struct PipeRunStats {
   double busy_s = 0;   // time in forward and backward
-  double total_s = 0;  // from the start to the last action's end (after a barrier)
+  double total_s = 0;  // from the start (after a barrier) to the end of the last action and send
 };
 
 // Runs stage pp.rank() of `table` (pp.size() = table.stages); collective over pp.
-PipeRunStats run_pipeline(const PipeTable& table, PipeStage& stage, Communicator& pp);
+PipeRunStats run_pipeline(const PipeTable& table, PipeStage& stage, Communicator& pp,
+                          Backend& timer);
 
 }  // namespace braid

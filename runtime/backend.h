@@ -49,13 +49,17 @@ class Backend {
 
   virtual Stream create_stream() = 0;
   virtual void destroy_stream(Stream s) = 0;
-  virtual Event create_event() = 0;
+  // Events mark a point of a stream's work (CPU: the moment of record). Timing events can be
+  // measured against each other.
+  virtual Event create_event(bool timing = false) = 0;
   virtual void destroy_event(Event e) = 0;
   virtual void record(Event e, Stream s) = 0;
   virtual void wait(Stream s, Event e) = 0;
   virtual void synchronize(Stream s) = 0;
   // Whether the work before the event's record has finished (does not wait).
   virtual bool finished(Event e) = 0;
+  // Milliseconds from timing event `start` to timing event `end`, both recorded (waits for end).
+  virtual double elapsed_ms(Event start, Event end) = 0;
 
   int64_t allocation_count() const { return allocations_; }
   size_t bytes_in_use() const { return bytes_in_use_; }

@@ -1,3 +1,4 @@
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -98,12 +99,21 @@ class CpuBackend final : public Backend {
 
   Stream create_stream() override { return {}; }
   void destroy_stream(Stream) override {}
-  Event create_event() override { return {}; }
-  void destroy_event(Event) override {}
-  void record(Event, Stream) override {}
+  // An event is the moment of its last record (work on the CPU is done when recorded).
+  using Clock = std::chrono::steady_clock;
+  Event create_event(bool) override { return {new Clock::time_point()}; }
+  void destroy_event(Event e) override { delete static_cast<Clock::time_point*>(e.handle); }
+  void record(Event e, Stream) override {
+    *static_cast<Clock::time_point*>(e.handle) = Clock::now();
+  }
   void wait(Stream, Event) override {}
   void synchronize(Stream) override {}
   bool finished(Event) override { return true; }
+  double elapsed_ms(Event start, Event end) override {
+    return std::chrono::duration<double, std::milli>(*static_cast<Clock::time_point*>(end.handle) -
+                                                     *static_cast<Clock::time_point*>(start.handle))
+        .count();
+  }
 };
 
 }  // namespace

@@ -155,9 +155,9 @@ class CudaBackend final : public Backend {
     return Stream{s};
   }
   void destroy_stream(Stream s) override { CUDA_CHECK(cudaStreamDestroy(as_cuda(s))); }
-  Event create_event() override {
+  Event create_event(bool timing) override {
     cudaEvent_t e;
-    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming));
     return Event{e};
   }
   void destroy_event(Event e) override {
@@ -175,6 +175,13 @@ class CudaBackend final : public Backend {
     if (q == cudaErrorNotReady) return false;
     CUDA_CHECK(q);
     return true;
+  }
+  double elapsed_ms(Event start, Event end) override {
+    CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(end.handle)));
+    float ms = 0.f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.handle),
+                                    static_cast<cudaEvent_t>(end.handle)));
+    return ms;
   }
 
  private:

@@ -99,15 +99,15 @@ class GpuChain : public PipeStage {
 };
 
 void check_pipeline(PipeSchedule kind, int chunks, int microbatches, Communicator& pp,
-                    Communicator& world) {
+                    Communicator& world, Backend& gpu, Backend& host) {
   const int s = pp.rank(), p_n = pp.size();
   GpuChain mine(s, p_n, chunks, microbatches);
-  run_pipeline(make_schedule(kind, p_n, microbatches, chunks), mine, pp);
+  run_pipeline(make_schedule(kind, p_n, microbatches, chunks), mine, pp, gpu);
   cudaDeviceSynchronize();
   test::ChainStage whole(0, 1, p_n * chunks, microbatches);
   const std::unique_ptr<Communicator> self = world.split(world.rank(), 0, "self");
   run_pipeline(make_schedule(PipeSchedule::interleaved, 1, microbatches, p_n * chunks), whole,
-               *self);
+               *self, host);
   const std::string what = "pipeline over NCCL, P " + std::to_string(p_n) + ", V " +
                            std::to_string(chunks) + ", M " + std::to_string(microbatches);
   const std::string bad = test::chain_mismatch(mine.host, chunks, microbatches, whole);
@@ -126,7 +126,9 @@ int main(int argc, char** argv) {
     if (r == 0) std::printf("SKIP: %d GPUs for %d ranks (NCCL needs one GPU per rank)\n", gpus, p);
     return 77;
   }
-  cudaSetDevice(read_launch_env().local_rank % gpus);
+  const int device = read_launch_env().local_rank % gpus;
+  cudaSetDevice(device);
+  const std::unique_ptr<Backend> gpu = make_cuda_backend(device), host = make_cpu_backend();
   try {
     auto nccl = make_nccl(*world, "world", comm_timeout_from_env(120));
     const int64_t n = 1000 * p + 3 * p;  // divisible by p
@@ -232,8 +234,8 @@ int main(int argc, char** argv) {
                ("isend/irecv ring, round " + std::to_string(round)).c_str(), r);
     }
     for (int mb : {p, 3 * p}) {
-      check_pipeline(PipeSchedule::one_f_one_b, 1, mb, *nccl, *world);
-      check_pipeline(PipeSchedule::interleaved, 2, mb, *nccl, *world);
+      check_pipeline(PipeSchedule::one_f_one_b, 1, mb, *nccl, *world, *gpu, *host);
+      check_pipeline(PipeSchedule::interleaved, 2, mb, *nccl, *world, *gpu, *host);
     }
     nccl->barrier();
   } catch (const std::exception& e) {

@@ -26,16 +26,17 @@ using namespace braid::test;
 
 int failures = 0;
 
-void check_gradients(PipeSchedule kind, int chunks, int microbatches, Communicator& pp) {
+void check_gradients(PipeSchedule kind, int chunks, int microbatches, Communicator& pp,
+                     Backend& host) {
   const int s = pp.rank(), p_n = pp.size();
   const PipeTable table = make_schedule(kind, p_n, microbatches, chunks);
   ChainStage mine(s, p_n, chunks, microbatches);
-  run_pipeline(table, mine, pp);
+  run_pipeline(table, mine, pp, host);
   // The whole chain on this process: one stage holding every piece in order.
   ChainStage whole(0, 1, p_n * chunks, microbatches);
   const std::unique_ptr<Communicator> self = pp.split(pp.rank(), 0, "self");
   run_pipeline(make_schedule(PipeSchedule::interleaved, 1, microbatches, p_n * chunks), whole,
-               *self);
+               *self, host);
   const std::string tag = "P " + std::to_string(p_n) + ", V " + std::to_string(chunks) + ", M " +
                           std::to_string(microbatches) + ": ";
   const std::string bad = chain_mismatch(mine, chunks, microbatches, whole);
@@ -72,11 +73,11 @@ class SleepStage : public PipeStage {
 };
 
 void check_bubble(PipeSchedule kind, const char* name, int chunks, int microbatches,
-                  Communicator& pp) {
+                  Communicator& pp, Backend& host) {
   const double t_f = 0.01 / chunks;  // the same model cost whatever the chunking
   SleepStage stage(chunks, microbatches, t_f);
   const PipeRunStats st =
-      run_pipeline(make_schedule(kind, pp.size(), microbatches, chunks), stage, pp);
+      run_pipeline(make_schedule(kind, pp.size(), microbatches, chunks), stage, pp, host);
   std::vector<double> v{st.total_s, st.busy_s};
   Tensor t = Tensor::contiguous_view(&v[0], DType::f64, Device::cpu, {1}, "t");
   pp.all_reduce(t, ReduceOp::max);
@@ -101,14 +102,15 @@ int main(int argc, char** argv) {
   auto world = make_mpi_world(comm_timeout_from_env(120));
   try {
     const int p_n = world->size();
+    const std::unique_ptr<Backend> host = make_cpu_backend();
     for (int m : {p_n, 2 * p_n, 3 * p_n}) {
-      check_gradients(PipeSchedule::one_f_one_b, 1, m, *world);
-      check_gradients(PipeSchedule::gpipe, 1, m, *world);
-      check_gradients(PipeSchedule::interleaved, 2, m, *world);
+      check_gradients(PipeSchedule::one_f_one_b, 1, m, *world, *host);
+      check_gradients(PipeSchedule::gpipe, 1, m, *world, *host);
+      check_gradients(PipeSchedule::interleaved, 2, m, *world, *host);
     }
-    check_gradients(PipeSchedule::one_f_one_b, 1, 1, *world);
-    check_bubble(PipeSchedule::one_f_one_b, "1F1B", 1, 8, *world);
-    check_bubble(PipeSchedule::interleaved, "interleaved", 2, 8, *world);
+    check_gradients(PipeSchedule::one_f_one_b, 1, 1, *world, *host);
+    check_bubble(PipeSchedule::one_f_one_b, "1F1B", 1, 8, *world, *host);
+    check_bubble(PipeSchedule::interleaved, "interleaved", 2, 8, *world, *host);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
