@@ -684,8 +684,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const auto t0 = Clock::now();
   auto last = t0;
   double interval_loss = 0, interval_comm = 0, comm_before = comm_seconds();
-  // Pipeline runs: the step's bubble, 1 - the stages' busy time / their total time (each measured
-  // with events on its stream), and the schedule's in theory (equal stages).
+  // Pipeline runs: the step's bubble, 1 - the stages' busy time / (pp x the longest stage's run),
+  // each measured with events on its own stream, and the schedule's in theory (equal stages).
   double bubble = 0, interval_bubble = 0;
   const double bubble_theory =
       pp > 1 ? theoretical_bubble(pp, int(ts.grad_accum), schedule.chunks) : 0.0;
@@ -731,12 +731,15 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
       stage_run->start(batches, 1.0 / double(tokens_per_step), aux_scale);
       const PipeRunStats run = run_pipeline(schedule, *stage_run, *pp_comm, *backend);
       std::vector<double> sums{stage_run->loss(), stage_run->aux() / double(ts.grad_accum),
-                               run.busy_s, run.total_s};
-      pp_group->all_reduce(  // the last stage's loss, every stage's auxiliary losses and times
-          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {4}, "stage_loss"),
+                               run.busy_s};
+      pp_group->all_reduce(  // the last stage's loss, every stage's auxiliary losses, busy times
+          Tensor::contiguous_view(sums.data(), DType::f64, Device::cpu, {3}, "stage_loss"),
           ReduceOp::sum);
+      double makespan = run.total_s;  // the longest stage's run
+      pp_group->all_reduce(Tensor::contiguous_view(&makespan, DType::f64, Device::cpu, {1}, "span"),
+                           ReduceOp::max);
       loss_sum = sums[0], aux = sums[1];
-      bubble = sums[3] > 0 ? 1.0 - sums[2] / sums[3] : 0.0;
+      bubble = makespan > 0 ? 1.0 - sums[2] / (pp * makespan) : 0.0;
       // Tied embeddings: the table's gradient is the first stage's lookup plus the last stage's
       // output projection.
       if (tied_comm)
