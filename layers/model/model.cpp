@@ -210,12 +210,17 @@ std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend,
     }
     return best;
   };
-  std::map<char, double> per_type;
+  std::map<char, double> per_type, one_layer;
   for (char c : layers)
-    if (!per_type.count(c))
-      per_type[c] = std::max(seconds(std::string(2, c)) - seconds(std::string(1, c)), 1e-9);
+    if (!per_type.count(c)) {
+      one_layer[c] = seconds(std::string(1, c));
+      per_type[c] = std::max(seconds(std::string(2, c)) - one_layer[c], 1e-9);
+    }
   std::vector<double> out;
   for (char c : layers) out.push_back(per_type[c]);
+  // The model's ends (embedding, final norm, logits and loss: a one-layer model less its layer)
+  // count with the last layer, on the last stage with the logits and the loss that dominate them.
+  out.back() += std::max(one_layer[layers[0]] - per_type[layers[0]], 0.0);
   return out;
 }
 

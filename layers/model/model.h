@@ -94,7 +94,8 @@ class Model {
                                            const std::vector<double>& costs = {});
   // Measured seconds of one forward + backward of each layer of the pattern on a [batch, seq]
   // microbatch (one process, in `dtype` on `backend`): per layer type, a two-layer model's time
-  // less a one-layer model's, best of a few runs.
+  // less a one-layer model's, best of a few runs; the last layer's also counts the model's ends
+  // (embedding, final norm, logits and loss), which the pipeline's last stage mostly carries.
   static std::vector<double> layer_costs(const ModelConfig& cfg, Backend& backend, DType dtype,
                                          int64_t batch, int64_t seq);
 
