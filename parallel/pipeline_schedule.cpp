@@ -176,7 +176,7 @@ double theoretical_bubble(int stages, int microbatches, int chunks) {
   return (p - 1) / (vm + p - 1);
 }
 
-std::vector<int> balance_stages(const std::vector<double>& costs, int stages) {
+std::vector<int> balance_stages(const std::vector<double>& costs, int stages, double recompute) {
   const int n = int(costs.size());
   BRAID_REQUIRE(stages >= 1 && stages <= n, "pipeline stages (", stages, ") must be between 1 and ",
                 "the ", n, " layers");
@@ -190,7 +190,8 @@ std::vector<int> balance_stages(const std::vector<double>& costs, int stages) {
   for (int k = 1; k <= stages; ++k)
     for (int i = k; i <= n; ++i)
       for (int j = k - 1; j < i; ++j) {
-        const double c = std::max(best[k - 1][j], prefix[i] - prefix[j]);
+        const double own = (prefix[i] - prefix[j]) * (k < stages ? 1 + recompute : 1);
+        const double c = std::max(best[k - 1][j], own);
         if (c < best[k][i]) best[k][i] = c, cut[k][i] = j;
       }
   std::vector<int> first(stages);

@@ -60,7 +60,10 @@ PipeSimulation simulate(const PipeTable& table, double t_fwd, double t_bwd);
 double theoretical_bubble(int stages, int microbatches, int chunks);
 
 // Contiguous stage cuts of layers with the given costs into `stages` stages, minimising the most
-// expensive stage; returns the first layer of each stage (size stages, first 0).
-std::vector<int> balance_stages(const std::vector<double>& layer_costs, int stages);
+// expensive stage, where every stage but the last costs (1 + recompute) times its layers (stages
+// that recompute their forward in the backward); returns the first layer of each stage (size
+// stages, first 0).
+std::vector<int> balance_stages(const std::vector<double>& layer_costs, int stages,
+                                double recompute = 0);
 
 }  // namespace braid

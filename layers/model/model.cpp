@@ -167,7 +167,9 @@ std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages,
   if (!costs.empty()) {
     BRAID_CHECK(static_cast<int64_t>(costs.size()) == l, "stage_starts: ", costs.size(),
                 " layer costs for ", l, " layers");
-    const std::vector<int> first = balance_stages(costs, stages);
+    // Every piece but the last recomputes its forward in its backward (the trainer's StageRun): a
+    // forward is about a third of a forward and backward (the backward's two products per one).
+    const std::vector<int> first = balance_stages(costs, stages, 1.0 / 3);
     return std::vector<int64_t>(first.begin(), first.end());
   }
   for (int s = 1; s < stages; ++s) starts.push_back(s * l / stages);  // as even as the layers go

@@ -88,7 +88,8 @@ class Model {
         Communicator* ep = nullptr, int64_t expert_pad_elems = 1, int stage = 0,
         const std::vector<int64_t>& starts = {0}, Recompute recompute = Recompute::none);
   // The first layer of each of `stages` pipeline stages: the pattern's '|' cuts; else, given
-  // per-layer costs (layer_costs), the contiguous cut with the least expensive slowest stage;
+  // per-layer costs (layer_costs), the contiguous cut with the least expensive slowest stage
+  // (every stage but the last also recomputing its forward);
   // else as even as the layer count allows (stage s starts at s L / stages).
   static std::vector<int64_t> stage_starts(const ModelConfig& cfg, int stages,
                                            const std::vector<double>& costs = {});

@@ -83,6 +83,11 @@ TEST(PipelineSchedule, StageCutsMinimiseTheSlowestStage) {
   // The attention layer (4) alone; the rest split around it.
   EXPECT_EQ(balance_stages({1, 1, 1, 1, 4, 1, 1}, 3), (std::vector<int>{0, 4, 5}));
   EXPECT_EQ(balance_stages({5, 1, 1, 1, 1, 1}, 2), (std::vector<int>{0, 1}));
+  // Stages before the last recompute their forward (a third more): 8 equal layers cut after 3
+  // (stage 0 costs 4, stage 1 5; after 4 it would be 5.33 and 4), 10 after 4 (5.33 and 6).
+  EXPECT_EQ(balance_stages(std::vector<double>(8, 1.0), 2, 1.0 / 3), (std::vector<int>{0, 3}));
+  EXPECT_EQ(balance_stages(std::vector<double>(10, 1.0), 2, 1.0 / 3), (std::vector<int>{0, 4}));
+  EXPECT_EQ(balance_stages(std::vector<double>(10, 1.0), 2), (std::vector<int>{0, 5}));
   EXPECT_NE(error_of([] {
               balance_stages({1, 1}, 3);
             }).find("must be between 1 and the 2 layers"),
