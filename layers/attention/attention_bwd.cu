@@ -364,6 +364,20 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
+  // Issues d (64 keys x P) += A (keys x the step's queries, register fragments) tile (queries x
+  // P, read N-major).
+  auto add_product = [&](float(&d)[P / 8][4], const uint32_t(&a)[kRows / 16][4], const bf16* tile) {
+    wgmma_reg_fence(d);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      if constexpr (P == 64)
+        wgmma_m64n64_rs<1>(d, a[kk], mn_major(tile, kRows, kk), 1);
+      else
+        wgmma_m64n128_rs<1>(d, a[kk], mn_major(tile, kRows, kk), 1);
+    }
+    wgmma_commit();
+  };
   float dk[P / 8][4], dv[P / 8][4];
   zero(dk);
   zero(dv);
@@ -400,16 +414,7 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
             t0, sL + st * kRows, keys_seen, p);
     uint32_t pf[kRows / 16][4];
     to_afrag<kRows / 8>(s, pf);
-    wgmma_reg_fence(dv);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kRows / 16; ++kk) {
-      if constexpr (P == 64)
-        wgmma_m64n64_rs<1>(dv, pf[kk], mn_major(tO, kRows, kk), 1);
-      else
-        wgmma_m64n128_rs<1>(dv, pf[kk], mn_major(tO, kRows, kk), 1);
-    }
-    wgmma_commit();
+    add_product(dv, pf, tO);
     wgmma_wait<1>();  // dP^T is in (dV may still run)
     wgmma_reg_fence(dp);
     const float* tD = sD + st * kRows;
@@ -419,16 +424,7 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
       for (int e = 0; e < 4; ++e) s[nt][e] *= dp[nt][e] - tD[nt * 8 + 2 * (lane & 3) + (e & 1)];
     uint32_t sf[kRows / 16][4];
     to_afrag<kRows / 8>(s, sf);
-    wgmma_reg_fence(dk);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kRows / 16; ++kk) {
-      if constexpr (P == 64)
-        wgmma_m64n64_rs<1>(dk, sf[kk], mn_major(tQ, kRows, kk), 1);
-      else
-        wgmma_m64n128_rs<1>(dk, sf[kk], mn_major(tQ, kRows, kk), 1);
-    }
-    wgmma_commit();
+    add_product(dk, sf, tQ);
     {  // dS^T into the swizzled tile: key row r holds queries c, c + 1 at chunk c / 8 ^ r % 8
       auto put = [&](int r, int c, uint32_t v) {
         *reinterpret_cast<uint32_t*>(tS + r * 64 + ((((c >> 3) ^ (r & 7)) << 3) | (c & 7))) = v;
