@@ -5,20 +5,82 @@
 
 #include "layers/common/op_common.h"
 
+#if defined(BRAID_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "runtime/cuda_check.h"
+#endif
+
 namespace braid {
 namespace {
 
-// Host storage of a whole-sequence tensor [outer, T, inner] of one dtype.
-struct Full {
-  std::vector<char> bytes;
+// Storage of a whole-sequence tensor [outer, T, inner] of one dtype, zeroed: host bytes, or on
+// the GPU a buffer of the stream-ordered pool, freed on the same stream.
+class Full {
+ public:
   Tensor t;
-  Full(DType dtype, std::vector<int64_t> shape) {
+  Full(DType dtype, std::vector<int64_t> shape, Device device, void* stream)
+      : device_(device), stream_(stream) {
     int64_t n = 1;
     for (int64_t x : shape) n *= x;
-    bytes.assign(n * dtype_size(dtype), 0);
-    t = Tensor::contiguous_view(bytes.data(), dtype, Device::cpu, shape, "cp_full");
+    const size_t bytes = size_t(n) * dtype_size(dtype) + 16;  // + 16: never empty
+    void* p = nullptr;
+    if (device == Device::cpu) {
+      host_.assign(bytes, 0);
+      p = host_.data();
+    } else {
+#if defined(BRAID_WITH_CUDA)
+      CUDA_CHECK(cudaMallocAsync(&p, bytes, cuda_stream()));
+      CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_stream()));
+      dev_ = p;
+#else
+      BRAID_FAIL("attention (context parallel): GPU tensors but this build has no CUDA");
+#endif
+    }
+    t = Tensor::contiguous_view(p, dtype, device, shape, "cp_full");
   }
+  Full(Full&& o) noexcept
+      : t(o.t), device_(o.device_), stream_(o.stream_), host_(std::move(o.host_)), dev_(o.dev_) {
+    o.dev_ = nullptr;
+  }
+  Full(const Full&) = delete;
+  Full& operator=(const Full&) = delete;
+  Full& operator=(Full&&) = delete;
+  ~Full() {
+#if defined(BRAID_WITH_CUDA)
+    if (dev_) cudaFreeAsync(dev_, cuda_stream());
+#endif
+  }
+
+ private:
+#if defined(BRAID_WITH_CUDA)
+  cudaStream_t cuda_stream() const {
+    return static_cast<cudaStream_t>(stream_);
+  }
+#endif
+  Device device_;
+  void* stream_;
+  std::vector<char> host_;
+  void* dev_ = nullptr;
 };
+
+// Copies `height` rows of `width` bytes from src (row pitch spitch) to dst (row pitch dpitch) on
+// the tensors' device (GPU: on `stream`, after the work queued there).
+void copy_rows(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+               size_t height, Device device, void* stream) {
+  if (device == Device::cpu) {
+    for (size_t i = 0; i < height; ++i)
+      std::memcpy(static_cast<char*>(dst) + i * dpitch, static_cast<const char*>(src) + i * spitch,
+                  width);
+    return;
+  }
+#if defined(BRAID_WITH_CUDA)
+  CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDeviceToDevice,
+                               static_cast<cudaStream_t>(stream)));
+#else
+  (void)stream;
+#endif
+}
 
 // A tensor's elements as [outer, tl, inner] around its sequence dimension `dim`.
 struct Split {
@@ -39,31 +101,32 @@ std::vector<int64_t> shape_with(const Tensor& t, int dim, int64_t len) {
 
 // The whole sequence from every rank's shard: all-gather ([rank][outer][tl][inner]), then
 // reorder to [outer][rank tl][inner].
-Full gather(const Tensor& local, int dim, Communicator& cp) {
+Full gather(const Tensor& local, int dim, Communicator& cp, void* stream) {
   const Split s = split_at(local, dim);
   const int r_n = cp.size();
-  const size_t es = dtype_size(local.dtype), row = size_t(s.tl * s.inner) * es;
-  Full all(local.dtype, {int64_t(r_n) * local.numel()});
+  const size_t row = size_t(s.tl * s.inner) * dtype_size(local.dtype);
+  Full all(local.dtype, {int64_t(r_n) * local.numel()}, local.device, stream);
   cp.all_gather(local, all.t);
-  Full full(local.dtype, shape_with(local, dim, s.tl * r_n));
+  Full full(local.dtype, shape_with(local, dim, s.tl * r_n), local.device, stream);
   for (int r = 0; r < r_n; ++r)
-    for (int64_t o = 0; o < s.outer; ++o)
-      std::memcpy(full.bytes.data() + (o * r_n + r) * row,
-                  all.bytes.data() + (r * s.outer + o) * row, row);
+    copy_rows(static_cast<char*>(full.t.data) + r * row, r_n * row,
+              static_cast<const char*>(all.t.data) + r * s.outer * row, row, row, size_t(s.outer),
+              local.device, stream);
   return full;
 }
 
 // This rank's shard of the sum over the ranks of whole-sequence tensors: reorder to
 // [rank][outer][tl][inner], then reduce-scatter.
-void reduce_to_owner(const Full& full, const Tensor& local, int dim, Communicator& cp) {
+void reduce_to_owner(const Full& full, const Tensor& local, int dim, Communicator& cp,
+                     void* stream) {
   const Split s = split_at(local, dim);
   const int r_n = cp.size();
   const size_t row = size_t(s.tl * s.inner) * dtype_size(local.dtype);
-  Full packed(local.dtype, {int64_t(r_n) * local.numel()});
+  Full packed(local.dtype, {int64_t(r_n) * local.numel()}, local.device, stream);
   for (int r = 0; r < r_n; ++r)
-    for (int64_t o = 0; o < s.outer; ++o)
-      std::memcpy(packed.bytes.data() + (r * s.outer + o) * row,
-                  full.bytes.data() + (o * r_n + r) * row, row);
+    copy_rows(static_cast<char*>(packed.t.data) + r * s.outer * row, row,
+              static_cast<const char*>(full.t.data) + r * row, r_n * row, row, size_t(s.outer),
+              local.device, stream);
   cp.reduce_scatter(packed.t, local, ReduceOp::sum);
 }
 
@@ -71,8 +134,14 @@ void check_cp(const AttentionInputs& in, std::initializer_list<const Tensor*> mo
   BRAID_CHECK(in.q && in.k && in.v && in.q->ndim == 4,
               "attention (context parallel): expects q [B,T,H,P], k, v [B,T,Hk,P]");
   BRAID_CHECK(!in.rows, "attention (context parallel): picks its own rows");
-  require_host("attention (context parallel)", {in.q, in.k, in.v, in.seq_idx});
-  require_host("attention (context parallel)", more);
+  const char* op = "attention (context parallel)";
+  if (in.q->device == Device::cuda) {  // every tensor on the GPU, moved by an NCCL cp group
+    require_gpu(op, {in.q, in.k, in.v, in.seq_idx});
+    require_gpu(op, more);
+  } else {
+    require_host(op, {in.q, in.k, in.v, in.seq_idx});
+    require_host(op, more);
+  }
 }
 
 }  // namespace
@@ -88,32 +157,48 @@ AttentionRows cp_attention_rows(int64_t t, int r, int ranks) {
 void attention_forward_cp(const AttentionInputs& in, const Tensor& o, const Tensor& lse,
                           Communicator& cp) {
   check_cp(in, {&o, &lse});
-  const Full q = gather(*in.q, 1, cp), k = gather(*in.k, 1, cp), v = gather(*in.v, 1, cp);
+  void* st = in.stream;
+  const Device dev = in.q->device;
+  const Full q = gather(*in.q, 1, cp, st), k = gather(*in.k, 1, cp, st),
+             v = gather(*in.v, 1, cp, st);
   const int64_t t = q.t.size(1);
-  const Full seq = in.seq_idx ? gather(*in.seq_idx, 1, cp) : Full(DType::i32, {0});
+  const Full seq = in.seq_idx ? gather(*in.seq_idx, 1, cp, st) : Full(DType::i32, {0}, dev, st);
   const AttentionRows rows = cp_attention_rows(t, cp.rank(), cp.size());
-  Full of(o.dtype, shape_with(o, 1, t)), lf(lse.dtype, shape_with(lse, 2, t));
-  attention_forward({&q.t, &k.t, &v.t, in.seq_idx ? &seq.t : nullptr, in.scale, &rows}, of.t, lf.t);
-  reduce_to_owner(of, o, 1, cp);
-  reduce_to_owner(lf, lse, 2, cp);
+  const Full of(o.dtype, shape_with(o, 1, t), dev, st),
+      lf(lse.dtype, shape_with(lse, 2, t), dev, st);
+  AttentionInputs whole = in;
+  whole.q = &q.t, whole.k = &k.t, whole.v = &v.t, whole.seq_idx = in.seq_idx ? &seq.t : nullptr;
+  whole.rows = &rows;
+  attention_forward(whole, of.t, lf.t);
+  reduce_to_owner(of, o, 1, cp, st);
+  reduce_to_owner(lf, lse, 2, cp, st);
 }
 
 void attention_backward_cp(const AttentionInputs& in, const Tensor& o, const Tensor& lse,
                            const Tensor& dout, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                            Communicator& cp) {
   check_cp(in, {&o, &lse, &dout, &dq, &dk, &dv});
-  const Full q = gather(*in.q, 1, cp), k = gather(*in.k, 1, cp), v = gather(*in.v, 1, cp);
-  const Full of = gather(o, 1, cp), lf = gather(lse, 2, cp), dof = gather(dout, 1, cp);
+  void* st = in.stream;
+  const Device dev = in.q->device;
+  const Full q = gather(*in.q, 1, cp, st), k = gather(*in.k, 1, cp, st),
+             v = gather(*in.v, 1, cp, st);
+  const Full of = gather(o, 1, cp, st), lf = gather(lse, 2, cp, st), dof = gather(dout, 1, cp, st);
   const int64_t t = q.t.size(1);
-  const Full seq = in.seq_idx ? gather(*in.seq_idx, 1, cp) : Full(DType::i32, {0});
+  const Full seq = in.seq_idx ? gather(*in.seq_idx, 1, cp, st) : Full(DType::i32, {0}, dev, st);
   const AttentionRows rows = cp_attention_rows(t, cp.rank(), cp.size());
-  Full dqf(dq.dtype, shape_with(dq, 1, t)), dkf(dk.dtype, shape_with(dk, 1, t)),
-      dvf(dv.dtype, shape_with(dv, 1, t));
-  attention_backward({&q.t, &k.t, &v.t, in.seq_idx ? &seq.t : nullptr, in.scale, &rows}, of.t, lf.t,
-                     dof.t, dqf.t, dkf.t, dvf.t);
-  reduce_to_owner(dqf, dq, 1, cp);
-  reduce_to_owner(dkf, dk, 1, cp);
-  reduce_to_owner(dvf, dv, 1, cp);
+  const Full dqf(dq.dtype, shape_with(dq, 1, t), dev, st),
+      dkf(dk.dtype, shape_with(dk, 1, t), dev, st), dvf(dv.dtype, shape_with(dv, 1, t), dev, st);
+  AttentionInputs whole = in;
+  whole.q = &q.t, whole.k = &k.t, whole.v = &v.t, whole.seq_idx = in.seq_idx ? &seq.t : nullptr;
+  whole.rows = &rows;
+  // The GPU backward's workspace, for the whole sequence.
+  const Full ws(DType::f32, {dev == Device::cpu ? 1 : attention_gpu_workspace_elems(whole)}, dev,
+                st);
+  if (dev != Device::cpu) whole.workspace = &ws.t;
+  attention_backward(whole, of.t, lf.t, dof.t, dqf.t, dkf.t, dvf.t);
+  reduce_to_owner(dqf, dq, 1, cp, st);
+  reduce_to_owner(dkf, dk, 1, cp, st);
+  reduce_to_owner(dvf, dv, 1, cp, st);
 }
 
 }  // namespace braid

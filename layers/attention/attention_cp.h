@@ -9,7 +9,9 @@
 // owners, and the dk, dv that its queries give every key are summed onto the keys' owners, both
 // by reduce-scatter (a row computed on one rank is added to zeros: exact). Communication per
 // layer is O(T) per rank and independent of the head count (no requirement that cp divide it).
-// CPU tensors (f32, f64).
+// CPU tensors (f32, f64) over any cp group, or GPU tensors (bf16, f32) over an NCCL cp group: the
+// whole-sequence buffers then come from CUDA's stream-ordered pool on in.stream (not from the
+// caller's memory plan), and the GPU backward's workspace with them.
 #pragma once
 
 #include "layers/attention/attention.h"

@@ -1,0 +1,182 @@
+// Context-parallel attention on GPUs over an NCCL cp group (under mpirun, one rank per GPU; exit
+// 77, skipped, with fewer GPUs than ranks): each rank holds a shard of every sequence, and its
+// shard of o, lse, dq, dk and dv must match the whole-sequence run on one GPU.
+// - o, lse and dq of a row are computed on one rank by the same kernels over the same gathered
+//   keys, in the same order, and the other ranks add zeros: equal bit for bit.
+// - dk and dv sum the queries of every rank: each rank's part is rounded to bf16 and NCCL adds the
+//   parts in bf16, against one f32 sum rounded once: three bf16 roundings (each at most 2^-8 of
+//   the value rounded, half of bf16's 2^-7 spacing) of values no larger than the largest part, so
+//   the bound is 3 2^-8 of the largest |dk|, |dv| (the parts cancel little at these shapes).
+// Shapes: batch 2, 4 query heads on 2 KV heads, head dims 64 and 128, shards of 200 and 384 tokens
+// (not multiples of the kernels' tiles), with and without documents crossing the shard edges.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "layers/attention/attention.h"
+#include "layers/attention/attention_cp.h"
+#include "parallel/communicator.h"
+#include "parallel/launch_env.h"
+#include "runtime/dtype.h"
+#include "tests/mpi_test_util.h"
+
+namespace {
+
+using namespace braid;
+
+int failures = 0;
+
+// A GPU tensor of the given shape from host values (bf16 bits, f32 or i32), or zeros.
+struct Dev {
+  Tensor t;
+  Dev(DType dtype, std::vector<int64_t> shape, const void* host = nullptr) {
+    int64_t n = 1;
+    for (int64_t x : shape) n *= x;
+    const size_t bytes = size_t(n) * dtype_size(dtype);
+    void* p = nullptr;
+    cudaMalloc(&p, bytes + 16);
+    if (host)
+      cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice);
+    else
+      cudaMemset(p, 0, bytes + 16);
+    t = Tensor::contiguous_view(p, dtype, Device::cuda, shape, "t");
+  }
+  ~Dev() { cudaFree(t.data); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  // The values as floats (bf16 and f32 tensors).
+  std::vector<float> host() const {
+    std::vector<float> out(t.numel());
+    if (t.dtype == DType::f32) {
+      cudaMemcpy(out.data(), t.data, out.size() * 4, cudaMemcpyDeviceToHost);
+    } else {
+      std::vector<bf16> h(out.size());
+      cudaMemcpy(h.data(), t.data, out.size() * 2, cudaMemcpyDeviceToHost);
+      for (size_t i = 0; i < h.size(); ++i) out[i] = from_bf16(h[i]);
+    }
+    return out;
+  }
+};
+
+// Deterministic values in [-1, 1) (the same on every rank), as bf16.
+std::vector<bf16> values(int64_t n, uint32_t seed) {
+  std::vector<bf16> v(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t x = uint32_t(i) * 2654435761u ^ (seed * 40503u + 0x9e3779b9u);
+    x ^= x >> 15, x *= 0x2c1b3c6du, x ^= x >> 12;
+    v[i] = to_bf16(float(x % 20000u) / 10000.f - 1.f);
+  }
+  return v;
+}
+
+// Rows [t0, t0 + len) along dimension 1 of a [B, T, inner] array.
+template <typename T>
+std::vector<T> shard(const std::vector<T>& all, int64_t b, int64_t t, int64_t inner, int64_t t0,
+                     int64_t len) {
+  std::vector<T> out;
+  for (int64_t i = 0; i < b; ++i)
+    out.insert(out.end(), all.begin() + (i * t + t0) * inner,
+               all.begin() + (i * t + t0 + len) * inner);
+  return out;
+}
+
+void expect(bool ok, const std::string& what, double err, double bound, int rank) {
+  std::printf("rank %d: %s: max error %.3g (bound %.3g)\n", rank, what.c_str(), err, bound);
+  if (!ok) {
+    std::fprintf(stderr, "rank %d: %s: error %.3g above %.3g\n", rank, what.c_str(), err, bound);
+    ++failures;
+  }
+}
+void compare(const std::string& what, const std::vector<float>& got, const std::vector<float>& want,
+             double rel, int rank) {
+  double err = got.size() == want.size() ? 0.0 : INFINITY, scale = 0;
+  for (size_t i = 0; i < want.size() && i < got.size(); ++i) {
+    const double e = std::isfinite(got[i]) ? std::fabs(double(got[i]) - want[i]) : INFINITY;
+    err = std::max(err, e), scale = std::max(scale, std::fabs(double(want[i])));
+  }
+  const double bound = rel * scale;
+  expect(err <= bound, what, err, bound, rank);
+}
+
+void check_attention(Communicator& cp, int64_t p, int64_t tr, bool docs) {
+  const int r = cp.rank(), ranks = cp.size();
+  const int64_t b = 2, t = tr * ranks, h = 4, hk = 2;
+  const std::vector<bf16> q = values(b * t * h * p, 61), k = values(b * t * hk * p, 62),
+                          v = values(b * t * hk * p, 63), go = values(b * t * h * p, 64);
+  std::vector<int32_t> seq(b * t);  // documents of 37 tokens, crossing the shard edges
+  for (int64_t i = 0; i < b * t; ++i) seq[i] = int32_t((i % t) / 37);
+  const double scale = 1.0 / std::sqrt(double(p));
+  const std::string tag = "P " + std::to_string(p) + ", shard " + std::to_string(tr) +
+                          (docs ? ", documents" : ", one document") + ": ";
+
+  // The whole sequence on this rank's GPU.
+  Dev wq(DType::bf16, {b, t, h, p}, q.data()), wk(DType::bf16, {b, t, hk, p}, k.data()),
+      wv(DType::bf16, {b, t, hk, p}, v.data()), wdo(DType::bf16, {b, t, h, p}, go.data()),
+      wseq(DType::i32, {b, t}, seq.data());
+  AttentionInputs whole{&wq.t, &wk.t, &wv.t, docs ? &wseq.t : nullptr, scale};
+  Dev ws(DType::f32, {attention_gpu_workspace_elems(whole)});
+  whole.workspace = &ws.t;
+  Dev o(DType::bf16, {b, t, h, p}), lse(DType::f32, {b, h, t}), dq(DType::bf16, {b, t, h, p}),
+      dk(DType::bf16, {b, t, hk, p}), dv(DType::bf16, {b, t, hk, p});
+  attention_forward(whole, o.t, lse.t);
+  attention_backward(whole, o.t, lse.t, wdo.t, dq.t, dk.t, dv.t);
+
+  // This rank's shard, context parallel.
+  const int64_t t0 = r * tr;
+  const std::vector<bf16> sq = shard(q, b, t, h * p, t0, tr), sk = shard(k, b, t, hk * p, t0, tr),
+                          sv = shard(v, b, t, hk * p, t0, tr), sgo = shard(go, b, t, h * p, t0, tr);
+  const std::vector<int32_t> sseq = shard(seq, b, t, 1, t0, tr);
+  Dev mq(DType::bf16, {b, tr, h, p}, sq.data()), mk(DType::bf16, {b, tr, hk, p}, sk.data()),
+      mv(DType::bf16, {b, tr, hk, p}, sv.data()), mdo(DType::bf16, {b, tr, h, p}, sgo.data()),
+      mseq(DType::i32, {b, tr}, sseq.data());
+  const AttentionInputs mine{&mq.t, &mk.t, &mv.t, docs ? &mseq.t : nullptr, scale};
+  Dev so(DType::bf16, {b, tr, h, p}), slse(DType::f32, {b, h, tr}), sdq(DType::bf16, {b, tr, h, p}),
+      sdk(DType::bf16, {b, tr, hk, p}), sdv(DType::bf16, {b, tr, hk, p});
+  attention_forward_cp(mine, so.t, slse.t, cp);
+  attention_backward_cp(mine, so.t, slse.t, mdo.t, sdq.t, sdk.t, sdv.t, cp);
+  cudaDeviceSynchronize();
+
+  std::vector<float> lse_mine;
+  const std::vector<float> lse_all = lse.host();
+  for (int64_t i = 0; i < b * h; ++i)
+    lse_mine.insert(lse_mine.end(), lse_all.begin() + i * t + t0,
+                    lse_all.begin() + i * t + t0 + tr);
+  compare(tag + "o", so.host(), shard(o.host(), b, t, h * p, t0, tr), 0.0, r);
+  compare(tag + "lse", slse.host(), lse_mine, 0.0, r);
+  compare(tag + "dq", sdq.host(), shard(dq.host(), b, t, h * p, t0, tr), 0.0, r);
+  compare(tag + "dk", sdk.host(), shard(dk.host(), b, t, hk * p, t0, tr), 3 * std::ldexp(1.0, -8),
+          r);
+  compare(tag + "dv", sdv.host(), shard(dv.host(), b, t, hk * p, t0, tr), 3 * std::ldexp(1.0, -8),
+          r);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MpiSession mpi(&argc, &argv);
+  auto world = make_mpi_world(comm_timeout_from_env(120));
+  int gpus = 0;
+  cudaGetDeviceCount(&gpus);
+  if (gpus < world->size()) {
+    if (world->rank() == 0)
+      std::printf("SKIP: %d GPUs for %d ranks (NCCL needs one GPU per rank)\n", gpus,
+                  world->size());
+    return 77;
+  }
+  cudaSetDevice(read_launch_env().local_rank % gpus);
+  try {
+    auto nccl = make_nccl(*world, "cp", comm_timeout_from_env(120));
+    for (int64_t p : {64, 128})
+      for (int64_t tr : {200, 384})
+        for (bool docs : {false, true}) check_attention(*nccl, p, tr, docs);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
+    ++failures;
+  }
+  return test::mpi_test_exit(*world, failures, argv[0]);
+}
