@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "layers/common/op_common.h"
+#include "layers/common/state_passing.h"
 
 #if defined(BRAID_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -13,56 +14,6 @@
 
 namespace braid {
 namespace {
-
-// Storage of a whole-sequence tensor [outer, T, inner] of one dtype, zeroed: host bytes, or on
-// the GPU a buffer of the stream-ordered pool, freed on the same stream.
-class Full {
- public:
-  Tensor t;
-  Full(DType dtype, std::vector<int64_t> shape, Device device, void* stream)
-      : device_(device), stream_(stream) {
-    int64_t n = 1;
-    for (int64_t x : shape) n *= x;
-    const size_t bytes = size_t(n) * dtype_size(dtype) + 16;  // + 16: never empty
-    void* p = nullptr;
-    if (device == Device::cpu) {
-      host_.assign(bytes, 0);
-      p = host_.data();
-    } else {
-#if defined(BRAID_WITH_CUDA)
-      CUDA_CHECK(cudaMallocAsync(&p, bytes, cuda_stream()));
-      CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_stream()));
-      dev_ = p;
-#else
-      BRAID_FAIL("attention (context parallel): GPU tensors but this build has no CUDA");
-#endif
-    }
-    t = Tensor::contiguous_view(p, dtype, device, shape, "cp_full");
-  }
-  Full(Full&& o) noexcept
-      : t(o.t), device_(o.device_), stream_(o.stream_), host_(std::move(o.host_)), dev_(o.dev_) {
-    o.dev_ = nullptr;
-  }
-  Full(const Full&) = delete;
-  Full& operator=(const Full&) = delete;
-  Full& operator=(Full&&) = delete;
-  ~Full() {
-#if defined(BRAID_WITH_CUDA)
-    if (dev_) cudaFreeAsync(dev_, cuda_stream());
-#endif
-  }
-
- private:
-#if defined(BRAID_WITH_CUDA)
-  cudaStream_t cuda_stream() const {
-    return static_cast<cudaStream_t>(stream_);
-  }
-#endif
-  Device device_;
-  void* stream_;
-  std::vector<char> host_;
-  void* dev_ = nullptr;
-};
 
 // Copies `height` rows of `width` bytes from src (row pitch spitch) to dst (row pitch dpitch) on
 // the tensors' device (GPU: on `stream`, after the work queued there).
@@ -101,13 +52,13 @@ std::vector<int64_t> shape_with(const Tensor& t, int dim, int64_t len) {
 
 // The whole sequence from every rank's shard: all-gather ([rank][outer][tl][inner]), then
 // reorder to [outer][rank tl][inner].
-Full gather(const Tensor& local, int dim, Communicator& cp, void* stream) {
+ScratchTensor gather(const Tensor& local, int dim, Communicator& cp, void* stream) {
   const Split s = split_at(local, dim);
   const int r_n = cp.size();
   const size_t row = size_t(s.tl * s.inner) * dtype_size(local.dtype);
-  Full all(local.dtype, {int64_t(r_n) * local.numel()}, local.device, stream);
+  ScratchTensor all(local.dtype, {int64_t(r_n) * local.numel()}, local.device, stream);
   cp.all_gather(local, all.t);
-  Full full(local.dtype, shape_with(local, dim, s.tl * r_n), local.device, stream);
+  ScratchTensor full(local.dtype, shape_with(local, dim, s.tl * r_n), local.device, stream);
   for (int r = 0; r < r_n; ++r)
     copy_rows(static_cast<char*>(full.t.data) + r * row, r_n * row,
               static_cast<const char*>(all.t.data) + r * s.outer * row, row, row, size_t(s.outer),
@@ -117,12 +68,12 @@ Full gather(const Tensor& local, int dim, Communicator& cp, void* stream) {
 
 // This rank's shard of the sum over the ranks of whole-sequence tensors: reorder to
 // [rank][outer][tl][inner], then reduce-scatter.
-void reduce_to_owner(const Full& full, const Tensor& local, int dim, Communicator& cp,
+void reduce_to_owner(const ScratchTensor& full, const Tensor& local, int dim, Communicator& cp,
                      void* stream) {
   const Split s = split_at(local, dim);
   const int r_n = cp.size();
   const size_t row = size_t(s.tl * s.inner) * dtype_size(local.dtype);
-  Full packed(local.dtype, {int64_t(r_n) * local.numel()}, local.device, stream);
+  ScratchTensor packed(local.dtype, {int64_t(r_n) * local.numel()}, local.device, stream);
   for (int r = 0; r < r_n; ++r)
     copy_rows(static_cast<char*>(packed.t.data) + r * s.outer * row, row,
               static_cast<const char*>(full.t.data) + r * row, r_n * row, row, size_t(s.outer),
@@ -159,12 +110,13 @@ void attention_forward_cp(const AttentionInputs& in, const Tensor& o, const Tens
   check_cp(in, {&o, &lse});
   void* st = in.stream;
   const Device dev = in.q->device;
-  const Full q = gather(*in.q, 1, cp, st), k = gather(*in.k, 1, cp, st),
-             v = gather(*in.v, 1, cp, st);
+  const ScratchTensor q = gather(*in.q, 1, cp, st), k = gather(*in.k, 1, cp, st),
+                      v = gather(*in.v, 1, cp, st);
   const int64_t t = q.t.size(1);
-  const Full seq = in.seq_idx ? gather(*in.seq_idx, 1, cp, st) : Full(DType::i32, {0}, dev, st);
+  const ScratchTensor seq =
+      in.seq_idx ? gather(*in.seq_idx, 1, cp, st) : ScratchTensor(DType::i32, {0}, dev, st);
   const AttentionRows rows = cp_attention_rows(t, cp.rank(), cp.size());
-  const Full of(o.dtype, shape_with(o, 1, t), dev, st),
+  const ScratchTensor of(o.dtype, shape_with(o, 1, t), dev, st),
       lf(lse.dtype, shape_with(lse, 2, t), dev, st);
   AttentionInputs whole = in;
   whole.q = &q.t, whole.k = &k.t, whole.v = &v.t, whole.seq_idx = in.seq_idx ? &seq.t : nullptr;
@@ -180,20 +132,22 @@ void attention_backward_cp(const AttentionInputs& in, const Tensor& o, const Ten
   check_cp(in, {&o, &lse, &dout, &dq, &dk, &dv});
   void* st = in.stream;
   const Device dev = in.q->device;
-  const Full q = gather(*in.q, 1, cp, st), k = gather(*in.k, 1, cp, st),
-             v = gather(*in.v, 1, cp, st);
-  const Full of = gather(o, 1, cp, st), lf = gather(lse, 2, cp, st), dof = gather(dout, 1, cp, st);
+  const ScratchTensor q = gather(*in.q, 1, cp, st), k = gather(*in.k, 1, cp, st),
+                      v = gather(*in.v, 1, cp, st);
+  const ScratchTensor of = gather(o, 1, cp, st), lf = gather(lse, 2, cp, st),
+                      dof = gather(dout, 1, cp, st);
   const int64_t t = q.t.size(1);
-  const Full seq = in.seq_idx ? gather(*in.seq_idx, 1, cp, st) : Full(DType::i32, {0}, dev, st);
+  const ScratchTensor seq =
+      in.seq_idx ? gather(*in.seq_idx, 1, cp, st) : ScratchTensor(DType::i32, {0}, dev, st);
   const AttentionRows rows = cp_attention_rows(t, cp.rank(), cp.size());
-  const Full dqf(dq.dtype, shape_with(dq, 1, t), dev, st),
+  const ScratchTensor dqf(dq.dtype, shape_with(dq, 1, t), dev, st),
       dkf(dk.dtype, shape_with(dk, 1, t), dev, st), dvf(dv.dtype, shape_with(dv, 1, t), dev, st);
   AttentionInputs whole = in;
   whole.q = &q.t, whole.k = &k.t, whole.v = &v.t, whole.seq_idx = in.seq_idx ? &seq.t : nullptr;
   whole.rows = &rows;
   // The GPU backward's workspace, for the whole sequence.
-  const Full ws(DType::f32, {dev == Device::cpu ? 1 : attention_gpu_workspace_elems(whole)}, dev,
-                st);
+  const ScratchTensor ws(DType::f32,
+                         {dev == Device::cpu ? 1 : attention_gpu_workspace_elems(whole)}, dev, st);
   if (dev != Device::cpu) whole.workspace = &ws.t;
   attention_backward(whole, of.t, lf.t, dof.t, dqf.t, dkf.t, dvf.t);
   reduce_to_owner(dqf, dq, 1, cp, st);

@@ -1,10 +1,20 @@
 #include "layers/common/state_passing.h"
 
+#include <cstring>
+
 #include "runtime/check.h"
+#include "runtime/dtype.h"
+
+#if defined(BRAID_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "runtime/cuda_check.h"
+#endif
 
 namespace braid {
 
-StatePassing::StatePassing(const ShardMap& mine, int64_t per_row, Communicator& cp)
+StatePassing::StatePassing(const ShardMap& mine, int64_t per_row, Communicator& cp, Device via,
+                           void* stream)
     : rank_(cp.rank()),
       ranks_(cp.size()),
       rows_(int64_t(mine.first_doc.size())),
@@ -25,10 +35,18 @@ StatePassing::StatePassing(const ShardMap& mine, int64_t per_row, Communicator& 
   else
     packed.insert(packed.end(), mine.extra.begin(), mine.extra.end());
   all_.resize(packed.size() * ranks_);
-  cp.all_gather(Tensor::contiguous_view(packed.data(), DType::f64, Device::cpu,
-                                        {int64_t(packed.size())}, "shard_map"),
-                Tensor::contiguous_view(all_.data(), DType::f64, Device::cpu,
-                                        {int64_t(all_.size())}, "shard_maps"));
+  if (via == Device::cpu) {
+    cp.all_gather(Tensor::contiguous_view(packed.data(), DType::f64, Device::cpu,
+                                          {int64_t(packed.size())}, "shard_map"),
+                  Tensor::contiguous_view(all_.data(), DType::f64, Device::cpu,
+                                          {int64_t(all_.size())}, "shard_maps"));
+    return;
+  }
+  const ScratchTensor one(DType::f64, {int64_t(packed.size())}, via, stream),
+      every(DType::f64, {int64_t(all_.size())}, via, stream);
+  set_tensor_values(one.t, packed, stream);
+  cp.all_gather(one.t, every.t);
+  all_ = tensor_values(every.t, stream);
 }
 
 const double* StatePassing::part(int r, int k) const {
@@ -104,6 +122,133 @@ const Tensor* scratch_like(std::deque<HostBuffer>& keep, const Tensor* t) {
   if (!t) return nullptr;
   keep.emplace_back(t->dtype, std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim));
   return &keep.back().t;
+}
+
+ScratchTensor::ScratchTensor(DType dtype, std::vector<int64_t> shape, Device device, void* stream)
+    : stream_(stream) {
+  int64_t n = 1;
+  for (int64_t x : shape) n *= x;
+  void* p = nullptr;
+  if (device == Device::cpu) {
+    host_.assign(size_t(n) + 2, 0.0);
+    p = host_.data();
+  } else {
+#if defined(BRAID_WITH_CUDA)
+    const size_t bytes = size_t(n) * dtype_size(dtype) + 16;  // + 16: never empty
+    const auto s = static_cast<cudaStream_t>(stream);
+    CUDA_CHECK(cudaMallocAsync(&p, bytes, s));
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, s));
+    dev_ = p;
+#else
+    BRAID_FAIL("context parallelism: GPU tensors but this build has no CUDA");
+#endif
+  }
+  t = Tensor::contiguous_view(p, dtype, device, shape, "cp_scratch");
+}
+
+ScratchTensor::ScratchTensor(ScratchTensor&& o) noexcept
+    : t(o.t), host_(std::move(o.host_)), dev_(o.dev_), stream_(o.stream_) {
+  o.dev_ = nullptr;
+}
+
+ScratchTensor::~ScratchTensor() {
+#if defined(BRAID_WITH_CUDA)
+  if (dev_) cudaFreeAsync(dev_, static_cast<cudaStream_t>(stream_));
+#endif
+}
+
+const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream) {
+  if (!t) return nullptr;
+  keep.emplace_back(t->dtype, std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim),
+                    t->device, stream);
+  return &keep.back().t;
+}
+
+std::vector<double> tensor_values(const Tensor& t, void* stream) {
+  BRAID_CHECK(t.is_contiguous(), "context parallelism: ", t.describe(), " must be contiguous");
+  const int64_t n = t.numel();
+  std::vector<char> raw(size_t(n) * dtype_size(t.dtype));
+  if (t.device == Device::cpu) {
+    std::memcpy(raw.data(), t.data, raw.size());
+  } else {
+#if defined(BRAID_WITH_CUDA)
+    const auto s = static_cast<cudaStream_t>(stream);
+    CUDA_CHECK(cudaMemcpyAsync(raw.data(), t.data, raw.size(), cudaMemcpyDeviceToHost, s));
+    CUDA_CHECK(cudaStreamSynchronize(s));
+#else
+    (void)stream;
+#endif
+  }
+  std::vector<double> v(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const char* e = raw.data() + size_t(i) * dtype_size(t.dtype);
+    switch (t.dtype) {
+      case DType::f64: {
+        double x;
+        std::memcpy(&x, e, 8);
+        v[i] = x;
+        break;
+      }
+      case DType::f32: {
+        float x;
+        std::memcpy(&x, e, 4);
+        v[i] = x;
+        break;
+      }
+      case DType::bf16: {
+        bf16 x;
+        std::memcpy(&x, e, 2);
+        v[i] = from_bf16(x);
+        break;
+      }
+      case DType::i32: {
+        int32_t x;
+        std::memcpy(&x, e, 4);
+        v[i] = x;
+        break;
+      }
+      default:
+        BRAID_FAIL("context parallelism: no values of a ", dtype_name(t.dtype), " tensor");
+    }
+  }
+  return v;
+}
+
+void set_tensor_values(const Tensor& t, const std::vector<double>& v, void* stream) {
+  BRAID_CHECK(t.is_contiguous() && int64_t(v.size()) == t.numel(),
+              "context parallelism: ", v.size(), " values for ", t.describe());
+  std::vector<char> raw(v.size() * dtype_size(t.dtype));
+  for (size_t i = 0; i < v.size(); ++i) {
+    char* e = raw.data() + i * dtype_size(t.dtype);
+    switch (t.dtype) {
+      case DType::f64:
+        std::memcpy(e, &v[i], 8);
+        break;
+      case DType::f32: {
+        const float x = float(v[i]);
+        std::memcpy(e, &x, 4);
+        break;
+      }
+      case DType::bf16: {
+        const bf16 x = to_bf16(float(v[i]));
+        std::memcpy(e, &x, 2);
+        break;
+      }
+      default:
+        BRAID_FAIL("context parallelism: no values into a ", dtype_name(t.dtype), " tensor");
+    }
+  }
+  if (t.device == Device::cpu) {
+    std::memcpy(t.data, raw.data(), raw.size());
+    return;
+  }
+#if defined(BRAID_WITH_CUDA)
+  const auto s = static_cast<cudaStream_t>(stream);
+  CUDA_CHECK(cudaMemcpyAsync(t.data, raw.data(), raw.size(), cudaMemcpyHostToDevice, s));
+  CUDA_CHECK(cudaStreamSynchronize(s));  // raw is freed on return
+#else
+  (void)stream;
+#endif
 }
 
 }  // namespace braid

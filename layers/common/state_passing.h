@@ -28,10 +28,12 @@ struct ShardMap {
   std::vector<double> extra;                // [rows * per_row]: the last rank's end gradient
 };
 
-// Every rank's maps (collective over cp), in rank order.
+// Every rank's maps (collective over cp), in rank order. Over a cp group that moves GPU tensors
+// (NCCL) the maps pass through a GPU buffer (via = Device::cuda, on `stream`).
 class StatePassing {
  public:
-  StatePassing(const ShardMap& mine, int64_t per_row, Communicator& cp);
+  StatePassing(const ShardMap& mine, int64_t per_row, Communicator& cp, Device via = Device::cpu,
+               void* stream = nullptr);
   // The state entering this rank's shard, from the sequence's initial state (empty: zeros).
   std::vector<double> entering_state(const std::vector<double>& initial) const;
   // The gradient arriving at the end of this rank's shard (the last rank's `extra` is the
@@ -64,5 +66,30 @@ struct HostBuffer {
 // A zeroed buffer shaped like t, kept in `keep` (null for null): the gradients of a pass whose
 // results are thrown away.
 const Tensor* scratch_like(std::deque<HostBuffer>& keep, const Tensor* t);
+
+// Zeroed storage of one tensor (any dtype) on a device: host memory, or on the GPU a buffer of
+// CUDA's stream-ordered pool on `stream`, freed there (context parallelism's scratch: not in the
+// caller's memory plan).
+class ScratchTensor {
+ public:
+  Tensor t;
+  ScratchTensor(DType dtype, std::vector<int64_t> shape, Device device, void* stream);
+  ScratchTensor(ScratchTensor&& o) noexcept;
+  ScratchTensor(const ScratchTensor&) = delete;
+  ScratchTensor& operator=(const ScratchTensor&) = delete;
+  ScratchTensor& operator=(ScratchTensor&&) = delete;
+  ~ScratchTensor();
+
+ private:
+  std::vector<double> host_;  // 8 bytes an element: room for any dtype
+  void* dev_ = nullptr;
+  void* stream_ = nullptr;
+};
+// A ScratchTensor shaped like t on t's device, kept in `keep` (null for null).
+const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream);
+// The values of a contiguous f64, f32, bf16 or i32 tensor on either device, as f64 (GPU: copied
+// on `stream` after its queued work), and the tensor set from such values.
+std::vector<double> tensor_values(const Tensor& t, void* stream);
+void set_tensor_values(const Tensor& t, const std::vector<double>& v, void* stream);
 
 }  // namespace braid

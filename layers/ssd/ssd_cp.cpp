@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <vector>
 
 #include "layers/common/op_common.h"
@@ -19,40 +20,54 @@ Dims dims_of(const SsdInputs& in) {
   return {in.x->size(0), in.x->size(1), in.x->size(2), in.x->size(3), in.B->size(3)};
 }
 
+// The dtype of the states passed: the inputs' on the CPU, f32 on the GPU (the kernels' states).
+DType state_dtype(const SsdInputs& in) {
+  return in.x->device == Device::cuda ? DType::f32 : in.x->dtype;
+}
+
 // This shard's decay, exp(A_h sum_t dt_t) for every (p, n) of head h, 0 where a document starts
-// inside it.
+// inside it (from host copies of dt, A, dt_bias and seq_idx where they are on the GPU).
 ShardMap shard_map(const SsdInputs& in, const Dims& d) {
+  void* st = in.stream;
+  const std::vector<double> dt = tensor_values(*in.dt, st), a = tensor_values(*in.A, st),
+                            bias = in.dt_bias ? tensor_values(*in.dt_bias, st)
+                                              : std::vector<double>(size_t(d.h), 0.0);
+  std::vector<int32_t> seq;
+  if (in.seq_idx) {
+    const std::vector<double> s = tensor_values(*in.seq_idx, st);
+    seq.assign(s.begin(), s.end());
+  }
   ShardMap m;
   std::vector<bool> starts;
-  shard_documents(in.seq_idx ? in.seq_idx->data : nullptr, d.b, d.t, m, starts);
+  shard_documents(in.seq_idx ? seq.data() : nullptr, d.b, d.t, m, starts);
   const int64_t pn = d.p * d.n;
   m.decay.assign(d.b * d.h * pn, 0.0);
   for (int64_t b = 0; b < d.b; ++b)
     for (int64_t h = 0; h < d.h && !starts[b]; ++h) {
       double sum = 0;
       for (int64_t t = 0; t < d.t; ++t) {
-        double x = host_value(*in.dt, (b * d.t + t) * d.h + h) +
-                   (in.dt_bias ? host_value(*in.dt_bias, h) : 0.0);
+        double x = dt[(b * d.t + t) * d.h + h] + bias[h];
         if (in.dt_softplus) x = x > 20 ? x : std::log1p(std::exp(x));
         sum += std::min(std::max(x, in.dt_min), in.dt_max);
       }
-      std::fill_n(m.decay.begin() + (b * d.h + h) * pn, pn, std::exp(sum * host_value(*in.A, h)));
+      std::fill_n(m.decay.begin() + (b * d.h + h) * pn, pn, std::exp(sum * a[h]));
     }
   return m;
 }
 
+// The state entering this rank's shard (runs the shard's forward from a zero state into y_scratch
+// and the workspace).
 std::vector<double> entering(const SsdInputs& in, const Dims& d, const Tensor& y_scratch,
                              const Tensor& workspace, Communicator& cp) {
-  require_host("ssd (context parallel)",
-               {in.x, in.dt, in.A, in.B, in.C, in.D, in.dt_bias, in.seq_idx});
+  const Device dev = in.x->device;
   SsdInputs zero = in;
-  zero.initial_state = nullptr;
-  HostBuffer h_loc(in.x->dtype, {d.b, d.h, d.p, d.n});
+  zero.initial_state = nullptr, zero.y_scan = nullptr;
+  const ScratchTensor h_loc(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, in.stream);
   ssd_forward(zero, y_scratch, &h_loc.t, workspace);
   ShardMap m = shard_map(in, d);
-  m.state = host_values(h_loc.t);
-  const StatePassing sp(m, d.h * d.p * d.n, cp);
-  return sp.entering_state(in.initial_state ? host_values(*in.initial_state)
+  m.state = tensor_values(h_loc.t, in.stream);
+  const StatePassing sp(m, d.h * d.p * d.n, cp, dev, in.stream);
+  return sp.entering_state(in.initial_state ? tensor_values(*in.initial_state, in.stream)
                                             : std::vector<double>{});
 }
 
@@ -61,7 +76,8 @@ std::vector<double> entering(const SsdInputs& in, const Dims& d, const Tensor& y
 void ssd_forward_cp(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                     const Tensor& workspace, Communicator& cp) {
   const Dims d = dims_of(in);
-  const HostBuffer h_in(in.x->dtype, {d.b, d.h, d.p, d.n}, entering(in, d, y, workspace, cp));
+  const ScratchTensor h_in(state_dtype(in), {d.b, d.h, d.p, d.n}, in.x->device, in.stream);
+  set_tensor_values(h_in.t, entering(in, d, y, workspace, cp), in.stream);
   SsdInputs from = in;
   from.initial_state = &h_in.t;
   ssd_forward(from, y, final_state, workspace);
@@ -71,24 +87,28 @@ void ssd_backward_cp(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal
                      const SsdGrads& grads, const Tensor& forward_workspace,
                      const Tensor& workspace, Communicator& cp) {
   const Dims d = dims_of(in);
-  const HostBuffer y_tmp(in.x->dtype, {d.b, d.t, d.h, d.p});
-  const HostBuffer h_in(in.x->dtype, {d.b, d.h, d.p, d.n},
-                        entering(in, d, y_tmp.t, forward_workspace, cp));
+  const Device dev = in.x->device;
+  void* st = in.stream;
+  const ScratchTensor y_tmp(in.x->dtype, {d.b, d.t, d.h, d.p}, dev, st);
+  const ScratchTensor h_in(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, st);
+  set_tensor_values(h_in.t, entering(in, d, y_tmp.t, forward_workspace, cp), st);
   SsdInputs from = in;
   from.initial_state = &h_in.t;
-  std::deque<HostBuffer> scratch;
-  auto like = [&](const Tensor* t) { return scratch_like(scratch, t); };
+  // The GPU backward reads what the forward left in the workspace: the forward from h_in.
+  if (dev == Device::cuda) ssd_forward(from, y_tmp.t, nullptr, workspace);
+  std::deque<ScratchTensor> scratch;
+  auto like = [&](const Tensor* t) { return scratch_like(scratch, t, st); };
 
-  const HostBuffer g_loc(in.x->dtype, {d.b, d.h, d.p, d.n});
+  const ScratchTensor g_loc(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, st);
   ssd_backward(from, dy, nullptr,
                {like(grads.dx), like(grads.ddt), like(grads.dA), like(grads.dB), like(grads.dC),
                 like(grads.dD), like(grads.ddt_bias), &g_loc.t},
                workspace);
   ShardMap m = shard_map(in, d);
-  m.state = host_values(g_loc.t);
-  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = host_values(*dfinal_state);
-  const HostBuffer g_out(in.x->dtype, {d.b, d.h, d.p, d.n},
-                         StatePassing(m, d.h * d.p * d.n, cp).arriving_grad());
+  m.state = tensor_values(g_loc.t, st);
+  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = tensor_values(*dfinal_state, st);
+  const ScratchTensor g_out(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, st);
+  set_tensor_values(g_out.t, StatePassing(m, d.h * d.p * d.n, cp, dev, st).arriving_grad(), st);
   ssd_backward(from, dy, &g_out.t, grads, workspace);
 }
 

@@ -1,6 +1,7 @@
-// Context-parallel attention on GPUs over an NCCL cp group (under mpirun, one rank per GPU; exit
-// 77, skipped, with fewer GPUs than ranks): each rank holds a shard of every sequence, and its
-// shard of o, lse, dq, dk and dv must match the whole-sequence run on one GPU.
+// Context parallelism on GPUs over an NCCL cp group (under mpirun, one rank per GPU; exit 77,
+// skipped, with fewer GPUs than ranks): each rank holds a shard of every sequence.
+//
+// Attention: its shard of o, lse, dq, dk and dv must match the whole-sequence run on one GPU.
 // - o, lse and dq of a row are computed on one rank by the same kernels over the same gathered
 //   keys, in the same order, and the other ranks add zeros: equal bit for bit.
 // - dk and dv sum the queries of every rank: each rank's part is rounded to bf16 and NCCL adds the
@@ -9,6 +10,14 @@
 //   the bound is 3 2^-8 of the largest |dk|, |dv| (the parts cancel little at these shapes).
 // Shapes: batch 2, 4 query heads on 2 KV heads, head dims 64 and 128, shards of 200 and 384 tokens
 // (not multiples of the kernels' tiles), with and without documents crossing the shard edges.
+//
+// SSD (state passing): y, the final state and every gradient against the f64 CPU reference of the
+// whole sequence (the same bf16-rounded inputs). The shards' states cross ranks in f32 and enter
+// the kernels where the whole run's chunk states would, so the context-parallel run may be off
+// the reference by what the one-GPU run is, from either side: the bound is twice the one-GPU
+// run's largest error plus one bf16 rounding (2^-8) of the largest value.
+// Shapes: batch 2, 4 heads in 2 groups, P = N = 64, chunks of 64, shards of 192 tokens, an initial
+// state and a final-state gradient, with and without documents.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,6 +29,8 @@
 
 #include "layers/attention/attention.h"
 #include "layers/attention/attention_cp.h"
+#include "layers/ssd/ssd.h"
+#include "layers/ssd/ssd_cp.h"
 #include "parallel/communicator.h"
 #include "parallel/launch_env.h"
 #include "runtime/dtype.h"
@@ -155,6 +166,154 @@ void check_attention(Communicator& cp, int64_t p, int64_t tr, bool docs) {
           r);
 }
 
+// Host f64 copies of values, as a tensor (the CPU reference's inputs and outputs).
+struct Host {
+  std::vector<double> v;
+  Tensor t;
+  Host(std::vector<int64_t> shape, std::vector<double> values = {}) {
+    int64_t n = 1;
+    for (int64_t x : shape) n *= x;
+    v = values.empty() ? std::vector<double>(n, 0.0) : std::move(values);
+    t = Tensor::contiguous_view(v.data(), DType::f64, Device::cpu, shape, "h");
+  }
+};
+
+// Deterministic values in [lo, hi), rounded to bf16 (as the GPU inputs hold them) or to f32.
+std::vector<double> uniform(int64_t n, uint32_t seed, double lo, double hi, bool to_bf16_values) {
+  const std::vector<bf16> u = values(n, seed);
+  std::vector<double> out(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = lo + (hi - lo) * (from_bf16(u[i]) + 1.0) / 2.0;
+    out[i] = to_bf16_values ? from_bf16(to_bf16(float(x))) : double(float(x));
+  }
+  return out;
+}
+
+// A GPU tensor from f64 values in the given dtype (bf16 or f32).
+std::unique_ptr<Dev> upload(DType dtype, std::vector<int64_t> shape, const std::vector<double>& v) {
+  if (dtype == DType::bf16) {
+    std::vector<bf16> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = to_bf16(float(v[i]));
+    return std::make_unique<Dev>(dtype, shape, h.data());
+  }
+  std::vector<float> h(v.begin(), v.end());
+  return std::make_unique<Dev>(dtype, shape, h.data());
+}
+
+double max_err(const std::vector<float>& got, const std::vector<double>& want) {
+  double e = got.size() == want.size() ? 0.0 : INFINITY;
+  for (size_t i = 0; i < want.size() && i < got.size(); ++i)
+    e = std::max(e, std::isfinite(got[i]) ? std::fabs(got[i] - want[i]) : INFINITY);
+  return e;
+}
+
+// The context-parallel values against the reference, within twice the one-GPU run's error plus a
+// bf16 rounding of the largest value.
+void against_reference(const std::string& what, const std::vector<float>& cp,
+                       const std::vector<float>& one_gpu, const std::vector<double>& ref,
+                       int rank) {
+  double scale = 0;
+  for (double x : ref) scale = std::max(scale, std::fabs(x));
+  const double bound = 2 * max_err(one_gpu, ref) + std::ldexp(scale, -8);
+  expect(max_err(cp, ref) <= bound, what, max_err(cp, ref), bound, rank);
+}
+
+void check_ssd(Communicator& cp, Communicator& world, bool docs) {
+  const int r = cp.rank(), ranks = cp.size();
+  const int64_t b = 2, tr = 192, t = tr * ranks, h = 4, g = 2, p = 64, n = 64;
+  const std::vector<double> x = uniform(b * t * h * p, 71, -1, 1, true),
+                            bm = uniform(b * t * g * n, 72, -1, 1, true),
+                            cm = uniform(b * t * g * n, 73, -1, 1, true),
+                            dy = uniform(b * t * h * p, 74, -1, 1, true),
+                            dt = uniform(b * t * h, 75, -3, -1, false),
+                            a = uniform(h, 76, -1.5, -0.5, false),
+                            dd = uniform(h, 77, -1, 1, false),
+                            bias = uniform(h, 78, -0.5, 0.5, false),
+                            h0 = uniform(b * h * p * n, 79, -1, 1, false),
+                            dfin = uniform(b * h * p * n, 80, -1, 1, false);
+  std::vector<int32_t> seq(b * t);  // documents of 101 tokens, crossing the shard edges
+  for (int64_t i = 0; i < b * t; ++i) seq[i] = int32_t((i % t) / 101);
+  const std::string tag = std::string("ssd, ") + (docs ? "documents" : "one document") + ": ";
+
+  // The f64 reference of the whole sequence.
+  Host hx({b, t, h, p}, x), hdt({b, t, h}, dt), ha({h}, a), hb({b, t, g, n}, bm),
+      hc({b, t, g, n}, cm), hd({h}, dd), hbias({h}, bias), hh0({b, h, p, n}, h0),
+      hdy({b, t, h, p}, dy), hdfin({b, h, p, n}, dfin);
+  const Tensor hseq = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
+  SsdInputs ref{&hx.t,  &hdt.t, &ha.t, &hb.t, &hc.t, &hd.t, &hbias.t, docs ? &hseq : nullptr,
+                &hh0.t, true};
+  ref.chunk = 64;
+  Host ry({b, t, h, p}), rfin({b, h, p, n}), rws({ssd_backward_workspace_elems(ref)}),
+      rfws({ssd_forward_workspace_elems(ref)});
+  ssd_forward(ref, ry.t, &rfin.t, rfws.t);
+  Host rdx({b, t, h, p}), rddt({b, t, h}), rda({h}), rdb({b, t, g, n}), rdc({b, t, g, n}), rdd({h}),
+      rdbias({h}), rdh0({b, h, p, n});
+  ssd_backward(ref, hdy.t, &hdfin.t,
+               {&rdx.t, &rddt.t, &rda.t, &rdb.t, &rdc.t, &rdd.t, &rdbias.t, &rdh0.t}, rws.t);
+
+  // One GPU, the whole sequence; and this rank's shard, context parallel.
+  struct Run {
+    std::vector<float> y, fin, dx, ddt, da, db, dc, dd, dbias, dh0;
+  };
+  auto run = [&](int64_t t0, int64_t len, Communicator* group) {
+    auto sh = [&](const std::vector<double>& all, int64_t inner) {
+      return shard(all, b, t, inner, t0, len);
+    };
+    auto gx = upload(DType::bf16, {b, len, h, p}, sh(x, h * p)),
+         gb = upload(DType::bf16, {b, len, g, n}, sh(bm, g * n)),
+         gc = upload(DType::bf16, {b, len, g, n}, sh(cm, g * n)),
+         gdy = upload(DType::bf16, {b, len, h, p}, sh(dy, h * p)),
+         gdt = upload(DType::f32, {b, len, h}, sh(dt, h)), ga = upload(DType::f32, {h}, a),
+         gd = upload(DType::f32, {h}, dd), gbias = upload(DType::f32, {h}, bias),
+         gh0 = upload(DType::f32, {b, h, p, n}, h0), gdfin = upload(DType::f32, {b, h, p, n}, dfin);
+    const std::vector<int32_t> sseq = shard(seq, b, t, 1, t0, len);
+    Dev gseq(DType::i32, {b, len}, sseq.data());
+    SsdInputs in{&gx->t,  &gdt->t, &ga->t,    &gb->t,
+                 &gc->t,  &gd->t,  &gbias->t, docs ? &gseq.t : nullptr,
+                 &gh0->t, true};
+    in.chunk = 64;
+    Dev y(DType::bf16, {b, len, h, p}), fin(DType::f32, {b, h, p, n}),
+        ws(DType::f32, {ssd_forward_workspace_elems(in)}),
+        fws(DType::f32, {ssd_forward_workspace_elems(in)});
+    Dev dx(DType::bf16, {b, len, h, p}), ddt(DType::f32, {b, len, h}), da(DType::f32, {h}),
+        db(DType::bf16, {b, len, g, n}), dc(DType::bf16, {b, len, g, n}), ddd(DType::f32, {h}),
+        dbias(DType::f32, {h}), dh0(DType::f32, {b, h, p, n});
+    const SsdGrads grads{&dx.t, &ddt.t, &da.t, &db.t, &dc.t, &ddd.t, &dbias.t, &dh0.t};
+    if (group) {
+      ssd_forward_cp(in, y.t, &fin.t, fws.t, *group);
+      ssd_backward_cp(in, gdy->t, &gdfin->t, grads, fws.t, ws.t, *group);
+    } else {
+      ssd_forward(in, y.t, &fin.t, ws.t);
+      ssd_backward(in, gdy->t, &gdfin->t, grads, ws.t);
+    }
+    cudaDeviceSynchronize();
+    return Run{y.host(),  fin.host(), dx.host(),  ddt.host(),   da.host(),
+               db.host(), dc.host(),  ddd.host(), dbias.host(), dh0.host()};
+  };
+  const Run one = run(0, t, nullptr);
+  const int64_t t0 = r * tr;
+  Run mine = run(t0, tr, &cp);
+  // dA, dD and ddt_bias: each rank's part of the sum over the sequence.
+  for (std::vector<float>* v : {&mine.da, &mine.dd, &mine.dbias})
+    world.all_reduce(
+        Tensor::contiguous_view(v->data(), DType::f32, Device::cpu, {int64_t(v->size())}, "summed"),
+        ReduceOp::sum);
+  auto rs = [&](const Host& all, int64_t inner) { return shard(all.v, b, t, inner, t0, tr); };
+  auto os = [&](const std::vector<float>& all, int64_t inner) {
+    return shard(all, b, t, inner, t0, tr);
+  };
+  against_reference(tag + "y", mine.y, os(one.y, h * p), rs(ry, h * p), r);
+  against_reference(tag + "dx", mine.dx, os(one.dx, h * p), rs(rdx, h * p), r);
+  against_reference(tag + "ddt", mine.ddt, os(one.ddt, h), rs(rddt, h), r);
+  against_reference(tag + "dB", mine.db, os(one.db, g * n), rs(rdb, g * n), r);
+  against_reference(tag + "dC", mine.dc, os(one.dc, g * n), rs(rdc, g * n), r);
+  against_reference(tag + "dA", mine.da, one.da, rda.v, r);
+  against_reference(tag + "dD", mine.dd, one.dd, rdd.v, r);
+  against_reference(tag + "ddt_bias", mine.dbias, one.dbias, rdbias.v, r);
+  if (r == ranks - 1) against_reference(tag + "final state", mine.fin, one.fin, rfin.v, r);
+  if (r == 0) against_reference(tag + "dinitial_state", mine.dh0, one.dh0, rdh0.v, r);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -174,6 +333,7 @@ int main(int argc, char** argv) {
     for (int64_t p : {64, 128})
       for (int64_t tr : {200, 384})
         for (bool docs : {false, true}) check_attention(*nccl, p, tr, docs);
+    for (bool docs : {false, true}) check_ssd(*nccl, *world, docs);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
