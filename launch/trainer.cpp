@@ -291,12 +291,8 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   auto say = [&](const char* fmt, auto... args) {
     if (lead) std::printf(fmt, args...);
   };
-  // On GPUs: one rank per GPU, data, tensor, expert and pipeline parallel over NCCL; context
-  // parallelism is not built for GPUs yet.
+  // On GPUs: one rank per GPU, data, tensor, expert, pipeline and context parallel over NCCL.
   const bool gpu = cfg.train.device == "cuda";
-  BRAID_REQUIRE(!gpu || cp == 1,
-                "train.device = cuda has no context parallelism yet; got parallel.cp = ", cp,
-                " (it must be 1 on GPUs)");
   if (cfg.train.threads > 0) omp_set_num_threads(static_cast<int>(cfg.train.threads));
   const TrainSettings& ts = cfg.train;
   const int64_t b = ts.micro_batch, t = ts.seq_len, t_local = t / cp;
@@ -324,6 +320,12 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   if (gpu && tp_group && tp_group->size() > 1)
     tp_nccl = make_nccl(*tp_group, "tensor parallel (NCCL)", comm_timeout_from_env(600));
   Communicator* tp_comm = tp_nccl ? tp_nccl.get() : tp_group.get();
+  // Context parallelism on GPUs: the blocks' gathers and state maps over NCCL; the MPI cp group
+  // keeps the host sums (the held-out loss).
+  std::unique_ptr<Communicator> cp_nccl;
+  if (gpu && cp > 1)
+    cp_nccl = make_nccl(*cp_group, "context parallel (NCCL)", comm_timeout_from_env(600));
+  Communicator* cp_comm = cp_nccl ? cp_nccl.get() : cp_group.get();
   // Expert parallelism on GPUs: the token rows' all-to-all and the experts' ZeRO-1 over NCCL; the
   // MPI ep group keeps the host sums (the experts' gradient norm).
   std::unique_ptr<Communicator> ep_nccl, edp_nccl;
@@ -384,7 +386,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     chunks.push_back(with_memory_hint(hint, [&] {
       return std::make_unique<Model>(cfg.model, act_dtype, *backend, b, t_local, int64_t(dp) * cp,
                                      TensorParallel{tp_comm, layout.sequence_parallel},
-                                     cp > 1 ? cp_group.get() : nullptr, ep_comm,
+                                     cp > 1 ? cp_comm : nullptr, ep_comm,
                                      edp_group ? edp_group->size() : 1, c * pp + stage, starts,
                                      parse_recompute(cfg.train.recompute));
     }));
@@ -672,15 +674,15 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   s.unigram_entropy = entropy;
   // The seconds this rank's communicators held up the step (call_seconds), summed over the
   // distinct groups.
-  auto comm_seconds =
-      [&, groups = std::set<const Communicator*>{world, data_comm, tp_comm, cp_group.get(), ep_comm,
-                                                 edp_comm, ep_group.get(), grad_group.get(),
-                                                 pp_group.get(), pp_comm, tied_comm}] {
-        double sum = 0;
-        for (const Communicator* c : groups)
-          if (c) sum += c->call_seconds();
-        return sum;
-      };
+  auto comm_seconds = [&,
+                       groups = std::set<const Communicator*>{
+                           world, data_comm, tp_comm, cp_comm, cp_group.get(), ep_comm, edp_comm,
+                           ep_group.get(), grad_group.get(), pp_group.get(), pp_comm, tied_comm}] {
+    double sum = 0;
+    for (const Communicator* c : groups)
+      if (c) sum += c->call_seconds();
+    return sum;
+  };
   const auto t0 = Clock::now();
   auto last = t0;
   double interval_loss = 0, interval_comm = 0, comm_before = comm_seconds();

@@ -198,7 +198,7 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   const Conv1dInputs conv{&xs3, &conv_w_->compute, &conv_b_->compute, meta.seq_idx, nullptr, true};
   const Conv1dGrads cg{&dxs3, &conv_w_->grad, &conv_b_->grad, nullptr};
   if (meta.cp)
-    causal_conv1d_backward_cp(conv, dxc3, nullptr, cg, *meta.cp);
+    causal_conv1d_backward_cp(conv, dxc3, nullptr, cg, *meta.cp, &conv_ws_);
   else
     causal_conv1d_backward(conv, dxc3, nullptr, cg, &conv_ws_);
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});

@@ -188,7 +188,7 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     const Conv1dInputs conv{&in3, &w, &bias, meta.seq_idx, nullptr, true};
     const Conv1dGrads cg{&din3, &gw, &gb, nullptr};
     if (meta.cp)
-      causal_conv1d_backward_cp(conv, dout3, nullptr, cg, *meta.cp);
+      causal_conv1d_backward_cp(conv, dout3, nullptr, cg, *meta.cp, &conv_ws_);
     else
       causal_conv1d_backward(conv, dout3, nullptr, cg, &conv_ws_);
   }

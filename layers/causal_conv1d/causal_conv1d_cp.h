@@ -4,9 +4,10 @@
 // that shard's first token continues the document (else zeros), and in backward the gradient of
 // a shard's initial state goes back to the previous shard's last inputs. Every rank's halo and
 // edge document ids are all-gathered (B C (W-1) values each). Inputs as for
-// causal_conv1d_forward (CPU tensors): initial_state is the sequence's (rank 0), final_state gets
-// this shard's, dfinal_state is read on the last rank, dinitial_state gets the gradient of this
-// shard's initial state (the sequence's on rank 0).
+// causal_conv1d_forward: initial_state is the sequence's (rank 0), final_state gets this shard's,
+// dfinal_state is read on the last rank, dinitial_state gets the gradient of this shard's initial
+// state (the sequence's on rank 0). CPU tensors over any cp group, or GPU tensors over an NCCL cp
+// group (the halos copied to the host and back; the GPU backward takes its workspace).
 #pragma once
 
 #include "layers/causal_conv1d/causal_conv1d.h"
@@ -17,6 +18,7 @@ namespace braid {
 void causal_conv1d_forward_cp(const Conv1dInputs& in, const Tensor& y, const Tensor* final_state,
                               Communicator& cp);
 void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& dy, const Tensor* dfinal_state,
-                               const Conv1dGrads& grads, Communicator& cp);
+                               const Conv1dGrads& grads, Communicator& cp,
+                               const Tensor* workspace = nullptr);
 
 }  // namespace braid

@@ -234,7 +234,10 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   validate_model_config(cfg_);
   const bool gpu = backend.device() == Device::cuda;
   if (gpu) {
-    BRAID_REQUIRE(!cp, "the GPU model has no context parallelism yet");
+    BRAID_REQUIRE(!cp || cfg_.pattern.find('S') == std::string::npos, "model.pattern '",
+                  cfg_.pattern,
+                  "': Mamba-1 (S) layers have no context parallelism on GPUs yet (parallel.cp "
+                  "must be 1, or train them on the CPU)");
     gemm_ = std::make_unique<GemmContext>(backend);
   }
   // Mixed precision: bf16 activations and compute copies of the weights, f32 parameters and
