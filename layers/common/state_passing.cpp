@@ -91,39 +91,6 @@ void shard_documents(const void* seq_idx, int64_t rows, int64_t t, ShardMap& map
   }
 }
 
-double host_value(const Tensor& t, int64_t i) {
-  return t.dtype == DType::f64 ? t.ptr<double>()[i] : double(t.ptr<float>()[i]);
-}
-
-void set_host_value(const Tensor& t, int64_t i, double v) {
-  if (t.dtype == DType::f64)
-    t.ptr<double>()[i] = v;
-  else
-    t.ptr<float>()[i] = float(v);
-}
-
-std::vector<double> host_values(const Tensor& t) {
-  std::vector<double> v(t.numel());
-  for (int64_t i = 0; i < t.numel(); ++i) v[i] = host_value(t, i);
-  return v;
-}
-
-HostBuffer::HostBuffer(DType dtype, std::vector<int64_t> shape, const std::vector<double>& values) {
-  BRAID_CHECK(dtype == DType::f32 || dtype == DType::f64, "HostBuffer: f32 or f64, got ",
-              dtype_name(dtype));
-  int64_t n = 1;
-  for (int64_t x : shape) n *= x;
-  storage.assign(n, 0.0);
-  t = Tensor::contiguous_view(storage.data(), dtype, Device::cpu, shape, "state");
-  for (int64_t i = 0; i < int64_t(values.size()); ++i) set_host_value(t, i, values[i]);
-}
-
-const Tensor* scratch_like(std::deque<HostBuffer>& keep, const Tensor* t) {
-  if (!t) return nullptr;
-  keep.emplace_back(t->dtype, std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim));
-  return &keep.back().t;
-}
-
 ScratchTensor::ScratchTensor(DType dtype, std::vector<int64_t> shape, Device device, void* stream)
     : stream_(stream) {
   int64_t n = 1;

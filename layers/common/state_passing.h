@@ -53,20 +53,6 @@ class StatePassing {
 void shard_documents(const void* seq_idx, int64_t rows, int64_t t, ShardMap& map,
                      std::vector<bool>& starts_inside);
 
-// Host f32/f64 tensors as f64 (element i, or all), and host storage of a dtype with its tensor,
-// filled from f64 values (what the maps are made of and turned back into).
-double host_value(const Tensor& t, int64_t i);
-void set_host_value(const Tensor& t, int64_t i, double v);
-std::vector<double> host_values(const Tensor& t);
-struct HostBuffer {
-  std::vector<double> storage;  // f64 room for either dtype
-  Tensor t;
-  HostBuffer(DType dtype, std::vector<int64_t> shape, const std::vector<double>& values = {});
-};
-// A zeroed buffer shaped like t, kept in `keep` (null for null): the gradients of a pass whose
-// results are thrown away.
-const Tensor* scratch_like(std::deque<HostBuffer>& keep, const Tensor* t);
-
 // Zeroed storage of one tensor (any dtype) on a device: host memory, or on the GPU a buffer of
 // CUDA's stream-ordered pool on `stream`, freed there (context parallelism's scratch: not in the
 // caller's memory plan).

@@ -233,13 +233,7 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
     : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   const bool gpu = backend.device() == Device::cuda;
-  if (gpu) {
-    BRAID_REQUIRE(!cp || cfg_.pattern.find('S') == std::string::npos, "model.pattern '",
-                  cfg_.pattern,
-                  "': Mamba-1 (S) layers have no context parallelism on GPUs yet (parallel.cp "
-                  "must be 1, or train them on the CPU)");
-    gemm_ = std::make_unique<GemmContext>(backend);
-  }
+  if (gpu) gemm_ = std::make_unique<GemmContext>(backend);
   // Mixed precision: bf16 activations and compute copies of the weights, f32 parameters and
   // gradients (the optimizer's master weights are the f32 values).
   const DType pdt = dtype == DType::bf16 ? DType::f32 : dtype;

@@ -1,6 +1,7 @@
 #include "layers/selective_scan/selective_scan_cp.h"
 
 #include <cmath>
+#include <deque>
 #include <vector>
 
 #include "layers/common/op_common.h"
@@ -9,39 +10,52 @@
 namespace braid {
 namespace {
 
-// This shard's decay per (b, c, n): exp(A sum_t dt_t), 0 where a document starts inside it.
+// The dtype of the states passed: the inputs' on the CPU, f32 on the GPU (the kernels' states).
+DType state_dtype(const ScanInputs& in) {
+  return in.u->device == Device::cuda ? DType::f32 : in.u->dtype;
+}
+
+// This shard's decay per (b, c, n): exp(A sum_t dt_t), 0 where a document starts inside it (from
+// host copies of delta, delta_bias, A and seq_idx where they are on the GPU).
 ShardMap shard_map(const ScanInputs& in, const ScanDims& d) {
+  void* st = in.stream;
+  const std::vector<double> delta = tensor_values(*in.delta, st), a = tensor_values(*in.A, st),
+                            bias = in.delta_bias ? tensor_values(*in.delta_bias, st)
+                                                 : std::vector<double>(size_t(d.c), 0.0);
+  std::vector<int32_t> seq;
+  if (in.seq_idx) {
+    const std::vector<double> s = tensor_values(*in.seq_idx, st);
+    seq.assign(s.begin(), s.end());
+  }
   ShardMap m;
   std::vector<bool> starts;
-  shard_documents(in.seq_idx ? in.seq_idx->data : nullptr, d.b, d.t, m, starts);
+  shard_documents(in.seq_idx ? seq.data() : nullptr, d.b, d.t, m, starts);
   m.decay.assign(d.b * d.c * d.n, 0.0);
   for (int64_t b = 0; b < d.b; ++b)
     for (int64_t c = 0; c < d.c && !starts[b]; ++c) {
       double sum = 0;
       for (int64_t t = 0; t < d.t; ++t) {
-        double x = host_value(*in.delta, (b * d.t + t) * d.c + c) +
-                   (in.delta_bias ? host_value(*in.delta_bias, c) : 0.0);
+        const double x = delta[(b * d.t + t) * d.c + c] + bias[c];
         sum += in.delta_softplus ? (x > 20 ? x : std::log1p(std::exp(x))) : x;
       }
       for (int64_t n = 0; n < d.n; ++n)
-        m.decay[(b * d.c + c) * d.n + n] = std::exp(sum * host_value(*in.A, c * d.n + n));
+        m.decay[(b * d.c + c) * d.n + n] = std::exp(sum * a[c * d.n + n]);
     }
   return m;
 }
 
-// The state entering this rank's shard (forward steps 1-2 of the header).
+// The state entering this rank's shard (forward steps 1-2 of the header); runs the shard's scan
+// from a zero state into y_scratch and the workspace.
 std::vector<double> entering(const ScanInputs& in, const ScanDims& d, const Tensor& y_scratch,
                              const Tensor& workspace, Communicator& cp) {
-  require_host("selective_scan (context parallel)",
-               {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias, in.seq_idx});
   ScanInputs zero = in;
   zero.initial_state = nullptr;
-  HostBuffer h_loc(in.u->dtype, {d.b, d.c, d.n});
+  const ScratchTensor h_loc(state_dtype(in), {d.b, d.c, d.n}, in.u->device, in.stream);
   selective_scan_forward(zero, y_scratch, &h_loc.t, &workspace);
   ShardMap m = shard_map(in, d);
-  m.state = host_values(h_loc.t);
-  const StatePassing sp(m, d.c * d.n, cp);
-  return sp.entering_state(in.initial_state ? host_values(*in.initial_state)
+  m.state = tensor_values(h_loc.t, in.stream);
+  const StatePassing sp(m, d.c * d.n, cp, in.u->device, in.stream);
+  return sp.entering_state(in.initial_state ? tensor_values(*in.initial_state, in.stream)
                                             : std::vector<double>{});
 }
 
@@ -50,7 +64,8 @@ std::vector<double> entering(const ScanInputs& in, const ScanDims& d, const Tens
 void selective_scan_forward_cp(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
                                const Tensor& workspace, Communicator& cp) {
   const ScanDims d = selective_scan_dims(in);
-  const HostBuffer h_in(in.u->dtype, {d.b, d.c, d.n}, entering(in, d, y, workspace, cp));
+  const ScratchTensor h_in(state_dtype(in), {d.b, d.c, d.n}, in.u->device, in.stream);
+  set_tensor_values(h_in.t, entering(in, d, y, workspace, cp), in.stream);
   ScanInputs from = in;
   from.initial_state = &h_in.t;
   selective_scan_forward(from, y, final_state, &workspace);
@@ -59,16 +74,21 @@ void selective_scan_forward_cp(const ScanInputs& in, const Tensor& y, const Tens
 void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                                 const ScanGrads& grads, const Tensor& workspace, Communicator& cp) {
   const ScanDims d = selective_scan_dims(in);
-  const HostBuffer y_tmp(in.u->dtype, {d.b, d.t, d.c});
-  const HostBuffer h_in(in.u->dtype, {d.b, d.c, d.n}, entering(in, d, y_tmp.t, workspace, cp));
+  const Device dev = in.u->device;
+  void* st = in.stream;
+  const ScratchTensor y_tmp(in.u->dtype, {d.b, d.t, d.c}, dev, st);
+  const ScratchTensor h_in(state_dtype(in), {d.b, d.c, d.n}, dev, st);
+  set_tensor_values(h_in.t, entering(in, d, y_tmp.t, workspace, cp), st);
   ScanInputs from = in;
   from.initial_state = &h_in.t;
+  // The GPU backward reads the chunk states its forward saved in the workspace: that forward is
+  // the one from h_in.
+  if (dev == Device::cuda) selective_scan_forward(from, y_tmp.t, nullptr, &workspace);
   // 1. Back through this shard with nothing arriving at its end: G, the gradient of h_in. The
   //    other gradients of this pass go to scratch (dA, dD, ddelta_bias accumulate).
-  std::deque<HostBuffer> scratch;
-  auto like = [&](const Tensor* t) { return scratch_like(scratch, t); };
-
-  const HostBuffer g_loc(in.u->dtype, {d.b, d.c, d.n});
+  std::deque<ScratchTensor> scratch;
+  auto like = [&](const Tensor* t) { return scratch_like(scratch, t, st); };
+  const ScratchTensor g_loc(state_dtype(in), {d.b, d.c, d.n}, dev, st);
   selective_scan_backward(
       from, dy, nullptr,
       {like(grads.du), like(grads.ddelta), like(grads.dA), like(grads.dB), like(grads.dC),
@@ -76,10 +96,10 @@ void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Te
       workspace);
   // 2. The gradient arriving at this shard's end; 3. back again with it: every gradient exact.
   ShardMap m = shard_map(in, d);
-  m.state = host_values(g_loc.t);
-  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = host_values(*dfinal_state);
-  const HostBuffer g_out(in.u->dtype, {d.b, d.c, d.n},
-                         StatePassing(m, d.c * d.n, cp).arriving_grad());
+  m.state = tensor_values(g_loc.t, st);
+  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = tensor_values(*dfinal_state, st);
+  const ScratchTensor g_out(state_dtype(in), {d.b, d.c, d.n}, dev, st);
+  set_tensor_values(g_out.t, StatePassing(m, d.c * d.n, cp, dev, st).arriving_grad(), st);
   selective_scan_backward(from, dy, &g_out.t, grads, workspace);
 }
 

@@ -7,10 +7,14 @@
 //   backward  back with no gradient at h_out (G, the entering state's gradient); fold the later
 //             shards' maps into the gradient arriving at h_out; back again with it: exact.
 // Each direction runs the scan twice: the price of a communication independent of T.
-// ScanInputs as for selective_scan_forward (CPU tensors): initial_state is the sequence's (used
-// by rank 0), final_state gets the state leaving this rank's shard (the sequence's on the last
-// rank), dfinal_state is the gradient at the sequence's end (read on the last rank), and
-// dinitial_state gets the gradient of the state entering this shard (the sequence's on rank 0).
+// ScanInputs as for selective_scan_forward: initial_state is the sequence's (used by rank 0),
+// final_state gets the state leaving this rank's shard (the sequence's on the last rank),
+// dfinal_state is the gradient at the sequence's end (read on the last rank), and dinitial_state
+// gets the gradient of the state entering this shard (the sequence's on rank 0). CPU tensors over
+// any cp group, or GPU tensors over an NCCL cp group: the maps are then folded in f64 on the host
+// (from copies of the f32 states and of delta), the scratch comes from CUDA's stream-ordered pool,
+// and the backward runs the scan from the entering state once more, since the GPU backward reads
+// the chunk states that forward saves in the workspace.
 #pragma once
 
 #include "layers/selective_scan/selective_scan.h"

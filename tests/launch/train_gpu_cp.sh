@@ -2,7 +2,8 @@
 # Context parallelism on GPUs (a machine with 2 or more GPUs only): the tiny GPU hybrid (Mamba-2,
 # attention, MLP) on one GPU against cp=2, each rank holding half of every sequence: SSD passes
 # its states and the convs their halos between the ranks, attention all-gathers its keys for the
-# load-balanced causal split, all over NCCL; and checkpoints resumed across the layouts.
+# load-balanced causal split, all over NCCL; checkpoints resumed across the layouts; and the same
+# model with a Mamba-1 mixer first (the selective scan's states passed).
 # - cp=2 vs 1 GPU: the shards' states cross in f32 where the one-GPU run keeps its chunk states,
 #   and dk, dv are summed over the ranks in bf16: the kernels' rounding, not the algorithm,
 #   differs, so the tolerance is the GPU-against-CPU test's, 2^-5 (train_gpu.sh).
@@ -24,4 +25,9 @@ compare "cp=2 vs 1 GPU, losses" "$(losses "$work/one/metrics.jsonl")" \
   "$(losses "$work/cp/metrics.jsonl")" $tol
 one_args=()
 resume_across cp 2 $tol parallel.cp=2
+# With a Mamba-1 mixer in place of the first Mamba-2 one (its scan passes states the same way).
+run_layout one_s 0 model.pattern=S*-M-
+run_layout cp_s 2 parallel.cp=2 model.pattern=S*-M-
+compare "cp=2 vs 1 GPU with a Mamba-1 layer, losses" "$(losses "$work/one_s/metrics.jsonl")" \
+  "$(losses "$work/cp_s/metrics.jsonl")" $tol
 echo "context-parallel GPU training passed"

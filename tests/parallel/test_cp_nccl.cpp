@@ -18,6 +18,9 @@
 // run's largest error plus one bf16 rounding (2^-8) of the largest value.
 // Shapes: batch 2, 4 heads in 2 groups, P = N = 64, chunks of 64, shards of 192 tokens, an initial
 // state and a final-state gradient, with and without documents.
+//
+// Selective scan (Mamba-1, state passing): y, the final state and every gradient the same way
+// (batch 2, 64 channels, N = 16, one group, D, z and a delta bias, shards of 300 tokens).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,6 +32,8 @@
 
 #include "layers/attention/attention.h"
 #include "layers/attention/attention_cp.h"
+#include "layers/selective_scan/selective_scan.h"
+#include "layers/selective_scan/selective_scan_cp.h"
 #include "layers/ssd/ssd.h"
 #include "layers/ssd/ssd_cp.h"
 #include "parallel/communicator.h"
@@ -314,6 +319,101 @@ void check_ssd(Communicator& cp, Communicator& world, bool docs) {
   if (r == 0) against_reference(tag + "dinitial_state", mine.dh0, one.dh0, rdh0.v, r);
 }
 
+void check_scan(Communicator& cp, Communicator& world, bool docs) {
+  const int r = cp.rank(), ranks = cp.size();
+  const int64_t b = 2, tr = 300, t = tr * ranks, c = 64, n = 16, g = 1;
+  const std::vector<double> u = uniform(b * t * c, 81, -1, 1, true),
+                            delta = uniform(b * t * c, 82, -3, -1, true),
+                            bm = uniform(b * t * g * n, 83, -1, 1, true),
+                            cm = uniform(b * t * g * n, 84, -1, 1, true),
+                            z = uniform(b * t * c, 85, -1, 1, true),
+                            dy = uniform(b * t * c, 86, -1, 1, true),
+                            a = uniform(c * n, 87, -2, -0.2, false),
+                            dd = uniform(c, 88, -1, 1, false),
+                            bias = uniform(c, 89, -0.5, 0.5, false),
+                            h0 = uniform(b * c * n, 90, -1, 1, false),
+                            dfin = uniform(b * c * n, 91, -1, 1, false);
+  std::vector<int32_t> seq(b * t);  // documents of 173 tokens, crossing the shard edges
+  for (int64_t i = 0; i < b * t; ++i) seq[i] = int32_t((i % t) / 173);
+  const std::string tag = std::string("scan, ") + (docs ? "documents" : "one document") + ": ";
+
+  Host hu({b, t, c}, u), hdelta({b, t, c}, delta), ha({c, n}, a), hb({b, t, g, n}, bm),
+      hc({b, t, g, n}, cm), hd({c}, dd), hz({b, t, c}, z), hbias({c}, bias), hh0({b, c, n}, h0),
+      hdy({b, t, c}, dy), hdfin({b, c, n}, dfin);
+  const Tensor hseq = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
+  const ScanInputs ref{
+      &hu.t,  &hdelta.t, &ha.t, &hb.t, &hc.t, &hd.t, &hz.t, &hbias.t, docs ? &hseq : nullptr,
+      &hh0.t, true};
+  Host ry({b, t, c}), rfin({b, c, n}), rws({selective_scan_workspace_elems(ref)});
+  selective_scan_forward(ref, ry.t, &rfin.t, &rws.t);
+  Host rdu({b, t, c}), rddelta({b, t, c}), rda({c, n}), rdb({b, t, g, n}), rdc({b, t, g, n}),
+      rdd({c}), rdz({b, t, c}), rdbias({c}), rdh0({b, c, n});
+  selective_scan_backward(
+      ref, hdy.t, &hdfin.t,
+      {&rdu.t, &rddelta.t, &rda.t, &rdb.t, &rdc.t, &rdd.t, &rdz.t, &rdbias.t, &rdh0.t}, rws.t);
+
+  struct Run {
+    std::vector<float> y, fin, du, ddelta, da, db, dc, dd, dz, dbias, dh0;
+  };
+  auto run = [&](int64_t t0, int64_t len, Communicator* group) {
+    auto sh = [&](const std::vector<double>& all, int64_t inner) {
+      return shard(all, b, t, inner, t0, len);
+    };
+    auto gu = upload(DType::bf16, {b, len, c}, sh(u, c)),
+         gdelta = upload(DType::bf16, {b, len, c}, sh(delta, c)),
+         gb = upload(DType::bf16, {b, len, g, n}, sh(bm, g * n)),
+         gc = upload(DType::bf16, {b, len, g, n}, sh(cm, g * n)),
+         gz = upload(DType::bf16, {b, len, c}, sh(z, c)),
+         gdy = upload(DType::bf16, {b, len, c}, sh(dy, c)), ga = upload(DType::f32, {c, n}, a),
+         gd = upload(DType::f32, {c}, dd), gbias = upload(DType::f32, {c}, bias),
+         gh0 = upload(DType::f32, {b, c, n}, h0), gdfin = upload(DType::f32, {b, c, n}, dfin);
+    const std::vector<int32_t> sseq = shard(seq, b, t, 1, t0, len);
+    Dev gseq(DType::i32, {b, len}, sseq.data());
+    const ScanInputs in{&gu->t,  &gdelta->t, &ga->t,
+                        &gb->t,  &gc->t,     &gd->t,
+                        &gz->t,  &gbias->t,  docs ? &gseq.t : nullptr,
+                        &gh0->t, true};
+    Dev y(DType::bf16, {b, len, c}), fin(DType::f32, {b, c, n}),
+        ws(DType::f32, {selective_scan_workspace_elems(in)});
+    Dev du(DType::bf16, {b, len, c}), ddelta(DType::bf16, {b, len, c}), da(DType::f32, {c, n}),
+        db(DType::bf16, {b, len, g, n}), dc(DType::bf16, {b, len, g, n}), ddd(DType::f32, {c}),
+        dz(DType::bf16, {b, len, c}), dbias(DType::f32, {c}), dh0(DType::f32, {b, c, n});
+    const ScanGrads grads{&du.t, &ddelta.t, &da.t, &db.t, &dc.t, &ddd.t, &dz.t, &dbias.t, &dh0.t};
+    if (group) {
+      selective_scan_forward_cp(in, y.t, &fin.t, ws.t, *group);
+      selective_scan_backward_cp(in, gdy->t, &gdfin->t, grads, ws.t, *group);
+    } else {
+      selective_scan_forward(in, y.t, &fin.t, &ws.t);
+      selective_scan_backward(in, gdy->t, &gdfin->t, grads, ws.t);
+    }
+    cudaDeviceSynchronize();
+    return Run{y.host(),  fin.host(), du.host(), ddelta.host(), da.host(), db.host(),
+               dc.host(), ddd.host(), dz.host(), dbias.host(),  dh0.host()};
+  };
+  const Run one = run(0, t, nullptr);
+  const int64_t t0 = r * tr;
+  Run mine = run(t0, tr, &cp);
+  for (std::vector<float>* v : {&mine.da, &mine.dd, &mine.dbias})
+    world.all_reduce(
+        Tensor::contiguous_view(v->data(), DType::f32, Device::cpu, {int64_t(v->size())}, "summed"),
+        ReduceOp::sum);
+  auto rs = [&](const Host& all, int64_t inner) { return shard(all.v, b, t, inner, t0, tr); };
+  auto os = [&](const std::vector<float>& all, int64_t inner) {
+    return shard(all, b, t, inner, t0, tr);
+  };
+  against_reference(tag + "y", mine.y, os(one.y, c), rs(ry, c), r);
+  against_reference(tag + "du", mine.du, os(one.du, c), rs(rdu, c), r);
+  against_reference(tag + "ddelta", mine.ddelta, os(one.ddelta, c), rs(rddelta, c), r);
+  against_reference(tag + "dz", mine.dz, os(one.dz, c), rs(rdz, c), r);
+  against_reference(tag + "dB", mine.db, os(one.db, g * n), rs(rdb, g * n), r);
+  against_reference(tag + "dC", mine.dc, os(one.dc, g * n), rs(rdc, g * n), r);
+  against_reference(tag + "dA", mine.da, one.da, rda.v, r);
+  against_reference(tag + "dD", mine.dd, one.dd, rdd.v, r);
+  against_reference(tag + "ddelta_bias", mine.dbias, one.dbias, rdbias.v, r);
+  if (r == ranks - 1) against_reference(tag + "final state", mine.fin, one.fin, rfin.v, r);
+  if (r == 0) against_reference(tag + "dinitial_state", mine.dh0, one.dh0, rdh0.v, r);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -334,6 +434,7 @@ int main(int argc, char** argv) {
       for (int64_t tr : {200, 384})
         for (bool docs : {false, true}) check_attention(*nccl, p, tr, docs);
     for (bool docs : {false, true}) check_ssd(*nccl, *world, docs);
+    for (bool docs : {false, true}) check_scan(*nccl, *world, docs);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
