@@ -23,13 +23,6 @@ Dims check_cp(const Conv1dInputs& in) {
   return d;
 }
 
-// The shard's document ids (host copies; empty without documents).
-std::vector<int32_t> documents(const Conv1dInputs& in) {
-  if (!in.seq_idx) return {};
-  const std::vector<double> v = tensor_values(*in.seq_idx, in.stream);
-  return std::vector<int32_t>(v.begin(), v.end());
-}
-
 // Row b's last W-1 tokens of a [B,T,C] tensor (contiguous), as a [W-1, C] view.
 Tensor halo_rows(const Tensor& x, const Dims& d, int64_t b) {
   return Tensor::contiguous_view(
@@ -77,7 +70,8 @@ void causal_conv1d_forward_cp(const Conv1dInputs& in, const Tensor& y, const Ten
                               Communicator& cp) {
   const Dims d = check_cp(in);
   const ScratchTensor h0(in.x->dtype, {d.b, d.c, d.h}, in.x->device, in.stream);
-  set_tensor_values(h0.t, initial_state(in, d, documents(in), cp), in.stream);
+  set_tensor_values(h0.t, initial_state(in, d, host_documents(in.seq_idx, in.stream), cp),
+                    in.stream);
   Conv1dInputs from = in;
   from.initial_state = &h0.t;
   causal_conv1d_forward(from, y, final_state);
@@ -87,7 +81,7 @@ void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& dy, const T
                                const Conv1dGrads& grads, Communicator& cp,
                                const Tensor* workspace) {
   const Dims d = check_cp(in);
-  const std::vector<int32_t> seq = documents(in);
+  const std::vector<int32_t> seq = host_documents(in.seq_idx, in.stream);
   const ScratchTensor h0(in.x->dtype, {d.b, d.c, d.h}, in.x->device, in.stream);
   set_tensor_values(h0.t, initial_state(in, d, seq, cp), in.stream);
   Conv1dInputs from = in;

@@ -124,6 +124,12 @@ ScratchTensor::~ScratchTensor() {
 #endif
 }
 
+std::vector<int32_t> host_documents(const Tensor* seq_idx, void* stream) {
+  if (!seq_idx) return {};
+  const std::vector<double> v = tensor_values(*seq_idx, stream);
+  return std::vector<int32_t>(v.begin(), v.end());
+}
+
 const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream) {
   if (!t) return nullptr;
   keep.emplace_back(t->dtype, std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim),

@@ -71,6 +71,8 @@ class ScratchTensor {
   void* dev_ = nullptr;
   void* stream_ = nullptr;
 };
+// The document ids of seq_idx [B,T] (i32, either device) on the host; empty for null.
+std::vector<int32_t> host_documents(const Tensor* seq_idx, void* stream);
 // A ScratchTensor shaped like t on t's device, kept in `keep` (null for null).
 const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream);
 // The values of a contiguous f64, f32, bf16 or i32 tensor on either device, as f64 (GPU: copied

@@ -22,11 +22,7 @@ ShardMap shard_map(const ScanInputs& in, const ScanDims& d) {
   const std::vector<double> delta = tensor_values(*in.delta, st), a = tensor_values(*in.A, st),
                             bias = in.delta_bias ? tensor_values(*in.delta_bias, st)
                                                  : std::vector<double>(size_t(d.c), 0.0);
-  std::vector<int32_t> seq;
-  if (in.seq_idx) {
-    const std::vector<double> s = tensor_values(*in.seq_idx, st);
-    seq.assign(s.begin(), s.end());
-  }
+  const std::vector<int32_t> seq = host_documents(in.seq_idx, st);
   ShardMap m;
   std::vector<bool> starts;
   shard_documents(in.seq_idx ? seq.data() : nullptr, d.b, d.t, m, starts);

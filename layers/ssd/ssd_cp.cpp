@@ -32,11 +32,7 @@ ShardMap shard_map(const SsdInputs& in, const Dims& d) {
   const std::vector<double> dt = tensor_values(*in.dt, st), a = tensor_values(*in.A, st),
                             bias = in.dt_bias ? tensor_values(*in.dt_bias, st)
                                               : std::vector<double>(size_t(d.h), 0.0);
-  std::vector<int32_t> seq;
-  if (in.seq_idx) {
-    const std::vector<double> s = tensor_values(*in.seq_idx, st);
-    seq.assign(s.begin(), s.end());
-  }
+  const std::vector<int32_t> seq = host_documents(in.seq_idx, st);
   ShardMap m;
   std::vector<bool> starts;
   shard_documents(in.seq_idx ? seq.data() : nullptr, d.b, d.t, m, starts);
