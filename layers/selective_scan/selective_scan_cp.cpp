@@ -40,15 +40,14 @@ ShardMap shard_map(const ScanInputs& in, const ScanDims& d) {
   return m;
 }
 
-// The state entering this rank's shard (forward steps 1-2 of the header); runs the shard's scan
-// from a zero state into y_scratch and the workspace.
-std::vector<double> entering(const ScanInputs& in, const ScanDims& d, const Tensor& y_scratch,
-                             const Tensor& workspace, Communicator& cp) {
+// The state entering this rank's shard (forward steps 1-2 of the header), given its map's decays
+// and documents; runs the shard's scan from a zero state into y_scratch and the workspace.
+std::vector<double> entering(const ScanInputs& in, const ScanDims& d, ShardMap m,
+                             const Tensor& y_scratch, const Tensor& workspace, Communicator& cp) {
   ScanInputs zero = in;
   zero.initial_state = nullptr;
   const ScratchTensor h_loc(state_dtype(in), {d.b, d.c, d.n}, in.u->device, in.stream);
   selective_scan_forward(zero, y_scratch, &h_loc.t, &workspace);
-  ShardMap m = shard_map(in, d);
   m.state = tensor_values(h_loc.t, in.stream);
   const StatePassing sp(m, d.c * d.n, cp, in.u->device, in.stream);
   return sp.entering_state(in.initial_state ? tensor_values(*in.initial_state, in.stream)
@@ -61,7 +60,7 @@ void selective_scan_forward_cp(const ScanInputs& in, const Tensor& y, const Tens
                                const Tensor& workspace, Communicator& cp) {
   const ScanDims d = selective_scan_dims(in);
   const ScratchTensor h_in(state_dtype(in), {d.b, d.c, d.n}, in.u->device, in.stream);
-  set_tensor_values(h_in.t, entering(in, d, y, workspace, cp), in.stream);
+  set_tensor_values(h_in.t, entering(in, d, shard_map(in, d), y, workspace, cp), in.stream);
   ScanInputs from = in;
   from.initial_state = &h_in.t;
   selective_scan_forward(from, y, final_state, &workspace);
@@ -73,8 +72,9 @@ void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Te
   const Device dev = in.u->device;
   void* st = in.stream;
   const ScratchTensor y_tmp(in.u->dtype, {d.b, d.t, d.c}, dev, st);
+  const ShardMap map = shard_map(in, d);  // decays and documents, for both passes
   const ScratchTensor h_in(state_dtype(in), {d.b, d.c, d.n}, dev, st);
-  set_tensor_values(h_in.t, entering(in, d, y_tmp.t, workspace, cp), st);
+  set_tensor_values(h_in.t, entering(in, d, map, y_tmp.t, workspace, cp), st);
   ScanInputs from = in;
   from.initial_state = &h_in.t;
   // The GPU backward reads the chunk states its forward saved in the workspace: that forward is
@@ -91,7 +91,7 @@ void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Te
        like(grads.dD), like(grads.dz), like(grads.ddelta_bias), &g_loc.t},
       workspace);
   // 2. The gradient arriving at this shard's end; 3. back again with it: every gradient exact.
-  ShardMap m = shard_map(in, d);
+  ShardMap m = map;
   m.state = tensor_values(g_loc.t, st);
   if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = tensor_values(*dfinal_state, st);
   const ScratchTensor g_out(state_dtype(in), {d.b, d.c, d.n}, dev, st);

@@ -51,16 +51,15 @@ ShardMap shard_map(const SsdInputs& in, const Dims& d) {
   return m;
 }
 
-// The state entering this rank's shard (runs the shard's forward from a zero state into y_scratch
-// and the workspace).
-std::vector<double> entering(const SsdInputs& in, const Dims& d, const Tensor& y_scratch,
-                             const Tensor& workspace, Communicator& cp) {
+// The state entering this rank's shard, given its map's decays and documents (runs the shard's
+// forward from a zero state into y_scratch and the workspace).
+std::vector<double> entering(const SsdInputs& in, const Dims& d, ShardMap m,
+                             const Tensor& y_scratch, const Tensor& workspace, Communicator& cp) {
   const Device dev = in.x->device;
   SsdInputs zero = in;
   zero.initial_state = nullptr, zero.y_scan = nullptr;
   const ScratchTensor h_loc(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, in.stream);
   ssd_forward(zero, y_scratch, &h_loc.t, workspace);
-  ShardMap m = shard_map(in, d);
   m.state = tensor_values(h_loc.t, in.stream);
   const StatePassing sp(m, d.h * d.p * d.n, cp, dev, in.stream);
   return sp.entering_state(in.initial_state ? tensor_values(*in.initial_state, in.stream)
@@ -73,7 +72,7 @@ void ssd_forward_cp(const SsdInputs& in, const Tensor& y, const Tensor* final_st
                     const Tensor& workspace, Communicator& cp) {
   const Dims d = dims_of(in);
   const ScratchTensor h_in(state_dtype(in), {d.b, d.h, d.p, d.n}, in.x->device, in.stream);
-  set_tensor_values(h_in.t, entering(in, d, y, workspace, cp), in.stream);
+  set_tensor_values(h_in.t, entering(in, d, shard_map(in, d), y, workspace, cp), in.stream);
   SsdInputs from = in;
   from.initial_state = &h_in.t;
   ssd_forward(from, y, final_state, workspace);
@@ -86,8 +85,9 @@ void ssd_backward_cp(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal
   const Device dev = in.x->device;
   void* st = in.stream;
   const ScratchTensor y_tmp(in.x->dtype, {d.b, d.t, d.h, d.p}, dev, st);
+  const ShardMap map = shard_map(in, d);  // decays and documents, for both passes
   const ScratchTensor h_in(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, st);
-  set_tensor_values(h_in.t, entering(in, d, y_tmp.t, forward_workspace, cp), st);
+  set_tensor_values(h_in.t, entering(in, d, map, y_tmp.t, forward_workspace, cp), st);
   SsdInputs from = in;
   from.initial_state = &h_in.t;
   // The GPU backward reads what the forward left in the workspace: the forward from h_in.
@@ -100,7 +100,7 @@ void ssd_backward_cp(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal
                {like(grads.dx), like(grads.ddt), like(grads.dA), like(grads.dB), like(grads.dC),
                 like(grads.dD), like(grads.ddt_bias), &g_loc.t},
                workspace);
-  ShardMap m = shard_map(in, d);
+  ShardMap m = map;
   m.state = tensor_values(g_loc.t, st);
   if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = tensor_values(*dfinal_state, st);
   const ScratchTensor g_out(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, st);
