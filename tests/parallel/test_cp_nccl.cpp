@@ -223,6 +223,27 @@ void against_reference(const std::string& what, const std::vector<float>& cp,
   expect(max_err(cp, ref) <= bound, what, max_err(cp, ref), bound, rank);
 }
 
+// Sums each rank's part of a parameter gradient over the cp ranks (host values, MPI).
+void sum_over_ranks(Communicator& world, std::initializer_list<std::vector<float>*> parts) {
+  for (std::vector<float>* v : parts)
+    world.all_reduce(
+        Tensor::contiguous_view(v->data(), DType::f32, Device::cpu, {int64_t(v->size())}, "summed"),
+        ReduceOp::sum);
+}
+
+// This rank's rows [t0, t0 + tr) of [B, T, inner] tensors: its context-parallel values against
+// the same rows of the reference and of the one-GPU run.
+struct ShardCheck {
+  int64_t b, t, t0, tr;
+  int rank;
+  std::string tag;
+  void rows(const char* what, const std::vector<float>& cp, const std::vector<float>& one_gpu,
+            const Host& ref, int64_t inner) const {
+    against_reference(tag + what, cp, shard(one_gpu, b, t, inner, t0, tr),
+                      shard(ref.v, b, t, inner, t0, tr), rank);
+  }
+};
+
 void check_ssd(Communicator& cp, Communicator& world, bool docs) {
   const int r = cp.rank(), ranks = cp.size();
   const int64_t b = 2, tr = 192, t = tr * ranks, h = 4, g = 2, p = 64, n = 64;
@@ -299,19 +320,13 @@ void check_ssd(Communicator& cp, Communicator& world, bool docs) {
   const int64_t t0 = r * tr;
   Run mine = run(t0, tr, &cp);
   // dA, dD and ddt_bias: each rank's part of the sum over the sequence.
-  for (std::vector<float>* v : {&mine.da, &mine.dd, &mine.dbias})
-    world.all_reduce(
-        Tensor::contiguous_view(v->data(), DType::f32, Device::cpu, {int64_t(v->size())}, "summed"),
-        ReduceOp::sum);
-  auto rs = [&](const Host& all, int64_t inner) { return shard(all.v, b, t, inner, t0, tr); };
-  auto os = [&](const std::vector<float>& all, int64_t inner) {
-    return shard(all, b, t, inner, t0, tr);
-  };
-  against_reference(tag + "y", mine.y, os(one.y, h * p), rs(ry, h * p), r);
-  against_reference(tag + "dx", mine.dx, os(one.dx, h * p), rs(rdx, h * p), r);
-  against_reference(tag + "ddt", mine.ddt, os(one.ddt, h), rs(rddt, h), r);
-  against_reference(tag + "dB", mine.db, os(one.db, g * n), rs(rdb, g * n), r);
-  against_reference(tag + "dC", mine.dc, os(one.dc, g * n), rs(rdc, g * n), r);
+  sum_over_ranks(world, {&mine.da, &mine.dd, &mine.dbias});
+  const ShardCheck at{b, t, t0, tr, r, tag};
+  at.rows("y", mine.y, one.y, ry, h * p);
+  at.rows("dx", mine.dx, one.dx, rdx, h * p);
+  at.rows("ddt", mine.ddt, one.ddt, rddt, h);
+  at.rows("dB", mine.db, one.db, rdb, g * n);
+  at.rows("dC", mine.dc, one.dc, rdc, g * n);
   against_reference(tag + "dA", mine.da, one.da, rda.v, r);
   against_reference(tag + "dD", mine.dd, one.dd, rdd.v, r);
   against_reference(tag + "ddt_bias", mine.dbias, one.dbias, rdbias.v, r);
@@ -393,20 +408,14 @@ void check_scan(Communicator& cp, Communicator& world, bool docs) {
   const Run one = run(0, t, nullptr);
   const int64_t t0 = r * tr;
   Run mine = run(t0, tr, &cp);
-  for (std::vector<float>* v : {&mine.da, &mine.dd, &mine.dbias})
-    world.all_reduce(
-        Tensor::contiguous_view(v->data(), DType::f32, Device::cpu, {int64_t(v->size())}, "summed"),
-        ReduceOp::sum);
-  auto rs = [&](const Host& all, int64_t inner) { return shard(all.v, b, t, inner, t0, tr); };
-  auto os = [&](const std::vector<float>& all, int64_t inner) {
-    return shard(all, b, t, inner, t0, tr);
-  };
-  against_reference(tag + "y", mine.y, os(one.y, c), rs(ry, c), r);
-  against_reference(tag + "du", mine.du, os(one.du, c), rs(rdu, c), r);
-  against_reference(tag + "ddelta", mine.ddelta, os(one.ddelta, c), rs(rddelta, c), r);
-  against_reference(tag + "dz", mine.dz, os(one.dz, c), rs(rdz, c), r);
-  against_reference(tag + "dB", mine.db, os(one.db, g * n), rs(rdb, g * n), r);
-  against_reference(tag + "dC", mine.dc, os(one.dc, g * n), rs(rdc, g * n), r);
+  sum_over_ranks(world, {&mine.da, &mine.dd, &mine.dbias});
+  const ShardCheck at{b, t, t0, tr, r, tag};
+  at.rows("y", mine.y, one.y, ry, c);
+  at.rows("du", mine.du, one.du, rdu, c);
+  at.rows("ddelta", mine.ddelta, one.ddelta, rddelta, c);
+  at.rows("dz", mine.dz, one.dz, rdz, c);
+  at.rows("dB", mine.db, one.db, rdb, g * n);
+  at.rows("dC", mine.dc, one.dc, rdc, g * n);
   against_reference(tag + "dA", mine.da, one.da, rda.v, r);
   against_reference(tag + "dD", mine.dd, one.dd, rdd.v, r);
   against_reference(tag + "ddelta_bias", mine.dbias, one.dbias, rdbias.v, r);
