@@ -84,6 +84,9 @@ int main(int argc, char** argv) {
     SsdInputs with_scan = in;
     with_scan.y_scan = &y_scan;
     const double fwd = median_ms([&] { ssd_forward(in, y, nullptr, ws); });
+    SsdInputs chunked = in;  // the sm_80 kernels (on sm_90 the fused forward is the default)
+    chunked.hopper = false;
+    const double fwd_chunked = median_ms([&] { ssd_forward(chunked, y, nullptr, ws); });
     const double bwd = median_ms([&] { ssd_backward(with_scan, dy, nullptr, gr, ws); });
     const double bwd_recompute = median_ms([&] { ssd_backward(in, dy, nullptr, gr, ws); });
     const double both = median_ms([&] {
@@ -110,13 +113,14 @@ int main(int argc, char** argv) {
         row, sizeof(row),
         "%s{\"batch\": %lld, \"length\": %lld, \"heads\": %lld, \"head_dim\": %lld, "
         "\"groups\": %lld, \"d_state\": %lld, \"chunk\": %lld, \"fwd_ms\": %.5f, "
+        "\"fwd_chunked_ms\": %.5f, "
         "\"bwd_ms\": %.5f, \"bwd_recompute_ms\": %.5f, \"fwd_bwd_ms\": %.5f, \"fwd_tflops\": %.1f, "
         "\"fwd_bwd_tflops\": %.1f, \"fwd_pct_of_gemm_ceiling\": %.1f, "
         "\"fwd_gb_per_s\": %.1f, \"fwd_pct_of_copy_ceiling\": %.1f, "
         "\"fwd_bwd_tokens_per_s\": %.0f, \"peer_fwd_ms\": %.3f, "
         "\"peer_fwd_bwd_ms\": %.3f, \"fwd_vs_peer\": %.3f, \"fwd_bwd_vs_peer\": %.3f}",
         si ? ", " : "", (long long)s.b, (long long)s.t, (long long)s.h, (long long)s.p,
-        (long long)s.g, (long long)s.n, (long long)q, fwd, bwd, bwd_recompute, both,
+        (long long)s.g, (long long)s.n, (long long)q, fwd, fwd_chunked, bwd, bwd_recompute, both,
         tflops(fwd_flops, fwd), tflops(fwd_flops + bwd_flops, both),
         100 * tflops(fwd_flops, fwd) * 1e12 / mma_ceiling, fwd_bytes / (fwd * 1e-3) / 1e9,
         100 * fwd_bytes / (fwd * 1e-3) / mem_ceiling, double(s.b * s.t) / (both * 1e-3),

@@ -34,6 +34,8 @@ SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, 
   s.acs = take(seq);
   s.states = take(half(chunk_states));
   s.last = take(state);
+  s.docs = take(b * s.tpad);
+  s.scores = take(b * (s.tpad / kSsdBlock) * g * kSsdBlock * kSsdBlock / 2);
   s.local = take(chunk_states);
   s.dstates = take(half(chunk_states));
   s.r = take(seq);
@@ -75,6 +77,7 @@ SsdParams forward_params(const SsdInputs& in, const SsdDims& d) {
   p.dt_softplus = in.dt_softplus;
   p.dt_min = float(in.dt_min), p.dt_max = float(in.dt_max);
   p.d_per_channel = in.D && in.D->ndim == 2;
+  p.hopper = in.hopper;
   p.geo = ssd_geometry(d.b, d.t, d.h, d.p, d.g, d.n, in.chunk, p.d_per_channel);
   p.x = in.x->data, p.B = in.B->data, p.C = in.C->data;
   p.dt = in.dt->ptr<float>(), p.A = in.A->ptr<float>();

@@ -43,6 +43,9 @@ struct SsdInputs {
   // the backward then reads dy . (y - D x) from it instead of running the chunk scan again. (Not
   // from y itself: y - D x from the bf16 y cancels badly where D x dominates.)
   const Tensor* y_scan = nullptr;
+  // GPU, bf16: the forward runs as one fused TMA + wgmma kernel on sm_90 (false: the chunked
+  // kernels, as on sm_80).
+  bool hopper = true;
   void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 

@@ -36,7 +36,10 @@ struct SsdGeometry {
   int64_t acs = 0;     // a_i, the chunk's cumulative dt A, [B,H,Tpad]
   int64_t states = 0;  // S_c, bf16 [B,nc,H,P,N]
   int64_t last = 0;    // the state after the last chunk (f32 final state), [B,H,P,N]
+  int64_t docs = 0;    // the document of each token (i32; the padding repeats the last), [B,Tpad]
   // Scratch:
+  int64_t scores = 0;   // Hopper forward: C_i . B_j within each 64-token tile, bf16 in the order
+                        // of the y warpgroup's A fragments, [B,Tpad/64,G,64,64]
   int64_t local = 0;    // forward: the chunk's own state term; backward: its state gradient
   int64_t dstates = 0;  // backward: the gradient of S_c+1, bf16 [B,nc,H,P,N]
   int64_t r = 0;        // dy_i . (y_i - D x_i), [B,H,Tpad]
@@ -55,6 +58,7 @@ struct SsdParams {
   bool dt_softplus = true;
   float dt_min = 0.f, dt_max = 0.f;
   bool d_per_channel = false;
+  bool hopper = true;  // forward: the fused TMA + wgmma kernel on sm_90 (ssd_fwd_hopper.cu)
   SsdGeometry geo;
   // Forward inputs and outputs.
   const void *x = nullptr, *B = nullptr, *C = nullptr;

@@ -1,6 +1,8 @@
-// SSD forward on the GPU: the chunked algorithm in four kernels (the notation of ssd_cuda.h).
+// SSD forward on the GPU: the chunked algorithm in four kernels (the notation of ssd_cuda.h); on
+// sm_90 kernels 2-4 give way to the fused kernel of ssd_fwd_hopper.cu.
 //   1. prep, per (chunk, head, batch row): dt = clamp(softplus(dt_raw + bias)) and a_i, the
-//      cumulative sum of dt A over the chunk (a block scan), saved for the backward.
+//      cumulative sum of dt A over the chunk (a block scan), saved for the backward; and each
+//      token's document.
 //   2. chunk_state, per (chunk, head, 64 x 128 tile of [P,N]): the chunk's own state term
 //      sum_j w_j x_j B_j^T (w_j = [doc_j = doc_L] e^(a_L - a_j) dt_j) as one tensor-core product
 //      (X diag(w))^T B with K = Q, the token tiles double-buffered by cp.async and the weights
@@ -46,6 +48,8 @@ __global__ void prep_kernel(SsdParams p) {
   const int64_t lane = (int64_t(b) * p.heads + h) * p.geo.tpad + t;
   p.ws[p.geo.dt + lane] = dt;
   p.ws[p.geo.acs + lane] = a;
+  if (h == 0)
+    reinterpret_cast<int*>(p.ws + p.geo.docs)[int64_t(b) * p.geo.tpad + t] = doc_at(p, b, t);
 }
 
 template <int NB, bool kGrad>
@@ -582,6 +586,10 @@ void ssd_fwd_cuda(const SsdParams& p, void* stream_ptr) {
   ssd::prep_kernel<<<dim3(unsigned(p.geo.chunks * p.heads), 1, unsigned(p.batch)), p.chunk, 0,
                      stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
+  int device = 0, major = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (p.hopper && major == 9 && p.d_state <= 128) return ssd::launch_fused_fwd(p, stream);
   ssd::launch_chunk_state(p, false, stream);
   ssd::launch_state_pass(p, false, stream);
   ssd::launch_chunk_scan(p, ssd::ScanMode::y, stream);

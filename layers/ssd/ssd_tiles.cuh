@@ -93,5 +93,8 @@ enum class ScanMode { y, r, dx };
 void launch_chunk_state(const SsdParams& p, bool grad, cudaStream_t stream);
 void launch_state_pass(const SsdParams& p, bool grad, cudaStream_t stream);
 void launch_chunk_scan(const SsdParams& p, ScanMode mode, cudaStream_t stream);
+// The Hopper forward after prep (ssd_fwd_hopper.cu; d_state 64 or 128): the tiles' scores, then
+// the fused kernel.
+void launch_fused_fwd(const SsdParams& p, cudaStream_t stream);
 
 }  // namespace braid::ssd

@@ -91,7 +91,8 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
   };
   // act: x, B, C, y, dy and their gradients; par: the rest. magnitude: every input replaced by
   // its absolute value (the tolerance's M).
-  auto run = [&](DType act, DType par, Device dev, Run& r, bool magnitude, bool with_out = false) {
+  auto run = [&](DType act, DType par, Device dev, Run& r, bool magnitude, bool with_out = false,
+                 bool hopper = true) {
     auto pick = [&](const HostTensor& h) { return magnitude ? absolute(h) : h; };
     r.keep = {make(pick(x), act, dev, "x"),  make(dt, par, dev, "dt"),
               make(A, par, dev, "A"),        make(pick(Bm), act, dev, "B"),
@@ -105,6 +106,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     r.in.initial_state = k.init ? &r.keep[8] : nullptr;
     r.in.dt_softplus = k.softplus, r.in.dt_min = k.dt_min, r.in.dt_max = k.dt_max;
     r.in.chunk = k.q;
+    r.in.hopper = hopper;
     const std::vector<int64_t> bthp{k.b, k.t, k.h, k.p}, btgn{k.b, k.t, k.g, k.n},
         bhpn{k.b, k.h, k.p, k.n};
     r.y = empty(bthp, act, dev, "y"), r.state = empty(bhpn, par, dev, "state");
@@ -135,15 +137,23 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
   run(DType::f32, DType::f32, Device::cpu, r32, false);
   run(DType::f64, DType::f64, Device::cpu, rm, true);
   // bf16, the backward both ways: recomputing dy . (y - D x), and reading it from the output;
+  // the chunked forward kernels where the fused Hopper one is the default (ssd_fwd_hopper.cu);
   // then the f32 path.
-  for (const auto& [act, with_out] : {std::pair{DType::bf16, false}, std::pair{DType::bf16, true},
-                                      std::pair{DType::f32, false}}) {
-    SCOPED_TRACE(act == DType::f32 ? "f32"
-                 : with_out        ? "backward given y - D x"
-                                   : "backward recomputing");
+  struct Path {
+    DType act;
+    bool with_out, hopper;
+    const char* name;
+  };
+  for (const Path& path :
+       {Path{DType::bf16, false, true, "backward recomputing"},
+        Path{DType::bf16, true, true, "backward given y - D x"},
+        Path{DType::bf16, true, false, "chunked forward"}, Path{DType::f32, false, true, "f32"}}) {
+    const DType act = path.act;
+    const bool with_out = path.with_out;
+    SCOPED_TRACE(path.name);
     const int rounding = act == DType::f32 ? -14 : -7;  // see the header
     Run rg;
-    run(act, DType::f32, Device::cuda, rg, false, with_out);
+    run(act, DType::f32, Device::cuda, rg, false, with_out, path.hopper);
     const double mddt = max_abs(host_values(rm.ddt, false)),
                  mdx = max_abs(host_values(rm.dx, false));
     const double sum_terms = 4 * std::sqrt(double(k.b * k.t));
@@ -180,7 +190,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     check("ddt_bias", &Run::dbias, false, false, sum_terms);
     // A second run on the same inputs is bit-identical (no order-dependent sums).
     Run again;
-    run(act, DType::f32, Device::cuda, again, false, with_out);
+    run(act, DType::f32, Device::cuda, again, false, with_out, path.hopper);
     for (Tensor Run::*f : {&Run::y, &Run::state, &Run::dx, &Run::ddt, &Run::dA, &Run::dB, &Run::dC,
                            &Run::dD, &Run::dbias, &Run::dinit})
       EXPECT_TRUE(download_bytes(rg.*f) == download_bytes(again.*f))
