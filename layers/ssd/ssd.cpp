@@ -39,12 +39,12 @@ SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, 
   s.local = take(chunk_states);
   s.dstates = take(half(chunk_states));
   s.r = take(seq);
-  s.delta = take(seq);
+  s.delta = take(seq * (p / kSsdBlock));
   s.kappa = take(b * h * s.chunks * s.pass_blocks);
   s.dbc = take(2 * s.splits * b * s.tpad * g * n);
   s.part_a = take(b * s.chunks * h);
   s.part_bias = take(b * s.chunks * h);
-  s.part_d = take(b * (s.tpad / kSsdBlock) * h * s.d_cols);
+  s.part_d = take(b * (s.tpad / kSsdBlock) * h * p);
   s.total = at;
   return s;
 }

@@ -21,7 +21,9 @@
 // reverse state pass (dS_c+1 in bf16, <dS_c+1, S_c+1>, dinitial_state); dx (per 64-token tile
 // j: the state term then the tiles i >= j, like the forward's scan transposed); dbc (dB and dC,
 // per 64-token tile, 128 states and a split of the group's heads, summed over the heads in
-// order); then the dt/dA pass per chunk and the fixed-order reductions of the partial sums.
+// order); then the dt/dA pass per chunk and the fixed-order reductions of the partial sums. On
+// sm_90 (ssd::use_hopper) one fused kernel (ssd_bwd_hopper.cu) gives dS_c+1, kappa,
+// dinitial_state, dx, delta and the dD partial sums in place of chunk_state, the pass and dx.
 #include <cuda_runtime.h>
 
 #include "layers/ssd/ssd_tiles.cuh"
@@ -215,9 +217,11 @@ __global__ void dt_grad_kernel(SsdParams p) {
   const int64_t lane = (int64_t(b) * p.heads + h) * p.geo.tpad + t;
   float kappa = 0.f;
   const float* kp = p.ws + p.geo.kappa + ((int64_t(b) * p.heads + h) * nc + c) * p.geo.pass_blocks;
-  for (int k = 0; k < p.geo.pass_blocks; ++k) kappa += kp[k];
+  for (int k = 0; k < p.kappa_parts; ++k) kappa += kp[k];
   const float dt = p.ws[p.geo.dt + lane];
-  const float delta = valid ? p.ws[p.geo.delta + lane] : 0.f;
+  float delta = 0.f;
+  for (int k = 0; valid && k < p.delta_parts; ++k)
+    delta += p.ws[p.geo.delta + k * int64_t(p.batch) * p.heads * p.geo.tpad + lane];
   const float da = valid ? p.ws[p.geo.r + lane] - dt * delta + (t == last ? kappa : 0.f) : 0.f;
   const float rev = block_scan<true>(da, sh);
   float draw = 0.f;
@@ -255,13 +259,16 @@ __global__ void reduce_params_kernel(SsdParams p) {
     if (p.ddt_bias) p.ddt_bias[h] += sb;
   }
   if (!p.dD) return;
-  // Tiles past the end of the sequence were never written.
-  const int64_t tiles = p.geo.tpad / kRows, used = (p.seqlen + kRows - 1) / kRows;
+  // Per batch row `used` entries (tiles past the end of the sequence were never written) of
+  // `width` columns, `per_col` of which sum into one column of dD.
+  const int64_t tiles = p.d_whole ? 1 : p.geo.tpad / kRows;
+  const int64_t used = p.d_whole ? 1 : (p.seqlen + kRows - 1) / kRows;
+  const int64_t width = p.d_whole ? p.head_dim : p.geo.d_cols, per_col = width / p.geo.d_cols;
   for (int col = 0; col < p.geo.d_cols; ++col) {
     float s = 0.f;
-    for (int64_t i = threadIdx.x; i < p.batch * used; i += blockDim.x) {
-      const int64_t b = i / used, k = i % used;
-      s += p.ws[p.geo.part_d + ((b * tiles + k) * p.heads + h) * p.geo.d_cols + col];
+    for (int64_t i = threadIdx.x; i < p.batch * used * per_col; i += blockDim.x) {
+      const int64_t b = i / (used * per_col), k = i / per_col % used, e = i % per_col;
+      s += p.ws[p.geo.part_d + ((b * tiles + k) * p.heads + h) * width + col * per_col + e];
     }
     s = block_sum(s, sh);
     if (threadIdx.x == 0) p.dD[h * p.geo.d_cols + col] += s;
@@ -291,9 +298,14 @@ void launch_products(const SsdParams& p, cudaStream_t stream) {
 }  // namespace
 }  // namespace ssd
 
-void ssd_bwd_cuda(const SsdParams& p, void* stream_ptr) {
+void ssd_bwd_cuda(const SsdParams& params, void* stream_ptr) {
   using namespace ssd;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  SsdParams p = params;
+  const bool hopper = use_hopper(p);
+  p.delta_parts = hopper ? p.head_dim / kRows : 1;
+  p.kappa_parts = hopper ? p.head_dim / kRows : int(p.geo.pass_blocks);
+  p.d_whole = hopper;
   if (p.y_scan) {
     const int64_t rows = int64_t(p.batch) * p.seqlen * p.heads;
     r_from_scan_kernel<<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p);
@@ -301,9 +313,13 @@ void ssd_bwd_cuda(const SsdParams& p, void* stream_ptr) {
   } else {
     launch_chunk_scan(p, ScanMode::r, stream);
   }
-  launch_chunk_state(p, true, stream);
-  launch_state_pass(p, true, stream);
-  launch_chunk_scan(p, ScanMode::dx, stream);
+  if (hopper) {
+    launch_fused_bwd(p, stream);
+  } else {
+    launch_chunk_state(p, true, stream);
+    launch_state_pass(p, true, stream);
+    launch_chunk_scan(p, ScanMode::dx, stream);
+  }
   switch (p.head_dim * 1000 + p.d_state) {
     case 64064:
       launch_products<64, 64>(p, stream);

@@ -550,6 +550,14 @@ void launch_chunk_state(const SsdParams& p, bool grad, cudaStream_t stream) {
   CUDA_CHECK(cudaGetLastError());
 }
 
+bool use_hopper(const SsdParams& p) {
+  if (!p.hopper || p.d_state > 128) return false;
+  int device = 0, major = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+}
+
 void launch_state_pass(const SsdParams& p, bool grad, cudaStream_t stream) {
   const dim3 grid(unsigned(p.geo.pass_blocks), unsigned(p.heads), unsigned(p.batch));
   if (grad)
@@ -586,10 +594,7 @@ void ssd_fwd_cuda(const SsdParams& p, void* stream_ptr) {
   ssd::prep_kernel<<<dim3(unsigned(p.geo.chunks * p.heads), 1, unsigned(p.batch)), p.chunk, 0,
                      stream>>>(p);
   CUDA_CHECK(cudaGetLastError());
-  int device = 0, major = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (p.hopper && major == 9 && p.d_state <= 128) return ssd::launch_fused_fwd(p, stream);
+  if (ssd::use_hopper(p)) return ssd::launch_fused_fwd(p, stream);
   ssd::launch_chunk_state(p, false, stream);
   ssd::launch_state_pass(p, false, stream);
   ssd::launch_chunk_scan(p, ssd::ScanMode::y, stream);

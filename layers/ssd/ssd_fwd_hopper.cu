@@ -22,7 +22,7 @@
 //      - y: per tile the weighted scores times x (wgmma, A from registers, K = 64) and
 //        C S^T (wgmma, both operands in shared memory, K = N), the row factors, D x; y (and
 //        y - D x) stored from registers.
-//      The state and y warpgroups hand the S buffers to each other with named barriers.
+//      The state and y warpgroups hand the S buffers to each other through mbarriers.
 // FLOPs per (64-token tile, head): 2 64 P N (state) + 2 64 N P (state term) + 64^2 P (the
 // diagonal tile, computed whole), and 64^2 N per (tile, group) for the scores: less than the
 // chunked kernels' 4 Q P N + Q^2 P per chunk of Q tokens, the intra-chunk part shrinking to one
@@ -30,9 +30,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include "layers/common/cuda_tma.cuh"
-#include "layers/common/cuda_wgmma.cuh"
-#include "layers/ssd/ssd_tiles.cuh"
+#include "layers/ssd/ssd_hopper.cuh"
 #include "runtime/check.h"
 #include "runtime/cuda_check.h"
 
@@ -40,33 +38,26 @@ namespace braid {
 namespace ssd {
 namespace {
 
-constexpr int kFusedThreads = 384;
-constexpr int kPanel = kRows * 64;  // elements of a swizzled panel: 64 rows x 64 bf16 (8 KB)
-// Index (in uint4) of thread `lane` of warp `warp`, k slice kk, in the scores of a tile.
-__device__ __forceinline__ int64_t score_frag(const SsdParams& p, int b, int tile, int g, int warp,
-                                              int kk, int lane) {
-  const int64_t tiles = p.geo.tpad / kRows;
-  return ((((int64_t(b) * tiles + tile) * p.groups + g) * 4 + warp) * 4 + kk) * 32 + lane;
-}
-
-template <int N>
+template <int N, bool kTransposed>
 __global__ __launch_bounds__(kThreads) void scores_kernel(SsdParams p) {
   constexpr int ldn = N + kPad;
   extern __shared__ __align__(16) unsigned char smem[];
-  bf16* cs = reinterpret_cast<bf16*>(smem);  // C rows i [64][ldn]
-  bf16* bs = cs + kRows * ldn;               // B rows j [64][ldn]
+  bf16* rows = reinterpret_cast<bf16*>(smem);  // C_i (transposed: B_j) [64][ldn]
+  bf16* cols = rows + kRows * ldn;             // B_j (transposed: C_i) [64][ldn]
   const int tile = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int64_t t0 = int64_t(tile) * kRows, stride = int64_t(p.groups) * N;
   const int valid = int(min(int64_t(kRows), p.seqlen - t0));
   const int64_t at = (int64_t(b) * p.seqlen + t0) * stride + int64_t(g) * N;
-  load_tile<N>(cs, static_cast<const bf16*>(p.C) + at, stride, kRows, valid);
-  load_tile<N>(bs, static_cast<const bf16*>(p.B) + at, stride, kRows, valid);
+  const bf16* C = static_cast<const bf16*>(p.C) + at;
+  const bf16* B = static_cast<const bf16*>(p.B) + at;
+  load_tile<N>(rows, kTransposed ? B : C, stride, kRows, valid);
+  load_tile<N>(cols, kTransposed ? C : B, stride, kRows, valid);
   cp_async_commit();
   cp_async_wait();
   __syncthreads();
   float s[8][4];
   zero(s);
-  mma_ss<8, N, true, true>(s, cs, ldn, warp_row0(), 0, bs, ldn, 0);
+  mma_ss<8, N, true, true>(s, rows, ldn, warp_row0(), 0, cols, ldn, 0);
   uint32_t f[4][4];
   to_afrag<8>(s, f);
   uint4* out = reinterpret_cast<uint4*>(p.ws + p.geo.scores);
@@ -82,25 +73,15 @@ template <int N>
 struct Fused {
   static constexpr int kStages = 3;
   static constexpr int kPanels = N / 64;
-  static constexpr int x = 0;                                  // [stages][64 t][64 p]
-  static constexpr int b = x + kStages * kPanel;               // [stages][panels][64 t][64 n]
-  static constexpr int c = b + kStages * kPanels * kPanel;     // [stages][panels][64 t][64 n]
-  static constexpr int s = c + kStages * kPanels * kPanel;     // [2][panels][64 p][64 n]
-  static constexpr int scalars = s + 2 * kPanels * kPanel;     // [stages][a, dt, doc][64] (4 B)
-  static constexpr int bars = scalars + kStages * 3 * 64 * 2;  // full, empty [stages] (8 B)
-  static constexpr int bytes = (bars + 2 * kStages * 4) * 2 + 1024;
+  static constexpr int x = 0;                               // [stages][64 t][64 p]
+  static constexpr int b = x + kStages * kPanel;            // [stages][panels][64 t][64 n]
+  static constexpr int c = b + kStages * kPanels * kPanel;  // [stages][panels][64 t][64 n]
+  static constexpr int s = c + kStages * kPanels * kPanel;  // [2][panels][64 p][64 n]
+  static constexpr int scalars = s + 2 * kPanels * kPanel;  // [stages][a, dt, doc][64] (4 B)
+  static constexpr int bars =
+      scalars + kStages * 3 * 64 * 2;  // full, empty [stages], ready, freed [2] (8 B)
+  static constexpr int bytes = (bars + (2 * kStages + 4) * 4) * 2 + 1024;
 };
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Named barriers of the state and y warpgroups (256 threads): S_m is in buffer m % 2
-// (kReady + m % 2), the y warpgroup is done reading buffer m % 2 (kFree + m % 2).
-constexpr int kReady = 1, kFree = 3;
-
-// Element offset of (row, col) in a 128-byte-swizzled panel of 64 columns (cuda_wgmma.cuh).
-__device__ __forceinline__ int sw(int row, int col) {
-  return row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
-}
-#endif
 
 template <int N>
 __global__ void __launch_bounds__(kFusedThreads, 1)
@@ -113,24 +94,26 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   bf16* sm = reinterpret_cast<bf16*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
   const float* scal = reinterpret_cast<const float*>(sm + L::scalars);
   uint64_t* full = reinterpret_cast<uint64_t*>(sm + L::bars);
-  uint64_t* empty = full + S;
+  uint64_t *empty = full + S, *ready = empty + S, *freed = ready + 2;
   const int slices = p.head_dim / 64, h = blockIdx.x / slices, ps = blockIdx.x % slices;
   const int b = blockIdx.y, H = p.heads, P = p.head_dim, T = p.seqlen;
   const int g = h / (H / p.groups), ntiles = (T + kRows - 1) / kRows;
   const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
-  const int* docs = reinterpret_cast<const int*>(p.ws + p.geo.docs) + int64_t(b) * p.geo.tpad;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) mbar_init(full + s, 1), mbar_init(empty + s, 8);
+    for (int s = 0; s < S; ++s) mbar_init(full + s, 1), mbar_init(empty + s, 256);
+    for (int i = 0; i < 2; ++i) mbar_init(ready + i, 128), mbar_init(freed + i, 128);
     mbar_init_fence();
   }
   __syncthreads();
-  // The warpgroup's role, warp-uniform as the compiler sees it (cuda_tma.cuh's users do the same).
+  // The warpgroup's role, warp-uniform as the compiler sees it (read through a shuffle), so that
+  // the products are not taken for a divergent path (which serialises them).
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, q = lane & 3;
   const int r0 = warp * 16 + (lane >> 2);  // this thread's rows r0, r0 + 8 of a 64-row operand
 
   if (wg == 0) {
     if (threadIdx.x == 0) {
+      const int* docs = reinterpret_cast<const int*>(p.ws + p.geo.docs) + int64_t(b) * p.geo.tpad;
       for (int k = 0; k < ntiles; ++k) {
         const int st = k % S, row = b * T + k * kRows;
         if (k >= S) mbar_wait(empty + st, (k / S - 1) & 1);
@@ -175,61 +158,39 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     c.a_prev = t.a[kRows - 1], c.doc_s = t.doc[kRows - 1];
     return c;
   };
-  // Columns j, j + 1 of a tile's a, dt and documents.
-  auto pair_at = [](const Tile& t, int j, float2& a, float2& dt, int2& doc) {
-    a = *reinterpret_cast<const float2*>(t.a + j);
-    dt = *reinterpret_cast<const float2*>(t.dt + j);
-    doc = *reinterpret_cast<const int2*>(t.doc + j);
-  };
-  auto release = [&](int st) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty + st);
-  };
+  // Every consumer thread hands the stage back after its last read of it (an arrival releases
+  // only the arriving thread's accesses).
+  auto release = [&](int st) { mbar_arrive(empty + st); };
 
   if (wg == 1) {
-    // The state: rows p = r0, r0 + 8 of this block's 64 channels, columns n = NB hh + 8 nt +
-    // 2 q + {0, 1}. (N = 256 would need 128 accumulators a thread: past the 168 registers that
-    // ptxas allows a thread of 384, it spills; that d_state runs the chunked kernels.)
-    constexpr int NB = N < 128 ? N : 128, NH = N / NB;
-    float s[NH][NB / 8][4];
+    // The state: rows p = r0, r0 + 8 of this block's 64 channels, columns n = 8 nt + 2 q +
+    // {0, 1}.
+    float s[N / 8][4];
     const int64_t state_off = ((int64_t(b) * H + h) * P + ps * 64) * N;
-    auto col_of = [&](int hh, int nt) { return hh * NB + nt * 8 + 2 * q; };
 #pragma unroll
-    for (int hh = 0; hh < NH; ++hh)
+    for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < NB / 8; ++nt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float2 v = make_float2(0.f, 0.f);
-          if (p.initial_state)
-            v = *reinterpret_cast<const float2*>(p.initial_state + state_off +
-                                                 int64_t(r0 + 8 * half) * N + col_of(hh, nt));
-          s[hh][nt][2 * half] = v.x, s[hh][nt][2 * half + 1] = v.y;
-        }
+      for (int half = 0; half < 2; ++half) {
+        float2 v = make_float2(0.f, 0.f);
+        if (p.initial_state)
+          v = *reinterpret_cast<const float2*>(p.initial_state + state_off +
+                                               int64_t(r0 + 8 * half) * N + nt * 8 + 2 * q);
+        s[nt][2 * half] = v.x, s[nt][2 * half + 1] = v.y;
+      }
     bf16* states = reinterpret_cast<bf16*>(p.ws + p.geo.states);
     // S_m into buffer m % 2, and into the workspace's states when tile m starts a chunk.
-    auto store_state = [&](int m) {
-      bf16* dst = sm + L::s + (m & 1) * kP * kPanel;
+    auto hand_over = [&](int m) {
       const int64_t t = int64_t(m) * kRows;
       bf16* out = t % p.chunk == 0
                       ? states + ((int64_t(b) * p.geo.chunks + t / p.chunk) * H + h) * P * N +
                             int64_t(ps) * 64 * N
                       : nullptr;
-#pragma unroll
-      for (int hh = 0; hh < NH; ++hh)
-#pragma unroll
-        for (int nt = 0; nt < NB / 8; ++nt)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int row = r0 + 8 * half, col = col_of(hh, nt);
-            const uint32_t v = pack_bf16(s[hh][nt][2 * half], s[hh][nt][2 * half + 1]);
-            *reinterpret_cast<uint32_t*>(dst + (col / 64) * kPanel + sw(row, col % 64)) = v;
-            if (out) *reinterpret_cast<uint32_t*>(out + int64_t(row) * N + col) = v;
-          }
+      wait_freed(freed, m);  // y is done with S_m-2
+      store_state_bf16<N>(s, sm + L::s + (m & 1) * kP * kPanel, out);
       fence_proxy_async();  // the stores, before the y warpgroup's products read them
-      named_arrive(kReady + (m & 1), 256);
+      mbar_arrive(ready + (m & 1));
     };
-    store_state(0);
+    hand_over(0);
     Tile prev{};
     for (int k = 0; k < ntiles; ++k) {
       const int st = k % S;
@@ -238,71 +199,28 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       const float a_last = t.a[t.last];
       const int doc_last = t.doc[t.last];
       const float keep = doc_last == t.doc_s ? ex2((a_last - t.a_prev) * kLog2e) : 0.f;
-      // A = (X diag(w))^T, w_j = [doc_j = doc_L] e^(a_L - a_j) dt_j: rows p, k = tokens.
-      const bf16* xs = sm + L::x + st * kPanel;
-      uint32_t af[4][4];
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        ldsm4t(af[kk], xs + sw(16 * kk + (lane & 7) + ((lane >> 4) & 1) * 8,
-                               warp * 16 + ((lane >> 3) & 1) * 8));
-        float w[4];
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2) {
-          float2 a, dt;
-          int2 doc;
-          pair_at(t, 16 * kk + 2 * q + 8 * e2, a, dt, doc);
-          w[2 * e2] = doc.x == doc_last ? ex2((a_last - a.x) * kLog2e) * dt.x : 0.f;
-          w[2 * e2 + 1] = doc.y == doc_last ? ex2((a_last - a.y) * kLog2e) * dt.y : 0.f;
-        }
-        af[kk][0] = scale_bf16x2(af[kk][0], w[0], w[1]);
-        af[kk][1] = scale_bf16x2(af[kk][1], w[0], w[1]);
-        af[kk][2] = scale_bf16x2(af[kk][2], w[2], w[3]);
-        af[kk][3] = scale_bf16x2(af[kk][3], w[2], w[3]);
-      }
-#pragma unroll
-      for (int hh = 0; hh < NH; ++hh)
-#pragma unroll
-        for (int nt = 0; nt < NB / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[hh][nt][e] *= keep;
-#pragma unroll
-      for (int hh = 0; hh < NH; ++hh) wgmma_reg_fence(s[hh]);
-      wgmma_fence();
-      const bf16* bs = sm + L::b + st * kP * kPanel;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int hh = 0; hh < NH; ++hh) {
-          const uint64_t desc =
-              wgmma_desc_sw128(bs + hh * (NB / 64) * kPanel + kk * 16 * 64, kPanel * 2);
-          if constexpr (NB == 64)
-            wgmma_m64n64_rs<1>(s[hh], af[kk], desc, 1);
-          else
-            wgmma_m64n128_rs<1>(s[hh], af[kk], desc, 1);
-        }
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int hh = 0; hh < NH; ++hh) wgmma_reg_fence(s[hh]);
+      // w_j = [doc_j = doc_L] e^(a_L - a_j) dt_j (0 past the end: dt is 0 there).
+      state_step<N>(s, keep, sm + L::x + st * kPanel, sm + L::b + st * kP * kPanel, [&](int j) {
+        const float2 a = *reinterpret_cast<const float2*>(t.a + j),
+                     dt = *reinterpret_cast<const float2*>(t.dt + j);
+        const int2 doc = *reinterpret_cast<const int2*>(t.doc + j);
+        return make_float2(doc.x == doc_last ? ex2((a_last - a.x) * kLog2e) * dt.x : 0.f,
+                           doc.y == doc_last ? ex2((a_last - a.y) * kLog2e) * dt.y : 0.f);
+      });
       prev = carry(t);
       release(st);
-      if (k + 1 < ntiles) {
-        if (k + 1 >= 2) named_sync(kFree + ((k + 1) & 1), 256);  // y is done with S_k-1
-        store_state(k + 1);
-      }
+      if (k + 1 < ntiles) hand_over(k + 1);
     }
     // The state after the last tile, in f32.
 #pragma unroll
-    for (int hh = 0; hh < NH; ++hh)
+    for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < NB / 8; ++nt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t at = state_off + int64_t(r0 + 8 * half) * N + col_of(hh, nt);
-          const float2 v = make_float2(s[hh][nt][2 * half], s[hh][nt][2 * half + 1]);
-          *reinterpret_cast<float2*>(p.ws + p.geo.last + at) = v;
-          if (p.final_state) *reinterpret_cast<float2*>(p.final_state + at) = v;
-        }
+      for (int half = 0; half < 2; ++half) {
+        const int64_t at = state_off + int64_t(r0 + 8 * half) * N + nt * 8 + 2 * q;
+        const float2 v = make_float2(s[nt][2 * half], s[nt][2 * half + 1]);
+        *reinterpret_cast<float2*>(p.ws + p.geo.last + at) = v;
+        if (p.final_state) *reinterpret_cast<float2*>(p.final_state + at) = v;
+      }
     return;
   }
 
@@ -329,48 +247,23 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       ai[half] = t.a[r0 + 8 * half], di[half] = t.doc[r0 + 8 * half];
     // A = the scores weighted by [j <= i, doc_j = doc_i] e^(a_i - a_j) dt_j.
     uint32_t af[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t c[4] = {cb[kk].x, cb[kk].y, cb[kk].z, cb[kk].w};
-#pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {  // fragment registers 2 e2 + half: columns j, j + 1
-        const int j = 16 * kk + 2 * q + 8 * e2;
-        float2 a, dt;
-        int2 doc;
-        pair_at(t, j, a, dt, doc);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = r0 + 8 * half;
-          const float w0 = j <= row && doc.x == di[half] ? ex2((ai[half] - a.x) * kLog2e) * dt.x
-                                                         : 0.f,
-                      w1 = j + 1 <= row && doc.y == di[half] ? ex2((ai[half] - a.y) * kLog2e) * dt.y
-                                                             : 0.f;
-          af[kk][2 * e2 + half] = scale_bf16x2(c[2 * e2 + half], w0, w1);
-        }
-      }
-    }
+    weigh_scores(af, cb, [&](int half, int j) {
+      const int row = r0 + 8 * half;
+      const float2 a = *reinterpret_cast<const float2*>(t.a + j),
+                   dt = *reinterpret_cast<const float2*>(t.dt + j);
+      const int2 doc = *reinterpret_cast<const int2*>(t.doc + j);
+      return make_float2(
+          j <= row && doc.x == di[half] ? ex2((ai[half] - a.x) * kLog2e) * dt.x : 0.f,
+          j + 1 <= row && doc.y == di[half] ? ex2((ai[half] - a.y) * kLog2e) * dt.y : 0.f);
+    });
     if (k + 1 < ntiles)  // the next tile's scores, under this tile's products
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) cb[kk] = scores[score_frag(p, b, k + 1, g, warp, kk, lane)];
     const bf16* xs = sm + L::x + st * kPanel;
-    const bf16* cs = sm + L::c + st * kP * kPanel;
-    const bf16* ss = sm + L::s + (k & 1) * kP * kPanel;
     float acc[8][4], acc_s[8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma_m64n64_rs<1>(acc, af[kk], wgmma_desc_sw128(xs + kk * 16 * 64, kPanel * 2), kk > 0);
-    wgmma_commit();
-    named_sync(kReady + (k & 1), 256);  // S_k is in its buffer
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk)
-      wgmma_m64n64_ss<0, 0>(acc_s, wgmma_desc_sw128(cs + (kk / 4) * kPanel + (kk % 4) * 16, 16),
-                            wgmma_desc_sw128(ss + (kk / 4) * kPanel + (kk % 4) * 16, 16), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_reg_fence(acc);
-    wgmma_reg_fence(acc_s);
-    if (k + 2 < ntiles) named_arrive(kFree + (k & 1), 256);  // S_k read; S_k+2 may replace it
+    tile_products<N>(acc, acc_s, af, xs, sm + L::c + st * kP * kPanel,
+                     sm + L::s + (k & 1) * kP * kPanel, ready, k);
+    mbar_arrive(freed + (k & 1));  // S_k read
     uint32_t out[2][8], out_scan[2][8];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -410,14 +303,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
 template <int N>
 void launch(const SsdParams& p, cudaStream_t stream) {
-  constexpr int ldn = N + kPad;
-  const size_t smem = 2 * kRows * ldn * sizeof(bf16);
-  CUDA_CHECK(cudaFuncSetAttribute(scores_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem)));
-  const unsigned tiles = unsigned((p.seqlen + kRows - 1) / kRows);
-  scores_kernel<N>
-      <<<dim3(tiles, unsigned(p.groups), unsigned(p.batch)), kThreads, smem, stream>>>(p);
-  CUDA_CHECK(cudaGetLastError());
+  launch_scores(p, false, stream);
   const int64_t rows = int64_t(p.batch) * p.seqlen;
   const CUtensorMap tx = tma_panel_map(p.x, rows, p.heads, p.head_dim, kRows);
   const CUtensorMap tb = tma_panel_map(p.B, rows, p.groups, N, kRows);
@@ -429,7 +315,27 @@ void launch(const SsdParams& p, cudaStream_t stream) {
   CUDA_CHECK(cudaGetLastError());
 }
 
+template <int N>
+void launch_scores_n(const SsdParams& p, bool transposed, cudaStream_t stream) {
+  const size_t smem = 2 * kRows * (N + kPad) * sizeof(bf16);
+  auto kernel = transposed ? scores_kernel<N, true> : scores_kernel<N, false>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem)));
+  const unsigned tiles = unsigned((p.seqlen + kRows - 1) / kRows);
+  kernel<<<dim3(tiles, unsigned(p.groups), unsigned(p.batch)), kThreads, smem, stream>>>(p);
+  CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
+
+void launch_scores(const SsdParams& p, bool transposed, cudaStream_t stream) {
+  BRAID_CHECK(p.d_state == 64 || p.d_state == 128, "ssd (CUDA): no tile scores for d_state ",
+              p.d_state);
+  if (p.d_state == 64)
+    launch_scores_n<64>(p, transposed, stream);
+  else
+    launch_scores_n<128>(p, transposed, stream);
+}
 
 void launch_fused_fwd(const SsdParams& p, cudaStream_t stream) {
   switch (p.d_state) {

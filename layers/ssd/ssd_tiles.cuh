@@ -93,8 +93,11 @@ enum class ScanMode { y, r, dx };
 void launch_chunk_state(const SsdParams& p, bool grad, cudaStream_t stream);
 void launch_state_pass(const SsdParams& p, bool grad, cudaStream_t stream);
 void launch_chunk_scan(const SsdParams& p, ScanMode mode, cudaStream_t stream);
-// The Hopper forward after prep (ssd_fwd_hopper.cu; d_state 64 or 128): the tiles' scores, then
-// the fused kernel.
+// Whether the fused Hopper kernels run (p.hopper, an sm_90 device, d_state 64 or 128), and
+// those kernels: the forward after prep (ssd_fwd_hopper.cu), the backward's state gradient and
+// dx (ssd_bwd_hopper.cu), each with the tiles' scores first.
+bool use_hopper(const SsdParams& p);
 void launch_fused_fwd(const SsdParams& p, cudaStream_t stream);
+void launch_fused_bwd(const SsdParams& p, cudaStream_t stream);
 
 }  // namespace braid::ssd

@@ -1,0 +1,346 @@
+// SSD backward on Hopper (sm_90a), the default there for bf16 with d_state 64 or 128
+// (SsdParams::hopper): one fused kernel in place of the chunked backward's chunk_state, reverse
+// state pass and dx kernels (ssd_bwd.cu keeps dB and dC, the dt pass and the reductions). The
+// notation of ssd_cuda.h and ssd_fwd_hopper.cu: tiles of 64 tokens, a_p, doc_S and L as there,
+// G_k+1 the gradient of the state leaving tile k. Walking the tiles in reverse:
+//   dS_k    = [doc_L = doc_S] e^(a_L - a_p) G_k+1 + sum_i v_i dy_i C_i^T,
+//             v_i = [doc_i = doc_S] e^(a_i - a_p)
+//   X'_j    = u_j G_k+1 B_j + sum_{i >= j in the tile, doc_i = doc_j} e^(a_i - a_j) (B_j . C_i)
+//   dy_i,
+//             u_j = [doc_j = doc_L] e^(a_L - a_j)
+//   dx_j    = dt_j X'_j + D dy_j,  delta_j = x_j . X'_j,  dD += x_j . dy_j
+// and, where tile k ends chunk c, G_k+1 is the chunked backward's dS_c+1: stored (bf16) for the
+// dB and dC kernels, with kappa_c = <dS_c+1, S_c+1> (S_c+1 from the forward's states). One block
+// per (head, 64 channels of P, batch row), as the forward (ssd_hopper.cuh):
+//   - producer: dy, x (the block's channels), B, C (TMA), a, dt, documents and the a and
+//     document of the token before the tile (bulk copies), tiles from the last;
+//   - state gradient: G in f32 accumulators; per tile it hands G_k+1 in bf16 to the dx
+//     warpgroup (and to the workspace at chunk ends, with kappa), then steps it to dS_k (wgmma:
+//     A = the weighted dy^T from registers, B = C); dinitial_state = dS_0;
+//   - dx: per tile the weighted transposed scores (B_j . C_i, from launch_scores) times dy and
+//     B G^T, then dx, delta and the dD partial sums.
+// The delta, kappa and dD partial sums are per 64 channels (summed in order by dt_grad and
+// reduce_params: SsdParams::delta_parts, kappa_parts, d_whole).
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "layers/ssd/ssd_hopper.cuh"
+#include "runtime/check.h"
+#include "runtime/cuda_check.h"
+
+namespace braid {
+namespace ssd {
+namespace {
+
+// Shared memory of the kernel, in bf16 elements from a 1024-byte-aligned base.
+template <int N>
+struct FusedBwd {
+  static constexpr int kStages = 3;
+  static constexpr int kPanels = N / 64;
+  static constexpr int kScalars = 3 * 64 + 8;      // a, dt, doc [64]; a, doc of tokens t0-4..t0-1
+  static constexpr int dy = 0;                     // [stages][64 t][64 p]
+  static constexpr int x = dy + kStages * kPanel;  // [stages][64 t][64 p]
+  static constexpr int b = x + kStages * kPanel;   // [stages][panels][64 t][64 n]
+  static constexpr int c = b + kStages * kPanels * kPanel;      // [stages][panels][64 t][64 n]
+  static constexpr int g = c + kStages * kPanels * kPanel;      // [2][panels][64 p][64 n]
+  static constexpr int scalars = g + 2 * kPanels * kPanel;      // [stages][kScalars] (4 B)
+  static constexpr int red = scalars + kStages * kScalars * 2;  // f32 kappa [2][4], dD [4][64]
+  static constexpr int bars =
+      red + (8 + 4 * 64) * 2;  // full, empty [stages], ready, freed [2] (8 B)
+  static constexpr int bytes = (bars + (2 * kStages + 4) * 4) * 2 + 1024;
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Named barriers of one warpgroup (128 threads) for its block-wide sums.
+constexpr int kKappaSum = 1, kDSum = 2;
+#endif
+
+template <int N>
+__global__ void __launch_bounds__(kFusedThreads, 1)
+    fused_bwd_kernel(const __grid_constant__ CUtensorMap tm_x,
+                     const __grid_constant__ CUtensorMap tm_dy,
+                     const __grid_constant__ CUtensorMap tm_b,
+                     const __grid_constant__ CUtensorMap tm_c, const SsdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = FusedBwd<N>;
+  constexpr int S = L::kStages, kP = L::kPanels, kSc = L::kScalars;
+  extern __shared__ unsigned char smem_raw[];
+  bf16* sm = reinterpret_cast<bf16*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  float* scal = reinterpret_cast<float*>(sm + L::scalars);
+  float* red = reinterpret_cast<float*>(sm + L::red);
+  uint64_t* full = reinterpret_cast<uint64_t*>(sm + L::bars);
+  uint64_t *empty = full + S, *ready = empty + S, *freed = ready + 2;
+  const int slices = p.head_dim / 64, h = blockIdx.x / slices, ps = blockIdx.x % slices;
+  const int b = blockIdx.y, H = p.heads, P = p.head_dim, T = p.seqlen, nc = int(p.geo.chunks);
+  const int g = h / (H / p.groups), ntiles = (T + kRows - 1) / kRows;
+  const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) mbar_init(full + s, 1), mbar_init(empty + s, 256);
+    for (int i = 0; i < 2; ++i) mbar_init(ready + i, 128), mbar_init(freed + i, 128);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, q = lane & 3;
+  const int r0 = warp * 16 + (lane >> 2);
+
+  if (wg == 0) {
+    if (threadIdx.x == 0) {
+      const int* docs = reinterpret_cast<const int*>(p.ws + p.geo.docs) + int64_t(b) * p.geo.tpad;
+      for (int m = 0; m < ntiles; ++m) {
+        const int k = ntiles - 1 - m, st = m % S, row = b * T + k * kRows;
+        if (m >= S) mbar_wait(empty + st, (m / S - 1) & 1);
+        mbar_arrive_expect_tx(full + st,
+                              (2 + 2 * kP) * kPanel * 2 + 3 * 64 * 4 + (k > 0 ? 2 * 16 : 0));
+        tma_load_3d(sm + L::dy + st * kPanel, &tm_dy, ps * 64, h, row, full + st);
+        tma_load_3d(sm + L::x + st * kPanel, &tm_x, ps * 64, h, row, full + st);
+        for (int c = 0; c < kP; ++c) {
+          tma_load_3d(sm + L::b + (st * kP + c) * kPanel, &tm_b, c * 64, g, row, full + st);
+          tma_load_3d(sm + L::c + (st * kP + c) * kPanel, &tm_c, c * 64, g, row, full + st);
+        }
+        float* sc = scal + st * kSc;
+        bulk_load(sc, p.ws + p.geo.acs + lane_off + k * kRows, 256, full + st);
+        bulk_load(sc + 64, p.ws + p.geo.dt + lane_off + k * kRows, 256, full + st);
+        bulk_load(sc + 128, docs + k * kRows, 256, full + st);
+        if (k > 0) {
+          bulk_load(sc + 192, p.ws + p.geo.acs + lane_off + k * kRows - 4, 16, full + st);
+          bulk_load(sc + 196, docs + k * kRows - 4, 16, full + st);
+        }
+      }
+    }
+    return;
+  }
+
+  // Tile k = ntiles - 1 - m (once its stage is full).
+  struct Tile {
+    const float *a, *dt;
+    const int* doc;
+    int64_t t0;
+    int last;  // the tile's last valid row
+    float a_prev;
+    int doc_s;
+  };
+  auto tile_at = [&](int m) {
+    Tile t;
+    const float* sc = scal + (m % S) * kSc;
+    t.a = sc, t.dt = sc + 64, t.doc = reinterpret_cast<const int*>(sc + 128);
+    t.t0 = int64_t(ntiles - 1 - m) * kRows;
+    t.last = int(min(int64_t(kRows), T - t.t0)) - 1;
+    t.a_prev = t.t0 % p.chunk == 0 ? 0.f : sc[195];
+    t.doc_s = t.t0 == 0 ? t.doc[0] : reinterpret_cast<const int*>(sc)[199];
+    return t;
+  };
+  // Every consumer thread hands the stage back after its last read of it (an arrival releases
+  // only the arriving thread's accesses).
+  auto release = [&](int st) { mbar_arrive(empty + st); };
+
+  if (wg == 1) {
+    // G: rows p = r0, r0 + 8 of this block's channels, columns n = 8 nt + 2 q + {0, 1}.
+    float gs[N / 8][4];
+    const int64_t state_off = ((int64_t(b) * H + h) * P + ps * 64) * N;
+    auto at = [&](int nt, int half) { return int64_t(r0 + 8 * half) * N + nt * 8 + 2 * q; };
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float2 v = make_float2(0.f, 0.f);
+        if (p.dfinal_state)
+          v = *reinterpret_cast<const float2*>(p.dfinal_state + state_off + at(nt, half));
+        gs[nt][2 * half] = v.x, gs[nt][2 * half + 1] = v.y;
+      }
+    const bf16* states = reinterpret_cast<const bf16*>(p.ws + p.geo.states);
+    bf16* dstates = reinterpret_cast<bf16*>(p.ws + p.geo.dstates);
+    auto chunk_off = [&](int c) {
+      return ((int64_t(b) * nc + c) * H + h) * P * N + int64_t(ps) * 64 * N;
+    };
+    for (int m = 0; m < ntiles; ++m) {
+      const int k = ntiles - 1 - m, st = m % S;
+      // G_k+1 to buffer m % 2; where tile k ends chunk c, to dS_c+1 and kappa_c too.
+      const int c = int(int64_t(k) * kRows / p.chunk);
+      const bool chunk_end = k == ntiles - 1 || (int64_t(k + 1) * kRows) % p.chunk == 0;
+      wait_freed(freed, m);  // dx is done with buffer m % 2
+      store_state_bf16<N>(gs, sm + L::g + (m & 1) * kP * kPanel,
+                          chunk_end ? dstates + chunk_off(c) : nullptr);
+      fence_proxy_async();
+      mbar_arrive(ready + (m & 1));
+      if (chunk_end) {
+        // S_c+1: the next chunk's entering state (bf16), or the last state (f32).
+        float kap = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float2 s;
+            if (c + 1 < nc)
+              s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+                  states + chunk_off(c + 1) + at(nt, half)));
+            else
+              s = *reinterpret_cast<const float2*>(p.ws + p.geo.last + state_off + at(nt, half));
+            kap += gs[nt][2 * half] * s.x + gs[nt][2 * half + 1] * s.y;
+          }
+        kap = warp_sum(kap);
+        if (lane == 0) red[(c & 1) * 4 + warp] = kap;
+        named_sync(kKappaSum, 128);
+        if (threadIdx.x == 128) {
+          const float* r = red + (c & 1) * 4;
+          p.ws[p.geo.kappa + ((int64_t(b) * H + h) * nc + c) * p.geo.pass_blocks + ps] =
+              r[0] + r[1] + r[2] + r[3];
+        }
+      }
+      mbar_wait(full + st, (m / S) & 1);
+      const Tile t = tile_at(m);
+      const float a_last = t.a[t.last];
+      const float keep = t.doc[t.last] == t.doc_s ? ex2((a_last - t.a_prev) * kLog2e) : 0.f;
+      // v_i = [doc_i = doc_S] e^(a_i - a_p), 0 past the end (dy's rows there are not zeros).
+      state_step<N>(gs, keep, sm + L::dy + st * kPanel, sm + L::c + st * kP * kPanel, [&](int i) {
+        const float2 a = *reinterpret_cast<const float2*>(t.a + i);
+        const int2 doc = *reinterpret_cast<const int2*>(t.doc + i);
+        return make_float2(
+            i <= t.last && doc.x == t.doc_s ? ex2((a.x - t.a_prev) * kLog2e) : 0.f,
+            i + 1 <= t.last && doc.y == t.doc_s ? ex2((a.y - t.a_prev) * kLog2e) : 0.f);
+      });
+      release(st);
+    }
+    if (p.dinitial_state)
+#pragma unroll
+      for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          *reinterpret_cast<float2*>(p.dinitial_state + state_off + at(nt, half)) =
+              make_float2(gs[nt][2 * half], gs[nt][2 * half + 1]);
+    return;
+  }
+
+  // The dx warpgroup: rows j = r0, r0 + 8 of each tile, columns p = 8 nt + 2 q + {0, 1}.
+  const uint4* scores = reinterpret_cast<const uint4*>(p.ws + p.geo.scores);
+  uint4 cb[4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) cb[kk] = scores[score_frag(p, b, ntiles - 1, g, warp, kk, lane)];
+  const int64_t x_stride = int64_t(H) * P;
+  bf16* dx = static_cast<bf16*>(p.dx) + (int64_t(b) * T * H + h) * P + ps * 64;
+  float* delta = p.ws + p.geo.delta + int64_t(ps) * p.batch * H * p.geo.tpad + lane_off;
+  const float dh = p.D && !p.d_per_channel ? p.D[h] : 0.f;
+  float dd[8][2] = {};  // sum over the rows of x . dy, per column
+  for (int m = 0; m < ntiles; ++m) {
+    const int k = ntiles - 1 - m, st = m % S;
+    mbar_wait(full + st, (m / S) & 1);
+    const Tile t = tile_at(m);
+    float aj[2];
+    int dj[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      aj[half] = t.a[r0 + 8 * half], dj[half] = t.doc[r0 + 8 * half];
+    // A = the transposed scores weighted by [j <= i <= L, doc_i = doc_j] e^(a_i - a_j).
+    uint32_t af[4][4];
+    weigh_scores(af, cb, [&](int half, int i) {
+      const int row = r0 + 8 * half;
+      const float2 a = *reinterpret_cast<const float2*>(t.a + i);
+      const int2 doc = *reinterpret_cast<const int2*>(t.doc + i);
+      return make_float2(
+          i >= row && i <= t.last && doc.x == dj[half] ? ex2((a.x - aj[half]) * kLog2e) : 0.f,
+          i + 1 >= row && i + 1 <= t.last && doc.y == dj[half] ? ex2((a.y - aj[half]) * kLog2e)
+                                                               : 0.f);
+    });
+    if (k > 0)  // the next tile's scores, under this tile's products
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) cb[kk] = scores[score_frag(p, b, k - 1, g, warp, kk, lane)];
+    const bf16* dys = sm + L::dy + st * kPanel;
+    const bf16* xs = sm + L::x + st * kPanel;
+    float acc[8][4], acc_s[8][4];
+    tile_products<N>(acc, acc_s, af, dys, sm + L::b + st * kP * kPanel,
+                     sm + L::g + (m & 1) * kP * kPanel, ready, m);
+    mbar_arrive(freed + (m & 1));  // G read
+    const float a_last = t.a[t.last];
+    const int doc_last = t.doc[t.last];
+    uint32_t out[2][8];
+    float dl[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = r0 + 8 * half;
+      const float u = dj[half] == doc_last ? ex2((a_last - aj[half]) * kLog2e) : 0.f;
+      const float dt = t.dt[row];
+      const bool valid = row <= t.last;
+      float v = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int col = nt * 8 + 2 * q;
+        const float x0 = acc[nt][2 * half] + u * acc_s[nt][2 * half],
+                    x1 = acc[nt][2 * half + 1] + u * acc_s[nt][2 * half + 1];
+        float d0 = dh, d1 = dh;
+        if (p.d_per_channel) d0 = p.D[h * P + ps * 64 + col], d1 = p.D[h * P + ps * 64 + col + 1];
+        const float2 xv =
+            __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xs + sw(row, col)));
+        const float2 gv =
+            __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dys + sw(row, col)));
+        out[half][nt] = pack_bf16(dt * x0 + d0 * gv.x, dt * x1 + d1 * gv.y);
+        v += xv.x * x0 + xv.y * x1;
+        if (valid) dd[nt][0] += xv.x * gv.x, dd[nt][1] += xv.y * gv.y;
+      }
+      dl[half] = quad_sum(v);
+    }
+    release(st);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = r0 + 8 * half;
+      if (row > t.last) continue;
+      if (q == 0) delta[t.t0 + row] = dl[half];
+      const int64_t o = (t.t0 + row) * x_stride + 2 * q;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) *reinterpret_cast<uint32_t*>(dx + o + nt * 8) = out[half][nt];
+    }
+  }
+  if (p.D) {
+    // dD partial sums of this (batch row, head), per channel: over the rows of a warp (lanes of
+    // equal lane % 4), then the four warps in order.
+    float* rd = red + 8;  // [4 warps][64 columns]
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = dd[nt][e];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        if (lane < 4) rd[warp * 64 + nt * 8 + 2 * q + e] = v;
+      }
+    named_sync(kDSum, 128);
+    const int col = threadIdx.x - 256;
+    if (col < 64)
+      p.ws[p.geo.part_d + (int64_t(b) * H + h) * P + ps * 64 + col] =
+          rd[col] + rd[64 + col] + rd[128 + col] + rd[192 + col];
+  }
+#else
+  (void)tm_x, (void)tm_dy, (void)tm_b, (void)tm_c, (void)p;
+#endif
+}
+
+template <int N>
+void launch(const SsdParams& p, cudaStream_t stream) {
+  launch_scores(p, true, stream);
+  const int64_t rows = int64_t(p.batch) * p.seqlen;
+  const CUtensorMap tx = tma_panel_map(p.x, rows, p.heads, p.head_dim, kRows);
+  const CUtensorMap tdy = tma_panel_map(p.dy, rows, p.heads, p.head_dim, kRows);
+  const CUtensorMap tb = tma_panel_map(p.B, rows, p.groups, N, kRows);
+  const CUtensorMap tc = tma_panel_map(p.C, rows, p.groups, N, kRows);
+  CUDA_CHECK(cudaFuncSetAttribute(fused_bwd_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  FusedBwd<N>::bytes));
+  const dim3 grid(unsigned(p.heads * (p.head_dim / 64)), unsigned(p.batch));
+  fused_bwd_kernel<N><<<grid, kFusedThreads, FusedBwd<N>::bytes, stream>>>(tx, tdy, tb, tc, p);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void launch_fused_bwd(const SsdParams& p, cudaStream_t stream) {
+  switch (p.d_state) {
+    case 64:
+      return launch<64>(p, stream);
+    case 128:
+      return launch<128>(p, stream);
+    default:
+      BRAID_FAIL("ssd (CUDA): no fused backward for d_state ", p.d_state);
+  }
+}
+
+}  // namespace ssd
+}  // namespace braid
