@@ -47,127 +47,48 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel(SsdParams p) {
   bf16* ss = vs + kRows * ldv;               // S          [P][ldv]
   TokenInfo& ri = *reinterpret_cast<TokenInfo*>(ss + P * ldv);
   TokenInfo& si = *(&ri + 1);
-  const int T = p.seqlen, H = p.heads, G = p.groups, N = p.d_state, hpg = H / G;
-  // The tiles of one (chunk, group, split) are adjacent blocks: they run together and share
-  // their partner tiles through L2.
-  const int per_cg = p.chunk / kRows * (N / NB), ty = blockIdx.x % per_cg;
-  const int split = (blockIdx.x / per_cg) % p.geo.splits, cg = blockIdx.x / per_cg / p.geo.splits;
-  const int g = cg % G, c = cg / G, b = blockIdx.y;
-  const int rb = ty / (N / NB), n0 = (ty % (N / NB)) * NB;
-  const int64_t c0 = int64_t(c) * p.chunk, tr = c0 + rb * kRows;
-  if (tr >= T) return;
-  const int valid_r = int(min(int64_t(kRows), T - tr));
-  const int64_t last = min(c0 + p.chunk, int64_t(T)) - 1;
-  const int nvb = int((last - c0) / kRows) + 1;
-  const int doc_last = doc_at(p, b, last), doc_state = doc_at(p, b, c == 0 ? 0 : c0 - 1);
-  const bool has_state = kDB || c > 0 || p.initial_state;
-  const int64_t x_stride = int64_t(H) * P, bc_stride = int64_t(G) * N;
-  const bf16* L = static_cast<const bf16*>(kDB ? p.x : p.dy);
-  const bf16* R = static_cast<const bf16*>(kDB ? p.dy : p.x);
-  const bf16* V = static_cast<const bf16*>(kDB ? p.C : p.B);
-  const bf16* S = reinterpret_cast<const bf16*>(p.ws + (kDB ? p.geo.dstates : p.geo.states));
-  const int l = lane_id(), r0 = warp_row0() + (l >> 2);
+  const DbcBlock<kDB> k(p, NB);
+  if (k.empty) return;
+  const int r0 = warp_row0() + (lane_id() >> 2);
   float acc[NB / 8][4];
   zero(acc);
-  const int h_begin = g * hpg + split * int(p.geo.heads_per_split);
-  const int h_end = min(h_begin + int(p.geo.heads_per_split), (g + 1) * hpg);
-  // Off the diagonal tile the weight factors as in chunk_scan (ssd_fwd.cu), about a reference
-  // token of tile r (dB: its last, dC: its first): w_rs = f_r c_s with
-  //   dB (row j, column i >= j): f_j = [doc_j = doc_ref] e^(a_ref - a_j) dt_j,
-  //                              c_i = [doc_i = doc_ref] e^(a_i - a_ref);
-  //   dC (row i, column j <= i): f_i = [doc_i = doc_ref] e^(a_i - a_ref),
-  //                              c_j = [doc_j = doc_ref] e^(a_ref - a_j) dt_j,
-  // both exponents <= 0; so those tiles take two multiplications per score element.
-  const int ref = kDB ? valid_r - 1 : 0, doc_ref = doc_at(p, b, tr + ref);
-  for (int h = h_begin; h < h_end; ++h) {
-    const float a_ref = p.ws[p.geo.acs + (int64_t(b) * H + h) * p.geo.tpad + tr + ref];
-    load_tile<P>(ls, L + ((int64_t(b) * T + tr) * H + h) * P, x_stride, kRows, valid_r);
-    if (has_state)
-      load_tile<NB>(ss, S + ((int64_t(b) * p.geo.chunks + c) * H + h) * P * N + n0, N, P, P);
+  for (int h = k.h_begin; h < k.h_end; ++h) {
+    const DbcHead<kDB> hd(p, k, h);
+    load_tile<P>(ls, hd.l_rows, k.x_stride, kRows, k.valid_r);
+    if (k.has_state) load_tile<NB>(ss, hd.state, p.d_state, P, P);
     cp_async_commit();
-    load_info(ri, p, b, h, tr);
-    const float a_last = p.ws[p.geo.acs + (int64_t(b) * H + h) * p.geo.tpad + last];
+    load_info(ri, p, k.b, h, k.tr);
     cp_async_wait();
     __syncthreads();
-    if (has_state) {
+    if (k.has_state) {
       float f[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = r0 + half * 8;
-        f[half] =
-            kDB ? (ri.doc[row] == doc_last ? ex2((a_last - ri.a[row]) * kLog2e) * ri.dt[row] : 0.f)
-                : (ri.doc[row] == doc_state ? ex2(ri.a[row] * kLog2e) : 0.f);
-      }
+      dbc_state_factors<kDB>(f, k, hd, ri, r0);
       mma_ss<NB / 8, P, true, false, true>(acc, ls, ldp, warp_row0(), 0, ss, ldv, 0, f[0], f[1]);
     }
-    float fr[2];  // the rows' factors f
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = r0 + half * 8;
-      fr[half] = ri.doc[row] != doc_ref ? 0.f
-                 : kDB                  ? ex2((a_ref - ri.a[row]) * kLog2e) * ri.dt[row]
-                                        : ex2((ri.a[row] - a_ref) * kLog2e);
-    }
-    const int s_begin = kDB ? rb : 0, s_end = kDB ? nvb : rb + 1;
-    for (int sb = s_begin; sb < s_end; ++sb) {
-      const int64_t ts = c0 + sb * kRows;
-      const int valid_s = int(min(int64_t(kRows), T - ts));
+    float fr[2];
+    dbc_row_factors<kDB>(fr, ri, k.doc_ref, hd.a_ref, r0);
+    for (int sb = k.s_begin; sb < k.s_end; ++sb) {
+      const int64_t ts = k.c0 + sb * kRows;
+      const int valid_s = int(min(int64_t(kRows), p.seqlen - ts));
       __syncthreads();
-      load_tile<P>(rs, R + ((int64_t(b) * T + ts) * H + h) * P, x_stride, kRows, valid_s);
-      load_tile<NB>(vs, V + ((int64_t(b) * T + ts) * G + g) * N + n0, bc_stride, kRows, valid_s);
+      load_tile<P>(rs, hd.r_rows(ts), k.x_stride, kRows, valid_s);
+      load_tile<NB>(vs, k.v_rows(ts), k.bc_stride, kRows, valid_s);
       cp_async_commit();
-      load_info(si, p, b, h, ts);
-      if (threadIdx.x < kRows) {  // c, from this thread's own entries
-        const int i = threadIdx.x;
-        si.w[i] = si.doc[i] != doc_ref ? 0.f
-                  : kDB                ? ex2((si.a[i] - a_ref) * kLog2e)
-                                       : ex2((a_ref - si.a[i]) * kLog2e) * si.dt[i];
-      }
+      load_info(si, p, k.b, h, ts);
+      dbc_column_factors<kDB>(si, k.doc_ref, hd.a_ref);
       cp_async_wait();
       __syncthreads();
       float u[8][4];  // L_r . R_s, rows r, columns s
       zero(u);
       mma_ss<8, P, true, true>(u, ls, ldp, warp_row0(), 0, rs, ldp, 0);
-      if (sb != rb) {
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const int col = nt * 8 + 2 * (l & 3);
-          const float c0w = si.w[col], c1w = si.w[col + 1];
-          u[nt][0] *= fr[0] * c0w, u[nt][1] *= fr[0] * c1w;
-          u[nt][2] *= fr[1] * c0w, u[nt][3] *= fr[1] * c1w;
-        }
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = r0 + (e >> 1) * 8, col = nt * 8 + 2 * (l & 3) + (e & 1);
-            float w = 0.f;
-            if (ri.doc[row] == si.doc[col]) {
-              if (kDB && col >= row)  // row j, column i
-                w = ex2((si.a[col] - ri.a[row]) * kLog2e) * ri.dt[row];
-              if (!kDB && col <= row)  // row i, column j
-                w = ex2((ri.a[row] - si.a[col]) * kLog2e) * si.dt[col];
-            }
-            u[nt][e] *= w;
-          }
-      }
+      dbc_weigh<kDB>(u, fr, ri, si, r0, sb == k.rb);
       uint32_t uf[4][4];
       to_afrag(u, uf);
       mma_rs<NB / 8, 4, false>(acc, uf, vs, ldv);
     }
     __syncthreads();
   }
-  float* out = p.ws + p.geo.dbc + (kDB ? 0 : p.geo.splits * p.batch * p.geo.tpad * G * N) +
-               ((int64_t(split) * p.batch + b) * p.geo.tpad + tr) * G * N + int64_t(g) * N + n0;
-#pragma unroll
-  for (int nt = 0; nt < NB / 8; ++nt) {
-    const int col = nt * 8 + 2 * (l & 3);
-    *reinterpret_cast<float2*>(out + int64_t(r0) * G * N + col) =
-        make_float2(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<float2*>(out + int64_t(r0 + 8) * G * N + col) =
-        make_float2(acc[nt][2], acc[nt][3]);
-  }
+  dbc_store<NB>(p, k, acc);
 }
 
 // R = dy . (y - D x) per (batch row, token, head) from the forward's y_scan: one warp per row of
@@ -320,27 +241,31 @@ void ssd_bwd_cuda(const SsdParams& params, void* stream_ptr) {
     launch_state_pass(p, true, stream);
     launch_chunk_scan(p, ScanMode::dx, stream);
   }
-  switch (p.head_dim * 1000 + p.d_state) {
-    case 64064:
-      launch_products<64, 64>(p, stream);
-      break;
-    case 64128:
-      launch_products<64, 128>(p, stream);
-      break;
-    case 64256:
-      launch_products<64, 256>(p, stream);
-      break;
-    case 128064:
-      launch_products<128, 64>(p, stream);
-      break;
-    case 128128:
-      launch_products<128, 128>(p, stream);
-      break;
-    case 128256:
-      launch_products<128, 256>(p, stream);
-      break;
-    default:
-      BRAID_FAIL("ssd (CUDA): no kernel for head dim ", p.head_dim, ", d_state ", p.d_state);
+  if (hopper) {
+    launch_dbc_hopper(p, stream);
+  } else {
+    switch (p.head_dim * 1000 + p.d_state) {
+      case 64064:
+        launch_products<64, 64>(p, stream);
+        break;
+      case 64128:
+        launch_products<64, 128>(p, stream);
+        break;
+      case 64256:
+        launch_products<64, 256>(p, stream);
+        break;
+      case 128064:
+        launch_products<128, 64>(p, stream);
+        break;
+      case 128128:
+        launch_products<128, 128>(p, stream);
+        break;
+      case 128256:
+        launch_products<128, 256>(p, stream);
+        break;
+      default:
+        BRAID_FAIL("ssd (CUDA): no kernel for head dim ", p.head_dim, ", d_state ", p.d_state);
+    }
   }
   const int64_t bc = int64_t(p.batch) * p.seqlen * p.groups * p.d_state;
   reduce_bc_kernel<<<unsigned((bc + 255) / 256), 256, 0, stream>>>(p);

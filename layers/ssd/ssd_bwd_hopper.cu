@@ -314,6 +314,156 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #endif
 }
 
+// Shared memory of dbc_kernel_wgmma, in bf16 elements from a 1024-byte-aligned base.
+template <int P, int NB>
+struct DbcSmem {
+  static constexpr int kPP = P / 64, kNP = NB / 64;  // panels of a row tile and of V
+  static constexpr int l = 0;                        // L rows r [kPP][64][64]
+  static constexpr int r = l + kPP * kPanel;         // R rows s [2][kPP][64][64]
+  static constexpr int v = r + 2 * kPP * kPanel;     // V rows s [2][kNP][64][64]
+  static constexpr int s = v + 2 * kNP * kPanel;     // S [kNP][P][64]
+  static constexpr int info = s + kNP * P * 64;      // TokenInfo ri, si[2]
+  static constexpr int bytes = info * 2 + 3 * int(sizeof(TokenInfo)) + 1024;
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Rows [0, rows) x columns [0, W) of a bf16 matrix (row stride gs) into swizzled panels of 64
+// columns, `panel` elements apart, by cp.async; rows at or past `valid` read as zeros. The caller
+// commits and waits.
+template <int W>
+__device__ __forceinline__ void load_panels(bf16* s, const bf16* g, int64_t gs, int rows, int valid,
+                                            int panel) {
+  constexpr int kVec = W / 8;
+  for (int i = threadIdx.x; i < rows * kVec; i += kThreads) {
+    const int r = i / kVec, v = i % kVec;
+    const bool ok = r < valid;
+    cp_async16(s + (v / 8) * panel + sw(r, (v & 7) * 8), ok ? g + r * gs + v * 8 : g, ok);
+  }
+}
+// acc (64 x NB) += A (registers) B (descriptor, MN-major).
+template <int NB>
+__device__ __forceinline__ void wgmma_rs_mn(float (&acc)[NB / 8][4], const uint32_t (&a)[4],
+                                            uint64_t b) {
+  if constexpr (NB == 64)
+    wgmma_m64n64_rs<1>(acc, a, b, 1);
+  else
+    wgmma_m64n128_rs<1>(acc, a, b, 1);
+}
+#endif
+
+// dB (kDB) or dC on Hopper: dbc_kernel's block (ssd_bwd.cu, DbcBlock) with its products on
+// wgmma (one warpgroup), the tiles in swizzled panels and the partner tiles double-buffered:
+//   acc += (f L_r) S      A: L_r's fragments, rows scaled by f, from registers; B: S, MN-major
+//   u    = L_r R_s^T      both K-major
+//   acc += (w u) V_s      A: the weighted u from registers; B: V_s, MN-major
+// The operands round to bf16 as in dbc_kernel (the same tolerances).
+template <int P, int NB, bool kDB>
+__global__ __launch_bounds__(kThreads) void dbc_kernel_wgmma(SsdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = DbcSmem<P, NB>;
+  extern __shared__ unsigned char smem_raw[];
+  bf16* sm = reinterpret_cast<bf16*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  TokenInfo* info = reinterpret_cast<TokenInfo*>(sm + L::info);
+  const bf16* ls = sm + L::l;
+  const DbcBlock<kDB> k(p, NB);
+  if (k.empty) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r0 = warp * 16 + (lane >> 2);
+  float acc[NB / 8][4];
+  zero(acc);
+  for (int h = k.h_begin; h < k.h_end; ++h) {
+    const DbcHead<kDB> hd(p, k, h);
+    // Partner sb's R and V tiles and token data into buffer `buf`.
+    auto stage = [&](int sb, int buf) {
+      const int64_t ts = k.c0 + sb * kRows;
+      const int valid_s = int(min(int64_t(kRows), p.seqlen - ts));
+      load_panels<P>(sm + L::r + buf * L::kPP * kPanel, hd.r_rows(ts), k.x_stride, kRows, valid_s,
+                     kPanel);
+      load_panels<NB>(sm + L::v + buf * L::kNP * kPanel, k.v_rows(ts), k.bc_stride, kRows, valid_s,
+                      kPanel);
+      cp_async_commit();
+      load_info(info[1 + buf], p, k.b, h, ts);
+      dbc_column_factors<kDB>(info[1 + buf], k.doc_ref, hd.a_ref);
+    };
+    load_panels<P>(sm + L::l, hd.l_rows, k.x_stride, kRows, k.valid_r, kPanel);
+    if (k.has_state) load_panels<NB>(sm + L::s, hd.state, p.d_state, P, P, P * 64);
+    load_info(info[0], p, k.b, h, k.tr);
+    stage(k.s_begin, 0);
+    cp_async_wait();
+    fence_proxy_async();
+    __syncthreads();
+    const TokenInfo& ri = info[0];
+    if (k.has_state) {  // waited for with the first partner's products
+      float f[2];
+      dbc_state_factors<kDB>(f, k, hd, ri, r0);
+      uint32_t af[P / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < P / 16; ++kk) {
+        ldsm4(af[kk], ls + (kk / 4) * kPanel +
+                          sw(warp * 16 + (lane & 15), (kk % 4) * 16 + (lane >> 4) * 8));
+        af[kk][0] = scale_bf16x2(af[kk][0], f[0]), af[kk][1] = scale_bf16x2(af[kk][1], f[1]);
+        af[kk][2] = scale_bf16x2(af[kk][2], f[0]), af[kk][3] = scale_bf16x2(af[kk][3], f[1]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < P / 16; ++kk)
+        wgmma_rs_mn<NB>(acc, af[kk], wgmma_desc_sw128(sm + L::s + kk * 16 * 64, P * 128));
+      wgmma_commit();
+    }
+    float fr[2];
+    dbc_row_factors<kDB>(fr, ri, k.doc_ref, hd.a_ref, r0);
+    // At least one partner (the diagonal tile), so the state term's products are waited for
+    // in the loop on every path.
+    int sb = k.s_begin;
+    do {
+      const int buf = (sb - k.s_begin) & 1;
+      // The other buffer was last read by the previous partner, waited for before its barrier.
+      if (sb + 1 < k.s_end) stage(sb + 1, buf ^ 1);
+      const bf16* rs = sm + L::r + buf * L::kPP * kPanel;
+      const bf16* vs = sm + L::v + buf * L::kNP * kPanel;
+      float u[8][4];  // L_r . R_s, rows r, columns s
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < P / 16; ++kk)
+        wgmma_m64n64_ss<0, 0>(u, wgmma_desc_sw128(ls + (kk / 4) * kPanel + (kk % 4) * 16, 16),
+                              wgmma_desc_sw128(rs + (kk / 4) * kPanel + (kk % 4) * 16, 16), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_reg_fence(u);
+      wgmma_reg_fence(acc);
+      dbc_weigh<kDB>(u, fr, ri, info[1 + buf], r0, sb == k.rb);
+      uint32_t uf[4][4];
+      to_afrag(u, uf);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_rs_mn<NB>(acc, uf[kk], wgmma_desc_sw128(vs + kk * 16 * 64, kPanel * 2));
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_reg_fence(acc);
+      cp_async_wait();  // the next partner's tiles
+      fence_proxy_async();
+      __syncthreads();
+    } while (++sb < k.s_end);
+  }
+  dbc_store<NB>(p, k, acc);
+#else
+  (void)p;
+#endif
+}
+
+template <int P, int NB>
+void launch_dbc_n(const SsdParams& p, cudaStream_t stream) {
+  constexpr int smem = DbcSmem<P, NB>::bytes;
+  const dim3 grid(
+      unsigned(p.geo.chunks * p.groups * p.geo.splits * (p.chunk / kRows) * (p.d_state / NB)),
+      unsigned(p.batch));
+  for (auto kernel : {dbc_kernel_wgmma<P, NB, true>, dbc_kernel_wgmma<P, NB, false>}) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+    CUDA_CHECK(cudaGetLastError());
+  }
+}
+
 template <int N>
 void launch(const SsdParams& p, cudaStream_t stream) {
   launch_scores(p, true, stream);
@@ -330,6 +480,22 @@ void launch(const SsdParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void launch_dbc_hopper(const SsdParams& p, cudaStream_t stream) {
+  switch (p.head_dim * 1000 + p.d_state) {
+    case 64064:
+      return launch_dbc_n<64, 64>(p, stream);
+    case 64128:
+      return launch_dbc_n<64, 128>(p, stream);
+    case 128064:
+      return launch_dbc_n<128, 64>(p, stream);
+    case 128128:
+      return launch_dbc_n<128, 128>(p, stream);
+    default:
+      BRAID_FAIL("ssd (CUDA): no Hopper dB/dC kernel for head dim ", p.head_dim, ", d_state ",
+                 p.d_state);
+  }
+}
 
 void launch_fused_bwd(const SsdParams& p, cudaStream_t stream) {
   switch (p.d_state) {
