@@ -38,7 +38,7 @@ SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, 
   s.scores = take(b * (s.tpad / kSsdBlock) * g * kSsdBlock * kSsdBlock / 2);
   s.local = take(chunk_states);
   s.dstates = take(half(chunk_states));
-  s.r = take(seq);
+  s.r = take(seq * (p / kSsdBlock));
   s.delta = take(seq * (p / kSsdBlock));
   s.kappa = take(b * h * s.chunks * s.pass_blocks);
   s.dbc = take(2 * s.splits * b * s.tpad * g * n);

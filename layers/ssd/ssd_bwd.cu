@@ -143,7 +143,10 @@ __global__ void dt_grad_kernel(SsdParams p) {
   float delta = 0.f;
   for (int k = 0; valid && k < p.delta_parts; ++k)
     delta += p.ws[p.geo.delta + k * int64_t(p.batch) * p.heads * p.geo.tpad + lane];
-  const float da = valid ? p.ws[p.geo.r + lane] - dt * delta + (t == last ? kappa : 0.f) : 0.f;
+  float r = 0.f;
+  for (int k = 0; valid && k < p.r_parts; ++k)
+    r += p.ws[p.geo.r + k * int64_t(p.batch) * p.heads * p.geo.tpad + lane];
+  const float da = valid ? r - dt * delta + (t == last ? kappa : 0.f) : 0.f;
   const float rev = block_scan<true>(da, sh);
   float draw = 0.f;
   if (valid) {
@@ -225,14 +228,15 @@ void ssd_bwd_cuda(const SsdParams& params, void* stream_ptr) {
   SsdParams p = params;
   const bool hopper = use_hopper(p);
   p.delta_parts = hopper ? p.head_dim / kRows : 1;
+  p.r_parts = hopper && p.y_scan ? p.head_dim / kRows : 1;  // the fused kernel reads y_scan
   p.kappa_parts = hopper ? p.head_dim / kRows : int(p.geo.pass_blocks);
   p.d_whole = hopper;
-  if (p.y_scan) {
+  if (!p.y_scan) {
+    launch_chunk_scan(p, ScanMode::r, stream);
+  } else if (!hopper) {  // (on Hopper the fused kernel reads y_scan)
     const int64_t rows = int64_t(p.batch) * p.seqlen * p.heads;
     r_from_scan_kernel<<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p);
     CUDA_CHECK(cudaGetLastError());
-  } else {
-    launch_chunk_scan(p, ScanMode::r, stream);
   }
   if (hopper) {
     launch_fused_bwd(p, stream);

@@ -8,19 +8,20 @@
 //   X'_j    = u_j G_k+1 B_j + sum_{i >= j in the tile, doc_i = doc_j} e^(a_i - a_j) (B_j . C_i)
 //   dy_i,
 //             u_j = [doc_j = doc_L] e^(a_L - a_j)
-//   dx_j    = dt_j X'_j + D dy_j,  delta_j = x_j . X'_j,  dD += x_j . dy_j
+//   dx_j    = dt_j X'_j + D dy_j,  delta_j = x_j . X'_j,  dD += x_j . dy_j,
+//   r_j     = dy_j . (y_j - D x_j)  (given the forward's y_scan)
 // and, where tile k ends chunk c, G_k+1 is the chunked backward's dS_c+1: stored (bf16) for the
 // dB and dC kernels, with kappa_c = <dS_c+1, S_c+1> (S_c+1 from the forward's states). One block
 // per (head, 64 channels of P, batch row), as the forward (ssd_hopper.cuh):
-//   - producer: dy, x (the block's channels), B, C (TMA), a, dt, documents and the a and
+//   - producer: dy, x, y_scan (the block's channels), B, C (TMA), a, dt, documents and the a and
 //     document of the token before the tile (bulk copies), tiles from the last;
 //   - state gradient: G in f32 accumulators; per tile it hands G_k+1 in bf16 to the dx
 //     warpgroup (and to the workspace at chunk ends, with kappa), then steps it to dS_k (wgmma:
 //     A = the weighted dy^T from registers, B = C); dinitial_state = dS_0;
 //   - dx: per tile the weighted transposed scores (B_j . C_i, from launch_scores) times dy and
-//     B G^T, then dx, delta and the dD partial sums.
-// The delta, kappa and dD partial sums are per 64 channels (summed in order by dt_grad and
-// reduce_params: SsdParams::delta_parts, kappa_parts, d_whole).
+//     B G^T, then dx, delta, r and the dD partial sums.
+// The r, delta, kappa and dD partial sums are per 64 channels (summed in order by dt_grad and
+// reduce_params: SsdParams::r_parts, delta_parts, kappa_parts, d_whole).
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -40,7 +41,8 @@ struct FusedBwd {
   static constexpr int kScalars = 3 * 64 + 8;      // a, dt, doc [64]; a, doc of tokens t0-4..t0-1
   static constexpr int dy = 0;                     // [stages][64 t][64 p]
   static constexpr int x = dy + kStages * kPanel;  // [stages][64 t][64 p]
-  static constexpr int b = x + kStages * kPanel;   // [stages][panels][64 t][64 n]
+  static constexpr int ys = x + kStages * kPanel;  // y_scan [stages][64 t][64 p]
+  static constexpr int b = ys + kStages * kPanel;  // [stages][panels][64 t][64 n]
   static constexpr int c = b + kStages * kPanels * kPanel;      // [stages][panels][64 t][64 n]
   static constexpr int g = c + kStages * kPanels * kPanel;      // [2][panels][64 p][64 n]
   static constexpr int scalars = g + 2 * kPanels * kPanel;      // [stages][kScalars] (4 B)
@@ -60,7 +62,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     fused_bwd_kernel(const __grid_constant__ CUtensorMap tm_x,
                      const __grid_constant__ CUtensorMap tm_dy,
                      const __grid_constant__ CUtensorMap tm_b,
-                     const __grid_constant__ CUtensorMap tm_c, const SsdParams p) {
+                     const __grid_constant__ CUtensorMap tm_c,
+                     const __grid_constant__ CUtensorMap tm_ys, const SsdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = FusedBwd<N>;
   constexpr int S = L::kStages, kP = L::kPanels, kSc = L::kScalars;
@@ -90,10 +93,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       for (int m = 0; m < ntiles; ++m) {
         const int k = ntiles - 1 - m, st = m % S, row = b * T + k * kRows;
         if (m >= S) mbar_wait(empty + st, (m / S - 1) & 1);
-        mbar_arrive_expect_tx(full + st,
-                              (2 + 2 * kP) * kPanel * 2 + 3 * 64 * 4 + (k > 0 ? 2 * 16 : 0));
+        mbar_arrive_expect_tx(full + st, (2 + (p.y_scan ? 1 : 0) + 2 * kP) * kPanel * 2 +
+                                             3 * 64 * 4 + (k > 0 ? 2 * 16 : 0));
         tma_load_3d(sm + L::dy + st * kPanel, &tm_dy, ps * 64, h, row, full + st);
         tma_load_3d(sm + L::x + st * kPanel, &tm_x, ps * 64, h, row, full + st);
+        if (p.y_scan) tma_load_3d(sm + L::ys + st * kPanel, &tm_ys, ps * 64, h, row, full + st);
         for (int c = 0; c < kP; ++c) {
           tma_load_3d(sm + L::b + (st * kP + c) * kPanel, &tm_b, c * 64, g, row, full + st);
           tma_load_3d(sm + L::c + (st * kP + c) * kPanel, &tm_c, c * 64, g, row, full + st);
@@ -219,6 +223,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const int64_t x_stride = int64_t(H) * P;
   bf16* dx = static_cast<bf16*>(p.dx) + (int64_t(b) * T * H + h) * P + ps * 64;
   float* delta = p.ws + p.geo.delta + int64_t(ps) * p.batch * H * p.geo.tpad + lane_off;
+  float* rr = p.ws + p.geo.r + int64_t(ps) * p.batch * H * p.geo.tpad + lane_off;
   const float dh = p.D && !p.d_per_channel ? p.D[h] : 0.f;
   float dd[8][2] = {};  // sum over the rows of x . dy, per column
   for (int m = 0; m < ntiles; ++m) {
@@ -246,6 +251,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       for (int kk = 0; kk < 4; ++kk) cb[kk] = scores[score_frag(p, b, k - 1, g, warp, kk, lane)];
     const bf16* dys = sm + L::dy + st * kPanel;
     const bf16* xs = sm + L::x + st * kPanel;
+    const bf16* yss = sm + L::ys + st * kPanel;
     float acc[8][4], acc_s[8][4];
     tile_products<N>(acc, acc_s, af, dys, sm + L::b + st * kP * kPanel,
                      sm + L::g + (m & 1) * kP * kPanel, ready, m);
@@ -253,14 +259,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     const float a_last = t.a[t.last];
     const int doc_last = t.doc[t.last];
     uint32_t out[2][8];
-    float dl[2];
+    float dl[2], rl[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = r0 + 8 * half;
       const float u = dj[half] == doc_last ? ex2((a_last - aj[half]) * kLog2e) : 0.f;
       const float dt = t.dt[row];
       const bool valid = row <= t.last;
-      float v = 0.f;
+      float v = 0.f, r = 0.f;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         const int col = nt * 8 + 2 * q;
@@ -274,16 +280,24 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
             __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dys + sw(row, col)));
         out[half][nt] = pack_bf16(dt * x0 + d0 * gv.x, dt * x1 + d1 * gv.y);
         v += xv.x * x0 + xv.y * x1;
+        if (p.y_scan) {
+          const float2 yv =
+              __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(yss + sw(row, col)));
+          r += gv.x * yv.x + gv.y * yv.y;
+        }
         if (valid) dd[nt][0] += xv.x * gv.x, dd[nt][1] += xv.y * gv.y;
       }
-      dl[half] = quad_sum(v);
+      dl[half] = quad_sum(v), rl[half] = quad_sum(r);
     }
     release(st);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = r0 + 8 * half;
       if (row > t.last) continue;
-      if (q == 0) delta[t.t0 + row] = dl[half];
+      if (q == 0) {
+        delta[t.t0 + row] = dl[half];
+        if (p.y_scan) rr[t.t0 + row] = rl[half];
+      }
       const int64_t o = (t.t0 + row) * x_stride + 2 * q;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) *reinterpret_cast<uint32_t*>(dx + o + nt * 8) = out[half][nt];
@@ -314,16 +328,18 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 #endif
 }
 
-// Shared memory of dbc_kernel_wgmma, in bf16 elements from a 1024-byte-aligned base.
+// Shared memory of dbc_kernel_wgmma, in bf16 elements from a 1024-byte-aligned base: V's tiles
+// of every partner of the block (at most chunk / 64) stay for all its heads.
 template <int P, int NB>
 struct DbcSmem {
-  static constexpr int kPP = P / 64, kNP = NB / 64;  // panels of a row tile and of V
-  static constexpr int l = 0;                        // L rows r [kPP][64][64]
-  static constexpr int r = l + kPP * kPanel;         // R rows s [2][kPP][64][64]
-  static constexpr int v = r + 2 * kPP * kPanel;     // V rows s [2][kNP][64][64]
-  static constexpr int s = v + 2 * kNP * kPanel;     // S [kNP][P][64]
-  static constexpr int info = s + kNP * P * 64;      // TokenInfo ri, si[2]
-  static constexpr int bytes = info * 2 + 3 * int(sizeof(TokenInfo)) + 1024;
+  static constexpr int kPP = P / 64, kNP = NB / 64;                // panels of a row tile and of V
+  static constexpr int l = 0;                                      // L rows r [kPP][64][64]
+  static constexpr int r = l + kPP * kPanel;                       // R rows s [2][kPP][64][64]
+  static constexpr int s = r + 2 * kPP * kPanel;                   // S [kNP][P][64]
+  static constexpr int info = s + kNP * P * 64;                    // TokenInfo ri, si[2]
+  static constexpr int v = info + 3 * int(sizeof(TokenInfo)) / 2;  // V rows [partners][kNP][64][64]
+  static_assert(v % 512 == 0, "V's panels start on 1024-byte boundaries");
+  static int bytes(int chunk) { return (v + chunk / 64 * kNP * kPanel) * 2 + 1024; }
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -370,16 +386,19 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel_wgmma(SsdParams p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r0 = warp * 16 + (lane >> 2);
   float acc[NB / 8][4];
   zero(acc);
+  for (int sb = k.s_begin; sb < k.s_end; ++sb) {  // committed with the first head's tiles
+    const int64_t ts = k.c0 + sb * kRows;
+    load_panels<NB>(sm + L::v + (sb - k.s_begin) * L::kNP * kPanel, k.v_rows(ts), k.bc_stride,
+                    kRows, int(min(int64_t(kRows), p.seqlen - ts)), kPanel);
+  }
   for (int h = k.h_begin; h < k.h_end; ++h) {
     const DbcHead<kDB> hd(p, k, h);
-    // Partner sb's R and V tiles and token data into buffer `buf`.
+    // Partner sb's R tile and token data into buffer `buf`.
     auto stage = [&](int sb, int buf) {
       const int64_t ts = k.c0 + sb * kRows;
       const int valid_s = int(min(int64_t(kRows), p.seqlen - ts));
       load_panels<P>(sm + L::r + buf * L::kPP * kPanel, hd.r_rows(ts), k.x_stride, kRows, valid_s,
                      kPanel);
-      load_panels<NB>(sm + L::v + buf * L::kNP * kPanel, k.v_rows(ts), k.bc_stride, kRows, valid_s,
-                      kPanel);
       cp_async_commit();
       load_info(info[1 + buf], p, k.b, h, ts);
       dbc_column_factors<kDB>(info[1 + buf], k.doc_ref, hd.a_ref);
@@ -419,7 +438,7 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel_wgmma(SsdParams p) {
       // The other buffer was last read by the previous partner, waited for before its barrier.
       if (sb + 1 < k.s_end) stage(sb + 1, buf ^ 1);
       const bf16* rs = sm + L::r + buf * L::kPP * kPanel;
-      const bf16* vs = sm + L::v + buf * L::kNP * kPanel;
+      const bf16* vs = sm + L::v + (sb - k.s_begin) * L::kNP * kPanel;
       float u[8][4];  // L_r . R_s, rows r, columns s
       wgmma_fence();
 #pragma unroll
@@ -453,7 +472,7 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel_wgmma(SsdParams p) {
 
 template <int P, int NB>
 void launch_dbc_n(const SsdParams& p, cudaStream_t stream) {
-  constexpr int smem = DbcSmem<P, NB>::bytes;
+  const int smem = DbcSmem<P, NB>::bytes(p.chunk);
   const dim3 grid(
       unsigned(p.geo.chunks * p.groups * p.geo.splits * (p.chunk / kRows) * (p.d_state / NB)),
       unsigned(p.batch));
@@ -472,10 +491,12 @@ void launch(const SsdParams& p, cudaStream_t stream) {
   const CUtensorMap tdy = tma_panel_map(p.dy, rows, p.heads, p.head_dim, kRows);
   const CUtensorMap tb = tma_panel_map(p.B, rows, p.groups, N, kRows);
   const CUtensorMap tc = tma_panel_map(p.C, rows, p.groups, N, kRows);
+  const CUtensorMap tys =
+      tma_panel_map(p.y_scan ? p.y_scan : p.dy, rows, p.heads, p.head_dim, kRows);
   CUDA_CHECK(cudaFuncSetAttribute(fused_bwd_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   FusedBwd<N>::bytes));
   const dim3 grid(unsigned(p.heads * (p.head_dim / 64)), unsigned(p.batch));
-  fused_bwd_kernel<N><<<grid, kFusedThreads, FusedBwd<N>::bytes, stream>>>(tx, tdy, tb, tc, p);
+  fused_bwd_kernel<N><<<grid, kFusedThreads, FusedBwd<N>::bytes, stream>>>(tx, tdy, tb, tc, tys, p);
   CUDA_CHECK(cudaGetLastError());
 }
 

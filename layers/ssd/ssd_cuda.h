@@ -42,7 +42,7 @@ struct SsdGeometry {
                         // of the y warpgroup's A fragments, [B,Tpad/64,G,64,64]
   int64_t local = 0;    // forward: the chunk's own state term; backward: its state gradient
   int64_t dstates = 0;  // backward: the gradient of S_c+1, bf16 [B,nc,H,P,N]
-  int64_t r = 0;        // dy_i . (y_i - D x_i), [B,H,Tpad]
+  int64_t r = 0;        // dy_i . (y_i - D x_i), [P/64 parts][B,H,Tpad]
   int64_t delta = 0;    // x_i . (dx_i - D dy_i) / dt_i, [P/64 parts][B,H,Tpad]
   int64_t kappa = 0;    // <dS_c+1, S_c+1> partial sums, [B,H,nc,pass_blocks]
   int64_t dbc = 0;      // dB then dC partial sums, f32 [2][splits,B,Tpad,G,N]
@@ -59,11 +59,11 @@ struct SsdParams {
   float dt_min = 0.f, dt_max = 0.f;
   bool d_per_channel = false;
   bool hopper = true;  // the fused TMA + wgmma kernels on sm_90 (ssd_*_hopper.cu)
-  // Set by the backward for its reductions (which kernels wrote the partial sums): delta is
-  // summed over this many parts, kappa over this many partial sums per chunk, and the dD
+  // Set by the backward for its reductions (which kernels wrote the partial sums): r and delta
+  // are summed over this many parts, kappa over this many partial sums per chunk, and the dD
   // partial sums are one per (batch row, head) with P columns (d_whole) or one per 64-token tile
   // with d_cols.
-  int delta_parts = 1, kappa_parts = 1;
+  int r_parts = 1, delta_parts = 1, kappa_parts = 1;
   bool d_whole = false;
   SsdGeometry geo;
   // Forward inputs and outputs.
