@@ -3,9 +3,12 @@
 // state: the forward and forward+backward times (median of 20 after 3 warm-ups, CUDA events),
 // tokens/s, achieved TFLOP/s and GB/s, against the device's ceilings (H100: bf16 GEMM through
 // cuBLAS 758 TFLOP/s, copy 2.97 TB/s; ../shared/DEVICE.md) and mamba_ssm's times from the issue.
-// FLOPs of the products the kernels run (ssd_fwd.cu, ssd_bwd.cu), per chunk of Q tokens and head
-// (the tile products counted over their causal half, Q^2 / 2 pairs x 2), and per chunk and group
-// for the head-independent score tiles C B^T:
+// On sm_90 the forward and most of the backward are the fused kernels (ssd_*_hopper.cu), which
+// also run fewer products (their intra-chunk products cover one 64-token tile); fwd_chunked_ms is
+// the sm_80 chunked forward on the same GPU. TFLOP/s counts the chunked algorithm's products at
+// Q = 256 on every path (a fixed measure of the work): per chunk of Q tokens and head (the tile
+// products counted over their causal half, Q^2 / 2 pairs x 2), and per chunk and group for the
+// head-independent score tiles C B^T:
 //   forward  per head 4 Q P N + Q^2 P (chunk state, state term, weighted scores x x); per group
 //            Q^2 N
 //   backward per head 8 Q P N + 3 Q^2 P + 2 Q^2 N (state gradient, dx, dB, dC); per group Q^2 N
