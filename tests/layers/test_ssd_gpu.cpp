@@ -91,8 +91,11 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
   };
   // act: x, B, C, y, dy and their gradients; par: the rest. magnitude: every input replaced by
   // its absolute value (the tolerance's M).
+  // poison: what the outputs and the workspace hold before the run (NaN: an unwritten (=) output
+  // or workspace read fails; the repeat run below uses a finite value, so that a read of an
+  // unwritten workspace element that NaN would not reach, a compare or a select, shows too).
   auto run = [&](DType act, DType par, Device dev, Run& r, bool magnitude, bool with_out = false,
-                 bool hopper = true) {
+                 bool hopper = true, double poison = std::nan("")) {
     auto pick = [&](const HostTensor& h) { return magnitude ? absolute(h) : h; };
     r.keep = {make(pick(x), act, dev, "x"),  make(dt, par, dev, "dt"),
               make(A, par, dev, "A"),        make(pick(Bm), act, dev, "B"),
@@ -120,12 +123,12 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     const int64_t wn =
         std::max(ssd_forward_workspace_elems(r.in), ssd_backward_workspace_elems(r.in));
     r.ws = empty({wn}, dev == Device::cuda ? DType::f32 : act, dev, "workspace");
-    if (dev == Device::cuda)  // poison: an unwritten (=) output or workspace read fails
+    if (dev == Device::cuda)
       for (const Tensor* t : {&r.y, &r.state, &r.dx, &r.ddt, &r.dB, &r.dC, &r.dinit, &r.ws})
-        gpu_->fill(*t, std::nan(""), {});
+        gpu_->fill(*t, poison, {});
     if (with_out) {  // the forward also writes y - D x; the backward reads dy . (y - D x) there
       r.y_scan = empty(bthp, act, dev, "y_scan");
-      gpu_->fill(r.y_scan, std::nan(""), {});
+      gpu_->fill(r.y_scan, poison, {});
       r.in.y_scan = &r.y_scan;
     }
     ssd_forward(r.in, r.y, &r.state, r.ws);
@@ -188,9 +191,10 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     check("ddt", &Run::ddt, false, false);
     check("dA", &Run::dA, false, false, sum_terms);
     check("ddt_bias", &Run::dbias, false, false, sum_terms);
-    // A second run on the same inputs is bit-identical (no order-dependent sums).
+    // A second run on the same inputs, its outputs and workspace holding other values before, is
+    // bit-identical (no order-dependent sums, no read of what the run did not write).
     Run again;
-    run(act, DType::f32, Device::cuda, again, false, with_out, path.hopper);
+    run(act, DType::f32, Device::cuda, again, false, with_out, path.hopper, -3.25);
     for (Tensor Run::*f : {&Run::y, &Run::state, &Run::dx, &Run::ddt, &Run::dA, &Run::dB, &Run::dC,
                            &Run::dD, &Run::dbias, &Run::dinit})
       EXPECT_TRUE(download_bytes(rg.*f) == download_bytes(again.*f))
