@@ -68,22 +68,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   using L = FusedBwd<N>;
   constexpr int S = L::kStages, kP = L::kPanels, kSc = L::kScalars;
   extern __shared__ unsigned char smem_raw[];
-  bf16* sm = reinterpret_cast<bf16*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  bf16* sm = aligned_smem(smem_raw);
   float* scal = reinterpret_cast<float*>(sm + L::scalars);
   float* red = reinterpret_cast<float*>(sm + L::red);
-  uint64_t* full = reinterpret_cast<uint64_t*>(sm + L::bars);
-  uint64_t *empty = full + S, *ready = empty + S, *freed = ready + 2;
-  const int slices = p.head_dim / 64, h = blockIdx.x / slices, ps = blockIdx.x % slices;
-  const int b = blockIdx.y, H = p.heads, P = p.head_dim, T = p.seqlen, nc = int(p.geo.chunks);
-  const int g = h / (H / p.groups), ntiles = (T + kRows - 1) / kRows;
-  const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) mbar_init(full + s, 1), mbar_init(empty + s, 256);
-    for (int i = 0; i < 2; ++i) mbar_init(ready + i, 128), mbar_init(freed + i, 128);
-    mbar_init_fence();
-  }
-  __syncthreads();
-  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);
+  const FusedBlock blk(p, reinterpret_cast<uint64_t*>(sm + L::bars), S);
+  const int h = blk.h, ps = blk.ps, b = blk.b, g = blk.g, ntiles = blk.ntiles;
+  const int64_t lane_off = blk.lane_off;
+  uint64_t *full = blk.full, *empty = blk.empty, *ready = blk.ready, *freed = blk.freed;
+  const int H = p.heads, P = p.head_dim, T = p.seqlen, nc = int(p.geo.chunks), wg = warpgroup();
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, q = lane & 3;
   const int r0 = warp * 16 + (lane >> 2);
 
@@ -115,24 +107,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     return;
   }
 
-  // Tile k = ntiles - 1 - m (once its stage is full).
-  struct Tile {
-    const float *a, *dt;
-    const int* doc;
-    int64_t t0;
-    int last;  // the tile's last valid row
-    float a_prev;
-    int doc_s;
-  };
+  // Tile k = ntiles - 1 - m (once its stage is full; the token before it loaded with it).
   auto tile_at = [&](int m) {
-    Tile t;
     const float* sc = scal + (m % S) * kSc;
-    t.a = sc, t.dt = sc + 64, t.doc = reinterpret_cast<const int*>(sc + 128);
-    t.t0 = int64_t(ntiles - 1 - m) * kRows;
-    t.last = int(min(int64_t(kRows), T - t.t0)) - 1;
-    t.a_prev = t.t0 % p.chunk == 0 ? 0.f : sc[195];
-    t.doc_s = t.t0 == 0 ? t.doc[0] : reinterpret_cast<const int*>(sc)[199];
-    return t;
+    const int k = ntiles - 1 - m;
+    return TileData(p, sc, int64_t(k) * kRows, k > 0 ? sc[195] : 0.f,
+                    k > 0 ? reinterpret_cast<const int*>(sc)[199] : 0);
   };
   // Every consumer thread hands the stage back after its last read of it (an arrival releases
   // only the arriving thread's accesses).
@@ -163,10 +143,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       const int c = int(int64_t(k) * kRows / p.chunk);
       const bool chunk_end = k == ntiles - 1 || (int64_t(k + 1) * kRows) % p.chunk == 0;
       wait_freed(freed, m);  // dx is done with buffer m % 2
-      store_state_bf16<N>(gs, sm + L::g + (m & 1) * kP * kPanel,
-                          chunk_end ? dstates + chunk_off(c) : nullptr);
-      fence_proxy_async();
-      mbar_arrive(ready + (m & 1));
+      hand_over_bf16<N>(gs, sm + L::g + (m & 1) * kP * kPanel, ready + (m & 1),
+                        chunk_end ? dstates + chunk_off(c) : nullptr);
       if (chunk_end) {
         // S_c+1: the next chunk's entering state (bf16), or the last state (f32).
         float kap = 0.f;
@@ -192,7 +170,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         }
       }
       mbar_wait(full + st, (m / S) & 1);
-      const Tile t = tile_at(m);
+      const TileData t = tile_at(m);
       const float a_last = t.a[t.last];
       const float keep = t.doc[t.last] == t.doc_s ? ex2((a_last - t.a_prev) * kLog2e) : 0.f;
       // v_i = [doc_i = doc_S] e^(a_i - a_p), 0 past the end (dy's rows there are not zeros).
@@ -229,7 +207,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   for (int m = 0; m < ntiles; ++m) {
     const int k = ntiles - 1 - m, st = m % S;
     mbar_wait(full + st, (m / S) & 1);
-    const Tile t = tile_at(m);
+    const TileData t = tile_at(m);
     float aj[2];
     int dj[2];
 #pragma unroll
@@ -356,15 +334,6 @@ __device__ __forceinline__ void load_panels(bf16* s, const bf16* g, int64_t gs, 
     cp_async16(s + (v / 8) * panel + sw(r, (v & 7) * 8), ok ? g + r * gs + v * 8 : g, ok);
   }
 }
-// acc (64 x NB) += A (registers) B (descriptor, MN-major).
-template <int NB>
-__device__ __forceinline__ void wgmma_rs_mn(float (&acc)[NB / 8][4], const uint32_t (&a)[4],
-                                            uint64_t b) {
-  if constexpr (NB == 64)
-    wgmma_m64n64_rs<1>(acc, a, b, 1);
-  else
-    wgmma_m64n128_rs<1>(acc, a, b, 1);
-}
 #endif
 
 // dB (kDB) or dC on Hopper: dbc_kernel's block (ssd_bwd.cu, DbcBlock) with its products on
@@ -378,7 +347,7 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel_wgmma(SsdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = DbcSmem<P, NB>;
   extern __shared__ unsigned char smem_raw[];
-  bf16* sm = reinterpret_cast<bf16*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  bf16* sm = aligned_smem(smem_raw);
   TokenInfo* info = reinterpret_cast<TokenInfo*>(sm + L::info);
   const bf16* ls = sm + L::l;
   const DbcBlock<kDB> k(p, NB);
@@ -441,10 +410,7 @@ __global__ __launch_bounds__(kThreads) void dbc_kernel_wgmma(SsdParams p) {
       const bf16* vs = sm + L::v + (sb - k.s_begin) * L::kNP * kPanel;
       float u[8][4];  // L_r . R_s, rows r, columns s
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < P / 16; ++kk)
-        wgmma_m64n64_ss<0, 0>(u, wgmma_desc_sw128(ls + (kk / 4) * kPanel + (kk % 4) * 16, 16),
-                              wgmma_desc_sw128(rs + (kk / 4) * kPanel + (kk % 4) * 16, 16), kk > 0);
+      wgmma_kmajor<P>(u, ls, rs);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_reg_fence(u);
@@ -519,14 +485,7 @@ void launch_dbc_hopper(const SsdParams& p, cudaStream_t stream) {
 }
 
 void launch_fused_bwd(const SsdParams& p, cudaStream_t stream) {
-  switch (p.d_state) {
-    case 64:
-      return launch<64>(p, stream);
-    case 128:
-      return launch<128>(p, stream);
-    default:
-      BRAID_FAIL("ssd (CUDA): no fused backward for d_state ", p.d_state);
-  }
+  with_d_state(p, "fused backward", [&](auto n) { launch<n()>(p, stream); });
 }
 
 }  // namespace ssd

@@ -91,23 +91,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   using L = Fused<N>;
   constexpr int S = L::kStages, kP = L::kPanels;
   extern __shared__ unsigned char smem_raw[];
-  bf16* sm = reinterpret_cast<bf16*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  bf16* sm = aligned_smem(smem_raw);
   const float* scal = reinterpret_cast<const float*>(sm + L::scalars);
-  uint64_t* full = reinterpret_cast<uint64_t*>(sm + L::bars);
-  uint64_t *empty = full + S, *ready = empty + S, *freed = ready + 2;
-  const int slices = p.head_dim / 64, h = blockIdx.x / slices, ps = blockIdx.x % slices;
-  const int b = blockIdx.y, H = p.heads, P = p.head_dim, T = p.seqlen;
-  const int g = h / (H / p.groups), ntiles = (T + kRows - 1) / kRows;
-  const int64_t lane_off = (int64_t(b) * H + h) * p.geo.tpad;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) mbar_init(full + s, 1), mbar_init(empty + s, 256);
-    for (int i = 0; i < 2; ++i) mbar_init(ready + i, 128), mbar_init(freed + i, 128);
-    mbar_init_fence();
-  }
-  __syncthreads();
-  // The warpgroup's role, warp-uniform as the compiler sees it (read through a shuffle), so that
-  // the products are not taken for a divergent path (which serialises them).
-  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);
+  const FusedBlock blk(p, reinterpret_cast<uint64_t*>(sm + L::bars), S);
+  const int h = blk.h, ps = blk.ps, b = blk.b, g = blk.g, ntiles = blk.ntiles;
+  const int64_t lane_off = blk.lane_off;
+  uint64_t *full = blk.full, *empty = blk.empty, *ready = blk.ready, *freed = blk.freed;
+  const int H = p.heads, P = p.head_dim, T = p.seqlen, wg = warpgroup();
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, q = lane & 3;
   const int r0 = warp * 16 + (lane >> 2);  // this thread's rows r0, r0 + 8 of a 64-row operand
 
@@ -132,32 +122,16 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     return;
   }
 
-  // What both consumers know of tile k (once its stage is full): a, dt and documents, a_p and
-  // doc_S (from the previous tile's last token, carried in registers: `prev`).
-  struct Tile {
-    const float *a, *dt;
-    const int* doc;
-    int64_t t0;
-    int last;  // the tile's last valid row
-    float a_prev;
-    int doc_s;
+  // Tile k (once its stage is full); the a and document of the previous tile's last token come
+  // in registers (`before`, read before that stage was released).
+  struct Before {
+    float a = 0.f;
+    int doc = 0;
   };
-  auto tile_at = [&](int k, const Tile& prev) {
-    Tile t;
-    const int st = k % S;
-    t.a = scal + st * 3 * 64, t.dt = t.a + 64, t.doc = reinterpret_cast<const int*>(t.a + 128);
-    t.t0 = int64_t(k) * kRows;
-    t.last = int(min(int64_t(kRows), T - t.t0)) - 1;
-    t.a_prev = t.t0 % p.chunk == 0 ? 0.f : prev.a_prev;
-    t.doc_s = t.t0 == 0 ? t.doc[0] : prev.doc_s;
-    return t;
+  auto tile_at = [&](int k, const Before& before) {
+    return TileData(p, scal + (k % S) * 3 * 64, int64_t(k) * kRows, before.a, before.doc);
   };
-  // Tile k's last token as the a_p and doc_S of tile k + 1 (read before the stage is released).
-  auto carry = [](const Tile& t) {
-    Tile c = t;
-    c.a_prev = t.a[kRows - 1], c.doc_s = t.doc[kRows - 1];
-    return c;
-  };
+  auto carry = [](const TileData& t) { return Before{t.a[kRows - 1], t.doc[kRows - 1]}; };
   // Every consumer thread hands the stage back after its last read of it (an arrival releases
   // only the arriving thread's accesses).
   auto release = [&](int st) { mbar_arrive(empty + st); };
@@ -186,16 +160,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
                             int64_t(ps) * 64 * N
                       : nullptr;
       wait_freed(freed, m);  // y is done with S_m-2
-      store_state_bf16<N>(s, sm + L::s + (m & 1) * kP * kPanel, out);
-      fence_proxy_async();  // the stores, before the y warpgroup's products read them
-      mbar_arrive(ready + (m & 1));
+      hand_over_bf16<N>(s, sm + L::s + (m & 1) * kP * kPanel, ready + (m & 1), out);
     };
     hand_over(0);
-    Tile prev{};
+    Before prev;
     for (int k = 0; k < ntiles; ++k) {
       const int st = k % S;
       mbar_wait(full + st, (k / S) & 1);
-      const Tile t = tile_at(k, prev);
+      const TileData t = tile_at(k, prev);
       const float a_last = t.a[t.last];
       const int doc_last = t.doc[t.last];
       const float keep = doc_last == t.doc_s ? ex2((a_last - t.a_prev) * kLog2e) : 0.f;
@@ -235,11 +207,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   bf16* y_scan =
       p.y_scan ? static_cast<bf16*>(p.y_scan) + (int64_t(b) * T * H + h) * P + ps * 64 : nullptr;
   const float dh = p.D && !p.d_per_channel ? p.D[h] : 0.f;
-  Tile prev{};
+  Before prev;
   for (int k = 0; k < ntiles; ++k) {
     const int st = k % S;
     mbar_wait(full + st, (k / S) & 1);
-    const Tile t = tile_at(k, prev);
+    const TileData t = tile_at(k, prev);
     float ai[2];
     int di[2];
 #pragma unroll
@@ -329,23 +301,11 @@ void launch_scores_n(const SsdParams& p, bool transposed, cudaStream_t stream) {
 }  // namespace
 
 void launch_scores(const SsdParams& p, bool transposed, cudaStream_t stream) {
-  BRAID_CHECK(p.d_state == 64 || p.d_state == 128, "ssd (CUDA): no tile scores for d_state ",
-              p.d_state);
-  if (p.d_state == 64)
-    launch_scores_n<64>(p, transposed, stream);
-  else
-    launch_scores_n<128>(p, transposed, stream);
+  with_d_state(p, "tile scores", [&](auto n) { launch_scores_n<n()>(p, transposed, stream); });
 }
 
 void launch_fused_fwd(const SsdParams& p, cudaStream_t stream) {
-  switch (p.d_state) {
-    case 64:
-      return launch<64>(p, stream);
-    case 128:
-      return launch<128>(p, stream);
-    default:
-      BRAID_FAIL("ssd (CUDA): no fused forward for d_state ", p.d_state);
-  }
+  with_d_state(p, "fused forward", [&](auto n) { launch<n()>(p, stream); });
 }
 
 }  // namespace ssd

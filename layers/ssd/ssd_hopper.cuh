@@ -9,9 +9,12 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "layers/common/cuda_tma.cuh"
 #include "layers/common/cuda_wgmma.cuh"
 #include "layers/ssd/ssd_tiles.cuh"
+#include "runtime/check.h"
 
 namespace braid::ssd {
 
@@ -24,6 +27,18 @@ __device__ __forceinline__ int64_t score_frag(const SsdParams& p, int b, int til
                                               int kk, int lane) {
   const int64_t tiles = p.geo.tpad / kRows;
   return ((((int64_t(b) * tiles + tile) * p.groups + g) * 4 + warp) * 4 + kk) * 32 + lane;
+}
+
+// f(std::integral_constant<int, N>) for the kernels' d_state N (64 or 128); else fails naming
+// `what`.
+template <class F>
+void with_d_state(const SsdParams& p, const char* what, F&& f) {
+  if (p.d_state == 64)
+    f(std::integral_constant<int, 64>{});
+  else if (p.d_state == 128)
+    f(std::integral_constant<int, 128>{});
+  else
+    BRAID_FAIL("ssd (CUDA): no ", what, " for d_state ", p.d_state);
 }
 
 // Per (64-token tile, group, batch row): C_i . B_j for i, j in the tile (transposed: B_j . C_i,
@@ -43,9 +58,80 @@ __device__ __forceinline__ void wait_ready(uint64_t* ready, int m) {
   mbar_wait(ready + (m & 1), (m >> 1) & 1);
 }
 
+// A fused block: its head h, 64 channels from 64 ps, batch row b, group g and tiles, the offset
+// of (b, h) in the [B,H,Tpad] arrays, and its 2 stages + 4 mbarriers (at `bars`): full and
+// empty per stage (the producer's arrival with the copies' bytes; every consumer thread), ready
+// and freed per state buffer (a warpgroup each). Every thread constructs it: thread 0 initialises
+// the barriers, then the block synchronises.
+struct FusedBlock {
+  int h, ps, b, g, ntiles;
+  int64_t lane_off;
+  uint64_t *full, *empty, *ready, *freed;
+  __device__ __forceinline__ FusedBlock(const SsdParams& p, uint64_t* bars, int stages) {
+    const int slices = p.head_dim / 64;
+    h = blockIdx.x / slices, ps = blockIdx.x % slices, b = blockIdx.y;
+    g = h / (p.heads / p.groups), ntiles = (p.seqlen + kRows - 1) / kRows;
+    lane_off = (int64_t(b) * p.heads + h) * p.geo.tpad;
+    full = bars, empty = full + stages, ready = empty + stages, freed = ready + 2;
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < stages; ++s) mbar_init(full + s, 1), mbar_init(empty + s, 256);
+      for (int i = 0; i < 2; ++i) mbar_init(ready + i, 128), mbar_init(freed + i, 128);
+      mbar_init_fence();
+    }
+    __syncthreads();
+  }
+};
+// The dynamic shared memory from its first 1024-byte boundary (where swizzled panels start).
+__device__ __forceinline__ bf16* aligned_smem(unsigned char* raw) {
+  return reinterpret_cast<bf16*>(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023));
+}
+// This thread's warpgroup, warp-uniform as the compiler sees it (read through a shuffle), so that
+// the products are not taken for a divergent path (which serialises them).
+__device__ __forceinline__ int warpgroup() {
+  return __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);
+}
+
+// A tile's token data in its stage (`sc`: a, dt and documents of its 64 tokens), its first token
+// t0 and last valid row, and a_p and doc_S: the a and document of the token before it (given as
+// a_before, doc_before), 0 at a chunk's start and the tile's own first document at the sequence's.
+struct TileData {
+  const float *a, *dt;
+  const int* doc;
+  int64_t t0;
+  int last;
+  float a_prev;
+  int doc_s;
+  __device__ __forceinline__ TileData(const SsdParams& p, const float* sc, int64_t first,
+                                      float a_before, int doc_before)
+      : a(sc), dt(sc + 64), doc(reinterpret_cast<const int*>(sc + 128)), t0(first) {
+    last = int(min(int64_t(kRows), p.seqlen - t0)) - 1;
+    a_prev = t0 % p.chunk == 0 ? 0.f : a_before;
+    doc_s = t0 == 0 ? doc[0] : doc_before;
+  }
+};
+
+// acc (=) A B^T over K: A [64 rows, K] and B [64 rows, K] in K-major swizzled panels.
+template <int K>
+__device__ __forceinline__ void wgmma_kmajor(float (&acc)[8][4], const bf16* a, const bf16* b) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+    wgmma_m64n64_ss<0, 0>(acc, wgmma_desc_sw128(a + (kk / 4) * kPanel + (kk % 4) * 16, 16),
+                          wgmma_desc_sw128(b + (kk / 4) * kPanel + (kk % 4) * 16, 16), kk > 0);
+}
+
 // Element offset of (row, col) in a 128-byte-swizzled panel of 64 columns.
 __device__ __forceinline__ int sw(int row, int col) {
   return row * 64 + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+}
+
+// acc (64 x NB) += A (registers) B (descriptor, MN-major).
+template <int NB>
+__device__ __forceinline__ void wgmma_rs_mn(float (&acc)[NB / 8][4], const uint32_t (&a)[4],
+                                            uint64_t b) {
+  if constexpr (NB == 64)
+    wgmma_m64n64_rs<1>(acc, a, b, 1);
+  else
+    wgmma_m64n128_rs<1>(acc, a, b, 1);
 }
 
 // The state warpgroup's step, s ([64 p, N]: this thread's rows r0, r0 + 8 (r0 = 16 warp +
@@ -74,36 +160,40 @@ __device__ __forceinline__ void state_step(float (&s)[N / 8][4], float keep, con
   wgmma_reg_fence(s);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const uint64_t desc = wgmma_desc_sw128(vs + kk * 16 * 64, kPanel * 2);
-    if constexpr (N == 64)
-      wgmma_m64n64_rs<1>(s, af[kk], desc, 1);
-    else
-      wgmma_m64n128_rs<1>(s, af[kk], desc, 1);
-  }
+  for (int kk = 0; kk < 4; ++kk)
+    wgmma_rs_mn<N>(s, af[kk], wgmma_desc_sw128(vs + kk * 16 * 64, kPanel * 2));
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_reg_fence(s);
 }
 
-// s in bf16 into the swizzled panels `dst` (the other warpgroup's operand) and, when given, into
-// the row-major [64, N] `out` (the workspace's chunk states).
+// s in bf16 into the swizzled panels `dst` (the other warpgroup's operand), and then handed over
+// (mbarrier `ready`); then, when given, into the row-major [64, N] `out` (the workspace's chunk
+// states), after the handover so that the other warpgroup does not wait for those stores.
 template <int N>
-__device__ __forceinline__ void store_state_bf16(const float (&s)[N / 8][4], bf16* dst, bf16* out) {
+__device__ __forceinline__ void hand_over_bf16(const float (&s)[N / 8][4], bf16* dst,
+                                               uint64_t* ready, bf16* out) {
   const int lane = threadIdx.x & 31, r0 = ((threadIdx.x >> 5) & 3) * 16 + (lane >> 2);
+  auto each = [&](auto&& f) {
 #pragma unroll
-  for (int nt = 0; nt < N / 8; ++nt)
+    for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = r0 + 8 * half, col = nt * 8 + 2 * (lane & 3);
-      const uint32_t v = pack_bf16(s[nt][2 * half], s[nt][2 * half + 1]);
-      *reinterpret_cast<uint32_t*>(dst + (col / 64) * kPanel + sw(row, col % 64)) = v;
-      if (out) *reinterpret_cast<uint32_t*>(out + int64_t(row) * N + col) = v;
-    }
+      for (int half = 0; half < 2; ++half)
+        f(r0 + 8 * half, nt * 8 + 2 * (lane & 3), pack_bf16(s[nt][2 * half], s[nt][2 * half + 1]));
+  };
+  each([&](int row, int col, uint32_t v) {
+    *reinterpret_cast<uint32_t*>(dst + (col / 64) * kPanel + sw(row, col % 64)) = v;
+  });
+  fence_proxy_async();  // the stores, before the other warpgroup's products read them
+  mbar_arrive(ready);
+  if (out)
+    each([&](int row, int col, uint32_t v) {
+      *reinterpret_cast<uint32_t*>(out + int64_t(row) * N + col) = v;
+    });
 }
 
 // The product warpgroup's step: acc = A V (A: the weighted scores in registers, V [64 tokens,
-// 64 p] panel vs, MN-major), then, once the state buffer `ss` is ready (named barrier `ready`),
+// 64 p] panel vs, MN-major), then, once the state buffer `ss` is ready (mbarrier `ready`),
 // acc_s = U S^T (U [64 rows, N] panels us, S [64 p, N] panels ss, both K-major): S is the m-th
 // state handed over.
 template <int N>
@@ -117,10 +207,7 @@ __device__ __forceinline__ void tile_products(float (&acc)[8][4], float (&acc_s)
     wgmma_m64n64_rs<1>(acc, af[kk], wgmma_desc_sw128(vs + kk * 16 * 64, kPanel * 2), kk > 0);
   wgmma_commit();
   wait_ready(ready, m);
-#pragma unroll
-  for (int kk = 0; kk < N / 16; ++kk)
-    wgmma_m64n64_ss<0, 0>(acc_s, wgmma_desc_sw128(us + (kk / 4) * kPanel + (kk % 4) * 16, 16),
-                          wgmma_desc_sw128(ss + (kk / 4) * kPanel + (kk % 4) * 16, 16), kk > 0);
+  wgmma_kmajor<N>(acc_s, us, ss);
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_reg_fence(acc);
