@@ -5,8 +5,8 @@
 // G_k+1 the gradient of the state leaving tile k. Walking the tiles in reverse:
 //   dS_k    = [doc_L = doc_S] e^(a_L - a_p) G_k+1 + sum_i v_i dy_i C_i^T,
 //             v_i = [doc_i = doc_S] e^(a_i - a_p)
-//   X'_j    = u_j G_k+1 B_j + sum_{i >= j in the tile, doc_i = doc_j} e^(a_i - a_j) (B_j . C_i)
-//   dy_i,
+//   X'_j    = u_j G_k+1 B_j
+//             + sum_{i >= j in the tile, doc_i = doc_j} e^(a_i - a_j) (B_j . C_i) dy_i,
 //             u_j = [doc_j = doc_L] e^(a_L - a_j)
 //   dx_j    = dt_j X'_j + D dy_j,  delta_j = x_j . X'_j,  dD += x_j . dy_j,
 //   r_j     = dy_j . (y_j - D x_j)  (given the forward's y_scan)

@@ -10,8 +10,8 @@
 //      token and doc_S the document of the token before the tile (of token 0 for the first):
 //        y_i     = D x_i + [doc_i = doc_S] e^(a_i - a_p) C_i S^T
 //                  + sum_{j <= i in the tile, doc_j = doc_i} e^(a_i - a_j) dt_j (C_i . B_j) x_j
-//        S_next  = [doc_L = doc_S] e^(a_L - a_p) S + sum_{j, doc_j = doc_L} e^(a_L - a_j) dt_j x_j
-//        B_j^T
+//        S_next  = [doc_L = doc_S] e^(a_L - a_p) S
+//                  + sum_{j, doc_j = doc_L} e^(a_L - a_j) dt_j x_j B_j^T
 //      which is the chunked algorithm with chunks of one tile (the same function). Warpgroups:
 //      - producer: one thread loads each tile's x (its 64 channels), B and C (TMA, 128-byte
 //        swizzle) and its a, dt and documents (bulk copies) into a ring of stages;
