@@ -130,6 +130,38 @@ std::vector<int32_t> host_documents(const Tensor* seq_idx, void* stream) {
   return std::vector<int32_t>(v.begin(), v.end());
 }
 
+namespace {
+
+// This rank's maps with `local` as their state, passed among the ranks.
+StatePassing pass_maps(ShardMap& map, const Tensor& local, Communicator& cp, void* stream) {
+  map.state = tensor_values(local, stream);
+  return StatePassing(map, local.numel() / local.size(0), cp, local.device, stream);
+}
+// A ScratchTensor like `local` holding `values`.
+ScratchTensor holding(const Tensor& local, const std::vector<double>& values, void* stream) {
+  ScratchTensor out(local.dtype,
+                    std::vector<int64_t>(local.shape.begin(), local.shape.begin() + local.ndim),
+                    local.device, stream);
+  set_tensor_values(out.t, values, stream);
+  return out;
+}
+
+}  // namespace
+
+ScratchTensor shard_entering_state(ShardMap map, const Tensor& local, const Tensor* initial,
+                                   Communicator& cp, void* stream) {
+  const StatePassing sp = pass_maps(map, local, cp, stream);
+  return holding(
+      local, sp.entering_state(initial ? tensor_values(*initial, stream) : std::vector<double>{}),
+      stream);
+}
+
+ScratchTensor shard_arriving_grad(ShardMap map, const Tensor& local, const Tensor* dfinal,
+                                  Communicator& cp, void* stream) {
+  if (dfinal && cp.rank() == cp.size() - 1) map.extra = tensor_values(*dfinal, stream);
+  return holding(local, pass_maps(map, local, cp, stream).arriving_grad(), stream);
+}
+
 const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream) {
   if (!t) return nullptr;
   keep.emplace_back(t->dtype, std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim),

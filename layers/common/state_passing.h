@@ -71,6 +71,16 @@ class ScratchTensor {
   void* dev_ = nullptr;
   void* stream_ = nullptr;
 };
+// The state entering this rank's shard as a tensor like `local` (the shard's final state scanned
+// from zero, [rows, ...]), from the map (decays, documents) and the sequence's initial state (null:
+// zeros); and the gradient arriving at this rank's shard's end, like `local` (the gradient of the
+// shard's entering state through its own outputs), from the map and the gradient at the sequence's
+// end (null: none; the last rank's). Collective over cp.
+ScratchTensor shard_entering_state(ShardMap map, const Tensor& local, const Tensor* initial,
+                                   Communicator& cp, void* stream);
+ScratchTensor shard_arriving_grad(ShardMap map, const Tensor& local, const Tensor* dfinal,
+                                  Communicator& cp, void* stream);
+
 // The document ids of seq_idx [B,T] (i32, either device) on the host; empty for null.
 std::vector<int32_t> host_documents(const Tensor* seq_idx, void* stream);
 // A ScratchTensor shaped like t on t's device, kept in `keep` (null for null).

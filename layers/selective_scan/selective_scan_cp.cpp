@@ -42,16 +42,13 @@ ShardMap shard_map(const ScanInputs& in, const ScanDims& d) {
 
 // The state entering this rank's shard (forward steps 1-2 of the header), given its map's decays
 // and documents; runs the shard's scan from a zero state into y_scratch and the workspace.
-std::vector<double> entering(const ScanInputs& in, const ScanDims& d, ShardMap m,
-                             const Tensor& y_scratch, const Tensor& workspace, Communicator& cp) {
+ScratchTensor entering(const ScanInputs& in, const ScanDims& d, ShardMap m, const Tensor& y_scratch,
+                       const Tensor& workspace, Communicator& cp) {
   ScanInputs zero = in;
   zero.initial_state = nullptr;
   const ScratchTensor h_loc(state_dtype(in), {d.b, d.c, d.n}, in.u->device, in.stream);
   selective_scan_forward(zero, y_scratch, &h_loc.t, &workspace);
-  m.state = tensor_values(h_loc.t, in.stream);
-  const StatePassing sp(m, d.c * d.n, cp, in.u->device, in.stream);
-  return sp.entering_state(in.initial_state ? tensor_values(*in.initial_state, in.stream)
-                                            : std::vector<double>{});
+  return shard_entering_state(std::move(m), h_loc.t, in.initial_state, cp, in.stream);
 }
 
 }  // namespace
@@ -59,8 +56,7 @@ std::vector<double> entering(const ScanInputs& in, const ScanDims& d, ShardMap m
 void selective_scan_forward_cp(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
                                const Tensor& workspace, Communicator& cp) {
   const ScanDims d = selective_scan_dims(in);
-  const ScratchTensor h_in(state_dtype(in), {d.b, d.c, d.n}, in.u->device, in.stream);
-  set_tensor_values(h_in.t, entering(in, d, shard_map(in, d), y, workspace, cp), in.stream);
+  const ScratchTensor h_in = entering(in, d, shard_map(in, d), y, workspace, cp);
   ScanInputs from = in;
   from.initial_state = &h_in.t;
   selective_scan_forward(from, y, final_state, &workspace);
@@ -73,8 +69,7 @@ void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Te
   void* st = in.stream;
   const ScratchTensor y_tmp(in.u->dtype, {d.b, d.t, d.c}, dev, st);
   const ShardMap map = shard_map(in, d);  // decays and documents, for both passes
-  const ScratchTensor h_in(state_dtype(in), {d.b, d.c, d.n}, dev, st);
-  set_tensor_values(h_in.t, entering(in, d, map, y_tmp.t, workspace, cp), st);
+  const ScratchTensor h_in = entering(in, d, map, y_tmp.t, workspace, cp);
   ScanInputs from = in;
   from.initial_state = &h_in.t;
   // The GPU backward reads the chunk states its forward saved in the workspace: that forward is
@@ -91,11 +86,7 @@ void selective_scan_backward_cp(const ScanInputs& in, const Tensor& dy, const Te
        like(grads.dD), like(grads.dz), like(grads.ddelta_bias), &g_loc.t},
       workspace);
   // 2. The gradient arriving at this shard's end; 3. back again with it: every gradient exact.
-  ShardMap m = map;
-  m.state = tensor_values(g_loc.t, st);
-  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = tensor_values(*dfinal_state, st);
-  const ScratchTensor g_out(state_dtype(in), {d.b, d.c, d.n}, dev, st);
-  set_tensor_values(g_out.t, StatePassing(m, d.c * d.n, cp, dev, st).arriving_grad(), st);
+  const ScratchTensor g_out = shard_arriving_grad(map, g_loc.t, dfinal_state, cp, st);
   selective_scan_backward(from, dy, &g_out.t, grads, workspace);
 }
 

@@ -53,17 +53,13 @@ ShardMap shard_map(const SsdInputs& in, const Dims& d) {
 
 // The state entering this rank's shard, given its map's decays and documents (runs the shard's
 // forward from a zero state into y_scratch and the workspace).
-std::vector<double> entering(const SsdInputs& in, const Dims& d, ShardMap m,
-                             const Tensor& y_scratch, const Tensor& workspace, Communicator& cp) {
-  const Device dev = in.x->device;
+ScratchTensor entering(const SsdInputs& in, const Dims& d, ShardMap m, const Tensor& y_scratch,
+                       const Tensor& workspace, Communicator& cp) {
   SsdInputs zero = in;
   zero.initial_state = nullptr, zero.y_scan = nullptr;
-  const ScratchTensor h_loc(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, in.stream);
+  const ScratchTensor h_loc(state_dtype(in), {d.b, d.h, d.p, d.n}, in.x->device, in.stream);
   ssd_forward(zero, y_scratch, &h_loc.t, workspace);
-  m.state = tensor_values(h_loc.t, in.stream);
-  const StatePassing sp(m, d.h * d.p * d.n, cp, dev, in.stream);
-  return sp.entering_state(in.initial_state ? tensor_values(*in.initial_state, in.stream)
-                                            : std::vector<double>{});
+  return shard_entering_state(std::move(m), h_loc.t, in.initial_state, cp, in.stream);
 }
 
 }  // namespace
@@ -71,8 +67,7 @@ std::vector<double> entering(const SsdInputs& in, const Dims& d, ShardMap m,
 void ssd_forward_cp(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                     const Tensor& workspace, Communicator& cp) {
   const Dims d = dims_of(in);
-  const ScratchTensor h_in(state_dtype(in), {d.b, d.h, d.p, d.n}, in.x->device, in.stream);
-  set_tensor_values(h_in.t, entering(in, d, shard_map(in, d), y, workspace, cp), in.stream);
+  const ScratchTensor h_in = entering(in, d, shard_map(in, d), y, workspace, cp);
   SsdInputs from = in;
   from.initial_state = &h_in.t;
   ssd_forward(from, y, final_state, workspace);
@@ -86,8 +81,7 @@ void ssd_backward_cp(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal
   void* st = in.stream;
   const ScratchTensor y_tmp(in.x->dtype, {d.b, d.t, d.h, d.p}, dev, st);
   const ShardMap map = shard_map(in, d);  // decays and documents, for both passes
-  const ScratchTensor h_in(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, st);
-  set_tensor_values(h_in.t, entering(in, d, map, y_tmp.t, forward_workspace, cp), st);
+  const ScratchTensor h_in = entering(in, d, map, y_tmp.t, forward_workspace, cp);
   SsdInputs from = in;
   from.initial_state = &h_in.t;
   // The GPU backward reads what the forward left in the workspace: the forward from h_in.
@@ -100,11 +94,7 @@ void ssd_backward_cp(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal
                {like(grads.dx), like(grads.ddt), like(grads.dA), like(grads.dB), like(grads.dC),
                 like(grads.dD), like(grads.ddt_bias), &g_loc.t},
                workspace);
-  ShardMap m = map;
-  m.state = tensor_values(g_loc.t, st);
-  if (dfinal_state && cp.rank() == cp.size() - 1) m.extra = tensor_values(*dfinal_state, st);
-  const ScratchTensor g_out(state_dtype(in), {d.b, d.h, d.p, d.n}, dev, st);
-  set_tensor_values(g_out.t, StatePassing(m, d.h * d.p * d.n, cp, dev, st).arriving_grad(), st);
+  const ScratchTensor g_out = shard_arriving_grad(map, g_loc.t, dfinal_state, cp, st);
   ssd_backward(from, dy, &g_out.t, grads, workspace);
 }
 
