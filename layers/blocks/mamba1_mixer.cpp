@@ -24,8 +24,9 @@ Mamba1Config local_part(Mamba1Config c, const TensorParallel& tp) {
 }  // namespace
 
 Mamba1Mixer::Mamba1Mixer(const Mamba1Config& cfg, ParamSet& ps, const std::string& p,
-                         double init_std, double out_std, const TensorParallel& tp)
-    : global_(cfg), cfg_(local_part(cfg, tp)), tp_(tp) {
+                         double init_std, double out_std, const TensorParallel& tp,
+                         bool context_parallel)
+    : global_(cfg), cfg_(local_part(cfg, tp)), tp_(tp), context_parallel_(context_parallel) {
   // Registered in logical (whole-mixer) sizes; the shards hold this rank's channels.
   const int64_t d = cfg.d_model, c = cfg.d_inner, n = cfg.d_state, r = cfg.dt_rank, g = cfg.groups;
   const double conv_bound = 1.0 / std::sqrt(double(cfg.d_conv));  // PyTorch Conv1d default
@@ -108,6 +109,7 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   const int64_t ws = selective_scan_workspace_elems(scan_inputs(BatchMeta{}));
   ws_ = xc_.device == Device::cuda ? sv.take("m1.scan_workspace", f, {ws})
                                    : sc.take("m1.scan_workspace", t, {ws});
+  if (context_parallel_) entering_ = sv.take("m1.cp_entering_state", f, {batch, c, n});
   // The conv's and the dt/B/C norms' backward workspaces (empty on the CPU).
   const Conv1dInputs conv{&xc3_, &conv_w_->compute, nullptr, nullptr, nullptr, true};
   conv_ws_ = sc.take("m1.conv_workspace", f, {causal_conv1d_workspace_elems(conv)});
@@ -125,6 +127,8 @@ ScanInputs Mamba1Mixer::scan_inputs(const BatchMeta& meta) const {
 
 void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = cfg_.d_inner, n = cfg_.d_state, r = cfg_.dt_rank, g = cfg_.groups;
+  BRAID_CHECK(!meta.cp || context_parallel_,
+              "mamba1: a context-parallel forward, but the mixer was built without it");
   const Tensor x2 = x.reshape({m, cfg_.d_model});
   const Tensor& w_in = in_proj_->compute;
   const GemmContext* gemm = meta.gemm;
@@ -151,7 +155,8 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   linear_forward(dtn_, dt_w_->compute, nullptr, delta_, gemm);
   neg_exp(a_log_->value, a_);
   if (meta.cp)
-    selective_scan_forward_cp(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, ws_, *meta.cp);
+    selective_scan_forward_cp(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, entering_, ws_,
+                              *meta.cp);
   else
     selective_scan_forward(scan_inputs(meta), y_.reshape({b_, t_, c}), nullptr, &ws_);
   linear_forward(y_, out_proj_->compute, nullptr, y.reshape({m, cfg_.d_model}), gemm);
@@ -172,7 +177,8 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   zero_fill(da_);
   const ScanGrads sg{&dxc3, &ddelta3, &da_, &db4, &dc4, &d_->grad, &dz3, &dt_b_->grad, nullptr};
   if (meta.cp)
-    selective_scan_backward_cp(in, dy_in_.reshape({b_, t_, c}), nullptr, sg, ws_, *meta.cp);
+    selective_scan_backward_cp(in, entering_, dy_in_.reshape({b_, t_, c}), nullptr, sg, ws_,
+                               *meta.cp);
   else
     selective_scan_backward(in, dy_in_.reshape({b_, t_, c}), nullptr, sg, ws_);
   neg_exp_backward(a_, da_, a_log_->grad);

@@ -35,8 +35,10 @@ struct Mamba1Config {
 
 class Mamba1Mixer final : public Block {
  public:
+  // context_parallel: forwards run with a cp group (BatchMeta::cp); the mixer then saves the
+  // state entering its shard.
   Mamba1Mixer(const Mamba1Config& cfg, ParamSet& ps, const std::string& prefix, double init_std,
-              double out_std, const TensorParallel& tp = {});
+              double out_std, const TensorParallel& tp = {}, bool context_parallel = false);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -49,6 +51,7 @@ class Mamba1Mixer final : public Block {
   Mamba1Config global_;  // the whole mixer (FLOPs)
   Mamba1Config cfg_;     // this rank's part: d_inner / tp
   TensorParallel tp_;
+  bool context_parallel_;
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *x_proj_, *dt_w_, *dt_b_, *a_log_, *d_, *out_proj_;
   Param *dt_norm_ = nullptr, *b_norm_ = nullptr, *c_norm_ = nullptr;
@@ -58,7 +61,8 @@ class Mamba1Mixer final : public Block {
   // scratch
   Tensor dy_in_, dxc_, ddelta_, dz_, dbn_, dcn_, da_, ddtn_, ddtr_, dbp_, dcp_, dxs_, conv_ws_,
       norm_ws_;
-  Tensor ws_;  // the scan's workspace (saved on the GPU, scratch on the CPU)
+  Tensor ws_;        // the scan's workspace (saved on the GPU, scratch on the CPU)
+  Tensor entering_;  // saved under context parallelism: the state entering the shard [B,C,N]
 };
 
 }  // namespace braid

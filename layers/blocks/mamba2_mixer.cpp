@@ -23,8 +23,9 @@ Mamba2Config local_part(Mamba2Config c, const TensorParallel& tp) {
 }  // namespace
 
 Mamba2Mixer::Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::string& p,
-                         double init_std, double out_std, const TensorParallel& tp)
-    : global_(cfg), cfg_(local_part(cfg, tp)), tp_(tp) {
+                         double init_std, double out_std, const TensorParallel& tp,
+                         bool context_parallel)
+    : global_(cfg), cfg_(local_part(cfg, tp)), tp_(tp), context_parallel_(context_parallel) {
   // Registered in logical (whole-mixer) sizes; the shards hold every segment's part.
   const int64_t d = cfg.d_model, c = cfg.heads * cfg.head_dim, gn = cfg.groups * cfg.d_state,
                 h = cfg.heads;
@@ -69,6 +70,8 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   y_ = sv.take("m2.y", t, {m, c});
   if (xc_.device == Device::cuda && t == DType::bf16)
     y_scan_ = sv.take("m2.y_scan", t, {batch, seq, h, cfg_.head_dim});
+  if (context_parallel_)
+    entering_ = sv.take("m2.cp_entering_state", f, {batch, h, cfg_.head_dim, cfg_.d_state});
   rstd_ = sv.take("m2.rstd", f, {m, cfg_.groups});
   g_ = sv.take("m2.gated", t, {m, c});
   dg_ = sc.take("m2.dg", t, {m, c});
@@ -129,6 +132,8 @@ void Mamba2Mixer::conv_forward(const Tensor& in, const Tensor& out, int64_t ch0,
 
 void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {
   const int64_t m = b_ * t_, c = inner(), gn = cfg_.groups * cfg_.d_state, h = cfg_.heads;
+  BRAID_CHECK(!meta.cp || context_parallel_,
+              "mamba2: a context-parallel forward, but the mixer was built without it");
   const Tensor x2 = x.reshape({m, cfg_.d_model});
   const Tensor& w = in_proj_->compute;
   const GemmContext* gemm = meta.gemm;
@@ -143,7 +148,7 @@ void Mamba2Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   neg_exp(a_log_->value, a_);
   const SsdInputs in = ssd_inputs(meta);
   if (meta.cp)
-    ssd_forward_cp(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_, *meta.cp);
+    ssd_forward_cp(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, entering_, fws_, *meta.cp);
   else
     ssd_forward(in, y_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, fws_);
   gated_rmsnorm_forward(y_, z_, norm_->value, cfg_.groups, cfg_.norm_eps, g_, rstd_);
@@ -169,7 +174,8 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   zero_fill(da_);
   const SsdGrads sg{&dx4, &ddt3, &da_, &db4, &dc4, &d_->grad, &dt_bias_->grad, nullptr};
   if (meta.cp)
-    ssd_backward_cp(in, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, sg, fws_, ws_, *meta.cp);
+    ssd_backward_cp(in, entering_, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, sg, ws_,
+                    *meta.cp);
   else
     ssd_backward(in, dy_.reshape({b_, t_, h, cfg_.head_dim}), nullptr, sg, ws_);
   neg_exp_backward(a_, da_, a_log_->grad);

@@ -36,8 +36,10 @@ struct Mamba2Config {
 
 class Mamba2Mixer final : public Block {
  public:
+  // context_parallel: forwards run with a cp group (BatchMeta::cp); the mixer then saves the
+  // state entering its shard.
   Mamba2Mixer(const Mamba2Config& cfg, ParamSet& ps, const std::string& prefix, double init_std,
-              double out_std, const TensorParallel& tp = {});
+              double out_std, const TensorParallel& tp = {}, bool context_parallel = false);
   void plan(Arena& saved, Arena& scratch, int64_t batch, int64_t seq) override;
   void forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) override;
   void backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
@@ -53,10 +55,12 @@ class Mamba2Mixer final : public Block {
   Mamba2Config global_;  // the whole mixer (FLOPs)
   Mamba2Config cfg_;     // this rank's part: heads / tp, groups / tp
   TensorParallel tp_;
+  bool context_parallel_;
   int64_t b_ = 0, t_ = 0;
   Param *in_proj_, *conv_w_, *conv_b_, *dt_bias_, *a_log_, *d_, *norm_, *out_proj_;
   Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;  // saved
-  Tensor y_scan_;  // saved on GPUs in bf16: the SSD's y - D x [B,T,H,P] (ssd.h), else empty
+  Tensor y_scan_;    // saved on GPUs in bf16: the SSD's y - D x [B,T,H,P] (ssd.h), else empty
+  Tensor entering_;  // saved under context parallelism: the state entering the shard [B,H,P,N]
   Tensor x4_, dt3_, b4_, c4_;  // [B,T,H,P], [B,T,H], [B,T,G,N] views of xc_, dtr_, bc_, cc_
   Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, ws_,
       fws_;  // scratch

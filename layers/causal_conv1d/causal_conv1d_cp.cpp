@@ -1,77 +1,83 @@
 #include "layers/causal_conv1d/causal_conv1d_cp.h"
 
-#include <vector>
-
+#include "layers/causal_conv1d/causal_conv1d_cuda.h"
 #include "layers/common/op_common.h"
 #include "layers/common/state_passing.h"
 
 namespace braid {
 namespace {
 
-struct Dims {
-  int64_t b, t, c, h;  // h = W - 1 halo positions
-};
-
-Dims check_cp(const Conv1dInputs& in) {
+ConvHalo check_cp(const Conv1dInputs& in) {
   BRAID_CHECK(in.x && in.w && in.x->ndim == 3 && in.w->ndim == 2,
               "causal_conv1d (context parallel): expects x [B,T,C] and w [C,W]");
-  const Dims d{in.x->size(0), in.x->size(1), in.x->size(2), in.w->size(1) - 1};
-  BRAID_REQUIRE(d.t >= d.h, "causal_conv1d (context parallel): a shard of ", d.t,
-                " tokens is shorter than the conv's ", d.h, "-token halo");
+  ConvHalo h;
+  h.batch = int(in.x->size(0)), h.seqlen = int(in.x->size(1)), h.channels = int(in.x->size(2));
+  h.halo = int(in.w->size(1) - 1), h.bf16 = in.x->dtype == DType::bf16;
+  BRAID_REQUIRE(h.seqlen >= h.halo, "causal_conv1d (context parallel): a shard of ", h.seqlen,
+                " tokens is shorter than the conv's ", h.halo, "-token halo");
   BRAID_CHECK(in.x->is_contiguous(), "causal_conv1d (context parallel): ", in.x->describe(),
               " must be contiguous");
-  return d;
+  if (in.seq_idx) h.seq_idx = in.seq_idx->ptr<int32_t>();
+  return h;
 }
 
-// Row b's last W-1 tokens of a [B,T,C] tensor (contiguous), as a [W-1, C] view.
-Tensor halo_rows(const Tensor& x, const Dims& d, int64_t b) {
-  return Tensor::contiguous_view(
-      static_cast<char*>(x.data) + ((b * d.t + d.t - d.h) * d.c) * dtype_size(x.dtype), x.dtype,
-      x.device, {d.h, d.c}, "halo");
+// halo [B,C,W-1] = the last W-1 inputs of x's rows in the document of the row's last token (0
+// elsewhere), or (add) halo added onto dx at those inputs.
+template <bool kAdd>
+void halo_cpu(const ConvHalo& p, const Tensor& x_or_dx, const Tensor& halo) {
+  dispatch_float(x_or_dx.dtype, "causal_conv1d (context parallel)", [&]<typename T>() {
+    T *x = x_or_dx.ptr<T>(), *h = halo.ptr<T>();
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t j = 0; j < p.halo; ++j) {
+        const int64_t row = b * p.seqlen, s = p.seqlen - p.halo + j;
+        const bool same = !p.seq_idx || p.seq_idx[row + s] == p.seq_idx[row + p.seqlen - 1];
+        for (int64_t c = 0; c < p.channels; ++c) {
+          T &hv = h[(b * p.channels + c) * p.halo + j], &xv = x[(row + s) * p.channels + c];
+          if (!kAdd)
+            hv = same ? xv : T(0);
+          else if (same)
+            xv += hv;
+        }
+      }
+  });
 }
 
-// The halo is a state map with no decay: h_in(r + 1) = halo(r) where the document goes on. So the
-// shards' halos (or, backward, their initial states' gradients) pass through state_passing.h.
-StatePassing pass(const Conv1dInputs& in, const Dims& d, const std::vector<int32_t>& seq,
-                  std::vector<double> state, Communicator& cp) {
-  ShardMap m;
-  std::vector<bool> starts_inside;
-  shard_documents(seq.empty() ? nullptr : seq.data(), d.b, d.t, m, starts_inside);
-  m.decay.assign(d.b * d.c * d.h, 0.0);
-  m.state = std::move(state);
-  return StatePassing(m, d.c * d.h, cp, in.x->device, in.stream);
+void halo(const ConvHalo& p, const Tensor& x, const Tensor& out, void* stream) {
+  if (x.device == Device::cpu) return halo_cpu<false>(p, x, out);
+#if defined(BRAID_WITH_CUDA)
+  causal_conv1d_halo_cuda(p, x.data, out.data, stream);
+#else
+  (void)stream;
+#endif
 }
 
-// Whether position t of row b is in the document of the row's last token.
-bool in_last_document(const std::vector<int32_t>& seq, const Dims& d, int64_t b, int64_t t) {
-  return seq.empty() || seq[b * d.t + t] == seq[b * d.t + d.t - 1];
+void add_halo(const ConvHalo& p, const Tensor& h, const Tensor& dx, void* stream) {
+  BRAID_CHECK(dx.is_contiguous() && dx.dtype == h.dtype,
+              "causal_conv1d (context parallel): ", dx.describe(),
+              " must be contiguous and of the inputs' dtype");
+  if (dx.device == Device::cpu) return halo_cpu<true>(p, dx, h);
+#if defined(BRAID_WITH_CUDA)
+  causal_conv1d_halo_add_cuda(p, h.data, dx.data, stream);
+#else
+  (void)stream;
+#endif
 }
 
-// The initial state of this rank's shard: the previous shard's last W-1 inputs (those in the
-// document of its last token) where that document goes on; the sequence's on rank 0.
-std::vector<double> initial_state(const Conv1dInputs& in, const Dims& d,
-                                  const std::vector<int32_t>& seq, Communicator& cp) {
-  std::vector<double> halo(d.b * d.c * d.h, 0.0);
-  for (int64_t b = 0; b < d.b; ++b) {
-    const std::vector<double> rows = tensor_values(halo_rows(*in.x, d, b), in.stream);
-    for (int64_t j = 0; j < d.h; ++j) {
-      if (!in_last_document(seq, d, b, d.t - d.h + j)) continue;
-      for (int64_t c = 0; c < d.c; ++c) halo[(b * d.c + c) * d.h + j] = rows[j * d.c + c];
-    }
-  }
-  return pass(in, d, seq, std::move(halo), cp)
-      .entering_state(in.initial_state ? tensor_values(*in.initial_state, in.stream)
-                                       : std::vector<double>{});
+// The initial state of this rank's shard: the previous shard's halo where its last document
+// goes on (else 0); the sequence's on rank 0.
+ScratchTensor initial_state(const Conv1dInputs& in, const ConvHalo& p, Communicator& cp) {
+  ScratchTensor h0(in.x->dtype, {p.batch, p.channels, p.halo}, in.x->device, in.stream);
+  halo(p, *in.x, h0.t, in.stream);
+  shard_entering_state(nullptr, in.seq_idx, h0.t, in.initial_state, h0.t, cp, in.stream);
+  return h0;
 }
 
 }  // namespace
 
 void causal_conv1d_forward_cp(const Conv1dInputs& in, const Tensor& y, const Tensor* final_state,
                               Communicator& cp) {
-  const Dims d = check_cp(in);
-  const ScratchTensor h0(in.x->dtype, {d.b, d.c, d.h}, in.x->device, in.stream);
-  set_tensor_values(h0.t, initial_state(in, d, host_documents(in.seq_idx, in.stream), cp),
-                    in.stream);
+  const ConvHalo p = check_cp(in);
+  const ScratchTensor h0 = initial_state(in, p, cp);
   Conv1dInputs from = in;
   from.initial_state = &h0.t;
   causal_conv1d_forward(from, y, final_state);
@@ -80,36 +86,23 @@ void causal_conv1d_forward_cp(const Conv1dInputs& in, const Tensor& y, const Ten
 void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                                const Conv1dGrads& grads, Communicator& cp,
                                const Tensor* workspace) {
-  const Dims d = check_cp(in);
-  const std::vector<int32_t> seq = host_documents(in.seq_idx, in.stream);
-  const ScratchTensor h0(in.x->dtype, {d.b, d.c, d.h}, in.x->device, in.stream);
-  set_tensor_values(h0.t, initial_state(in, d, seq, cp), in.stream);
+  const ConvHalo p = check_cp(in);
+  const ScratchTensor h0 = initial_state(in, p, cp);
   Conv1dInputs from = in;
   from.initial_state = &h0.t;
   const int r = cp.rank(), last = cp.size() - 1;
   // This shard's gradients, and that of its initial state, which belongs to the previous
   // shard's last inputs.
-  const ScratchTensor g0(in.x->dtype, {d.b, d.c, d.h}, in.x->device, in.stream);
+  const ScratchTensor g0(in.x->dtype, {p.batch, p.channels, p.halo}, in.x->device, in.stream),
+      next(in.x->dtype, {p.batch, p.channels, p.halo}, in.x->device, in.stream);
+  const Tensor& g = grads.dinitial_state ? *grads.dinitial_state : g0.t;
   Conv1dGrads mine = grads;
-  mine.dinitial_state = &g0.t;
+  mine.dinitial_state = &g;
   causal_conv1d_backward(from, dy, r == last ? dfinal_state : nullptr, mine, workspace);
-  const std::vector<double> g = tensor_values(g0.t, in.stream);
-  if (grads.dinitial_state) set_tensor_values(*grads.dinitial_state, g, in.stream);
   // The next shard's initial-state gradient (0 where its document does not go on), onto the
   // last inputs this shard sent it.
-  const std::vector<double> next = pass(in, d, seq, g, cp).arriving_grad();
-  if (r == last || !grads.dx) return;
-  BRAID_CHECK(grads.dx->is_contiguous(), "causal_conv1d (context parallel): ", grads.dx->describe(),
-              " must be contiguous");
-  for (int64_t b = 0; b < d.b; ++b) {
-    const Tensor rows = halo_rows(*grads.dx, d, b);
-    std::vector<double> v = tensor_values(rows, in.stream);
-    for (int64_t j = 0; j < d.h; ++j) {
-      if (!in_last_document(seq, d, b, d.t - d.h + j)) continue;
-      for (int64_t c = 0; c < d.c; ++c) v[j * d.c + c] += next[(b * d.c + c) * d.h + j];
-    }
-    set_tensor_values(rows, v, in.stream);
-  }
+  shard_arriving_grad(nullptr, in.seq_idx, g, nullptr, next.t, cp, in.stream);
+  if (r != last && grads.dx) add_halo(p, next.t, *grads.dx, in.stream);
 }
 
 }  // namespace braid

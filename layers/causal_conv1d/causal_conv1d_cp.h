@@ -7,7 +7,7 @@
 // causal_conv1d_forward: initial_state is the sequence's (rank 0), final_state gets this shard's,
 // dfinal_state is read on the last rank, dinitial_state gets the gradient of this shard's initial
 // state (the sequence's on rank 0). CPU tensors over any cp group, or GPU tensors over an NCCL cp
-// group (the halos copied to the host and back; the GPU backward takes its workspace).
+// group (the halos stay on the device; the GPU backward takes its workspace).
 #pragma once
 
 #include "layers/causal_conv1d/causal_conv1d.h"

@@ -38,4 +38,15 @@ inline int64_t conv1d_partial_elems(int64_t b, int64_t t, int64_t c, int64_t w) 
 void causal_conv1d_fwd_cuda(const Conv1dParams& p, void* stream);
 void causal_conv1d_bwd_cuda(const Conv1dParams& p, void* stream);
 
+// Context parallelism's halo (causal_conv1d_cp.h) of x or dx [B,T,C] (f32 or bf16) with
+// h = W - 1: halo [B,C,h] = the last h inputs of each row that are in the document of its last
+// token (others 0), and the reverse, halo added onto dx at those positions.
+struct ConvHalo {
+  int batch = 0, seqlen = 0, channels = 0, halo = 0;
+  bool bf16 = false;
+  const int32_t* seq_idx = nullptr;
+};
+void causal_conv1d_halo_cuda(const ConvHalo& p, const void* x, void* halo, void* stream);
+void causal_conv1d_halo_add_cuda(const ConvHalo& p, const void* halo, void* dx, void* stream);
+
 }  // namespace braid

@@ -385,7 +385,47 @@ void dispatch(const Conv1dParams& p, void* stream) {
     launch_width<float, kBackward>(p, s);
 }
 
+// The halo of row b: its last h inputs in the document of its last token (kAdd false:
+// halo[b, c, j] = x[b, T-h+j, c], else 0), or (kAdd) halo[b, c, j] added onto dx[b, T-h+j, c]
+// where x's is. One thread per element.
+template <typename T, bool kAdd>
+__global__ void halo_kernel(const ConvHalo p, const T* x, T* halo, T* dx) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(p.batch) * p.halo * p.channels) return;
+  const int64_t c = i % p.channels, j = (i / p.channels) % p.halo, b = i / (p.channels * p.halo);
+  const int64_t s = p.seqlen - p.halo + j, row = b * p.seqlen;
+  const bool same = !p.seq_idx || p.seq_idx[row + s] == p.seq_idx[row + p.seqlen - 1];
+  const int64_t h = (b * p.channels + c) * p.halo + j, at = (row + s) * p.channels + c;
+  if (!kAdd)
+    halo[h] = same ? x[at] : from_float<T>(0.f);
+  else if (same)
+    dx[at] = from_float<T>(to_float(dx[at]) + to_float(halo[h]));
+}
+
+template <bool kAdd>
+void launch_halo(const ConvHalo& p, const void* x, void* halo, void* dx, void* stream) {
+  const int64_t n = int64_t(p.batch) * p.halo * p.channels;
+  if (n == 0) return;
+  const unsigned grid = unsigned((n + 255) / 256);
+  const auto s = static_cast<cudaStream_t>(stream);
+  using B = __nv_bfloat16;
+  if (p.bf16)
+    halo_kernel<B, kAdd><<<grid, 256, 0, s>>>(p, static_cast<const B*>(x), static_cast<B*>(halo),
+                                              static_cast<B*>(dx));
+  else
+    halo_kernel<float, kAdd><<<grid, 256, 0, s>>>(
+        p, static_cast<const float*>(x), static_cast<float*>(halo), static_cast<float*>(dx));
+  CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
+
+void causal_conv1d_halo_cuda(const ConvHalo& p, const void* x, void* halo, void* stream) {
+  launch_halo<false>(p, x, halo, nullptr, stream);
+}
+void causal_conv1d_halo_add_cuda(const ConvHalo& p, const void* halo, void* dx, void* stream) {
+  launch_halo<true>(p, nullptr, const_cast<void*>(halo), dx, stream);
+}
 
 void causal_conv1d_fwd_cuda(const Conv1dParams& p, void* stream) {
   dispatch<false>(p, stream);

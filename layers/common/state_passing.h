@@ -1,19 +1,22 @@
-// Context parallelism for state-space layers by state passing (shared by the selective scan and
-// SSD): the cp ranks hold consecutive shards of every sequence, and the state leaving a shard is
-// an affine function of the state entering it, h_out = P * h_in + H, elementwise (P = the
-// shard's decay, 0 where a document starts inside it; H = its final state scanned from zero).
-// Only these [rows, state] maps cross ranks, however long the sequence:
-//   entering_state   h_in(r) = the maps of shards 0 .. r-1 folded from the sequence's initial
+// Context parallelism for state-space layers by state passing (shared by the selective scan, the
+// SSD and the causal conv's halo): the cp ranks hold consecutive shards of every sequence, and the
+// state leaving a shard is an affine function of the state entering it, h_out = P * h_in + H,
+// elementwise (P = the shard's decay, 0 where a document starts inside it; H = its final state
+// scanned from zero). Only these [rows, state] maps cross ranks, however long the sequence:
+//   entering state   h_in(r) = the maps of shards 0 .. r-1 folded from the sequence's initial
 //                    state (0 across a document that starts at a shard's first token);
-//   arriving_grad    the gradient arriving at shard r's end: g_r = G_{r+1} + P_{r+1} g_{r+1}
-//                    folded from the caller's gradient at the sequence's end (G = the gradient of
-//                    each shard's entering state through its own outputs).
-// A ShardMap holds this rank's part and, per row, its first and last tokens' document ids. The conv
-// halo is such a map with no decay (causal_conv1d_cp.cpp).
+//   arriving grad    the gradient arriving at shard r's end: g_r = G_{r+1} + P_{r+1} g_{r+1}
+//                    folded from the gradient at the sequence's end (G = the gradient of each
+//                    shard's entering state through its own outputs).
+// Each rank's maps (its decays, states and edge document ids) are all-gathered over cp and every
+// rank folds them: an exclusive scan across ranks, forward, and its mirror backward. CPU tensors
+// fold in f64 on the host; GPU tensors over an NCCL cp group build, pass and fold the maps on the
+// device in f32 (state_passing_cuda.h), with no host copy.
 #pragma once
 
 #include <cstdint>
 #include <deque>
+#include <limits>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -21,37 +24,31 @@
 
 namespace braid {
 
-struct ShardMap {
-  std::vector<double> first_doc, last_doc;  // [rows]
-  std::vector<double> decay;                // [rows * per_row]: P
-  std::vector<double> state;                // [rows * per_row]: H (forward) or G (backward)
-  std::vector<double> extra;                // [rows * per_row]: the last rank's end gradient
+// A shard's decay from its inputs (the selective scan's and the SSD's), per row b:
+//   P[b, c, j] = exp(A[c, j] sum_t f(dt[b, t, c] + bias[c]))    (A [C] or [C, J])
+// with f = softplus (where `softplus`) clamped to [lo, hi]; 0 where a document starts inside
+// the row. Each P covers `span` consecutive elements of the state (the SSD: P N of a head; the
+// scan: 1). dt [B,T,C] is f32 or f64 on the CPU, f32 or bf16 on the GPU; A and bias are f32 there.
+struct ShardDecay {
+  const Tensor* dt = nullptr;
+  const Tensor* bias = nullptr;  // [C] or null
+  const Tensor* A = nullptr;
+  bool softplus = false;
+  double lo = -std::numeric_limits<double>::infinity();
+  double hi = std::numeric_limits<double>::infinity();
 };
 
-// Every rank's maps (collective over cp), in rank order. Over a cp group that moves GPU tensors
-// (NCCL) the maps pass through a GPU buffer (via = Device::cuda, on `stream`).
-class StatePassing {
- public:
-  StatePassing(const ShardMap& mine, int64_t per_row, Communicator& cp, Device via = Device::cpu,
-               void* stream = nullptr);
-  // The state entering this rank's shard, from the sequence's initial state (empty: zeros).
-  std::vector<double> entering_state(const std::vector<double>& initial) const;
-  // The gradient arriving at the end of this rank's shard (the last rank's `extra` is the
-  // gradient at the sequence's end).
-  std::vector<double> arriving_grad() const;
-
- private:
-  const double* part(int r, int k) const;  // k: 0 decay, 1 state, 2 extra
-  bool flows(int r, int64_t row) const;    // shard r's end state enters shard r + 1
-  int rank_, ranks_;
-  int64_t rows_, per_row_, size_;
-  std::vector<double> all_;  // [rank][2 rows + 3 size]
-};
-
-// The document id of every row's first and last tokens in seq_idx [B,T] (null: all 0), and
-// whether a document starts inside each row's shard (after its first token).
-void shard_documents(const void* seq_idx, int64_t rows, int64_t t, ShardMap& map,
-                     std::vector<bool>& starts_inside);
+// out = the state entering this rank's shard, from every rank's map: `local` is the shard's
+// final state from zero ([B, ...]), `decay` its decay (null: none, as the conv's halo), seq_idx
+// [B,T] its documents (null: one per row), `initial` the sequence's initial state (rank 0; null:
+// zeros). out is shaped like local (on the GPU, f32 or bf16 as local). Collective over cp.
+void shard_entering_state(const ShardDecay* decay, const Tensor* seq_idx, const Tensor& local,
+                          const Tensor* initial, const Tensor& out, Communicator& cp, void* stream);
+// out = the gradient arriving at the end of this rank's shard: `local` is the gradient of the
+// shard's entering state through its own outputs, `dfinal` the gradient at the sequence's end
+// (read on the last rank; null: none). Collective over cp.
+void shard_arriving_grad(const ShardDecay* decay, const Tensor* seq_idx, const Tensor& local,
+                         const Tensor* dfinal, const Tensor& out, Communicator& cp, void* stream);
 
 // Zeroed storage of one tensor (any dtype) on a device: host memory, or on the GPU a buffer of
 // CUDA's stream-ordered pool on `stream`, freed there (context parallelism's scratch: not in the
@@ -71,23 +68,12 @@ class ScratchTensor {
   void* dev_ = nullptr;
   void* stream_ = nullptr;
 };
-// The state entering this rank's shard as a tensor like `local` (the shard's final state scanned
-// from zero, [rows, ...]), from the map (decays, documents) and the sequence's initial state (null:
-// zeros); and the gradient arriving at this rank's shard's end, like `local` (the gradient of the
-// shard's entering state through its own outputs), from the map and the gradient at the sequence's
-// end (null: none; the last rank's). Collective over cp.
-ScratchTensor shard_entering_state(ShardMap map, const Tensor& local, const Tensor* initial,
-                                   Communicator& cp, void* stream);
-ScratchTensor shard_arriving_grad(ShardMap map, const Tensor& local, const Tensor* dfinal,
-                                  Communicator& cp, void* stream);
-
-// The document ids of seq_idx [B,T] (i32, either device) on the host; empty for null.
-std::vector<int32_t> host_documents(const Tensor* seq_idx, void* stream);
 // A ScratchTensor shaped like t on t's device, kept in `keep` (null for null).
 const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream);
-// The values of a contiguous f64, f32, bf16 or i32 tensor on either device, as f64 (GPU: copied
-// on `stream` after its queued work), and the tensor set from such values.
-std::vector<double> tensor_values(const Tensor& t, void* stream);
-void set_tensor_values(const Tensor& t, const std::vector<double>& v, void* stream);
+
+// The values of a contiguous host tensor (f64, f32 or i32) as f64, and such a tensor (f64, f32)
+// set from values: the CPU paths' dtype-independent access.
+std::vector<double> tensor_values(const Tensor& t);
+void set_tensor_values(const Tensor& t, const std::vector<double>& v);
 
 }  // namespace braid

@@ -272,13 +272,13 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
       case 'S': {
         Mamba1Config m = cfg_.mamba1;
         m.d_model = d;
-        blocks.push_back(std::make_unique<Mamba1Mixer>(m, ps, mp, std, out_std, tp));
+        blocks.push_back(std::make_unique<Mamba1Mixer>(m, ps, mp, std, out_std, tp, cp != nullptr));
         break;
       }
       case 'M': {
         Mamba2Config m = cfg_.mamba2;
         m.d_model = d;
-        blocks.push_back(std::make_unique<Mamba2Mixer>(m, ps, mp, std, out_std, tp));
+        blocks.push_back(std::make_unique<Mamba2Mixer>(m, ps, mp, std, out_std, tp, cp != nullptr));
         break;
       }
       case '*': {

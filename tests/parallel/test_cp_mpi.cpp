@@ -140,12 +140,13 @@ void check(Communicator& cp, int64_t tr, bool docs) {
   ScanInputs mine{
       &su.t, &sdelta.t, &A.t, &sB.t, &sC.t, &D.t, &sz.t, &bias.t, docs ? &seq_shard : nullptr,
       &h0.t, true};
-  Host sy({b, tr, c}), sfin({b, c, n}), sws({selective_scan_workspace_elems(mine)});
-  selective_scan_forward_cp(mine, sy.t, &sfin.t, sws.t, cp);
+  Host sy({b, tr, c}), sfin({b, c, n}), sws({selective_scan_workspace_elems(mine)}),
+      entering({b, c, n});
+  selective_scan_forward_cp(mine, sy.t, &sfin.t, entering.t, sws.t, cp);
   Host sdu({b, tr, c}), sdd({b, tr, c}), sdA({c, n}), sdB({b, tr, g, n}), sdC({b, tr, g, n}),
       sdD({c}), sdz({b, tr, c}), sdb({c}), sdh({b, c, n});
   selective_scan_backward_cp(
-      mine, sdy.t, &dfinal.t,
+      mine, entering.t, sdy.t, &dfinal.t,
       {&sdu.t, &sdd.t, &sdA.t, &sdB.t, &sdC.t, &sdD.t, &sdz.t, &sdb.t, &sdh.t}, sws.t, cp);
   const std::string tag =
       std::string(docs ? "documents" : "one document") + ", shard " + std::to_string(tr) + ": ";
@@ -191,13 +192,12 @@ void check_ssd(Communicator& cp, int64_t tr, bool docs) {
                  &h0.t, true};
   mine.chunk = 4;
   Host sy({b, tr, h, hp}), sfin({b, h, hp, n}), sfws({ssd_forward_workspace_elems(mine)}),
-      sbws({ssd_backward_workspace_elems(mine)});
-  ssd_forward_cp(mine, sy.t, &sfin.t, sfws.t, cp);
+      sbws({ssd_backward_workspace_elems(mine)}), entering({b, h, hp, n});
+  ssd_forward_cp(mine, sy.t, &sfin.t, entering.t, sfws.t, cp);
   Host sdx({b, tr, h, hp}), sddt({b, tr, h}), sdA({h}), sdB({b, tr, g, n}), sdC({b, tr, g, n}),
       sdD({h}), sdb({h}), sdh({b, h, hp, n});
-  ssd_backward_cp(mine, sdy.t, &dfinal.t,
-                  {&sdx.t, &sddt.t, &sdA.t, &sdB.t, &sdC.t, &sdD.t, &sdb.t, &sdh.t}, sfws.t, sbws.t,
-                  cp);
+  ssd_backward_cp(mine, entering.t, sdy.t, &dfinal.t,
+                  {&sdx.t, &sddt.t, &sdA.t, &sdB.t, &sdC.t, &sdD.t, &sdb.t, &sdh.t}, sbws.t, cp);
   const std::string tag = std::string("ssd, ") + (docs ? "documents" : "one document") +
                           ", shard " + std::to_string(tr) + ": ";
   expect_close(tag + "y", sy.v, shard(y, t0, tr), r);

@@ -21,6 +21,13 @@
 //
 // Selective scan (Mamba-1, state passing): y, the final state and every gradient the same way
 // (batch 2, 64 channels, N = 16, one group, D, z and a delta bias, shards of 300 tokens).
+//
+// Causal conv1d (the halo): y equal bit for bit (the halo's bf16 inputs are copied, and every
+// output sums the same products in the same order); dx, dw, dbias and the states against the
+// reference as the SSD's. A shard's last W-1 inputs get their gradient in two bf16 parts (this
+// shard's and the next one's) added and rounded: three roundings, within that bound.
+// Shapes: batch 2, 96 channels (not a whole number of the kernels' 64-channel lines), W = 4,
+// shards of 300 tokens, with documents of 149 tokens (one starts inside shard 0's halo).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,6 +39,8 @@
 
 #include "layers/attention/attention.h"
 #include "layers/attention/attention_cp.h"
+#include "layers/causal_conv1d/causal_conv1d.h"
+#include "layers/causal_conv1d/causal_conv1d_cp.h"
 #include "layers/selective_scan/selective_scan.h"
 #include "layers/selective_scan/selective_scan_cp.h"
 #include "layers/ssd/ssd.h"
@@ -299,15 +308,14 @@ void check_ssd(Communicator& cp, Communicator& world, bool docs) {
                  &gh0->t, true};
     in.chunk = 64;
     Dev y(DType::bf16, {b, len, h, p}), fin(DType::f32, {b, h, p, n}),
-        ws(DType::f32, {ssd_forward_workspace_elems(in)}),
-        fws(DType::f32, {ssd_forward_workspace_elems(in)});
+        ws(DType::f32, {ssd_forward_workspace_elems(in)}), entering(DType::f32, {b, h, p, n});
     Dev dx(DType::bf16, {b, len, h, p}), ddt(DType::f32, {b, len, h}), da(DType::f32, {h}),
         db(DType::bf16, {b, len, g, n}), dc(DType::bf16, {b, len, g, n}), ddd(DType::f32, {h}),
         dbias(DType::f32, {h}), dh0(DType::f32, {b, h, p, n});
     const SsdGrads grads{&dx.t, &ddt.t, &da.t, &db.t, &dc.t, &ddd.t, &dbias.t, &dh0.t};
     if (group) {
-      ssd_forward_cp(in, y.t, &fin.t, fws.t, *group);
-      ssd_backward_cp(in, gdy->t, &gdfin->t, grads, fws.t, ws.t, *group);
+      ssd_forward_cp(in, y.t, &fin.t, entering.t, ws.t, *group);
+      ssd_backward_cp(in, entering.t, gdy->t, &gdfin->t, grads, ws.t, *group);
     } else {
       ssd_forward(in, y.t, &fin.t, ws.t);
       ssd_backward(in, gdy->t, &gdfin->t, grads, ws.t);
@@ -389,14 +397,14 @@ void check_scan(Communicator& cp, Communicator& world, bool docs) {
                         &gz->t,  &gbias->t,  docs ? &gseq.t : nullptr,
                         &gh0->t, true};
     Dev y(DType::bf16, {b, len, c}), fin(DType::f32, {b, c, n}),
-        ws(DType::f32, {selective_scan_workspace_elems(in)});
+        ws(DType::f32, {selective_scan_workspace_elems(in)}), entering(DType::f32, {b, c, n});
     Dev du(DType::bf16, {b, len, c}), ddelta(DType::bf16, {b, len, c}), da(DType::f32, {c, n}),
         db(DType::bf16, {b, len, g, n}), dc(DType::bf16, {b, len, g, n}), ddd(DType::f32, {c}),
         dz(DType::bf16, {b, len, c}), dbias(DType::f32, {c}), dh0(DType::f32, {b, c, n});
     const ScanGrads grads{&du.t, &ddelta.t, &da.t, &db.t, &dc.t, &ddd.t, &dz.t, &dbias.t, &dh0.t};
     if (group) {
-      selective_scan_forward_cp(in, y.t, &fin.t, ws.t, *group);
-      selective_scan_backward_cp(in, gdy->t, &gdfin->t, grads, ws.t, *group);
+      selective_scan_forward_cp(in, y.t, &fin.t, entering.t, ws.t, *group);
+      selective_scan_backward_cp(in, entering.t, gdy->t, &gdfin->t, grads, ws.t, *group);
     } else {
       selective_scan_forward(in, y.t, &fin.t, &ws.t);
       selective_scan_backward(in, gdy->t, &gdfin->t, grads, ws.t);
@@ -423,6 +431,68 @@ void check_scan(Communicator& cp, Communicator& world, bool docs) {
   if (r == 0) against_reference(tag + "dinitial_state", mine.dh0, one.dh0, rdh0.v, r);
 }
 
+void check_conv(Communicator& cp, Communicator& world, bool docs) {
+  const int r = cp.rank(), ranks = cp.size();
+  const int64_t b = 2, tr = 300, t = tr * ranks, c = 96, w = 4, hl = w - 1;
+  const std::vector<double> x = uniform(b * t * c, 101, -1, 1, true),
+                            wt = uniform(c * w, 102, -1, 1, true),
+                            bias = uniform(c, 103, -0.5, 0.5, true),
+                            dy = uniform(b * t * c, 104, -1, 1, true),
+                            h0 = uniform(b * c * hl, 105, -1, 1, true),
+                            dfin = uniform(b * c * hl, 106, -1, 1, true);
+  // Documents of 149 tokens: one starts inside the halo of shard 0 (tokens 297..299), others
+  // cross the shard edges.
+  std::vector<int32_t> seq(b * t);
+  for (int64_t i = 0; i < b * t; ++i) seq[i] = int32_t((i % t) / 149);
+  const std::string tag = std::string("conv1d, ") + (docs ? "documents" : "one document") + ": ";
+
+  Host hx({b, t, c}, x), hw({c, w}, wt), hbias({c}, bias), hh0({b, c, hl}, h0), hdy({b, t, c}, dy),
+      hdfin({b, c, hl}, dfin);
+  const Tensor hseq = Tensor::contiguous_view(seq.data(), DType::i32, Device::cpu, {b, t}, "s");
+  const Conv1dInputs ref{&hx.t, &hw.t, &hbias.t, docs ? &hseq : nullptr, &hh0.t, true};
+  Host ry({b, t, c}), rfin({b, c, hl}), rdx({b, t, c}), rdw({c, w}), rdb({c}), rdh0({b, c, hl});
+  causal_conv1d_forward(ref, ry.t, &rfin.t);
+  causal_conv1d_backward(ref, hdy.t, &hdfin.t, {&rdx.t, &rdw.t, &rdb.t, &rdh0.t});
+
+  struct Run {
+    std::vector<float> y, fin, dx, dw, db, dh0;
+  };
+  auto run = [&](int64_t t0, int64_t len, Communicator* group) {
+    auto gx = upload(DType::bf16, {b, len, c}, shard(x, b, t, c, t0, len)),
+         gdy = upload(DType::bf16, {b, len, c}, shard(dy, b, t, c, t0, len)),
+         gw = upload(DType::bf16, {c, w}, wt), gbias = upload(DType::bf16, {c}, bias),
+         gh0 = upload(DType::bf16, {b, c, hl}, h0), gdfin = upload(DType::bf16, {b, c, hl}, dfin);
+    const std::vector<int32_t> sseq = shard(seq, b, t, 1, t0, len);
+    Dev gseq(DType::i32, {b, len}, sseq.data());
+    const Conv1dInputs in{&gx->t, &gw->t, &gbias->t, docs ? &gseq.t : nullptr, &gh0->t, true};
+    Dev y(DType::bf16, {b, len, c}), fin(DType::bf16, {b, c, hl}), dx(DType::bf16, {b, len, c}),
+        dw(DType::f32, {c, w}), db(DType::f32, {c}), dh0(DType::bf16, {b, c, hl}),
+        ws(DType::f32, {causal_conv1d_workspace_elems(in)});
+    const Conv1dGrads grads{&dx.t, &dw.t, &db.t, &dh0.t};
+    if (group) {
+      causal_conv1d_forward_cp(in, y.t, &fin.t, *group);
+      causal_conv1d_backward_cp(in, gdy->t, &gdfin->t, grads, *group, &ws.t);
+    } else {
+      causal_conv1d_forward(in, y.t, &fin.t);
+      causal_conv1d_backward(in, gdy->t, &gdfin->t, grads, &ws.t);
+    }
+    cudaDeviceSynchronize();
+    return Run{y.host(), fin.host(), dx.host(), dw.host(), db.host(), dh0.host()};
+  };
+  const Run one = run(0, t, nullptr);
+  const int64_t t0 = r * tr;
+  Run mine = run(t0, tr, &cp);
+  // y: the same bf16 inputs (the halo is copied, not rounded) through the same arithmetic.
+  compare(tag + "y", mine.y, shard(one.y, b, t, c, t0, tr), 0.0, r);
+  sum_over_ranks(world, {&mine.dw, &mine.db});
+  const ShardCheck at{b, t, t0, tr, r, tag};
+  at.rows("dx", mine.dx, one.dx, rdx, c);
+  against_reference(tag + "dw", mine.dw, one.dw, rdw.v, r);
+  against_reference(tag + "dbias", mine.db, one.db, rdb.v, r);
+  if (r == ranks - 1) against_reference(tag + "final state", mine.fin, one.fin, rfin.v, r);
+  if (r == 0) against_reference(tag + "dinitial_state", mine.dh0, one.dh0, rdh0.v, r);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -444,6 +514,7 @@ int main(int argc, char** argv) {
         for (bool docs : {false, true}) check_attention(*nccl, p, tr, docs);
     for (bool docs : {false, true}) check_ssd(*nccl, *world, docs);
     for (bool docs : {false, true}) check_scan(*nccl, *world, docs);
+    for (bool docs : {false, true}) check_conv(*nccl, *world, docs);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "rank %d: %s\n", world->rank(), e.what());
     ++failures;
