@@ -43,6 +43,13 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device_index) : device_index_(device_index) {
     CUDA_CHECK(cudaSetDevice(device_index));
+    // The stream-ordered pool (cudaMallocAsync: context parallelism's scratch) keeps what is
+    // freed, instead of handing it back to the device at every synchronisation, so that each
+    // step's scratch is not mapped again.
+    cudaMemPool_t pool;
+    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device_index));
+    uint64_t keep = UINT64_MAX;
+    CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   }
   Device device() const override { return Device::cuda; }
 

@@ -1,7 +1,10 @@
 // Device dispatch of SSD: validates GPU tensors, sizes the workspace and builds the kernel Params.
 #include <algorithm>
 
+#include <deque>
+
 #include "layers/common/op_common.h"
+#include "layers/common/state_passing.h"
 #include "layers/ssd/ssd.h"
 #include "layers/ssd/ssd_cuda.h"
 
@@ -171,6 +174,34 @@ void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfina
   else
     ssd_bwd_cuda(p, in.stream);
 #endif
+}
+
+void ssd_initial_state_grad(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
+                            const Tensor& dinitial_state, const Tensor& workspace) {
+  const SsdDims d = ssd_dims(in);
+  check_shape(dinitial_state, {d.b, d.h, d.p, d.n});
+#if defined(BRAID_WITH_CUDA)
+  if (in.x->device == Device::cuda && in.x->dtype == DType::bf16) {
+    SsdParams p = forward_params(in, d);
+    check_shape(dy, {d.b, d.t, d.h, d.p});
+    if (dfinal_state) check_shape(*dfinal_state, {d.b, d.h, d.p, d.n});
+    require_dtype("ssd", DType::bf16, {&dy});
+    require_dtype("ssd", DType::f32, {&dinitial_state, dfinal_state});
+    require_gpu("ssd", {&dy, &dinitial_state, dfinal_state});
+    check_workspace(workspace, ssd_gpu_workspace_elems(in));
+    p.ws = workspace.ptr<float>(), p.dy = dy.data;
+    p.dfinal_state = dfinal_state ? dfinal_state->ptr<float>() : nullptr;
+    p.dinitial_state = dinitial_state.ptr<float>();
+    ssd_state_grad_cuda(p, in.stream);
+    return;
+  }
+#endif
+  std::deque<ScratchTensor> scratch;
+  auto like = [&](const Tensor* t) { return scratch_like(scratch, t, in.stream); };
+  ssd_backward(in, dy, dfinal_state,
+               {like(in.x), like(in.dt), like(in.A), like(in.B), like(in.C), like(in.D),
+                like(in.dt_bias), &dinitial_state},
+               workspace);
 }
 
 }  // namespace braid

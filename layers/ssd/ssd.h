@@ -75,5 +75,12 @@ void ssd_forward(const SsdInputs& in, const Tensor& y, const Tensor* final_state
 void ssd_forward_quadratic(const SsdInputs& in, const Tensor& y, const Tensor* final_state);
 void ssd_backward(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                   const SsdGrads& grads, const Tensor& workspace);
+// The initial state's gradient alone: what ssd_backward writes to dinitial_state (=). On GPUs
+// with bf16 rows it is the chunked kernels' state-gradient pass over what the forward saved in
+// `workspace` (a fraction of the backward); elsewhere the whole backward, its other gradients
+// into scratch (workspace: the backward's, as ssd_backward's). Context parallelism's first
+// backward pass (ssd_cp.h).
+void ssd_initial_state_grad(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,
+                            const Tensor& dinitial_state, const Tensor& workspace);
 
 }  // namespace braid

@@ -36,16 +36,13 @@ void ssd_backward_cp(const SsdInputs& in, const Tensor& entering, const Tensor& 
   void* st = in.stream;
   SsdInputs from = in;
   from.initial_state = &entering;
-  std::deque<ScratchTensor> scratch;
-  auto like = [&](const Tensor* t) { return scratch_like(scratch, t, st); };
-  // G, with this pass's other gradients into scratch; then the gradient arriving at the end.
-  const Tensor* g = like(&entering);
-  ssd_backward(from, dy, nullptr,
-               {like(grads.dx), like(grads.ddt), like(grads.dA), like(grads.dB), like(grads.dC),
-                like(grads.dD), like(grads.ddt_bias), g},
-               workspace);
-  shard_arriving_grad(&decay, in.seq_idx, *g, dfinal_state, *g, cp, st);
-  ssd_backward(from, dy, g, grads, workspace);
+  // G, the entering state's gradient alone; then the gradient arriving at the end; then the
+  // whole backward with it.
+  std::deque<ScratchTensor> keep;
+  const Tensor& g = *scratch_like(keep, &entering, st);
+  ssd_initial_state_grad(from, dy, nullptr, g, workspace);
+  shard_arriving_grad(&decay, in.seq_idx, g, dfinal_state, g, cp, st);
+  ssd_backward(from, dy, &g, grads, workspace);
 }
 
 }  // namespace braid

@@ -85,6 +85,9 @@ struct SsdParams {
 
 // Launch on `stream` (a cudaStream_t; null for the default stream).
 void ssd_fwd_cuda(const SsdParams& p, void* stream);
+// dinitial_state alone (bf16 rows): the chunks' state gradients and their reverse pass, from the
+// forward's workspace (dt, decays, documents, chunk states).
+void ssd_state_grad_cuda(const SsdParams& p, void* stream);
 void ssd_bwd_cuda(const SsdParams& p, void* stream);
 // The f32 path (ssd_f32.cu: x, B, C, y, dy, dx, dB, dC f32 too; geo unused): the recurrence step
 // by step, for f32 runs. Its workspace (f32 elements): the states entering each segment of

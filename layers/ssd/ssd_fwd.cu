@@ -589,6 +589,12 @@ void launch_chunk_scan(const SsdParams& p, ScanMode mode, cudaStream_t stream) {
 
 }  // namespace ssd
 
+void ssd_state_grad_cuda(const SsdParams& p, void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  ssd::launch_chunk_state(p, true, stream);
+  ssd::launch_state_pass(p, true, stream);
+}
+
 void ssd_fwd_cuda(const SsdParams& p, void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   ssd::prep_kernel<<<dim3(unsigned(p.geo.chunks * p.heads), 1, unsigned(p.batch)), p.chunk, 0,

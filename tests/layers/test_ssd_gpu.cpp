@@ -16,6 +16,9 @@
 // states: the decays e^(dt A) and dt are positive already, so every term of y, dx, dB, dC and
 // dinitial_state becomes its magnitude). So element by element:
 //   |gpu - f64| <= 2 max|naive - f64| + 2^-7 M + 1e-6 max|f64|.
+// dinitial_state alone (ssd_initial_state_grad, the chunked kernels' state-gradient pass on the
+// forward's workspace) rounds only the weighted dy tile (e^(a_i) dy_i) and keeps the pass in
+// f32: within the same bound.
 // ddt is a difference of such sums (da = dy.(y - Dx) - dt x.X' + ...), so its M is not a bound
 // of its terms; it is checked against the whole tensor's scale: the same bound with M replaced by
 // the largest M of ddt (whose terms include all of da's through the reverse scan) and of dx
@@ -88,6 +91,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     std::vector<Tensor> keep;
     SsdInputs in;
     Tensor y, y_scan, state, dx, ddt, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
+    Tensor dinit_only;  // ssd_initial_state_grad's (after the backward, on its workspace)
   };
   // act: x, B, C, y, dy and their gradients; par: the rest. magnitude: every input replaced by
   // its absolute value (the tolerance's M).
@@ -115,7 +119,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     r.y = empty(bthp, act, dev, "y"), r.state = empty(bhpn, par, dev, "state");
     r.dx = empty(bthp, act, dev, "dx"), r.ddt = empty({k.b, k.t, k.h}, par, dev, "ddt");
     r.dB = empty(btgn, act, dev, "dB"), r.dC = empty(btgn, act, dev, "dC");
-    r.dinit = empty(bhpn, par, dev, "dinit");
+    r.dinit = empty(bhpn, par, dev, "dinit"), r.dinit_only = empty(bhpn, par, dev, "dinit_only");
     r.dA = make(magnitude ? absolute(dA0) : dA0, par, dev, "dA");
     r.dD = make(magnitude ? absolute(dD0) : dD0, par, dev, "dD");
     r.dbias = make(magnitude ? absolute(dbias0) : dbias0, par, dev, "dbias");
@@ -124,7 +128,8 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
         std::max(ssd_forward_workspace_elems(r.in), ssd_backward_workspace_elems(r.in));
     r.ws = empty({wn}, dev == Device::cuda ? DType::f32 : act, dev, "workspace");
     if (dev == Device::cuda)
-      for (const Tensor* t : {&r.y, &r.state, &r.dx, &r.ddt, &r.dB, &r.dC, &r.dinit, &r.ws})
+      for (const Tensor* t :
+           {&r.y, &r.state, &r.dx, &r.ddt, &r.dB, &r.dC, &r.dinit, &r.dinit_only, &r.ws})
         gpu_->fill(*t, poison, {});
     if (with_out) {  // the forward also writes y - D x; the backward reads dy . (y - D x) there
       r.y_scan = empty(bthp, act, dev, "y_scan");
@@ -134,6 +139,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     ssd_forward(r.in, r.y, &r.state, r.ws);
     ssd_backward(r.in, r.dy, k.dfinal ? &r.dfinal : nullptr,
                  {&r.dx, &r.ddt, &r.dA, &r.dB, &r.dC, &r.dD, &r.dbias, &r.dinit}, r.ws);
+    ssd_initial_state_grad(r.in, r.dy, k.dfinal ? &r.dfinal : nullptr, r.dinit_only, r.ws);
   };
   Run r64, r32, rm;
   run(DType::f64, DType::f64, Device::cpu, r64, false);
@@ -187,6 +193,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     check("dB", &Run::dB, true, true);
     check("dC", &Run::dC, true, true);
     check("dinitial_state", &Run::dinit, false, true);
+    check("dinitial alone", &Run::dinit_only, false, true);
     check("dD", &Run::dD, false, true);
     check("ddt", &Run::ddt, false, false);
     check("dA", &Run::dA, false, false, sum_terms);
@@ -196,7 +203,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
     Run again;
     run(act, DType::f32, Device::cuda, again, false, with_out, path.hopper, -3.25);
     for (Tensor Run::*f : {&Run::y, &Run::state, &Run::dx, &Run::ddt, &Run::dA, &Run::dB, &Run::dC,
-                           &Run::dD, &Run::dbias, &Run::dinit})
+                           &Run::dD, &Run::dbias, &Run::dinit, &Run::dinit_only})
       EXPECT_TRUE(download_bytes(rg.*f) == download_bytes(again.*f))
           << (rg.*f).name << " differs between runs";
   }
