@@ -34,8 +34,8 @@ class Communicator {
   virtual const std::string& name() const = 0;
   // Seconds spent in this communicator's transfers since it was made, where they held up the
   // caller: MPI, the host time in blocking calls and waits; NCCL, the GPU time between the start
-  // and the end of each blocking call's transfer (nothing else is queued for the step while it
-  // runs). NCCL's asynchronous all-reduce (gradient buckets, beside the backward) is not counted.
+  // and the end of each blocking or device-ordered call's transfer (the step's work waits for
+  // it). NCCL's asynchronous all-reduce (gradient buckets, beside the backward) is not counted.
   virtual double call_seconds() const = 0;
 
   // t = reduce over ranks of t (in place).
@@ -47,6 +47,14 @@ class Communicator {
   virtual void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) = 0;
   // in [n] -> out [size * n]: out[r*n, (r+1)*n) = in of rank r.
   virtual void all_gather(const Tensor& in, const Tensor& out) = 0;
+  // Device-ordered all_gather and reduce_scatter: NCCL queues them after the default stream's
+  // work so far and makes its later work wait for them, and returns at once (the host does not
+  // wait; a failure or a stuck peer shows at the next blocking call, under its watchdog). The
+  // layers' exchanges inside a step use these. MPI: the blocking calls.
+  virtual void all_gather_ordered(const Tensor& in, const Tensor& out) { all_gather(in, out); }
+  virtual void reduce_scatter_ordered(const Tensor& in, const Tensor& out, ReduceOp op) {
+    reduce_scatter(in, out, op);
+  }
   // Sends send_counts[p] elements (consecutive in `in`, peers in order) to each peer p and
   // receives recv_counts[p] from each into `out`, in peer order.
   virtual void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_counts,

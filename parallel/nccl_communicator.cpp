@@ -2,10 +2,10 @@
 // is enqueued on the communicator's stream after the work already queued on the default stream
 // (where Braid's kernels run: a call sees the tensors they wrote) and waited for, so it has the
 // MPI backend's semantics (the data is in place when the call returns); the point-to-point
-// isend and irecv are the exception (see there). The wait is the watchdog:
-// it polls the stream and NCCL's asynchronous error state, and a call that has not finished within
-// the timeout aborts the NCCL communicator and ends the job with the rank, the group and the
-// operation named.
+// isend and irecv, and the device-ordered calls (*_ordered), are the exceptions (see there). The
+// wait is the watchdog: it polls the stream and NCCL's asynchronous error state, and a call that
+// has not finished within the timeout aborts the NCCL communicator and ends the job with the rank,
+// the group and the operation named.
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -63,6 +63,9 @@ class NcclCommunicator final : public Communicator {
     CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)));
   }
   ~NcclCommunicator() override {
+    cudaStreamSynchronize(stream_);
+    for (const std::vector<Timing>* v : {&timings_, &spare_})
+      for (const Timing& t : *v) cudaEventDestroy(t.began), cudaEventDestroy(t.ended);
     cudaFree(scratch_);
     cudaEventDestroy(queued_);
     cudaEventDestroy(began_);
@@ -73,7 +76,11 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
-  double call_seconds() const override { return seconds_; }
+  double call_seconds() const override {
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    add_ordered_times();
+    return seconds_;
+  }
 
   void all_reduce(const Tensor& t, ReduceOp op) override {
     check(t, "all_reduce");
@@ -100,22 +107,29 @@ class NcclCommunicator final : public Communicator {
     return std::make_unique<Queued>(*this);
   }
   void reduce_scatter(const Tensor& in, const Tensor& out, ReduceOp op) override {
-    check(in, "reduce_scatter");
-    check(out, "reduce_scatter");
-    BRAID_CHECK(in.dtype == out.dtype && in.numel() == out.numel() * size_,
-                "reduce_scatter: ", in.describe(), " must hold ", size_, " x ", out.describe());
+    check_scatter(in, out);
     timed("reduce_scatter", [&] {
       NCCL_CHECK(ncclReduceScatter(in.data, out.data, out.numel(), nccl_type(in.dtype), nccl_op(op),
                                    comm_, stream_));
     });
   }
   void all_gather(const Tensor& in, const Tensor& out) override {
-    check(in, "all_gather");
-    check(out, "all_gather");
-    BRAID_CHECK(in.dtype == out.dtype && out.numel() == in.numel() * size_,
-                "all_gather: ", out.describe(), " must hold ", size_, " x ", in.describe());
+    check_gather(in, out);
     timed("all_gather", [&] {
       NCCL_CHECK(ncclAllGather(in.data, out.data, in.numel(), nccl_type(in.dtype), comm_, stream_));
+    });
+  }
+  void all_gather_ordered(const Tensor& in, const Tensor& out) override {
+    check_gather(in, out);
+    ordered([&] {
+      NCCL_CHECK(ncclAllGather(in.data, out.data, in.numel(), nccl_type(in.dtype), comm_, stream_));
+    });
+  }
+  void reduce_scatter_ordered(const Tensor& in, const Tensor& out, ReduceOp op) override {
+    check_scatter(in, out);
+    ordered([&] {
+      NCCL_CHECK(ncclReduceScatter(in.data, out.data, out.numel(), nccl_type(in.dtype), nccl_op(op),
+                                   comm_, stream_));
     });
   }
   void all_to_all_v(const Tensor& in, const std::vector<int64_t>& send_counts, const Tensor& out,
@@ -258,6 +272,48 @@ class NcclCommunicator final : public Communicator {
     float ms = 0;
     CUDA_CHECK(cudaEventElapsedTime(&ms, began_, ended_));
     seconds_ += 1e-3 * ms;
+    add_ordered_times();  // the stream's earlier calls are done too
+  }
+  // A device-ordered call: queued after the default stream's work, which then waits for it; its
+  // transfer is timed between events read later (add_ordered_times).
+  template <class F>
+  void ordered(F enqueue) {
+    after_queued();
+    if (spare_.empty()) {
+      Timing t;
+      CUDA_CHECK(cudaEventCreate(&t.began));
+      CUDA_CHECK(cudaEventCreate(&t.ended));
+      spare_.push_back(t);
+    }
+    const Timing t = spare_.back();
+    spare_.pop_back();
+    CUDA_CHECK(cudaEventRecord(t.began, stream_));
+    enqueue();
+    CUDA_CHECK(cudaEventRecord(t.ended, stream_));
+    CUDA_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, t.ended, 0));
+    timings_.push_back(t);
+  }
+  // Adds the device-ordered calls' times (their stream has finished them).
+  void add_ordered_times() const {
+    for (const Timing& t : timings_) {
+      float ms = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, t.began, t.ended));
+      seconds_ += 1e-3 * ms;
+      spare_.push_back(t);
+    }
+    timings_.clear();
+  }
+  void check_gather(const Tensor& in, const Tensor& out) const {
+    check(in, "all_gather");
+    check(out, "all_gather");
+    BRAID_CHECK(in.dtype == out.dtype && out.numel() == in.numel() * size_,
+                "all_gather: ", out.describe(), " must hold ", size_, " x ", in.describe());
+  }
+  void check_scatter(const Tensor& in, const Tensor& out) const {
+    check(in, "reduce_scatter");
+    check(out, "reduce_scatter");
+    BRAID_CHECK(in.dtype == out.dtype && in.numel() == out.numel() * size_,
+                "reduce_scatter: ", in.describe(), " must hold ", size_, " x ", out.describe());
   }
   // The communicator's stream waits for what the default stream has queued so far.
   void after_queued() {
@@ -303,10 +359,14 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t queued_ = nullptr;  // recorded on the default stream before each call
   cudaEvent_t began_ = nullptr, ended_ = nullptr;  // around a blocking call's transfer
-  double seconds_ = 0;                             // call_seconds()
-  void* scratch_ = nullptr;                        // barrier's one float
-  std::vector<Op> pending_;                        // posted point-to-point transfers not yet issued
-  std::shared_ptr<Group> open_;                    // the group they will form
+  mutable double seconds_ = 0;                     // call_seconds()
+  struct Timing {
+    cudaEvent_t began, ended;
+  };
+  mutable std::vector<Timing> timings_, spare_;  // device-ordered calls not yet added; reusable
+  void* scratch_ = nullptr;                      // barrier's one float
+  std::vector<Op> pending_;                      // posted point-to-point transfers not yet issued
+  std::shared_ptr<Group> open_;                  // the group they will form
 };
 
 }  // namespace

@@ -57,7 +57,7 @@ ScratchTensor gather(const Tensor& local, int dim, Communicator& cp, void* strea
   const int r_n = cp.size();
   const size_t row = size_t(s.tl * s.inner) * dtype_size(local.dtype);
   ScratchTensor all(local.dtype, {int64_t(r_n) * local.numel()}, local.device, stream);
-  cp.all_gather(local, all.t);
+  cp.all_gather_ordered(local, all.t);
   ScratchTensor full(local.dtype, shape_with(local, dim, s.tl * r_n), local.device, stream);
   for (int r = 0; r < r_n; ++r)
     copy_rows(static_cast<char*>(full.t.data) + r * row, r_n * row,
@@ -78,7 +78,7 @@ void reduce_to_owner(const ScratchTensor& full, const Tensor& local, int dim, Co
     copy_rows(static_cast<char*>(packed.t.data) + r * s.outer * row, row,
               static_cast<const char*>(full.t.data) + r * row, r_n * row, row, size_t(s.outer),
               local.device, stream);
-  cp.reduce_scatter(packed.t, local, ReduceOp::sum);
+  cp.reduce_scatter_ordered(packed.t, local, ReduceOp::sum);
 }
 
 void check_cp(const AttentionInputs& in, std::initializer_list<const Tensor*> more) {

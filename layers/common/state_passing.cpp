@@ -197,7 +197,7 @@ void device_fold(bool entering, const ShardDecay* decay, const Tensor* seq_idx, 
   sp_pack_cuda(local.data, bf16, local.numel(), packed + m.state_at(), stream);
   if (!entering && end && cp.rank() == cp.size() - 1)
     sp_pack_cuda(end->data, bf16, end->numel(), packed + m.extra_at(), stream);
-  cp.all_gather(mine.t, all.t);
+  cp.all_gather_ordered(mine.t, all.t);
   sp_fold_cuda(all.t.ptr<float>(), m, cp.size(), cp.rank(), entering,
                entering && end ? end->data : nullptr, bf16, out.data, stream);
 }

@@ -341,7 +341,7 @@ int main(int argc, char** argv) {
         [&](ParamSet& ps, const TensorParallel& tp) {
           Mamba2Config c;
           c.d_model = d, c.heads = 4, c.head_dim = 3, c.groups = 2, c.d_state = 4, c.chunk = 4;
-          return std::make_unique<Mamba2Mixer>(c, ps, "m2", 0.3, 0.2, tp);
+          return std::make_unique<Mamba2Mixer>(c, ps, "m2", 0.3, 0.2, tp, true);
         },
         d, *world, *backend);
     check_block_cp(
@@ -356,7 +356,7 @@ int main(int argc, char** argv) {
         [&](ParamSet& ps, const TensorParallel& tp) {
           Mamba1Config c;
           c.d_model = d, c.d_inner = 16, c.d_state = 4, c.dt_rank = 3, c.dt_bc_norm = true;
-          return std::make_unique<Mamba1Mixer>(c, ps, "m1", 0.3, 0.2, tp);
+          return std::make_unique<Mamba1Mixer>(c, ps, "m1", 0.3, 0.2, tp, true);
         },
         d, *world, *backend);
     MoeConfig ep;
