@@ -152,12 +152,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
   load_rows<P, kThreads>(sV, static_cast<const bf16*>(p.v) + kv_off, ks, kKeys, keys);
   cp_async_commit();
 
-  // Query tiles that see these keys: from the diagonal to the end of the last key's document.
+  // Query tiles that see these keys: from the diagonal to the end of the last key's document
+  // (under context parallelism only those with rows computed).
   const int i_lo = s0 / kRows, i_hi = (doc_end(seq, s0 + keys - 1, T) - 1) / kRows;
-  const int n_i = i_hi - i_lo + 1, steps = group * n_i;
+  const TileRuns tiles(p.rows, i_lo, i_hi, kRows);  // those with rows computed
+  const int n_i = tiles.count(), steps = group * n_i;
   const int64_t tq = p.geo.tq;
   auto issue = [&](int step, int buf) {
-    const int h = hk * group + step / n_i, t0 = (i_lo + step % n_i) * kRows;
+    const int h = hk * group + step / n_i, t0 = tiles.tile(step % n_i) * kRows;
     const int64_t off = (int64_t(b) * T + t0) * qs + h * P;
     load_rows<P, kThreads>(sQ + buf * kRows * kLd, static_cast<const bf16*>(p.q) + off, qs, kRows,
                            T - t0);
@@ -172,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
                  p.ws + p.geo.delta + lane_off + 4 * (i - kRows / 4), true);
     cp_async_commit();
   };
-  issue(0, 0);
+  if (steps > 0) issue(0, 0);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
   // This thread's keys (a: lane / 4, b: lane / 4 + 8) are seen by queries [s, end of s's
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
     if (kDet && threadIdx.x == 0 && prev_sem) {
       count_added(prev_sem);
     }
-    const int h = hk * group + step / n_i, i = i_lo + step % n_i, t0 = i * kRows;
+    const int h = hk * group + step / n_i, i = tiles.tile(step % n_i), t0 = i * kRows;
     const bf16* tQ = sQ + buf * kRows * kLd;
     const bf16* tO = sO + buf * kRows * kLd;
     const float* tL = sL + buf * kRows;
@@ -257,6 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p) {
         red_add2(acc + (ra + 8 * half) * P + nt * 8 + c, dq[nt][2 * half], dq[nt][2 * half + 1]);
     prev_sem = sem;
   }
+  if (steps == 0) cp_async_wait();  // K and V (no query tile has rows computed)
   __syncthreads();  // sQ and sO are reused to stage dK and dV; the last additions were issued
   if (kDet && threadIdx.x == 0 && prev_sem) {
     count_added(prev_sem);
@@ -315,7 +318,8 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
   const int s0 = j * kKeys, keys = min(kKeys, T - s0);
   const int32_t* seq = p.seq_idx ? p.seq_idx + int64_t(b) * T : nullptr;
   const int i_lo = s0 / kRows, i_hi = (doc_end(seq, s0 + keys - 1, T) - 1) / kRows;
-  const int n_i = i_hi - i_lo + 1, steps = group * n_i;
+  const TileRuns tiles(p.rows, i_lo, i_hi, kRows);  // those with rows computed
+  const int n_i = tiles.count(), steps = group * n_i;
   const int64_t tq = p.geo.tq;
   if (threadIdx.x == 0) {
     mbar_init(kv_full, 1);
@@ -327,7 +331,7 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
   // step before last handed back.
   const int row0 = b * T;
   auto load_step = [&](int step) {
-    const int st = step & 1, h = hk * group + step / n_i, t0 = (i_lo + step % n_i) * kRows;
+    const int st = step & 1, h = hk * group + step / n_i, t0 = tiles.tile(step % n_i) * kRows;
     if (step >= 2) mbar_wait(empty + st, ((step >> 1) - 1) & 1);
     mbar_arrive_expect_tx(full + st, 2 * kRows * P * 2 + 2 * kRows * 4);
     for (int c = 0; c < kPanels; ++c) {
@@ -344,7 +348,7 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
       tma_load_3d(sK + c * kKeys * 64, &tm_k, c * 64, hk, row0 + s0, kv_full);
       tma_load_3d(sV + c * kKeys * 64, &tm_v, c * 64, hk, row0 + s0, kv_full);
     }
-    load_step(0);
+    if (steps > 0) load_step(0);
   }
   const int cw = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // warp-uniform
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
@@ -384,7 +388,8 @@ __global__ void __launch_bounds__(kBwdTmaThreads, 1)
   int* prev_sem = nullptr;  // the query tile's counter of the previous step
   mbar_wait(kv_full, 0);
   for (int step = 0; step < steps; ++step) {
-    const int st = step & 1, h = hk * group + step / n_i, i = i_lo + step % n_i, t0 = i * kRows;
+    const int st = step & 1, h = hk * group + step / n_i, i = tiles.tile(step % n_i),
+              t0 = i * kRows;
     const bf16* tQ = sQ + st * kRows * P;
     const bf16* tO = sO + st * kRows * P;
     bf16* tS = sS + st * kKeys * kRows;

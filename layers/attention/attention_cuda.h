@@ -42,6 +42,31 @@ struct AttnRowSet {
   }
 };
 
+// The tiles lo .. hi (of `tile` rows each) that meet a row set, as at most two runs of
+// consecutive tiles, each tile once: tile(k) is the k-th of count(). The backward's key blocks
+// walk only these query tiles.
+struct TileRuns {
+  int lo0 = 0, n0 = 0, lo1 = 0, n1 = 0;
+  BRAID_HD TileRuns(const AttnRowSet& r, int lo, int hi, int tile) {
+    if (!r.active) {
+      lo0 = lo, n0 = hi - lo + 1;
+      return;
+    }
+    for (int i = 0; i < 2; ++i) {
+      const int a = lo > r.begin[i] / tile ? lo : r.begin[i] / tile;
+      const int z = hi < (r.end[i] - 1) / tile ? hi : (r.end[i] - 1) / tile;
+      const int n = r.end[i] > r.begin[i] && z >= a ? z - a + 1 : 0;
+      (i == 0 ? lo0 : lo1) = a, (i == 0 ? n0 : n1) = n;
+    }
+    if (n0 > 0 && n1 > 0 && lo1 < lo0 + n0) {  // the runs share a tile: the second starts after
+      const int end1 = lo1 + n1;
+      lo1 = lo0 + n0, n1 = end1 > lo1 ? end1 - lo1 : 0;
+    }
+  }
+  BRAID_HD int count() const { return n0 + n1; }
+  BRAID_HD int tile(int k) const { return k < n0 ? lo0 + k : lo1 + (k - n0); }
+};
+
 struct AttnParams {
   int batch = 0, seqlen = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float scale = 0.f;       // softmax scale

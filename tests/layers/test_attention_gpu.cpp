@@ -26,6 +26,7 @@
 #include <random>
 
 #include "layers/attention/attention.h"
+#include "layers/attention/attention_cp.h"
 #include "layers/rope/rope.h"
 #include "runtime/backend.h"
 #include "tests/gpu_test_util.h"
@@ -35,8 +36,10 @@ namespace {
 
 struct GpuAttnCase {
   int64_t b, t, h, hk, p;
-  int doc_rate;         // per mille chance that a new document starts at a token (0: one document)
-  bool subset = false;  // only query rows [T/4, T/2) and [3T/4 + 3, T) (context parallelism)
+  int doc_rate;  // per mille chance that a new document starts at a token (0: one document)
+  // Only some query rows (context parallelism): 1, rows [T/4, T/2) and [3T/4 + 3, T); 2, those of
+  // cp rank 1 of 2 (two adjacent quarters, whose edge may fall inside a 64-row tile).
+  int subset = 0;
 };
 
 class GpuAttention : public GpuTest<GpuAttnCase> {};
@@ -101,9 +104,11 @@ TEST_P(GpuAttention, ForwardAndBackwardMatchReference) {
       seq.v[i * k.t + j] = double(doc);
     }
   const double scale = 1.0 / std::sqrt(double(k.p));
-  AttentionRows subset;
-  subset.begin[0] = k.t / 4, subset.end[0] = k.t / 2;
-  subset.begin[1] = 3 * k.t / 4 + 3, subset.end[1] = k.t;
+  AttentionRows subset = cp_attention_rows(k.t, 1, 2);
+  if (k.subset == 1) {
+    subset.begin[0] = k.t / 4, subset.end[0] = k.t / 2;
+    subset.begin[1] = 3 * k.t / 4 + 3, subset.end[1] = k.t;
+  }
   const AttentionRows* rows = k.subset ? &subset : nullptr;
   const std::vector<int64_t> bthp{k.b, k.t, k.h, k.p}, btkp{k.b, k.t, k.hk, k.p};
 
@@ -238,8 +243,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GpuAttention,
                              GpuAttnCase{1, 1000, 2, 2, 128, 0}, GpuAttnCase{2, 257, 8, 2, 64, 60},
                              GpuAttnCase{1, 640, 3, 3, 64, 2},
                              // a subset of the query rows (context parallelism)
-                             GpuAttnCase{2, 257, 4, 2, 64, 20, true},
-                             GpuAttnCase{1, 640, 2, 2, 128, 0, true}));
+                             GpuAttnCase{2, 257, 4, 2, 64, 20, 1},
+                             GpuAttnCase{1, 640, 2, 2, 128, 0, 1},
+                             GpuAttnCase{1, 200, 2, 1, 64, 0, 2},
+                             GpuAttnCase{2, 457, 4, 2, 128, 15, 2}));
 
 class GpuAttentionRefusals : public GpuTest<int> {};
 
