@@ -24,7 +24,19 @@ ConvHalo check_cp(const Conv1dInputs& in) {
 // halo [B,C,W-1] = the last W-1 inputs of x's rows in the document of the row's last token (0
 // elsewhere), or (add) halo added onto dx at those inputs.
 template <bool kAdd>
-void halo_cpu(const ConvHalo& p, const Tensor& x_or_dx, const Tensor& halo) {
+void move_halo(const ConvHalo& p, const Tensor& x_or_dx, const Tensor& halo, void* stream) {
+  BRAID_CHECK(x_or_dx.is_contiguous() && x_or_dx.dtype == halo.dtype,
+              "causal_conv1d (context parallel): ", x_or_dx.describe(),
+              " must be contiguous and of the inputs' dtype");
+  if (x_or_dx.device == Device::cuda) {
+#if defined(BRAID_WITH_CUDA)
+    causal_conv1d_halo_cuda(p, kAdd, x_or_dx.data, halo.data, stream);
+    return;
+#else
+    BRAID_FAIL("causal_conv1d (context parallel): GPU tensors but this build has no CUDA");
+#endif
+  }
+  (void)stream;
   dispatch_float(x_or_dx.dtype, "causal_conv1d (context parallel)", [&]<typename T>() {
     T *x = x_or_dx.ptr<T>(), *h = halo.ptr<T>();
     for (int64_t b = 0; b < p.batch; ++b)
@@ -42,32 +54,11 @@ void halo_cpu(const ConvHalo& p, const Tensor& x_or_dx, const Tensor& halo) {
   });
 }
 
-void halo(const ConvHalo& p, const Tensor& x, const Tensor& out, void* stream) {
-  if (x.device == Device::cpu) return halo_cpu<false>(p, x, out);
-#if defined(BRAID_WITH_CUDA)
-  causal_conv1d_halo_cuda(p, x.data, out.data, stream);
-#else
-  (void)stream;
-#endif
-}
-
-void add_halo(const ConvHalo& p, const Tensor& h, const Tensor& dx, void* stream) {
-  BRAID_CHECK(dx.is_contiguous() && dx.dtype == h.dtype,
-              "causal_conv1d (context parallel): ", dx.describe(),
-              " must be contiguous and of the inputs' dtype");
-  if (dx.device == Device::cpu) return halo_cpu<true>(p, dx, h);
-#if defined(BRAID_WITH_CUDA)
-  causal_conv1d_halo_add_cuda(p, h.data, dx.data, stream);
-#else
-  (void)stream;
-#endif
-}
-
 // The initial state of this rank's shard: the previous shard's halo where its last document
 // goes on (else 0); the sequence's on rank 0.
 ScratchTensor initial_state(const Conv1dInputs& in, const ConvHalo& p, Communicator& cp) {
   ScratchTensor h0(in.x->dtype, {p.batch, p.channels, p.halo}, in.x->device, in.stream);
-  halo(p, *in.x, h0.t, in.stream);
+  move_halo<false>(p, *in.x, h0.t, in.stream);
   shard_entering_state(nullptr, in.seq_idx, h0.t, in.initial_state, h0.t, cp, in.stream);
   return h0;
 }
@@ -102,7 +93,7 @@ void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& dy, const T
   // The next shard's initial-state gradient (0 where its document does not go on), onto the
   // last inputs this shard sent it.
   shard_arriving_grad(nullptr, in.seq_idx, g, nullptr, next.t, cp, in.stream);
-  if (r != last && grads.dx) add_halo(p, next.t, *grads.dx, in.stream);
+  if (r != last && grads.dx) move_halo<true>(p, *grads.dx, next.t, in.stream);
 }
 
 }  // namespace braid

@@ -46,7 +46,6 @@ struct ConvHalo {
   bool bf16 = false;
   const int32_t* seq_idx = nullptr;
 };
-void causal_conv1d_halo_cuda(const ConvHalo& p, const void* x, void* halo, void* stream);
-void causal_conv1d_halo_add_cuda(const ConvHalo& p, const void* halo, void* dx, void* stream);
+void causal_conv1d_halo_cuda(const ConvHalo& p, bool add, void* x_or_dx, void* halo, void* stream);
 
 }  // namespace braid

@@ -389,7 +389,7 @@ void dispatch(const Conv1dParams& p, void* stream) {
 // halo[b, c, j] = x[b, T-h+j, c], else 0), or (kAdd) halo[b, c, j] added onto dx[b, T-h+j, c]
 // where x's is. One thread per element.
 template <typename T, bool kAdd>
-__global__ void halo_kernel(const ConvHalo p, const T* x, T* halo, T* dx) {
+__global__ void halo_kernel(const ConvHalo p, T* x, T* halo) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(p.batch) * p.halo * p.channels) return;
   const int64_t c = i % p.channels, j = (i / p.channels) % p.halo, b = i / (p.channels * p.halo);
@@ -399,32 +399,29 @@ __global__ void halo_kernel(const ConvHalo p, const T* x, T* halo, T* dx) {
   if (!kAdd)
     halo[h] = same ? x[at] : from_float<T>(0.f);
   else if (same)
-    dx[at] = from_float<T>(to_float(dx[at]) + to_float(halo[h]));
+    x[at] = from_float<T>(to_float(x[at]) + to_float(halo[h]));
 }
 
-template <bool kAdd>
-void launch_halo(const ConvHalo& p, const void* x, void* halo, void* dx, void* stream) {
+template <typename T>
+void launch_halo(const ConvHalo& p, bool add, void* x, void* halo, cudaStream_t s) {
   const int64_t n = int64_t(p.batch) * p.halo * p.channels;
   if (n == 0) return;
   const unsigned grid = unsigned((n + 255) / 256);
-  const auto s = static_cast<cudaStream_t>(stream);
-  using B = __nv_bfloat16;
-  if (p.bf16)
-    halo_kernel<B, kAdd><<<grid, 256, 0, s>>>(p, static_cast<const B*>(x), static_cast<B*>(halo),
-                                              static_cast<B*>(dx));
+  if (add)
+    halo_kernel<T, true><<<grid, 256, 0, s>>>(p, static_cast<T*>(x), static_cast<T*>(halo));
   else
-    halo_kernel<float, kAdd><<<grid, 256, 0, s>>>(
-        p, static_cast<const float*>(x), static_cast<float*>(halo), static_cast<float*>(dx));
+    halo_kernel<T, false><<<grid, 256, 0, s>>>(p, static_cast<T*>(x), static_cast<T*>(halo));
   CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
-void causal_conv1d_halo_cuda(const ConvHalo& p, const void* x, void* halo, void* stream) {
-  launch_halo<false>(p, x, halo, nullptr, stream);
-}
-void causal_conv1d_halo_add_cuda(const ConvHalo& p, const void* halo, void* dx, void* stream) {
-  launch_halo<true>(p, nullptr, const_cast<void*>(halo), dx, stream);
+void causal_conv1d_halo_cuda(const ConvHalo& p, bool add, void* x_or_dx, void* halo, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.bf16)
+    launch_halo<__nv_bfloat16>(p, add, x_or_dx, halo, s);
+  else
+    launch_halo<float>(p, add, x_or_dx, halo, s);
 }
 
 void causal_conv1d_fwd_cuda(const Conv1dParams& p, void* stream) {
