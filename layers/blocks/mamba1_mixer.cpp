@@ -109,7 +109,10 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   const int64_t ws = selective_scan_workspace_elems(scan_inputs(BatchMeta{}));
   ws_ = xc_.device == Device::cuda ? sv.take("m1.scan_workspace", f, {ws})
                                    : sc.take("m1.scan_workspace", t, {ws});
-  if (context_parallel_) entering_ = sv.take("m1.cp_entering_state", f, {batch, c, n});
+  if (context_parallel_) {
+    entering_ = sv.take("m1.cp_entering_state", f, {batch, c, n});
+    conv_entering_ = sv.take("m1.cp_conv_entering", t, {batch, c, cfg_.d_conv - 1});
+  }
   // The conv's and the dt/B/C norms' backward workspaces (empty on the CPU).
   const Conv1dInputs conv{&xc3_, &conv_w_->compute, nullptr, nullptr, nullptr, true};
   conv_ws_ = sc.take("m1.conv_workspace", f, {causal_conv1d_workspace_elems(conv)});
@@ -137,7 +140,7 @@ void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& met
   const Tensor xs3 = xs_.reshape({b_, t_, c});
   const Conv1dInputs conv{&xs3, &conv_w_->compute, &conv_b_->compute, meta.seq_idx, nullptr, true};
   if (meta.cp)
-    causal_conv1d_forward_cp(conv, xc3_, nullptr, *meta.cp);
+    causal_conv1d_forward_cp(conv, xc3_, nullptr, conv_entering_, *meta.cp);
   else
     causal_conv1d_forward(conv, xc3_, nullptr);
   const Tensor& wx = x_proj_->compute;
@@ -204,7 +207,7 @@ void Mamba1Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
   const Conv1dInputs conv{&xs3, &conv_w_->compute, &conv_b_->compute, meta.seq_idx, nullptr, true};
   const Conv1dGrads cg{&dxs3, &conv_w_->grad, &conv_b_->grad, nullptr};
   if (meta.cp)
-    causal_conv1d_backward_cp(conv, dxc3, nullptr, cg, *meta.cp, &conv_ws_);
+    causal_conv1d_backward_cp(conv, conv_entering_, dxc3, nullptr, cg, *meta.cp, &conv_ws_);
   else
     causal_conv1d_backward(conv, dxc3, nullptr, cg, &conv_ws_);
   const Tensor x2 = x.reshape({m, cfg_.d_model}), dx2 = dx.reshape({m, cfg_.d_model});

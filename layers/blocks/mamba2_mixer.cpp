@@ -70,8 +70,10 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   y_ = sv.take("m2.y", t, {m, c});
   if (xc_.device == Device::cuda && t == DType::bf16)
     y_scan_ = sv.take("m2.y_scan", t, {batch, seq, h, cfg_.head_dim});
-  if (context_parallel_)
+  if (context_parallel_) {
     entering_ = sv.take("m2.cp_entering_state", f, {batch, h, cfg_.head_dim, cfg_.d_state});
+    conv_entering_ = sv.take("m2.cp_conv_entering", t, {batch * (c + 2 * gn) * (cfg_.d_conv - 1)});
+  }
   rstd_ = sv.take("m2.rstd", f, {m, cfg_.groups});
   g_ = sv.take("m2.gated", t, {m, c});
   dg_ = sc.take("m2.dg", t, {m, c});
@@ -119,13 +121,18 @@ SsdInputs Mamba2Mixer::ssd_inputs(const BatchMeta& meta) const {
   return in;
 }
 
+Tensor Mamba2Mixer::conv_entering(int64_t ch0, int64_t ch) const {
+  const int64_t w = cfg_.d_conv - 1;
+  return conv_entering_.slice(0, b_ * ch0 * w, b_ * ch * w).reshape({b_, ch, w});
+}
+
 void Mamba2Mixer::conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
                                const BatchMeta& meta) {
   const Tensor w = conv_w_->compute.slice(0, ch0, ch), bias = conv_b_->compute.slice(0, ch0, ch);
   const Tensor in3 = in.reshape({b_, t_, ch}), out3 = out.reshape({b_, t_, ch});
   const Conv1dInputs conv{&in3, &w, &bias, meta.seq_idx, nullptr, true};
   if (meta.cp)
-    causal_conv1d_forward_cp(conv, out3, nullptr, *meta.cp);
+    causal_conv1d_forward_cp(conv, out3, nullptr, conv_entering(ch0, ch), *meta.cp);
   else
     causal_conv1d_forward(conv, out3, nullptr);
 }
@@ -194,7 +201,8 @@ void Mamba2Mixer::backward(const Tensor& x, const Tensor& dy, const Tensor& dx,
     const Conv1dInputs conv{&in3, &w, &bias, meta.seq_idx, nullptr, true};
     const Conv1dGrads cg{&din3, &gw, &gb, nullptr};
     if (meta.cp)
-      causal_conv1d_backward_cp(conv, dout3, nullptr, cg, *meta.cp, &conv_ws_);
+      causal_conv1d_backward_cp(conv, conv_entering(p.ch0, p.ch), dout3, nullptr, cg, *meta.cp,
+                                &conv_ws_);
     else
       causal_conv1d_backward(conv, dout3, nullptr, cg, &conv_ws_);
   }

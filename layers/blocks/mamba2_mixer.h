@@ -51,6 +51,7 @@ class Mamba2Mixer final : public Block {
   SsdInputs ssd_inputs(const BatchMeta& meta) const;
   void conv_forward(const Tensor& in, const Tensor& out, int64_t ch0, int64_t ch,
                     const BatchMeta& meta);
+  Tensor conv_entering(int64_t ch0, int64_t ch) const;  // [B, ch, W-1] of conv_entering_
 
   Mamba2Config global_;  // the whole mixer (FLOPs)
   Mamba2Config cfg_;     // this rank's part: heads / tp, groups / tp
@@ -61,6 +62,9 @@ class Mamba2Mixer final : public Block {
   Tensor z_, xs_, bs_, cs_, dtr_, xc_, bc_, cc_, a_, y_, rstd_, g_;  // saved
   Tensor y_scan_;    // saved on GPUs in bf16: the SSD's y - D x [B,T,H,P] (ssd.h), else empty
   Tensor entering_;  // saved under context parallelism: the state entering the shard [B,H,P,N]
+  // saved under context parallelism: the conv's initial state of each part (x, B, C), each
+  // [B, part channels, W-1], one after the other
+  Tensor conv_entering_;
   Tensor x4_, dt3_, b4_, c4_;  // [B,T,H,P], [B,T,H], [B,T,G,N] views of xc_, dtr_, bc_, cc_
   Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, ws_,
       fws_;  // scratch

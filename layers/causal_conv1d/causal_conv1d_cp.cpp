@@ -54,33 +54,28 @@ void move_halo(const ConvHalo& p, const Tensor& x_or_dx, const Tensor& halo, voi
   });
 }
 
-// The initial state of this rank's shard: the previous shard's halo where its last document
-// goes on (else 0); the sequence's on rank 0.
-ScratchTensor initial_state(const Conv1dInputs& in, const ConvHalo& p, Communicator& cp) {
-  ScratchTensor h0(in.x->dtype, {p.batch, p.channels, p.halo}, in.x->device, in.stream);
-  move_halo<false>(p, *in.x, h0.t, in.stream);
-  shard_entering_state(nullptr, in.seq_idx, h0.t, in.initial_state, h0.t, cp, in.stream);
-  return h0;
-}
-
 }  // namespace
 
 void causal_conv1d_forward_cp(const Conv1dInputs& in, const Tensor& y, const Tensor* final_state,
-                              Communicator& cp) {
+                              const Tensor& entering, Communicator& cp) {
   const ConvHalo p = check_cp(in);
-  const ScratchTensor h0 = initial_state(in, p, cp);
+  check_shape(entering, {p.batch, p.channels, p.halo});
+  // This shard's initial state: the previous shard's halo where its last document goes on (else
+  // 0); the sequence's on rank 0.
+  move_halo<false>(p, *in.x, entering, in.stream);
+  shard_entering_state(nullptr, in.seq_idx, entering, in.initial_state, entering, cp, in.stream);
   Conv1dInputs from = in;
-  from.initial_state = &h0.t;
+  from.initial_state = &entering;
   causal_conv1d_forward(from, y, final_state);
 }
 
-void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& dy, const Tensor* dfinal_state,
-                               const Conv1dGrads& grads, Communicator& cp,
-                               const Tensor* workspace) {
+void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& entering, const Tensor& dy,
+                               const Tensor* dfinal_state, const Conv1dGrads& grads,
+                               Communicator& cp, const Tensor* workspace) {
   const ConvHalo p = check_cp(in);
-  const ScratchTensor h0 = initial_state(in, p, cp);
+  check_shape(entering, {p.batch, p.channels, p.halo});
   Conv1dInputs from = in;
-  from.initial_state = &h0.t;
+  from.initial_state = &entering;
   const int r = cp.rank(), last = cp.size() - 1;
   // This shard's gradients, and that of its initial state, which belongs to the previous
   // shard's last inputs.

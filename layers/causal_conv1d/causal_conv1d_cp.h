@@ -6,8 +6,10 @@
 // edge document ids are all-gathered (B C (W-1) values each). Inputs as for
 // causal_conv1d_forward: initial_state is the sequence's (rank 0), final_state gets this shard's,
 // dfinal_state is read on the last rank, dinitial_state gets the gradient of this shard's initial
-// state (the sequence's on rank 0). CPU tensors over any cp group, or GPU tensors over an NCCL cp
-// group (the halos stay on the device; the GPU backward takes its workspace).
+// state (the sequence's on rank 0). entering [B,C,W-1] (x's dtype) gets this shard's initial state
+// in the forward, and the backward reads it there (no second exchange). CPU tensors over any cp
+// group, or GPU tensors over an NCCL cp group (the halos stay on the device; the GPU backward
+// takes its workspace).
 #pragma once
 
 #include "layers/causal_conv1d/causal_conv1d.h"
@@ -16,9 +18,9 @@
 namespace braid {
 
 void causal_conv1d_forward_cp(const Conv1dInputs& in, const Tensor& y, const Tensor* final_state,
-                              Communicator& cp);
-void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& dy, const Tensor* dfinal_state,
-                               const Conv1dGrads& grads, Communicator& cp,
-                               const Tensor* workspace = nullptr);
+                              const Tensor& entering, Communicator& cp);
+void causal_conv1d_backward_cp(const Conv1dInputs& in, const Tensor& entering, const Tensor& dy,
+                               const Tensor* dfinal_state, const Conv1dGrads& grads,
+                               Communicator& cp, const Tensor* workspace = nullptr);
 
 }  // namespace braid

@@ -229,10 +229,11 @@ void check_conv(Communicator& cp, int64_t tr, bool docs) {
   const Tensor seq_shard =
       Tensor::contiguous_view(sseq.data(), DType::i32, Device::cpu, {b, tr}, "seq");
   const Conv1dInputs mine{&sx.t, &wt.t, &bias.t, docs ? &seq_shard : nullptr, &h0.t, true};
-  Host sy({b, tr, c}), sfin({b, c, w - 1});
-  causal_conv1d_forward_cp(mine, sy.t, &sfin.t, cp);
+  Host sy({b, tr, c}), sfin({b, c, w - 1}), entering({b, c, w - 1});
+  causal_conv1d_forward_cp(mine, sy.t, &sfin.t, entering.t, cp);
   Host sdx({b, tr, c}), sdw({c, w}), sdb({c}), sdh({b, c, w - 1});
-  causal_conv1d_backward_cp(mine, sdy.t, &dfinal.t, {&sdx.t, &sdw.t, &sdb.t, &sdh.t}, cp);
+  causal_conv1d_backward_cp(mine, entering.t, sdy.t, &dfinal.t, {&sdx.t, &sdw.t, &sdb.t, &sdh.t},
+                            cp);
   const std::string tag = std::string("conv1d, ") + (docs ? "documents" : "one document") +
                           ", shard " + std::to_string(tr) + ": ";
   expect_close(tag + "y", sy.v, shard(y, t0, tr), r);

@@ -467,11 +467,11 @@ void check_conv(Communicator& cp, Communicator& world, bool docs) {
     const Conv1dInputs in{&gx->t, &gw->t, &gbias->t, docs ? &gseq.t : nullptr, &gh0->t, true};
     Dev y(DType::bf16, {b, len, c}), fin(DType::bf16, {b, c, hl}), dx(DType::bf16, {b, len, c}),
         dw(DType::f32, {c, w}), db(DType::f32, {c}), dh0(DType::bf16, {b, c, hl}),
-        ws(DType::f32, {causal_conv1d_workspace_elems(in)});
+        ws(DType::f32, {causal_conv1d_workspace_elems(in)}), entering(DType::bf16, {b, c, hl});
     const Conv1dGrads grads{&dx.t, &dw.t, &db.t, &dh0.t};
     if (group) {
-      causal_conv1d_forward_cp(in, y.t, &fin.t, *group);
-      causal_conv1d_backward_cp(in, gdy->t, &gdfin->t, grads, *group, &ws.t);
+      causal_conv1d_forward_cp(in, y.t, &fin.t, entering.t, *group);
+      causal_conv1d_backward_cp(in, entering.t, gdy->t, &gdfin->t, grads, *group, &ws.t);
     } else {
       causal_conv1d_forward(in, y.t, &fin.t);
       causal_conv1d_backward(in, gdy->t, &gdfin->t, grads, &ws.t);
