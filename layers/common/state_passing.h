@@ -27,8 +27,9 @@ namespace braid {
 // A shard's decay from its inputs (the selective scan's and the SSD's), per row b:
 //   P[b, c, j] = exp(A[c, j] sum_t f(dt[b, t, c] + bias[c]))    (A [C] or [C, J])
 // with f = softplus (where `softplus`) clamped to [lo, hi]; 0 where a document starts inside
-// the row. Each P covers `span` consecutive elements of the state (the SSD: P N of a head; the
-// scan: 1). dt [B,T,C] is f32 or f64 on the CPU, f32 or bf16 on the GPU; A and bias are f32 there.
+// the row. Each P covers (state elements a row) / (C J) consecutive elements of the state (the
+// SSD: the P N of a head; the scan: 1). dt [B,T,C] is f32 or f64 on the CPU, f32 or bf16 on the
+// GPU; A and bias are f32 there.
 struct ShardDecay {
   const Tensor* dt = nullptr;
   const Tensor* bias = nullptr;  // [C] or null

@@ -25,7 +25,8 @@ namespace braid {
 
 void selective_scan_forward_cp(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
                                const Tensor& entering, const Tensor& workspace, Communicator& cp);
-// workspace: on the GPU the one selective_scan_forward_cp wrote.
+// workspace: on the GPU the one selective_scan_forward_cp wrote (its chunk states); on the CPU
+// the backward's scratch.
 void selective_scan_backward_cp(const ScanInputs& in, const Tensor& entering, const Tensor& dy,
                                 const Tensor* dfinal_state, const ScanGrads& grads,
                                 const Tensor& workspace, Communicator& cp);

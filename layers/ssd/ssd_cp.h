@@ -22,7 +22,8 @@ namespace braid {
 
 void ssd_forward_cp(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                     const Tensor& entering, const Tensor& workspace, Communicator& cp);
-// workspace: on the GPU the one ssd_forward_cp wrote (it holds the scan from `entering`).
+// workspace: on the GPU the one ssd_forward_cp wrote (it holds the scan from `entering`); on the
+// CPU the backward's scratch, as ssd_backward's.
 void ssd_backward_cp(const SsdInputs& in, const Tensor& entering, const Tensor& dy,
                      const Tensor* dfinal_state, const SsdGrads& grads, const Tensor& workspace,
                      Communicator& cp);
