@@ -17,6 +17,40 @@
 namespace braid {
 namespace {
 
+// The values of a contiguous host tensor (f64, f32 or i32) as f64, and such a tensor (f64, f32)
+// set from values: the CPU path's dtype-independent access.
+std::vector<double> tensor_values(const Tensor& t) {
+  BRAID_CHECK(t.is_contiguous() && t.device == Device::cpu, "context parallelism: ", t.describe(),
+              " must be a contiguous host tensor");
+  const int64_t n = t.numel();
+  std::vector<double> v(n);
+  switch (t.dtype) {
+    case DType::f64:
+      std::copy_n(t.ptr<double>(), n, v.begin());
+      break;
+    case DType::f32:
+      std::copy_n(t.ptr<float>(), n, v.begin());
+      break;
+    case DType::i32:
+      std::copy_n(t.ptr<int32_t>(), n, v.begin());
+      break;
+    default:
+      BRAID_FAIL("context parallelism: no values of a ", dtype_name(t.dtype), " tensor");
+  }
+  return v;
+}
+
+void set_tensor_values(const Tensor& t, const std::vector<double>& v) {
+  BRAID_CHECK(t.is_contiguous() && t.device == Device::cpu && int64_t(v.size()) == t.numel(),
+              "context parallelism: ", v.size(), " values for ", t.describe());
+  if (t.dtype == DType::f64)
+    std::copy(v.begin(), v.end(), t.ptr<double>());
+  else if (t.dtype == DType::f32)
+    std::transform(v.begin(), v.end(), t.ptr<float>(), [](double x) { return float(x); });
+  else
+    BRAID_FAIL("context parallelism: no values into a ", dtype_name(t.dtype), " tensor");
+}
+
 // The sizes of a state map: `local` is [rows, ...].
 struct MapDims {
   int64_t rows, per_row, decays;  // decays per row: 0 (none), else C * J of the ShardDecay
@@ -265,38 +299,6 @@ const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, voi
   keep.emplace_back(t->dtype, std::vector<int64_t>(t->shape.begin(), t->shape.begin() + t->ndim),
                     t->device, stream);
   return &keep.back().t;
-}
-
-std::vector<double> tensor_values(const Tensor& t) {
-  BRAID_CHECK(t.is_contiguous() && t.device == Device::cpu, "context parallelism: ", t.describe(),
-              " must be a contiguous host tensor");
-  const int64_t n = t.numel();
-  std::vector<double> v(n);
-  switch (t.dtype) {
-    case DType::f64:
-      std::copy_n(t.ptr<double>(), n, v.begin());
-      break;
-    case DType::f32:
-      std::copy_n(t.ptr<float>(), n, v.begin());
-      break;
-    case DType::i32:
-      std::copy_n(t.ptr<int32_t>(), n, v.begin());
-      break;
-    default:
-      BRAID_FAIL("context parallelism: no values of a ", dtype_name(t.dtype), " tensor");
-  }
-  return v;
-}
-
-void set_tensor_values(const Tensor& t, const std::vector<double>& v) {
-  BRAID_CHECK(t.is_contiguous() && t.device == Device::cpu && int64_t(v.size()) == t.numel(),
-              "context parallelism: ", v.size(), " values for ", t.describe());
-  if (t.dtype == DType::f64)
-    std::copy(v.begin(), v.end(), t.ptr<double>());
-  else if (t.dtype == DType::f32)
-    std::transform(v.begin(), v.end(), t.ptr<float>(), [](double x) { return float(x); });
-  else
-    BRAID_FAIL("context parallelism: no values into a ", dtype_name(t.dtype), " tensor");
 }
 
 }  // namespace braid

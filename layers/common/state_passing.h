@@ -72,9 +72,4 @@ class ScratchTensor {
 // A ScratchTensor shaped like t on t's device, kept in `keep` (null for null).
 const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream);
 
-// The values of a contiguous host tensor (f64, f32 or i32) as f64, and such a tensor (f64, f32)
-// set from values: the CPU paths' dtype-independent access.
-std::vector<double> tensor_values(const Tensor& t);
-void set_tensor_values(const Tensor& t, const std::vector<double>& v);
-
 }  // namespace braid
