@@ -81,6 +81,9 @@ int main(int argc, char** argv) {
     in.chunk = q;
     const Tensor ws =
         alloc({ssd_forward_workspace_elems(in)}, DType::f32, "workspace", {K::normal, 1, 17, 0, 1});
+    const Tensor scratch =
+        alloc({ssd_scratch_elems(in)}, DType::f32, "scratch", {K::normal, 1, 19, 0, 1});
+    in.scratch = &scratch;  // as the mixer's, planned (not from the stream-ordered pool)
     const SsdGrads gr{&dx, &ddt, &dA, &dB, &dC, &dD, &dbias, nullptr};
     // As in training: the forward also writes y - D x, from which the backward reads
     // dy . (y - D x); and the backward recomputing that instead. "fwd" is the plain forward.

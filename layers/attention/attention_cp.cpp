@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "layers/common/op_common.h"
-#include "layers/common/state_passing.h"
+#include "layers/common/scratch_tensor.h"
 
 #if defined(BRAID_WITH_CUDA)
 #include <cuda_runtime.h>

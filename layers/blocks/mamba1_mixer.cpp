@@ -100,15 +100,19 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   }
   dxs_ = sc.take("m1.dxs", t, {m, c});
   // The scan's [B,T,...] views of the saved tensors, and its workspace: on the GPU the forward
-  // leaves chunk states there for the backward (saved); on the CPU the backward's scratch.
+  // leaves chunk states there for the backward (saved), and the backward's partial sums go to a
+  // scratch the layers share; on the CPU the workspace is the backward's scratch.
   xc3_ = xc_.reshape({batch, seq, c});
   delta3_ = delta_.reshape({batch, seq, c});
   z3_ = z_.reshape({batch, seq, c});
   b4_ = bn_.reshape({batch, seq, cfg_.groups, n});
   c4_ = cn_.reshape({batch, seq, cfg_.groups, n});
-  const int64_t ws = selective_scan_workspace_elems(scan_inputs(BatchMeta{}));
+  const ScanInputs in = scan_inputs(BatchMeta{});
+  const int64_t ws = selective_scan_workspace_elems(in);
   ws_ = xc_.device == Device::cuda ? sv.take("m1.scan_workspace", f, {ws})
                                    : sc.take("m1.scan_workspace", t, {ws});
+  if (const int64_t e = selective_scan_scratch_elems(in))
+    scan_scratch_ = sc.take("m1.scan_scratch", f, {e});
   if (context_parallel_) {
     entering_ = sv.take("m1.cp_entering_state", f, {batch, c, n});
     conv_entering_ = sv.take("m1.cp_conv_entering", t, {batch, c, cfg_.d_conv - 1});
@@ -124,8 +128,10 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
 }
 
 ScanInputs Mamba1Mixer::scan_inputs(const BatchMeta& meta) const {
-  return ScanInputs{&xc3_, &delta3_,      &a_,          &b4_,    &c4_, &d_->value,
-                    &z3_,  &dt_b_->value, meta.seq_idx, nullptr, true};
+  ScanInputs in{&xc3_, &delta3_,      &a_,          &b4_,    &c4_, &d_->value,
+                &z3_,  &dt_b_->value, meta.seq_idx, nullptr, true};
+  if (scan_scratch_.numel()) in.scratch = &scan_scratch_;
+  return in;
 }
 
 void Mamba1Mixer::forward(const Tensor& x, const Tensor& y, const BatchMeta& meta) {

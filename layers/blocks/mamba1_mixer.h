@@ -62,6 +62,7 @@ class Mamba1Mixer final : public Block {
   Tensor dy_in_, dxc_, ddelta_, dz_, dbn_, dcn_, da_, ddtn_, ddtr_, dbp_, dcp_, dxs_, conv_ws_,
       norm_ws_;
   Tensor ws_;             // the scan's workspace (saved on the GPU, scratch on the CPU)
+  Tensor scan_scratch_;   // the scan backward's scratch (GPU only)
   Tensor entering_;       // saved under context parallelism: the state entering the shard [B,C,N]
   Tensor conv_entering_;  // ... and the conv's initial state [B,C,W-1]
 };

@@ -94,11 +94,13 @@ void Mamba2Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
   b4_ = bc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
   c4_ = cc_.reshape({batch, seq, cfg_.groups, cfg_.d_state});
   // On the GPU the forward leaves in its workspace what the backward reads (dt, decays, chunk
-  // states): one workspace, saved; the CPU's are scratch.
+  // states): one workspace, saved, and each pass's scratch shared by the layers; the CPU's are
+  // scratch.
   const SsdInputs in = ssd_inputs(BatchMeta{});
   if (xc_.device == Device::cuda) {
     fws_ = sv.take("m2.ssd_workspace", f, {ssd_forward_workspace_elems(in)});
     ws_ = fws_;
+    if (const int64_t e = ssd_scratch_elems(in)) ssd_scratch_ = sc.take("m2.ssd_scratch", f, {e});
   } else {
     ws_ = sc.take("m2.ssd_bwd_workspace", f, {ssd_backward_workspace_elems(in)});
     fws_ = sc.take("m2.ssd_fwd_workspace", f, {ssd_forward_workspace_elems(in)});
@@ -118,6 +120,7 @@ SsdInputs Mamba2Mixer::ssd_inputs(const BatchMeta& meta) const {
   in.dt_bias = &dt_bias_->value, in.seq_idx = meta.seq_idx, in.dt_softplus = true;
   in.dt_min = cfg_.dt_limit_min, in.dt_max = cfg_.dt_limit_max, in.chunk = cfg_.chunk;
   if (y_scan_.data) in.y_scan = &y_scan_;
+  if (ssd_scratch_.numel()) in.scratch = &ssd_scratch_;
   return in;
 }
 

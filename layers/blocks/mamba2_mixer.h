@@ -66,8 +66,8 @@ class Mamba2Mixer final : public Block {
   // [B, part channels, W-1], one after the other
   Tensor conv_entering_;
   Tensor x4_, dt3_, b4_, c4_;  // [B,T,H,P], [B,T,H], [B,T,G,N] views of xc_, dtr_, bc_, cc_
-  Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, ws_,
-      fws_;  // scratch
+  Tensor dg_, dy_, dz_, dxc_, dbc_, dcc_, ddt_, da_, dxs_, dbs_, dcs_, ws_, fws_,
+      ssd_scratch_;  // scratch (fws_ and ws_ saved on the GPU; ssd_scratch_ only there)
   // scratch: ddt_c_ ddt in the activation dtype (ddt_ itself when that is the parameters'); the
   // conv and gated norm backwards' workspaces (empty on the CPU)
   Tensor ddt_c_, conv_ws_, norm_ws_;

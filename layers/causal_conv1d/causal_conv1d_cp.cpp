@@ -2,6 +2,7 @@
 
 #include "layers/causal_conv1d/causal_conv1d_cuda.h"
 #include "layers/common/op_common.h"
+#include "layers/common/scratch_tensor.h"
 #include "layers/common/state_passing.h"
 
 namespace braid {

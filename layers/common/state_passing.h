@@ -15,7 +15,6 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <limits>
 #include <vector>
 
@@ -50,26 +49,5 @@ void shard_entering_state(const ShardDecay* decay, const Tensor* seq_idx, const 
 // (read on the last rank; null: none). Collective over cp.
 void shard_arriving_grad(const ShardDecay* decay, const Tensor* seq_idx, const Tensor& local,
                          const Tensor* dfinal, const Tensor& out, Communicator& cp, void* stream);
-
-// Zeroed storage of one tensor (any dtype) on a device: host memory, or on the GPU a buffer of
-// CUDA's stream-ordered pool on `stream`, freed there (context parallelism's scratch: not in the
-// caller's memory plan).
-class ScratchTensor {
- public:
-  Tensor t;
-  ScratchTensor(DType dtype, std::vector<int64_t> shape, Device device, void* stream);
-  ScratchTensor(ScratchTensor&& o) noexcept;
-  ScratchTensor(const ScratchTensor&) = delete;
-  ScratchTensor& operator=(const ScratchTensor&) = delete;
-  ScratchTensor& operator=(ScratchTensor&&) = delete;
-  ~ScratchTensor();
-
- private:
-  std::vector<double> host_;  // 8 bytes an element: room for any dtype
-  void* dev_ = nullptr;
-  void* stream_ = nullptr;
-};
-// A ScratchTensor shaped like t on t's device, kept in `keep` (null for null).
-const Tensor* scratch_like(std::deque<ScratchTensor>& keep, const Tensor* t, void* stream);
 
 }  // namespace braid

@@ -1,6 +1,10 @@
 // Device dispatch of the selective scan: validates GPU tensors and builds the kernel Params.
 #include "layers/selective_scan/selective_scan.h"
+#include <optional>
+#include <vector>
+
 #include "layers/common/op_common.h"
+#include "layers/common/scratch_tensor.h"
 #include "layers/selective_scan/selective_scan_cuda.h"
 
 namespace braid {
@@ -36,11 +40,11 @@ ScanParams forward_params(const ScanInputs& in, const ScanDims& d) {
   return p;
 }
 
-void check_workspace(const Tensor& ws, const ScanGeometry& geo) {
+void check_workspace(const char* what, const Tensor& ws, int64_t elems) {
   require_dtype("selective_scan", DType::f32, {&ws});
   require_gpu("selective_scan", {&ws});
-  BRAID_CHECK(ws.numel() >= geo.workspace_elems(), "selective_scan (CUDA): workspace ",
-              ws.describe(), " smaller than ", geo.workspace_elems(), " elements");
+  BRAID_CHECK(ws.numel() >= elems, "selective_scan (CUDA): ", what, " ", ws.describe(),
+              " smaller than ", elems, " elements");
 }
 
 }  // namespace
@@ -59,7 +63,9 @@ void selective_scan_forward_gpu(const ScanInputs& in, const Tensor& y, const Ten
   require_dtype("selective_scan", DType::f32, {final_state});
   if (final_state) check_shape(*final_state, {d.b, d.c, d.n});
   require_gpu("selective_scan", {&y, final_state});
-  if (workspace) check_workspace(*workspace, scan_geometry(d.b, d.t, d.c, d.n, d.g));
+  if (workspace)
+    check_workspace("workspace", *workspace,
+                    scan_geometry(d.b, d.t, d.c, d.n, d.g).workspace_elems());
   p.y = y.data;
   p.final_state = final_state ? final_state->ptr<float>() : nullptr;
   p.chunk_states = workspace ? workspace->ptr<float>() : nullptr;
@@ -83,10 +89,14 @@ void selective_scan_backward_gpu(const ScanInputs& in, const Tensor& dy, const T
   require_gpu("selective_scan", {&dy, gr.du, gr.ddelta, gr.dA, gr.dB, gr.dC, gr.dD, gr.dz,
                                  gr.ddelta_bias, gr.dinitial_state, dfinal_state});
   const ScanGeometry geo = scan_geometry(d.b, d.t, d.c, d.n, d.g);
-  check_workspace(workspace, geo);
-  float* ws = workspace.ptr<float>();
-  p.chunk_states = ws;
-  p.partial_bc = ws + geo.states_elems;
+  check_workspace("workspace", workspace, geo.workspace_elems());
+  std::optional<ScratchTensor> own;  // the scratch, where the caller gives none
+  if (in.scratch)
+    check_workspace("scratch", *in.scratch, geo.scratch_elems());
+  else
+    own.emplace(DType::f32, std::vector<int64_t>{geo.scratch_elems()}, Device::cuda, in.stream);
+  p.chunk_states = workspace.ptr<float>();
+  p.partial_bc = (in.scratch ? *in.scratch : own->t).ptr<float>();
   p.partial_a = p.partial_bc + geo.partial_bc_elems;
   p.partial_d = p.partial_a + geo.partial_a_elems;
   p.dy = dy.data;

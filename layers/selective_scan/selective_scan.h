@@ -12,8 +12,9 @@
 // ddelta_bias (+=). dfinal_state is the optional gradient arriving at final_state.
 // Workspace (selective_scan_workspace_elems elements): on the CPU, scratch of the activation
 // dtype for the backward (the states of every step); on the GPU, f32, and the forward must be
-// given it: it saves the state entering every 128-step chunk there, which the backward reads
-// (the rest is the backward's scratch for its deterministic partial sums).
+// given it: it saves the state entering every 128-step chunk there, which the backward reads.
+// The GPU backward also takes an f32 scratch for its deterministic partial sums
+// (selective_scan_scratch_elems; ScanInputs::scratch), which all layers may share.
 #pragma once
 
 #include "runtime/tensor.h"
@@ -35,6 +36,9 @@ struct ScanInputs {
   // GPU forward tuning: threads per channel, 4 or 8 for d_state <= 16 (fixed above); 0 picks by
   // size (the benchmark and the tests set it to cover every variant).
   int fwd_lanes = 0;
+  // GPU: the backward's f32 scratch of selective_scan_scratch_elems() elements (nothing in it
+  // outlives the call); null: taken from CUDA's stream-ordered pool on `stream`.
+  const Tensor* scratch = nullptr;
   void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 
@@ -65,6 +69,7 @@ void check_scan_grads(const ScanInputs& in, const ScanDims& d, const Tensor& dy,
 void selective_scan_forward(const ScanInputs& in, const Tensor& y, const Tensor* final_state,
                             const Tensor* workspace = nullptr);
 int64_t selective_scan_workspace_elems(const ScanInputs& in);
+int64_t selective_scan_scratch_elems(const ScanInputs& in);  // 0 on the CPU
 void selective_scan_backward(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                              const ScanGrads& grads, const Tensor& workspace);
 

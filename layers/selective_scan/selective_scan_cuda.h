@@ -21,12 +21,12 @@ constexpr int kScanChannels = 16;  // channels per block
 struct ScanGeometry {
   int64_t chunks;            // K = ceil(T / kScanChunk)
   int64_t blocks_per_group;  // P = ceil((C / G) / kScanChannels)
-  // f32 workspace: chunk states [B,K,C,N], then (backward scratch) dB/dC partial sums
-  // [2,B,G*P,N,K*kScanChunk], dA partials [B,C,N], dD and ddelta_bias partials [2,B,C].
+  // f32 workspace (the forward's, saved for the backward): chunk states [B,K,C,N]. f32 scratch
+  // (the backward's): dB/dC partial sums [2,B,G*P,N,K*kScanChunk], dA partials [B,C,N], dD and
+  // ddelta_bias partials [2,B,C].
   int64_t states_elems, partial_bc_elems, partial_a_elems, partial_d_elems;
-  int64_t workspace_elems() const {
-    return states_elems + partial_bc_elems + partial_a_elems + partial_d_elems;
-  }
+  int64_t workspace_elems() const { return states_elems; }
+  int64_t scratch_elems() const { return partial_bc_elems + partial_a_elems + partial_d_elems; }
 };
 inline ScanGeometry scan_geometry(int64_t b, int64_t t, int64_t c, int64_t n, int64_t g) {
   ScanGeometry s{};

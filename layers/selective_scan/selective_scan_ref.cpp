@@ -151,6 +151,12 @@ int64_t selective_scan_workspace_elems(const ScanInputs& in) {
   return d.b * d.t * d.c * d.n;
 }
 
+int64_t selective_scan_scratch_elems(const ScanInputs& in) {
+  if (!in.u || in.u->device != Device::cuda) return 0;
+  const Dims d = selective_scan_dims(in);
+  return scan_geometry(d.b, d.t, d.c, d.n, d.g).scratch_elems();
+}
+
 void selective_scan_backward(const ScanInputs& in, const Tensor& dy, const Tensor* dfinal_state,
                              const ScanGrads& gr, const Tensor& workspace) {
   if (in.u && in.u->device == Device::cuda)

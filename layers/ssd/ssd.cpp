@@ -2,9 +2,10 @@
 #include <algorithm>
 
 #include <deque>
+#include <optional>
 
 #include "layers/common/op_common.h"
-#include "layers/common/state_passing.h"
+#include "layers/common/scratch_tensor.h"
 #include "layers/ssd/ssd.h"
 #include "layers/ssd/ssd_cuda.h"
 
@@ -27,28 +28,28 @@ SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, 
   s.d_cols = d_per_channel ? p : 1;
   const int64_t state = b * h * p * n, chunk_states = s.chunks * state, seq = b * h * s.tpad;
   auto half = [](int64_t e) { return (e + 7) / 8 * 4; };  // bf16 elements, 16-byte aligned
-  int64_t at = 0;
-  auto take = [&](int64_t elems) {
+  auto take = [](int64_t& at, int64_t elems) {
     const int64_t off = at;
     at += (elems + 3) / 4 * 4;
     return off;
   };
-  s.dt = take(seq);
-  s.acs = take(seq);
-  s.states = take(half(chunk_states));
-  s.last = take(state);
-  s.docs = take(b * s.tpad);
-  s.scores = take(b * (s.tpad / kSsdBlock) * g * kSsdBlock * kSsdBlock / 2);
-  s.local = take(chunk_states);
-  s.dstates = take(half(chunk_states));
-  s.r = take(seq * (p / kSsdBlock));
-  s.delta = take(seq * (p / kSsdBlock));
-  s.kappa = take(b * h * s.chunks * s.pass_blocks);
-  s.dbc = take(2 * s.splits * b * s.tpad * g * n);
-  s.part_a = take(b * s.chunks * h);
-  s.part_bias = take(b * s.chunks * h);
-  s.part_d = take(b * (s.tpad / kSsdBlock) * h * p);
-  s.total = at;
+  int64_t& ws = s.workspace_elems;
+  s.dt = take(ws, seq);
+  s.acs = take(ws, seq);
+  s.states = take(ws, half(chunk_states));
+  s.last = take(ws, state);
+  s.docs = take(ws, b * s.tpad);
+  int64_t& sc = s.scratch_elems;
+  s.scores = take(sc, b * (s.tpad / kSsdBlock) * g * kSsdBlock * kSsdBlock / 2);
+  s.local = take(sc, chunk_states);
+  s.dstates = take(sc, half(chunk_states));
+  s.r = take(sc, seq * (p / kSsdBlock));
+  s.delta = take(sc, seq * (p / kSsdBlock));
+  s.kappa = take(sc, b * h * s.chunks * s.pass_blocks);
+  s.dbc = take(sc, 2 * s.splits * b * s.tpad * g * n);
+  s.part_a = take(sc, b * s.chunks * h);
+  s.part_bias = take(sc, b * s.chunks * h);
+  s.part_d = take(sc, b * (s.tpad / kSsdBlock) * h * p);
   return s;
 }
 
@@ -101,21 +102,46 @@ void* y_scan_params(const SsdInputs& in, const SsdDims& d, bool f32) {
   return in.y_scan->data;
 }
 
-void check_workspace(const Tensor& ws, int64_t elems) {
+void check_workspace(const char* what, const Tensor& ws, int64_t elems) {
   require_dtype("ssd", DType::f32, {&ws});
   require_gpu("ssd", {&ws});
-  BRAID_CHECK(ws.numel() >= elems, "ssd (CUDA): workspace ", ws.describe(), " smaller than ", elems,
-              " elements");
+  BRAID_CHECK(ws.numel() >= elems, "ssd (CUDA): ", what, " ", ws.describe(), " smaller than ",
+              elems, " elements");
+}
+
+// The scratch's pointer: in.scratch, checked, or (null) one from the stream-ordered pool, kept in
+// `own` until the passes queued on in.stream are done with it.
+float* scratch_params(const SsdInputs& in, std::optional<ScratchTensor>& own) {
+  const int64_t elems = ssd_gpu_scratch_elems(in);
+  if (elems == 0) return nullptr;
+  if (!in.scratch)
+    return own.emplace(DType::f32, std::vector<int64_t>{elems}, Device::cuda, in.stream)
+        .t.ptr<float>();
+  check_workspace("scratch", *in.scratch, elems);
+  return in.scratch->ptr<float>();
 }
 
 }  // namespace
 #endif
 
-int64_t ssd_gpu_workspace_elems(const SsdInputs& in) {
+namespace {
+SsdGeometry gpu_geometry(const SsdInputs& in) {
   const SsdDims d = ssd_dims(in);
-  if (in.x->dtype == DType::f32) return ssd_f32_layout(d.b, d.t, d.h, d.p, d.n).total;
   const int64_t q = std::max<int64_t>(in.chunk, 1);
-  return ssd_geometry(d.b, d.t, d.h, d.p, d.g, d.n, q, in.D && in.D->ndim == 2).total;
+  return ssd_geometry(d.b, d.t, d.h, d.p, d.g, d.n, q, in.D && in.D->ndim == 2);
+}
+}  // namespace
+
+int64_t ssd_gpu_workspace_elems(const SsdInputs& in) {
+  if (in.x->dtype == DType::f32) {
+    const SsdDims d = ssd_dims(in);
+    return ssd_f32_layout(d.b, d.t, d.h, d.p, d.n).total;
+  }
+  return gpu_geometry(in).workspace_elems;
+}
+
+int64_t ssd_gpu_scratch_elems(const SsdInputs& in) {
+  return in.x->dtype == DType::f32 ? 0 : gpu_geometry(in).scratch_elems;
 }
 
 void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
@@ -132,7 +158,9 @@ void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_s
   require_dtype("ssd", DType::f32, {final_state});
   if (final_state) check_shape(*final_state, {d.b, d.h, d.p, d.n});
   require_gpu("ssd", {&y, final_state});
-  check_workspace(workspace, ssd_gpu_workspace_elems(in));
+  check_workspace("workspace", workspace, ssd_gpu_workspace_elems(in));
+  std::optional<ScratchTensor> own;
+  p.scratch = scratch_params(in, own);
   p.y = y.data;
   p.y_scan = y_scan_params(in, d, f32);
   p.final_state = final_state ? final_state->ptr<float>() : nullptr;
@@ -159,8 +187,9 @@ void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfina
                 {gr.ddt, gr.dA, gr.dD, gr.ddt_bias, gr.dinitial_state, dfinal_state});
   require_gpu("ssd", {&dy, gr.dx, gr.ddt, gr.dA, gr.dB, gr.dC, gr.dD, gr.ddt_bias,
                       gr.dinitial_state, dfinal_state});
-  check_workspace(workspace, ssd_gpu_workspace_elems(in));
-  p.ws = workspace.ptr<float>();
+  check_workspace("workspace", workspace, ssd_gpu_workspace_elems(in));
+  std::optional<ScratchTensor> own;
+  p.ws = workspace.ptr<float>(), p.scratch = scratch_params(in, own);
   p.dy = dy.data;
   p.y_scan = y_scan_params(in, d, f32);
   p.dfinal_state = dfinal_state ? dfinal_state->ptr<float>() : nullptr;
@@ -188,8 +217,9 @@ void ssd_initial_state_grad(const SsdInputs& in, const Tensor& dy, const Tensor*
     require_dtype("ssd", DType::bf16, {&dy});
     require_dtype("ssd", DType::f32, {&dinitial_state, dfinal_state});
     require_gpu("ssd", {&dy, &dinitial_state, dfinal_state});
-    check_workspace(workspace, ssd_gpu_workspace_elems(in));
-    p.ws = workspace.ptr<float>(), p.dy = dy.data;
+    check_workspace("workspace", workspace, ssd_gpu_workspace_elems(in));
+    std::optional<ScratchTensor> own;
+    p.ws = workspace.ptr<float>(), p.scratch = scratch_params(in, own), p.dy = dy.data;
     p.dfinal_state = dfinal_state ? dfinal_state->ptr<float>() : nullptr;
     p.dinitial_state = dinitial_state.ptr<float>();
     ssd_state_grad_cuda(p, in.stream);

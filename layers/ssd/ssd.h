@@ -15,8 +15,11 @@
 // holding token t); no state crosses from one document into the next.
 // Backward (gradient convention): dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=);
 // dfinal_state is the optional gradient arriving at final_state. Forward and backward take a
-// workspace of ssd_forward_workspace_elems() / ssd_backward_workspace_elems() elements (the
-// backward recomputes and keeps every state there).
+// workspace of ssd_forward_workspace_elems() / ssd_backward_workspace_elems() elements: on the CPU
+// the backward recomputes and keeps every state there; on the GPU the forward leaves there what
+// the backward reads (one workspace, a layer's own from its forward to its backward), and with
+// bf16 rows every pass also takes a scratch of ssd_scratch_elems() elements, which all layers
+// may share (SsdInputs::scratch).
 #pragma once
 
 #include <limits>
@@ -46,6 +49,9 @@ struct SsdInputs {
   // GPU, bf16: the forward runs as one fused TMA + wgmma kernel on sm_90 (false: the chunked
   // kernels, as on sm_80).
   bool hopper = true;
+  // GPU, bf16: f32 scratch of ssd_scratch_elems() elements that a pass fills and reads (nothing in
+  // it outlives the call); null: taken from CUDA's stream-ordered pool on `stream`.
+  const Tensor* scratch = nullptr;
   void* stream = nullptr;  // CUDA stream for GPU tensors (null: default stream)
 };
 
@@ -70,6 +76,7 @@ void check_ssd_grads(const SsdInputs& in, const SsdDims& d, const Tensor& dy,
 
 int64_t ssd_forward_workspace_elems(const SsdInputs& in);
 int64_t ssd_backward_workspace_elems(const SsdInputs& in);
+int64_t ssd_scratch_elems(const SsdInputs& in);  // 0 where no pass takes one
 void ssd_forward(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                  const Tensor& workspace);
 void ssd_forward_quadratic(const SsdInputs& in, const Tensor& y, const Tensor* final_state);

@@ -108,7 +108,7 @@ __global__ void r_from_scan_kernel(SsdParams p) {
     v += g.x * yv.x + g.y * yv.y;
   }
   v = warp_sum(v);
-  if (lane == 0) p.ws[p.geo.r + (b * p.heads + h) * p.geo.tpad + t] = v;
+  if (lane == 0) p.scratch[p.geo.r + (b * p.heads + h) * p.geo.tpad + t] = v;
 }
 
 // dB and dC: the splits' partial sums added in order, rounded to bf16.
@@ -118,7 +118,7 @@ __global__ void reduce_bc_kernel(SsdParams p) {
   if (i >= p.batch * per_b) return;
   const int64_t b = i / per_b, rest = i % per_b;
   const int64_t stride = p.batch * p.geo.tpad * gn, at = b * p.geo.tpad * gn + rest;
-  const float* dbp = p.ws + p.geo.dbc;
+  const float* dbp = p.scratch + p.geo.dbc;
   const float* dcp = dbp + p.geo.splits * stride;
   float sb = 0.f, sc = 0.f;
   for (int s = 0; s < p.geo.splits; ++s) sb += dbp[s * stride + at], sc += dcp[s * stride + at];
@@ -137,15 +137,16 @@ __global__ void dt_grad_kernel(SsdParams p) {
   const bool valid = t < p.seqlen;
   const int64_t lane = (int64_t(b) * p.heads + h) * p.geo.tpad + t;
   float kappa = 0.f;
-  const float* kp = p.ws + p.geo.kappa + ((int64_t(b) * p.heads + h) * nc + c) * p.geo.pass_blocks;
+  const float* kp =
+      p.scratch + p.geo.kappa + ((int64_t(b) * p.heads + h) * nc + c) * p.geo.pass_blocks;
   for (int k = 0; k < p.kappa_parts; ++k) kappa += kp[k];
   const float dt = p.ws[p.geo.dt + lane];
   float delta = 0.f;
   for (int k = 0; valid && k < p.delta_parts; ++k)
-    delta += p.ws[p.geo.delta + k * int64_t(p.batch) * p.heads * p.geo.tpad + lane];
+    delta += p.scratch[p.geo.delta + k * int64_t(p.batch) * p.heads * p.geo.tpad + lane];
   float r = 0.f;
   for (int k = 0; valid && k < p.r_parts; ++k)
-    r += p.ws[p.geo.r + k * int64_t(p.batch) * p.heads * p.geo.tpad + lane];
+    r += p.scratch[p.geo.r + k * int64_t(p.batch) * p.heads * p.geo.tpad + lane];
   const float da = valid ? r - dt * delta + (t == last ? kappa : 0.f) : 0.f;
   const float rev = block_scan<true>(da, sh);
   float draw = 0.f;
@@ -160,8 +161,8 @@ __global__ void dt_grad_kernel(SsdParams p) {
   const float sa = block_sum(dt * rev, sh);
   const float sb = block_sum(draw, sh);
   if (threadIdx.x == 0) {
-    p.ws[p.geo.part_a + (int64_t(b) * nc + c) * p.heads + h] = sa;
-    p.ws[p.geo.part_bias + (int64_t(b) * nc + c) * p.heads + h] = sb;
+    p.scratch[p.geo.part_a + (int64_t(b) * nc + c) * p.heads + h] = sa;
+    p.scratch[p.geo.part_bias + (int64_t(b) * nc + c) * p.heads + h] = sb;
   }
 }
 
@@ -173,8 +174,8 @@ __global__ void reduce_params_kernel(SsdParams p) {
   const int64_t n = int64_t(p.batch) * p.geo.chunks;
   float sa = 0.f, sb = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    sa += p.ws[p.geo.part_a + i * p.heads + h];
-    sb += p.ws[p.geo.part_bias + i * p.heads + h];
+    sa += p.scratch[p.geo.part_a + i * p.heads + h];
+    sb += p.scratch[p.geo.part_bias + i * p.heads + h];
   }
   sa = block_sum(sa, sh);
   sb = block_sum(sb, sh);
@@ -192,7 +193,7 @@ __global__ void reduce_params_kernel(SsdParams p) {
     float s = 0.f;
     for (int64_t i = threadIdx.x; i < p.batch * used * per_col; i += blockDim.x) {
       const int64_t b = i / (used * per_col), k = i / per_col % used, e = i % per_col;
-      s += p.ws[p.geo.part_d + ((b * tiles + k) * p.heads + h) * width + col * per_col + e];
+      s += p.scratch[p.geo.part_d + ((b * tiles + k) * p.heads + h) * width + col * per_col + e];
     }
     s = block_sum(s, sh);
     if (threadIdx.x == 0) p.dD[h * p.geo.d_cols + col] += s;

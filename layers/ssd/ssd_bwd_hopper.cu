@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         gs[nt][2 * half] = v.x, gs[nt][2 * half + 1] = v.y;
       }
     const bf16* states = reinterpret_cast<const bf16*>(p.ws + p.geo.states);
-    bf16* dstates = reinterpret_cast<bf16*>(p.ws + p.geo.dstates);
+    bf16* dstates = reinterpret_cast<bf16*>(p.scratch + p.geo.dstates);
     auto chunk_off = [&](int c) {
       return ((int64_t(b) * nc + c) * H + h) * P * N + int64_t(ps) * 64 * N;
     };
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
         named_sync(kKappaSum, 128);
         if (threadIdx.x == 128) {
           const float* r = red + (c & 1) * 4;
-          p.ws[p.geo.kappa + ((int64_t(b) * H + h) * nc + c) * p.geo.pass_blocks + ps] =
+          p.scratch[p.geo.kappa + ((int64_t(b) * H + h) * nc + c) * p.geo.pass_blocks + ps] =
               r[0] + r[1] + r[2] + r[3];
         }
       }
@@ -194,14 +194,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   }
 
   // The dx warpgroup: rows j = r0, r0 + 8 of each tile, columns p = 8 nt + 2 q + {0, 1}.
-  const uint4* scores = reinterpret_cast<const uint4*>(p.ws + p.geo.scores);
+  const uint4* scores = reinterpret_cast<const uint4*>(p.scratch + p.geo.scores);
   uint4 cb[4];
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) cb[kk] = scores[score_frag(p, b, ntiles - 1, g, warp, kk, lane)];
   const int64_t x_stride = int64_t(H) * P;
   bf16* dx = static_cast<bf16*>(p.dx) + (int64_t(b) * T * H + h) * P + ps * 64;
-  float* delta = p.ws + p.geo.delta + int64_t(ps) * p.batch * H * p.geo.tpad + lane_off;
-  float* rr = p.ws + p.geo.r + int64_t(ps) * p.batch * H * p.geo.tpad + lane_off;
+  float* delta = p.scratch + p.geo.delta + int64_t(ps) * p.batch * H * p.geo.tpad + lane_off;
+  float* rr = p.scratch + p.geo.r + int64_t(ps) * p.batch * H * p.geo.tpad + lane_off;
   const float dh = p.D && !p.d_per_channel ? p.D[h] : 0.f;
   float dd[8][2] = {};  // sum over the rows of x . dy, per column
   for (int m = 0; m < ntiles; ++m) {
@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     named_sync(kDSum, 128);
     const int col = threadIdx.x - 256;
     if (col < 64)
-      p.ws[p.geo.part_d + (int64_t(b) * H + h) * P + ps * 64 + col] =
+      p.scratch[p.geo.part_d + (int64_t(b) * H + h) * P + ps * 64 + col] =
           rd[col] + rd[64 + col] + rd[128 + col] + rd[192 + col];
   }
 #else

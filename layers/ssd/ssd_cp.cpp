@@ -3,6 +3,7 @@
 #include <deque>
 
 #include "layers/common/op_common.h"
+#include "layers/common/scratch_tensor.h"
 #include "layers/common/state_passing.h"
 
 namespace braid {

@@ -22,8 +22,10 @@ namespace braid {
 
 constexpr int kSsdBlock = 64;  // tokens per tile: the chunk size Q is a multiple of it
 
-// Sizes derived from (B, T, H, P, G, N, Q) that the kernels and the workspace share; offsets are
-// in f32 elements of the workspace (bf16 arrays take half a slot per element).
+// Sizes derived from (B, T, H, P, G, N, Q) that the kernels and their memory share; offsets are in
+// f32 elements (bf16 arrays take half a slot per element): of the workspace for what the forward
+// saves for the backward, of the scratch for what one pass fills and reads (the scratch can be
+// shared by every layer; the workspace is a layer's own from its forward to its backward).
 struct SsdGeometry {
   int64_t chunks = 0;           // nc = ceil(T / Q)
   int64_t tpad = 0;             // nc Q
@@ -31,13 +33,13 @@ struct SsdGeometry {
   int64_t heads_per_split = 0;  // parts of this many heads (then the parts in a fixed order)
   int64_t pass_blocks = 0;      // thread blocks over the P N elements of a state (P N / 1024)
   int64_t d_cols = 0;           // 1 (D per head) or P (D per channel)
-  // Saved by the forward for the backward:
+  // Saved by the forward for the backward (offsets in the workspace):
   int64_t dt = 0;      // dt after softplus and clamp, [B,H,Tpad]
   int64_t acs = 0;     // a_i, the chunk's cumulative dt A, [B,H,Tpad]
   int64_t states = 0;  // S_c, bf16 [B,nc,H,P,N]
   int64_t last = 0;    // the state after the last chunk (f32 final state), [B,H,P,N]
   int64_t docs = 0;    // the document of each token (i32; the padding repeats the last), [B,Tpad]
-  // Scratch:
+  // Scratch (offsets in the scratch):
   int64_t scores = 0;   // Hopper forward: C_i . B_j within each 64-token tile, bf16 in the order
                         // of the y warpgroup's A fragments, [B,Tpad/64,G,64,64]
   int64_t local = 0;    // forward: the chunk's own state term; backward: its state gradient
@@ -48,7 +50,7 @@ struct SsdGeometry {
   int64_t dbc = 0;      // dB then dC partial sums, f32 [2][splits,B,Tpad,G,N]
   int64_t part_a = 0, part_bias = 0;  // dA and ddt_bias partial sums, [B,nc,H]
   int64_t part_d = 0;  // dD partial sums, [B,Tpad/64,H,d_cols] (SsdParams::d_whole: [B,H,P])
-  int64_t total = 0;
+  int64_t workspace_elems = 0, scratch_elems = 0;
 };
 SsdGeometry ssd_geometry(int64_t b, int64_t t, int64_t h, int64_t p, int64_t g, int64_t n,
                          int64_t q, bool d_per_channel);
@@ -74,7 +76,8 @@ struct SsdParams {
   void* y = nullptr;
   void* y_scan = nullptr;        // y - D x (optional): the forward writes it, the backward reads it
   float* final_state = nullptr;  // [B,H,P,N]
-  float* ws = nullptr;           // the workspace (geo.total elements)
+  float* ws = nullptr;           // the workspace (geo.workspace_elems)
+  float* scratch = nullptr;      // the scratch (geo.scratch_elems)
   // Backward: dy in; dx, ddt, dB, dC, dinitial_state (=); dA, dD, ddt_bias (+=).
   const void* dy = nullptr;
   const float* dfinal_state = nullptr;
@@ -117,6 +120,7 @@ struct SsdInputs;
 struct SsdGrads;
 // Validate GPU tensors, build the Params and launch (ssd.cpp).
 int64_t ssd_gpu_workspace_elems(const SsdInputs& in);
+int64_t ssd_gpu_scratch_elems(const SsdInputs& in);
 void ssd_forward_gpu(const SsdInputs& in, const Tensor& y, const Tensor* final_state,
                      const Tensor& workspace);
 void ssd_backward_gpu(const SsdInputs& in, const Tensor& dy, const Tensor* dfinal_state,

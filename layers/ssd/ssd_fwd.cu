@@ -125,7 +125,7 @@ __global__ __launch_bounds__(kThreads) void chunk_state_kernel(SsdParams p) {
     }
     __syncthreads();
   }
-  float* out = p.ws + p.geo.local + ((int64_t(b) * p.geo.chunks + c) * p.heads + h) * P * N;
+  float* out = p.scratch + p.geo.local + ((int64_t(b) * p.geo.chunks + c) * p.heads + h) * P * N;
   const int r = p0 + warp_row0() + (l >> 2);
 #pragma unroll
   for (int nt = 0; nt < NB / 8; ++nt) {
@@ -165,7 +165,7 @@ __global__ __launch_bounds__(256) void state_pass_kernel(SsdParams p) {
   const int64_t state_off = (int64_t(b) * p.heads + h) * pn + e;
   auto chunk_off = [&](int c) { return ((int64_t(b) * nc + c) * p.heads + h) * pn + e; };
   bf16* states = reinterpret_cast<bf16*>(p.ws + p.geo.states);
-  const float* local = p.ws + p.geo.local;
+  const float* local = p.scratch + p.geo.local;
   const float* acs = p.ws + p.geo.acs + (int64_t(b) * p.heads + h) * p.geo.tpad;
   float* last = p.ws + p.geo.last + state_off;
   const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -182,7 +182,7 @@ __global__ __launch_bounds__(256) void state_pass_kernel(SsdParams p) {
   } else {
     // Backward: g = dL/dS_c+1 walks the chunks in reverse; kappa_c = <dS_c+1, S_c+1> is the
     // gradient of a_L through every term of S_c+1 (ssd_bwd.cu).
-    bf16* dstates = reinterpret_cast<bf16*>(p.ws + p.geo.dstates);
+    bf16* dstates = reinterpret_cast<bf16*>(p.scratch + p.geo.dstates);
     float4 g =
         p.dfinal_state ? *reinterpret_cast<const float4*>(p.dfinal_state + state_off) : zero4;
     for (int c = nc - 1; c >= 0; --c) {
@@ -191,8 +191,8 @@ __global__ __launch_bounds__(256) void state_pass_kernel(SsdParams p) {
           c + 1 < nc ? load4_bf16(states + chunk_off(c + 1)) : *reinterpret_cast<float4*>(last);
       const float kap = block_sum(g.x * s.x + g.y * s.y + g.z * s.z + g.w * s.w, sh);
       if (threadIdx.x == 0)
-        p.ws[p.geo.kappa + ((int64_t(b) * p.heads + h) * nc + c) * p.geo.pass_blocks + blockIdx.x] =
-            kap;
+        p.scratch[p.geo.kappa + ((int64_t(b) * p.heads + h) * nc + c) * p.geo.pass_blocks +
+                  blockIdx.x] = kap;
       g = link4(chunk_keep(p, b, acs, c), g,
                 *reinterpret_cast<const float4*>(local + chunk_off(c)));
     }
@@ -264,7 +264,8 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
     __syncthreads();
   }
   const bool has_state = kDx || c > 0 || p.initial_state;
-  const bf16* states = reinterpret_cast<const bf16*>(p.ws + (kDx ? p.geo.dstates : p.geo.states));
+  const bf16* states =
+      reinterpret_cast<const bf16*>(kDx ? p.scratch + p.geo.dstates : p.ws + p.geo.states);
   const void* partner_x = kDx ? p.dy : p.x;
   auto xbuf = [&](int k) { return buf + (k & 1) * kRows * ldp; };
   const int h_begin = g * hpg + split * int(p.geo.heads_per_split);
@@ -453,7 +454,7 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
           v += d.x * acc[nt][2 * half] + d.y * acc[nt][2 * half + 1];
         }
         v = quad_sum(v);
-        if ((l & 3) == 0) p.ws[p.geo.r + lane_off + ts + row] = v;
+        if ((l & 3) == 0) p.scratch[p.geo.r + lane_off + ts + row] = v;
       }
     } else {  // X'_j = acc: x_j . X'_j, dx_j = dt_j X'_j + D dy_j, the dD partial sums
       const bf16* xs = xbuf(0);
@@ -490,11 +491,11 @@ __global__ __launch_bounds__(kThreads) void chunk_scan_kernel(SsdParams p) {
                 pack_bf16(dt * a0 + d0 * dyv.x, dt * a1 + d1 * dyv.y);
         }
         v = quad_sum(v);
-        if ((l & 3) == 0) p.ws[p.geo.delta + lane_off + ts + row] = v;
+        if ((l & 3) == 0) p.scratch[p.geo.delta + lane_off + ts + row] = v;
       }
       if (p.D) {
         const int64_t tile = int64_t(b) * (p.geo.tpad / kRows) + ts / kRows;
-        float* part = p.ws + p.geo.part_d + (tile * H + h) * p.geo.d_cols;
+        float* part = p.scratch + p.geo.part_d + (tile * H + h) * p.geo.d_cols;
         if (!p.d_per_channel) {
           dd = block_sum(dd, reinterpret_cast<float*>(info + 1));
           if (threadIdx.x == 0) part[0] = dd;

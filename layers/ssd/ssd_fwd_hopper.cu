@@ -60,7 +60,7 @@ __global__ __launch_bounds__(kThreads) void scores_kernel(SsdParams p) {
   mma_ss<8, N, true, true>(s, rows, ldn, warp_row0(), 0, cols, ldn, 0);
   uint32_t f[4][4];
   to_afrag<8>(s, f);
-  uint4* out = reinterpret_cast<uint4*>(p.ws + p.geo.scores);
+  uint4* out = reinterpret_cast<uint4*>(p.scratch + p.geo.scores);
   const int warp = threadIdx.x >> 5, lane = lane_id();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
 
   // The y warpgroup: rows i = r0, r0 + 8 of each tile, columns p = 8 nt + 2 q + {0, 1} of this
   // block's 64 channels.
-  const uint4* scores = reinterpret_cast<const uint4*>(p.ws + p.geo.scores);
+  const uint4* scores = reinterpret_cast<const uint4*>(p.scratch + p.geo.scores);
   uint4 cb[4];
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) cb[kk] = scores[score_frag(p, b, 0, g, warp, kk, lane)];

@@ -133,6 +133,10 @@ int64_t ssd_forward_workspace_elems(const SsdInputs& in) {
   return d.b * d.h * (d.p * d.n + 2 * std::min(in.chunk, d.t));
 }
 
+int64_t ssd_scratch_elems(const SsdInputs& in) {
+  return in.x && in.x->device == Device::cuda ? ssd_gpu_scratch_elems(in) : 0;
+}
+
 int64_t ssd_backward_workspace_elems(const SsdInputs& in) {
   if (in.x && in.x->device == Device::cuda) return ssd_gpu_workspace_elems(in);
   const Dims d = check_ssd(in);

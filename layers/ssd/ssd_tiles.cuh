@@ -171,7 +171,7 @@ struct DbcHead {
     l_rows =
         static_cast<const bf16*>(kDB ? p.x : p.dy) + ((row0 + k.tr) * p.heads + h) * p.head_dim;
     r_base = static_cast<const bf16*>(kDB ? p.dy : p.x) + (row0 * p.heads + h) * p.head_dim;
-    state = reinterpret_cast<const bf16*>(p.ws + (kDB ? p.geo.dstates : p.geo.states)) +
+    state = reinterpret_cast<const bf16*>(kDB ? p.scratch + p.geo.dstates : p.ws + p.geo.states) +
             ((int64_t(k.b) * p.geo.chunks + k.c) * p.heads + h) * p.head_dim * p.d_state + k.n0;
     a_ref = p.ws[p.geo.acs + lane + k.tr + k.ref];
     a_last = p.ws[p.geo.acs + lane + k.last];
@@ -198,7 +198,7 @@ __device__ __forceinline__ void dbc_store(const SsdParams& p, const DbcBlock<kDB
                                           const float (&acc)[NB / 8][4]) {
   const int G = p.groups, N = p.d_state, l = threadIdx.x & 31;
   const int r0 = (threadIdx.x >> 5) * 16 + (l >> 2);
-  float* out = p.ws + p.geo.dbc + (kDB ? 0 : p.geo.splits * p.batch * p.geo.tpad * G * N) +
+  float* out = p.scratch + p.geo.dbc + (kDB ? 0 : p.geo.splits * p.batch * p.geo.tpad * G * N) +
                ((int64_t(k.split) * p.batch + k.b) * p.geo.tpad + k.tr) * G * N + int64_t(k.g) * N +
                k.n0;
 #pragma unroll

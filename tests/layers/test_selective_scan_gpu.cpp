@@ -65,7 +65,7 @@ TEST_P(GpuScan, ForwardAndBackwardMatchReference) {
   struct Run {
     std::vector<Tensor> keep;
     ScanInputs in;
-    Tensor y, state, du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
+    Tensor y, state, du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws, scratch;
   };
   auto run = [&](DType act, DType par, Device dev, Run& x, const HostTensor& dlt,
                  const HostTensor& a_, int lanes = 0) {
@@ -96,9 +96,13 @@ TEST_P(GpuScan, ForwardAndBackwardMatchReference) {
     x.dy = make(dy, act, dev, "dy"), x.dfinal = make(dfinal, par, dev, "dfinal");
     const int64_t wn = selective_scan_workspace_elems(x.in);
     x.ws = empty({wn}, dev == Device::cuda ? DType::f32 : act, dev, "workspace");
-    if (dev == Device::cuda)  // poison: an unwritten (=) output fails
+    if (const int64_t e = selective_scan_scratch_elems(x.in)) {  // the backward's (GPU)
+      x.scratch = empty({e}, DType::f32, dev, "scratch");
+      x.in.scratch = &x.scratch;
+    }
+    if (dev == Device::cuda)  // poison: an unwritten (=) output or scratch read fails
       for (const Tensor* t :
-           {&x.y, &x.state, &x.du, &x.ddelta, &x.dz, &x.dB, &x.dC, &x.dinit, &x.ws})
+           {&x.y, &x.state, &x.du, &x.ddelta, &x.dz, &x.dB, &x.dC, &x.dinit, &x.ws, &x.scratch})
         gpu_->fill(*t, std::nan(""), {});
     selective_scan_forward(x.in, x.y, &x.state, &x.ws);
     selective_scan_backward(

@@ -90,7 +90,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
   struct Run {
     std::vector<Tensor> keep;
     SsdInputs in;
-    Tensor y, y_scan, state, dx, ddt, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws;
+    Tensor y, y_scan, state, dx, ddt, dA, dB, dC, dD, dbias, dinit, dy, dfinal, ws, scratch;
     Tensor dinit_only;  // ssd_initial_state_grad's (after the backward, on its workspace)
   };
   // act: x, B, C, y, dy and their gradients; par: the rest. magnitude: every input replaced by
@@ -136,9 +136,21 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
       gpu_->fill(r.y_scan, poison, {});
       r.in.y_scan = &r.y_scan;
     }
+    // The passes' scratch (bf16 GPU rows), poisoned again before each pass: no pass reads what
+    // another left there.
+    if (const int64_t e = ssd_scratch_elems(r.in)) {
+      r.scratch = empty({e}, DType::f32, dev, "scratch");
+      r.in.scratch = &r.scratch;
+    }
+    auto poison_scratch = [&] {
+      if (r.scratch.numel()) gpu_->fill(r.scratch, poison, {});
+    };
+    poison_scratch();
     ssd_forward(r.in, r.y, &r.state, r.ws);
+    poison_scratch();
     ssd_backward(r.in, r.dy, k.dfinal ? &r.dfinal : nullptr,
                  {&r.dx, &r.ddt, &r.dA, &r.dB, &r.dC, &r.dD, &r.dbias, &r.dinit}, r.ws);
+    poison_scratch();
     ssd_initial_state_grad(r.in, r.dy, k.dfinal ? &r.dfinal : nullptr, r.dinit_only, r.ws);
   };
   Run r64, r32, rm;
@@ -241,11 +253,14 @@ TEST_P(GpuSsdRefusals, UnsupportedShapesAreNamed) {
     in.chunk = q;
     return in;
   };
-  auto message = [&](int64_t p, int64_t n, int64_t q, DType act) -> std::string {
+  auto message = [&](int64_t p, int64_t n, int64_t q, DType act,
+                     bool small_scratch = false) -> std::string {
     std::vector<Tensor> keep;
-    const SsdInputs in = inputs(p, n, q, act, keep);
+    SsdInputs in = inputs(p, n, q, act, keep);
     Tensor y = empty({1, 8, 2, p}, act, Device::cuda, "y");
     Tensor ws = empty({ssd_forward_workspace_elems(in)}, DType::f32, Device::cuda, "ws");
+    Tensor scratch = empty({1}, DType::f32, Device::cuda, "scratch");
+    if (small_scratch) in.scratch = &scratch;
     try {
       ssd_forward(in, y, nullptr, ws);
     } catch (const Error& e) {
@@ -260,6 +275,8 @@ TEST_P(GpuSsdRefusals, UnsupportedShapesAreNamed) {
   EXPECT_NE(message(64, 64, 100, DType::bf16).find("chunk size 100 must be 64, 128 or 256"),
             std::string::npos);
   EXPECT_NE(message(64, 64, 64, DType::f64).find("x must be bf16 or f32"), std::string::npos);
+  EXPECT_NE(message(64, 64, 64, DType::bf16, true).find("scratch scratch[1]:f32@cuda smaller than"),
+            std::string::npos);
 }
 INSTANTIATE_TEST_SUITE_P(Once, GpuSsdRefusals, ::testing::Values(0));
 
