@@ -130,7 +130,7 @@ void Mamba1Mixer::plan(Arena& sv, Arena& sc, int64_t batch, int64_t seq) {
 ScanInputs Mamba1Mixer::scan_inputs(const BatchMeta& meta) const {
   ScanInputs in{&xc3_, &delta3_,      &a_,          &b4_,    &c4_, &d_->value,
                 &z3_,  &dt_b_->value, meta.seq_idx, nullptr, true};
-  if (scan_scratch_.numel()) in.scratch = &scan_scratch_;
+  if (scan_scratch_.data) in.scratch = &scan_scratch_;
   return in;
 }
 

@@ -120,7 +120,7 @@ SsdInputs Mamba2Mixer::ssd_inputs(const BatchMeta& meta) const {
   in.dt_bias = &dt_bias_->value, in.seq_idx = meta.seq_idx, in.dt_softplus = true;
   in.dt_min = cfg_.dt_limit_min, in.dt_max = cfg_.dt_limit_max, in.chunk = cfg_.chunk;
   if (y_scan_.data) in.y_scan = &y_scan_;
-  if (ssd_scratch_.numel()) in.scratch = &ssd_scratch_;
+  if (ssd_scratch_.data) in.scratch = &ssd_scratch_;
   return in;
 }
 

@@ -143,7 +143,7 @@ TEST_P(GpuSsd, ForwardAndBackwardMatchReference) {
       r.in.scratch = &r.scratch;
     }
     auto poison_scratch = [&] {
-      if (r.scratch.numel()) gpu_->fill(r.scratch, poison, {});
+      if (r.scratch.data) gpu_->fill(r.scratch, poison, {});
     };
     poison_scratch();
     ssd_forward(r.in, r.y, &r.state, r.ws);
