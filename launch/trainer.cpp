@@ -105,12 +105,13 @@ void fill(const Dataset& data, Sampler& sampler, int64_t first, const Batch& bat
 }
 
 // One pipeline stage's part of a training step: the executor (parallel/pipeline_executor.h) runs
-// the schedule's forwards and backwards over the step's microbatches. A stage before the last
-// sends its output after a forward and keeps only its input; its backward recomputes the forward
-// from that input first (full recompute: one microbatch's activations at a time, whatever the
-// schedule's depth). The last stage computes its loss in the backward. Buffers per microbatch
-// and chunk, on the model's device in its activation dtype: the input and output activations and
-// their gradients ([rows, D] each); and one input for the held-out forward.
+// the schedule's forwards and backwards over the step's microbatches. A chunk before the model's
+// last keeps the activations of every microbatch it has run forward and not yet backward, each in
+// an activation slot of its model (as many as the schedule holds at once:
+// chunk_peak_in_flight), and sends its output after the forward; its backward runs from that
+// slot. The last chunk runs its forward with its backward, then computes the loss. Buffers per
+// microbatch and chunk, on the model's device in its activation dtype: the input and output
+// activations and their gradients ([rows, D] each); and one input for the held-out forward.
 class StageRun final : public PipeStage {
  public:
   // chunks: this stage's model chunks (piece c P + stage is chunks[c]).
@@ -126,6 +127,11 @@ class StageRun final : public PipeStage {
       for (int64_t i = 0; i < microbatches * int64_t(chunks_.size()); ++i)
         buffers_.push_back(arena_.take(name, dtype, {rows, d}));
     eval_input_ = arena_.take("eval_stage_input", dtype, {rows, d});
+    slot_of_.assign(size_t(microbatches) * chunks_.size(), -1);
+    for (Model* m : chunks_) {
+      free_.emplace_back();
+      for (int k = m->activation_slots(); k-- > 0;) free_.back().push_back(k);
+    }
   }
   size_t bytes() const { return arena_.capacity(); }
   // The step's batches (one per microbatch) and loss scales; resets the sums.
@@ -143,17 +149,33 @@ class StageRun final : public PipeStage {
   void forward(int mb, int c) override {
     Model& m = *chunks_[c];
     if (m.last_stage()) return;  // its forward runs with its backward
+    BRAID_CHECK(!free_[c].empty(), "pipeline: chunk ", c, " has no free activation slot for ",
+                "microbatch ", mb, " (the schedule holds more than its ", m.activation_slots(),
+                ")");
+    int& slot = slot_of_[size_t(mb) * chunks_.size() + c];
+    slot = free_[c].back();
+    free_[c].pop_back();
+    m.use_activations(slot);
     const Tensor in = input(mb, c);
-    m.forward_only(*batches_[mb], m.first_stage() ? nullptr : &in);
+    m.forward_for_backward(*batches_[mb], aux_scale_, m.first_stage() ? nullptr : &in);
     copy_tensor(backend_, output(mb, c), m.stage_output());
   }
   void backward(int mb, int c) override {
     Model& m = *chunks_[c];
     const Tensor in = input(mb, c), dout = output_grad(mb, c), din = input_grad(mb, c);
-    const bool first = m.first_stage(), last = m.last_stage();
-    const Model::StepResult r =
-        m.forward_backward(*batches_[mb], grad_scale_, aux_scale_, first ? nullptr : &in,
-                           last ? nullptr : &dout, first ? nullptr : &din);
+    const bool first = m.first_stage();
+    Model::StepResult r;
+    if (m.last_stage()) {
+      r = m.forward_backward(*batches_[mb], grad_scale_, aux_scale_, first ? nullptr : &in, nullptr,
+                             first ? nullptr : &din);
+    } else {
+      int& slot = slot_of_[size_t(mb) * chunks_.size() + c];
+      m.use_activations(slot);
+      r = m.backward_after_forward(*batches_[mb], grad_scale_, aux_scale_, &dout,
+                                   first ? nullptr : &din);
+      free_[c].push_back(slot);
+      slot = -1;
+    }
     loss_ += r.loss.sum, aux_ += r.aux;
   }
 
@@ -170,6 +192,8 @@ class StageRun final : public PipeStage {
   Tensor eval_input_;
   std::vector<const Batch*> batches_;
   double grad_scale_ = 0, aux_scale_ = 0, loss_ = 0, aux_ = 0;
+  std::vector<std::vector<int>> free_;  // [chunk]: its free activation slots
+  std::vector<int> slot_of_;            // [microbatch, chunk]: the slot its forward used (or -1)
 };
 
 // The first layer of each pipeline piece (pp x virtual_stages of them): parallel.stage_starts, else
@@ -378,17 +402,27 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   std::vector<std::unique_ptr<Model>> chunks;
   std::vector<Model*> chunk_ptrs;
   std::vector<ParamSet*> sets;
+  // The step's pipeline schedule; each chunk before the model's last keeps the activations of as
+  // many microbatches as the schedule holds on it at once.
+  const PipeTable schedule = make_schedule(
+      vs > 1 ? PipeSchedule::interleaved : PipeSchedule::one_f_one_b, pp, int(ts.grad_accum), vs);
+  const std::vector<int> in_flight = chunk_peak_in_flight(schedule, stage);
   for (int c = 0; c < vs; ++c) {
+    const bool last_piece = c * pp + stage == pp * vs - 1;
+    const int slots = last_piece ? 1 : std::max(in_flight[c], 1);
     const std::string hint =
         std::string("lower train.micro_batch or train.seq_len") +
         (cfg.train.recompute == "full" ? "" : ", set train.recompute to ssm or full") +
+        (slots > 1 ? ", lower train.grad_accum (this pipeline stage holds the activations of " +
+                         std::to_string(slots) + " microbatches)"
+                   : "") +
         ", or split the model over more GPUs (parallel.tp, parallel.pp)";
     chunks.push_back(with_memory_hint(hint, [&] {
       return std::make_unique<Model>(cfg.model, act_dtype, *backend, b, t_local, int64_t(dp) * cp,
                                      TensorParallel{tp_comm, layout.sequence_parallel},
                                      cp > 1 ? cp_comm : nullptr, ep_comm,
                                      edp_group ? edp_group->size() : 1, c * pp + stage, starts,
-                                     parse_recompute(cfg.train.recompute));
+                                     parse_recompute(cfg.train.recompute), slots);
     }));
     chunks.back()->initialize(ts.seed);
     chunk_ptrs.push_back(chunks.back().get());
@@ -629,8 +663,6 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
     std::fflush(stdout);
   };
   const int64_t valid_rows = std::min(ts.eval_batches * b, valid_data.num_samples());
-  const PipeTable schedule = make_schedule(
-      vs > 1 ? PipeSchedule::interleaved : PipeSchedule::one_f_one_b, pp, int(ts.grad_accum), vs);
   auto evaluate = [&]() {
     double sum = 0;
     int64_t count = 0;

@@ -176,7 +176,18 @@ double theoretical_bubble(int stages, int microbatches, int chunks) {
   return (p - 1) / (vm + p - 1);
 }
 
-std::vector<int> balance_stages(const std::vector<double>& costs, int stages, double recompute) {
+std::vector<int> chunk_peak_in_flight(const PipeTable& table, int stage) {
+  BRAID_CHECK(stage >= 0 && stage < table.stages, "pipeline: stage ", stage, " of ", table.stages);
+  std::vector<int> now(table.chunks, 0), peak(table.chunks, 0);
+  for (const PipeAction& a : table.actions[stage]) {
+    int& n = now[a.chunk];
+    n += a.forward ? 1 : -1;
+    peak[a.chunk] = std::max(peak[a.chunk], n);
+  }
+  return peak;
+}
+
+std::vector<int> balance_stages(const std::vector<double>& costs, int stages) {
   const int n = int(costs.size());
   BRAID_REQUIRE(stages >= 1 && stages <= n, "pipeline stages (", stages, ") must be between 1 and ",
                 "the ", n, " layers");
@@ -190,8 +201,7 @@ std::vector<int> balance_stages(const std::vector<double>& costs, int stages, do
   for (int k = 1; k <= stages; ++k)
     for (int i = k; i <= n; ++i)
       for (int j = k - 1; j < i; ++j) {
-        const double own = (prefix[i] - prefix[j]) * (k < stages ? 1 + recompute : 1);
-        const double c = std::max(best[k - 1][j], own);
+        const double c = std::max(best[k - 1][j], prefix[i] - prefix[j]);
         if (c < best[k][i]) best[k][i] = c, cut[k][i] = j;
       }
   std::vector<int> first(stages);

@@ -59,11 +59,12 @@ PipeSimulation simulate(const PipeTable& table, double t_fwd, double t_bwd);
 // 1F1B and interleaved (with t_bwd = 2 t_fwd or any other ratio), the same for GPipe.
 double theoretical_bubble(int stages, int microbatches, int chunks);
 
+// The most microbatches each of the stage's chunks holds at once (forwarded, not yet backwarded),
+// [chunk]: how many microbatches' activations the chunk keeps.
+std::vector<int> chunk_peak_in_flight(const PipeTable& table, int stage);
+
 // Contiguous stage cuts of layers with the given costs into `stages` stages, minimising the most
-// expensive stage, where every stage but the last costs (1 + recompute) times its layers (stages
-// that recompute their forward in the backward); returns the first layer of each stage (size
-// stages, first 0).
-std::vector<int> balance_stages(const std::vector<double>& layer_costs, int stages,
-                                double recompute = 0);
+// expensive stage; returns the first layer of each stage (size stages, first 0).
+std::vector<int> balance_stages(const std::vector<double>& layer_costs, int stages);
 
 }  // namespace braid

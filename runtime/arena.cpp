@@ -28,6 +28,16 @@ Arena Arena::allocate(std::string name, Backend& backend, size_t bytes) {
   return a;
 }
 
+Arena Arena::view(std::string name, Device device, void* base, size_t bytes) {
+  Arena a;
+  a.name_ = std::move(name);
+  a.device_ = device;
+  a.base_ = static_cast<char*>(base);
+  a.capacity_ = bytes;
+  a.measuring_ = false;
+  return a;
+}
+
 Arena::Arena(Arena&& o) noexcept {
   *this = std::move(o);
 }

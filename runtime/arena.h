@@ -21,6 +21,9 @@ class Arena {
   static Arena measuring(std::string name, Device device);
   // A real arena of `bytes` bytes, allocated once from `backend` and released on destruction.
   static Arena allocate(std::string name, Backend& backend, size_t bytes);
+  // An arena over `bytes` bytes at `base` that another owns (not released here): a part of a
+  // real arena's allocation, planned again (a pipeline stage's activation slots).
+  static Arena view(std::string name, Device device, void* base, size_t bytes);
 
   Arena() = default;
   Arena(Arena&& other) noexcept;

@@ -59,7 +59,8 @@ for name in names:
     run = {"name": name, "command": open(os.path.join(work, name + ".cmd")).read().strip(),
            "exit": int(open(os.path.join(work, name + ".rc")).read())}
     log = open(os.path.join(work, name + ".log"), errors="replace").read().splitlines()
-    run["layout"] = [l for l in log if l.startswith(("layout:", "GPU memory:", "memory:"))]
+    run["layout"] = [l for l in log
+                     if l.startswith(("layout:", "pipeline:", "GPU memory:", "memory:"))]
     path = os.path.join(work, name, "metrics.jsonl")
     rows = []
     if os.path.exists(path):

@@ -49,6 +49,10 @@ class Block {
                         const BatchMeta& meta) = 0;
   // Weighted auxiliary losses added by the last forward (MoE router), else 0.
   virtual double aux_loss() const { return 0.0; }
+  // Whether the backward reads host-side state the forward left (not in the saved tensors), so
+  // that the block's forward must run again before its backward when other forwards came between
+  // (the model's activation slots).
+  virtual bool forward_state_on_host() const { return false; }
   // Model FLOPs of forward + backward per token (matmuls and the sequence mixer).
   virtual double flops_per_token(int64_t seq) const = 0;
 };

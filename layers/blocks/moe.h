@@ -61,6 +61,8 @@ class MoeBlock final : public Block {
   // The last forward's auxiliary losses, coefficients applied (GPU: read from the device here,
   // so that the forward does not wait for them).
   double aux_loss() const override;
+  // The dispatch plan (rows per expert on the host) and the expert-parallel row counts.
+  bool forward_state_on_host() const override { return true; }
   double flops_per_token(int64_t seq) const override;
   // Applies the balancing-bias rule with the counts gathered since the last call.
   void after_optimizer_step();

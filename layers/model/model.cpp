@@ -167,9 +167,7 @@ std::vector<int64_t> Model::stage_starts(const ModelConfig& cfg, int stages,
   if (!costs.empty()) {
     BRAID_CHECK(static_cast<int64_t>(costs.size()) == l, "stage_starts: ", costs.size(),
                 " layer costs for ", l, " layers");
-    // Every piece but the last recomputes its forward in its backward (the trainer's StageRun): a
-    // forward is about a third of a forward and backward (the backward's two products per one).
-    const std::vector<int> first = balance_stages(costs, stages, 1.0 / 3);
+    const std::vector<int> first = balance_stages(costs, stages);
     return std::vector<int64_t>(first.begin(), first.end());
   }
   for (int s = 1; s < stages; ++s) starts.push_back(s * l / stages);  // as even as the layers go
@@ -229,8 +227,8 @@ std::vector<double> Model::layer_costs(const ModelConfig& cfg, Backend& backend,
 Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
              int64_t pad_elems, const TensorParallel& tp, Communicator* cp, Communicator* ep,
              int64_t expert_pad_elems, int stage, const std::vector<int64_t>& starts,
-             Recompute recompute)
-    : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), b_(batch), t_(seq) {
+             Recompute recompute, int activation_slots)
+    : cfg_(cfg), backend_(&backend), tp_(tp), cp_(cp), act_dtype_(dtype), b_(batch), t_(seq) {
   validate_model_config(cfg_);
   const bool gpu = backend.device() == Device::cuda;
   if (gpu) gemm_ = std::make_unique<GemmContext>(backend);
@@ -332,74 +330,101 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
 
   // Memory plan: a measuring pass over the same set-up, then one allocation per arena. Each
   // block's scratch starts at the same offset (blocks run one at a time).
-  const int64_t m = batch * seq, v = cfg_.vocab_size / tp.size();
-  const int64_t mr = sp_ ? m / tp.size() : m;  // rows of the residual stream on this rank
-  const int64_t nl = static_cast<int64_t>(blocks_.size());  // this stage's layers
-  for (int64_t i = layer0_; i < layer0_ + nl; ++i) {
-    const char c = layers_[i];
+  BRAID_CHECK(activation_slots >= 1, "Model: ", activation_slots, " activation slots");
+  slots_ = activation_slots;
+  const int64_t m = batch * seq, nl = static_cast<int64_t>(blocks_.size());  // this stage's layers
+  for (int64_t i = 0; i < nl; ++i) {
+    const char c = layers_[layer0_ + i];
+    // With several slots a block whose backward reads host state of its own forward (MoE) runs
+    // that forward again before its backward, as recomputed blocks do.
     recompute_.push_back(recompute == Recompute::full ||
-                         (recompute == Recompute::ssm && (c == 'S' || c == 'M')));
+                         (recompute == Recompute::ssm && (c == 'S' || c == 'M')) ||
+                         (slots_ > 1 && blocks_[i]->forward_state_on_host()));
   }
   // The output projection and loss run over row chunks of the logits: all rows at once on the
   // CPU; on the GPU chunks of about 256 MiB of logits, so the whole [M,V] is never held.
+  const int64_t v = cfg_.vocab_size / tp.size();
   head_rows_ = gpu ? std::clamp<int64_t>((int64_t(256) << 20) / (2 * v), 1, m) : m;
-  auto setup = [&](Arena& sv, Arena& sc) {
-    resid_.clear(), normed_.clear(), rstd_.clear();
-    for (int64_t i = 0; i <= nl; ++i)
-      resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {mr, d}));
-    for (int64_t i = 0; i < nl; ++i) {
-      normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {mr, d}));
-      rstd_.push_back(sv.take("rstd." + std::to_string(i), pdt, {mr}));
-    }
-    if (last_) {
-      final_normed_ = sv.take("final_normed", dtype, {m, d});
-      final_rstd_ = sv.take("final_rstd", pdt, {mr});
-      if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
-      logits_ = sc.take("logits", dtype, {head_rows_, v});
-      if (gpu) row_loss_ = sv.take("row_loss", DType::f32, {m, 2});
-      if (gpu && tp.size() > 1) ce_stats_ = sc.take("ce_stats", DType::f32, {4, head_rows_});
-    }
-
-    dresid_ = sc.take("dresid", dtype, {mr, d});
-    dnormed_ = sc.take("dnormed", dtype, {mr, d});
-    dtmp_ = sc.take("dtmp", dtype, {mr, d});
-    norm_ws_ = sc.take("norm_workspace", pdt, {rmsnorm_workspace_elems(dresid_)});
-    if (first_) {  // the backward's workspace (the tokens' shape and device are what count)
-      const Tensor tokens =
-          Tensor::contiguous_view(nullptr, DType::i32, backend.device(), {batch, seq}, "tokens");
-      embed_ws_ = sc.take("embedding_workspace", DType::u8,
-                          {embedding_workspace_bytes(tokens, embed_->value.size(0))});
-    }
-    fout_ = sc.take("block_out", dtype, {batch, seq, d});
-    if (sp_) {
-      xfull_ = sc.take("block_in", dtype, {batch, seq, d});
-      dxfull_ = sc.take("block_dx", dtype, {batch, seq, d});
-    }
-    for (auto& blk : blocks_) blk->plan_state(sv);
-    // Kept blocks' saved tensors first; the recomputed blocks' then all start at one offset.
-    const size_t base = sc.mark();
-    for (size_t i = 0; i < blocks_.size(); ++i) {
-      if (recompute_[i]) continue;
-      sc.reset(base);
-      blocks_[i]->plan(sv, sc, batch, seq);
-    }
-    // (The arena's high-water mark covers the largest of them: nothing is taken after.)
-    const size_t shared = sv.mark();
-    for (size_t i = 0; i < blocks_.size(); ++i) {
-      if (!recompute_[i]) continue;
-      sc.reset(base);
-      sv.reset(shared);
-      blocks_[i]->plan(sv, sc, batch, seq);
-    }
-  };
+  Arena plan_state = Arena::measuring("block_state", backend.device());
+  for (auto& blk : blocks_) blk->plan_state(plan_state);
+  state_ =
+      Arena::allocate("block_state", backend, std::max(plan_state.high_water(), Arena::kAlign));
+  for (auto& blk : blocks_) blk->plan_state(state_);
+  backend.fill(state_.bytes(), 0.0, {});  // persistent counters (MoE step counts) start at zero
   Arena plan_saved = Arena::measuring("activations", backend.device());
   Arena plan_scratch = Arena::measuring("scratch", backend.device());
-  setup(plan_saved, plan_scratch);
-  saved_ = Arena::allocate("activations", backend, plan_saved.high_water());
+  plan_activations(plan_saved, plan_scratch);
+  slot_bytes_ = (plan_saved.high_water() + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
+  saved_ = Arena::allocate("activations", backend, std::max(slot_bytes_, Arena::kAlign) * slots_);
   scratch_ = Arena::allocate("scratch", backend, plan_scratch.high_water());
-  setup(saved_, scratch_);
-  // Persistent counters kept among the saved tensors (MoE step counts) start at zero.
   backend.fill(saved_.bytes(), 0.0, {});
+  slot_ = -1;
+  use_activations(0);
+}
+
+void Model::use_activations(int slot) {
+  BRAID_CHECK(slot >= 0 && slot < slots_, "Model: activation slot ", slot, " of ", slots_);
+  if (slot == slot_) return;
+  Arena sv = Arena::view("activations", saved_.device(),
+                         static_cast<char*>(saved_.bytes().data) + size_t(slot) * slot_bytes_,
+                         slot_bytes_);
+  Arena sc = Arena::view("scratch", scratch_.device(), scratch_.bytes().data, scratch_.capacity());
+  plan_activations(sv, sc);
+  slot_ = slot;
+}
+
+void Model::plan_activations(Arena& sv, Arena& sc) {
+  const bool gpu = gemm_ != nullptr;
+  const DType dtype = act_dtype_, pdt = dtype == DType::bf16 ? DType::f32 : dtype;
+  const int64_t m = b_ * t_, d = cfg_.d_model, v = cfg_.vocab_size / tp_.size();
+  const int64_t mr = sp_ ? m / tp_.size() : m;  // rows of the residual stream on this rank
+  const int64_t nl = static_cast<int64_t>(blocks_.size());
+  resid_.clear(), normed_.clear(), rstd_.clear();
+  for (int64_t i = 0; i <= nl; ++i)
+    resid_.push_back(sv.take("resid." + std::to_string(i), dtype, {mr, d}));
+  for (int64_t i = 0; i < nl; ++i) {
+    normed_.push_back(sv.take("normed." + std::to_string(i), dtype, {mr, d}));
+    rstd_.push_back(sv.take("rstd." + std::to_string(i), pdt, {mr}));
+  }
+  if (last_) {
+    final_normed_ = sv.take("final_normed", dtype, {m, d});
+    final_rstd_ = sv.take("final_rstd", pdt, {mr});
+    if (sp_) final_local_ = sv.take("final_local", dtype, {mr, d});
+    logits_ = sc.take("logits", dtype, {head_rows_, v});
+    if (gpu) row_loss_ = sv.take("row_loss", DType::f32, {m, 2});
+    if (gpu && tp_.size() > 1) ce_stats_ = sc.take("ce_stats", DType::f32, {4, head_rows_});
+  }
+
+  dresid_ = sc.take("dresid", dtype, {mr, d});
+  dnormed_ = sc.take("dnormed", dtype, {mr, d});
+  dtmp_ = sc.take("dtmp", dtype, {mr, d});
+  norm_ws_ = sc.take("norm_workspace", pdt, {rmsnorm_workspace_elems(dresid_)});
+  if (first_) {  // the backward's workspace (the tokens' shape and device are what count)
+    const Tensor tokens =
+        Tensor::contiguous_view(nullptr, DType::i32, backend_->device(), {b_, t_}, "tokens");
+    embed_ws_ = sc.take("embedding_workspace", DType::u8,
+                        {embedding_workspace_bytes(tokens, embed_->value.size(0))});
+  }
+  fout_ = sc.take("block_out", dtype, {b_, t_, d});
+  if (sp_) {
+    xfull_ = sc.take("block_in", dtype, {b_, t_, d});
+    dxfull_ = sc.take("block_dx", dtype, {b_, t_, d});
+  }
+  // Kept blocks' saved tensors first; the recomputed blocks' then all start at one offset.
+  const size_t base = sc.mark();
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (recompute_[i]) continue;
+    sc.reset(base);
+    blocks_[i]->plan(sv, sc, b_, t_);
+  }
+  // (The arena's high-water mark covers the largest of them: nothing is taken after.)
+  const size_t shared = sv.mark();
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (!recompute_[i]) continue;
+    sc.reset(base);
+    sv.reset(shared);
+    blocks_[i]->plan(sv, sc, b_, t_);
+  }
 }
 
 // Under sequence parallelism: full = the rows of every rank (all-gather), rows = this rank's
@@ -459,12 +484,34 @@ void Model::forward(const Batch& batch, const BatchMeta& meta, const Tensor* inp
   if (sp_) gather(tp_, final_local_, final_normed_);
 }
 
+BatchMeta Model::step_meta(const Batch& batch, double aux_scale) const {
+  BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale, cp_};
+  meta.gemm = gemm_.get();
+  return meta;
+}
+
 Model::StepResult Model::forward_backward(const Batch& batch, double grad_scale, double aux_scale,
                                           const Tensor* input, const Tensor* output_grad,
                                           const Tensor* input_grad) {
-  BatchMeta meta{&batch.seq_idx, &batch.positions, aux_scale, cp_};
-  meta.gemm = gemm_.get();
+  const BatchMeta meta = step_meta(batch, aux_scale);
   forward(batch, meta, input);
+  return backward(batch, meta, grad_scale, output_grad, input_grad);
+}
+
+void Model::forward_for_backward(const Batch& batch, double aux_scale, const Tensor* input) {
+  BRAID_CHECK(!last_, "Model: the last pipeline stage runs its forward with its backward");
+  forward(batch, step_meta(batch, aux_scale), input);
+}
+
+Model::StepResult Model::backward_after_forward(const Batch& batch, double grad_scale,
+                                                double aux_scale, const Tensor* output_grad,
+                                                const Tensor* input_grad) {
+  BRAID_CHECK(!last_, "Model: the last pipeline stage runs its forward with its backward");
+  return backward(batch, step_meta(batch, aux_scale), grad_scale, output_grad, input_grad);
+}
+
+Model::StepResult Model::backward(const Batch& batch, const BatchMeta& meta, double grad_scale,
+                                  const Tensor* output_grad, const Tensor* input_grad) {
   StepResult r;
   const int64_t m = b_ * t_, d = cfg_.d_model;
   auto bt = [&](const Tensor& x) { return x.reshape({b_, t_, d}); };
@@ -520,12 +567,6 @@ void Model::reduce_sequence_parallel_grads() {
   if (norm_f_) tp_.sum(norm_f_->grad);
 }
 
-void Model::forward_only(const Batch& batch, const Tensor* input) {
-  BatchMeta meta{&batch.seq_idx, &batch.positions, 0.0, cp_, false};
-  meta.gemm = gemm_.get();
-  forward(batch, meta, input);
-}
-
 LossSum Model::head(const Batch& batch, double grad_scale, const Tensor* dfinal, bool read) {
   const int64_t m = b_ * t_;
   const Tensor targets = batch.targets.reshape({m});
@@ -561,7 +602,9 @@ LossSum Model::head(const Batch& batch, double grad_scale, const Tensor* dfinal,
 }
 
 LossSum Model::evaluate(const Batch& batch, const Tensor* input) {
-  forward_only(batch, input);
+  BatchMeta meta = step_meta(batch, 0.0);
+  meta.count_routing = false;
+  forward(batch, meta, input);
   return last_ ? head(batch, 0.0, nullptr) : LossSum{};
 }
 

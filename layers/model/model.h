@@ -86,10 +86,10 @@ class Model {
   Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batch, int64_t seq,
         int64_t pad_elems = 1, const TensorParallel& tp = {}, Communicator* cp = nullptr,
         Communicator* ep = nullptr, int64_t expert_pad_elems = 1, int stage = 0,
-        const std::vector<int64_t>& starts = {0}, Recompute recompute = Recompute::none);
+        const std::vector<int64_t>& starts = {0}, Recompute recompute = Recompute::none,
+        int activation_slots = 1);
   // The first layer of each of `stages` pipeline stages: the pattern's '|' cuts; else, given
-  // per-layer costs (layer_costs), the contiguous cut with the least expensive slowest stage
-  // (every stage but the last also recomputing its forward);
+  // per-layer costs (layer_costs), the contiguous cut with the least expensive slowest stage;
   // else as even as the layer count allows (stage s starts at s L / stages).
   static std::vector<int64_t> stage_starts(const ModelConfig& cfg, int stages,
                                            const std::vector<double>& costs = {});
@@ -118,10 +118,18 @@ class Model {
   // and above become final for this microbatch: after each layer, and 0 after the embeddings (a
   // data-parallel run sums the finished ones while the backward goes on: GradBuckets).
   void set_grads_ready(std::function<void(int64_t)> f) { grads_ready_ = std::move(f); }
-  // The forward alone (a pipeline stage's output is then stage_output()), and the held-out loss
-  // (0 on stages before the last).
-  void forward_only(const Batch& batch, const Tensor* input = nullptr);
+  // A pipeline stage before the last: the forward of a microbatch (its output is then
+  // stage_output()), and later, with the same activation slot in use, its backward.
+  void forward_for_backward(const Batch& batch, double aux_scale, const Tensor* input = nullptr);
+  StepResult backward_after_forward(const Batch& batch, double grad_scale, double aux_scale,
+                                    const Tensor* output_grad, const Tensor* input_grad = nullptr);
+  // Activation slots: the saved activations of `activation_slots` microbatches, one in use at a
+  // time (a pipeline stage holds every microbatch it has run forward and not yet backward). Every
+  // forward and backward reads and writes the slot in use; the held-out loss may use any.
+  void use_activations(int slot);
+  int activation_slots() const { return slots_; }
   const Tensor& stage_output() const { return resid_.back(); }
+  // The held-out loss (0 on stages before the last; their output is then stage_output()).
   LossSum evaluate(const Batch& batch, const Tensor* input = nullptr);
   bool first_stage() const { return first_; }
   bool last_stage() const { return last_; }
@@ -147,7 +155,12 @@ class Model {
   int64_t seq() const { return t_; }
 
  private:
+  BatchMeta step_meta(const Batch& batch, double aux_scale) const;
   void forward(const Batch& batch, const BatchMeta& meta, const Tensor* input = nullptr);
+  StepResult backward(const Batch& batch, const BatchMeta& meta, double grad_scale,
+                      const Tensor* output_grad, const Tensor* input_grad);
+  // Takes every activation and scratch tensor of the model and its blocks from sv and sc.
+  void plan_activations(Arena& sv, Arena& sc);
   // The output projection and the loss of the last forward, over row chunks of the logits; with
   // dfinal, the loss's gradient with respect to the final norm's output (partial over the tp
   // ranks) into dfinal, and the projection's weight gradient.
@@ -165,6 +178,7 @@ class Model {
   std::string layers_;
   bool first_ = true, last_ = true;  // pipeline stage
   int64_t layer0_ = 0;               // the stage's first layer
+  DType act_dtype_;                  // of the activations
   int64_t b_, t_;
   ParamSet params_;
   std::vector<RemoteParam> remote_;
@@ -173,7 +187,11 @@ class Model {
   std::vector<std::unique_ptr<Block>> blocks_;
   std::vector<bool> recompute_;  // per block of this stage
   std::vector<MoeBlock*> moe_blocks_;
-  Arena saved_, scratch_;
+  // state_: the blocks' persistent state (plan_state); saved_: slots_ slots of slot_bytes_, slot_
+  // in use; scratch_: one microbatch's.
+  Arena state_, saved_, scratch_;
+  int slots_ = 1, slot_ = 0;
+  size_t slot_bytes_ = 0;
   // saved: residual stream inputs x_l [L+1][M_r,D], normed inputs, RMS scales (M_r = M, or
   // M / tp rows under sequence parallelism), final norm [M,D] (final_local_: this rank's rows)
   std::vector<Tensor> resid_, normed_, rstd_;

@@ -217,6 +217,75 @@ TEST_P(RecomputePolicy, IsBitIdenticalAndSavesMemory) {
 // Two orders of the blocks: the shared region must hold the largest, wherever it comes.
 INSTANTIATE_TEST_SUITE_P(Patterns, RecomputePolicy, ::testing::Values("S-M*E-M", "ME*-S"));
 
+// A pipeline stage's activation slots: two microbatches run forward into slots 0 and 1, then
+// backward in order, give the outputs, auxiliary losses, routing counts and every gradient of the
+// same two microbatches run forward and backward one after the other, bit for bit (the MoE block
+// runs its forward again before its backward, as recompute does), in twice the activations.
+TEST(Model, ActivationSlotsMatchOneMicrobatchAtATime) {
+  ModelConfig cfg = tiny_config("S-ME*-M");  // stage 0: S - M E * (every mixer, MoE)
+  const std::vector<int64_t> starts{0, 5};
+  Buffers buf;
+  auto be = make_cpu_backend();
+  BatchData b0 = make_batch(buf, 2, 12, cfg.vocab_size), b1 = make_batch(buf, 2, 12, 13);
+  for (int64_t i = 0; i < b1.tokens.numel(); ++i)  // another microbatch
+    b1.tokens.ptr<int32_t>()[i] = (b1.tokens.ptr<int32_t>()[i] * 3 + 2) % int32_t(cfg.vocab_size);
+  const Batch batches[2] = {{b0.tokens, b0.targets, b0.seq, b0.pos},
+                            {b1.tokens, b1.targets, b1.seq, b1.pos}};
+  Tensor dout[2] = {buf.make(DType::f64, {24, 8}, "dout0"), buf.make(DType::f64, {24, 8}, "dout1")};
+  for (int k = 0; k < 2; ++k)
+    for (int64_t i = 0; i < 24 * 8; ++i) dout[k].ptr<double>()[i] = std::sin(0.7 * i + k);
+  struct Out {
+    std::vector<std::vector<double>> outputs, grads;
+    std::vector<std::vector<int32_t>> counts;
+    double aux = 0;
+    size_t activations = 0;
+  };
+  auto run = [&](int slots) {
+    Model m(cfg, DType::f64, *be, 2, 12, 1, {}, nullptr, nullptr, 1, 0, starts, Recompute::none,
+            slots);
+    m.initialize(5);
+    m.params().zero_grads();
+    Out o;
+    auto keep_output = [&] {
+      const Tensor& y = m.stage_output();
+      o.outputs.emplace_back(y.ptr<double>(), y.ptr<double>() + y.numel());
+    };
+    if (slots == 1) {
+      for (int k = 0; k < 2; ++k) {
+        o.aux += m.forward_backward(batches[k], 0.1, 0.5, nullptr, &dout[k]).aux;
+        keep_output();
+      }
+    } else {
+      for (int k = 0; k < 2; ++k) {
+        m.use_activations(k);
+        m.forward_for_backward(batches[k], 0.5);
+        keep_output();
+      }
+      for (int k = 0; k < 2; ++k) {
+        m.use_activations(k);
+        o.aux += m.backward_after_forward(batches[k], 0.1, 0.5, &dout[k]).aux;
+      }
+    }
+    for (const Param& p : m.params().all())
+      if (p.trainable)
+        o.grads.emplace_back(p.grad.ptr<double>(), p.grad.ptr<double>() + p.grad.numel());
+    for (const Tensor& c : m.moe_step_counts())
+      o.counts.emplace_back(c.ptr<int32_t>(), c.ptr<int32_t>() + c.numel());
+    o.activations = m.memory().activations;
+    return o;
+  };
+  const Out one = run(1), two = run(2);
+  EXPECT_TRUE(two.outputs == one.outputs) << "stage outputs differ";
+  EXPECT_NE(one.outputs[0], one.outputs[1]);  // two different microbatches
+  EXPECT_TRUE(two.grads == one.grads) << "gradients differ with activation slots";
+  EXPECT_TRUE(two.counts == one.counts) << "routing counts differ with activation slots";
+  EXPECT_EQ(two.aux, one.aux);
+  EXPECT_NE(one.aux, 0.0);
+  EXPECT_GT(two.activations, one.activations);
+  Model m(cfg, DType::f64, *be, 2, 12, 1, {}, nullptr, nullptr, 1, 0, starts, Recompute::none, 2);
+  EXPECT_THROW(m.use_activations(2), Error);
+}
+
 TEST(Model, HfStyleParameterNames) {
   auto backend = make_cpu_backend();
   Model model(tiny_config("S-M*E"), DType::f32, *backend, 1, 4);
