@@ -14,7 +14,9 @@
 #     "cp1_32k 1 train.seq_len=32768" "cp4_131k 4 train.seq_len=131072 parallel.cp=4"
 # Environment: BRAID (default build-gpu/launch/braid), MPIRUN (default mpirun --oversubscribe
 # --bind-to none), STEPS (default 10), COMMON (overrides added to every run, e.g. the data
-# paths). A run that fails is recorded with its exit status and the end of its log.
+# paths), BRAID_COMMIT (the commit to record, where the checkout's git metadata is not the tree's,
+# as on a copied working tree). A run that fails is recorded with its exit status and the end of
+# its log.
 set -u
 [ $# -ge 3 ] || { echo "usage: bench_layouts.sh OUT.json CONFIG \"NAME NP [overrides]\" ..." >&2; exit 2; }
 out="$1"
@@ -43,7 +45,7 @@ for spec in "$@"; do
   printf '%s\n' "${cmd[*]}" >"$work/$name.cmd"
   runs+=("$name")
 done
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${BRAID_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 device=$(nvidia-smi -L 2>/dev/null | tr '\n' ';' || true)
 [ -n "$device" ] || device="cpu: $(nproc) cores"
 python3 - "$out" "$work" "$config" "$commit" "$device" "$steps" "${runs[@]}" <<'PY'
