@@ -409,7 +409,7 @@ TrainSummary train(const RunConfig& cfg, Communicator* world) {
   const std::vector<int> in_flight = chunk_peak_in_flight(schedule, stage);
   for (int c = 0; c < vs; ++c) {
     const bool last_piece = c * pp + stage == pp * vs - 1;
-    const int slots = last_piece ? 1 : std::max(in_flight[c], 1);
+    const int slots = last_piece ? 1 : in_flight[c];
     const std::string hint =
         std::string("lower train.micro_batch or train.seq_len") +
         (cfg.train.recompute == "full" ? "" : ", set train.recompute to ssm or full") +

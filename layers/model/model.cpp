@@ -354,8 +354,8 @@ Model::Model(const ModelConfig& cfg, DType dtype, Backend& backend, int64_t batc
   Arena plan_saved = Arena::measuring("activations", backend.device());
   Arena plan_scratch = Arena::measuring("scratch", backend.device());
   plan_activations(plan_saved, plan_scratch);
-  slot_bytes_ = (plan_saved.high_water() + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
-  saved_ = Arena::allocate("activations", backend, std::max(slot_bytes_, Arena::kAlign) * slots_);
+  slot_bytes_ = plan_saved.high_water();  // a multiple of Arena::kAlign, as every take is
+  saved_ = Arena::allocate("activations", backend, slot_bytes_ * slots_);
   scratch_ = Arena::allocate("scratch", backend, plan_scratch.high_water());
   backend.fill(saved_.bytes(), 0.0, {});
   slot_ = -1;

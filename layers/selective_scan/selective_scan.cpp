@@ -1,5 +1,6 @@
 // Device dispatch of the selective scan: validates GPU tensors and builds the kernel Params.
 #include "layers/selective_scan/selective_scan.h"
+
 #include <optional>
 #include <vector>
 
